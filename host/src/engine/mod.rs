@@ -1,0 +1,438 @@
+//! The job engine: the lifecycle rules of `docs/job-model.md`.
+//!
+//! [`Engine`] owns the store and the clock; [`Env`] is the API scoped to one environment and
+//! one actor — every call takes ids *of that environment*, and an id from another environment
+//! is answered as not-found. Each call is one store write closure (see [`crate::store`]): it
+//! checks the job's status, changes it, and writes the events of the change in the same
+//! transaction. A refused call returns an [`Error`] and changes nothing.
+//!
+//! Layout: `mod.rs` holds the engine and the environment API; [`rules`] the transitions (pure
+//! functions over a [`Tx`](crate::store::Tx)); [`records`] the record encoding; [`watchdog`]
+//! the background sweep that promotes scheduled jobs and fails abandoned ones.
+
+mod records;
+pub mod rules;
+pub mod watchdog;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::clock::Clock;
+use crate::error::{Error, Result};
+use crate::model::{
+    Ack, DeadLetter, Environment, Event, Job, MAX_PAGE_SIZE, Millis, NewJob, NewRecord, Outcome, RecordCounts,
+    RecordPage, RecordUpdate, Sheet, Split, new_id,
+};
+use crate::store::sqlite::{SqliteBackend, SqliteOptions};
+use crate::store::{Backend, DeliveryPolicy, DeliveryStats, Store};
+
+pub use rules::SplitResult;
+pub use watchdog::SweepReport;
+
+/// Engine settings. Every default is chosen so that nothing waits forever and nothing is lost.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// A `ready` job no listener acks within this long is failed by the watchdog. `None` disables.
+    pub ack_timeout: Option<Duration>,
+    /// An `executing` job with no ack/progress for this long is failed (a job's own
+    /// `staleTimeoutMs` overrides it). A split parent is never stale while a part is open.
+    pub stale_timeout: Option<Duration>,
+    /// How often the watchdog sweeps.
+    pub watchdog_interval: Duration,
+    /// How long a listener may take with one delivery before it is handed out again.
+    pub lease: Duration,
+    /// Attempts per delivery before it is dead-lettered.
+    pub max_attempts: u32,
+    /// Delay before retrying a failed delivery; doubles per attempt.
+    pub retry_backoff: Duration,
+    /// Deliveries handled at once by this host.
+    pub max_in_flight: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            ack_timeout: Some(Duration::from_secs(5 * 60)),
+            stale_timeout: Some(Duration::from_secs(15 * 60)),
+            watchdog_interval: Duration::from_secs(1),
+            lease: Duration::from_secs(5 * 60),
+            max_attempts: 5,
+            retry_backoff: Duration::from_millis(500),
+            max_in_flight: 64,
+        }
+    }
+}
+
+impl EngineConfig {
+    pub(crate) fn delivery_policy(&self) -> DeliveryPolicy {
+        DeliveryPolicy {
+            lease_ms: self.lease.as_millis() as i64,
+            max_attempts: self.max_attempts.max(1),
+            backoff_ms: self.retry_backoff.as_millis() as i64,
+        }
+    }
+}
+
+/// The job engine. Cheap to clone; all clones share one store.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    clock: Clock,
+    config: EngineConfig,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("host_id", &self.host_id()).field("config", &self.inner.config).finish()
+    }
+}
+
+impl Engine {
+    /// Opens the embedded store in `dir` (created if missing). Call inside a tokio runtime.
+    pub fn open(dir: impl AsRef<Path>, config: EngineConfig) -> Result<Self> {
+        Self::open_with(SqliteOptions::new(dir.as_ref()), config)
+    }
+
+    /// Opens the embedded store with explicit options.
+    pub fn open_with(options: SqliteOptions, config: EngineConfig) -> Result<Self> {
+        Ok(Self::with_backend(Arc::new(SqliteBackend::open(options)?), config))
+    }
+
+    /// An engine over any backend.
+    pub fn with_backend(backend: Arc<dyn Backend>, config: EngineConfig) -> Self {
+        Self { inner: Arc::new(Inner { store: Store::new(backend), clock: Clock::new(), config }) }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    /// Current time on the engine's clock.
+    pub fn now(&self) -> Millis {
+        self.inner.clock.now()
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> Clock {
+        self.inner.clock
+    }
+
+    /// This host's stable id (owner of its delivery leases).
+    pub fn host_id(&self) -> String {
+        self.inner.store.backend().host_id().to_owned()
+    }
+
+    /// Creates an environment.
+    pub async fn create_environment(&self, name: &str) -> Result<Environment> {
+        if name.trim().is_empty() {
+            return Err(Error::invalid("an environment needs a name"));
+        }
+        let env = Environment { id: new_id("env"), name: name.to_owned(), created_at: self.now() };
+        let stored = env.clone();
+        self.inner.store.write(move |tx| tx.insert_environment(&stored)).await?;
+        Ok(env)
+    }
+
+    /// An environment by id.
+    pub async fn environment(&self, id: &str) -> Result<Environment> {
+        let id = id.to_owned();
+        self.inner.store.read(move |r| r.environment(&id)?.ok_or_else(|| Error::not_found("environment", id))).await
+    }
+
+    /// The API of one environment, acting as `system`.
+    pub fn env(&self, environment_id: impl Into<String>) -> Env {
+        Env { engine: self.clone(), env: Arc::from(environment_id.into()), actor: Arc::from("system") }
+    }
+
+    /// Delivery counts across all environments.
+    pub async fn delivery_stats(&self) -> Result<DeliveryStats> {
+        self.inner.store.read(|r| r.delivery_stats()).await
+    }
+
+    /// Runs one watchdog sweep now (the background task calls this every `watchdog_interval`).
+    pub async fn sweep(&self) -> Result<SweepReport> {
+        watchdog::sweep(self).await
+    }
+}
+
+/// The engine API scoped to one environment and one actor.
+#[derive(Clone)]
+pub struct Env {
+    engine: Engine,
+    env: Arc<str>,
+    actor: Arc<str>,
+}
+
+impl std::fmt::Debug for Env {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Env").field("environment_id", &self.env).field("actor", &self.actor).finish()
+    }
+}
+
+/// The calls that move a job, for [`Env::transition`].
+#[derive(Debug, Clone)]
+enum Call {
+    Execute,
+    Ack(Ack),
+    Complete(Outcome),
+    Fail(Outcome),
+    Cancel(Option<String>),
+    Retry,
+    AcknowledgeOutcome,
+}
+
+impl Env {
+    /// The same environment, acting as `actor` (recorded as `actorId` in events).
+    pub fn as_actor(&self, actor: impl Into<String>) -> Env {
+        Env { engine: self.engine.clone(), env: self.env.clone(), actor: Arc::from(actor.into()) }
+    }
+
+    /// The environment id.
+    pub fn id(&self) -> &str {
+        &self.env
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    fn ctx(&self) -> rules::Ctx {
+        rules::Ctx { env: self.env.to_string(), actor: self.actor.to_string(), now: self.engine.now() }
+    }
+
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn crate::store::Tx, &rules::Ctx) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let ctx = self.ctx();
+        self.engine
+            .inner
+            .store
+            .write(move |tx| {
+                if tx.environment(&ctx.env)?.is_none() {
+                    return Err(Error::not_found("environment", &ctx.env));
+                }
+                f(tx, &ctx)
+            })
+            .await
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn crate::store::ReadTx, &str) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let env = self.env.clone();
+        self.engine.inner.store.read(move |r| f(r, &env)).await
+    }
+
+    // ---- sheets and records ----
+
+    /// Creates a sheet.
+    pub async fn create_sheet(&self, name: &str) -> Result<Sheet> {
+        if name.trim().is_empty() {
+            return Err(Error::invalid("a sheet needs a name"));
+        }
+        let name = name.to_owned();
+        self.write(move |tx, ctx| {
+            let sheet = Sheet {
+                id: new_id("sh"),
+                environment_id: ctx.env.clone(),
+                name,
+                workbook_id: None,
+                created_at: ctx.now,
+            };
+            tx.insert_sheet(&sheet)?;
+            Ok(sheet)
+        })
+        .await
+    }
+
+    /// A sheet by id.
+    pub async fn sheet(&self, id: &str) -> Result<Sheet> {
+        let id = id.to_owned();
+        self.read(move |r, env| r.sheet(env, &id)?.ok_or_else(|| Error::not_found("sheet", id))).await
+    }
+
+    /// Appends records to a sheet, atomically: either all are stored or none. Returns how many.
+    pub async fn insert_records(&self, sheet_id: &str, records: Vec<NewRecord>) -> Result<u64> {
+        // Encode before queueing so the writer thread only writes.
+        let encoded = records::encode_new(records)?;
+        let sheet_id = sheet_id.to_owned();
+        self.write(move |tx, ctx| {
+            rules::require_sheet(tx, ctx, &sheet_id)?;
+            let ids = tx.insert_records(&sheet_id, &encoded, ctx.now)?;
+            rules::emit_records_event(tx, ctx, &sheet_id, "records:created", ids.len() as u64)?;
+            Ok(ids.len() as u64)
+        })
+        .await
+    }
+
+    /// Updates records of a sheet by id (values merged, messages replaced when given),
+    /// atomically. Returns how many records changed.
+    pub async fn update_records(&self, sheet_id: &str, updates: Vec<RecordUpdate>) -> Result<u64> {
+        let updates = records::parse_updates(updates)?;
+        let sheet_id = sheet_id.to_owned();
+        self.write(move |tx, ctx| {
+            rules::require_sheet(tx, ctx, &sheet_id)?;
+            let n = records::apply_updates(tx, &sheet_id, updates, ctx.now)?;
+            rules::emit_records_event(tx, ctx, &sheet_id, "records:updated", n)?;
+            Ok(n)
+        })
+        .await
+    }
+
+    /// Record counts of a sheet.
+    pub async fn record_counts(&self, sheet_id: &str) -> Result<RecordCounts> {
+        let sheet_id = sheet_id.to_owned();
+        self.read(move |r, env| {
+            r.sheet(env, &sheet_id)?.ok_or_else(|| Error::not_found("sheet", &sheet_id))?;
+            r.record_counts(&sheet_id)
+        })
+        .await
+    }
+
+    /// One page of a sheet's records, in stable order. `page_size` ≤ 10,000; `page_number` ≥ 1.
+    pub async fn records(&self, sheet_id: &str, page_size: u32, page_number: u32) -> Result<RecordPage> {
+        if page_size == 0 || page_size > MAX_PAGE_SIZE {
+            return Err(Error::invalid(format!("pageSize must be 1..={MAX_PAGE_SIZE}, not {page_size}")));
+        }
+        if page_number == 0 {
+            return Err(Error::invalid("pageNumber is 1-based; 0 is not a page"));
+        }
+        let sheet_id = sheet_id.to_owned();
+        let rows = self
+            .read(move |r, env| {
+                r.sheet(env, &sheet_id)?.ok_or_else(|| Error::not_found("sheet", &sheet_id))?;
+                r.record_rows(&sheet_id, u64::from(page_number - 1) * u64::from(page_size), page_size)
+            })
+            .await?;
+        Ok(RecordPage { records: records::decode_rows(rows)?, page_number, page_size })
+    }
+
+    // ---- jobs ----
+
+    /// Creates a job (`ready` for `immediate`, `created` for `manual`, or `waiting`/`scheduled`).
+    pub async fn create_job(&self, new: NewJob) -> Result<Job> {
+        self.write(move |tx, ctx| rules::create(tx, ctx, new)).await
+    }
+
+    /// A job by id.
+    pub async fn job(&self, id: &str) -> Result<Job> {
+        let id = id.to_owned();
+        self.read(move |r, env| r.job(env, &id)?.ok_or_else(|| Error::not_found("job", id))).await
+    }
+
+    /// Jobs of the environment, oldest first (`offset`/`limit` paging).
+    pub async fn jobs(&self, offset: u64, limit: u32) -> Result<Vec<Job>> {
+        self.read(move |r, env| r.jobs(env, None, offset, limit)).await
+    }
+
+    /// The parts of a job, by part index.
+    pub async fn parts(&self, id: &str) -> Result<Vec<Job>> {
+        let id = id.to_owned();
+        self.read(move |r, env| {
+            r.job(env, &id)?.ok_or_else(|| Error::not_found("job", &id))?;
+            r.jobs(env, Some(&id), 0, u32::MAX)
+        })
+        .await
+    }
+
+    async fn transition(&self, id: &str, call: Call) -> Result<Job> {
+        let id = id.to_owned();
+        self.write(move |tx, ctx| {
+            let job = rules::load(tx, ctx, &id)?;
+            match call {
+                Call::Execute => rules::execute(tx, ctx, job),
+                Call::Ack(a) => rules::ack(tx, ctx, job, a),
+                Call::Complete(o) => rules::complete(tx, ctx, job, o),
+                Call::Fail(o) => rules::fail(tx, ctx, job, o),
+                Call::Cancel(info) => rules::cancel(tx, ctx, job, info),
+                Call::Retry => rules::retry(tx, ctx, job),
+                Call::AcknowledgeOutcome => rules::acknowledge_outcome(tx, ctx, job),
+            }
+        })
+        .await
+    }
+
+    /// `created` → `ready` (or `waiting`/`scheduled`).
+    pub async fn execute(&self, id: &str) -> Result<Job> {
+        self.transition(id, Call::Execute).await
+    }
+
+    /// `ready`/`executing` → `executing`, updating info/progress/estimate. Repeatable.
+    pub async fn ack(&self, id: &str, ack: Ack) -> Result<Job> {
+        self.transition(id, Call::Ack(ack)).await
+    }
+
+    /// `ready`/`executing` → `complete`.
+    pub async fn complete(&self, id: &str, outcome: Outcome) -> Result<Job> {
+        self.transition(id, Call::Complete(outcome)).await
+    }
+
+    /// `ready`/`executing` → `failed`.
+    pub async fn fail(&self, id: &str, outcome: Outcome) -> Result<Job> {
+        self.transition(id, Call::Fail(outcome)).await
+    }
+
+    /// Any non-terminal status → `canceled`, cascading to the job's open parts.
+    pub async fn cancel(&self, id: &str, info: Option<String>) -> Result<Job> {
+        self.transition(id, Call::Cancel(info)).await
+    }
+
+    /// `failed` → `ready` with `attempt + 1`.
+    pub async fn retry(&self, id: &str) -> Result<Job> {
+        self.transition(id, Call::Retry).await
+    }
+
+    /// Records that a terminal job's outcome was seen.
+    pub async fn acknowledge_outcome(&self, id: &str) -> Result<Job> {
+        self.transition(id, Call::AcknowledgeOutcome).await
+    }
+
+    /// Splits an `executing` job into parts.
+    pub async fn split(&self, id: &str, split: Split) -> Result<SplitResult> {
+        let id = id.to_owned();
+        self.write(move |tx, ctx| {
+            let job = rules::load(tx, ctx, &id)?;
+            rules::split(tx, ctx, job, split)
+        })
+        .await
+    }
+
+    // ---- events ----
+
+    /// Events after the cursor `after_seq` (0 for the start), oldest first.
+    pub async fn events(&self, after_seq: i64, limit: u32) -> Result<Vec<Event>> {
+        self.read(move |r, env| r.events(env, after_seq, limit)).await
+    }
+
+    /// Every event of one job, oldest first.
+    pub async fn job_events(&self, job_id: &str) -> Result<Vec<Event>> {
+        let job_id = job_id.to_owned();
+        self.read(move |r, env| r.job_events(env, &job_id)).await
+    }
+
+    /// Deliveries that exhausted their attempts.
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>> {
+        self.read(|r, env| r.dead_letters(env)).await
+    }
+
+    /// Builds an event's context for a custom event emitter (used by listener tests).
+    pub fn context(&self, job_id: Option<&str>) -> Value {
+        serde_json::json!({ "environmentId": &*self.env, "jobId": job_id, "actorId": &*self.actor })
+    }
+}

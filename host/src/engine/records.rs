@@ -1,0 +1,131 @@
+//! Record encoding: JSON values and messages in, [`Record`]s with derived validity out.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+use crate::model::{Cell, Message, MessageType, NewRecord, Record, RecordUpdate};
+use crate::store::{EncodedRecord, RawRecord, Tx};
+
+fn check_messages(messages: &[Message]) -> Result<()> {
+    for m in messages {
+        if m.field.as_deref() == Some("") {
+            return Err(Error::invalid("a message's field, when given, must not be empty"));
+        }
+    }
+    Ok(())
+}
+
+fn check_fields(values: &Map<String, Value>) -> Result<()> {
+    if values.keys().any(String::is_empty) {
+        return Err(Error::invalid("a record field key must not be empty"));
+    }
+    Ok(())
+}
+
+pub(super) fn encode(values: &Map<String, Value>, messages: &[Message], metadata: &Value) -> EncodedRecord {
+    EncodedRecord {
+        values: Value::Object(values.clone()).to_string(),
+        messages: (!messages.is_empty()).then(|| serde_json::to_string(messages).unwrap_or_else(|_| "[]".into())),
+        metadata: (!metadata.is_null()).then(|| metadata.to_string()),
+        has_error: messages.iter().any(|m| m.kind == MessageType::Error),
+    }
+}
+
+/// Validates and encodes every record before anything is written.
+pub(super) fn encode_new(records: Vec<NewRecord>) -> Result<Vec<EncodedRecord>> {
+    records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            check_fields(&r.values)
+                .and_then(|_| check_messages(&r.messages))
+                .map_err(|e| Error::invalid(format!("record {i}: {e}")))?;
+            Ok(encode(&r.values, &r.messages, &r.metadata))
+        })
+        .collect()
+}
+
+/// `rec_<rowid>` → rowid.
+pub(super) fn parse_record_id(id: &str) -> Result<i64> {
+    id.strip_prefix("rec_")
+        .and_then(|n| n.parse::<i64>().ok())
+        .filter(|n| *n > 0)
+        .ok_or_else(|| Error::invalid(format!("`{id}` is not a record id (rec_<number>)")))
+}
+
+pub(super) fn parse_updates(updates: Vec<RecordUpdate>) -> Result<Vec<(i64, RecordUpdate)>> {
+    updates
+        .into_iter()
+        .map(|u| {
+            check_fields(&u.values)?;
+            if let Some(m) = &u.messages {
+                check_messages(m)?;
+            }
+            Ok((parse_record_id(&u.id)?, u))
+        })
+        .collect()
+}
+
+/// Applies updates; any unknown record refuses the whole call (the caller's savepoint rolls back).
+pub(super) fn apply_updates(
+    tx: &mut dyn Tx,
+    sheet_id: &str,
+    updates: Vec<(i64, RecordUpdate)>,
+    now: i64,
+) -> Result<u64> {
+    let mut changed = 0;
+    for (rowid, update) in updates {
+        let mut stored = tx.stored_record(sheet_id, rowid)?.ok_or_else(|| Error::not_found("record", &update.id))?;
+        for (k, v) in update.values {
+            if v.is_null() {
+                stored.values.remove(&k);
+            } else {
+                stored.values.insert(k, v);
+            }
+        }
+        if let Some(messages) = update.messages {
+            stored.messages = messages;
+        }
+        tx.write_record(rowid, &encode(&stored.values, &stored.messages, &Value::Null), now)?;
+        changed += 1;
+    }
+    Ok(changed)
+}
+
+pub(super) fn decode_rows(rows: Vec<RawRecord>) -> Result<Vec<Record>> {
+    rows.into_iter().map(decode).collect()
+}
+
+fn decode(raw: RawRecord) -> Result<Record> {
+    let values: Map<String, Value> = serde_json::from_str(&raw.values)?;
+    let messages: Vec<Message> = raw.messages.map(|m| serde_json::from_str(&m)).transpose()?.unwrap_or_default();
+    let mut cells: BTreeMap<String, Cell> =
+        values.into_iter().map(|(k, value)| (k, Cell { value, valid: true, messages: Vec::new() })).collect();
+    let mut record_messages = Vec::new();
+    let valid = !messages.iter().any(|m| m.kind == MessageType::Error);
+    for m in messages {
+        match &m.field {
+            Some(field) => {
+                let cell = cells.entry(field.clone()).or_insert_with(|| Cell {
+                    value: Value::Null,
+                    valid: true,
+                    messages: Vec::new(),
+                });
+                if m.kind == MessageType::Error {
+                    cell.valid = false;
+                }
+                cell.messages.push(m);
+            }
+            None => record_messages.push(m),
+        }
+    }
+    Ok(Record {
+        id: format!("rec_{}", raw.rowid),
+        values: cells,
+        valid,
+        messages: record_messages,
+        metadata: raw.metadata.map(|m| serde_json::from_str(&m)).transpose()?.unwrap_or(Value::Null),
+    })
+}

@@ -1,0 +1,199 @@
+//! Topic patterns and event filters: which events a subscription receives.
+//!
+//! * A **topic pattern** is a `:`-separated glob. `*` inside a segment matches any characters
+//!   of that segment (`job:*`, `job:parts-*`); a segment that is exactly `**` matches any number
+//!   of segments, including none (`**`, `job:**`).
+//! * A **filter** is a JSON object of key → value(s). The event's `context` and `payload` are
+//!   flattened to dotted keys (`context.jobId`, `payload.partData.part`). A filter key matches
+//!   every flattened key equal to it or ending with `.` + it, so `job` matches `payload.job`
+//!   but not `context.jobId`. All filter keys must match (AND); a list of values means any one
+//!   of them (OR); a string value is a glob (`*`, `?`) over string values; any other value
+//!   compares exactly (numbers by value, so `1` equals `1.0`). A key that matches nothing in
+//!   the event fails the filter.
+
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+use crate::model::Event;
+
+/// A compiled topic pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicPattern {
+    source: String,
+    segments: Vec<String>,
+}
+
+impl TopicPattern {
+    /// Parses a pattern; refuses empty patterns and empty segments.
+    pub fn parse(pattern: &str) -> Result<Self> {
+        if pattern.is_empty() || pattern.split(':').any(str::is_empty) {
+            return Err(Error::invalid(format!("topic pattern `{pattern}` has an empty segment")));
+        }
+        Ok(Self { source: pattern.to_owned(), segments: pattern.split(':').map(str::to_owned).collect() })
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    /// Whether `topic` matches.
+    pub fn matches(&self, topic: &str) -> bool {
+        let topic: Vec<&str> = topic.split(':').collect();
+        match_segments(&self.segments, &topic)
+    }
+}
+
+fn match_segments(pattern: &[String], topic: &[&str]) -> bool {
+    match pattern.split_first() {
+        None => topic.is_empty(),
+        Some((first, rest)) if first == "**" => (0..=topic.len()).any(|skip| match_segments(rest, &topic[skip..])),
+        Some((first, rest)) => match topic.split_first() {
+            Some((t, trest)) => glob(first, t) && match_segments(rest, trest),
+            None => false,
+        },
+    }
+}
+
+/// Matches `text` against a glob where `*` is any run of characters and `?` one character.
+pub fn glob(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    // Iterative matcher with single backtrack point: linear in practice, no recursion blowup.
+    let (mut pi, mut ti) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+/// A compiled filter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Filter {
+    clauses: Vec<(String, Vec<Value>)>,
+}
+
+impl Filter {
+    /// A filter that lets every event through.
+    pub fn any() -> Self {
+        Self { clauses: Vec::new() }
+    }
+
+    /// Compiles a filter from a JSON object (`null` means no filter).
+    pub fn parse(filter: &Value) -> Result<Self> {
+        let object = match filter {
+            Value::Null => return Ok(Self::any()),
+            Value::Object(o) => o,
+            other => return Err(Error::invalid(format!("a filter must be an object, not {other}"))),
+        };
+        let mut clauses = Vec::with_capacity(object.len());
+        for (key, value) in object {
+            if key.is_empty() || key.split('.').any(str::is_empty) {
+                return Err(Error::invalid(format!("filter key `{key}` has an empty segment")));
+            }
+            let values = match value {
+                Value::Array(list) if list.is_empty() => {
+                    return Err(Error::invalid(format!("filter key `{key}` has an empty list of values")));
+                }
+                Value::Array(list) => list.clone(),
+                Value::Object(_) => {
+                    return Err(Error::invalid(format!(
+                        "filter key `{key}`: objects cannot be matched; name a nested key instead"
+                    )));
+                }
+                single => vec![single.clone()],
+            };
+            clauses.push((key.clone(), values));
+        }
+        Ok(Self { clauses })
+    }
+
+    /// True when the filter has no clause.
+    pub fn is_any(&self) -> bool {
+        self.clauses.is_empty()
+    }
+
+    /// Whether the event passes.
+    pub fn matches(&self, event: &Event) -> bool {
+        if self.clauses.is_empty() {
+            return true;
+        }
+        let flat = flatten_event(event);
+        self.matches_flat(&flat)
+    }
+
+    /// Whether already-flattened event keys pass (lets a caller flatten once for many filters).
+    pub fn matches_flat(&self, flat: &[(String, &Value)]) -> bool {
+        self.clauses.iter().all(|(key, wanted)| {
+            flat.iter()
+                .filter(|(k, _)| {
+                    k == key || (k.ends_with(key.as_str()) && k.as_bytes()[k.len() - key.len() - 1] == b'.')
+                })
+                .any(|(_, actual)| wanted.iter().any(|w| value_matches(w, actual)))
+        })
+    }
+}
+
+fn value_matches(wanted: &Value, actual: &Value) -> bool {
+    match (wanted, actual) {
+        (Value::String(p), Value::String(a)) => glob(p, a),
+        (Value::Number(w), Value::Number(a)) => w.as_f64() == a.as_f64(),
+        (w, a) => w == a,
+    }
+}
+
+/// Flattens an event's context and payload into dotted keys with leaf values.
+pub fn flatten_event(event: &Event) -> Vec<(String, &Value)> {
+    let mut out = Vec::new();
+    flatten_into("context", &event.context, &mut out);
+    flatten_into("payload", &event.payload, &mut out);
+    out
+}
+
+fn flatten_into<'a>(prefix: &str, value: &'a Value, out: &mut Vec<(String, &'a Value)>) {
+    match value {
+        Value::Object(map) => flatten_map(prefix, map, out),
+        leaf => out.push((prefix.to_owned(), leaf)),
+    }
+}
+
+fn flatten_map<'a>(prefix: &str, map: &'a Map<String, Value>, out: &mut Vec<(String, &'a Value)>) {
+    for (k, v) in map {
+        flatten_into(&format!("{prefix}.{k}"), v, out);
+    }
+}
+
+/// A topic pattern and a filter together: one subscription's selector.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Selector {
+    /// Which topics.
+    pub topic: TopicPattern,
+    /// Which events of those topics.
+    pub filter: Filter,
+}
+
+impl Selector {
+    /// Compiles both parts.
+    pub fn parse(topic: &str, filter: &Value) -> Result<Self> {
+        Ok(Self { topic: TopicPattern::parse(topic)?, filter: Filter::parse(filter)? })
+    }
+
+    /// Whether the event is selected.
+    pub fn matches(&self, event: &Event) -> bool {
+        self.topic.matches(&event.topic) && self.filter.matches(event)
+    }
+}

@@ -1,0 +1,34 @@
+//! jobhost: a host that runs job listeners against a durable job engine.
+//!
+//! The job model is Flatfile's Jobs API with multi-part jobs (`docs/job-model.md` in the
+//! shared docs, summarised in `README.md`): jobs move `created → ready → executing →
+//! complete | failed | canceled`; a job can be split into parts, and when every part has ended
+//! the host emits `job:parts-completed` on the parent exactly once.
+//!
+//! # Layout
+//!
+//! - [`model`]: the resources (environments, sheets, records, jobs, events) and their fields.
+//! - [`error`]: the engine's typed errors and their stable [`ErrorKind`](error::ErrorKind).
+//! - [`store`]: the storage boundary ([`store::Backend`], [`store::Tx`]) and the embedded
+//!   SQLite backend with group commit.
+//! - [`engine`]: the lifecycle rules, the environment-scoped API ([`engine::Env`]) and the
+//!   watchdog.
+//! - [`filter`]: topic patterns and event filters.
+//! - [`listener`]: native listeners and the delivery loop (leases, retries, dead letters).
+//! - [`clock`]: the engine's clock, driven by tokio time so tests can pause it.
+//! - [`scenario`]: the seeds' scenario (sheet → parent → parts → parts-completed) as native
+//!   listeners, used by the CLI's `demo`, the tests and the benchmarks.
+//! - [`cli`]: the `jobhost` command line.
+
+pub mod cli;
+pub mod clock;
+pub mod engine;
+pub mod error;
+pub mod filter;
+pub mod listener;
+pub mod model;
+pub mod scenario;
+pub mod store;
+
+pub use engine::{Engine, EngineConfig, Env};
+pub use error::{Error, ErrorKind, Result};

@@ -1,0 +1,352 @@
+//! Native (in-process, non-WASM) listeners and the delivery loop that feeds them.
+//!
+//! A [`Listener`] reads like `@flatfile/listener`:
+//!
+//! ```no_run
+//! # use jobhost::listener::Listener;
+//! # use serde_json::json;
+//! let listener = Listener::new("submit-large-sheet", "env_…").filter(json!({"job": "sheet:submitLargeSheet", "isPart": false}), |l| {
+//!     l.on("job:ready", |event| async move {
+//!         let job = event.job_id()?.to_owned();
+//!         event.api.ack(&job, Default::default()).await?;
+//!         Ok(())
+//!     })
+//! });
+//! ```
+//!
+//! Each `(topic, filter)` route is stored as a durable subscription with the id
+//! `<listener>#<n>`, so events that happen while the listener is not running are kept as
+//! pending deliveries and handed over when it comes back. [`Engine::run`] starts the delivery
+//! loop and the watchdog; deliveries are leased, retried with backoff when a handler fails or
+//! outlives its lease, and dead-lettered after the last attempt.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde_json::Value;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::engine::{Engine, Env};
+use crate::error::{Error, Result};
+use crate::filter::Selector;
+use crate::model::{Event, RecordPage};
+use crate::store::{Leased, Subscription};
+
+/// What a handler returns. Any error fails the delivery, which is retried.
+pub type HandlerResult = anyhow::Result<()>;
+type HandlerFuture = Pin<Box<dyn Future<Output = HandlerResult> + Send>>;
+type Handler = Arc<dyn Fn(EventCtx) -> HandlerFuture + Send + Sync>;
+
+/// What a handler receives: the event and the API of the event's environment.
+#[derive(Debug, Clone)]
+pub struct EventCtx {
+    /// The event.
+    pub event: Event,
+    /// The engine API of the event's environment, acting as `listener:<name>`.
+    pub api: Env,
+    /// 1-based delivery attempt.
+    pub attempt: u32,
+}
+
+impl EventCtx {
+    /// `context.jobId`, or an error for events that are not about a job.
+    pub fn job_id(&self) -> anyhow::Result<&str> {
+        self.event
+            .job_id()
+            .ok_or_else(|| anyhow::anyhow!("event {} ({}) has no jobId", self.event.id, self.event.topic))
+    }
+
+    /// `context.sheetId`, or an error.
+    pub fn sheet_id(&self) -> anyhow::Result<&str> {
+        self.event
+            .context_str("sheetId")
+            .ok_or_else(|| anyhow::anyhow!("event {} ({}) has no sheetId", self.event.id, self.event.topic))
+    }
+
+    /// A page of the records of the event's sheet (`event.data` of `@flatfile/listener`).
+    pub async fn data(&self, page_size: u32, page_number: u32) -> anyhow::Result<RecordPage> {
+        Ok(self.api.records(self.sheet_id()?, page_size, page_number).await?)
+    }
+}
+
+struct Route {
+    topic: String,
+    filter: Value,
+    handler: Handler,
+}
+
+/// A named set of routes `(topic, filter) → handler` in one environment.
+pub struct Listener {
+    name: String,
+    environment_id: String,
+    routes: Vec<Route>,
+}
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listener")
+            .field("name", &self.name)
+            .field("environment_id", &self.environment_id)
+            .field("routes", &self.routes.len())
+            .finish()
+    }
+}
+
+/// Routes that share one filter, built inside [`Listener::filter`].
+pub struct Filtered {
+    filter: Value,
+    routes: Vec<Route>,
+}
+
+impl Filtered {
+    /// Handles `topic` (a pattern) for events that pass the enclosing filter.
+    pub fn on<F, Fut>(mut self, topic: &str, handler: F) -> Self
+    where
+        F: Fn(EventCtx) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
+        self.routes.push(Route {
+            topic: topic.to_owned(),
+            filter: self.filter.clone(),
+            handler: Arc::new(move |e| Box::pin(handler(e))),
+        });
+        self
+    }
+}
+
+impl Listener {
+    /// A listener called `name` (stable across restarts: it names the durable subscriptions).
+    pub fn new(name: impl Into<String>, environment_id: impl Into<String>) -> Self {
+        Self { name: name.into(), environment_id: environment_id.into(), routes: Vec::new() }
+    }
+
+    /// Handles `topic` for every event.
+    pub fn on<F, Fut>(self, topic: &str, handler: F) -> Self
+    where
+        F: Fn(EventCtx) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
+        self.filter(Value::Null, |l| l.on(topic, handler))
+    }
+
+    /// Routes added inside `build` only receive events that pass `filter`.
+    pub fn filter(mut self, filter: Value, build: impl FnOnce(Filtered) -> Filtered) -> Self {
+        let built = build(Filtered { filter, routes: Vec::new() });
+        self.routes.extend(built.routes);
+        self
+    }
+
+    /// The listener's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Running listeners and watchdog. [`Running::shutdown`] stops taking deliveries and waits for
+/// in-flight handlers; dropping it without shutdown aborts them (their leases expire and the
+/// deliveries are handed out again).
+pub struct Running {
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Running {
+    /// Stops taking new deliveries, lets in-flight handlers finish, and returns.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+impl Engine {
+    /// Registers the listeners' subscriptions, reclaims this host's stale leases, and starts
+    /// the delivery loop and the watchdog.
+    pub async fn run(&self, listeners: Vec<Listener>) -> Result<Running> {
+        let mut routes: HashMap<String, (String, Handler)> = HashMap::new();
+        let mut subscriptions = Vec::new();
+        for listener in listeners {
+            if listener.name.is_empty() || listener.name.contains('#') {
+                return Err(Error::invalid(format!(
+                    "listener name `{}` must be non-empty and without `#`",
+                    listener.name
+                )));
+            }
+            for (i, route) in listener.routes.into_iter().enumerate() {
+                Selector::parse(&route.topic, &route.filter)?;
+                let id = format!("{}#{i}", listener.name);
+                subscriptions.push(Subscription {
+                    id: id.clone(),
+                    environment_id: listener.environment_id.clone(),
+                    topic: route.topic,
+                    filter: route.filter,
+                });
+                if routes.insert(id.clone(), (listener.name.clone(), route.handler)).is_some() {
+                    return Err(Error::invalid(format!("two listeners are named `{}`", listener.name)));
+                }
+            }
+        }
+        let owner = self.host_id();
+        let now = self.now();
+        let reclaimed = self
+            .store()
+            .write(move |tx| {
+                for s in &subscriptions {
+                    if tx.environment(&s.environment_id)?.is_none() {
+                        return Err(Error::not_found("environment", &s.environment_id));
+                    }
+                    tx.put_subscription(s, true, now)?;
+                }
+                tx.reclaim_leases(&owner, now)
+            })
+            .await?;
+        if reclaimed > 0 {
+            tracing::info!(reclaimed, "deliveries leased by this host before a restart are due again");
+        }
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        tasks.spawn(dispatch_loop(self.clone(), Arc::new(routes), stop_rx.clone()));
+        tasks.spawn(watchdog_loop(self.clone(), stop_rx));
+        Ok(Running { stop, tasks })
+    }
+
+    /// Waits until `check` returns `Some`, re-checking after every store commit. No polling
+    /// interval: it wakes exactly when something changed.
+    pub async fn wait_for<T, F, Fut>(&self, mut check: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<Option<T>>>,
+    {
+        let mut commits = self.store().backend().commits();
+        loop {
+            commits.borrow_and_update();
+            if let Some(t) = check().await? {
+                return Ok(t);
+            }
+            commits.changed().await.map_err(|_| Error::Store("the store closed".into()))?;
+        }
+    }
+}
+
+async fn watchdog_loop(engine: Engine, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(engine.config().watchdog_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if let Err(e) = engine.sweep().await {
+            tracing::error!(error = %e, "watchdog sweep failed");
+        }
+    }
+}
+
+/// Most deliveries leased in one transaction.
+const LEASE_BATCH: usize = 256;
+
+async fn dispatch_loop(
+    engine: Engine,
+    routes: Arc<HashMap<String, (String, Handler)>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let policy = engine.config().delivery_policy();
+    let sem = Arc::new(Semaphore::new(engine.config().max_in_flight.max(1)));
+    let signal = engine.store().backend().deliveries_signal();
+    let subs: Arc<Vec<String>> = Arc::new(routes.keys().cloned().collect());
+    let owner = engine.host_id();
+    let mut handlers = JoinSet::new();
+    loop {
+        // Registered before looking for work, so a commit in between still wakes us.
+        let notified = signal.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+
+        let permit = tokio::select! {
+            p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = stop.changed() => break,
+        };
+        while handlers.try_join_next().is_some() {}
+        let want = (1 + sem.available_permits()).min(LEASE_BATCH) as u32;
+        let (s, o, now) = (subs.clone(), owner.clone(), engine.now());
+        let leased = engine.store().write(move |tx| tx.lease_deliveries(&s, &o, now, want, policy)).await;
+        let leased = match leased {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot lease deliveries; retrying");
+                drop(permit);
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => continue,
+                    _ = stop.changed() => break,
+                }
+            }
+        };
+        if leased.is_empty() {
+            drop(permit);
+            let s = subs.clone();
+            let due = engine.store().read(move |r| r.next_delivery_due(&s)).await.unwrap_or_else(|e| {
+                tracing::error!(error = %e, "cannot read the next delivery time");
+                Some(engine.now() + 1000)
+            });
+            let wake = due.map(|d| engine.clock().instant_at(d.max(engine.now() + 1)));
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = async { tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)).await }, if wake.is_some() => {}
+                _ = stop.changed() => break,
+            }
+            continue;
+        }
+        let mut first = Some(permit);
+        for delivery in leased {
+            let permit = match first.take() {
+                Some(p) => p,
+                // Only this loop takes permits and it counted them, so one is free.
+                None => match sem.clone().acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let engine = engine.clone();
+            let routes = routes.clone();
+            handlers.spawn(async move {
+                handle(&engine, &routes, delivery).await;
+                drop(permit);
+            });
+        }
+    }
+    while handlers.join_next().await.is_some() {}
+}
+
+async fn handle(engine: &Engine, routes: &HashMap<String, (String, Handler)>, d: Leased) {
+    let policy = engine.config().delivery_policy();
+    let result = match routes.get(&d.subscription_id) {
+        None => Err(format!("no handler for subscription {}", d.subscription_id)),
+        Some((listener, handler)) => {
+            let api = engine.env(d.event.environment_id()).as_actor(format!("listener:{listener}"));
+            let fut = handler(EventCtx { event: d.event.clone(), api, attempt: d.attempt });
+            // A task of its own, so a panicking handler fails its delivery, not the host.
+            let task = tokio::spawn(fut);
+            let abort = task.abort_handle();
+            match tokio::time::timeout(engine.config().lease, task).await {
+                Ok(Ok(Ok(()))) => Ok(()),
+                Ok(Ok(Err(e))) => Err(format!("{e:#}")),
+                Ok(Err(join)) => Err(format!("handler panicked: {join}")),
+                Err(_) => {
+                    abort.abort();
+                    Err(format!("handler did not finish within its lease of {} s", engine.config().lease.as_secs_f64()))
+                }
+            }
+        }
+    };
+    if let Err(e) = &result {
+        tracing::warn!(delivery = d.delivery_id, subscription = %d.subscription_id, topic = %d.event.topic, attempt = d.attempt, error = %e, "delivery failed");
+    }
+    let now = engine.now();
+    let (id, attempt) = (d.delivery_id, d.attempt);
+    if let Err(e) = engine.store().write(move |tx| tx.finish_delivery(id, attempt, result, now, policy)).await {
+        // The lease will expire and the delivery will be handed out again.
+        tracing::error!(delivery = id, error = %e, "cannot record the end of a delivery");
+    }
+}
