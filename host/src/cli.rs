@@ -50,6 +50,9 @@ pub struct DemoArgs {
     /// Print one JSON summary object on stdout instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Deliveries handled at once.
+    #[arg(long, default_value_t = EngineConfig::default().max_in_flight)]
+    pub concurrency: usize,
 }
 
 /// Entry point of the binary.
@@ -92,7 +95,8 @@ struct DemoState {
 
 const STATE_FILE: &str = "demo.json";
 
-async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
+/// Runs (or resumes) the demo scenario; see the module docs.
+pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let (_temp, dir) = match &args.data {
         Some(d) => (None, d.clone()),
         None => {
@@ -101,8 +105,11 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
             (Some(TempDir(t)), p)
         }
     };
-    let engine = Engine::open(&dir, EngineConfig::default())
-        .with_context(|| format!("cannot open the store in {}", dir.display()))?;
+    if args.concurrency == 0 {
+        anyhow::bail!("--concurrency must be at least 1");
+    }
+    let config = EngineConfig { max_in_flight: args.concurrency, ..EngineConfig::default() };
+    let engine = Engine::open(&dir, config).with_context(|| format!("cannot open the store in {}", dir.display()))?;
     let started = Instant::now();
     // Listeners subscribe before the job exists: events are fanned out to the subscriptions
     // present when they are stored.

@@ -197,3 +197,109 @@ impl Selector {
         self.topic.matches(&event.topic) && self.filter.matches(event)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn event(topic: &str, context: Value, payload: Value) -> Event {
+        Event { id: "evt_1".into(), seq: 1, topic: topic.into(), context, payload, created_at: 0 }
+    }
+
+    #[test]
+    fn topic_patterns() {
+        let table = [
+            ("job:ready", "job:ready", true),
+            ("job:ready", "job:failed", false),
+            ("job:*", "job:ready", true),
+            ("job:*", "job:parts-completed", true),
+            ("job:*", "records:created", false),
+            ("job:*", "job", false),
+            ("job:*", "job:ready:extra", false),
+            ("**", "job:ready", true),
+            ("**", "anything", true),
+            ("job:**", "job", true),
+            ("job:**", "job:a:b", true),
+            ("**:ready", "job:ready", true),
+            ("**:ready", "ready", true),
+            ("**:ready", "job:updated", false),
+            ("job:parts-*", "job:parts-completed", true),
+            ("job:parts-*", "job:ready", false),
+            ("*:created", "records:created", true),
+            ("*:created", "job:created", true),
+            ("*", "job:created", false),
+        ];
+        for (pattern, topic, want) in table {
+            assert_eq!(TopicPattern::parse(pattern).unwrap().matches(topic), want, "{pattern} vs {topic}");
+        }
+        for bad in ["", "job:", ":ready", "job::ready"] {
+            assert!(TopicPattern::parse(bad).is_err(), "`{bad}` must be refused");
+        }
+    }
+
+    #[test]
+    fn globs() {
+        let table = [
+            ("sheet:submit*", "sheet:submitLargeSheet", true),
+            ("sheet:submit*", "sheet:validate", false),
+            ("*Large*", "sheet:submitLargeSheet", true),
+            ("s?eet:*", "sheet:x", true),
+            ("a*b*c", "abxbc", true),
+            ("a*b*c", "abxbd", false),
+            ("", "", true),
+            ("*", "", true),
+            ("?", "", false),
+        ];
+        for (p, t, want) in table {
+            assert_eq!(glob(p, t), want, "{p} vs {t}");
+        }
+    }
+
+    #[test]
+    fn filters() {
+        let parent = event(
+            "job:ready",
+            json!({"environmentId": "env_1", "jobId": "job_1", "sheetId": "sh_1", "actorId": "system"}),
+            json!({"job": "sheet:submitLargeSheet", "isPart": false, "status": "ready", "operation": "submitLargeSheet"}),
+        );
+        let part = event(
+            "job:ready",
+            json!({"environmentId": "env_1", "jobId": "job_2"}),
+            json!({"job": "sheet:submitLargeSheet", "isPart": true, "partData": {"part": 3, "total": 10}}),
+        );
+        let table = [
+            (json!(null), true, true),
+            (json!({}), true, true),
+            (json!({"job": "sheet:submitLargeSheet", "isPart": false}), true, false),
+            (json!({"job": "sheet:submitLargeSheet", "isPart": true}), false, true),
+            (json!({"job": "sheet:submit*"}), true, true),
+            (json!({"job": "file:*"}), false, false),
+            (json!({"job": ["file:*", "sheet:*"]}), true, true),
+            (json!({"isPart": [true, false]}), true, true),
+            (json!({"part": 3}), false, true),
+            (json!({"part": 3.0}), false, true),
+            (json!({"partData.part": [1, 2, 3]}), false, true),
+            (json!({"payload.partData.total": 10}), false, true),
+            (json!({"sheetId": "sh_*"}), true, false),
+            (json!({"environmentId": "env_1", "isPart": true}), false, true),
+            (json!({"environmentId": "env_2"}), false, false),
+            // `job` is a suffix of `payload.job` on a key boundary, never of `context.jobId`.
+            (json!({"job": "job_1"}), false, false),
+            (json!({"jobId": "job_1"}), true, false),
+            (json!({"isPart": "false"}), false, false),
+            (json!({"missing": "x"}), false, false),
+        ];
+        for (filter, want_parent, want_part) in table {
+            let f = Filter::parse(&filter).unwrap();
+            assert_eq!(f.matches(&parent), want_parent, "{filter} on the parent");
+            assert_eq!(f.matches(&part), want_part, "{filter} on the part");
+        }
+        for bad in
+            [json!([1]), json!("job"), json!({"": 1}), json!({"a..b": 1}), json!({"job": []}), json!({"x": {"y": 1}})]
+        {
+            assert!(Filter::parse(&bad).is_err(), "{bad} must be refused");
+        }
+    }
+}

@@ -269,14 +269,13 @@ impl Env {
 
     /// Appends records to a sheet, atomically: either all are stored or none. Returns how many.
     pub async fn insert_records(&self, sheet_id: &str, records: Vec<NewRecord>) -> Result<u64> {
-        // Encode before queueing so the writer thread only writes.
-        let encoded = records::encode_new(records)?;
+        records::validate_new(&records)?;
         let sheet_id = sheet_id.to_owned();
         self.write(move |tx, ctx| {
             rules::require_sheet(tx, ctx, &sheet_id)?;
-            let ids = tx.insert_records(&sheet_id, &encoded, ctx.now)?;
-            rules::emit_records_event(tx, ctx, &sheet_id, "records:created", ids.len() as u64)?;
-            Ok(ids.len() as u64)
+            let n = records::insert(tx, &sheet_id, &records, ctx.now)?;
+            rules::emit_records_event(tx, ctx, &sheet_id, "records:created", n)?;
+            Ok(n)
         })
         .await
     }

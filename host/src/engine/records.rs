@@ -26,25 +26,47 @@ fn check_fields(values: &Map<String, Value>) -> Result<()> {
 
 pub(super) fn encode(values: &Map<String, Value>, messages: &[Message], metadata: &Value) -> EncodedRecord {
     EncodedRecord {
-        values: Value::Object(values.clone()).to_string(),
+        values: serde_json::to_string(values).unwrap_or_else(|_| "{}".into()),
         messages: (!messages.is_empty()).then(|| serde_json::to_string(messages).unwrap_or_else(|_| "[]".into())),
         metadata: (!metadata.is_null()).then(|| metadata.to_string()),
         has_error: messages.iter().any(|m| m.kind == MessageType::Error),
     }
 }
 
-/// Validates and encodes every record before anything is written.
-pub(super) fn encode_new(records: Vec<NewRecord>) -> Result<Vec<EncodedRecord>> {
-    records
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            check_fields(&r.values)
-                .and_then(|_| check_messages(&r.messages))
-                .map_err(|e| Error::invalid(format!("record {i}: {e}")))?;
-            Ok(encode(&r.values, &r.messages, &r.metadata))
-        })
-        .collect()
+/// Checks every record before anything is written, so one bad record refuses the whole call.
+pub(super) fn validate_new(records: &[NewRecord]) -> Result<()> {
+    for (i, r) in records.iter().enumerate() {
+        check_fields(&r.values)
+            .and_then(|_| check_messages(&r.messages))
+            .map_err(|e| Error::invalid(format!("record {i}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Below this many records, encoding inline beats starting a thread.
+const PIPELINE_MIN: usize = 4096;
+/// Records per encoded chunk handed to the writer.
+const CHUNK: usize = 2048;
+
+/// Encodes `records` and appends them to the sheet. Large inserts encode on a second thread
+/// while this one writes, so JSON encoding and SQLite inserts overlap on two cores.
+pub(super) fn insert(tx: &mut dyn Tx, sheet_id: &str, records: &[NewRecord], now: i64) -> Result<u64> {
+    let encode = |r: &NewRecord| encode(&r.values, &r.messages, &r.metadata);
+    if records.len() < PIPELINE_MIN {
+        return tx.insert_records(sheet_id, &mut records.iter().map(encode), now);
+    }
+    std::thread::scope(|scope| {
+        let (send, recv) = std::sync::mpsc::sync_channel::<Vec<EncodedRecord>>(8);
+        scope.spawn(move || {
+            for chunk in records.chunks(CHUNK) {
+                // A closed channel means the insert failed; stop encoding.
+                if send.send(chunk.iter().map(encode).collect()).is_err() {
+                    return;
+                }
+            }
+        });
+        tx.insert_records(sheet_id, &mut recv.into_iter().flatten(), now)
+    })
 }
 
 /// `rec_<rowid>` → rowid.

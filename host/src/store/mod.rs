@@ -168,8 +168,13 @@ pub trait Tx: ReadTx {
     fn insert_environment(&mut self, env: &Environment) -> Result<()>;
     /// Stores a new sheet.
     fn insert_sheet(&mut self, sheet: &Sheet) -> Result<()>;
-    /// Appends records to a sheet in order; returns their row ids.
-    fn insert_records(&mut self, sheet_id: &str, records: &[EncodedRecord], now: Millis) -> Result<Vec<i64>>;
+    /// Appends records to a sheet in order; returns how many.
+    fn insert_records(
+        &mut self,
+        sheet_id: &str,
+        records: &mut dyn Iterator<Item = EncodedRecord>,
+        now: Millis,
+    ) -> Result<u64>;
     /// Reads a record of a sheet for update.
     fn stored_record(&mut self, sheet_id: &str, rowid: i64) -> Result<Option<StoredRecord>>;
     /// Overwrites a record's values and messages.

@@ -406,7 +406,7 @@ fn writer_loop(
                 Err(e) => tracing::error!(error = %e, "cannot reload subscriptions"),
             }
         }
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        if let Err(e) = run(&conn, "BEGIN IMMEDIATE") {
             // Dropping the ops makes each caller see an error; nothing was changed.
             tracing::error!(error = %e, "cannot begin a write transaction");
             batch.clear();
@@ -415,7 +415,7 @@ fn writer_loop(
         let mut replies = Vec::with_capacity(batch.len());
         let mut new_deliveries = 0usize;
         for op in batch.drain(..) {
-            if let Err(e) = conn.execute_batch("SAVEPOINT op") {
+            if let Err(e) = run(&conn, "SAVEPOINT op") {
                 tracing::error!(error = %e, "cannot open a savepoint");
                 continue;
             }
@@ -434,18 +434,18 @@ fn writer_loop(
             };
             let end = if keep {
                 new_deliveries += added;
-                conn.execute_batch("RELEASE op")
+                run(&conn, "RELEASE op")
             } else {
                 if touched {
                     subs.stale = true;
                 }
-                conn.execute_batch("ROLLBACK TO op; RELEASE op")
+                run(&conn, "ROLLBACK TO op").and_then(|_| run(&conn, "RELEASE op"))
             };
             if let Err(e) = end {
                 tracing::error!(error = %e, "cannot end a savepoint");
             }
         }
-        let committed = conn.execute_batch("COMMIT").map_err(Error::from);
+        let committed = run(&conn, "COMMIT").map_err(Error::from);
         if committed.is_err() {
             let _ = conn.execute_batch("ROLLBACK");
             subs.stale = true;
@@ -462,6 +462,11 @@ fn writer_loop(
             commits.send_modify(|n| *n += 1);
         }
     }
+}
+
+/// Runs a parameterless statement through the statement cache (no re-parse per call).
+fn run(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(drop)
 }
 
 /// A connection seen through the store traits.
@@ -536,7 +541,11 @@ fn job_from_row(r: &Row<'_>) -> rusqlite::Result<Job> {
         part_index: r.get(14)?,
         part_data: json(15)?,
         part_execution: r.get::<_, Option<String>>(16)?.map(|s| parse_enum(&s)).transpose()?,
-        predecessor_ids: serde_json::from_value(preds).unwrap_or_default(),
+        predecessor_ids: match preds {
+            Value::Null => Vec::new(),
+            v => serde_json::from_value(v)
+                .map_err(|e| rusqlite::Error::FromSqlConversionFailure(17, rusqlite::types::Type::Text, Box::new(e)))?,
+        },
         run_at: r.get(18)?,
         stale_timeout_ms: r.get(19)?,
         attempt: r.get(20)?,
@@ -717,7 +726,12 @@ impl Tx for Conn<'_> {
         Ok(())
     }
 
-    fn insert_records(&mut self, sheet_id: &str, records: &[EncodedRecord], now: Millis) -> Result<Vec<i64>> {
+    fn insert_records(
+        &mut self,
+        sheet_id: &str,
+        records: &mut dyn Iterator<Item = EncodedRecord>,
+        now: Millis,
+    ) -> Result<u64> {
         let key = self.sheet_key(sheet_id)?;
         let first: i64 = self
             .conn
@@ -726,12 +740,12 @@ impl Tx for Conn<'_> {
         let mut stmt = self.conn.prepare_cached(
             "INSERT INTO records (sheet_key, ord, vals, messages, metadata, has_error, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?;
-        let mut ids = Vec::with_capacity(records.len());
+        let mut n = 0;
         for (ord, r) in (first..).zip(records) {
             stmt.execute(params![key, ord, r.values, r.messages, r.metadata, r.has_error, now])?;
-            ids.push(self.conn.last_insert_rowid());
+            n += 1;
         }
-        Ok(ids)
+        Ok(n)
     }
 
     fn stored_record(&mut self, sheet_id: &str, rowid: i64) -> Result<Option<StoredRecord>> {
