@@ -124,7 +124,7 @@ pub fn sample_record(i: u64) -> (NewRecord, bool) {
     if i % 41 == 7 {
         values.insert("age".into(), json!(151 + i % 50));
         bad = true;
-    } else if i % 5 != 0 {
+    } else if !i.is_multiple_of(5) {
         values.insert("age".into(), json!(18 + i % 60));
     }
     (NewRecord { values, ..Default::default() }, bad)
