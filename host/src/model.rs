@@ -339,6 +339,8 @@ pub struct Job {
     pub outcome: Value,
     /// The parent job when this job is a part.
     pub parent_id: Option<String>,
+    /// Derived: `parentId` is set.
+    pub is_part: bool,
     /// 0-based position among its siblings when this job is a part.
     pub part_index: Option<u32>,
     /// Data given to this part by the split.
@@ -374,11 +376,6 @@ pub struct Job {
 }
 
 impl Job {
-    /// True when the job is a part of another job.
-    pub fn is_part(&self) -> bool {
-        self.parent_id.is_some()
-    }
-
     /// `"<type>:<operation>"`, the `job` key of event payloads.
     pub fn job_name(&self) -> String {
         format!("{}:{}", self.kind, self.operation)

@@ -76,7 +76,7 @@ fn payload(job: &Job) -> Map<String, Value> {
     if let Some(info) = &job.info {
         p.insert("info".into(), json!(info));
     }
-    p.insert("isPart".into(), json!(job.is_part()));
+    p.insert("isPart".into(), json!(job.is_part));
     if !job.input.is_null() {
         p.insert("input".into(), job.input.clone());
     }
@@ -173,6 +173,7 @@ pub fn create(tx: &mut dyn Tx, ctx: &Ctx, new: NewJob) -> Result<Job> {
         estimated_completion_at: None,
         outcome: Value::Null,
         parent_id: None,
+        is_part: false,
         part_index: None,
         part_data: Value::Null,
         part_execution: None,
@@ -386,7 +387,7 @@ pub fn split(tx: &mut dyn Tx, ctx: &Ctx, mut parent: Job, s: Split) -> Result<Sp
     if parent.status != JobStatus::Executing {
         return Err(refuse(&parent, "split", "executing (ack the job first)"));
     }
-    if parent.is_part() {
+    if parent.is_part {
         return Err(Error::Conflict(format!("job {} is a part; parts cannot be split", parent.id)));
     }
     if parent.split_at.is_some() {
@@ -426,6 +427,7 @@ pub fn split(tx: &mut dyn Tx, ctx: &Ctx, mut parent: Job, s: Split) -> Result<Sp
             estimated_completion_at: None,
             outcome: Value::Null,
             parent_id: Some(parent.id.clone()),
+            is_part: true,
             part_index: Some(i as u32),
             part_data,
             part_execution: None,

@@ -538,6 +538,7 @@ fn job_from_row(r: &Row<'_>) -> rusqlite::Result<Job> {
         estimated_completion_at: r.get(11)?,
         outcome: json(12)?,
         parent_id: r.get(13)?,
+        is_part: r.get::<_, Option<String>>(13)?.is_some(),
         part_index: r.get(14)?,
         part_data: json(15)?,
         part_execution: r.get::<_, Option<String>>(16)?.map(|s| parse_enum(&s)).transpose()?,
