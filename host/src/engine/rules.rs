@@ -151,23 +151,18 @@ fn validate_new(tx: &mut dyn Tx, ctx: &Ctx, new: &NewJob) -> Result<bool> {
     Ok(all_complete)
 }
 
-/// Creates a job; emits `job:created` and, by its starting status, `job:ready` or `job:scheduled`.
-pub fn create(tx: &mut dyn Tx, ctx: &Ctx, new: NewJob) -> Result<Job> {
-    let predecessors_complete = validate_new(tx, ctx, &new)?;
-    let mut predecessor_ids = new.predecessor_ids;
-    predecessor_ids.sort();
-    predecessor_ids.dedup();
-    let trigger = new.trigger.unwrap_or(Trigger::Immediate);
-    let mut job = Job {
+/// A new `created` job in the context's environment with every optional field empty.
+fn blank_job(ctx: &Ctx, kind: JobType, operation: String) -> Job {
+    Job {
         id: new_id("job"),
         environment_id: ctx.env.clone(),
-        kind: new.kind,
-        operation: new.operation,
-        source: new.source,
+        kind,
+        operation,
+        source: None,
         status: JobStatus::Created,
-        trigger,
-        mode: new.mode.unwrap_or(JobMode::Background),
-        input: new.input,
+        trigger: Trigger::Immediate,
+        mode: JobMode::Background,
+        input: Value::Null,
         info: None,
         progress: 0,
         estimated_completion_at: None,
@@ -177,9 +172,9 @@ pub fn create(tx: &mut dyn Tx, ctx: &Ctx, new: NewJob) -> Result<Job> {
         part_index: None,
         part_data: Value::Null,
         part_execution: None,
-        predecessor_ids,
-        run_at: new.run_at,
-        stale_timeout_ms: new.stale_timeout_ms,
+        predecessor_ids: Vec::new(),
+        run_at: None,
+        stale_timeout_ms: None,
         attempt: 1,
         created_at: ctx.now,
         updated_at: ctx.now,
@@ -190,6 +185,25 @@ pub fn create(tx: &mut dyn Tx, ctx: &Ctx, new: NewJob) -> Result<Job> {
         last_activity_at: None,
         split_at: None,
         parts_completed_at: None,
+    }
+}
+
+/// Creates a job; emits `job:created` and, by its starting status, `job:ready` or `job:scheduled`.
+pub fn create(tx: &mut dyn Tx, ctx: &Ctx, new: NewJob) -> Result<Job> {
+    let predecessors_complete = validate_new(tx, ctx, &new)?;
+    let mut predecessor_ids = new.predecessor_ids;
+    predecessor_ids.sort();
+    predecessor_ids.dedup();
+    let trigger = new.trigger.unwrap_or(Trigger::Immediate);
+    let mut job = Job {
+        source: new.source,
+        trigger,
+        mode: new.mode.unwrap_or(JobMode::Background),
+        input: new.input,
+        predecessor_ids,
+        run_at: new.run_at,
+        stale_timeout_ms: new.stale_timeout_ms,
+        ..blank_job(ctx, new.kind, new.operation)
     };
     if trigger == Trigger::Immediate {
         job.status = if !predecessors_complete {
@@ -419,31 +433,17 @@ pub fn split(tx: &mut dyn Tx, ctx: &Ctx, mut parent: Job, s: Split) -> Result<Sp
     for (i, part_data) in data.into_iter().enumerate() {
         let ready = execution == PartExecution::Parallel || i == 0;
         let part = Job {
-            id: new_id("job"),
             status: if ready { JobStatus::Ready } else { JobStatus::Waiting },
-            input: Value::Null,
-            info: None,
-            progress: 0,
-            estimated_completion_at: None,
-            outcome: Value::Null,
+            source: parent.source.clone(),
+            trigger: parent.trigger,
+            mode: parent.mode,
             parent_id: Some(parent.id.clone()),
             is_part: true,
             part_index: Some(i as u32),
             part_data,
-            part_execution: None,
-            predecessor_ids: Vec::new(),
-            run_at: None,
-            attempt: 1,
-            created_at: ctx.now,
-            updated_at: ctx.now,
-            started_at: None,
-            finished_at: None,
-            outcome_acknowledged_at: None,
+            stale_timeout_ms: parent.stale_timeout_ms,
             ready_at: ready.then_some(ctx.now),
-            last_activity_at: None,
-            split_at: None,
-            parts_completed_at: None,
-            ..parent.clone()
+            ..blank_job(ctx, parent.kind, parent.operation.clone())
         };
         tx.insert_job(&part)?;
         emit(tx, ctx, &part, "job:created", None)?;
