@@ -10,7 +10,7 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Command, ExitCode, Stdio};
 
-use jobhost::cli::DemoArgs;
+use jobhost::cli::{DemoArgs, HostArgs};
 use jobhost::model::JobStatus;
 use jobhost_tests::test_config;
 
@@ -122,8 +122,7 @@ fn a_host_killed_mid_scenario_loses_nothing() {
 #[ignore = "run as a child process by a_host_killed_mid_scenario_loses_nothing"]
 async fn crash_child() {
     let dir = std::env::var("JOBHOST_CRASH_DATA").expect("JOBHOST_CRASH_DATA is set by the parent test");
-    let code = jobhost::cli::demo(DemoArgs { records: RECORDS, data: Some(dir.into()), json: true, concurrency: 2 })
-        .await
-        .unwrap();
+    let host = HostArgs { data: Some(dir.into()), json: false, concurrency: 2 };
+    let code = jobhost::cli::demo_for_tests(DemoArgs { records: RECORDS, native: true, host }).await.unwrap();
     std::process::exit(if code == ExitCode::SUCCESS { 0 } else { 1 });
 }

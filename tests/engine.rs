@@ -572,7 +572,7 @@ async fn exhausted_deliveries_are_dead_lettered_with_the_reason() {
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].attempts, 3);
     assert_eq!(dead[0].event.job_id(), Some(job.id.as_str()));
-    assert_eq!(dead[0].subscription_id, "broken#0");
+    assert_eq!(dead[0].subscription_id, format!("{}/broken#0", env.id()));
     assert!(dead[0].last_error.contains("cannot parse input"));
 }
 

@@ -15,11 +15,15 @@
 //!   watchdog.
 //! - [`filter`]: topic patterns and event filters.
 //! - [`listener`]: native listeners and the delivery loop (leases, retries, dead letters).
+//! - [`runtime`]: the WebAssembly listener runtime: engine setup, plugin loading, sandboxed
+//!   dispatch in a fresh instance per delivery, host imports, execution records.
+//! - [`artifacts`]: paths of the plugins under `plugins/`, built by `build.rs`.
 //! - [`clock`]: the engine's clock, driven by tokio time so tests can pause it.
 //! - [`scenario`]: the seeds' scenario (sheet → parent → parts → parts-completed) as native
 //!   listeners, used by the CLI's `demo`, the tests and the benchmarks.
 //! - [`cli`]: the `jobhost` command line.
 
+pub mod artifacts;
 pub mod cli;
 pub mod clock;
 pub mod engine;
@@ -27,6 +31,7 @@ pub mod error;
 pub mod filter;
 pub mod listener;
 pub mod model;
+pub mod runtime;
 pub mod scenario;
 pub mod store;
 

@@ -15,7 +15,7 @@
 //! ```
 //!
 //! Each `(topic, filter)` route is stored as a durable subscription with the id
-//! `<listener>#<n>`, so events that happen while the listener is not running are kept as
+//! `<environment>/<listener>#<n>`, so events that happen while the listener is not running are kept as
 //! pending deliveries and handed over when it comes back. [`Engine::run`] starts the delivery
 //! loop and the watchdog; deliveries are leased, retried with backoff when a handler fails or
 //! outlives its lease, and dead-lettered after the last attempt.
@@ -176,7 +176,8 @@ impl Engine {
             }
             for (i, route) in listener.routes.into_iter().enumerate() {
                 Selector::parse(&route.topic, &route.filter)?;
-                let id = format!("{}#{i}", listener.name);
+                // Scoped by environment: the same plugin deployed to two tenants is two listeners.
+                let id = format!("{}/{}#{i}", listener.environment_id, listener.name);
                 subscriptions.push(Subscription {
                     id: id.clone(),
                     environment_id: listener.environment_id.clone(),
@@ -184,7 +185,10 @@ impl Engine {
                     filter: route.filter,
                 });
                 if routes.insert(id.clone(), (listener.name.clone(), route.handler)).is_some() {
-                    return Err(Error::invalid(format!("two listeners are named `{}`", listener.name)));
+                    return Err(Error::invalid(format!(
+                        "two listeners are named `{}` in environment {}",
+                        listener.name, listener.environment_id
+                    )));
                 }
             }
         }

@@ -581,3 +581,59 @@ pub struct DeadLetter {
     /// Why the last attempt failed.
     pub last_error: String,
 }
+
+string_enum! {
+    /// How a plugin delivery ended.
+    ExecutionOutcome {
+        /// The handler returned `ok`.
+        Ok = "ok",
+        /// The handler returned an error.
+        Error = "error",
+        /// The guest trapped (panic, unreachable, stack overflow, …).
+        Trap = "trap",
+        /// The guest hit its memory limit.
+        Memory = "memory",
+        /// The guest used up its CPU time (epoch deadline).
+        Cpu = "cpu",
+        /// The delivery outlived its wall-clock limit (host calls included).
+        Timeout = "timeout",
+    }
+}
+
+/// The record of one plugin delivery.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Execution {
+    /// Assigned by the store.
+    pub id: i64,
+    /// The environment of the event.
+    pub environment_id: String,
+    /// Plugin name.
+    pub plugin: String,
+    /// Plugin version (content hash).
+    pub plugin_version: String,
+    /// Index of the plugin route that ran.
+    pub route: u32,
+    /// The event.
+    pub event_id: String,
+    /// The event's topic.
+    pub topic: String,
+    /// The job the event is about.
+    pub job_id: Option<String>,
+    /// Delivery attempt.
+    pub attempt: u32,
+    /// When it started.
+    pub started_at: Millis,
+    /// How long it took, in microseconds (instantiation included).
+    pub duration_us: i64,
+    /// CPU time spent in guest code, in microseconds.
+    pub cpu_us: i64,
+    /// How it ended.
+    pub outcome: ExecutionOutcome,
+    /// What went wrong, naming the limit when one was hit.
+    pub error: Option<String>,
+    /// Peak linear memory, bytes.
+    pub peak_memory: u64,
+    /// stdout, stderr and `log` lines, capped.
+    pub logs: String,
+}

@@ -85,3 +85,28 @@ pub async fn all_events(env: &Env) -> Vec<Event> {
 pub async fn events_of(env: &Env, job_id: &str, topic: &str) -> Vec<Event> {
     env.job_events(job_id).await.expect("job events").into_iter().filter(|e| e.topic == topic).collect()
 }
+
+/// Runtime settings for tests: short CPU and wall limits, no compilation cache shared with
+/// anything outside the test.
+pub fn test_runtime_config() -> jobhost::runtime::RuntimeConfig {
+    jobhost::runtime::RuntimeConfig {
+        cpu_time: Duration::from_millis(300),
+        wall_time: Duration::from_secs(10),
+        max_instances: 32,
+        cache_dir: None,
+        ..Default::default()
+    }
+}
+
+/// A runtime with [`test_runtime_config`].
+pub fn test_runtime() -> std::sync::Arc<jobhost::runtime::Runtime> {
+    jobhost::runtime::Runtime::new(test_runtime_config()).expect("runtime")
+}
+
+/// Loads a plugin that must load.
+pub async fn load(
+    rt: &std::sync::Arc<jobhost::runtime::Runtime>,
+    path: &str,
+) -> std::sync::Arc<jobhost::runtime::Plugin> {
+    std::sync::Arc::new(rt.load(std::path::Path::new(path)).await.unwrap_or_else(|e| panic!("load {path}: {e}")))
+}

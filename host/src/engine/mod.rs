@@ -27,7 +27,7 @@ use crate::model::{
     RecordPage, RecordUpdate, Sheet, Split, new_id,
 };
 use crate::store::sqlite::{SqliteBackend, SqliteOptions};
-use crate::store::{Backend, DeliveryPolicy, DeliveryStats, Store};
+use crate::store::{Backend, DeliveryPolicy, DeliveryStats, RawRecord, Store};
 
 pub use rules::SplitResult;
 pub use watchdog::SweepReport;
@@ -306,6 +306,13 @@ impl Env {
 
     /// One page of a sheet's records, in stable order. `page_size` ≤ 10,000; `page_number` ≥ 1.
     pub async fn records(&self, sheet_id: &str, page_size: u32, page_number: u32) -> Result<RecordPage> {
+        let rows = self.record_rows(sheet_id, page_size, page_number).await?;
+        Ok(RecordPage { records: records::decode_rows(rows)?, page_number, page_size })
+    }
+
+    /// One page as stored rows, undecoded — for runtimes that convert rows into their own
+    /// shape without building [`Record`](crate::model::Record)s first.
+    pub async fn record_rows(&self, sheet_id: &str, page_size: u32, page_number: u32) -> Result<Vec<RawRecord>> {
         if page_size == 0 || page_size > MAX_PAGE_SIZE {
             return Err(Error::invalid(format!("pageSize must be 1..={MAX_PAGE_SIZE}, not {page_size}")));
         }
@@ -313,13 +320,11 @@ impl Env {
             return Err(Error::invalid("pageNumber is 1-based; 0 is not a page"));
         }
         let sheet_id = sheet_id.to_owned();
-        let rows = self
-            .read(move |r, env| {
-                r.sheet(env, &sheet_id)?.ok_or_else(|| Error::not_found("sheet", &sheet_id))?;
-                r.record_rows(&sheet_id, u64::from(page_number - 1) * u64::from(page_size), page_size)
-            })
-            .await?;
-        Ok(RecordPage { records: records::decode_rows(rows)?, page_number, page_size })
+        self.read(move |r, env| {
+            r.sheet(env, &sheet_id)?.ok_or_else(|| Error::not_found("sheet", &sheet_id))?;
+            r.record_rows(&sheet_id, u64::from(page_number - 1) * u64::from(page_size), page_size)
+        })
+        .await
     }
 
     // ---- jobs ----
@@ -423,6 +428,17 @@ impl Env {
     pub async fn job_events(&self, job_id: &str) -> Result<Vec<Event>> {
         let job_id = job_id.to_owned();
         self.read(move |r, env| r.job_events(env, &job_id)).await
+    }
+
+    /// Stores the record of one plugin delivery.
+    pub async fn record_execution(&self, execution: crate::model::Execution) -> Result<i64> {
+        self.engine.inner.store.write(move |tx| tx.insert_execution(&execution)).await
+    }
+
+    /// Execution records of this environment (optionally of one job), oldest first.
+    pub async fn executions(&self, job_id: Option<&str>, limit: u32) -> Result<Vec<crate::model::Execution>> {
+        let job_id = job_id.map(str::to_owned);
+        self.read(move |r, env| r.executions(env, job_id.as_deref(), limit)).await
     }
 
     /// Deliveries that exhausted their attempts.

@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 use tokio::sync::Notify;
 
 use crate::error::Result;
-use crate::model::{DeadLetter, Environment, Event, Job, JobStatus, Message, Millis, RecordCounts, Sheet};
+use crate::model::{DeadLetter, Environment, Event, Execution, Job, JobStatus, Message, Millis, RecordCounts, Sheet};
 
 /// A subscription as stored: who wants which events of one environment.
 #[derive(Debug, Clone, PartialEq)]
@@ -125,6 +125,8 @@ pub struct Overdue {
 
 /// Read primitives. Reads see only committed data.
 pub trait ReadTx {
+    /// Execution records of an environment (optionally of one job), oldest first.
+    fn executions(&mut self, env: &str, job_id: Option<&str>, limit: u32) -> Result<Vec<Execution>>;
     /// An environment by id.
     fn environment(&mut self, id: &str) -> Result<Option<Environment>>;
     /// A sheet of an environment.
@@ -164,6 +166,8 @@ pub struct RawRecord {
 
 /// Write primitives, always inside a transaction.
 pub trait Tx: ReadTx {
+    /// Stores an execution record; returns its id.
+    fn insert_execution(&mut self, execution: &Execution) -> Result<i64>;
     /// Stores a new environment.
     fn insert_environment(&mut self, env: &Environment) -> Result<()>;
     /// Stores a new sheet.

@@ -30,7 +30,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::filter::{Selector, flatten_event};
-use crate::model::{DeadLetter, Environment, Event, Job, JobStatus, Millis, RecordCounts, Sheet};
+use crate::model::{DeadLetter, Environment, Event, Execution, Job, JobStatus, Millis, RecordCounts, Sheet};
 
 /// How hard SQLite syncs on commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -227,7 +227,8 @@ fn open_writer(path: &Path, sync: Synchronous) -> Result<Connection> {
 }
 
 /// Numbered schema migrations; entry *i* takes the schema from version *i* to *i + 1*.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE environments (id TEXT PRIMARY KEY, name TEXT NOT NULL, created_at INTEGER NOT NULL);
 CREATE TABLE sheets (
@@ -327,7 +328,31 @@ CREATE TABLE deliveries (
 );
 CREATE INDEX deliveries_due ON deliveries (due_at) WHERE status IN ('pending', 'leased');
 CREATE INDEX deliveries_dead ON deliveries (subscription_id) WHERE status = 'dead';
-"#];
+"#,
+    r#"
+-- One row per plugin delivery: who ran, on what, how it ended, what it printed.
+CREATE TABLE executions (
+    id INTEGER PRIMARY KEY,
+    environment_id TEXT NOT NULL,
+    plugin TEXT NOT NULL,
+    plugin_version TEXT NOT NULL,
+    route INTEGER NOT NULL,
+    event_id TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    job_id TEXT,
+    attempt INTEGER NOT NULL,
+    started_at INTEGER NOT NULL,
+    duration_us INTEGER NOT NULL,
+    cpu_us INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    error TEXT,
+    peak_memory INTEGER NOT NULL,
+    logs TEXT NOT NULL
+);
+CREATE INDEX executions_env ON executions (environment_id, id);
+CREATE INDEX executions_job ON executions (job_id) WHERE job_id IS NOT NULL;
+"#,
+];
 
 fn migrate(conn: &Connection) -> Result<()> {
     let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
@@ -584,7 +609,39 @@ fn status_list(statuses: &[JobStatus]) -> String {
     Value::from(statuses.iter().map(|s| s.as_str()).collect::<Vec<_>>()).to_string()
 }
 
+const EXECUTION_COLUMNS: &str = "id, environment_id, plugin, plugin_version, route, event_id, topic, job_id, attempt, \
+    started_at, duration_us, cpu_us, outcome, error, peak_memory, logs";
+
+fn execution_from_row(r: &Row<'_>) -> rusqlite::Result<Execution> {
+    Ok(Execution {
+        id: r.get(0)?,
+        environment_id: r.get(1)?,
+        plugin: r.get(2)?,
+        plugin_version: r.get(3)?,
+        route: r.get(4)?,
+        event_id: r.get(5)?,
+        topic: r.get(6)?,
+        job_id: r.get(7)?,
+        attempt: r.get(8)?,
+        started_at: r.get(9)?,
+        duration_us: r.get(10)?,
+        cpu_us: r.get(11)?,
+        outcome: parse_enum(&r.get::<_, String>(12)?)?,
+        error: r.get(13)?,
+        peak_memory: r.get::<_, i64>(14)? as u64,
+        logs: r.get(15)?,
+    })
+}
+
 impl ReadTx for Conn<'_> {
+    fn executions(&mut self, env: &str, job_id: Option<&str>, limit: u32) -> Result<Vec<Execution>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {EXECUTION_COLUMNS} FROM executions WHERE environment_id = ?1 AND (?2 IS NULL OR job_id = ?2) ORDER BY id LIMIT ?3"
+        ))?;
+        let rows = stmt.query_map(params![env, job_id, limit], execution_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     fn environment(&mut self, id: &str) -> Result<Option<Environment>> {
         Ok(self
             .conn
@@ -711,6 +768,31 @@ impl ReadTx for Conn<'_> {
 }
 
 impl Tx for Conn<'_> {
+    fn insert_execution(&mut self, e: &Execution) -> Result<i64> {
+        self.conn
+            .prepare_cached(&format!(
+                "INSERT INTO executions ({EXECUTION_COLUMNS}) VALUES (NULL, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+            ))?
+            .execute(params![
+                e.environment_id,
+                e.plugin,
+                e.plugin_version,
+                e.route,
+                e.event_id,
+                e.topic,
+                e.job_id,
+                e.attempt,
+                e.started_at,
+                e.duration_us,
+                e.cpu_us,
+                e.outcome.as_str(),
+                e.error,
+                e.peak_memory as i64,
+                e.logs
+            ])?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
     fn insert_environment(&mut self, env: &Environment) -> Result<()> {
         self.conn
             .prepare_cached("INSERT INTO environments (id, name, created_at) VALUES (?1, ?2, ?3)")?

@@ -1,0 +1,399 @@
+//! The state of one instance (one `Store`) and the host side of the imports.
+//!
+//! Every import goes through the instance's [`Env`]: the engine API scoped to the
+//! environment of the event being handled, acting as `plugin:<name>`. An id from another
+//! environment is therefore answered `not-found` by the engine itself.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use serde_json::Value;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::RuntimeConfig;
+use super::bindings::jobhost::plugin::{jobs, log, records, sheets, types as wit};
+use super::convert;
+use crate::engine::Env;
+use crate::model::{Ack, JobType, NewJob, NewRecord, Outcome, Split, SplitParts, Trigger};
+
+/// Logs of one delivery, capped; shared by stdout, stderr and the `log` import.
+#[derive(Debug)]
+struct LogBuf {
+    text: String,
+    limit: usize,
+    truncated: bool,
+}
+
+impl LogBuf {
+    fn push(&mut self, s: &str) {
+        if self.truncated {
+            return;
+        }
+        let room = self.limit.saturating_sub(self.text.len());
+        if s.len() <= room {
+            self.text.push_str(s);
+        } else {
+            let mut cut = room;
+            while !s.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            self.text.push_str(&s[..cut]);
+            self.text.push_str(&format!("\n[log truncated at {} bytes]\n", self.limit));
+            self.truncated = true;
+        }
+    }
+}
+
+/// stdout/stderr of the guest: always accepts, keeps what fits.
+#[derive(Clone)]
+struct Capture(Arc<Mutex<LogBuf>>);
+
+impl IsTerminal for Capture {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for Capture {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl tokio::io::AsyncWrite for Capture {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        if let Ok(mut log) = self.0.lock() {
+            log.push(&String::from_utf8_lossy(buf));
+        }
+        // Accept everything: a guest whose output is cut must not fail to print.
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Memory and table limits of one instance, counting every memory and table together.
+#[derive(Debug)]
+pub(super) struct Limiter {
+    memory_limit: usize,
+    memory_total: usize,
+    memory_peak: usize,
+    memory_refused: bool,
+    table_limit: usize,
+    table_total: usize,
+}
+
+impl wasmtime::ResourceLimiter for Limiter {
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let total = self.memory_total - current.min(self.memory_total) + desired;
+        if total > self.memory_limit {
+            self.memory_refused = true;
+            return Ok(false);
+        }
+        self.memory_total = total;
+        self.memory_peak = self.memory_peak.max(total);
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let total = self.table_total - current.min(self.table_total) + desired;
+        if total > self.table_limit {
+            return Ok(false);
+        }
+        self.table_total = total;
+        Ok(true)
+    }
+}
+
+/// CPU time spent in guest code, measured on the thread that runs it.
+///
+/// Epoch ticks count wall time: a guest waiting for a worker thread (because another guest is
+/// busy on it) or blocked in a host call would be charged for it. So the meter reads the
+/// thread CPU clock when the guest enters wasm (a call, a return from a host call, a resume
+/// after a yield) and when it leaves (a return, a host call, an epoch check), and charges
+/// only what ran in between. A fiber moves between threads only across those points.
+pub(super) struct CpuMeter {
+    budget_ns: u64,
+    used_ns: u64,
+    /// Thread CPU time at the last entry into wasm; `NOT_IN_WASM` otherwise. Shared with the
+    /// future that resumes the guest after a yield.
+    mark: Arc<AtomicU64>,
+    exceeded: bool,
+}
+
+const NOT_IN_WASM: u64 = u64::MAX;
+
+pub(super) fn thread_cpu_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    (t.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(t.tv_nsec as u64)
+}
+
+impl CpuMeter {
+    pub(super) fn enter(&self) {
+        self.mark.store(thread_cpu_ns(), Ordering::Relaxed);
+    }
+
+    pub(super) fn leave(&mut self) {
+        let mark = self.mark.swap(NOT_IN_WASM, Ordering::Relaxed);
+        if mark != NOT_IN_WASM {
+            self.used_ns += thread_cpu_ns().saturating_sub(mark);
+        }
+    }
+
+    /// Called at every epoch check: charges the slice that just ran, and says whether the
+    /// guest may go on.
+    pub(super) fn check(&mut self) -> bool {
+        self.leave();
+        if self.used_ns > self.budget_ns {
+            self.exceeded = true;
+        }
+        !self.exceeded
+    }
+
+    /// A future that marks the guest's re-entry into wasm when it resumes after a yield.
+    pub(super) fn resume_mark(&self) -> Arc<AtomicU64> {
+        self.mark.clone()
+    }
+
+    pub(super) fn used(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.used_ns)
+    }
+}
+
+/// Everything one instance owns: its WASI context (no files, env, args or network), its
+/// limits, its logs, and the environment API it acts through.
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: Limiter,
+    cpu: CpuMeter,
+    logs: Arc<Mutex<LogBuf>>,
+    /// `None` while reading subscriptions at load: no host calls then.
+    env: Option<Env>,
+    plugin: Arc<str>,
+    event_id: Arc<str>,
+}
+
+impl HostState {
+    fn new(config: &RuntimeConfig, env: Option<Env>, plugin: &str, event_id: &str) -> Self {
+        let logs = Arc::new(Mutex::new(LogBuf { text: String::new(), limit: config.log_limit, truncated: false }));
+        // The builder starts with nothing: no preopened directories, no environment variables,
+        // no arguments, no network; stdin is empty.
+        let wasi = WasiCtxBuilder::new().stdout(Capture(logs.clone())).stderr(Capture(logs.clone())).build();
+        Self {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: Limiter {
+                memory_limit: config.memory_limit,
+                memory_total: 0,
+                memory_peak: 0,
+                memory_refused: false,
+                table_limit: config.table_elements_limit,
+                table_total: 0,
+            },
+            cpu: CpuMeter {
+                budget_ns: config.cpu_time.as_nanos() as u64,
+                used_ns: 0,
+                mark: Arc::new(AtomicU64::new(NOT_IN_WASM)),
+                exceeded: false,
+            },
+            logs,
+            env,
+            plugin: Arc::from(plugin),
+            event_id: Arc::from(event_id),
+        }
+    }
+
+    pub(super) fn for_load(config: &RuntimeConfig) -> Self {
+        Self::new(config, None, "loading", "-")
+    }
+
+    pub(super) fn for_event(config: &RuntimeConfig, env: Env, plugin: &str, event_id: &str) -> Self {
+        let env = env.as_actor(format!("plugin:{plugin}"));
+        Self::new(config, Some(env), plugin, event_id)
+    }
+
+    pub(super) fn limiter(&mut self) -> &mut Limiter {
+        &mut self.limiter
+    }
+
+    pub(super) fn cpu(&mut self) -> &mut CpuMeter {
+        &mut self.cpu
+    }
+
+    /// True when the guest used up its CPU time.
+    pub(super) fn cpu_exceeded(&self) -> bool {
+        self.cpu.exceeded
+    }
+
+    /// CPU time spent in guest code.
+    pub(super) fn cpu_used(&self) -> std::time::Duration {
+        self.cpu.used()
+    }
+
+    /// The memory limit, when a growth past it was refused.
+    pub(super) fn memory_exceeded(&self) -> Option<usize> {
+        self.limiter.memory_refused.then_some(self.limiter.memory_limit)
+    }
+
+    pub(super) fn peak_memory(&self) -> usize {
+        self.limiter.memory_peak
+    }
+
+    pub(super) fn take_logs(&self) -> String {
+        self.logs.lock().map(|mut l| std::mem::take(&mut l.text)).unwrap_or_default()
+    }
+
+    fn env(&self) -> Result<&Env, wit::Error> {
+        self.env.as_ref().ok_or_else(|| wit::Error {
+            kind: wit::ErrorKind::Denied,
+            message: "host calls are not allowed while the plugin lists its subscriptions".into(),
+            job_status: None,
+        })
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+type R<T> = Result<T, wit::Error>;
+
+fn json_arg(what: &str, text: Option<String>) -> R<Value> {
+    match text {
+        None => Ok(Value::Null),
+        Some(t) => serde_json::from_str(&t).map_err(|e| convert::invalid(format!("{what} is not JSON: {e}"))),
+    }
+}
+
+impl wit::Host for HostState {}
+
+impl jobs::Host for HostState {
+    async fn get(&mut self, id: String) -> R<wit::Job> {
+        self.env()?.job(&id).await.map(convert::job).map_err(convert::error)
+    }
+
+    async fn ack(&mut self, id: String, info: Option<String>, progress: Option<u8>, eta: Option<i64>) -> R<wit::Job> {
+        let ack = Ack { info, progress, estimated_completion_at: eta };
+        self.env()?.ack(&id, ack).await.map(convert::job).map_err(convert::error)
+    }
+
+    async fn complete(&mut self, id: String, outcome: Option<String>, info: Option<String>) -> R<wit::Job> {
+        let o = Outcome { outcome: json_arg("outcome", outcome)?, info };
+        self.env()?.complete(&id, o).await.map(convert::job).map_err(convert::error)
+    }
+
+    async fn fail(&mut self, id: String, outcome: Option<String>, info: Option<String>) -> R<wit::Job> {
+        let o = Outcome { outcome: json_arg("outcome", outcome)?, info };
+        self.env()?.fail(&id, o).await.map(convert::job).map_err(convert::error)
+    }
+
+    async fn cancel(&mut self, id: String, info: Option<String>) -> R<wit::Job> {
+        self.env()?.cancel(&id, info).await.map(convert::job).map_err(convert::error)
+    }
+
+    async fn split(&mut self, id: String, parts: jobs::SplitParts, run_in_parallel: bool) -> R<u32> {
+        let parts = match parts {
+            jobs::SplitParts::Count(n) => SplitParts::Count(n),
+            jobs::SplitParts::Data(list) => {
+                SplitParts::Data(list.into_iter().map(|t| json_arg("partData", Some(t))).collect::<R<Vec<_>>>()?)
+            }
+        };
+        let split = Split { parts, run_in_parallel: Some(run_in_parallel) };
+        self.env()?.split(&id, split).await.map(|r| r.parts).map_err(convert::error)
+    }
+
+    async fn create(&mut self, job: jobs::NewJob) -> R<wit::Job> {
+        let kind: JobType = job.kind.parse().map_err(convert::error)?;
+        let new = NewJob {
+            source: job.source,
+            input: json_arg("input", job.input)?,
+            trigger: Some(if job.manual { Trigger::Manual } else { Trigger::Immediate }),
+            ..NewJob::new(kind, job.operation)
+        };
+        self.env()?.create_job(new).await.map(convert::job).map_err(convert::error)
+    }
+
+    async fn list_parts(&mut self, id: String) -> R<Vec<wit::Job>> {
+        self.env()?.parts(&id).await.map(|v| v.into_iter().map(convert::job).collect()).map_err(convert::error)
+    }
+}
+
+impl records::Host for HostState {
+    async fn counts(&mut self, sheet_id: String) -> R<wit::RecordCounts> {
+        let c = self.env()?.record_counts(&sheet_id).await.map_err(convert::error)?;
+        Ok(wit::RecordCounts { total: c.total, valid: c.valid, error: c.error })
+    }
+
+    async fn page(&mut self, sheet_id: String, page_size: u32, page_number: u32) -> R<wit::RecordPage> {
+        let rows = self.env()?.record_rows(&sheet_id, page_size, page_number).await.map_err(convert::error)?;
+        convert::page(rows).map_err(convert::error)
+    }
+
+    async fn update(&mut self, sheet_id: String, updates: Vec<wit::RecordUpdate>) -> R<u64> {
+        let updates = updates.into_iter().map(convert::update).collect();
+        self.env()?.update_records(&sheet_id, updates).await.map_err(convert::error)
+    }
+
+    async fn insert(&mut self, sheet_id: String, new: Vec<wit::NewRecord>) -> R<u64> {
+        let records = new
+            .into_iter()
+            .map(|r| NewRecord {
+                values: r.values.into_iter().map(|fv| (fv.field, convert::value_from_wit(fv.value))).collect(),
+                messages: r.messages.into_iter().map(convert::message_from_wit).collect(),
+                metadata: Value::Null,
+            })
+            .collect();
+        self.env()?.insert_records(&sheet_id, records).await.map_err(convert::error)
+    }
+}
+
+impl sheets::Host for HostState {
+    async fn get(&mut self, id: String) -> R<wit::Sheet> {
+        let s = self.env()?.sheet(&id).await.map_err(convert::error)?;
+        Ok(wit::Sheet { id: s.id, name: s.name })
+    }
+}
+
+impl log::Host for HostState {
+    async fn log(&mut self, level: log::Level, message: String) {
+        let (plugin, event) = (&*self.plugin, &*self.event_id);
+        let tag = match level {
+            log::Level::Trace => {
+                tracing::trace!(plugin, event, "{message}");
+                "TRACE"
+            }
+            log::Level::Debug => {
+                tracing::debug!(plugin, event, "{message}");
+                "DEBUG"
+            }
+            log::Level::Info => {
+                tracing::info!(plugin, event, "{message}");
+                "INFO"
+            }
+            log::Level::Warn => {
+                tracing::warn!(plugin, event, "{message}");
+                "WARN"
+            }
+            log::Level::Error => {
+                tracing::error!(plugin, event, "{message}");
+                "ERROR"
+            }
+        };
+        if let Ok(mut logs) = self.logs.lock() {
+            logs.push(&format!("{tag} {message}\n"));
+        }
+    }
+}

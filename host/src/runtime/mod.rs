@@ -1,0 +1,453 @@
+//! The WebAssembly listener runtime.
+//!
+//! - [`Runtime`] fixes jobhost's wasmtime choices in one place: the component model, async
+//!   host calls, epoch interruption (a 10 ms ticker thread), the pooling allocator (a clear
+//!   startup error if it cannot reserve its pool — never a silent fallback) and the
+//!   compilation cache (a restart does not recompile).
+//! - [`Plugin`] is one loaded component: compiled once, type-checked against the `plugin` world
+//!   and pre-instantiated once (`InstancePre`), with the subscriptions it declared at load.
+//! - [`Runtime::listener`] turns a plugin into a [`Listener`](crate::listener::Listener), so
+//!   plugins get the same delivery loop as native listeners (leases, retries, dead letters).
+//!   Each delivery runs in a **fresh `Store` and instance** with a memory cap, an epoch
+//!   deadline for CPU and a wall-clock timeout that also covers time blocked in host calls,
+//!   and leaves an [`Execution`](crate::model::Execution) record.
+//! - [`host`] implements the imports against the engine, always inside the event's
+//!   environment; [`convert`] maps engine types to WIT types.
+
+mod bindings;
+mod convert;
+mod host;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{
+    Cache, CacheConfig, CallHook, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store,
+    UpdateDeadline,
+};
+
+use crate::filter::Selector;
+use crate::listener::{EventCtx, Listener};
+use crate::model::{Execution, ExecutionOutcome};
+
+pub use host::HostState;
+
+/// Limits and sizes of the runtime. Defaults are safe for untrusted plugins.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Bytes of linear memory per instance, all memories together.
+    pub memory_limit: usize,
+    /// Elements per table, all tables together.
+    pub table_elements_limit: usize,
+    /// CPU time a delivery may spend in guest code (epoch deadline).
+    pub cpu_time: Duration,
+    /// Wall-clock time per delivery, including time blocked in host calls.
+    pub wall_time: Duration,
+    /// Instances that may exist at once (the pooling allocator's size).
+    pub max_instances: u32,
+    /// Bytes of logs (stdout, stderr, `log`) kept per delivery; the rest is cut with a note.
+    pub log_limit: usize,
+    /// Compilation cache directory; `None` disables the cache.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            memory_limit: 64 << 20,
+            table_elements_limit: 100_000,
+            cpu_time: Duration::from_secs(5),
+            wall_time: Duration::from_secs(30),
+            max_instances: 256,
+            log_limit: 64 << 10,
+            cache_dir: default_cache_dir(),
+        }
+    }
+}
+
+/// `$XDG_CACHE_HOME/jobhost/wasmtime`, or `~/.cache/jobhost/wasmtime`.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("jobhost").join("wasmtime"))
+}
+
+/// Why a plugin could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not a valid component, or compilation failed.
+    #[error("{path} is not a valid WebAssembly component: {reason}")]
+    Compile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The component does not fit the `jobhost:plugin` world.
+    #[error("{path} does not fit the jobhost:plugin world: {reason}")]
+    World {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Its subscriptions could not be read or are invalid.
+    #[error("{path}: bad subscriptions: {reason}")]
+    Subscriptions {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One route a plugin declared.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Route {
+    /// Topic pattern.
+    pub topic: String,
+    /// Filter object, `null` for none.
+    pub filter: serde_json::Value,
+}
+
+/// A loaded plugin: compiled, type-checked and pre-instantiated.
+pub struct Plugin {
+    /// The file name without `.wasm`.
+    pub name: String,
+    /// First 16 hex digits of the SHA-256 of the file: the plugin's version.
+    pub version: String,
+    /// Where it was loaded from.
+    pub path: PathBuf,
+    /// Its routes, in the order the plugin declared them.
+    pub routes: Vec<Route>,
+    pre: bindings::PluginPre<HostState>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("routes", &self.routes)
+            .finish()
+    }
+}
+
+/// The wasmtime engine, linker and epoch ticker, set up once.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    config: RuntimeConfig,
+    _ticker: EpochTicker,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// How often the epoch advances: how often a running guest is checked against its CPU budget
+/// and yields to the executor.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+impl Runtime {
+    /// Sets up the engine. Fails with a clear message when the pooling allocator cannot
+    /// reserve its instances or the cache directory cannot be used.
+    pub fn new(config: RuntimeConfig) -> anyhow::Result<Arc<Self>> {
+        let mut wasm = Config::new();
+        wasm.wasm_component_model(true);
+        wasm.epoch_interruption(true);
+        let n = config.max_instances.max(1);
+        let mut pool = PoolingAllocationConfig::new();
+        // A Rust component has a handful of core instances and tables (the module plus the
+        // shims wit-component adds) and one or two memories.
+        pool.total_component_instances(n)
+            .total_core_instances(n * 16)
+            .total_memories(n * 2)
+            .total_tables(n * 8)
+            .total_stacks(n)
+            .max_memories_per_component(2)
+            .max_tables_per_component(8)
+            .max_core_instances_per_component(16)
+            .max_memory_size(config.memory_limit)
+            .table_elements(config.table_elements_limit.max(10_000));
+        wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        if let Some(dir) = &config.cache_dir {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| anyhow::anyhow!("cannot create the compilation cache {}: {e}", dir.display()))?;
+            let mut cc = CacheConfig::new();
+            cc.with_directory(dir);
+            let cache = Cache::new(cc)
+                .map_err(|e| anyhow::anyhow!("cannot use the compilation cache {}: {e}", dir.display()))?;
+            wasm.cache(Some(cache));
+        }
+        let engine = Engine::new(&wasm).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot set up the WebAssembly engine with a pool of {n} instances of {} MiB: {e:#} \
+                 (lower max_instances or memory_limit, or raise the process's virtual memory limit)",
+                config.memory_limit >> 20
+            )
+        })?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
+        let ticker = EpochTicker::start(engine.clone());
+        Ok(Arc::new(Self { engine, linker, config, _ticker: ticker }))
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+
+    /// Loads a plugin file: read, hash, compile (off the async runtime; cached),
+    /// type-check against the world, and read its subscriptions.
+    pub async fn load(self: &Arc<Self>, path: &Path) -> Result<Plugin, LoadError> {
+        let path = path.to_path_buf();
+        let rt = self.clone();
+        let compiled = tokio::task::spawn_blocking(move || rt.compile(&path)).await;
+        let (name, version, path, pre) =
+            compiled.map_err(|e| LoadError::Compile { path: PathBuf::new(), reason: e.to_string() })??;
+        let routes =
+            self.read_routes(&pre).await.map_err(|reason| LoadError::Subscriptions { path: path.clone(), reason })?;
+        Ok(Plugin { name, version, path, routes, pre })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn compile(&self, path: &Path) -> Result<(String, String, PathBuf, bindings::PluginPre<HostState>), LoadError> {
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.to_path_buf(), source })?;
+        let version: String = Sha256::digest(&bytes).iter().take(8).map(|b| format!("{b:02x}")).collect();
+        let component = Component::new(&self.engine, &bytes)
+            .map_err(|e| LoadError::Compile { path: path.to_path_buf(), reason: format!("{e:#}") })?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .and_then(bindings::PluginPre::new)
+            .map_err(|e| LoadError::World { path: path.to_path_buf(), reason: format!("{e:#}") })?;
+        let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin").to_owned();
+        Ok((name, version, path.to_path_buf(), pre))
+    }
+
+    async fn read_routes(&self, pre: &bindings::PluginPre<HostState>) -> Result<Vec<Route>, String> {
+        let mut store = self.store(HostState::for_load(&self.config));
+        let call = async {
+            let instance = pre.instantiate_async(&mut store).await?;
+            instance.jobhost_plugin_listener().call_subscriptions(&mut store).await
+        };
+        let subs = tokio::time::timeout(self.config.wall_time, call)
+            .await
+            .map_err(|_| "subscriptions() did not return in time".to_owned())?
+            .map_err(|e| format!("subscriptions() failed: {e:#}"))?;
+        let mut routes = Vec::with_capacity(subs.len());
+        for (i, s) in subs.into_iter().enumerate() {
+            let filter = match &s.filter {
+                Some(text) => serde_json::from_str(text).map_err(|e| format!("route {i}: filter is not JSON: {e}"))?,
+                None => serde_json::Value::Null,
+            };
+            Selector::parse(&s.topic, &filter).map_err(|e| format!("route {i}: {e}"))?;
+            routes.push(Route { topic: s.topic, filter });
+        }
+        if routes.is_empty() {
+            return Err("the plugin declares no routes".into());
+        }
+        Ok(routes)
+    }
+
+    /// Loads every `*.wasm` in `dir`. A plugin that fails to load is returned with its reason
+    /// and the others still load.
+    pub async fn load_dir(self: &Arc<Self>, dir: &Path) -> anyhow::Result<(Vec<Arc<Plugin>>, Vec<LoadError>)> {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| anyhow::anyhow!("cannot read the plugins directory {}: {e}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "wasm") && p.is_file())
+            .collect();
+        paths.sort();
+        let mut loaded = Vec::new();
+        let mut failed = Vec::new();
+        for p in paths {
+            match self.load(&p).await {
+                Ok(plugin) => {
+                    tracing::info!(plugin = %plugin.name, version = %plugin.version, routes = plugin.routes.len(), "plugin loaded");
+                    loaded.push(Arc::new(plugin));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "plugin not loaded");
+                    failed.push(e);
+                }
+            }
+        }
+        Ok((loaded, failed))
+    }
+
+    fn store(&self, state: HostState) -> Store<HostState> {
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| s.limiter());
+        // Charge the guest only for CPU it uses in wasm (see `CpuMeter`).
+        store.call_hook(|mut ctx, hook| {
+            let cpu = ctx.data_mut().cpu();
+            match hook {
+                CallHook::CallingWasm | CallHook::ReturningFromHost => cpu.enter(),
+                CallHook::ReturningFromWasm | CallHook::CallingHost => cpu.leave(),
+            }
+            Ok(())
+        });
+        // Every tick the guest is checked: over budget it is interrupted; otherwise it yields
+        // to the executor, so a busy guest cannot starve the other tasks on its worker.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|mut ctx| {
+            let cpu = ctx.data_mut().cpu();
+            if !cpu.check() {
+                return Ok(UpdateDeadline::Interrupt);
+            }
+            let mark = cpu.resume_mark();
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(async move {
+                    tokio::task::yield_now().await;
+                    mark.store(host::thread_cpu_ns(), std::sync::atomic::Ordering::Relaxed);
+                }),
+            ))
+        });
+        store
+    }
+
+    /// A listener that runs `plugin` for events of `environment_id`: one route per declared
+    /// subscription, named `plugin:<name>`.
+    pub fn listener(self: &Arc<Self>, plugin: Arc<Plugin>, environment_id: &str) -> Listener {
+        let mut listener = Listener::new(format!("plugin:{}", plugin.name), environment_id);
+        for (i, route) in plugin.routes.iter().enumerate() {
+            let (rt, plugin) = (self.clone(), plugin.clone());
+            listener = listener.filter(route.filter.clone(), move |l| {
+                l.on(&route.topic, move |ctx| {
+                    let (rt, plugin) = (rt.clone(), plugin.clone());
+                    async move { rt.invoke(&plugin, i as u32, ctx).await.map_err(anyhow::Error::msg) }
+                })
+            });
+        }
+        listener
+    }
+
+    /// Runs route `route` of `plugin` for one delivery in a fresh instance and records the
+    /// execution. Returns the delivery's result.
+    pub async fn invoke(&self, plugin: &Plugin, route: u32, ctx: EventCtx) -> Result<(), String> {
+        let started_at = ctx.api.engine().now();
+        let started = Instant::now();
+        let event = convert::event(&ctx.event, ctx.attempt);
+        let mut store = self.store(HostState::for_event(&self.config, ctx.api.clone(), &plugin.name, &ctx.event.id));
+        let call = async {
+            let instance = plugin.pre.instantiate_async(&mut store).await?;
+            instance.jobhost_plugin_listener().call_handle(&mut store, route, &event).await
+        };
+        let result = tokio::time::timeout(self.config.wall_time, call).await;
+        let duration = started.elapsed();
+        let state = store.data();
+        let (outcome, error) = match result {
+            Ok(Ok(Ok(()))) => (ExecutionOutcome::Ok, None),
+            Ok(Ok(Err(message))) => (ExecutionOutcome::Error, Some(message)),
+            Ok(Err(trap)) => {
+                if let Some(limit) = state.memory_exceeded() {
+                    (
+                        ExecutionOutcome::Memory,
+                        Some(format!("memory limit {} MiB exceeded (trap: {})", limit >> 20, trap_code(&trap))),
+                    )
+                } else if state.cpu_exceeded() {
+                    (
+                        ExecutionOutcome::Cpu,
+                        Some(format!("cpu deadline {} s exceeded", self.config.cpu_time.as_secs_f64())),
+                    )
+                } else {
+                    (ExecutionOutcome::Trap, Some(format!("trap: {}", trap_code(&trap))))
+                }
+            }
+            Err(_) => (
+                ExecutionOutcome::Timeout,
+                Some(format!("wall-clock limit {} s exceeded", self.config.wall_time.as_secs_f64())),
+            ),
+        };
+        let execution = Execution {
+            id: 0,
+            environment_id: ctx.api.id().to_owned(),
+            plugin: plugin.name.clone(),
+            plugin_version: plugin.version.clone(),
+            route,
+            event_id: ctx.event.id.clone(),
+            topic: ctx.event.topic.clone(),
+            job_id: ctx.event.job_id().map(str::to_owned),
+            attempt: ctx.attempt,
+            started_at,
+            duration_us: duration.as_micros() as i64,
+            cpu_us: state.cpu_used().as_micros() as i64,
+            outcome,
+            error: error.clone(),
+            peak_memory: state.peak_memory() as u64,
+            logs: state.take_logs(),
+        };
+        if let Some(e) = &error {
+            tracing::warn!(plugin = %plugin.name, version = %plugin.version, event = %ctx.event.id, topic = %ctx.event.topic, attempt = ctx.attempt, error = %e, "plugin delivery failed");
+        }
+        drop(store);
+        if let Err(e) = ctx.api.record_execution(execution).await {
+            tracing::error!(error = %e, "cannot store an execution record");
+        }
+        match error {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    }
+}
+
+/// The trap's code (e.g. `wasm trap: wasm `unreachable` instruction executed`) without the
+/// backtrace, which goes to the debug log.
+fn trap_code(err: &wasmtime::Error) -> String {
+    tracing::debug!(error = ?err, "guest trap");
+    match err.downcast_ref::<wasmtime::Trap>() {
+        Some(t) => t.to_string(),
+        None => err.to_string(),
+    }
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] until dropped.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("jobhost-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .ok();
+        Self { stop, thread }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

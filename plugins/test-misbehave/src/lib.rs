@@ -1,0 +1,40 @@
+//! A test plugin that misbehaves on purpose, one way per job operation:
+//! `space:trap` panics (a trap), `space:loop` never returns (CPU deadline), `space:flaky`
+//! fails its first attempt with an error and completes the job on the next,
+//! `space:print` writes to stdout and stderr and logs before completing the job.
+
+use jobhost_plugin_sdk::jobs::{self, Outcome};
+use jobhost_plugin_sdk::{Event, Listener, Result, json, log};
+
+fn listener() -> Listener {
+    Listener::new()
+        .filter(json!({ "job": "space:trap" }), |l| l.on("job:ready", |_: &Event| -> Result<()> { panic!("boom") }))
+        .filter(json!({ "job": "space:loop" }), |l| {
+            l.on("job:ready", |event: &Event| -> Result<()> {
+                let mut n: u64 = event.attempt() as u64;
+                loop {
+                    n = std::hint::black_box(n.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+            })
+        })
+        .filter(json!({ "job": "space:flaky" }), |l| {
+            l.on("job:ready", |event: &Event| -> Result<()> {
+                if event.attempt() == 1 {
+                    return Err("first attempt fails".into());
+                }
+                jobs::complete(event.job_id()?, Outcome::message(format!("attempt {}", event.attempt())))?;
+                Ok(())
+            })
+        })
+        .filter(json!({ "job": "space:print" }), |l| {
+            l.on("job:ready", |event: &Event| -> Result<()> {
+                println!("to stdout");
+                eprintln!("to stderr");
+                log::warn("through the log interface");
+                jobs::complete(event.job_id()?, Outcome::message("printed"))?;
+                Ok(())
+            })
+        })
+}
+
+jobhost_plugin_sdk::export!(listener);

@@ -1,0 +1,223 @@
+//! WebAssembly listeners: the seeds' scenario through the example plugin, routing, and
+//! plugins that trap, loop, fail or do not load.
+
+use std::time::Duration;
+
+use jobhost::EngineConfig;
+use jobhost::artifacts;
+use jobhost::model::{ExecutionOutcome, JobStatus, JobType, NewJob};
+use jobhost::scenario;
+use jobhost_tests::{TestHost, events_of, load, test_config, test_runtime, until_terminal};
+use serde_json::json;
+
+async fn seeds(records: u64, input: serde_json::Value) -> (TestHost, jobhost::Env, jobhost::model::Job, String, u64) {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let rt = test_runtime();
+    let plugin = load(&rt, artifacts::SUBMIT_LARGE_SHEET).await;
+    let running = host.engine.run(vec![rt.listener(plugin, env.id())]).await.unwrap();
+    let sheet = env.create_sheet("people").await.unwrap();
+    let (rows, invalid) = scenario::sample_records(records);
+    env.insert_records(&sheet.id, rows).await.unwrap();
+    let job = env.create_job(NewJob { input, ..NewJob::sheet(scenario::OPERATION, &sheet.id) }).await.unwrap();
+    let job = until_terminal(&env, &job.id).await;
+    running.shutdown().await;
+    (host, env, job, sheet.id, invalid)
+}
+
+#[tokio::test]
+async fn seeds_scenario_through_the_wasm_plugin() {
+    let (_host, env, job, sheet, invalid) = seeds(10_000, serde_json::Value::Null).await;
+    assert_eq!(job.status, JobStatus::Complete, "{}", job.outcome);
+    let parts = env.parts(&job.id).await.unwrap();
+    assert_eq!(parts.len(), 10);
+    assert!(parts.iter().all(|p| p.status == JobStatus::Complete));
+    let pc = events_of(&env, &job.id, "job:parts-completed").await;
+    assert_eq!(pc.len(), 1);
+    assert_eq!(pc[0].payload["parts"], json!({"total": 10, "completed": 10, "failed": 0, "canceled": 0}));
+    let counts = env.record_counts(&sheet).await.unwrap();
+    assert_eq!((counts.total, counts.error), (10_000, invalid));
+    assert_eq!(job.outcome["records"]["error"], json!(invalid));
+    assert!(job.outcome["message"].as_str().unwrap().starts_with("10 of 10 parts completed"));
+
+    // The plugin wrote its messages on the invalid cells (same rules as the native listener).
+    let r = env.records(&sheet, 10, 1).await.unwrap().records.remove(3);
+    assert!(!r.valid && !r.values["email"].valid);
+    assert!(r.values["email"].messages[0].message.contains("not an email address"), "{:?}", r.values["email"]);
+    let summed: u64 = parts.iter().map(|p| p.outcome["invalid"].as_u64().unwrap()).sum();
+    assert_eq!(summed, invalid);
+
+    // One execution record per delivery, routed to the right handler: route 0 is the
+    // parent's job:ready, 1 its parts-completed, 2 the parts' job:ready.
+    let execs = env.executions(None, 1000).await.unwrap();
+    assert_eq!(execs.len(), 12);
+    assert!(execs.iter().all(|e| e.outcome == ExecutionOutcome::Ok && e.plugin == "submit_large_sheet"));
+    let route_of = |topic: &str, is_part: bool| -> Vec<u32> {
+        execs
+            .iter()
+            .filter(|e| e.topic == topic && (e.job_id.as_deref() == Some(job.id.as_str())) != is_part)
+            .map(|e| e.route)
+            .collect()
+    };
+    assert_eq!(route_of("job:ready", false), [0]);
+    assert_eq!(route_of("job:parts-completed", false), [1]);
+    assert_eq!(route_of("job:ready", true), [2; 10]);
+    assert!(execs.iter().all(|e| e.peak_memory > 0 && e.duration_us > 0));
+    assert!(execs.iter().any(|e| e.logs.contains("INFO split")), "the parent logs through the log interface");
+    assert_eq!(env.dead_letters().await.unwrap().len(), 0);
+}
+
+#[tokio::test]
+async fn a_failing_part_fails_the_parent() {
+    let (_host, env, job, _, _) = seeds(5_000, json!({"failParts": [1, 3]})).await;
+    assert_eq!(job.status, JobStatus::Failed);
+    assert_eq!(job.outcome["parts"], json!({"total": 5, "completed": 3, "failed": 2, "canceled": 0}));
+    let failed: Vec<u32> = env
+        .parts(&job.id)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|p| p.status == JobStatus::Failed)
+        .map(|p| p.part_index.unwrap())
+        .collect();
+    assert_eq!(failed, [1, 3]);
+}
+
+/// A host with the well-behaved and the misbehaving plugin, in two environments.
+async fn hostile_host(max_attempts: u32) -> (TestHost, jobhost::Env, jobhost::Env, jobhost::listener::Running) {
+    let host =
+        TestHost::with_config(EngineConfig { max_attempts, retry_backoff: Duration::from_millis(1), ..test_config() });
+    let (bad_env, good_env) = (host.env().await, host.env().await);
+    let rt = test_runtime();
+    let bad = load(&rt, artifacts::TEST_MISBEHAVE).await;
+    let good = load(&rt, artifacts::TEST_NOOP).await;
+    let running = host
+        .engine
+        .run(vec![
+            rt.listener(bad.clone(), bad_env.id()),
+            rt.listener(good.clone(), bad_env.id()),
+            rt.listener(good, good_env.id()),
+        ])
+        .await
+        .unwrap();
+    (host, bad_env, good_env, running)
+}
+
+async fn dead_letter_for(host: &TestHost, env: &jobhost::Env, job_id: &str) -> jobhost::model::DeadLetter {
+    let (env, id) = (env.clone(), job_id.to_owned());
+    host.engine
+        .wait_for(move || {
+            let (env, id) = (env.clone(), id.clone());
+            async move { Ok(env.dead_letters().await?.into_iter().find(|d| d.event.job_id() == Some(id.as_str()))) }
+        })
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_trapping_or_looping_plugin_fails_only_its_own_delivery() {
+    let (host, bad_env, good_env, running) = hostile_host(2).await;
+    let trap = bad_env.create_job(NewJob::new(JobType::Space, "trap")).await.unwrap();
+    let spin = bad_env.create_job(NewJob::new(JobType::Space, "loop")).await.unwrap();
+    // Work keeps flowing in both environments while the bad plugin misbehaves.
+    let mut work = Vec::new();
+    for env in [&bad_env, &good_env] {
+        for _ in 0..5 {
+            work.push((env.clone(), env.create_job(NewJob::new(JobType::Space, "work")).await.unwrap().id));
+        }
+    }
+    let trap_dead = dead_letter_for(&host, &bad_env, &trap.id).await;
+    let loop_dead = dead_letter_for(&host, &bad_env, &spin.id).await;
+    for (env, id) in &work {
+        assert_eq!(until_terminal(env, id).await.status, JobStatus::Complete);
+    }
+    running.shutdown().await;
+
+    assert_eq!(trap_dead.attempts, 2, "retried per the delivery policy");
+    assert!(trap_dead.last_error.starts_with("trap: "), "{}", trap_dead.last_error);
+    assert_eq!(loop_dead.attempts, 2);
+    assert_eq!(loop_dead.last_error, "cpu deadline 0.3 s exceeded");
+
+    let execs = bad_env.executions(Some(&trap.id), 100).await.unwrap();
+    let trap_execs: Vec<_> = execs.iter().filter(|e| e.topic == "job:ready").collect();
+    assert_eq!(trap_execs.len(), 2);
+    assert!(trap_execs.iter().all(|e| e.outcome == ExecutionOutcome::Trap));
+    assert!(trap_execs[0].logs.contains("boom"), "the panic message is in the logs: {:?}", trap_execs[0].logs);
+    let loop_execs = bad_env.executions(Some(&spin.id), 100).await.unwrap();
+    assert!(loop_execs.iter().filter(|e| e.plugin == "test_misbehave").all(|e| e.outcome == ExecutionOutcome::Cpu));
+    // The jobs themselves are untouched: the watchdog, not the runtime, decides about them.
+    assert_eq!(bad_env.job(&trap.id).await.unwrap().status, JobStatus::Ready);
+}
+
+#[tokio::test]
+async fn a_failed_attempt_is_retried_and_output_is_captured() {
+    let (_host, env, _good, running) = hostile_host(3).await;
+    let flaky = env.create_job(NewJob::new(JobType::Space, "flaky")).await.unwrap();
+    let print = env.create_job(NewJob::new(JobType::Space, "print")).await.unwrap();
+    let flaky = until_terminal(&env, &flaky.id).await;
+    until_terminal(&env, &print.id).await;
+    running.shutdown().await;
+    assert_eq!(flaky.outcome, json!({"message": "attempt 2"}));
+    let execs = env.executions(Some(&flaky.id), 100).await.unwrap();
+    let ready: Vec<_> = execs.iter().filter(|e| e.topic == "job:ready" && e.plugin == "test_misbehave").collect();
+    assert_eq!(ready.len(), 2);
+    assert_eq!((ready[0].outcome, ready[0].error.as_deref()), (ExecutionOutcome::Error, Some("first attempt fails")));
+    assert_eq!(ready[1].outcome, ExecutionOutcome::Ok);
+    let logs = &env
+        .executions(Some(&print.id), 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|e| e.plugin == "test_misbehave" && e.topic == "job:ready")
+        .unwrap()
+        .logs;
+    for line in ["to stdout", "to stderr", "WARN through the log interface"] {
+        assert!(logs.contains(line), "{line:?} missing from {logs:?}");
+    }
+}
+
+#[tokio::test]
+async fn plugins_that_cannot_load_are_reported_and_the_rest_still_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = std::fs::read(artifacts::TEST_NOOP).unwrap();
+    std::fs::write(dir.path().join("good.wasm"), &good).unwrap();
+    std::fs::write(dir.path().join("garbage.wasm"), b"this is not wasm").unwrap();
+    std::fs::write(dir.path().join("truncated.wasm"), &good[..good.len() / 2]).unwrap();
+    // A valid core module (not a component): the magic and version of wasm 1.0.
+    std::fs::write(dir.path().join("core-module.wasm"), b"\0asm\x01\0\0\0").unwrap();
+    std::fs::write(dir.path().join("notes.txt"), b"ignored: not a .wasm file").unwrap();
+    let rt = test_runtime();
+    let (loaded, failed) = rt.load_dir(dir.path()).await.unwrap();
+    assert_eq!(loaded.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["good"]);
+    assert_eq!(failed.len(), 3, "{failed:?}");
+    let text: Vec<String> = failed.iter().map(|e| e.to_string()).collect();
+    for name in ["garbage.wasm", "truncated.wasm", "core-module.wasm"] {
+        let e = text.iter().find(|t| t.contains(name)).unwrap_or_else(|| panic!("{name} not reported: {text:?}"));
+        assert!(e.contains("not a valid WebAssembly component") || e.contains("does not fit"), "{e}");
+    }
+    assert!(
+        rt.load_dir(&dir.path().join("missing"))
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("cannot read the plugins directory")
+    );
+}
+
+#[tokio::test]
+async fn routes_are_read_at_load_and_versions_are_content_hashes() {
+    let rt = test_runtime();
+    let plugin = load(&rt, artifacts::SUBMIT_LARGE_SHEET).await;
+    let routes: Vec<(String, serde_json::Value)> =
+        plugin.routes.iter().map(|r| (r.topic.clone(), r.filter.clone())).collect();
+    let parent = json!({"job": "sheet:submitLargeSheet", "isPart": false});
+    let part = json!({"job": "sheet:submitLargeSheet", "isPart": true});
+    assert_eq!(
+        routes,
+        [("job:ready".into(), parent.clone()), ("job:parts-completed".into(), parent), ("job:ready".into(), part)]
+    );
+    assert_eq!(plugin.version.len(), 16);
+    let again = load(&rt, artifacts::SUBMIT_LARGE_SHEET).await;
+    assert_eq!(again.version, plugin.version);
+    assert_ne!(load(&rt, artifacts::TEST_NOOP).await.version, plugin.version);
+}
