@@ -3,8 +3,6 @@
 //! A [`Page`] carries the field names once and one row of values per record, so reading a
 //! page costs no per-cell field names or JSON parsing.
 
-use std::collections::HashMap;
-
 use crate::bindings::jobhost::plugin::records as host;
 use crate::bindings::jobhost::plugin::types as wit;
 use crate::{Error, Result};
@@ -54,7 +52,6 @@ pub fn error_message(field: &str, text: impl Into<String>) -> Message {
 /// A page of records.
 pub struct Page {
     raw: wit::RecordPage,
-    index: HashMap<String, usize>,
 }
 
 impl Page {
@@ -71,6 +68,12 @@ impl Page {
     /// True when the page is past the last record.
     pub fn is_empty(&self) -> bool {
         self.raw.rows.is_empty()
+    }
+
+    /// Index of `field` in [`Page::fields`]. A linear scan: pages have few fields, and
+    /// comparing a few short strings beats hashing one.
+    pub fn position(&self, field: &str) -> Option<usize> {
+        self.raw.fields.iter().position(|f| f == field)
     }
 
     /// The records, in the sheet's stable order.
@@ -94,7 +97,12 @@ impl<'a> RecordRef<'a> {
 
     /// The value of `field` (`None` when the sheet has no such field on this page).
     pub fn get(&self, field: &str) -> Option<&'a CellValue> {
-        self.page.index.get(field).and_then(|&i| self.row.values.get(i))
+        self.page.position(field).and_then(|i| self.row.values.get(i))
+    }
+
+    /// The values, in the order of [`Page::fields`].
+    pub fn values(&self) -> &'a [CellValue] {
+        &self.row.values
     }
 
     /// The text of `field`, when it is text.
@@ -127,9 +135,7 @@ pub fn counts(sheet_id: &str) -> Result<Counts> {
 
 /// Page `page_number` (1-based) of `page_size` (1..=10000) records.
 pub fn page(sheet_id: &str, page_size: u32, page_number: u32) -> Result<Page> {
-    let raw = host::page(sheet_id, page_size, page_number)?;
-    let index = raw.fields.iter().enumerate().map(|(i, f)| (f.clone(), i)).collect();
-    Ok(Page { raw, index })
+    Ok(Page { raw: host::page(sheet_id, page_size, page_number)? })
 }
 
 /// Updates records (values merged, messages replaced when given); returns how many changed.

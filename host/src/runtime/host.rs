@@ -129,6 +129,11 @@ pub(super) struct CpuMeter {
     /// future that resumes the guest after a yield.
     mark: Arc<AtomicU64>,
     exceeded: bool,
+    /// Depth of wasm calls from the host. Only the outermost call and the host calls it
+    /// makes move the meter: wasm called from inside a host call (the guest's allocator, while
+    /// a result is lowered into guest memory) would cost two clock reads per string of a page.
+    depth: u32,
+    in_host: bool,
 }
 
 const NOT_IN_WASM: u64 = u64::MAX;
@@ -139,6 +144,34 @@ pub(super) fn thread_cpu_ns() -> u64 {
 }
 
 impl CpuMeter {
+    /// A call hook: keeps the meter running exactly while top-level guest code runs.
+    pub(super) fn hook(&mut self, hook: wasmtime::CallHook) {
+        use wasmtime::CallHook::*;
+        match hook {
+            CallingWasm => {
+                self.depth += 1;
+                if self.depth == 1 {
+                    self.enter();
+                }
+            }
+            ReturningFromWasm => {
+                if self.depth == 1 {
+                    self.leave();
+                }
+                self.depth = self.depth.saturating_sub(1);
+            }
+            CallingHost if self.depth == 1 && !self.in_host => {
+                self.in_host = true;
+                self.leave();
+            }
+            ReturningFromHost if self.depth == 1 && self.in_host => {
+                self.in_host = false;
+                self.enter();
+            }
+            _ => {}
+        }
+    }
+
     pub(super) fn enter(&self) {
         self.mark.store(thread_cpu_ns(), Ordering::Relaxed);
     }
@@ -206,6 +239,8 @@ impl HostState {
                 used_ns: 0,
                 mark: Arc::new(AtomicU64::new(NOT_IN_WASM)),
                 exceeded: false,
+                depth: 0,
+                in_host: false,
             },
             logs,
             env,

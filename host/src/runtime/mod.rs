@@ -26,8 +26,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{
-    Cache, CacheConfig, CallHook, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store,
-    UpdateDeadline,
+    Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, UpdateDeadline,
 };
 
 use crate::filter::Selector;
@@ -298,11 +297,7 @@ impl Runtime {
         store.limiter(|s| s.limiter());
         // Charge the guest only for CPU it uses in wasm (see `CpuMeter`).
         store.call_hook(|mut ctx, hook| {
-            let cpu = ctx.data_mut().cpu();
-            match hook {
-                CallHook::CallingWasm | CallHook::ReturningFromHost => cpu.enter(),
-                CallHook::ReturningFromWasm | CallHook::CallingHost => cpu.leave(),
-            }
+            ctx.data_mut().cpu().hook(hook);
             Ok(())
         });
         // Every tick the guest is checked: over budget it is interrupted; otherwise it yields
@@ -344,6 +339,23 @@ impl Runtime {
     /// Runs route `route` of `plugin` for one delivery in a fresh instance and records the
     /// execution. Returns the delivery's result.
     pub async fn invoke(&self, plugin: &Plugin, route: u32, ctx: EventCtx) -> Result<(), String> {
+        let execution = self.execute(plugin, route, &ctx).await;
+        if let Some(e) = &execution.error {
+            tracing::warn!(plugin = %plugin.name, version = %plugin.version, event = %ctx.event.id, topic = %ctx.event.topic, attempt = ctx.attempt, error = %e, "plugin delivery failed");
+        }
+        let result = match &execution.error {
+            None => Ok(()),
+            Some(e) => Err(e.clone()),
+        };
+        if let Err(e) = ctx.api.record_execution(execution).await {
+            tracing::error!(error = %e, "cannot store an execution record");
+        }
+        result
+    }
+
+    /// Runs route `route` of `plugin` for one delivery in a fresh `Store` and instance, under
+    /// the limits, and describes how it went. Stores nothing.
+    pub async fn execute(&self, plugin: &Plugin, route: u32, ctx: &EventCtx) -> Execution {
         let started_at = ctx.api.engine().now();
         let started = Instant::now();
         let event = convert::event(&ctx.event, ctx.attempt);
@@ -378,7 +390,7 @@ impl Runtime {
                 Some(format!("wall-clock limit {} s exceeded", self.config.wall_time.as_secs_f64())),
             ),
         };
-        let execution = Execution {
+        Execution {
             id: 0,
             environment_id: ctx.api.id().to_owned(),
             plugin: plugin.name.clone(),
@@ -392,21 +404,22 @@ impl Runtime {
             duration_us: duration.as_micros() as i64,
             cpu_us: state.cpu_used().as_micros() as i64,
             outcome,
-            error: error.clone(),
+            error,
             peak_memory: state.peak_memory() as u64,
             logs: state.take_logs(),
-        };
-        if let Some(e) = &error {
-            tracing::warn!(plugin = %plugin.name, version = %plugin.version, event = %ctx.event.id, topic = %ctx.event.topic, attempt = ctx.attempt, error = %e, "plugin delivery failed");
         }
-        drop(store);
-        if let Err(e) = ctx.api.record_execution(execution).await {
-            tracing::error!(error = %e, "cannot store an execution record");
-        }
-        match error {
-            None => Ok(()),
-            Some(e) => Err(e),
-        }
+    }
+
+    /// The benchmarks' baseline: the same engine and pre-instantiated component, a fresh
+    /// `Store` per call, but none of jobhost's per-delivery work (no limiter, CPU meter,
+    /// output capture, timeout or execution record).
+    #[doc(hidden)]
+    pub async fn execute_bare(&self, plugin: &Plugin, route: u32, ctx: &EventCtx) -> anyhow::Result<()> {
+        let event = convert::event(&ctx.event, ctx.attempt);
+        let mut store = Store::new(&self.engine, HostState::for_load(&self.config));
+        store.set_epoch_deadline(u64::MAX / 2);
+        let instance = plugin.pre.instantiate_async(&mut store).await?;
+        instance.jobhost_plugin_listener().call_handle(&mut store, route, &event).await?.map_err(anyhow::Error::msg)
     }
 }
 

@@ -4,7 +4,7 @@
 //! pages of `input.pageSize` and complete with the number of records and cells seen.
 
 use jobhost_plugin_sdk::jobs::{self, Outcome};
-use jobhost_plugin_sdk::{Event, Listener, Result, json};
+use jobhost_plugin_sdk::{CellValue, Event, Listener, Result, json};
 
 fn listener() -> Listener {
     Listener::new()
@@ -28,7 +28,7 @@ fn listener() -> Listener {
                     records += page.len() as u64;
                     cells += page
                         .records()
-                        .map(|r| page.fields().iter().filter(|f| r.get(f).is_some()).count() as u64)
+                        .map(|r| r.values().iter().filter(|v| !matches!(v, CellValue::Null)).count() as u64)
                         .sum::<u64>();
                 }
                 jobs::complete(

@@ -1,0 +1,217 @@
+//! WebAssembly runtime benchmarks, each next to a baseline measured in the same run.
+//!
+//! `cargo bench -p jobhost --bench runtime` runs full sizes; under `cargo test` it runs a quick
+//! smoke that checks results and asserts nothing about time.
+//!
+//! Rows:
+//! - **dispatch**: a fresh `Store` + instance of the `test-noop` plugin, one call of its
+//!   trivial `bench:noop` handler, drop — jobhost's `Runtime::execute` (limits, CPU meter,
+//!   output capture, timeout) vs the bare baseline (same engine, pooling allocator and
+//!   `InstancePre`, none of jobhost's per-delivery work).
+//! - **paging into a guest**: the `test-noop` plugin pages a whole sheet of 10-field records
+//!   in pages of 1,000 inside one delivery, vs a native listener reading the same pages.
+//! - **scenario**: the seeds' scenario (N records, N/1000 parts) with the WASM plugin vs the
+//!   same listeners compiled into the host.
+
+use std::time::{Duration, Instant};
+
+use jobhost::listener::{EventCtx, Listener};
+use jobhost::model::{Event, JobStatus, NewJob, NewRecord, Outcome};
+use jobhost::runtime::{Runtime, RuntimeConfig};
+use jobhost::{Engine, EngineConfig, Env, artifacts, scenario};
+use serde_json::{Value, json};
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let only = |name: &str| {
+        let named: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+        named.is_empty() || named.iter().any(|a| a == name)
+    };
+    let (dispatches, paging_records, scenario_records) =
+        if full { (20_000, 200_000, 1_000_000) } else { (200, 3_000, 3_000) };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    println!("jobhost runtime benchmarks ({} mode)", if full { "full" } else { "quick" });
+    println!("{:<50} {:>14} {:>14} {:>8}", "benchmark", "jobhost", "baseline", "ratio");
+    rt.block_on(async {
+        if only("dispatch") {
+            dispatch(dispatches).await;
+        }
+        if only("paging") {
+            paging(paging_records).await;
+        }
+        if only("scenario") {
+            scenario_wasm_vs_native(scenario_records).await;
+        }
+    });
+}
+
+fn config() -> EngineConfig {
+    EngineConfig { ack_timeout: None, stale_timeout: None, ..EngineConfig::default() }
+}
+
+fn runtime() -> std::sync::Arc<Runtime> {
+    Runtime::new(RuntimeConfig { cache_dir: None, ..RuntimeConfig::default() }).unwrap()
+}
+
+async fn host() -> (tempfile::TempDir, Engine, Env) {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path(), config()).unwrap();
+    let env = engine.env(engine.create_environment("bench").await.unwrap().id);
+    (dir, engine, env)
+}
+
+async fn dispatch(n: usize) {
+    let (_dir, _engine, env) = host().await;
+    let rt = runtime();
+    let plugin = rt.load(std::path::Path::new(artifacts::TEST_NOOP)).await.unwrap();
+    let route = plugin.routes.iter().position(|r| r.topic == "bench:noop").unwrap() as u32;
+    let event = Event {
+        id: "evt_bench".into(),
+        seq: 1,
+        topic: "bench:noop".into(),
+        context: json!({ "environmentId": env.id(), "actorId": "bench" }),
+        payload: json!({}),
+        created_at: 0,
+    };
+    let ctx = EventCtx { event, api: env.clone(), attempt: 1 };
+    // Warm both paths (pool slots, caches) before timing.
+    for _ in 0..100 {
+        assert!(rt.execute(&plugin, route, &ctx).await.error.is_none());
+        rt.execute_bare(&plugin, route, &ctx).await.unwrap();
+    }
+    let (mut ours, mut bare) = (Duration::ZERO, Duration::ZERO);
+    // Interleaved rounds so drift on a shared machine hits both sides alike.
+    for _ in 0..10 {
+        let t = Instant::now();
+        for _ in 0..n / 10 {
+            let e = rt.execute(&plugin, route, &ctx).await;
+            assert!(e.error.is_none(), "{:?}", e.error);
+        }
+        ours += t.elapsed();
+        let t = Instant::now();
+        for _ in 0..n / 10 {
+            rt.execute_bare(&plugin, route, &ctx).await.unwrap();
+        }
+        bare += t.elapsed();
+    }
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+    println!(
+        "{:<50} {:>10.1} µs {:>10.1} µs {:>7.2}x",
+        "dispatch: fresh instance + trivial call + drop",
+        per(ours),
+        per(bare),
+        per(ours) / per(bare)
+    );
+}
+
+fn ten_field_records(n: u64) -> Vec<NewRecord> {
+    (0..n)
+        .map(|i| {
+            let (mut r, _) = scenario::sample_record(i);
+            for k in 0..6 {
+                r.values.insert(format!("field{k}"), json!(format!("value {k} of record {i}")));
+            }
+            r
+        })
+        .collect()
+}
+
+async fn paging(n: u64) {
+    let (_dir, engine, env) = host().await;
+    let rt = runtime();
+    let plugin = std::sync::Arc::new(rt.load(std::path::Path::new(artifacts::TEST_NOOP)).await.unwrap());
+    let running = engine.run(vec![rt.listener(plugin, env.id())]).await.unwrap();
+    let sheet = env.create_sheet("wide").await.unwrap();
+    env.insert_records(&sheet.id, ten_field_records(n)).await.unwrap();
+
+    let t = Instant::now();
+    let job =
+        env.create_job(NewJob { input: json!({"pageSize": 1000}), ..NewJob::sheet("page", &sheet.id) }).await.unwrap();
+    let job = wait_terminal(&engine, &env, &job.id).await;
+    let wasm = t.elapsed();
+    running.shutdown().await;
+    assert_eq!(job.status, JobStatus::Complete, "{}", job.outcome);
+    assert_eq!(job.outcome["records"], json!(n));
+    assert!(job.outcome["cells"].as_u64().unwrap() >= n * 9);
+
+    // Native: the same pages, read by a listener in the host.
+    let listener = Listener::new("native-pager", env.id()).filter(json!({"job": "sheet:page"}), |l| {
+        l.on("job:ready", |event| async move {
+            let mut records = 0u64;
+            for page in 1.. {
+                let p = event.data(1000, page).await?;
+                if p.records.is_empty() {
+                    break;
+                }
+                records += p.records.len() as u64;
+            }
+            event.api.complete(event.job_id()?, Outcome { outcome: json!({ "records": records }), info: None }).await?;
+            Ok(())
+        })
+    });
+    let running = engine.run(vec![listener]).await.unwrap();
+    let t = Instant::now();
+    let job = env.create_job(NewJob::sheet("page", &sheet.id)).await.unwrap();
+    let job = wait_terminal(&engine, &env, &job.id).await;
+    let native = t.elapsed();
+    running.shutdown().await;
+    assert_eq!(job.outcome["records"], json!(n));
+    let rate = |d: Duration| n as f64 / d.as_secs_f64();
+    println!(
+        "{:<50} {:>10.0} /s {:>10.0} /s {:>7.2}x",
+        format!("paging {n} 10-field records into a guest"),
+        rate(wasm),
+        rate(native),
+        rate(wasm) / rate(native)
+    );
+}
+
+async fn wait_terminal(engine: &Engine, env: &Env, id: &str) -> jobhost::model::Job {
+    engine
+        .wait_for(|| {
+            let (env, id) = (env.clone(), id.to_owned());
+            async move { Ok(Some(env.job(&id).await?).filter(|j| j.status.is_terminal())) }
+        })
+        .await
+        .unwrap()
+}
+
+async fn scenario_once(n: u64, wasm: bool) -> Duration {
+    let (_dir, engine, env) = host().await;
+    let listeners = if wasm {
+        let rt = runtime();
+        let plugin = std::sync::Arc::new(rt.load(std::path::Path::new(artifacts::SUBMIT_LARGE_SHEET)).await.unwrap());
+        vec![rt.listener(plugin, env.id())]
+    } else {
+        scenario::listeners(env.id(), scenario::Options::default())
+    };
+    let running = engine.run(listeners).await.unwrap();
+    let sheet = env.create_sheet("people").await.unwrap();
+    let mut invalid = 0;
+    for start in (0..n).step_by(100_000) {
+        let (rows, bad) = scenario::sample_range(start..(start + 100_000).min(n));
+        invalid += bad;
+        env.insert_records(&sheet.id, rows).await.unwrap();
+    }
+    let t = Instant::now();
+    let job = env.create_job(NewJob::sheet(scenario::OPERATION, &sheet.id)).await.unwrap();
+    let job = wait_terminal(&engine, &env, &job.id).await;
+    let took = t.elapsed();
+    running.shutdown().await;
+    assert_eq!(job.status, JobStatus::Complete, "{}", job.outcome);
+    assert_eq!(env.record_counts(&sheet.id).await.unwrap().error, invalid);
+    assert_eq!(job.outcome["parts"]["completed"], Value::from(n.div_ceil(1000)));
+    took
+}
+
+async fn scenario_wasm_vs_native(n: u64) {
+    let native = scenario_once(n, false).await;
+    let wasm = scenario_once(n, true).await;
+    println!(
+        "{:<50} {:>11.2} s {:>11.2} s {:>7.2}x",
+        format!("scenario {n} records / {} parts (time)", n.div_ceil(1000)),
+        wasm.as_secs_f64(),
+        native.as_secs_f64(),
+        wasm.as_secs_f64() / native.as_secs_f64()
+    );
+}

@@ -1,0 +1,195 @@
+//! The `jobhost` binary: `run`, `demo` and `plugin check`, good input and bad.
+//!
+//! These live beside the host crate (not in `tests/`) because only the host package's tests
+//! can see the binary (`CARGO_BIN_EXE_jobhost`).
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+/// Runs the binary with a private compilation cache (nothing shared between runs or with CI).
+fn jobhost(cache: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_jobhost")).args(args).env("XDG_CACHE_HOME", cache).output().expect("run jobhost")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn json_out(o: &Output) -> Value {
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}\n{}", String::from_utf8_lossy(&o.stdout), stderr(o)))
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("plugins")).unwrap();
+        std::fs::copy(jobhost::artifacts::SUBMIT_LARGE_SHEET, dir.path().join("plugins/submit-large-sheet.wasm"))
+            .unwrap();
+        Self { dir }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    fn write(&self, name: &str, text: &str) -> String {
+        std::fs::write(self.dir.path().join(name), text).unwrap();
+        self.path(name)
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        jobhost(&self.dir.path().join("cache"), args)
+    }
+}
+
+#[test]
+fn run_json_on_a_small_csv() {
+    let f = Fixture::new();
+    let mut csv = String::from("firstName,lastName,email,age\n");
+    let mut invalid = 0;
+    for i in 0..2500 {
+        let bad = i % 7 == 0;
+        invalid += u32::from(bad);
+        let email = if bad { format!("p{i}-at-example.com") } else { format!("p{i}@example.com") };
+        csv.push_str(&format!("Ada,Lovelace,{email},{}\n", 20 + i % 50));
+    }
+    let records = f.write("people.csv", &csv);
+    let out = f.run(&[
+        "run",
+        "--plugins",
+        &f.path("plugins"),
+        "--records",
+        &records,
+        "--job",
+        "sheet:submitLargeSheet",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let s = json_out(&out);
+    assert_eq!(s["job"]["status"], "complete");
+    assert!(s["job"]["outcome"]["message"].as_str().unwrap().contains("3 of 3 parts completed"));
+    assert_eq!(s["parts"], serde_json::json!({"total": 3, "completed": 3, "failed": 0, "canceled": 0}));
+    assert_eq!(s["records"], serde_json::json!({"total": 2500, "valid": 2500 - invalid, "error": invalid}));
+    assert_eq!(s["plugins"][0]["name"], "submit-large-sheet");
+    assert_eq!(s["executions"]["total"], 5);
+    assert_eq!(s["deadLetters"], 0);
+}
+
+#[test]
+fn run_reads_jsonl_and_a_failed_job_exits_1() {
+    let f = Fixture::new();
+    let lines: Vec<String> = (0..1500)
+        .map(|i| format!(r#"{{"firstName":"Ada","lastName":"L","email":"a{i}@b.co","age":{}}}"#, i % 100))
+        .collect();
+    let records = f.write("people.jsonl", &lines.join("\n"));
+    let out = f.run(&[
+        "run",
+        "--plugins",
+        &f.path("plugins"),
+        "--records",
+        &records,
+        "--job",
+        "sheet:submitLargeSheet",
+        "--input",
+        r#"{"failParts":[1]}"#,
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let s = json_out(&out);
+    assert_eq!(s["job"]["status"], "failed");
+    assert_eq!(s["parts"]["failed"], 1);
+    assert_eq!(s["records"]["error"], 0);
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_exit_code_2() {
+    let f = Fixture::new();
+    let good = f.write("ok.csv", "firstName,lastName,email\nA,B,a@b.co\n");
+    let ragged = f.write("ragged.csv", "firstName,lastName,email\nA,B,a@b.co\nC,D\n");
+    let headless = f.write("headless.csv", "firstName,,email\nA,B,a@b.co\n");
+    let not_objects = f.write("lines.jsonl", "{\"a\":1}\n[1,2]\n");
+    let bad_json = f.write("broken.jsonl", "{\"a\":\n");
+    let other = f.write("people.xlsx", "x");
+    let plugins = f.path("plugins");
+    let job = "sheet:submitLargeSheet";
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["run", "--plugins", &plugins, "--records", "/nonexistent/people.csv", "--job", job],
+            "cannot read /nonexistent/people.csv",
+        ),
+        (vec!["run", "--plugins", &plugins, "--records", &ragged, "--job", job], "bad CSV at record 2"),
+        (vec!["run", "--plugins", &plugins, "--records", &headless, "--job", job], "header row must name every column"),
+        (vec!["run", "--plugins", &plugins, "--records", &not_objects, "--job", job], "line 2: expected a JSON object"),
+        (vec!["run", "--plugins", &plugins, "--records", &bad_json, "--job", job], "broken.jsonl line 1"),
+        (vec!["run", "--plugins", &plugins, "--records", &other, "--job", job], "unsupported format"),
+        (
+            vec!["run", "--plugins", &plugins, "--records", &good, "--job", "sheet:nobodyListens"],
+            "no loaded plugin handles job:ready for sheet:nobodyListens",
+        ),
+        (
+            vec!["run", "--plugins", &plugins, "--records", &good, "--job", "spreadsheet:x"],
+            "unknown JobType `spreadsheet`",
+        ),
+        (vec!["run", "--plugins", &plugins, "--records", &good, "--job", "file:parse"], "must be a sheet job"),
+        (
+            vec!["run", "--plugins", &plugins, "--records", &good, "--job", "submitLargeSheet"],
+            "must be <type>:<operation>",
+        ),
+        (
+            vec!["run", "--plugins", &plugins, "--records", &good, "--job", job, "--input", "{nope"],
+            "--input is not JSON",
+        ),
+        (
+            vec!["run", "--plugins", "/nonexistent", "--records", &good, "--job", job],
+            "cannot read the plugins directory",
+        ),
+        (vec!["demo", "--records", "10", "--concurrency", "0"], "--concurrency must be at least 1"),
+    ];
+    for (args, expected) in cases {
+        let out = f.run(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(expected), "{args:?}: expected {expected:?} in {:?}", stderr(&out));
+    }
+    // clap's own usage errors also exit 2.
+    assert_eq!(f.run(&["run", "--plugins", &plugins]).status.code(), Some(2));
+}
+
+#[test]
+fn plugin_check_prints_routes_or_the_reason() {
+    let f = Fixture::new();
+    let out = f.run(&["plugin", "check", &f.path("plugins/submit-large-sheet.wasm")]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("3 route(s)"), "{text}");
+    assert!(text.contains(r#"#2 job:ready {"isPart":true,"job":"sheet:submitLargeSheet"}"#), "{text}");
+
+    let bad = f.write("bad.wasm", "not a component");
+    let out = f.run(&["plugin", "check", &bad, "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let s = json_out(&out);
+    assert_eq!(s["ok"], false);
+    assert!(s["error"].as_str().unwrap().contains("not a valid WebAssembly component"));
+}
+
+#[test]
+fn demo_runs_the_seeds_scenario_with_the_plugin_and_natively() {
+    let f = Fixture::new();
+    for extra in [None, Some("--native")] {
+        let mut args = vec!["demo", "--records", "3000", "--json"];
+        args.extend(extra);
+        let out = f.run(&args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        let s = json_out(&out);
+        assert_eq!(s["job"]["status"], "complete");
+        assert_eq!(s["parts"]["completed"], 3);
+        assert_eq!(s["records"]["error"], s["expectedInvalid"]);
+        assert!(s["records"]["error"].as_u64().unwrap() > 0);
+    }
+}
