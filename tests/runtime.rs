@@ -221,3 +221,72 @@ async fn routes_are_read_at_load_and_versions_are_content_hashes() {
     assert_eq!(again.version, plugin.version);
     assert_ne!(load(&rt, artifacts::TEST_NOOP).await.version, plugin.version);
 }
+
+#[tokio::test]
+async fn compiled_plugins_go_to_the_compilation_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let config = jobhost::runtime::RuntimeConfig {
+        cache_dir: Some(cache.path().join("wasmtime")),
+        ..jobhost_tests::test_runtime_config()
+    };
+    let rt = jobhost::runtime::Runtime::new(config.clone()).unwrap();
+    load(&rt, artifacts::TEST_NOOP).await;
+    let entries = compiled_entries(cache.path());
+    assert!(!entries.is_empty(), "nothing was cached");
+    // A second runtime (a restarted host) loads from the cache: no new compiled entry.
+    let again = jobhost::runtime::Runtime::new(config).unwrap();
+    load(&again, artifacts::TEST_NOOP).await;
+    assert_eq!(compiled_entries(cache.path()), entries);
+}
+
+/// Compiled artifacts in a wasmtime cache directory, leaving out the usage statistics
+/// (`*.stats`) and in-progress files (`*.wip-*`) its worker thread writes in the background.
+fn compiled_entries(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    walk(dir)
+        .into_iter()
+        .filter(|p| p.extension().and_then(|e| e.to_str()).is_none_or(|e| e != "stats" && !e.starts_with("wip-")))
+        .collect()
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn memory_and_wall_clock_limits_are_attributed() {
+    let host = TestHost::with_config(EngineConfig { max_attempts: 1, ..test_config() });
+    let env = host.env().await;
+    let rt = jobhost::runtime::Runtime::new(jobhost::runtime::RuntimeConfig {
+        wall_time: Duration::from_millis(500),
+        memory_limit: 16 << 20,
+        ..jobhost_tests::test_runtime_config()
+    })
+    .unwrap();
+    let bad = load(&rt, artifacts::TEST_MISBEHAVE).await;
+    let running = host.engine.run(vec![rt.listener(bad, env.id())]).await.unwrap();
+    let bomb = env.create_job(NewJob::new(JobType::Space, "bomb")).await.unwrap();
+    let sleep = env.create_job(NewJob::new(JobType::Space, "sleep")).await.unwrap();
+    let bomb_dead = dead_letter_for(&host, &env, &bomb.id).await;
+    let sleep_dead = dead_letter_for(&host, &env, &sleep.id).await;
+    running.shutdown().await;
+
+    assert!(bomb_dead.last_error.starts_with("memory limit 16 MiB exceeded"), "{}", bomb_dead.last_error);
+    let exec = env.executions(Some(&bomb.id), 10).await.unwrap().into_iter().find(|e| e.topic == "job:ready").unwrap();
+    assert_eq!(exec.outcome, ExecutionOutcome::Memory);
+    assert!(exec.peak_memory <= 16 << 20, "peak {} stays under the cap", exec.peak_memory);
+
+    assert_eq!(sleep_dead.last_error, "wall-clock limit 0.5 s exceeded");
+    let exec = env.executions(Some(&sleep.id), 10).await.unwrap().into_iter().find(|e| e.topic == "job:ready").unwrap();
+    assert_eq!(exec.outcome, ExecutionOutcome::Timeout);
+    assert!(exec.cpu_us < 100_000, "sleeping is not CPU: {} µs charged", exec.cpu_us);
+}

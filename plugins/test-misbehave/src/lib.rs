@@ -1,7 +1,9 @@
 //! A test plugin that misbehaves on purpose, one way per job operation:
 //! `space:trap` panics (a trap), `space:loop` never returns (CPU deadline), `space:flaky`
 //! fails its first attempt with an error and completes the job on the next,
-//! `space:print` writes to stdout and stderr and logs before completing the job.
+//! `space:print` writes to stdout and stderr and logs before completing the job,
+//! `space:bomb` allocates 1 GiB (memory limit), `space:sleep` sleeps for an hour through WASI
+//! clocks (blocked in a host call: only the wall-clock limit stops it).
 
 use jobhost_plugin_sdk::jobs::{self, Outcome};
 use jobhost_plugin_sdk::{Event, Listener, Result, json, log};
@@ -24,6 +26,18 @@ fn listener() -> Listener {
                 }
                 jobs::complete(event.job_id()?, Outcome::message(format!("attempt {}", event.attempt())))?;
                 Ok(())
+            })
+        })
+        .filter(json!({ "job": "space:bomb" }), |l| {
+            l.on("job:ready", |_: &Event| -> Result<()> {
+                let big = vec![7u8; 1 << 30];
+                Err(format!("allocated {} bytes", std::hint::black_box(big).len()).into())
+            })
+        })
+        .filter(json!({ "job": "space:sleep" }), |l| {
+            l.on("job:ready", |_: &Event| -> Result<()> {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+                Err("woke up".into())
             })
         })
         .filter(json!({ "job": "space:print" }), |l| {
