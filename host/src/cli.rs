@@ -9,7 +9,10 @@
 //!   directory, and runs it like `run`. `--native` runs the same listeners compiled into the
 //!   host instead (the baseline). Given a `--data` directory that already holds a demo, it
 //!   resumes it (this is how the crash tests restart a killed host).
-//! - `jobhost plugin check FILE.wasm` prints a plugin's routes, or why it cannot be loaded.
+//! - `jobhost serve --plugins DIR` runs the host until SIGINT/SIGTERM, hot-reloading DIR.
+//! - `jobhost dev --plugin-src DIR` rebuilds a plugin on every source change and hot-reloads it.
+//! - `jobhost plugin check FILE.wasm` prints a plugin's routes, or why it cannot be loaded;
+//!   `plugin list` and `plugin rollback` show and restore kept versions.
 //!
 //! Exit codes: 0 the job completed (or the plugin loads); 1 the job ended otherwise (or the
 //! plugin does not load); 2 bad input or a host error.
@@ -27,8 +30,8 @@ use serde_json::{Map, Value, json};
 
 use crate::engine::{Engine, EngineConfig};
 use crate::filter::Selector;
-use crate::listener::Listener;
 use crate::model::{Event, Job, JobStatus, JobType, NewJob, NewRecord};
+use crate::reload::{PluginHost, ReloadEvent};
 use crate::runtime::{Plugin, Runtime, RuntimeConfig};
 use crate::scenario;
 
@@ -48,6 +51,12 @@ pub enum Command {
     Run(RunArgs),
     /// The seeds' scenario with the example plugin on a generated sheet.
     Demo(DemoArgs),
+    /// Run the host: the engine and the plugins of a directory, hot-reloaded, until SIGINT or
+    /// SIGTERM. (The HTTP API will be served here too.)
+    Serve(ServeArgs),
+    /// Develop a plugin: rebuild it on every source change and hot-reload it; optionally run a
+    /// job through it after every reload.
+    Dev(DevArgs),
     /// Plugin tools.
     #[command(subcommand)]
     Plugin(PluginCommand),
@@ -64,6 +73,60 @@ pub enum PluginCommand {
         #[arg(long)]
         json: bool,
     },
+    /// List the plugins of a directory: version, routes, and the versions kept for rollback.
+    List {
+        /// The plugins directory.
+        #[arg(long)]
+        plugins: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a kept version of a plugin back in place; a host watching the directory loads it.
+    Rollback {
+        /// The plugin (file stem).
+        name: String,
+        /// The plugins directory.
+        #[arg(long)]
+        plugins: PathBuf,
+        /// The version to restore (default: the newest kept version that is not current).
+        #[arg(long)]
+        to: Option<String>,
+    },
+}
+
+/// Arguments of `jobhost serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Directory of plugin components (`*.wasm`), watched for changes.
+    #[arg(long)]
+    pub plugins: PathBuf,
+    /// The environment the plugins serve (created if missing).
+    #[arg(long, default_value = "default")]
+    pub environment: String,
+    /// Host options.
+    #[command(flatten)]
+    pub host: HostArgs,
+}
+
+/// Arguments of `jobhost dev`.
+#[derive(Debug, clap::Args)]
+pub struct DevArgs {
+    /// The plugin's source directory (a Cargo package building a `cdylib`).
+    #[arg(long)]
+    pub plugin_src: PathBuf,
+    /// Where to publish the built component (default: `plugins` in the data directory).
+    #[arg(long)]
+    pub plugins: Option<PathBuf>,
+    /// Records to run a job on after every reload (`.csv` or `.jsonl`).
+    #[arg(long, requires = "job")]
+    pub records: Option<PathBuf>,
+    /// The job to run after every reload, `sheet:<operation>`.
+    #[arg(long, requires = "records")]
+    pub job: Option<String>,
+    /// Host options.
+    #[command(flatten)]
+    pub host: HostArgs,
 }
 
 /// Options shared by the commands that run jobs.
@@ -132,7 +195,15 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run(args).await,
             Command::Demo(args) => demo(args).await,
+            Command::Serve(args) => serve(args).await,
+            Command::Dev(args) => dev(args).await,
             Command::Plugin(PluginCommand::Check { file, json }) => check(&file, json).await,
+            Command::Plugin(PluginCommand::List { plugins, json }) => list(&plugins, json).await,
+            Command::Plugin(PluginCommand::Rollback { name, plugins, to }) => {
+                let version = crate::reload::rollback(&plugins, &name, to.as_deref())?;
+                println!("restored {name} version {version} in {}", plugins.display());
+                Ok(ExitCode::SUCCESS)
+            }
         }
     });
     match result {
@@ -256,24 +327,35 @@ pub fn read_records(path: &Path) -> anyhow::Result<Vec<NewRecord>> {
     }
 }
 
-async fn load_plugins(runtime: &Arc<Runtime>, dir: &Path, quiet: bool) -> anyhow::Result<Vec<Arc<Plugin>>> {
-    let (plugins, failed) = runtime.load_dir(dir).await?;
-    for e in &failed {
-        eprintln!("warning: plugin not loaded: {e}");
-    }
-    if plugins.is_empty() {
-        bail!("no plugin could be loaded from {}", dir.display());
-    }
-    if !quiet {
-        for p in &plugins {
-            eprintln!("loaded plugin {} ({}) with {} route(s)", p.name, p.version, p.routes.len());
+/// Starts a plugin host on `dir` for `environment_id` (watching it), reporting what loaded.
+async fn start_plugins(
+    runtime: &Arc<Runtime>,
+    running: &Arc<crate::listener::Running>,
+    environment_id: &str,
+    dir: &Path,
+    quiet: bool,
+) -> anyhow::Result<(Arc<PluginHost>, crate::reload::Watch)> {
+    let (host, loaded) = PluginHost::start(runtime.clone(), running.clone(), environment_id, dir).await?;
+    for event in &loaded {
+        match event {
+            ReloadEvent::Failed { reason, .. } => eprintln!("warning: plugin not loaded: {reason}"),
+            ReloadEvent::Loaded { name, version, .. } if !quiet => eprintln!("loaded plugin {name} ({version})"),
+            _ => {}
         }
     }
-    Ok(plugins)
+    let watch = host.watch(RELOAD_DEBOUNCE)?;
+    Ok((host, watch))
 }
+
+/// Quiet time after a file event before the file is read: long enough to stitch a rename's
+/// events together, short enough for a swap well under 200 ms.
+const RELOAD_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Refuses a job nobody would pick up, instead of waiting for the watchdog.
 fn check_someone_listens(plugins: &[Arc<Plugin>], kind: JobType, operation: &str) -> anyhow::Result<()> {
+    if plugins.is_empty() {
+        bail!("no plugin could be loaded");
+    }
     let job = format!("{kind}:{operation}");
     let probe = Event {
         id: "evt_probe".into(),
@@ -302,14 +384,15 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         None => Value::Null,
     };
     let records = read_records(&args.records)?;
+    std::fs::read_dir(&args.plugins)
+        .map_err(|e| anyhow::anyhow!("cannot read the plugins directory {}: {e}", args.plugins.display()))?;
     let runtime = Runtime::new(RuntimeConfig::default())?;
-    let plugins = load_plugins(&runtime, &args.plugins, args.host.json).await?;
-    check_someone_listens(&plugins, kind, &operation)?;
     let dir = DataDir::new(args.host.data.as_deref())?;
     let engine = open_engine(&dir.path, &args.host, Some(&runtime))?;
     let environment = engine.create_environment("run").await?;
-    let listeners: Vec<Listener> = plugins.iter().map(|p| runtime.listener(p.clone(), &environment.id)).collect();
-    let running = engine.run(listeners).await?;
+    let running = Arc::new(engine.run(Vec::new()).await?);
+    let (plugins, _watch) = start_plugins(&runtime, &running, &environment.id, &args.plugins, args.host.json).await?;
+    check_someone_listens(&plugins.loaded().await, kind, &operation)?;
     let env = engine.env(&environment.id);
     let sheet = env.create_sheet(args.records.file_stem().and_then(|s| s.to_str()).unwrap_or("records")).await?;
     let count = records.len();
@@ -319,45 +402,48 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         eprintln!("loaded {count} records into sheet {}; created job {} ({})", sheet.id, job.id, args.job);
     }
     let state = RunState { environment_id: environment.id, sheet_id: sheet.id, job_id: job.id, expected_invalid: None };
-    finish(&engine, &state, running, &plugins, &args.host, Instant::now()).await
+    finish(&engine, &state, &running, &plugins.loaded().await, &args.host, Instant::now()).await
 }
 
 async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let dir = DataDir::new(args.host.data.as_deref())?;
     let started = Instant::now();
-    let (runtime, plugins) = if args.native {
-        (None, Vec::new())
-    } else {
-        let plugins_dir = dir.path.join("plugins");
-        std::fs::create_dir_all(&plugins_dir).context("cannot create the plugins directory")?;
-        std::fs::copy(crate::artifacts::SUBMIT_LARGE_SHEET, plugins_dir.join("submit-large-sheet.wasm"))
-            .context("cannot copy the example plugin (was the host built with its build script?)")?;
-        let runtime = Runtime::new(RuntimeConfig::default())?;
-        let plugins = load_plugins(&runtime, &plugins_dir, args.host.json).await?;
-        (Some(runtime), plugins)
-    };
+    let runtime = if args.native { None } else { Some(Runtime::new(RuntimeConfig::default())?) };
     let engine = open_engine(&dir.path, &args.host, runtime.as_deref())?;
-    let listeners_for = |env_id: &str| -> Vec<Listener> {
-        match &runtime {
-            Some(rt) => plugins.iter().map(|p| rt.listener(p.clone(), env_id)).collect(),
-            None => scenario::listeners(env_id, scenario::Options::default()),
+    let resumed = read_state(&dir.path)?;
+    let environment_id = match &resumed {
+        Some(s) => {
+            eprintln!("resuming job {} in {}", s.job_id, dir.path.display());
+            s.environment_id.clone()
         }
+        None => engine.create_environment("demo").await?.id,
     };
     // Listeners subscribe before the job exists: an event is fanned out to the subscriptions
     // present when it is stored.
-    let (state, running) = match read_state(&dir.path)? {
-        Some(s) => {
-            eprintln!("resuming job {} in {}", s.job_id, dir.path.display());
-            let running = engine.run(listeners_for(&s.environment_id)).await?;
-            (s, running)
-        }
-        None => {
-            let environment = engine.create_environment("demo").await?;
-            let running = engine.run(listeners_for(&environment.id)).await?;
-            (setup_demo(&engine, &dir.path, &environment.id, args.records, args.host.json).await?, running)
+    let (running, plugins) = match &runtime {
+        None => (Arc::new(engine.run(scenario::listeners(&environment_id, scenario::Options::default())).await?), None),
+        Some(rt) => {
+            let plugins_dir = dir.path.join("plugins");
+            std::fs::create_dir_all(&plugins_dir).context("cannot create the plugins directory")?;
+            let target = plugins_dir.join("submit-large-sheet.wasm");
+            let tmp = plugins_dir.join(".submit-large-sheet.wasm.tmp");
+            std::fs::copy(crate::artifacts::SUBMIT_LARGE_SHEET, &tmp)
+                .and_then(|_| std::fs::rename(&tmp, &target))
+                .context("cannot copy the example plugin (was the host built with its build script?)")?;
+            let running = Arc::new(engine.run(Vec::new()).await?);
+            let plugins = start_plugins(rt, &running, &environment_id, &plugins_dir, args.host.json).await?;
+            (running, Some(plugins))
         }
     };
-    finish(&engine, &state, running, &plugins, &args.host, started).await
+    let state = match resumed {
+        Some(s) => s,
+        None => setup_demo(&engine, &dir.path, &environment_id, args.records, args.host.json).await?,
+    };
+    let loaded = match &plugins {
+        Some((host, _)) => host.loaded().await,
+        None => Vec::new(),
+    };
+    finish(&engine, &state, &running, &loaded, &args.host, started).await
 }
 
 async fn setup_demo(
@@ -430,7 +516,7 @@ fn read_state(dir: &Path) -> anyhow::Result<Option<RunState>> {
 async fn finish(
     engine: &Engine,
     state: &RunState,
-    running: crate::listener::Running,
+    running: &crate::listener::Running,
     plugins: &[Arc<Plugin>],
     host: &HostArgs,
     started: Instant,
@@ -572,6 +658,234 @@ async fn check(file: &Path, json_out: bool) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(1))
         }
     }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let runtime = Runtime::new(RuntimeConfig::default())?;
+    let dir = DataDir::new(args.host.data.as_deref())?;
+    let engine = open_engine(&dir.path, &args.host, Some(&runtime))?;
+    let environment = engine.environment_named(&args.environment).await?;
+    let running = Arc::new(engine.run(Vec::new()).await?);
+    let (plugins, watch) = start_plugins(&runtime, &running, &environment.id, &args.plugins, false).await?;
+    let mut events = plugins.subscribe();
+    eprintln!(
+        "serving {} plugin(s) from {} in environment {} ({}); data in {}; Ctrl-C to stop",
+        plugins.plugins().await.len(),
+        args.plugins.display(),
+        environment.name,
+        environment.id,
+        dir.path.display()
+    );
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            event = events.recv() => match event {
+                Ok(ReloadEvent::Loaded { name, version, previous }) => {
+                    eprintln!("loaded plugin {name} version {version}{}", previous.map(|p| format!(" (was {p})")).unwrap_or_default())
+                }
+                Ok(ReloadEvent::Failed { name, reason, .. }) if reason != crate::reload::ALREADY_FAILED => {
+                    eprintln!("plugin {name} not reloaded, previous version keeps serving: {reason}")
+                }
+                Ok(ReloadEvent::Removed { name, version }) => eprintln!("unloaded plugin {name} version {version}"),
+                _ => {}
+            },
+        }
+    }
+    eprintln!("stopping: finishing deliveries in flight");
+    drop(watch);
+    running.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn list(plugins: &Path, json_out: bool) -> anyhow::Result<ExitCode> {
+    let runtime = Runtime::new(RuntimeConfig::default())?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(plugins)
+        .with_context(|| format!("cannot read the plugins directory {}", plugins.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "wasm") && p.is_file())
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        let name = f.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_owned();
+        let kept = crate::reload::history(plugins, &name).unwrap_or_default();
+        let entry = match runtime.load(&f).await {
+            Ok(p) => {
+                json!({ "name": name, "version": p.version, "routes": p.routes, "kept": kept.iter().map(|k| &k.version).collect::<Vec<_>>() })
+            }
+            Err(e) => {
+                json!({ "name": name, "error": e.to_string(), "kept": kept.iter().map(|k| &k.version).collect::<Vec<_>>() })
+            }
+        };
+        out.push(entry);
+    }
+    if json_out {
+        println!("{}", Value::from(out));
+    } else {
+        for p in &out {
+            match p.get("version") {
+                Some(v) => println!(
+                    "{} {} ({} route(s)); kept: {}",
+                    p["name"].as_str().unwrap_or(""),
+                    v.as_str().unwrap_or(""),
+                    p["routes"].as_array().map_or(0, Vec::len),
+                    p["kept"]
+                ),
+                None => {
+                    println!("{} cannot load: {}", p["name"].as_str().unwrap_or(""), p["error"].as_str().unwrap_or(""))
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Builds a plugin package for `wasm32-wasip2`; returns the component it produced.
+pub fn build_plugin(src: &Path) -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--message-format",
+            "json-render-diagnostics",
+            "--manifest-path",
+        ])
+        .arg(src.join("Cargo.toml"))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot run cargo")?;
+    if !output.status.success() {
+        bail!("the build of {} failed (see above)", src.display());
+    }
+    let mut wasm = None;
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<Value>(line) else { continue };
+        if msg["reason"] == "compiler-artifact" {
+            for f in msg["filenames"].as_array().into_iter().flatten() {
+                if let Some(f) = f.as_str().filter(|f| f.ends_with(".wasm")) {
+                    wasm = Some(PathBuf::from(f));
+                }
+            }
+        }
+    }
+    wasm.with_context(|| format!("the build of {} produced no .wasm (is it a cdylib?)", src.display()))
+}
+
+/// Copies a component into a plugins directory the atomic way (write, then rename).
+fn publish(component: &Path, plugins: &Path) -> anyhow::Result<String> {
+    let name = component.file_stem().and_then(|s| s.to_str()).context("component file name")?.to_owned();
+    let tmp = plugins.join(format!(".{name}.wasm.tmp"));
+    std::fs::copy(component, &tmp).and_then(|_| std::fs::rename(&tmp, plugins.join(format!("{name}.wasm"))))?;
+    Ok(name)
+}
+
+async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
+    use notify_debouncer_full::notify::RecursiveMode;
+    let src = args.plugin_src.canonicalize().with_context(|| format!("cannot find {}", args.plugin_src.display()))?;
+    if !src.join("Cargo.toml").exists() {
+        bail!("{} has no Cargo.toml", src.display());
+    }
+    let job = args.job.as_deref().map(parse_job).transpose()?;
+    let records = args.records.as_deref().map(read_records).transpose()?;
+    let dir = DataDir::new(args.host.data.as_deref())?;
+    let plugins_dir = args.plugins.clone().unwrap_or_else(|| dir.path.join("plugins"));
+    std::fs::create_dir_all(&plugins_dir)?;
+    let runtime = Runtime::new(RuntimeConfig::default())?;
+    let engine = open_engine(&dir.path, &args.host, Some(&runtime))?;
+    let environment = engine.environment_named("dev").await?;
+    let running = Arc::new(engine.run(Vec::new()).await?);
+    let build = |src: PathBuf, plugins: PathBuf| async move {
+        let built =
+            tokio::task::spawn_blocking(move || build_plugin(&src)).await.map_err(anyhow::Error::from).and_then(|r| r);
+        match built.and_then(|wasm| publish(&wasm, &plugins)) {
+            Ok(name) => eprintln!("built {name}"),
+            Err(e) => eprintln!("error: {e:#}"),
+        }
+    };
+    build(src.clone(), plugins_dir.clone()).await;
+    let (plugins, _watch) = start_plugins(&runtime, &running, &environment.id, &plugins_dir, false).await?;
+    let mut events = plugins.subscribe();
+
+    // Source changes, minus build outputs and hidden files, so a build never triggers another.
+    let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let root = src.clone();
+    let mut debouncer = notify_debouncer_full::new_debouncer(
+        std::time::Duration::from_millis(300),
+        None,
+        move |r: notify_debouncer_full::DebounceEventResult| {
+            // Judged relative to the source directory: `target/` and hidden entries are build
+            // outputs and editor files; wherever the directory itself lives does not matter.
+            let relevant = r.map(|events| {
+                events.iter().flat_map(|e| &e.event.paths).any(|p| {
+                    p.strip_prefix(&root).is_ok_and(|rel| {
+                        !rel.components()
+                            .any(|c| c.as_os_str().to_str().is_some_and(|s| s.starts_with('.') || s == "target"))
+                    })
+                })
+            });
+            if relevant.unwrap_or(true) {
+                let _ = tx.send(());
+            }
+        },
+    )?;
+    debouncer.watch(&src, RecursiveMode::Recursive)?;
+    eprintln!("watching {} (publishing to {}); Ctrl-C to stop", src.display(), plugins_dir.display());
+    let env = engine.env(&environment.id);
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            Some(()) = changes.recv() => {
+                while changes.try_recv().is_ok() {}
+                build(src.clone(), plugins_dir.clone()).await;
+            }
+            event = events.recv() => match event {
+                Ok(ReloadEvent::Loaded { name, version, .. }) => {
+                    eprintln!("loaded {name} version {version}");
+                    if let (Some((kind, operation)), Some(rows)) = (&job, &records) {
+                        let sheet = env.create_sheet("dev").await?;
+                        env.insert_records(&sheet.id, rows.clone()).await?;
+                        let created = env.create_job(NewJob { source: Some(sheet.id.clone()), ..NewJob::new(*kind, operation.clone()) }).await?;
+                        let state = RunState { environment_id: environment.id.clone(), sheet_id: sheet.id, job_id: created.id, expected_invalid: None };
+                        let done = watch_progress(&engine, &state, true).await?;
+                        let counts = env.record_counts(&state.sheet_id).await?;
+                        eprintln!("job {} {}: {} ({} records, {} invalid)", done.id, done.status, done.outcome.get("message").and_then(Value::as_str).unwrap_or(""), counts.total, counts.error);
+                    }
+                }
+                Ok(ReloadEvent::Failed { name, reason, .. }) if reason != crate::reload::ALREADY_FAILED => eprintln!("{name} not loaded: {reason}"),
+                _ => {}
+            },
+        }
+    }
+    running.shutdown().await;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Runs the demo from a test's child process (see `tests/crash.rs`).

@@ -17,6 +17,8 @@
 //! - [`listener`]: native listeners and the delivery loop (leases, retries, dead letters).
 //! - [`runtime`]: the WebAssembly listener runtime: engine setup, plugin loading, sandboxed
 //!   dispatch in a fresh instance per delivery, host imports, execution records.
+//! - [`reload`]: hot reload of a plugins directory: versions by content hash, atomic swaps,
+//!   history and rollback.
 //! - [`artifacts`]: paths of the plugins under `plugins/`, built by `build.rs`.
 //! - [`clock`]: the engine's clock, driven by tokio time so tests can pause it.
 //! - [`scenario`]: the seeds' scenario (sheet → parent → parts → parts-completed) as native
@@ -31,6 +33,7 @@ pub mod error;
 pub mod filter;
 pub mod listener;
 pub mod model;
+pub mod reload;
 pub mod runtime;
 pub mod scenario;
 pub mod store;

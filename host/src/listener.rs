@@ -15,7 +15,7 @@
 //! ```
 //!
 //! Each `(topic, filter)` route is stored as a durable subscription with the id
-//! `<environment>/<listener>#<n>`, so events that happen while the listener is not running are kept as
+//! `<environment>/<listener>#<n>` (or `#<key>` for keyed routes), so events that happen while the listener is not running are kept as
 //! pending deliveries and handed over when it comes back. [`Engine::run`] starts the delivery
 //! loop and the watchdog; deliveries are leased, retried with backoff when a handler fails or
 //! outlives its lease, and dead-lettered after the last attempt.
@@ -75,6 +75,8 @@ impl EventCtx {
 struct Route {
     topic: String,
     filter: Value,
+    /// Names the route's subscription (`<env>/<listener>#<key>`); the route's index when `None`.
+    key: Option<String>,
     handler: Handler,
 }
 
@@ -111,6 +113,7 @@ impl Filtered {
         self.routes.push(Route {
             topic: topic.to_owned(),
             filter: self.filter.clone(),
+            key: None,
             handler: Arc::new(move |e| Box::pin(handler(e))),
         });
         self
@@ -139,59 +142,195 @@ impl Listener {
         self
     }
 
+    /// A route whose subscription is named by `key` instead of its position, so it keeps its
+    /// id (and its pending deliveries) when other routes come and go — how plugin versions
+    /// with different routes swap without losing events.
+    pub fn keyed_route<F, Fut>(mut self, topic: &str, filter: Value, key: &str, handler: F) -> Self
+    where
+        F: Fn(EventCtx) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
+        self.routes.push(Route {
+            topic: topic.to_owned(),
+            filter,
+            key: Some(key.to_owned()),
+            handler: Arc::new(move |e| Box::pin(handler(e))),
+        });
+        self
+    }
+
     /// The listener's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The subscription id of route `key` of listener `name` in `environment_id`.
+    pub fn subscription_id(environment_id: &str, name: &str, key: &str) -> String {
+        format!("{environment_id}/{name}#{key}")
+    }
+}
+
+/// Returned by a handler (as its error) to hand a delivery back untouched: it goes back to
+/// pending without spending an attempt, and waits for a subscriber that can take it. Used
+/// when a plugin's new version no longer has the route a leased delivery was for.
+#[derive(Debug, thiserror::Error)]
+#[error("delivery released: {0}")]
+pub struct Release(pub String);
+
+/// The routes the delivery loop serves, changeable while it runs.
+struct RouteTable {
+    map: std::sync::RwLock<HashMap<String, (String, Handler)>>,
+    /// Wakes the delivery loop when routes were added.
+    changed: tokio::sync::Notify,
+}
+
+impl RouteTable {
+    fn ids(&self) -> Vec<String> {
+        self.map.read().map(|m| m.keys().cloned().collect()).unwrap_or_default()
+    }
+
+    fn get(&self, id: &str) -> Option<(String, Handler)> {
+        self.map.read().ok().and_then(|m| m.get(id).cloned())
     }
 }
 
 /// Running listeners and watchdog. [`Running::shutdown`] stops taking deliveries and waits for
 /// in-flight handlers; dropping it without shutdown aborts them (their leases expire and the
-/// deliveries are handed out again).
+/// deliveries are handed out again). Listeners can be added and removed while it runs.
 pub struct Running {
+    engine: Engine,
     stop: watch::Sender<bool>,
-    tasks: JoinSet<()>,
+    tasks: tokio::sync::Mutex<JoinSet<()>>,
+    routes: Arc<RouteTable>,
 }
 
 impl Running {
     /// Stops taking new deliveries, lets in-flight handlers finish, and returns.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(&self) {
         let _ = self.stop.send(true);
-        while self.tasks.join_next().await.is_some() {}
+        let mut tasks = self.tasks.lock().await;
+        while tasks.join_next().await.is_some() {}
     }
+
+    /// Subscribes a listener's routes (durably) and starts delivering to them. Returns the
+    /// subscription ids.
+    pub async fn add(&self, listener: Listener) -> Result<Vec<String>> {
+        let (subscriptions, handlers) = prepare(vec![listener])?;
+        let ids: Vec<String> = subscriptions.iter().map(|s| s.id.clone()).collect();
+        let now = self.engine.now();
+        self.engine
+            .store()
+            .write(move |tx| {
+                for s in &subscriptions {
+                    if tx.environment(&s.environment_id)?.is_none() {
+                        return Err(Error::not_found("environment", &s.environment_id));
+                    }
+                    tx.put_subscription(s, true, now)?;
+                }
+                Ok(())
+            })
+            .await?;
+        if let Ok(mut map) = self.routes.map.write() {
+            map.extend(handlers);
+        }
+        self.routes.changed.notify_one();
+        Ok(ids)
+    }
+
+    /// Stops new events from being fanned out to these subscriptions and stops delivering
+    /// them. Their pending deliveries stay stored and are delivered if a listener with the same
+    /// subscription returns; handlers already running finish.
+    pub async fn remove(&self, ids: &[String]) -> Result<()> {
+        let handlers: Vec<(String, Subscription)> = {
+            let map = self.routes.map.read().map_err(|_| Error::Store("route table poisoned".into()))?;
+            ids.iter()
+                .filter(|id| map.contains_key(*id))
+                .map(|id| {
+                    (
+                        id.clone(),
+                        Subscription {
+                            id: id.clone(),
+                            environment_id: id.split('/').next().unwrap_or_default().to_owned(),
+                            topic: "**".into(),
+                            filter: Value::Null,
+                        },
+                    )
+                })
+                .collect()
+        };
+        let now = self.engine.now();
+        let subs: Vec<Subscription> = handlers.iter().map(|(_, s)| s.clone()).collect();
+        self.engine
+            .store()
+            .write(move |tx| {
+                for s in &subs {
+                    tx.put_subscription(s, false, now)?;
+                }
+                Ok(())
+            })
+            .await?;
+        if let Ok(mut map) = self.routes.map.write() {
+            for id in ids {
+                map.remove(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops delivering to these subscriptions but keeps them subscribed: new events are still
+    /// stored for them as pending deliveries, delivered when a listener with the same
+    /// subscription is added again. Handlers already running finish.
+    pub fn detach(&self, ids: &[String]) {
+        if let Ok(mut map) = self.routes.map.write() {
+            for id in ids {
+                map.remove(id);
+            }
+        }
+    }
+
+    /// The subscription ids being delivered to.
+    pub fn subscription_ids(&self) -> Vec<String> {
+        self.routes.ids()
+    }
+}
+
+type Prepared = (Vec<Subscription>, HashMap<String, (String, Handler)>);
+
+/// Checks listeners and turns their routes into subscriptions and handlers.
+fn prepare(listeners: Vec<Listener>) -> Result<Prepared> {
+    let mut handlers: HashMap<String, (String, Handler)> = HashMap::new();
+    let mut subscriptions = Vec::new();
+    for listener in listeners {
+        if listener.name.is_empty() || listener.name.contains('#') || listener.name.contains('/') {
+            return Err(Error::invalid(format!(
+                "listener name `{}` must be non-empty and without `#` or `/`",
+                listener.name
+            )));
+        }
+        for (i, route) in listener.routes.into_iter().enumerate() {
+            Selector::parse(&route.topic, &route.filter)?;
+            // Scoped by environment: the same plugin deployed to two tenants is two listeners.
+            let key = route.key.unwrap_or_else(|| i.to_string());
+            let id = Listener::subscription_id(&listener.environment_id, &listener.name, &key);
+            subscriptions.push(Subscription {
+                id: id.clone(),
+                environment_id: listener.environment_id.clone(),
+                topic: route.topic,
+                filter: route.filter,
+            });
+            if handlers.insert(id.clone(), (listener.name.clone(), route.handler)).is_some() {
+                return Err(Error::invalid(format!("subscription {id} is declared twice")));
+            }
+        }
+    }
+    Ok((subscriptions, handlers))
 }
 
 impl Engine {
     /// Registers the listeners' subscriptions, reclaims this host's stale leases, and starts
     /// the delivery loop and the watchdog.
     pub async fn run(&self, listeners: Vec<Listener>) -> Result<Running> {
-        let mut routes: HashMap<String, (String, Handler)> = HashMap::new();
-        let mut subscriptions = Vec::new();
-        for listener in listeners {
-            if listener.name.is_empty() || listener.name.contains('#') {
-                return Err(Error::invalid(format!(
-                    "listener name `{}` must be non-empty and without `#`",
-                    listener.name
-                )));
-            }
-            for (i, route) in listener.routes.into_iter().enumerate() {
-                Selector::parse(&route.topic, &route.filter)?;
-                // Scoped by environment: the same plugin deployed to two tenants is two listeners.
-                let id = format!("{}/{}#{i}", listener.environment_id, listener.name);
-                subscriptions.push(Subscription {
-                    id: id.clone(),
-                    environment_id: listener.environment_id.clone(),
-                    topic: route.topic,
-                    filter: route.filter,
-                });
-                if routes.insert(id.clone(), (listener.name.clone(), route.handler)).is_some() {
-                    return Err(Error::invalid(format!(
-                        "two listeners are named `{}` in environment {}",
-                        listener.name, listener.environment_id
-                    )));
-                }
-            }
-        }
+        let (subscriptions, handlers) = prepare(listeners)?;
         let owner = self.host_id();
         let now = self.now();
         let reclaimed = self
@@ -209,11 +348,13 @@ impl Engine {
         if reclaimed > 0 {
             tracing::info!(reclaimed, "deliveries leased by this host before a restart are due again");
         }
+        let routes =
+            Arc::new(RouteTable { map: std::sync::RwLock::new(handlers), changed: tokio::sync::Notify::new() });
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
-        tasks.spawn(dispatch_loop(self.clone(), Arc::new(routes), stop_rx.clone()));
+        tasks.spawn(dispatch_loop(self.clone(), routes.clone(), stop_rx.clone()));
         tasks.spawn(watchdog_loop(self.clone(), stop_rx));
-        Ok(Running { stop, tasks })
+        Ok(Running { engine: self.clone(), stop, tasks: tokio::sync::Mutex::new(tasks), routes })
     }
 
     /// Waits until `check` returns `Some`, re-checking after every store commit. No polling
@@ -251,15 +392,10 @@ async fn watchdog_loop(engine: Engine, mut stop: watch::Receiver<bool>) {
 /// Most deliveries leased in one transaction.
 const LEASE_BATCH: usize = 256;
 
-async fn dispatch_loop(
-    engine: Engine,
-    routes: Arc<HashMap<String, (String, Handler)>>,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn dispatch_loop(engine: Engine, routes: Arc<RouteTable>, mut stop: watch::Receiver<bool>) {
     let policy = engine.config().delivery_policy();
     let sem = Arc::new(Semaphore::new(engine.config().max_in_flight.max(1)));
     let signal = engine.store().backend().deliveries_signal();
-    let subs: Arc<Vec<String>> = Arc::new(routes.keys().cloned().collect());
     let owner = engine.host_id();
     let mut handlers = JoinSet::new();
     loop {
@@ -267,15 +403,23 @@ async fn dispatch_loop(
         let notified = signal.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
+        let routes_changed = routes.changed.notified();
+        tokio::pin!(routes_changed);
+        routes_changed.as_mut().enable();
 
         let permit = tokio::select! {
             p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             _ = stop.changed() => break,
         };
         while handlers.try_join_next().is_some() {}
+        let subs: Arc<Vec<String>> = Arc::new(routes.ids());
         let want = (1 + sem.available_permits()).min(LEASE_BATCH) as u32;
         let (s, o, now) = (subs.clone(), owner.clone(), engine.now());
-        let leased = engine.store().write(move |tx| tx.lease_deliveries(&s, &o, now, want, policy)).await;
+        let leased = if subs.is_empty() {
+            Ok(Vec::new())
+        } else {
+            engine.store().write(move |tx| tx.lease_deliveries(&s, &o, now, want, policy)).await
+        };
         let leased = match leased {
             Ok(l) => l,
             Err(e) => {
@@ -290,13 +434,18 @@ async fn dispatch_loop(
         if leased.is_empty() {
             drop(permit);
             let s = subs.clone();
-            let due = engine.store().read(move |r| r.next_delivery_due(&s)).await.unwrap_or_else(|e| {
-                tracing::error!(error = %e, "cannot read the next delivery time");
-                Some(engine.now() + 1000)
-            });
+            let due = if subs.is_empty() {
+                None
+            } else {
+                engine.store().read(move |r| r.next_delivery_due(&s)).await.unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "cannot read the next delivery time");
+                    Some(engine.now() + 1000)
+                })
+            };
             let wake = due.map(|d| engine.clock().instant_at(d.max(engine.now() + 1)));
             tokio::select! {
                 _ = &mut notified => {}
+                _ = &mut routes_changed => {}
                 _ = async { tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)).await }, if wake.is_some() => {}
                 _ = stop.changed() => break,
             }
@@ -323,10 +472,16 @@ async fn dispatch_loop(
     while handlers.join_next().await.is_some() {}
 }
 
-async fn handle(engine: &Engine, routes: &HashMap<String, (String, Handler)>, d: Leased) {
+enum Outcome {
+    Done(std::result::Result<(), String>),
+    Release(String),
+}
+
+async fn handle(engine: &Engine, routes: &RouteTable, d: Leased) {
     let policy = engine.config().delivery_policy();
-    let result = match routes.get(&d.subscription_id) {
-        None => Err(format!("no handler for subscription {}", d.subscription_id)),
+    let outcome = match routes.get(&d.subscription_id) {
+        // The route went away after the lease (a plugin was removed or replaced).
+        None => Outcome::Release(format!("no handler for subscription {} any more", d.subscription_id)),
         Some((listener, handler)) => {
             let api = engine.env(d.event.environment_id()).as_actor(format!("listener:{listener}"));
             let fut = handler(EventCtx { event: d.event.clone(), api, attempt: d.attempt });
@@ -334,22 +489,37 @@ async fn handle(engine: &Engine, routes: &HashMap<String, (String, Handler)>, d:
             let task = tokio::spawn(fut);
             let abort = task.abort_handle();
             match tokio::time::timeout(engine.config().lease, task).await {
-                Ok(Ok(Ok(()))) => Ok(()),
-                Ok(Ok(Err(e))) => Err(format!("{e:#}")),
-                Ok(Err(join)) => Err(format!("handler panicked: {join}")),
+                Ok(Ok(Ok(()))) => Outcome::Done(Ok(())),
+                Ok(Ok(Err(e))) => match e.downcast::<Release>() {
+                    Ok(release) => Outcome::Release(release.0),
+                    Err(e) => Outcome::Done(Err(format!("{e:#}"))),
+                },
+                Ok(Err(join)) => Outcome::Done(Err(format!("handler panicked: {join}"))),
                 Err(_) => {
                     abort.abort();
-                    Err(format!("handler did not finish within its lease of {} s", engine.config().lease.as_secs_f64()))
+                    Outcome::Done(Err(format!(
+                        "handler did not finish within its lease of {} s",
+                        engine.config().lease.as_secs_f64()
+                    )))
                 }
             }
         }
     };
-    if let Err(e) = &result {
-        tracing::warn!(delivery = d.delivery_id, subscription = %d.subscription_id, topic = %d.event.topic, attempt = d.attempt, error = %e, "delivery failed");
-    }
     let now = engine.now();
     let (id, attempt) = (d.delivery_id, d.attempt);
-    if let Err(e) = engine.store().write(move |tx| tx.finish_delivery(id, attempt, result, now, policy)).await {
+    let written = match outcome {
+        Outcome::Release(why) => {
+            tracing::info!(delivery = id, subscription = %d.subscription_id, reason = %why, "delivery released");
+            engine.store().write(move |tx| tx.release_delivery(id, attempt, now)).await
+        }
+        Outcome::Done(result) => {
+            if let Err(e) = &result {
+                tracing::warn!(delivery = id, subscription = %d.subscription_id, topic = %d.event.topic, attempt, error = %e, "delivery failed");
+            }
+            engine.store().write(move |tx| tx.finish_delivery(id, attempt, result, now, policy)).await
+        }
+    };
+    if let Err(e) = written {
         // The lease will expire and the delivery will be handed out again.
         tracing::error!(delivery = id, error = %e, "cannot record the end of a delivery");
     }

@@ -193,3 +193,121 @@ fn demo_runs_the_seeds_scenario_with_the_plugin_and_natively() {
         assert!(s["records"]["error"].as_u64().unwrap() > 0);
     }
 }
+
+/// Reads a child's stderr line by line until a line contains `needle`; returns that line.
+fn wait_line(
+    lines: &mut impl Iterator<Item = std::io::Result<String>>,
+    needle: &str,
+    seen: &mut Vec<String>,
+) -> String {
+    for line in lines.by_ref() {
+        let line = line.expect("read stderr");
+        seen.push(line.clone());
+        if line.contains(needle) {
+            return line;
+        }
+    }
+    panic!("the process ended before printing {needle:?}:\n{}", seen.join("\n"));
+}
+
+/// A safety net, not a synchronisation: a child that never prints what a test waits for is
+/// killed, so the test fails with what it did print instead of hanging the suite.
+fn kill_after(pid: u32, secs: u64) {
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(secs));
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    });
+}
+
+fn publish(dir: &Path, name: &str, bytes: &[u8]) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, dir.join(format!("{name}.wasm"))).unwrap();
+}
+
+#[test]
+fn serve_hot_reloads_rolls_back_and_stops_on_sigterm() {
+    use std::io::BufRead;
+    let f = Fixture::new();
+    let plugins = f.dir.path().join("noop-plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    let v1 = std::fs::read(jobhost::artifacts::TEST_NOOP).unwrap();
+    let mut v2 = v1.clone();
+    v2.extend_from_slice(&[0, 4, 3, b'a', b'b', b'c']); // a custom section: same plugin, new version
+    publish(&plugins, "noop", &v1);
+    let (ver1, ver2) = (jobhost::runtime::version_of(&v1), jobhost::runtime::version_of(&v2));
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_jobhost"))
+        .args(["serve", "--plugins", plugins.to_str().unwrap(), "--data", &f.path("data")])
+        .env("XDG_CACHE_HOME", f.dir.path().join("cache"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    kill_after(child.id(), 300);
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    assert!(wait_line(&mut lines, "loaded plugin noop", &mut seen).contains(&ver1));
+    wait_line(&mut lines, "serving 1 plugin(s)", &mut seen);
+
+    publish(&plugins, "noop", &v2);
+    let line = wait_line(&mut lines, "loaded plugin noop version", &mut seen);
+    assert!(line.contains(&format!("{ver2} (was {ver1})")), "{line}");
+
+    let out = f.run(&["plugin", "list", "--plugins", plugins.to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let list = json_out(&out);
+    assert_eq!(list[0]["version"], ver2.as_str());
+    assert_eq!(list[0]["kept"], serde_json::json!([ver2, ver1]));
+
+    let out = f.run(&["plugin", "rollback", "noop", "--plugins", plugins.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&ver1));
+    let line = wait_line(&mut lines, "loaded plugin noop version", &mut seen);
+    assert!(line.contains(&format!("{ver1} (was {ver2})")), "{line}");
+
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    wait_line(&mut lines, "stopping", &mut seen);
+    assert_eq!(child.wait().unwrap().code(), Some(0), "{}", seen.join("\n"));
+}
+
+#[test]
+fn dev_rebuilds_and_reloads_a_plugin_when_its_source_changes() {
+    use std::io::BufRead;
+    let f = Fixture::new();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let src = f.dir.path().join("my-plugin");
+    std::fs::create_dir_all(src.join("src")).unwrap();
+    let code = std::fs::read_to_string(repo.join("plugins/test-noop/src/lib.rs")).unwrap();
+    std::fs::write(src.join("src/lib.rs"), &code).unwrap();
+    std::fs::write(
+        src.join("Cargo.toml"),
+        format!(
+            "[package]\nname = \"my-plugin\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\n[lib]\ncrate-type = [\"cdylib\"]\n\n\
+             [dependencies]\njobhost-plugin-sdk = {{ path = {:?} }}\n\n[workspace]\n\n\
+             [profile.release]\nopt-level = \"s\"\nlto = true\ncodegen-units = 1\npanic = \"abort\"\nstrip = \"debuginfo\"\n",
+            repo.join("plugin-sdk").display().to_string()
+        ),
+    )
+    .unwrap();
+    std::fs::copy(repo.join("plugins/Cargo.lock"), src.join("Cargo.lock")).unwrap();
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_jobhost"))
+        .args(["dev", "--plugin-src", src.to_str().unwrap(), "--data", &f.path("data")])
+        .env("XDG_CACHE_HOME", f.dir.path().join("cache"))
+        // Reuse the dependencies the host's build script already compiled for wasm32-wasip2.
+        .env("CARGO_TARGET_DIR", repo.join("target/wasm-plugins"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    kill_after(child.id(), 300);
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let first = wait_line(&mut lines, "loaded plugin my_plugin (", &mut seen);
+    let first = first.rsplit('(').next().unwrap().trim_end_matches(')').to_owned();
+    wait_line(&mut lines, "watching", &mut seen);
+    std::fs::write(src.join("src/lib.rs"), code.replace("\"worked\"", "\"worked, version two\"")).unwrap();
+    let second = wait_line(&mut lines, "loaded my_plugin version", &mut seen);
+    assert!(!second.contains(&first), "the rebuilt plugin is a new version: {first} / {second}");
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    assert_eq!(child.wait().unwrap().code(), Some(0), "{}", seen.join("\n"));
+}

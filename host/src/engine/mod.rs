@@ -152,6 +152,15 @@ impl Engine {
         self.inner.store.read(move |r| r.environment(&id)?.ok_or_else(|| Error::not_found("environment", id))).await
     }
 
+    /// The environment called `name`, created if there is none.
+    pub async fn environment_named(&self, name: &str) -> Result<Environment> {
+        let n = name.to_owned();
+        if let Some(e) = self.inner.store.read(move |r| r.environment_named(&n)).await? {
+            return Ok(e);
+        }
+        self.create_environment(name).await
+    }
+
     /// The API of one environment, acting as `system`.
     pub fn env(&self, environment_id: impl Into<String>) -> Env {
         Env { engine: self.clone(), env: Arc::from(environment_id.into()), actor: Arc::from("system") }

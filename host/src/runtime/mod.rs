@@ -122,6 +122,15 @@ pub struct Route {
     pub filter: serde_json::Value,
 }
 
+impl Route {
+    /// A key derived from the route's content: the same route in two versions of a plugin
+    /// has the same key, so its subscription (and its pending deliveries) survive a swap.
+    pub fn key(&self) -> String {
+        let digest = Sha256::digest(format!("{}\n{}", self.topic, self.filter).as_bytes());
+        digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
+    }
+}
+
 /// A loaded plugin: compiled, type-checked and pre-instantiated.
 pub struct Plugin {
     /// The file name without `.wasm`.
@@ -133,6 +142,38 @@ pub struct Plugin {
     /// Its routes, in the order the plugin declared them.
     pub routes: Vec<Route>,
     pre: bindings::PluginPre<HostState>,
+}
+
+impl Plugin {
+    /// The index of the route with `key` in this version.
+    pub fn route_index(&self, key: &str) -> Option<u32> {
+        self.routes.iter().position(|r| r.key() == key).map(|i| i as u32)
+    }
+}
+
+/// The current version of a plugin, swappable while deliveries run. A delivery takes the
+/// version current when it starts and keeps it to the end; the next delivery sees the new one.
+#[derive(Debug)]
+pub struct PluginSlot {
+    current: std::sync::RwLock<Arc<Plugin>>,
+}
+
+impl PluginSlot {
+    /// A slot holding `plugin`.
+    pub fn new(plugin: Arc<Plugin>) -> Arc<Self> {
+        Arc::new(Self { current: std::sync::RwLock::new(plugin) })
+    }
+
+    /// The current version.
+    pub fn get(&self) -> Arc<Plugin> {
+        self.current.read().map(|p| p.clone()).unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// Makes `plugin` current; returns the version it replaced.
+    pub fn set(&self, plugin: Arc<Plugin>) -> Arc<Plugin> {
+        let mut guard = self.current.write().unwrap_or_else(|e| e.into_inner());
+        std::mem::replace(&mut *guard, plugin)
+    }
 }
 
 impl std::fmt::Debug for Plugin {
@@ -216,9 +257,16 @@ impl Runtime {
     /// Loads a plugin file: read, hash, compile (off the async runtime; cached),
     /// type-check against the world, and read its subscriptions.
     pub async fn load(self: &Arc<Self>, path: &Path) -> Result<Plugin, LoadError> {
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.to_path_buf(), source })?;
+        self.load_bytes(path, bytes).await
+    }
+
+    /// Loads a plugin from bytes already read from `path` (so a file that changes again
+    /// while it compiles cannot mix two versions).
+    pub async fn load_bytes(self: &Arc<Self>, path: &Path, bytes: Vec<u8>) -> Result<Plugin, LoadError> {
         let path = path.to_path_buf();
         let rt = self.clone();
-        let compiled = tokio::task::spawn_blocking(move || rt.compile(&path)).await;
+        let compiled = tokio::task::spawn_blocking(move || rt.compile(&path, &bytes)).await;
         let (name, version, path, pre) =
             compiled.map_err(|e| LoadError::Compile { path: PathBuf::new(), reason: e.to_string() })??;
         let routes =
@@ -227,10 +275,13 @@ impl Runtime {
     }
 
     #[allow(clippy::type_complexity)]
-    fn compile(&self, path: &Path) -> Result<(String, String, PathBuf, bindings::PluginPre<HostState>), LoadError> {
-        let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.to_path_buf(), source })?;
-        let version: String = Sha256::digest(&bytes).iter().take(8).map(|b| format!("{b:02x}")).collect();
-        let component = Component::new(&self.engine, &bytes)
+    fn compile(
+        &self,
+        path: &Path,
+        bytes: &[u8],
+    ) -> Result<(String, String, PathBuf, bindings::PluginPre<HostState>), LoadError> {
+        let version = version_of(bytes);
+        let component = Component::new(&self.engine, bytes)
             .map_err(|e| LoadError::Compile { path: path.to_path_buf(), reason: format!("{e:#}") })?;
         let pre = self
             .linker
@@ -323,14 +374,30 @@ impl Runtime {
     /// A listener that runs `plugin` for events of `environment_id`: one route per declared
     /// subscription, named `plugin:<name>`.
     pub fn listener(self: &Arc<Self>, plugin: Arc<Plugin>, environment_id: &str) -> Listener {
-        let mut listener = Listener::new(format!("plugin:{}", plugin.name), environment_id);
-        for (i, route) in plugin.routes.iter().enumerate() {
-            let (rt, plugin) = (self.clone(), plugin.clone());
-            listener = listener.filter(route.filter.clone(), move |l| {
-                l.on(&route.topic, move |ctx| {
-                    let (rt, plugin) = (rt.clone(), plugin.clone());
-                    async move { rt.invoke(&plugin, i as u32, ctx).await.map_err(anyhow::Error::msg) }
-                })
+        let routes = plugin.routes.clone();
+        self.slot_listener(PluginSlot::new(plugin), &routes, environment_id)
+    }
+
+    /// A listener for `routes` of the plugin in `slot`. Each delivery runs on the version
+    /// current when it starts; if that version no longer has the route, the delivery is
+    /// released back to pending (for a version that has it) instead of being handled.
+    pub fn slot_listener(self: &Arc<Self>, slot: Arc<PluginSlot>, routes: &[Route], environment_id: &str) -> Listener {
+        let name = format!("plugin:{}", slot.get().name);
+        let mut listener = Listener::new(name, environment_id);
+        for route in routes {
+            let (rt, slot, key) = (self.clone(), slot.clone(), route.key());
+            listener = listener.keyed_route(&route.topic, route.filter.clone(), &route.key(), move |ctx| {
+                let (rt, plugin, key) = (rt.clone(), slot.get(), key.clone());
+                async move {
+                    let Some(index) = plugin.route_index(&key) else {
+                        return Err(crate::listener::Release(format!(
+                            "plugin {} version {} has no route {key}",
+                            plugin.name, plugin.version
+                        ))
+                        .into());
+                    };
+                    rt.invoke(&plugin, index, ctx).await.map_err(anyhow::Error::msg)
+                }
             });
         }
         listener
@@ -421,6 +488,11 @@ impl Runtime {
         let instance = plugin.pre.instantiate_async(&mut store).await?;
         instance.jobhost_plugin_listener().call_handle(&mut store, route, &event).await?.map_err(anyhow::Error::msg)
     }
+}
+
+/// A plugin's version: the first 16 hex digits of the SHA-256 of its file.
+pub fn version_of(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 /// The trap's code (e.g. `wasm trap: wasm `unreachable` instruction executed`) without the

@@ -129,6 +129,8 @@ pub trait ReadTx {
     fn executions(&mut self, env: &str, job_id: Option<&str>, limit: u32) -> Result<Vec<Execution>>;
     /// An environment by id.
     fn environment(&mut self, id: &str) -> Result<Option<Environment>>;
+    /// The oldest environment with this name.
+    fn environment_named(&mut self, name: &str) -> Result<Option<Environment>>;
     /// A sheet of an environment.
     fn sheet(&mut self, env: &str, id: &str) -> Result<Option<Sheet>>;
     /// Record counts of a sheet.
@@ -222,6 +224,9 @@ pub trait Tx: ReadTx {
         now: Millis,
         policy: DeliveryPolicy,
     ) -> Result<bool>;
+    /// Hands a leased delivery back: pending and due now, its attempt not counted. A lease that
+    /// is no longer current is left alone.
+    fn release_delivery(&mut self, delivery_id: i64, attempt: u32, now: Millis) -> Result<bool>;
     /// Makes every delivery leased by `owner` due now (its previous process is gone).
     fn reclaim_leases(&mut self, owner: &str, now: Millis) -> Result<u64>;
 }

@@ -650,6 +650,16 @@ impl ReadTx for Conn<'_> {
             .optional()?)
     }
 
+    fn environment_named(&mut self, name: &str) -> Result<Option<Environment>> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT id, name, created_at FROM environments WHERE name = ?1 ORDER BY created_at, id LIMIT 1",
+            )?
+            .query_row([name], |r| Ok(Environment { id: r.get(0)?, name: r.get(1)?, created_at: r.get(2)? }))
+            .optional()?)
+    }
+
     fn sheet(&mut self, env: &str, id: &str) -> Result<Option<Sheet>> {
         Ok(self
             .conn
@@ -1130,6 +1140,17 @@ impl Tx for Conn<'_> {
             }
         }
         Ok(true)
+    }
+
+    fn release_delivery(&mut self, id: i64, attempt: u32, now: Millis) -> Result<bool> {
+        let n = self
+            .conn
+            .prepare_cached(
+                "UPDATE deliveries SET status = 'pending', attempts = attempts - 1, due_at = ?3, lease_owner = NULL \
+                 WHERE id = ?1 AND status = 'leased' AND attempts = ?2",
+            )?
+            .execute(params![id, attempt, now])?;
+        Ok(n == 1)
     }
 
     fn reclaim_leases(&mut self, owner: &str, now: Millis) -> Result<u64> {

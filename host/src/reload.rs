@@ -1,0 +1,468 @@
+//! Hot reload of plugin files.
+//!
+//! [`PluginHost`] keeps one [`PluginSlot`] per plugin file of a directory and swaps a new
+//! version into it only after the file was read, hashed, compiled and type-checked:
+//!
+//! - unchanged content (same SHA-256) does nothing;
+//! - content that fails to load is reported with the reason and remembered, so the same bad
+//!   bytes are not retried; the **last good version keeps serving**;
+//! - a swap makes the new version current for every delivery that starts afterwards, while
+//!   deliveries in flight finish on the version they started on; routes are keyed by content,
+//!   so routes both versions share keep their subscriptions and pending deliveries, new routes
+//!   subscribe, and dropped routes stop receiving events (their pending deliveries stay
+//!   stored for a version that has them again);
+//! - a deleted file unloads the plugin: nothing is delivered to it any more and handlers in
+//!   flight finish, but its subscriptions stay, so events keep being stored for it and are
+//!   delivered when a plugin with those routes returns;
+//! - every loaded version is copied to `DIR/.history/NAME/` (the newest `keep` are kept) for
+//!   [`rollback`].
+//!
+//! [`PluginHost::watch`] drives this from filesystem events (`notify`, debounced, renames
+//! stitched together). Publish a plugin atomically by writing it elsewhere in the same
+//! filesystem and renaming it to `NAME.wasm`; a plain in-place copy also works — a truncated
+//! file fails validation and is never loaded, and the completed file loads on the next event.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::{Mutex, broadcast};
+
+use crate::listener::Running;
+use crate::runtime::{Plugin, PluginSlot, Route, Runtime, version_of};
+
+/// What happened to a plugin file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum ReloadEvent {
+    /// A version was loaded and is now current.
+    Loaded {
+        /// Plugin name (file stem).
+        name: String,
+        /// The new version.
+        version: String,
+        /// The version it replaced.
+        previous: Option<String>,
+    },
+    /// The file changed on disk but its content is the current version's.
+    Unchanged {
+        /// Plugin name.
+        name: String,
+        /// The current version.
+        version: String,
+    },
+    /// The file could not be loaded; the previous version (if any) keeps serving.
+    Failed {
+        /// Plugin name.
+        name: String,
+        /// The content that failed, when it could be read.
+        version: Option<String>,
+        /// Why.
+        reason: String,
+    },
+    /// The file is gone and the plugin was unloaded.
+    Removed {
+        /// Plugin name.
+        name: String,
+        /// The version that was unloaded.
+        version: String,
+    },
+}
+
+/// A loaded plugin as [`PluginHost::plugins`] reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginInfo {
+    /// Name (file stem).
+    pub name: String,
+    /// Current version.
+    pub version: String,
+    /// Its routes.
+    pub routes: Vec<Route>,
+}
+
+struct Entry {
+    slot: Arc<PluginSlot>,
+    /// Route key → subscription id, for the routes currently subscribed.
+    subscribed: HashMap<String, String>,
+}
+
+/// The plugins of one directory, served in one environment.
+pub struct PluginHost {
+    runtime: Arc<Runtime>,
+    running: Arc<Running>,
+    environment_id: String,
+    dir: PathBuf,
+    keep: usize,
+    plugins: Mutex<HashMap<String, Entry>>,
+    /// Content that failed to load, per plugin (the last few): not compiled again.
+    failed: Mutex<HashMap<String, Vec<String>>>,
+    events: broadcast::Sender<ReloadEvent>,
+}
+
+impl std::fmt::Debug for PluginHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginHost").field("dir", &self.dir).field("environment_id", &self.environment_id).finish()
+    }
+}
+
+/// Versions kept in the history by default.
+pub const KEEP_VERSIONS: usize = 5;
+
+const HISTORY: &str = ".history";
+
+/// Bad contents remembered per plugin.
+const REMEMBERED_FAILURES: usize = 16;
+
+/// The reason reported for content that failed before (it is not compiled again).
+pub const ALREADY_FAILED: &str = "this content already failed to load; waiting for a change";
+
+fn plugin_name(path: &Path) -> Option<String> {
+    if path.extension()? != "wasm" {
+        return None;
+    }
+    let stem = path.file_stem()?.to_str()?;
+    (!stem.starts_with('.')).then(|| stem.to_owned())
+}
+
+impl PluginHost {
+    /// Loads every `*.wasm` of `dir` into `environment_id` (a file that fails is reported and
+    /// skipped) and returns the host with what the first load did. Call [`PluginHost::watch`] to follow changes.
+    pub async fn start(
+        runtime: Arc<Runtime>,
+        running: Arc<Running>,
+        environment_id: &str,
+        dir: &Path,
+    ) -> anyhow::Result<(Arc<Self>, Vec<ReloadEvent>)> {
+        std::fs::read_dir(dir)
+            .map_err(|e| anyhow::anyhow!("cannot read the plugins directory {}: {e}", dir.display()))?;
+        let (events, _) = broadcast::channel(1024);
+        let host = Arc::new(Self {
+            runtime,
+            running,
+            environment_id: environment_id.to_owned(),
+            dir: dir.to_path_buf(),
+            keep: KEEP_VERSIONS,
+            plugins: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
+            events,
+        });
+        let loaded = host.scan().await;
+        Ok((host, loaded))
+    }
+
+    /// Every reload event from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<ReloadEvent> {
+        self.events.subscribe()
+    }
+
+    /// The plugins directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The loaded plugins and their current versions.
+    pub async fn plugins(&self) -> Vec<PluginInfo> {
+        let plugins = self.plugins.lock().await;
+        let mut out: Vec<PluginInfo> = plugins
+            .iter()
+            .map(|(name, e)| {
+                let p = e.slot.get();
+                PluginInfo { name: name.clone(), version: p.version.clone(), routes: p.routes.clone() }
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// The loaded plugins (current versions).
+    pub async fn loaded(&self) -> Vec<Arc<Plugin>> {
+        self.plugins.lock().await.values().map(|e| e.slot.get()).collect()
+    }
+
+    /// Brings every plugin in line with the directory: loads new and changed files, unloads
+    /// plugins whose file is gone.
+    pub async fn scan(&self) -> Vec<ReloadEvent> {
+        let mut names: HashSet<String> = match std::fs::read_dir(&self.dir) {
+            Ok(rd) => rd.filter_map(|e| e.ok()).filter_map(|e| plugin_name(&e.path())).collect(),
+            Err(e) => {
+                tracing::error!(dir = %self.dir.display(), error = %e, "cannot read the plugins directory");
+                return Vec::new();
+            }
+        };
+        names.extend(self.plugins.lock().await.keys().cloned());
+        let mut names: Vec<String> = names.into_iter().collect();
+        names.sort();
+        let mut out = Vec::new();
+        for name in names {
+            out.push(self.sync(&name).await);
+        }
+        out
+    }
+
+    /// Brings one plugin in line with its file `DIR/NAME.wasm`.
+    pub async fn sync(&self, name: &str) -> ReloadEvent {
+        let event = self.sync_inner(name).await;
+        match &event {
+            ReloadEvent::Loaded { name, version, previous } => {
+                tracing::info!(plugin = %name, version = %version, previous = ?previous, "plugin loaded")
+            }
+            ReloadEvent::Failed { name, reason, .. } if reason == ALREADY_FAILED => {
+                tracing::debug!(plugin = %name, "plugin content unchanged since it failed to load")
+            }
+            ReloadEvent::Failed { name, reason, .. } => {
+                tracing::error!(plugin = %name, reason = %reason, "plugin not loaded")
+            }
+            ReloadEvent::Removed { name, version } => {
+                tracing::info!(plugin = %name, version = %version, "plugin unloaded")
+            }
+            ReloadEvent::Unchanged { .. } => {}
+        }
+        let _ = self.events.send(event.clone());
+        event
+    }
+
+    async fn sync_inner(&self, name: &str) -> ReloadEvent {
+        let path = self.dir.join(format!("{name}.wasm"));
+        // One change at a time: a swap is read, compile, subscribe — never interleaved.
+        let mut plugins = self.plugins.lock().await;
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return match plugins.remove(name) {
+                    Some(entry) => {
+                        // Detached, not unsubscribed: events keep being stored for the plugin
+                        // and are delivered when it returns (a delete-then-copy replacement
+                        // loses nothing in the gap).
+                        let ids: Vec<String> = entry.subscribed.values().cloned().collect();
+                        self.running.detach(&ids);
+                        ReloadEvent::Removed { name: name.to_owned(), version: entry.slot.get().version.clone() }
+                    }
+                    None => ReloadEvent::Failed {
+                        name: name.to_owned(),
+                        version: None,
+                        reason: format!("{} does not exist", path.display()),
+                    },
+                };
+            }
+            Err(e) => {
+                return ReloadEvent::Failed {
+                    name: name.to_owned(),
+                    version: None,
+                    reason: format!("cannot read {}: {e}", path.display()),
+                };
+            }
+        };
+        let version = version_of(&bytes);
+        let current = plugins.get(name).map(|e| e.slot.get());
+        if let Some(c) = &current
+            && c.version == version
+        {
+            return ReloadEvent::Unchanged { name: name.to_owned(), version };
+        }
+        if self.failed.lock().await.get(name).is_some_and(|bad| bad.contains(&version)) {
+            return ReloadEvent::Failed {
+                name: name.to_owned(),
+                version: Some(version),
+                reason: ALREADY_FAILED.into(),
+            };
+        }
+        let plugin = match self.runtime.load_bytes(&path, bytes.clone()).await {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                let mut failed = self.failed.lock().await;
+                let bad = failed.entry(name.to_owned()).or_default();
+                bad.push(version.clone());
+                if bad.len() > REMEMBERED_FAILURES {
+                    bad.remove(0);
+                }
+                return ReloadEvent::Failed { name: name.to_owned(), version: Some(version), reason: e.to_string() };
+            }
+        };
+        if let Err(e) = self.remember(name, &version, &bytes) {
+            tracing::warn!(plugin = name, error = %e, "cannot keep this version for rollback");
+        }
+        match plugins.get_mut(name) {
+            Some(entry) => {
+                let previous = entry.slot.set(plugin.clone());
+                let new_keys: HashMap<String, &Route> = plugin.routes.iter().map(|r| (r.key(), r)).collect();
+                let added: Vec<Route> = new_keys
+                    .iter()
+                    .filter(|(k, _)| !entry.subscribed.contains_key(*k))
+                    .map(|(_, r)| (*r).clone())
+                    .collect();
+                let dropped: Vec<String> =
+                    entry.subscribed.keys().filter(|k| !new_keys.contains_key(*k)).cloned().collect();
+                if !added.is_empty() {
+                    let listener = self.runtime.slot_listener(entry.slot.clone(), &added, &self.environment_id);
+                    match self.running.add(listener).await {
+                        Ok(ids) => {
+                            for (r, id) in added.iter().zip(ids) {
+                                entry.subscribed.insert(r.key(), id);
+                            }
+                        }
+                        Err(e) => tracing::error!(plugin = name, error = %e, "cannot subscribe the new routes"),
+                    }
+                }
+                let dropped_ids: Vec<String> = dropped.iter().filter_map(|k| entry.subscribed.remove(k)).collect();
+                if let Err(e) = self.running.remove(&dropped_ids).await {
+                    tracing::error!(plugin = name, error = %e, "cannot unsubscribe dropped routes");
+                }
+                ReloadEvent::Loaded { name: name.to_owned(), version, previous: Some(previous.version.clone()) }
+            }
+            None => {
+                let slot = PluginSlot::new(plugin.clone());
+                let listener = self.runtime.slot_listener(slot.clone(), &plugin.routes, &self.environment_id);
+                match self.running.add(listener).await {
+                    Ok(ids) => {
+                        let subscribed = plugin.routes.iter().map(Route::key).zip(ids).collect();
+                        plugins.insert(name.to_owned(), Entry { slot, subscribed });
+                        ReloadEvent::Loaded { name: name.to_owned(), version, previous: None }
+                    }
+                    Err(e) => ReloadEvent::Failed {
+                        name: name.to_owned(),
+                        version: Some(version),
+                        reason: format!("cannot subscribe: {e}"),
+                    },
+                }
+            }
+        }
+    }
+
+    /// Copies a loaded version into the history and trims it to the newest `keep`.
+    fn remember(&self, name: &str, version: &str, bytes: &[u8]) -> std::io::Result<()> {
+        let dir = history_dir(&self.dir, name);
+        std::fs::create_dir_all(&dir)?;
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        let file = dir.join(format!("{stamp:015}-{version}.wasm"));
+        let tmp = dir.join(format!(".{stamp:015}-{version}.tmp"));
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, &file)?;
+        let entries = history(&self.dir, name)?;
+        for old in entries.iter().skip(self.keep) {
+            let _ = std::fs::remove_file(&old.path);
+        }
+        Ok(())
+    }
+
+    /// Follows the directory: every create, change, rename or delete of a `*.wasm` file is
+    /// synced after `debounce` of quiet. Returns a guard; dropping it stops watching.
+    pub fn watch(self: &Arc<Self>, debounce: Duration) -> anyhow::Result<Watch> {
+        use notify_debouncer_full::notify::RecursiveMode;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<PathBuf>>();
+        let mut debouncer = notify_debouncer_full::new_debouncer(
+            debounce,
+            None,
+            move |result: notify_debouncer_full::DebounceEventResult| {
+                let paths = match result {
+                    Ok(events) => events.into_iter().flat_map(|e| e.event.paths).collect(),
+                    // Errors (e.g. the watch queue overflowed): resync everything.
+                    Err(_) => vec![PathBuf::new()],
+                };
+                let _ = tx.send(paths);
+            },
+        )
+        .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", self.dir.display()))?;
+        debouncer
+            .watch(&self.dir, RecursiveMode::NonRecursive)
+            .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", self.dir.display()))?;
+        let host = self.clone();
+        let task = tokio::spawn(async move {
+            while let Some(paths) = rx.recv().await {
+                if paths.iter().any(|p| p.as_os_str().is_empty()) {
+                    host.scan().await;
+                    continue;
+                }
+                let mut names: Vec<String> = paths.iter().filter_map(|p| plugin_name(p)).collect();
+                names.sort();
+                names.dedup();
+                for name in names {
+                    host.sync(&name).await;
+                }
+            }
+        });
+        Ok(Watch { _debouncer: Box::new(debouncer), task })
+    }
+}
+
+/// Keeps a directory watched; dropping it stops the watcher.
+pub struct Watch {
+    _debouncer: Box<dyn std::any::Any + Send>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn history_dir(plugins: &Path, name: &str) -> PathBuf {
+    plugins.join(HISTORY).join(name)
+}
+
+/// A version kept for rollback.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryEntry {
+    /// The version.
+    pub version: String,
+    /// When it was loaded, ms since the epoch.
+    pub loaded_at: u64,
+    /// Its copy.
+    pub path: PathBuf,
+}
+
+/// The kept versions of plugin `name` in `plugins`, newest first.
+pub fn history(plugins: &Path, name: &str) -> std::io::Result<Vec<HistoryEntry>> {
+    let dir = history_dir(plugins, name);
+    let mut out = Vec::new();
+    let rd = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for e in rd.flatten() {
+        let path = e.path();
+        let Some(stem) =
+            path.file_stem().and_then(|s| s.to_str()).filter(|_| path.extension().is_some_and(|x| x == "wasm"))
+        else {
+            continue;
+        };
+        if let Some((stamp, version)) = stem.split_once('-')
+            && let Ok(loaded_at) = stamp.parse()
+        {
+            out.push(HistoryEntry { version: version.to_owned(), loaded_at, path });
+        }
+    }
+    out.sort_by(|a, b| b.loaded_at.cmp(&a.loaded_at).then(b.version.cmp(&a.version)));
+    Ok(out)
+}
+
+/// Puts a kept version of plugin `name` back into `plugins/NAME.wasm` (write, then rename),
+/// so a watching host loads it like any new version. Without `to`, the newest kept version
+/// that differs from the current file. Returns the version restored.
+pub fn rollback(plugins: &Path, name: &str, to: Option<&str>) -> anyhow::Result<String> {
+    let file = plugins.join(format!("{name}.wasm"));
+    let current = std::fs::read(&file).ok().map(|b| version_of(&b));
+    let kept = history(plugins, name)?;
+    if kept.is_empty() {
+        anyhow::bail!("no kept versions of plugin {name} in {}", history_dir(plugins, name).display());
+    }
+    let target = match to {
+        Some(v) => kept.iter().find(|e| e.version == v).ok_or_else(|| {
+            anyhow::anyhow!(
+                "version {v} of plugin {name} is not kept (kept: {})",
+                kept.iter().map(|e| e.version.as_str()).collect::<Vec<_>>().join(", ")
+            )
+        })?,
+        None => kept
+            .iter()
+            .find(|e| Some(&e.version) != current.as_ref())
+            .ok_or_else(|| anyhow::anyhow!("plugin {name} has no kept version other than the current one"))?,
+    };
+    let tmp = plugins.join(format!(".{name}.wasm.rollback"));
+    std::fs::copy(&target.path, &tmp)?;
+    std::fs::rename(&tmp, &file)?;
+    Ok(target.version.clone())
+}
