@@ -10,6 +10,10 @@
 //!   `InstancePre`, none of jobhost's per-delivery work).
 //! - **paging into a guest**: the `test-noop` plugin pages a whole sheet of 10-field records
 //!   in pages of 1,000 inside one delivery, vs a native listener reading the same pages.
+//! - **reload**: from a new version of a plugin renamed into a watched directory to the
+//!   version being loaded, and to the first event handled by it; baseline: compiling that
+//!   component once (what a reload cannot avoid). And a host restart to ready (runtime, three
+//!   plugins loaded and subscribed) with a warm compilation cache vs a cold one.
 //! - **scenario**: the seeds' scenario (N records, N/1000 parts) with the WASM plugin vs the
 //!   same listeners compiled into the host.
 
@@ -38,6 +42,9 @@ fn main() {
         }
         if only("paging") {
             paging(paging_records).await;
+        }
+        if only("reload") {
+            reload(if full { 10 } else { 2 }).await;
         }
         if only("scenario") {
             scenario_wasm_vs_native(scenario_records).await;
@@ -213,5 +220,111 @@ async fn scenario_wasm_vs_native(n: u64) {
         wasm.as_secs_f64(),
         native.as_secs_f64(),
         wasm.as_secs_f64() / native.as_secs_f64()
+    );
+}
+
+/// The same component with a custom section appended: same behaviour, another version.
+fn variant(bytes: &[u8], tag: u32) -> Vec<u8> {
+    let mut payload = vec![5u8];
+    payload.extend_from_slice(b"bench");
+    payload.extend_from_slice(&tag.to_le_bytes());
+    let mut out = bytes.to_vec();
+    out.push(0);
+    out.push(payload.len() as u8);
+    out.extend_from_slice(&payload);
+    out
+}
+
+async fn reload(rounds: u32) {
+    use jobhost::reload::{PluginHost, ReloadEvent};
+    let (_dir, engine, env) = host().await;
+    let plugins = tempfile::tempdir().unwrap();
+    let base = std::fs::read(artifacts::TEST_NOOP).unwrap();
+    std::fs::write(plugins.path().join("noop.wasm"), &base).unwrap();
+    let rt = runtime();
+    let running = std::sync::Arc::new(engine.run(vec![]).await.unwrap());
+    let (host, _) = PluginHost::start(rt.clone(), running.clone(), env.id(), plugins.path()).await.unwrap();
+    let _watch = host.watch(Duration::from_millis(50)).unwrap();
+    let mut events = host.subscribe();
+    let (mut to_loaded, mut to_handled, mut compile) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    for round in 0..rounds {
+        let bytes = variant(&base, round);
+        let version = jobhost::runtime::version_of(&bytes);
+        let tmp = plugins.path().join(".noop.tmp");
+        std::fs::write(&tmp, &bytes).unwrap();
+        let t = Instant::now();
+        std::fs::rename(&tmp, plugins.path().join("noop.wasm")).unwrap();
+        loop {
+            if let ReloadEvent::Loaded { version: v, .. } = events.recv().await.unwrap()
+                && v == version
+            {
+                break;
+            }
+        }
+        to_loaded += t.elapsed();
+        let job = env.create_job(NewJob::new(jobhost::model::JobType::Space, "work")).await.unwrap();
+        let (e2, id, v) = (env.clone(), job.id.clone(), version.clone());
+        engine
+            .wait_for(move || {
+                let (e2, id, v) = (e2.clone(), id.clone(), v.clone());
+                async move {
+                    Ok(e2.executions(Some(&id), 10).await?.into_iter().find(|x| x.plugin_version == v).map(|_| ()))
+                }
+            })
+            .await
+            .unwrap();
+        to_handled += t.elapsed();
+        // Baseline: compiling that same content once, with nothing cached.
+        let other = variant(&base, 1_000_000 + round);
+        let t = Instant::now();
+        rt.load_bytes(std::path::Path::new("noop.wasm"), other).await.unwrap();
+        compile += t.elapsed();
+    }
+    running.shutdown().await;
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0 / f64::from(rounds);
+    println!(
+        "{:<50} {:>10.1} ms {:>10.1} ms {:>7.2}x",
+        "reload: new file → version loaded",
+        ms(to_loaded),
+        ms(compile),
+        ms(to_loaded) / ms(compile)
+    );
+    println!(
+        "{:<50} {:>10.1} ms {:>10.1} ms {:>7.2}x",
+        "reload: new file → first event on it",
+        ms(to_handled),
+        ms(compile),
+        ms(to_handled) / ms(compile)
+    );
+
+    // Restart to ready: a runtime with a compilation cache, three plugins loaded and subscribed.
+    let cache = tempfile::tempdir().unwrap();
+    for (name, path) in artifacts::ALL {
+        std::fs::copy(path, plugins.path().join(format!("{name}.wasm"))).unwrap();
+    }
+    std::fs::remove_file(plugins.path().join("noop.wasm")).unwrap();
+    let start = |label: &'static str| {
+        let cache_dir = cache.path().to_path_buf();
+        let dir = plugins.path().to_path_buf();
+        let (engine, env) = (engine.clone(), env.clone());
+        async move {
+            let t = Instant::now();
+            let rt = Runtime::new(RuntimeConfig { cache_dir: Some(cache_dir), ..RuntimeConfig::default() }).unwrap();
+            let running = std::sync::Arc::new(engine.run(vec![]).await.unwrap());
+            let (host, loaded) = PluginHost::start(rt, running.clone(), env.id(), &dir).await.unwrap();
+            let took = t.elapsed();
+            assert_eq!(host.plugins().await.len(), artifacts::ALL.len(), "{label}: {loaded:?}");
+            running.shutdown().await;
+            took
+        }
+    };
+    let cold = start("cold").await;
+    let warm = start("warm").await;
+    println!(
+        "{:<50} {:>10.1} ms {:>10.1} ms {:>7.2}x",
+        format!("restart to ready, {} plugins, warm cache vs cold", artifacts::ALL.len()),
+        warm.as_secs_f64() * 1000.0,
+        cold.as_secs_f64() * 1000.0,
+        warm.as_secs_f64() / cold.as_secs_f64()
     );
 }
