@@ -13,6 +13,9 @@
 //!   the same pre-encoded rows into the same table shape in one transaction.
 //! - **records paging**: every page of 1,000 records, decoded into `Record`s. Baseline: raw
 //!   SQLite reading the same rows' text without decoding.
+//! - **records write-back**: page through the sheet and put an error message on every record,
+//!   1,000 per `update_records` call. Baseline: raw SQLite reading each row and updating its
+//!   messages, 1,000 per transaction.
 //! - **scenario**: the seeds' scenario with native listeners (N records, N/1000 parts): wall
 //!   time, records/s and peak RSS.
 
@@ -21,7 +24,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use jobhost::listener::Listener;
-use jobhost::model::{Ack, JobType, NewJob, Outcome};
+use jobhost::model::{Ack, JobType, Message, NewJob, Outcome, RecordUpdate};
 use jobhost::scenario;
 use jobhost::store::sqlite::{SqliteOptions, Synchronous};
 use jobhost::{Engine, EngineConfig};
@@ -233,12 +236,34 @@ async fn records(s: &Sizes) {
     assert_eq!(seen, n);
     let paging = n as f64 / t.elapsed().as_secs_f64();
 
-    let (raw_insert, raw_page) = tokio::task::spawn_blocking(move || raw_records(&encoded)).await.unwrap();
+    // Write-back: an error message on every record, 1,000 records per call (what a part does).
+    let t = Instant::now();
+    for page in 1.. {
+        let p = env.records(&sheet.id, 1000, page).await.unwrap();
+        if p.records.is_empty() {
+            break;
+        }
+        let updates = p
+            .records
+            .iter()
+            .map(|r| RecordUpdate {
+                id: r.id.clone(),
+                values: Default::default(),
+                messages: Some(vec![Message::error("email", "bad")]),
+            })
+            .collect();
+        assert_eq!(env.update_records(&sheet.id, updates).await.unwrap(), p.records.len() as u64);
+    }
+    let write_back = n as f64 / t.elapsed().as_secs_f64();
+    assert_eq!(env.record_counts(&sheet.id).await.unwrap().error, n);
+
+    let (raw_insert, raw_page, raw_update) = tokio::task::spawn_blocking(move || raw_records(&encoded)).await.unwrap();
     row("records insert (records/s)", insert, raw_insert, "/s");
     row("records paging, 1,000 per page (records/s)", paging, raw_page, "/s");
+    row("records write-back, read + update 1,000/call (rec/s)", write_back, raw_update, "/s");
 }
 
-fn raw_records(encoded: &[String]) -> (f64, f64) {
+fn raw_records(encoded: &[String]) -> (f64, f64, f64) {
     let dir = tempfile::tempdir().unwrap();
     let conn = Connection::open(dir.path().join("raw.db")).unwrap();
     conn.execute_batch(
@@ -278,7 +303,28 @@ fn raw_records(encoded: &[String]) -> (f64, f64) {
         offset += 1000;
     }
     assert_eq!(seen, encoded.len());
-    (insert, encoded.len() as f64 / t.elapsed().as_secs_f64())
+    let page = encoded.len() as f64 / t.elapsed().as_secs_f64();
+    drop(stmt);
+    // The same write-back on raw SQLite: read each row's values, write messages, 1,000 per
+    // transaction.
+    let messages = r#"[{"type":"error","message":"bad","field":"email"}]"#;
+    let t = Instant::now();
+    for chunk in (1..=encoded.len() as i64).collect::<Vec<_>>().chunks(1000) {
+        let tx = conn.unchecked_transaction().unwrap();
+        for id in chunk {
+            let vals: String = tx
+                .prepare_cached("SELECT vals FROM records WHERE id = ?1")
+                .unwrap()
+                .query_row([id], |r| r.get(0))
+                .unwrap();
+            tx.prepare_cached("UPDATE records SET vals = ?2, messages = ?3, has_error = 1 WHERE id = ?1")
+                .unwrap()
+                .execute(params![id, vals, messages])
+                .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    (insert, page, encoded.len() as f64 / t.elapsed().as_secs_f64())
 }
 
 fn reset_peak_rss() {

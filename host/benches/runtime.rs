@@ -8,12 +8,16 @@
 //!   trivial `bench:noop` handler, drop — jobhost's `Runtime::execute` (limits, CPU meter,
 //!   output capture, timeout) vs the bare baseline (same engine, pooling allocator and
 //!   `InstancePre`, none of jobhost's per-delivery work).
+//! - **lifecycle**: create → ready → ack → complete for N jobs (64 concurrent creators), the
+//!   ack and complete made by the `test-noop` plugin vs by a native listener.
 //! - **paging into a guest**: the `test-noop` plugin pages a whole sheet of 10-field records
 //!   in pages of 1,000 inside one delivery, vs a native listener reading the same pages.
 //! - **reload**: from a new version of a plugin renamed into a watched directory to the
 //!   version being loaded, and to the first event handled by it; baseline: compiling that
 //!   component once (what a reload cannot avoid). And a host restart to ready (runtime, three
 //!   plugins loaded and subscribed) with a warm compilation cache vs a cold one.
+//! - **concurrency**: the seeds' scenario with every part in flight at once (1,000 parts,
+//!   1,000 deliveries and instances allowed): wall time and the growth of peak RSS.
 //! - **scenario**: the seeds' scenario (N records, N/1000 parts) with the WASM plugin vs the
 //!   same listeners compiled into the host.
 
@@ -40,6 +44,9 @@ fn main() {
         if only("dispatch") {
             dispatch(dispatches).await;
         }
+        if only("lifecycle") {
+            lifecycle(if full { 20_000 } else { 200 }).await;
+        }
         if only("paging") {
             paging(paging_records).await;
         }
@@ -49,11 +56,14 @@ fn main() {
         if only("scenario") {
             scenario_wasm_vs_native(scenario_records).await;
         }
+        if only("concurrency") {
+            concurrency(if full { 1_000_000 } else { 5_000 }).await;
+        }
     });
 }
 
 fn config() -> EngineConfig {
-    EngineConfig { ack_timeout: None, stale_timeout: None, ..EngineConfig::default() }
+    EngineConfig { ack_timeout: None, stale_timeout: None, max_in_flight: 256, ..EngineConfig::default() }
 }
 
 fn runtime() -> std::sync::Arc<Runtime> {
@@ -80,7 +90,7 @@ async fn dispatch(n: usize) {
         payload: json!({}),
         created_at: 0,
     };
-    let ctx = EventCtx { event, api: env.clone(), attempt: 1 };
+    let ctx = EventCtx::new(event, env.clone(), 1);
     // Warm both paths (pool slots, caches) before timing.
     for _ in 0..100 {
         assert!(rt.execute(&plugin, route, &ctx).await.error.is_none());
@@ -326,5 +336,97 @@ async fn reload(rounds: u32) {
         warm.as_secs_f64() * 1000.0,
         cold.as_secs_f64() * 1000.0,
         warm.as_secs_f64() / cold.as_secs_f64()
+    );
+}
+
+async fn lifecycle(n: usize) {
+    let mut rates = Vec::new();
+    for wasm in [true, false] {
+        let (_dir, engine, env) = host().await;
+        let listener = if wasm {
+            let rt = runtime();
+            let plugin = std::sync::Arc::new(rt.load(std::path::Path::new(artifacts::TEST_NOOP)).await.unwrap());
+            rt.listener(plugin, env.id())
+        } else {
+            Listener::new("native", env.id()).filter(json!({"job": "space:lifecycle"}), |l| {
+                l.on("job:ready", |event| async move {
+                    let id = event.job_id()?.to_owned();
+                    event.api.ack(&id, Default::default()).await?;
+                    event.api.complete(&id, Outcome::default()).await?;
+                    Ok(())
+                })
+            })
+        };
+        let running = engine.run(vec![listener]).await.unwrap();
+        let t = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for c in 0..64 {
+            let env = env.clone();
+            tasks.spawn(async move {
+                for _ in (c..n).step_by(64) {
+                    env.create_job(NewJob::new(jobhost::model::JobType::Space, "lifecycle")).await.unwrap();
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        engine
+            .wait_for(|| {
+                let engine = engine.clone();
+                async move { Ok((engine.delivery_stats().await?.done as usize >= n).then_some(())) }
+            })
+            .await
+            .unwrap();
+        rates.push(n as f64 / t.elapsed().as_secs_f64());
+        running.shutdown().await;
+        let done = env.jobs(0, u32::MAX).await.unwrap().iter().filter(|j| j.status == JobStatus::Complete).count();
+        assert_eq!(done, n);
+    }
+    println!(
+        "{:<50} {:>10.0} /s {:>10.0} /s {:>7.2}x",
+        "lifecycle, WASM listener vs native (jobs/s)",
+        rates[0],
+        rates[1],
+        rates[0] / rates[1]
+    );
+}
+
+fn rss_mib(key: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+async fn concurrency(n: u64) {
+    let parts = n.div_ceil(1000);
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path(), EngineConfig { max_in_flight: parts as usize, ..config() }).unwrap();
+    let env = engine.env(engine.create_environment("bench").await.unwrap().id);
+    let rt = Runtime::new(RuntimeConfig { cache_dir: None, max_instances: parts as u32, ..RuntimeConfig::default() })
+        .unwrap();
+    let plugin = std::sync::Arc::new(rt.load(std::path::Path::new(artifacts::SUBMIT_LARGE_SHEET)).await.unwrap());
+    let running = engine.run(vec![rt.listener(plugin, env.id())]).await.unwrap();
+    let sheet = env.create_sheet("people").await.unwrap();
+    for start in (0..n).step_by(100_000) {
+        env.insert_records(&sheet.id, scenario::sample_range(start..(start + 100_000).min(n)).0).await.unwrap();
+    }
+    // Peak RSS from here on is the run's (writing 5 to clear_refs resets VmHWM).
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let before = rss_mib("VmRSS:");
+    let t = Instant::now();
+    let job = env.create_job(NewJob::sheet(scenario::OPERATION, &sheet.id)).await.unwrap();
+    let job = wait_terminal(&engine, &env, &job.id).await;
+    let took = t.elapsed();
+    running.shutdown().await;
+    assert_eq!(job.status, JobStatus::Complete, "{}", job.outcome);
+    let peak = rss_mib("VmHWM:");
+    println!(
+        "{:<50} {:>11.2} s   {:.0} parts/s, RSS {before:.0} MiB before, peak {peak:.0} MiB (+{:.0})",
+        format!("{parts} parts all in flight (WASM, {n} records)"),
+        took.as_secs_f64(),
+        parts as f64 / took.as_secs_f64(),
+        peak - before
     );
 }

@@ -32,7 +32,7 @@ use tokio::task::JoinSet;
 use crate::engine::{Engine, Env};
 use crate::error::{Error, Result};
 use crate::filter::Selector;
-use crate::model::{Event, RecordPage};
+use crate::model::{Event, Execution, RecordPage};
 use crate::store::{Leased, Subscription};
 
 /// What a handler returns. Any error fails the delivery, which is retried.
@@ -49,9 +49,32 @@ pub struct EventCtx {
     pub api: Env,
     /// 1-based delivery attempt.
     pub attempt: u32,
+    /// Where a handler leaves its execution record when the delivery loop runs it: the loop
+    /// stores the record in the same write that ends the delivery (one write instead of two
+    /// per plugin delivery). `None` outside the loop.
+    execution: Option<ExecutionSlot>,
 }
 
+type ExecutionSlot = Arc<std::sync::Mutex<Option<Execution>>>;
+
 impl EventCtx {
+    /// A context for `event` in `api`'s environment, outside the delivery loop.
+    pub fn new(event: Event, api: Env, attempt: u32) -> Self {
+        Self { event, api, attempt, execution: None }
+    }
+
+    /// Leaves the delivery's execution record to be stored with the end of the delivery.
+    /// Outside the delivery loop nobody would store it, so it is handed back to the caller.
+    pub fn leave_execution(&self, execution: Execution) -> Option<Execution> {
+        match self.execution.as_ref().map(|slot| slot.lock()) {
+            Some(Ok(mut slot)) => {
+                *slot = Some(execution);
+                None
+            }
+            _ => Some(execution),
+        }
+    }
+
     /// `context.jobId`, or an error for events that are not about a job.
     pub fn job_id(&self) -> anyhow::Result<&str> {
         self.event
@@ -479,12 +502,15 @@ enum Outcome {
 
 async fn handle(engine: &Engine, routes: &RouteTable, d: Leased) {
     let policy = engine.config().delivery_policy();
+    let execution_slot: ExecutionSlot = Arc::default();
     let outcome = match routes.get(&d.subscription_id) {
         // The route went away after the lease (a plugin was removed or replaced).
         None => Outcome::Release(format!("no handler for subscription {} any more", d.subscription_id)),
         Some((listener, handler)) => {
             let api = engine.env(d.event.environment_id()).as_actor(format!("listener:{listener}"));
-            let fut = handler(EventCtx { event: d.event.clone(), api, attempt: d.attempt });
+            let ctx =
+                EventCtx { execution: Some(execution_slot.clone()), ..EventCtx::new(d.event.clone(), api, d.attempt) };
+            let fut = handler(ctx);
             // A task of its own, so a panicking handler fails its delivery, not the host.
             let task = tokio::spawn(fut);
             let abort = task.abort_handle();
@@ -507,16 +533,33 @@ async fn handle(engine: &Engine, routes: &RouteTable, d: Leased) {
     };
     let now = engine.now();
     let (id, attempt) = (d.delivery_id, d.attempt);
+    let execution = execution_slot.lock().ok().and_then(|mut s| s.take());
     let written = match outcome {
         Outcome::Release(why) => {
             tracing::info!(delivery = id, subscription = %d.subscription_id, reason = %why, "delivery released");
-            engine.store().write(move |tx| tx.release_delivery(id, attempt, now)).await
+            engine
+                .store()
+                .write(move |tx| {
+                    if let Some(e) = &execution {
+                        tx.insert_execution(e)?;
+                    }
+                    tx.release_delivery(id, attempt, now)
+                })
+                .await
         }
         Outcome::Done(result) => {
             if let Err(e) = &result {
                 tracing::warn!(delivery = id, subscription = %d.subscription_id, topic = %d.event.topic, attempt, error = %e, "delivery failed");
             }
-            engine.store().write(move |tx| tx.finish_delivery(id, attempt, result, now, policy)).await
+            engine
+                .store()
+                .write(move |tx| {
+                    if let Some(e) = &execution {
+                        tx.insert_execution(e)?;
+                    }
+                    tx.finish_delivery(id, attempt, result, now, policy)
+                })
+                .await
         }
     };
     if let Err(e) = written {

@@ -99,6 +99,18 @@ pub(super) fn apply_updates(
 ) -> Result<u64> {
     let mut changed = 0;
     for (rowid, update) in updates {
+        // Validators only replace messages: no need to read and re-encode the values.
+        if update.values.is_empty()
+            && let Some(messages) = &update.messages
+        {
+            let text = (!messages.is_empty()).then(|| serde_json::to_string(messages).unwrap_or_else(|_| "[]".into()));
+            let has_error = messages.iter().any(|m| m.kind == MessageType::Error);
+            if !tx.write_record_messages(sheet_id, rowid, text.as_deref(), has_error, now)? {
+                return Err(Error::not_found("record", &update.id));
+            }
+            changed += 1;
+            continue;
+        }
         let mut stored = tx.stored_record(sheet_id, rowid)?.ok_or_else(|| Error::not_found("record", &update.id))?;
         for (k, v) in update.values {
             if v.is_null() {

@@ -200,6 +200,9 @@ impl std::fmt::Debug for Runtime {
     }
 }
 
+/// Bytes of a pooled memory kept resident between instances (only touched pages are reset).
+const KEEP_RESIDENT: usize = 2 << 20;
+
 /// How often the epoch advances: how often a running guest is checked against its CPU budget
 /// and yields to the executor.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -224,7 +227,15 @@ impl Runtime {
             .max_tables_per_component(8)
             .max_core_instances_per_component(16)
             .max_memory_size(config.memory_limit)
-            .table_elements(config.table_elements_limit.max(10_000));
+            .table_elements(config.table_elements_limit.max(10_000))
+            // Reset a finished instance's memory by rewriting only the pages it touched (found
+            // with PAGEMAP_SCAN, Linux 6.7+) instead of `madvise`: no page faults when the
+            // slot is reused, and no TLB-shootdown IPIs on every drop. Falls back by itself
+            // where the kernel lacks it.
+            .pagemap_scan(wasmtime::Enabled::Auto)
+            .linear_memory_keep_resident(KEEP_RESIDENT)
+            .table_keep_resident(KEEP_RESIDENT / 16)
+            .async_stack_keep_resident(KEEP_RESIDENT / 16);
         wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         if let Some(dir) = &config.cache_dir {
             std::fs::create_dir_all(dir)
@@ -364,7 +375,7 @@ impl Runtime {
                 1,
                 Box::pin(async move {
                     tokio::task::yield_now().await;
-                    mark.store(host::thread_cpu_ns(), std::sync::atomic::Ordering::Relaxed);
+                    mark.store(host::running_ns(), std::sync::atomic::Ordering::Relaxed);
                 }),
             ))
         });
@@ -414,7 +425,11 @@ impl Runtime {
             None => Ok(()),
             Some(e) => Err(e.clone()),
         };
-        if let Err(e) = ctx.api.record_execution(execution).await {
+        // In the delivery loop the record is stored with the end of the delivery; called
+        // directly, it is stored here.
+        if let Some(execution) = ctx.leave_execution(execution)
+            && let Err(e) = ctx.api.record_execution(execution).await
+        {
             tracing::error!(error = %e, "cannot store an execution record");
         }
         result

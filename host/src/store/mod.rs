@@ -183,6 +183,15 @@ pub trait Tx: ReadTx {
     ) -> Result<u64>;
     /// Reads a record of a sheet for update.
     fn stored_record(&mut self, sheet_id: &str, rowid: i64) -> Result<Option<StoredRecord>>;
+    /// Replaces only a record's messages (values untouched); false when the record is not in the sheet.
+    fn write_record_messages(
+        &mut self,
+        sheet_id: &str,
+        rowid: i64,
+        messages: Option<&str>,
+        has_error: bool,
+        now: Millis,
+    ) -> Result<bool>;
     /// Overwrites a record's values and messages.
     fn write_record(&mut self, rowid: i64, record: &EncodedRecord, now: Millis) -> Result<()>;
     /// Stores a new job (and its predecessor links).

@@ -855,6 +855,24 @@ impl Tx for Conn<'_> {
         }))
     }
 
+    fn write_record_messages(
+        &mut self,
+        sheet_id: &str,
+        rowid: i64,
+        messages: Option<&str>,
+        has_error: bool,
+        now: Millis,
+    ) -> Result<bool> {
+        let key = self.sheet_key(sheet_id)?;
+        let n = self
+            .conn
+            .prepare_cached(
+                "UPDATE records SET messages = ?3, has_error = ?4, updated_at = ?5 WHERE id = ?1 AND sheet_key = ?2",
+            )?
+            .execute(params![rowid, key, messages, has_error, now])?;
+        Ok(n == 1)
+    }
+
     fn write_record(&mut self, rowid: i64, record: &EncodedRecord, now: Millis) -> Result<()> {
         self.conn
             .prepare_cached(

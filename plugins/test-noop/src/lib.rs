@@ -1,6 +1,6 @@
-//! A well-behaved test plugin: completes every `space:work` job it is given (noting its
-//! attempt), and returns at once for `bench:noop` events (the trivial handler that the
-//! dispatch-overhead benchmark measures). `sheet:page` jobs page through their whole sheet in
+//! A well-behaved test plugin: completes every `space:work` job it is given, acks and
+//! completes `space:lifecycle` jobs (the lifecycle benchmark), and returns at once for
+//! `bench:noop` events (the trivial handler that the dispatch-overhead benchmark measures). `sheet:page` jobs page through their whole sheet in
 //! pages of `input.pageSize` and complete with the number of records and cells seen.
 
 use jobhost_plugin_sdk::jobs::{self, Outcome};
@@ -15,6 +15,14 @@ fn listener() -> Listener {
             })
         })
         .on("bench:noop", |_: &Event| -> Result<()> { Ok(()) })
+        .filter(json!({ "job": "space:lifecycle" }), |l| {
+            l.on("job:ready", |event: &Event| -> Result<()> {
+                let id = event.job_id()?;
+                jobs::ack(id, jobs::Ack::default())?;
+                jobs::complete(id, Outcome::default())?;
+                Ok(())
+            })
+        })
         .filter(json!({ "job": "sheet:page" }), |l| {
             l.on("job:ready", |event: &Event| -> Result<()> {
                 let job = jobs::get(event.job_id()?)?;
