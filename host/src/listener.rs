@@ -241,18 +241,7 @@ impl Running {
         let (subscriptions, handlers) = prepare(vec![listener])?;
         let ids: Vec<String> = subscriptions.iter().map(|s| s.id.clone()).collect();
         let now = self.engine.now();
-        self.engine
-            .store()
-            .write(move |tx| {
-                for s in &subscriptions {
-                    if tx.environment(&s.environment_id)?.is_none() {
-                        return Err(Error::not_found("environment", &s.environment_id));
-                    }
-                    tx.put_subscription(s, true, now)?;
-                }
-                Ok(())
-            })
-            .await?;
+        self.engine.store().write(move |tx| subscribe(tx, &subscriptions, now)).await?;
         if let Ok(mut map) = self.routes.map.write() {
             map.extend(handlers);
         }
@@ -319,6 +308,17 @@ impl Running {
 
 type Prepared = (Vec<Subscription>, HashMap<String, (String, Handler)>);
 
+/// Stores subscriptions as active, refusing any whose environment does not exist.
+fn subscribe(tx: &mut dyn crate::store::Tx, subscriptions: &[Subscription], now: crate::model::Millis) -> Result<()> {
+    for s in subscriptions {
+        if tx.environment(&s.environment_id)?.is_none() {
+            return Err(Error::not_found("environment", &s.environment_id));
+        }
+        tx.put_subscription(s, true, now)?;
+    }
+    Ok(())
+}
+
 /// Checks listeners and turns their routes into subscriptions and handlers.
 fn prepare(listeners: Vec<Listener>) -> Result<Prepared> {
     let mut handlers: HashMap<String, (String, Handler)> = HashMap::new();
@@ -359,12 +359,7 @@ impl Engine {
         let reclaimed = self
             .store()
             .write(move |tx| {
-                for s in &subscriptions {
-                    if tx.environment(&s.environment_id)?.is_none() {
-                        return Err(Error::not_found("environment", &s.environment_id));
-                    }
-                    tx.put_subscription(s, true, now)?;
-                }
+                subscribe(tx, &subscriptions, now)?;
                 tx.reclaim_leases(&owner, now)
             })
             .await?;
