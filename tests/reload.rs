@@ -89,19 +89,19 @@ impl Reloading {
         tokio::time::timeout(Duration::from_secs(60), wait).await.expect("a reload event within 60 s")
     }
 
-    /// Waits until every filesystem event before now was handled: a barrier file is written
-    /// and its (failing) load observed; events are handled in order.
-    async fn settle(&mut self) -> Vec<ReloadEvent> {
-        let mut seen = Vec::new();
-        std::fs::write(self.dir.path().join("zz-barrier.wasm"), format!("barrier {}", fastrand_u64())).unwrap();
-        loop {
-            let e = tokio::time::timeout(Duration::from_secs(60), self.events.recv()).await.expect("barrier").unwrap();
-            if matches!(&e, ReloadEvent::Failed { name, .. } if name == "zz-barrier") {
-                std::fs::remove_file(self.dir.path().join("zz-barrier.wasm")).unwrap();
-                return seen;
+    /// Waits for `version` of `noop` to be loaded (other events, e.g. a failed read of a
+    /// half-copied file, pass by).
+    async fn loaded(&mut self, version: &str) {
+        let wait = async {
+            loop {
+                if let ReloadEvent::Loaded { version: v, .. } = self.events.recv().await.expect("reload events")
+                    && v == version
+                {
+                    return;
+                }
             }
-            seen.push(e);
-        }
+        };
+        tokio::time::timeout(Duration::from_secs(60), wait).await.expect("the version loads within 60 s");
     }
 
     async fn work(&self) -> String {
@@ -134,10 +134,6 @@ impl Reloading {
         assert_eq!(execs.len(), 1, "exactly one successful handling of {}", job.id);
         execs[0].plugin_version.clone()
     }
-}
-
-fn fastrand_u64() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
 }
 
 #[tokio::test]
@@ -230,29 +226,39 @@ async fn bad_versions_are_reported_and_the_last_good_one_keeps_serving() {
     r.running.shutdown().await;
 }
 
+/// How many times each version was loaded: every successful load adds one history entry.
+fn loads_of(dir: &Path, version: &str) -> usize {
+    jobhost::reload::history(dir, "noop").unwrap().iter().filter(|e| e.version == version).count()
+}
+
 #[tokio::test]
 async fn rename_into_place_and_in_place_copy_each_load_once_and_unchanged_content_does_not_reload() {
     let mut r = reloading().await;
     let v2 = variant(&r.v1, "v2");
     let v3 = variant(&r.v1, "v3");
     publish(r.dir.path(), "noop", &v2);
-    let seen = r.settle().await;
-    let loads = seen.iter().filter(|e| matches!(e, ReloadEvent::Loaded { name, .. } if name == "noop")).count();
-    assert_eq!(loads, 1, "{seen:?}");
+    r.loaded(&version_of(&v2)).await;
 
     let staged: PathBuf = r.dir.path().join("staged.bin");
     std::fs::write(&staged, &v3).unwrap();
     std::fs::copy(&staged, r.dir.path().join("noop.wasm")).unwrap();
-    let seen = r.settle().await;
-    let loaded: Vec<&ReloadEvent> = seen.iter().filter(|e| matches!(e, ReloadEvent::Loaded { .. })).collect();
-    assert_eq!(loaded.len(), 1, "{seen:?}");
-    assert!(matches!(loaded[0], ReloadEvent::Loaded { version, .. } if *version == version_of(&v3)));
+    r.loaded(&version_of(&v3)).await;
 
     // Same bytes written again: noticed, not reloaded.
     publish(r.dir.path(), "noop", &v3);
-    let seen = r.settle().await;
-    assert!(seen.iter().all(|e| !matches!(e, ReloadEvent::Loaded { .. })), "{seen:?}");
-    assert!(seen.iter().any(|e| matches!(e, ReloadEvent::Unchanged { .. })), "{seen:?}");
+    let unchanged = async {
+        loop {
+            match r.events.recv().await.unwrap() {
+                ReloadEvent::Unchanged { version, .. } if version == version_of(&v3) => break,
+                ReloadEvent::Loaded { version, .. } => panic!("reloaded {version}"),
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), unchanged).await.expect("the rewrite is noticed within 60 s");
+    for (what, v) in [("v1", &r.v1), ("rename", &v2), ("in-place copy", &v3)] {
+        assert_eq!(loads_of(r.dir.path(), &version_of(v)), 1, "{what} loaded once");
+    }
     r.running.shutdown().await;
 }
 
@@ -295,5 +301,29 @@ async fn rollback_restores_the_previous_version() {
     assert!(matches!(r.next("noop").await, ReloadEvent::Loaded { .. }));
     let err = jobhost::reload::rollback(r.dir.path(), "noop", Some("0123456789abcdef")).unwrap_err();
     assert!(err.to_string().contains("is not kept"), "{err}");
+    r.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_version_with_other_routes_unsubscribes_the_dropped_ones_and_subscribes_the_new() {
+    let mut r = reloading().await;
+    // Same plugin name, different program: the misbehaving plugin's routes replace noop's.
+    let other = std::fs::read(artifacts::TEST_MISBEHAVE).unwrap();
+    publish(r.dir.path(), "noop", &other);
+    assert!(matches!(r.next("noop").await, ReloadEvent::Loaded { .. }));
+
+    // `space:work` is no longer a route: no delivery is created for it.
+    let work = r.work().await;
+    assert_eq!(r.host.engine.delivery_stats().await.unwrap().pending, 0);
+    // `space:flaky` is a new route: handled (it succeeds on its second attempt).
+    let flaky = r.env.create_job(NewJob::new(JobType::Space, "flaky")).await.unwrap();
+    assert_eq!(until_terminal(&r.env, &flaky.id).await.outcome["message"], "attempt 2");
+    assert_eq!(r.env.job(&work).await.unwrap().status, JobStatus::Ready);
+
+    // Back to the original: `space:work` is subscribed again and handled.
+    publish(r.dir.path(), "noop", &r.v1.clone());
+    assert!(matches!(r.next("noop").await, ReloadEvent::Loaded { .. }));
+    let again = r.work().await;
+    assert_eq!(r.handled_by(&again).await, version_of(&r.v1));
     r.running.shutdown().await;
 }

@@ -253,39 +253,18 @@ impl Running {
     /// them. Their pending deliveries stay stored and are delivered if a listener with the same
     /// subscription returns; handlers already running finish.
     pub async fn remove(&self, ids: &[String]) -> Result<()> {
-        let handlers: Vec<(String, Subscription)> = {
-            let map = self.routes.map.read().map_err(|_| Error::Store("route table poisoned".into()))?;
-            ids.iter()
-                .filter(|id| map.contains_key(*id))
-                .map(|id| {
-                    (
-                        id.clone(),
-                        Subscription {
-                            id: id.clone(),
-                            environment_id: id.split('/').next().unwrap_or_default().to_owned(),
-                            topic: "**".into(),
-                            filter: Value::Null,
-                        },
-                    )
-                })
-                .collect()
-        };
         let now = self.engine.now();
-        let subs: Vec<Subscription> = handlers.iter().map(|(_, s)| s.clone()).collect();
+        let owned: Vec<String> = ids.to_vec();
         self.engine
             .store()
             .write(move |tx| {
-                for s in &subs {
-                    tx.put_subscription(s, false, now)?;
+                for id in &owned {
+                    tx.set_subscription_active(id, false, now)?;
                 }
                 Ok(())
             })
             .await?;
-        if let Ok(mut map) = self.routes.map.write() {
-            for id in ids {
-                map.remove(id);
-            }
-        }
+        self.detach(ids);
         Ok(())
     }
 

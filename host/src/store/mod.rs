@@ -213,6 +213,8 @@ pub trait Tx: ReadTx {
     fn insert_event(&mut self, event: &Event) -> Result<i64>;
     /// Adds or replaces a subscription; `active: false` stops new fan-out (pending deliveries stay).
     fn put_subscription(&mut self, sub: &Subscription, active: bool, now: Millis) -> Result<()>;
+    /// Turns fan-out to an existing subscription on or off (its pending deliveries stay).
+    fn set_subscription_active(&mut self, id: &str, active: bool, now: Millis) -> Result<()>;
     /// Leases up to `limit` due deliveries of these subscriptions to `owner`. Deliveries whose
     /// lease expired with no attempts left are dead-lettered instead.
     fn lease_deliveries(

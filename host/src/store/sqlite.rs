@@ -1078,6 +1078,25 @@ impl Tx for Conn<'_> {
         Ok(())
     }
 
+    fn set_subscription_active(&mut self, id: &str, active: bool, now: Millis) -> Result<()> {
+        self.conn
+            .prepare_cached("UPDATE subscriptions SET active = ?2, updated_at = ?3 WHERE id = ?1")?
+            .execute(params![id, active, now])?;
+        self.subs_touched = true;
+        let cache =
+            self.subs.as_deref_mut().ok_or_else(|| Error::Store("set_subscription_active outside a write".into()))?;
+        if active {
+            // The selector lives in the table: rebuild the cache from it before the next batch.
+            cache.stale = true;
+        } else {
+            // Off at once, so no later write of this batch fans out to it.
+            for list in cache.by_env.values_mut() {
+                list.retain(|(sid, _)| sid != id);
+            }
+        }
+        Ok(())
+    }
+
     fn lease_deliveries(
         &mut self,
         subscriptions: &[String],
