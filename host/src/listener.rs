@@ -203,13 +203,31 @@ pub struct Release(pub String);
 /// The routes the delivery loop serves, changeable while it runs.
 struct RouteTable {
     map: std::sync::RwLock<HashMap<String, (String, Handler)>>,
+    /// The map's keys, rebuilt when routes change so the delivery loop does not rebuild them
+    /// on every lease.
+    ids: std::sync::RwLock<Arc<Vec<String>>>,
     /// Wakes the delivery loop when routes were added.
     changed: tokio::sync::Notify,
 }
 
 impl RouteTable {
-    fn ids(&self) -> Vec<String> {
-        self.map.read().map(|m| m.keys().cloned().collect()).unwrap_or_default()
+    fn new(map: HashMap<String, (String, Handler)>) -> Self {
+        let ids = Arc::new(map.keys().cloned().collect());
+        Self { map: std::sync::RwLock::new(map), ids: std::sync::RwLock::new(ids), changed: tokio::sync::Notify::new() }
+    }
+
+    fn ids(&self) -> Arc<Vec<String>> {
+        self.ids.read().map(|ids| ids.clone()).unwrap_or_default()
+    }
+
+    /// Changes the map and refreshes the id list.
+    fn update(&self, f: impl FnOnce(&mut HashMap<String, (String, Handler)>)) {
+        if let Ok(mut map) = self.map.write() {
+            f(&mut map);
+            if let Ok(mut ids) = self.ids.write() {
+                *ids = Arc::new(map.keys().cloned().collect());
+            }
+        }
     }
 
     fn get(&self, id: &str) -> Option<(String, Handler)> {
@@ -242,9 +260,7 @@ impl Running {
         let ids: Vec<String> = subscriptions.iter().map(|s| s.id.clone()).collect();
         let now = self.engine.now();
         self.engine.store().write(move |tx| subscribe(tx, &subscriptions, now)).await?;
-        if let Ok(mut map) = self.routes.map.write() {
-            map.extend(handlers);
-        }
+        self.routes.update(|map| map.extend(handlers));
         self.routes.changed.notify_one();
         Ok(ids)
     }
@@ -272,16 +288,16 @@ impl Running {
     /// stored for them as pending deliveries, delivered when a listener with the same
     /// subscription is added again. Handlers already running finish.
     pub fn detach(&self, ids: &[String]) {
-        if let Ok(mut map) = self.routes.map.write() {
+        self.routes.update(|map| {
             for id in ids {
                 map.remove(id);
             }
-        }
+        });
     }
 
     /// The subscription ids being delivered to.
     pub fn subscription_ids(&self) -> Vec<String> {
-        self.routes.ids()
+        self.routes.ids().to_vec()
     }
 }
 
@@ -345,8 +361,7 @@ impl Engine {
         if reclaimed > 0 {
             tracing::info!(reclaimed, "deliveries leased by this host before a restart are due again");
         }
-        let routes =
-            Arc::new(RouteTable { map: std::sync::RwLock::new(handlers), changed: tokio::sync::Notify::new() });
+        let routes = Arc::new(RouteTable::new(handlers));
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         tasks.spawn(dispatch_loop(self.clone(), routes.clone(), stop_rx.clone()));
@@ -409,7 +424,7 @@ async fn dispatch_loop(engine: Engine, routes: Arc<RouteTable>, mut stop: watch:
             _ = stop.changed() => break,
         };
         while handlers.try_join_next().is_some() {}
-        let subs: Arc<Vec<String>> = Arc::new(routes.ids());
+        let subs = routes.ids();
         let want = (1 + sem.available_permits()).min(LEASE_BATCH) as u32;
         let (s, o, now) = (subs.clone(), owner.clone(), engine.now());
         let leased = if subs.is_empty() {

@@ -500,23 +500,34 @@ struct Conn<'a> {
     subs: Option<&'a mut SubCache>,
     new_deliveries: usize,
     subs_touched: bool,
+    /// The last sheet id → key looked up: a record write-back touches one sheet a thousand
+    /// times in one call. Keys never change, so this can outlive nothing but this closure.
+    sheet: std::cell::RefCell<Option<(String, i64)>>,
 }
 
 impl<'a> Conn<'a> {
     fn reader(conn: &'a Connection) -> Self {
-        Self { conn, subs: None, new_deliveries: 0, subs_touched: false }
+        Self { conn, subs: None, new_deliveries: 0, subs_touched: false, sheet: Default::default() }
     }
 
     fn writer(conn: &'a Connection, subs: &'a mut SubCache) -> Self {
-        Self { conn, subs: Some(subs), new_deliveries: 0, subs_touched: false }
+        Self { conn, subs: Some(subs), new_deliveries: 0, subs_touched: false, sheet: Default::default() }
     }
 
     fn sheet_key(&self, sheet_id: &str) -> Result<i64> {
-        self.conn
+        if let Some((id, key)) = &*self.sheet.borrow()
+            && id == sheet_id
+        {
+            return Ok(*key);
+        }
+        let key = self
+            .conn
             .prepare_cached("SELECT key FROM sheets WHERE id = ?1")?
             .query_row([sheet_id], |r| r.get(0))
             .optional()?
-            .ok_or_else(|| Error::not_found("sheet", sheet_id))
+            .ok_or_else(|| Error::not_found("sheet", sheet_id))?;
+        *self.sheet.borrow_mut() = Some((sheet_id.to_owned(), key));
+        Ok(key)
     }
 }
 
