@@ -266,10 +266,10 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 async fn memory_and_wall_clock_limits_are_attributed() {
     let host = TestHost::with_config(EngineConfig { max_attempts: 1, ..test_config() });
     let env = host.env().await;
+    let base = jobhost_tests::test_runtime_config();
     let rt = jobhost::runtime::Runtime::new(jobhost::runtime::RuntimeConfig {
-        wall_time: Duration::from_millis(500),
-        memory_limit: 16 << 20,
-        ..jobhost_tests::test_runtime_config()
+        limits: jobhost::runtime::Limits { wall: Duration::from_millis(500), memory: 16 << 20, ..base.limits.clone() },
+        ..base
     })
     .unwrap();
     let bad = load(&rt, artifacts::TEST_MISBEHAVE).await;
@@ -285,7 +285,7 @@ async fn memory_and_wall_clock_limits_are_attributed() {
     assert_eq!(exec.outcome, ExecutionOutcome::Memory);
     assert!(exec.peak_memory <= 16 << 20, "peak {} stays under the cap", exec.peak_memory);
 
-    assert_eq!(sleep_dead.last_error, "wall-clock limit 0.5 s exceeded");
+    assert_eq!(sleep_dead.last_error, "wall-clock limit 0.5 s exceeded (host calls included)");
     let exec = env.executions(Some(&sleep.id), 10).await.unwrap().into_iter().find(|e| e.topic == "job:ready").unwrap();
     assert_eq!(exec.outcome, ExecutionOutcome::Timeout);
     assert!(exec.cpu_us < 100_000, "sleeping is not CPU: {} µs charged", exec.cpu_us);

@@ -24,6 +24,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::Value;
 use tokio::sync::{Semaphore, watch};
@@ -108,6 +109,7 @@ pub struct Listener {
     name: String,
     environment_id: String,
     routes: Vec<Route>,
+    max_in_flight: Option<usize>,
 }
 
 impl std::fmt::Debug for Listener {
@@ -146,7 +148,15 @@ impl Filtered {
 impl Listener {
     /// A listener called `name` (stable across restarts: it names the durable subscriptions).
     pub fn new(name: impl Into<String>, environment_id: impl Into<String>) -> Self {
-        Self { name: name.into(), environment_id: environment_id.into(), routes: Vec::new() }
+        Self { name: name.into(), environment_id: environment_id.into(), routes: Vec::new(), max_in_flight: None }
+    }
+
+    /// At most `n` deliveries of this listener run at once (unbounded by default; the
+    /// environment's share, [`EngineConfig::max_in_flight_per_environment`](crate::EngineConfig),
+    /// still applies).
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = Some(n.max(1));
+        self
     }
 
     /// Handles `topic` for every event.
@@ -200,28 +210,144 @@ impl Listener {
 #[error("delivery released: {0}")]
 pub struct Release(pub String);
 
+/// Deliveries running in one group (a listener, or an environment) and how many may.
+#[derive(Debug)]
+struct Slots {
+    used: AtomicUsize,
+    cap: AtomicUsize,
+}
+
+impl Slots {
+    fn new(cap: usize) -> Arc<Self> {
+        Arc::new(Self { used: AtomicUsize::new(0), cap: AtomicUsize::new(cap) })
+    }
+
+    fn free(&self) -> usize {
+        self.cap.load(Ordering::Relaxed).saturating_sub(self.used.load(Ordering::Relaxed))
+    }
+}
+
+/// Holds a slot of a listener and of its environment while a delivery runs.
+struct SlotGuard {
+    held: [Arc<Slots>; 2],
+    freed: Arc<tokio::sync::Notify>,
+}
+
+impl SlotGuard {
+    fn take(held: [Arc<Slots>; 2], freed: Arc<tokio::sync::Notify>) -> Self {
+        for s in &held {
+            s.used.fetch_add(1, Ordering::Relaxed);
+        }
+        Self { held, freed }
+    }
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        for s in &self.held {
+            s.used.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.freed.notify_one();
+    }
+}
+
+#[derive(Clone)]
+struct RouteEntry {
+    listener: String,
+    handler: Handler,
+    /// The listener's slots, then its environment's.
+    slots: [Arc<Slots>; 2],
+}
+
 /// The routes the delivery loop serves, changeable while it runs.
 struct RouteTable {
-    map: std::sync::RwLock<HashMap<String, (String, Handler)>>,
+    map: std::sync::RwLock<HashMap<String, RouteEntry>>,
     /// The map's keys, rebuilt when routes change so the delivery loop does not rebuild them
     /// on every lease.
     ids: std::sync::RwLock<Arc<Vec<String>>>,
+    /// Slots per listener (`L:<env>/<name>`) and per environment (`E:<env>`).
+    groups: std::sync::Mutex<HashMap<String, Arc<Slots>>>,
+    env_cap: usize,
     /// Wakes the delivery loop when routes were added.
     changed: tokio::sync::Notify,
+    /// Wakes the delivery loop when a delivery ended and freed a listener's or environment's slot.
+    freed: Arc<tokio::sync::Notify>,
+}
+
+/// A route as [`prepare`] hands it over: subscription id, listener, environment, cap, handler.
+struct Prepared1 {
+    id: String,
+    listener: String,
+    environment_id: String,
+    max_in_flight: Option<usize>,
+    handler: Handler,
 }
 
 impl RouteTable {
-    fn new(map: HashMap<String, (String, Handler)>) -> Self {
-        let ids = Arc::new(map.keys().cloned().collect());
-        Self { map: std::sync::RwLock::new(map), ids: std::sync::RwLock::new(ids), changed: tokio::sync::Notify::new() }
+    fn new(env_cap: usize) -> Self {
+        Self {
+            map: std::sync::RwLock::new(HashMap::new()),
+            ids: std::sync::RwLock::new(Arc::default()),
+            groups: std::sync::Mutex::new(HashMap::new()),
+            env_cap: env_cap.max(1),
+            changed: tokio::sync::Notify::new(),
+            freed: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    fn group(&self, key: String, cap: usize) -> Arc<Slots> {
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        let slots = groups.entry(key).or_insert_with(|| Slots::new(cap));
+        slots.cap.store(cap, Ordering::Relaxed);
+        slots.clone()
+    }
+
+    fn insert(&self, routes: Vec<Prepared1>) {
+        let entries: Vec<(String, RouteEntry)> = routes
+            .into_iter()
+            .map(|r| {
+                let listener_slots =
+                    self.group(format!("L:{}/{}", r.environment_id, r.listener), r.max_in_flight.unwrap_or(usize::MAX));
+                let env_slots = self.group(format!("E:{}", r.environment_id), self.env_cap);
+                (r.id, RouteEntry { listener: r.listener, handler: r.handler, slots: [listener_slots, env_slots] })
+            })
+            .collect();
+        self.update(|map| map.extend(entries));
+    }
+
+    /// Changes how many deliveries of a listener may run at once.
+    fn set_cap(&self, environment_id: &str, listener: &str, cap: usize) {
+        self.group(format!("L:{environment_id}/{listener}"), cap.max(1));
+        self.freed.notify_one();
     }
 
     fn ids(&self) -> Arc<Vec<String>> {
         self.ids.read().map(|ids| ids.clone()).unwrap_or_default()
     }
 
+    /// The subscriptions that may take deliveries now, with how many each may take, and the
+    /// admission state that keeps a lease within every listener's and environment's free slots.
+    fn plan(&self) -> (Vec<(String, u32)>, Admission) {
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        let mut subs = Vec::new();
+        let mut admission = Admission { of: HashMap::new(), free: HashMap::new() };
+        for (id, entry) in map.iter() {
+            let free = entry.slots.iter().map(|s| s.free()).min().unwrap_or(0);
+            if free == 0 {
+                continue;
+            }
+            subs.push((id.clone(), free.min(u32::MAX as usize) as u32));
+            let keys = entry.slots.clone().map(|s| Arc::as_ptr(&s) as usize);
+            for (k, s) in keys.iter().zip(&entry.slots) {
+                admission.free.entry(*k).or_insert_with(|| s.free());
+            }
+            admission.of.insert(id.clone(), keys);
+        }
+        (subs, admission)
+    }
+
     /// Changes the map and refreshes the id list.
-    fn update(&self, f: impl FnOnce(&mut HashMap<String, (String, Handler)>)) {
+    fn update(&self, f: impl FnOnce(&mut HashMap<String, RouteEntry>)) {
         if let Ok(mut map) = self.map.write() {
             f(&mut map);
             if let Ok(mut ids) = self.ids.write() {
@@ -230,8 +356,30 @@ impl RouteTable {
         }
     }
 
-    fn get(&self, id: &str) -> Option<(String, Handler)> {
+    fn get(&self, id: &str) -> Option<RouteEntry> {
         self.map.read().ok().and_then(|m| m.get(id).cloned())
+    }
+}
+
+/// Decides, candidate by candidate inside the lease transaction, whether a delivery fits in its
+/// listener's and environment's free slots.
+struct Admission {
+    of: HashMap<String, [usize; 2]>,
+    free: HashMap<usize, usize>,
+}
+
+impl Admission {
+    fn admit(&mut self, subscription: &str) -> bool {
+        let Some(keys) = self.of.get(subscription) else { return false };
+        if keys.iter().any(|k| self.free.get(k).copied().unwrap_or(0) == 0) {
+            return false;
+        }
+        for k in keys {
+            if let Some(f) = self.free.get_mut(k) {
+                *f -= 1;
+            }
+        }
+        true
     }
 }
 
@@ -260,9 +408,14 @@ impl Running {
         let ids: Vec<String> = subscriptions.iter().map(|s| s.id.clone()).collect();
         let now = self.engine.now();
         self.engine.store().write(move |tx| subscribe(tx, &subscriptions, now)).await?;
-        self.routes.update(|map| map.extend(handlers));
+        self.routes.insert(handlers);
         self.routes.changed.notify_one();
         Ok(ids)
+    }
+
+    /// Changes how many deliveries of listener `name` in `environment_id` may run at once.
+    pub fn set_max_in_flight(&self, environment_id: &str, name: &str, n: usize) {
+        self.routes.set_cap(environment_id, name, n);
     }
 
     /// Stops new events from being fanned out to these subscriptions and stops delivering
@@ -301,7 +454,7 @@ impl Running {
     }
 }
 
-type Prepared = (Vec<Subscription>, HashMap<String, (String, Handler)>);
+type Prepared = (Vec<Subscription>, Vec<Prepared1>);
 
 /// Stores subscriptions as active, refusing any whose environment does not exist.
 fn subscribe(tx: &mut dyn crate::store::Tx, subscriptions: &[Subscription], now: crate::model::Millis) -> Result<()> {
@@ -316,7 +469,8 @@ fn subscribe(tx: &mut dyn crate::store::Tx, subscriptions: &[Subscription], now:
 
 /// Checks listeners and turns their routes into subscriptions and handlers.
 fn prepare(listeners: Vec<Listener>) -> Result<Prepared> {
-    let mut handlers: HashMap<String, (String, Handler)> = HashMap::new();
+    let mut handlers: Vec<Prepared1> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     let mut subscriptions = Vec::new();
     for listener in listeners {
         if listener.name.is_empty() || listener.name.contains('#') || listener.name.contains('/') {
@@ -336,9 +490,16 @@ fn prepare(listeners: Vec<Listener>) -> Result<Prepared> {
                 topic: route.topic,
                 filter: route.filter,
             });
-            if handlers.insert(id.clone(), (listener.name.clone(), route.handler)).is_some() {
+            if !seen.insert(id.clone()) {
                 return Err(Error::invalid(format!("subscription {id} is declared twice")));
             }
+            handlers.push(Prepared1 {
+                id,
+                listener: listener.name.clone(),
+                environment_id: listener.environment_id.clone(),
+                max_in_flight: listener.max_in_flight,
+                handler: route.handler,
+            });
         }
     }
     Ok((subscriptions, handlers))
@@ -361,7 +522,8 @@ impl Engine {
         if reclaimed > 0 {
             tracing::info!(reclaimed, "deliveries leased by this host before a restart are due again");
         }
-        let routes = Arc::new(RouteTable::new(handlers));
+        let routes = Arc::new(RouteTable::new(self.config().max_in_flight_per_environment));
+        routes.insert(handlers);
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         tasks.spawn(dispatch_loop(self.clone(), routes.clone(), stop_rx.clone()));
@@ -418,19 +580,27 @@ async fn dispatch_loop(engine: Engine, routes: Arc<RouteTable>, mut stop: watch:
         let routes_changed = routes.changed.notified();
         tokio::pin!(routes_changed);
         routes_changed.as_mut().enable();
+        let freed = routes.freed.notified();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
 
         let permit = tokio::select! {
             p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             _ = stop.changed() => break,
         };
         while handlers.try_join_next().is_some() {}
-        let subs = routes.ids();
+        // Only subscriptions whose listener and environment have a free slot take work.
+        let (plan, mut admission) = routes.plan();
         let want = (1 + sem.available_permits()).min(LEASE_BATCH) as u32;
-        let (s, o, now) = (subs.clone(), owner.clone(), engine.now());
-        let leased = if subs.is_empty() {
+        let (o, now) = (owner.clone(), engine.now());
+        let eligible: Vec<String> = plan.iter().map(|(id, _)| id.clone()).collect();
+        let leased = if plan.is_empty() {
             Ok(Vec::new())
         } else {
-            engine.store().write(move |tx| tx.lease_deliveries(&s, &o, now, want, policy)).await
+            engine
+                .store()
+                .write(move |tx| tx.lease_deliveries(&plan, &o, now, want, policy, &mut |sub| admission.admit(sub)))
+                .await
         };
         let leased = match leased {
             Ok(l) => l,
@@ -445,8 +615,8 @@ async fn dispatch_loop(engine: Engine, routes: Arc<RouteTable>, mut stop: watch:
         };
         if leased.is_empty() {
             drop(permit);
-            let s = subs.clone();
-            let due = if subs.is_empty() {
+            let s = eligible.clone();
+            let due = if eligible.is_empty() {
                 None
             } else {
                 engine.store().read(move |r| r.next_delivery_due(&s)).await.unwrap_or_else(|e| {
@@ -458,6 +628,7 @@ async fn dispatch_loop(engine: Engine, routes: Arc<RouteTable>, mut stop: watch:
             tokio::select! {
                 _ = &mut notified => {}
                 _ = &mut routes_changed => {}
+                _ = &mut freed => {}
                 _ = async { tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)).await }, if wake.is_some() => {}
                 _ = stop.changed() => break,
             }
@@ -475,8 +646,11 @@ async fn dispatch_loop(engine: Engine, routes: Arc<RouteTable>, mut stop: watch:
             };
             let engine = engine.clone();
             let routes = routes.clone();
+            let entry = routes.get(&delivery.subscription_id);
+            let slots = entry.as_ref().map(|e| SlotGuard::take(e.slots.clone(), routes.freed.clone()));
             handlers.spawn(async move {
-                handle(&engine, &routes, delivery).await;
+                handle(&engine, entry, delivery).await;
+                drop(slots);
                 drop(permit);
             });
         }
@@ -489,14 +663,15 @@ enum Outcome {
     Release(String),
 }
 
-async fn handle(engine: &Engine, routes: &RouteTable, d: Leased) {
+async fn handle(engine: &Engine, entry: Option<RouteEntry>, d: Leased) {
     let policy = engine.config().delivery_policy();
     let execution_slot: ExecutionSlot = Arc::default();
-    let outcome = match routes.get(&d.subscription_id) {
+    let outcome = match entry {
         // The route went away after the lease (a plugin was removed or replaced).
         None => Outcome::Release(format!("no handler for subscription {} any more", d.subscription_id)),
-        Some((listener, handler)) => {
-            let api = engine.env(d.event.environment_id()).as_actor(format!("listener:{listener}"));
+        Some(RouteEntry { listener, handler, .. }) => {
+            let api =
+                engine.env(d.event.environment_id()).as_actor(format!("listener:{listener}")).caused_by(&d.event);
             let ctx =
                 EventCtx { execution: Some(execution_slot.clone()), ..EventCtx::new(d.event.clone(), api, d.attempt) };
             let fut = handler(ctx);

@@ -597,6 +597,10 @@ string_enum! {
         Cpu = "cpu",
         /// The delivery outlived its wall-clock limit (host calls included).
         Timeout = "timeout",
+        /// The guest ran out of fuel.
+        Fuel = "fuel",
+        /// Another limit stopped the guest (its tables grew past the table limit).
+        Limit = "limit",
     }
 }
 
@@ -636,4 +640,19 @@ pub struct Execution {
     pub peak_memory: u64,
     /// stdout, stderr and `log` lines, capped.
     pub logs: String,
+}
+
+/// Largest secret value, in bytes.
+pub const MAX_SECRET_BYTES: usize = 64 << 10;
+
+/// A secret's name: 1 to 128 ASCII letters, digits, `_`, `-` or `.`.
+pub fn validate_secret_name(name: &str) -> std::result::Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("`{name}` is not a secret name (1 to 128 of A-Z, a-z, 0-9, `_`, `-`, `.`)"))
+    }
 }

@@ -3,7 +3,11 @@
 //! [`PluginHost`] keeps one [`PluginSlot`] per plugin file of a directory and swaps a new
 //! version into it only after the file was read, hashed, compiled and type-checked:
 //!
-//! - unchanged content (same SHA-256) does nothing;
+//! - a plugin's manifest (`NAME.toml`, its limits, grants and configuration — see
+//!   [`Manifest`](crate::runtime::Manifest)) is part of the version: a changed manifest swaps
+//!   in the same compiled component under the new manifest, and an invalid one is refused like
+//!   a bad component;
+//! - unchanged content (same SHA-256 and manifest) does nothing;
 //! - content that fails to load is reported with the reason and remembered, so the same bad
 //!   bytes are not retried; the **last good version keeps serving**;
 //! - a swap makes the new version current for every delivery that starts afterwards, while
@@ -119,7 +123,8 @@ const REMEMBERED_FAILURES: usize = 16;
 pub const ALREADY_FAILED: &str = "this content already failed to load; waiting for a change";
 
 fn plugin_name(path: &Path) -> Option<String> {
-    if path.extension()? != "wasm" {
+    let ext = path.extension()?;
+    if ext != "wasm" && ext != "toml" {
         return None;
     }
     let stem = path.file_stem()?.to_str()?;
@@ -255,32 +260,60 @@ impl PluginHost {
             }
         };
         let version = version_of(&bytes);
-        let current = plugins.get(name).map(|e| e.slot.get());
-        if let Some(c) = &current
-            && c.version == version
-        {
-            return ReloadEvent::Unchanged { name: name.to_owned(), version };
-        }
-        if self.failed.lock().await.get(name).is_some_and(|bad| bad.contains(&version)) {
-            return ReloadEvent::Failed {
-                name: name.to_owned(),
-                version: Some(version),
-                reason: ALREADY_FAILED.into(),
-            };
-        }
-        let plugin = match self.runtime.load_bytes(&path, bytes.clone()).await {
-            Ok(p) => Arc::new(p),
+        let manifest_path = path.with_extension("toml");
+        let manifest_text = match std::fs::read_to_string(&manifest_path) {
+            Ok(t) => Some(t),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => {
+                return ReloadEvent::Failed {
+                    name: name.to_owned(),
+                    version: Some(version),
+                    reason: format!("cannot read {}: {e}", manifest_path.display()),
+                };
+            }
+        };
+        // What failed is remembered by component and manifest together.
+        let content = format!("{version}/{}", manifest_text.as_deref().map_or_else(String::new, |t| version_of(t.as_bytes())));
+        if self.failed.lock().await.get(name).is_some_and(|bad| bad.contains(&content)) {
+            return ReloadEvent::Failed { name: name.to_owned(), version: Some(version), reason: ALREADY_FAILED.into() };
+        }
+        let manifest = match manifest_text.as_deref().map(|t| self.runtime.parse_manifest(t)) {
+            None => Ok(self.runtime.parse_manifest("").unwrap_or_default()),
+            Some(Ok(m)) => Ok(m),
+            Some(Err(e)) => Err(format!("{}: {e}", manifest_path.display())),
+        };
+        let current = plugins.get(name).map(|e| e.slot.get());
+        let loaded = match manifest {
+            Err(reason) => Err(reason),
+            Ok(manifest) => match &current {
+                Some(c) if c.version == version && *c.manifest == manifest => {
+                    return ReloadEvent::Unchanged { name: name.to_owned(), version };
+                }
+                // Only the manifest changed: same compiled component, new limits and grants.
+                Some(c) if c.version == version => Ok(Arc::new(c.with_manifest(manifest))),
+                _ => self.runtime.load_with(&path, bytes.clone(), manifest).await.map(Arc::new).map_err(|e| e.to_string()),
+            },
+        };
+        let plugin = match loaded {
+            Ok(p) => p,
+            Err(reason) => {
                 let mut failed = self.failed.lock().await;
                 let bad = failed.entry(name.to_owned()).or_default();
-                bad.push(version.clone());
+                bad.push(content);
                 if bad.len() > REMEMBERED_FAILURES {
                     bad.remove(0);
                 }
-                return ReloadEvent::Failed { name: name.to_owned(), version: Some(version), reason: e.to_string() };
+                return ReloadEvent::Failed { name: name.to_owned(), version: Some(version), reason };
             }
         };
-        if let Err(e) = self.remember(name, &version, &bytes) {
+        self.running.set_max_in_flight(
+            &self.environment_id,
+            &format!("plugin:{name}"),
+            plugin.manifest.limits.max_instances,
+        );
+        if current.as_ref().is_some_and(|c| c.version == version) {
+            // A manifest-only change: the component is already in the history.
+        } else if let Err(e) = self.remember(name, &version, &bytes) {
             tracing::warn!(plugin = name, error = %e, "cannot keep this version for rollback");
         }
         match plugins.get_mut(name) {

@@ -90,8 +90,11 @@ pub async fn events_of(env: &Env, job_id: &str, topic: &str) -> Vec<Event> {
 /// anything outside the test.
 pub fn test_runtime_config() -> jobhost::runtime::RuntimeConfig {
     jobhost::runtime::RuntimeConfig {
-        cpu_time: Duration::from_millis(300),
-        wall_time: Duration::from_secs(10),
+        limits: jobhost::runtime::Limits {
+            cpu: Duration::from_millis(300),
+            wall: Duration::from_secs(10),
+            ..Default::default()
+        },
         max_instances: 32,
         cache_dir: None,
         ..Default::default()

@@ -50,6 +50,12 @@ pub struct EngineConfig {
     pub retry_backoff: Duration,
     /// Deliveries handled at once by this host.
     pub max_in_flight: usize,
+    /// Deliveries of one environment handled at once, so a busy tenant cannot take every slot.
+    pub max_in_flight_per_environment: usize,
+    /// Loop guard: how deep a chain of events caused by listeners' own calls may go.
+    pub max_chain_depth: u32,
+    /// Loop guard: how many events one chain may write in all.
+    pub max_chain_events: u64,
 }
 
 impl Default for EngineConfig {
@@ -62,6 +68,9 @@ impl Default for EngineConfig {
             max_attempts: 5,
             retry_backoff: Duration::from_millis(500),
             max_in_flight: 64,
+            max_in_flight_per_environment: 48,
+            max_chain_depth: 64,
+            max_chain_events: 1_000_000,
         }
     }
 }
@@ -163,7 +172,7 @@ impl Engine {
 
     /// The API of one environment, acting as `system`.
     pub fn env(&self, environment_id: impl Into<String>) -> Env {
-        Env { engine: self.clone(), env: Arc::from(environment_id.into()), actor: Arc::from("system") }
+        Env { engine: self.clone(), env: Arc::from(environment_id.into()), actor: Arc::from("system"), cause: None }
     }
 
     /// Delivery counts across all environments.
@@ -183,6 +192,7 @@ pub struct Env {
     engine: Engine,
     env: Arc<str>,
     actor: Arc<str>,
+    cause: Option<Arc<rules::Cause>>,
 }
 
 impl std::fmt::Debug for Env {
@@ -206,7 +216,14 @@ enum Call {
 impl Env {
     /// The same environment, acting as `actor` (recorded as `actorId` in events).
     pub fn as_actor(&self, actor: impl Into<String>) -> Env {
-        Env { engine: self.engine.clone(), env: self.env.clone(), actor: Arc::from(actor.into()) }
+        Env { actor: Arc::from(actor.into()), ..self.clone() }
+    }
+
+    /// The same environment and actor, for calls made while handling `event`: the events
+    /// they write join `event`'s chain one level deeper, and the loop guard
+    /// ([`EngineConfig::max_chain_depth`], [`EngineConfig::max_chain_events`]) applies.
+    pub fn caused_by(&self, event: &Event) -> Env {
+        Env { cause: Some(Arc::new(rules::Cause::of(event))), ..self.clone() }
     }
 
     /// The environment id.
@@ -220,7 +237,13 @@ impl Env {
     }
 
     fn ctx(&self) -> rules::Ctx {
-        rules::Ctx { env: self.env.to_string(), actor: self.actor.to_string(), now: self.engine.now() }
+        rules::Ctx {
+            env: self.env.to_string(),
+            actor: self.actor.to_string(),
+            now: self.engine.now(),
+            cause: self.cause.as_deref().cloned(),
+            emitted: Default::default(),
+        }
     }
 
     async fn write<T: Send + 'static>(
@@ -228,6 +251,17 @@ impl Env {
         f: impl FnOnce(&mut dyn crate::store::Tx, &rules::Ctx) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let ctx = self.ctx();
+        let config = &self.engine.inner.config;
+        let (max_depth, max_events) = (config.max_chain_depth, config.max_chain_events);
+        if let Some(cause) = &ctx.cause
+            && cause.depth > max_depth
+        {
+            return Err(Error::Limit(format!(
+                "loop guard: this call would write events at depth {} of chain {} (at most {max_depth}); \
+                 a listener's actions keep re-triggering listeners",
+                cause.depth, cause.chain
+            )));
+        }
         self.engine
             .inner
             .store
@@ -235,7 +269,21 @@ impl Env {
                 if tx.environment(&ctx.env)?.is_none() {
                     return Err(Error::not_found("environment", &ctx.env));
                 }
-                f(tx, &ctx)
+                let out = f(tx, &ctx)?;
+                let emitted = ctx.emitted.get();
+                if let Some(cause) = &ctx.cause
+                    && emitted > 0
+                {
+                    let total = tx.charge_chain(&cause.chain, emitted, ctx.now)?;
+                    if total > max_events {
+                        return Err(Error::Limit(format!(
+                            "loop guard: chain {} would reach {total} events (at most {max_events}); \
+                             a listener's actions keep re-triggering listeners",
+                            cause.chain
+                        )));
+                    }
+                }
+                Ok(out)
             })
             .await
     }
@@ -424,6 +472,59 @@ impl Env {
             rules::split(tx, ctx, job, split)
         })
         .await
+    }
+
+    /// Sets the `info` of a job that has not ended, without changing its status or writing an
+    /// event: how the host says on the job why a listener's delivery for it failed. Returns
+    /// false when the job already ended (its outcome stands).
+    pub async fn annotate(&self, id: &str, info: String) -> Result<bool> {
+        let id = id.to_owned();
+        self.write(move |tx, ctx| {
+            let mut job = rules::load(tx, ctx, &id)?;
+            if job.status.is_terminal() {
+                return Ok(false);
+            }
+            job.info = Some(info);
+            job.updated_at = ctx.now;
+            tx.update_job(&job)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    // ---- secrets ----
+
+    /// Stores (or replaces) a secret of this environment.
+    pub async fn set_secret(&self, name: &str, value: &str) -> Result<()> {
+        crate::model::validate_secret_name(name).map_err(Error::invalid)?;
+        if value.len() > crate::model::MAX_SECRET_BYTES {
+            return Err(Error::invalid(format!(
+                "a secret is at most {} bytes, not {}",
+                crate::model::MAX_SECRET_BYTES,
+                value.len()
+            )));
+        }
+        let (name, value) = (name.to_owned(), value.to_owned());
+        self.write(move |tx, ctx| tx.put_secret(&ctx.env, &name, Some(&value), ctx.now)).await
+    }
+
+    /// Deletes a secret; false when there was none.
+    pub async fn delete_secret(&self, name: &str) -> Result<bool> {
+        let name = name.to_owned();
+        self.write(move |tx, ctx| tx.put_secret(&ctx.env, &name, None, ctx.now)).await.map(|_| true).or_else(|e| {
+            if e.kind() == crate::ErrorKind::NotFound { Ok(false) } else { Err(e) }
+        })
+    }
+
+    /// A secret's value.
+    pub async fn secret(&self, name: &str) -> Result<String> {
+        let name = name.to_owned();
+        self.read(move |r, env| r.secret(env, &name)?.ok_or_else(|| Error::not_found("secret", name))).await
+    }
+
+    /// The names of the environment's secrets (never their values), sorted.
+    pub async fn secret_names(&self) -> Result<Vec<String>> {
+        self.read(|r, env| r.secret_names(env)).await
     }
 
     // ---- events ----

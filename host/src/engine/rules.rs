@@ -25,6 +25,40 @@ pub struct Ctx {
     pub actor: String,
     /// The call's timestamp.
     pub now: i64,
+    /// The event whose handler made the call, when a listener made it.
+    pub cause: Option<Cause>,
+    /// Events written by the call so far (the loop guard charges them to the chain).
+    pub emitted: std::cell::Cell<u64>,
+}
+
+/// Where a listener's call comes from: the chain of events it belongs to and how deep in it.
+///
+/// An event written by a call that a listener made while handling event `E` belongs to `E`'s
+/// chain, one level deeper. The loop guard bounds both the depth and the events of a chain, so
+/// a listener whose own actions re-trigger it is stopped with a `limit` error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cause {
+    /// The id of the chain's first event.
+    pub chain: String,
+    /// The depth of events this call writes (the handled event's depth + 1).
+    pub depth: u32,
+    /// The event being handled.
+    pub event: String,
+}
+
+impl Cause {
+    /// The cause of calls made while handling `event`.
+    pub fn of(event: &crate::model::Event) -> Self {
+        let chain = event.context_str("chainId").unwrap_or(&event.id).to_owned();
+        let depth = event.context.get("depth").and_then(Value::as_u64).unwrap_or(0) as u32;
+        Self { chain, depth: depth.saturating_add(1), event: event.id.clone() }
+    }
+
+    fn stamp(&self, c: &mut Map<String, Value>) {
+        c.insert("chainId".into(), json!(self.chain));
+        c.insert("depth".into(), json!(self.depth));
+        c.insert("causedBy".into(), json!(self.event));
+    }
 }
 
 /// What `split` returns.
@@ -64,6 +98,9 @@ fn context(ctx: &Ctx, job: &Job) -> Value {
         c.insert("sheetId".into(), json!(sheet));
     }
     c.insert("actorId".into(), json!(ctx.actor));
+    if let Some(cause) = &ctx.cause {
+        cause.stamp(&mut c);
+    }
     Value::Object(c)
 }
 
@@ -103,6 +140,7 @@ fn emit(tx: &mut dyn Tx, ctx: &Ctx, job: &Job, topic: &str, extra: Option<(&str,
         created_at: ctx.now,
     };
     tx.insert_event(&event)?;
+    ctx.emitted.set(ctx.emitted.get() + 1);
     Ok(())
 }
 
@@ -112,11 +150,21 @@ pub fn emit_records_event(tx: &mut dyn Tx, ctx: &Ctx, sheet_id: &str, topic: &st
         id: new_id("evt"),
         seq: 0,
         topic: topic.to_owned(),
-        context: json!({ "environmentId": ctx.env, "sheetId": sheet_id, "actorId": ctx.actor }),
+        context: {
+            let mut c = Map::new();
+            c.insert("environmentId".into(), json!(ctx.env));
+            c.insert("sheetId".into(), json!(sheet_id));
+            c.insert("actorId".into(), json!(ctx.actor));
+            if let Some(cause) = &ctx.cause {
+                cause.stamp(&mut c);
+            }
+            Value::Object(c)
+        },
         payload: json!({ "sheetId": sheet_id, "recordCount": count }),
         created_at: ctx.now,
     };
     tx.insert_event(&event)?;
+    ctx.emitted.set(ctx.emitted.get() + 1);
     Ok(())
 }
 

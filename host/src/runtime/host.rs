@@ -14,9 +14,9 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use super::RuntimeConfig;
-use super::bindings::jobhost::plugin::{jobs, log, records, sheets, types as wit};
+use super::bindings::jobhost::plugin::{config, jobs, log, records, sheets, types as wit};
 use super::convert;
+use super::limits::Manifest;
 use crate::engine::Env;
 use crate::model::{Ack, JobType, NewJob, NewRecord, Outcome, Split, SplitParts, Trigger};
 
@@ -91,6 +91,7 @@ pub(super) struct Limiter {
     memory_refused: bool,
     table_limit: usize,
     table_total: usize,
+    table_refused: bool,
 }
 
 impl wasmtime::ResourceLimiter for Limiter {
@@ -108,6 +109,7 @@ impl wasmtime::ResourceLimiter for Limiter {
     fn table_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         let total = self.table_total - current.min(self.table_total) + desired;
         if total > self.table_limit {
+            self.table_refused = true;
             return Ok(false);
         }
         self.table_total = total;
@@ -208,7 +210,17 @@ impl CpuMeter {
     }
 }
 
-/// Everything one instance owns: its WASI context (no files, env, args or network), its
+/// The jobs a delivery may move (ack, complete, fail, cancel, split): the event's job, its
+/// parent, its parts, and jobs the plugin created in this delivery — unless the manifest
+/// grants `any_job`.
+#[derive(Debug, Default)]
+struct JobScope {
+    job: Option<String>,
+    parent: Option<String>,
+    created: Vec<String>,
+}
+
+/// Everything one instance owns: its WASI context (nothing but what the manifest grants), its
 /// limits, its logs, and the environment API it acts through.
 pub struct HostState {
     wasi: WasiCtx,
@@ -220,27 +232,45 @@ pub struct HostState {
     env: Option<Env>,
     plugin: Arc<str>,
     event_id: Arc<str>,
+    manifest: Arc<Manifest>,
+    scope: JobScope,
+    records_written: u64,
+    /// The first limit or rule a host call refused, for the execution record.
+    refused: Option<String>,
 }
 
 impl HostState {
-    fn new(config: &RuntimeConfig, env: Option<Env>, plugin: &str, event_id: &str) -> Self {
-        let logs = Arc::new(Mutex::new(LogBuf { text: String::new(), limit: config.log_limit, truncated: false }));
+    fn new(manifest: Arc<Manifest>, env: Option<Env>, plugin: &str, event_id: &str) -> wasmtime::Result<Self> {
+        let limits = &manifest.limits;
+        let logs = Arc::new(Mutex::new(LogBuf { text: String::new(), limit: limits.max_log_bytes, truncated: false }));
         // The builder starts with nothing: no preopened directories, no environment variables,
-        // no arguments, no network; stdin is empty.
-        let wasi = WasiCtxBuilder::new().stdout(Capture(logs.clone())).stderr(Capture(logs.clone())).build();
-        Self {
-            wasi,
+        // no arguments, no network; stdin is empty. Only what the manifest grants is added.
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stdout(Capture(logs.clone())).stderr(Capture(logs.clone()));
+        if env.is_some() {
+            for (k, v) in &manifest.grants.env {
+                wasi.env(k, v);
+            }
+            for d in &manifest.grants.dirs {
+                wasi.preopened_dir(&d.host, &d.guest, wasmtime_wasi::FsPerms::ReadOnly).map_err(|e| {
+                    wasmtime::Error::msg(format!("cannot open the granted directory {}: {e}", d.host.display()))
+                })?;
+            }
+        }
+        Ok(Self {
+            wasi: wasi.build(),
             table: ResourceTable::new(),
             limiter: Limiter {
-                memory_limit: config.memory_limit,
+                memory_limit: limits.memory,
                 memory_total: 0,
                 memory_peak: 0,
                 memory_refused: false,
-                table_limit: config.table_elements_limit,
+                table_limit: limits.table_elements,
                 table_total: 0,
+                table_refused: false,
             },
             cpu: CpuMeter {
-                budget_ns: config.cpu_time.as_nanos() as u64,
+                budget_ns: limits.cpu.as_nanos() as u64,
                 used_ns: 0,
                 mark: Arc::new(AtomicU64::new(NOT_IN_WASM)),
                 exceeded: false,
@@ -251,16 +281,110 @@ impl HostState {
             env,
             plugin: Arc::from(plugin),
             event_id: Arc::from(event_id),
+            scope: JobScope::default(),
+            records_written: 0,
+            refused: None,
+            manifest,
+        })
+    }
+
+    pub(super) fn for_load(manifest: Arc<Manifest>) -> Self {
+        // Nothing is granted at load, so nothing can fail.
+        Self::new(manifest, None, "loading", "-").unwrap_or_else(|_| unreachable!("no grants at load"))
+    }
+
+    pub(super) fn for_event(
+        manifest: Arc<Manifest>,
+        env: Env,
+        plugin: &str,
+        event: &crate::model::Event,
+    ) -> wasmtime::Result<Self> {
+        let env = env.as_actor(format!("plugin:{plugin}"));
+        let mut state = Self::new(manifest, Some(env), plugin, &event.id)?;
+        state.scope.job = event.job_id().map(str::to_owned);
+        state.scope.parent = event.payload.get("parentId").and_then(Value::as_str).map(str::to_owned);
+        Ok(state)
+    }
+
+    /// The limit or rule a host call refused first, if any.
+    pub(super) fn refused(&self) -> Option<&str> {
+        self.refused.as_deref()
+    }
+
+    /// The table limit, when a growth past it was refused.
+    pub(super) fn table_exceeded(&self) -> Option<usize> {
+        self.limiter.table_refused.then_some(self.limiter.table_limit)
+    }
+
+    /// Notes a refusal in the delivery's log (the guest may swallow the error; the record
+    /// still says what happened) and returns it as the guest's error.
+    fn refuse(&mut self, kind: wit::ErrorKind, message: String) -> wit::Error {
+        let tag = if kind == wit::ErrorKind::Limit { "limit" } else { "denied" };
+        if let Ok(mut logs) = self.logs.lock() {
+            logs.push(&format!("[jobhost] {tag}: {message}\n"));
+        }
+        self.refused.get_or_insert_with(|| format!("{tag}: {message}"));
+        wit::Error { kind, message, job_status: None }
+    }
+
+    fn limit(&mut self, message: String) -> wit::Error {
+        self.refuse(wit::ErrorKind::Limit, message)
+    }
+
+    /// Refuses JSON text (outcome, info, input, partData) larger than `max_outcome_bytes`.
+    fn check_size(&mut self, what: &str, text: Option<&str>) -> R<()> {
+        let max = self.manifest.limits.max_outcome_bytes;
+        match text {
+            Some(t) if t.len() > max => {
+                Err(self.limit(format!("{what} of {} bytes is over the plugin's max_outcome_bytes ({max})", t.len())))
+            }
+            _ => Ok(()),
         }
     }
 
-    pub(super) fn for_load(config: &RuntimeConfig) -> Self {
-        Self::new(config, None, "loading", "-")
+    /// Charges `n` records to the delivery's write budget.
+    fn charge_records(&mut self, n: usize) -> R<()> {
+        let limits = &self.manifest.limits;
+        let (per_write, per_delivery) = (limits.max_records_per_write, limits.max_records_per_delivery);
+        if n > per_write {
+            return Err(self.limit(format!("{n} records in one call; the plugin's max_records_per_write is {per_write}")));
+        }
+        if self.records_written + n as u64 > per_delivery {
+            let done = self.records_written;
+            return Err(self.limit(format!(
+                "{done} records written in this delivery and {n} more asked; the plugin's max_records_per_delivery is {per_delivery}"
+            )));
+        }
+        self.records_written += n as u64;
+        Ok(())
     }
 
-    pub(super) fn for_event(config: &RuntimeConfig, env: Env, plugin: &str, event_id: &str) -> Self {
-        let env = env.as_actor(format!("plugin:{plugin}"));
-        Self::new(config, Some(env), plugin, event_id)
+    /// Checks that this delivery may move job `id` (see [`JobScope`]).
+    async fn may_move(&mut self, id: &str) -> R<()> {
+        let scope = &self.scope;
+        if self.manifest.grants.any_job
+            || scope.job.as_deref() == Some(id)
+            || scope.parent.as_deref() == Some(id)
+            || scope.created.iter().any(|c| c == id)
+        {
+            return Ok(());
+        }
+        // Not-found for another environment's id comes first: nothing leaks.
+        let job = self.env()?.job(id).await.map_err(convert::error)?;
+        if job.parent_id.is_some() && job.parent_id == self.scope.job {
+            return Ok(());
+        }
+        let about = match &self.scope.job {
+            Some(j) => format!("the event's job {j}, its parent, its parts"),
+            None => "jobs of the event (it has none)".to_owned(),
+        };
+        Err(self.refuse(
+            wit::ErrorKind::Denied,
+            format!(
+                "job {id} is not one this delivery may move: a plugin acts on {about} and jobs it created in this \
+                 delivery (grant `any_job` in its manifest to lift this)"
+            ),
+        ))
     }
 
     pub(super) fn limiter(&mut self) -> &mut Limiter {
@@ -326,25 +450,53 @@ impl jobs::Host for HostState {
     }
 
     async fn ack(&mut self, id: String, info: Option<String>, progress: Option<u8>, eta: Option<i64>) -> R<wit::Job> {
+        self.check_size("info", info.as_deref())?;
+        self.may_move(&id).await?;
         let ack = Ack { info, progress, estimated_completion_at: eta };
         self.env()?.ack(&id, ack).await.map(convert::job).map_err(convert::error)
     }
 
     async fn complete(&mut self, id: String, outcome: Option<String>, info: Option<String>) -> R<wit::Job> {
+        self.check_size("outcome", outcome.as_deref())?;
+        self.check_size("info", info.as_deref())?;
+        self.may_move(&id).await?;
         let o = Outcome { outcome: json_arg("outcome", outcome)?, info };
         self.env()?.complete(&id, o).await.map(convert::job).map_err(convert::error)
     }
 
     async fn fail(&mut self, id: String, outcome: Option<String>, info: Option<String>) -> R<wit::Job> {
+        self.check_size("outcome", outcome.as_deref())?;
+        self.check_size("info", info.as_deref())?;
+        self.may_move(&id).await?;
         let o = Outcome { outcome: json_arg("outcome", outcome)?, info };
         self.env()?.fail(&id, o).await.map(convert::job).map_err(convert::error)
     }
 
     async fn cancel(&mut self, id: String, info: Option<String>) -> R<wit::Job> {
+        self.check_size("info", info.as_deref())?;
+        self.may_move(&id).await?;
         self.env()?.cancel(&id, info).await.map(convert::job).map_err(convert::error)
     }
 
     async fn split(&mut self, id: String, parts: jobs::SplitParts, run_in_parallel: bool) -> R<u32> {
+        let max = self.manifest.limits.max_split_parts;
+        let n = match &parts {
+            jobs::SplitParts::Count(n) => *n as usize,
+            jobs::SplitParts::Data(list) => list.len(),
+        };
+        if n > max as usize {
+            return Err(self.limit(format!("split into {n} parts; the plugin's max_split_parts is {max}")));
+        }
+        if let jobs::SplitParts::Data(list) = &parts {
+            let total: usize = list.iter().map(String::len).sum();
+            let max_bytes = self.manifest.limits.max_outcome_bytes.saturating_mul(16);
+            if total > max_bytes {
+                return Err(self.limit(format!(
+                    "partData of {total} bytes in all; the plugin may pass 16 × max_outcome_bytes ({max_bytes})"
+                )));
+            }
+        }
+        self.may_move(&id).await?;
         let parts = match parts {
             jobs::SplitParts::Count(n) => SplitParts::Count(n),
             jobs::SplitParts::Data(list) => {
@@ -356,6 +508,7 @@ impl jobs::Host for HostState {
     }
 
     async fn create(&mut self, job: jobs::NewJob) -> R<wit::Job> {
+        self.check_size("input", job.input.as_deref())?;
         let kind: JobType = job.kind.parse().map_err(convert::error)?;
         let new = NewJob {
             source: job.source,
@@ -363,7 +516,9 @@ impl jobs::Host for HostState {
             trigger: Some(if job.manual { Trigger::Manual } else { Trigger::Immediate }),
             ..NewJob::new(kind, job.operation)
         };
-        self.env()?.create_job(new).await.map(convert::job).map_err(convert::error)
+        let created = self.env()?.create_job(new).await.map_err(convert::error)?;
+        self.scope.created.push(created.id.clone());
+        Ok(convert::job(created))
     }
 
     async fn list_parts(&mut self, id: String) -> R<Vec<wit::Job>> {
@@ -378,16 +533,22 @@ impl records::Host for HostState {
     }
 
     async fn page(&mut self, sheet_id: String, page_size: u32, page_number: u32) -> R<wit::RecordPage> {
+        let max = self.manifest.limits.max_page_size;
+        if page_size > max {
+            return Err(self.limit(format!("page size {page_size}; the plugin's max_page_size is {max}")));
+        }
         let rows = self.env()?.record_rows(&sheet_id, page_size, page_number).await.map_err(convert::error)?;
         convert::page(rows).map_err(convert::error)
     }
 
     async fn update(&mut self, sheet_id: String, updates: Vec<wit::RecordUpdate>) -> R<u64> {
+        self.charge_records(updates.len())?;
         let updates = updates.into_iter().map(convert::update).collect();
         self.env()?.update_records(&sheet_id, updates).await.map_err(convert::error)
     }
 
     async fn insert(&mut self, sheet_id: String, new: Vec<wit::NewRecord>) -> R<u64> {
+        self.charge_records(new.len())?;
         let records = new
             .into_iter()
             .map(|r| NewRecord {
@@ -435,5 +596,21 @@ impl log::Host for HostState {
         if let Ok(mut logs) = self.logs.lock() {
             logs.push(&format!("{tag} {message}\n"));
         }
+    }
+}
+
+impl config::Host for HostState {
+    async fn get(&mut self, key: String) -> Option<String> {
+        self.manifest.config.get(&key).cloned()
+    }
+
+    async fn secret(&mut self, name: String) -> R<String> {
+        if !self.manifest.grants.secrets.iter().any(|s| *s == name) {
+            return Err(self.refuse(
+                wit::ErrorKind::Denied,
+                format!("secret `{name}` is not granted to this plugin (list it under [grants] secrets)"),
+            ));
+        }
+        self.env()?.secret(&name).await.map_err(convert::error)
     }
 }

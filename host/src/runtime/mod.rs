@@ -11,12 +11,15 @@
 //!   Each delivery runs in a **fresh `Store` and instance** with a memory cap, an epoch
 //!   deadline for CPU and a wall-clock timeout that also covers time blocked in host calls,
 //!   and leaves an [`Execution`](crate::model::Execution) record.
+//! - [`limits`] holds the per-plugin [`Limits`] and capabilities ([`Grants`]) and parses the
+//!   operator's manifest (`NAME.toml` beside `NAME.wasm`) that overrides them.
 //! - [`host`] implements the imports against the engine, always inside the event's
-//!   environment; [`convert`] maps engine types to WIT types.
+//!   environment and within the plugin's limits; [`convert`] maps engine types to WIT types.
 
 mod bindings;
 mod convert;
 mod host;
+pub mod limits;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,22 +37,19 @@ use crate::listener::{EventCtx, Listener};
 use crate::model::{Execution, ExecutionOutcome};
 
 pub use host::HostState;
+pub use limits::{Ceiling, DirGrant, Grants, Limits, Manifest};
 
-/// Limits and sizes of the runtime. Defaults are safe for untrusted plugins.
+/// Settings of the runtime. Defaults are safe for untrusted plugins.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
-    /// Bytes of linear memory per instance, all memories together.
-    pub memory_limit: usize,
-    /// Elements per table, all tables together.
-    pub table_elements_limit: usize,
-    /// CPU time a delivery may spend in guest code (epoch deadline).
-    pub cpu_time: Duration,
-    /// Wall-clock time per delivery, including time blocked in host calls.
-    pub wall_time: Duration,
-    /// Instances that may exist at once (the pooling allocator's size).
+    /// Limits of a plugin without a manifest; a manifest overrides them key by key.
+    pub limits: Limits,
+    /// The most memory a manifest may give one instance (the pooling allocator's slot size).
+    pub max_memory: usize,
+    /// Instances that may exist at once, all plugins together (the pooling allocator's size).
     pub max_instances: u32,
-    /// Bytes of logs (stdout, stderr, `log`) kept per delivery; the rest is cut with a note.
-    pub log_limit: usize,
+    /// Meter fuel, so manifests may set a `fuel` limit. Off by default: it slows every guest.
+    pub fuel: bool,
     /// Compilation cache directory; `None` disables the cache.
     pub cache_dir: Option<PathBuf>,
 }
@@ -57,12 +57,10 @@ pub struct RuntimeConfig {
 impl Default for RuntimeConfig {
     fn default() -> Self {
         Self {
-            memory_limit: 64 << 20,
-            table_elements_limit: 100_000,
-            cpu_time: Duration::from_secs(5),
-            wall_time: Duration::from_secs(30),
+            limits: Limits::default(),
+            max_memory: 256 << 20,
             max_instances: 256,
-            log_limit: 64 << 10,
+            fuel: false,
             cache_dir: default_cache_dir(),
         }
     }
@@ -79,6 +77,12 @@ pub fn default_cache_dir() -> Option<PathBuf> {
 /// Why a plugin could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// The manifest beside the component is invalid.
+    #[error("{reason}")]
+    Manifest {
+        /// Why, naming the file and the key.
+        reason: String,
+    },
     /// The file could not be read.
     #[error("cannot read {path}: {source}")]
     Read {
@@ -141,10 +145,25 @@ pub struct Plugin {
     pub path: PathBuf,
     /// Its routes, in the order the plugin declared them.
     pub routes: Vec<Route>,
+    /// Its limits, capabilities and configuration.
+    pub manifest: Arc<Manifest>,
     pre: bindings::PluginPre<HostState>,
 }
 
 impl Plugin {
+    /// The same component with another manifest (a manifest-only change reloads without
+    /// compiling again).
+    pub fn with_manifest(&self, manifest: Manifest) -> Plugin {
+        Plugin {
+            name: self.name.clone(),
+            version: self.version.clone(),
+            path: self.path.clone(),
+            routes: self.routes.clone(),
+            manifest: Arc::new(manifest),
+            pre: self.pre.clone(),
+        }
+    }
+
     /// The index of the route with `key` in this version.
     pub fn route_index(&self, key: &str) -> Option<u32> {
         self.routes.iter().position(|r| r.key() == key).map(|i| i as u32)
@@ -214,6 +233,7 @@ impl Runtime {
         let mut wasm = Config::new();
         wasm.wasm_component_model(true);
         wasm.epoch_interruption(true);
+        wasm.consume_fuel(config.fuel);
         let n = config.max_instances.max(1);
         let mut pool = PoolingAllocationConfig::new();
         // A Rust component has a handful of core instances and tables (the module plus the
@@ -226,8 +246,8 @@ impl Runtime {
             .max_memories_per_component(2)
             .max_tables_per_component(8)
             .max_core_instances_per_component(16)
-            .max_memory_size(config.memory_limit)
-            .table_elements(config.table_elements_limit.max(10_000))
+            .max_memory_size(config.max_memory.max(config.limits.memory))
+            .table_elements(config.limits.table_elements.max(10_000))
             // Reset a finished instance's memory by rewriting only the pages it touched (found
             // with PAGEMAP_SCAN, Linux 6.7+) instead of `madvise`: no page faults when the
             // slot is reused, and no TLB-shootdown IPIs on every drop. Falls back by itself
@@ -250,7 +270,7 @@ impl Runtime {
             anyhow::anyhow!(
                 "cannot set up the WebAssembly engine with a pool of {n} instances of {} MiB: {e:#} \
                  (lower max_instances or memory_limit, or raise the process's virtual memory limit)",
-                config.memory_limit >> 20
+                config.max_memory >> 20
             )
         })?;
         let mut linker = Linker::new(&engine);
@@ -265,16 +285,37 @@ impl Runtime {
         &self.config
     }
 
-    /// Loads a plugin file: read, hash, compile (off the async runtime; cached),
-    /// type-check against the world, and read its subscriptions.
+    /// What a manifest may ask for on this runtime.
+    pub fn ceiling(&self) -> Ceiling {
+        Ceiling { memory: self.config.max_memory.max(self.config.limits.memory), fuel: self.config.fuel }
+    }
+
+    /// The manifest of the component at `path` (`NAME.toml` beside it), or the defaults.
+    pub fn manifest_for(&self, path: &Path) -> Result<Manifest, LoadError> {
+        Manifest::for_component(path, &self.config.limits, self.ceiling()).map_err(|reason| LoadError::Manifest { reason })
+    }
+
+    /// Parses manifest text for this runtime.
+    pub fn parse_manifest(&self, text: &str) -> Result<Manifest, String> {
+        Manifest::parse(text, &self.config.limits, self.ceiling())
+    }
+
+    /// Loads a plugin file and its manifest: read, hash, compile (off the async runtime;
+    /// cached), type-check against the world, and read its subscriptions.
     pub async fn load(self: &Arc<Self>, path: &Path) -> Result<Plugin, LoadError> {
         let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.to_path_buf(), source })?;
         self.load_bytes(path, bytes).await
     }
 
     /// Loads a plugin from bytes already read from `path` (so a file that changes again
-    /// while it compiles cannot mix two versions).
+    /// while it compiles cannot mix two versions), with the manifest beside `path`.
     pub async fn load_bytes(self: &Arc<Self>, path: &Path, bytes: Vec<u8>) -> Result<Plugin, LoadError> {
+        let manifest = self.manifest_for(path)?;
+        self.load_with(path, bytes, manifest).await
+    }
+
+    /// Loads a plugin from bytes with the given manifest.
+    pub async fn load_with(self: &Arc<Self>, path: &Path, bytes: Vec<u8>, manifest: Manifest) -> Result<Plugin, LoadError> {
         let path = path.to_path_buf();
         let rt = self.clone();
         let compiled = tokio::task::spawn_blocking(move || rt.compile(&path, &bytes)).await;
@@ -282,7 +323,7 @@ impl Runtime {
             compiled.map_err(|e| LoadError::Compile { path: PathBuf::new(), reason: e.to_string() })??;
         let routes =
             self.read_routes(&pre).await.map_err(|reason| LoadError::Subscriptions { path: path.clone(), reason })?;
-        Ok(Plugin { name, version, path, routes, pre })
+        Ok(Plugin { name, version, path, routes, manifest: Arc::new(manifest), pre })
     }
 
     #[allow(clippy::type_complexity)]
@@ -304,12 +345,14 @@ impl Runtime {
     }
 
     async fn read_routes(&self, pre: &bindings::PluginPre<HostState>) -> Result<Vec<Route>, String> {
-        let mut store = self.store(HostState::for_load(&self.config));
+        let manifest = Arc::new(Manifest { limits: self.config.limits.clone(), ..Manifest::default() });
+        let wall = manifest.limits.wall;
+        let mut store = self.store(HostState::for_load(manifest), None);
         let call = async {
             let instance = pre.instantiate_async(&mut store).await?;
             instance.jobhost_plugin_listener().call_subscriptions(&mut store).await
         };
-        let subs = tokio::time::timeout(self.config.wall_time, call)
+        let subs = tokio::time::timeout(wall, call)
             .await
             .map_err(|_| "subscriptions() did not return in time".to_owned())?
             .map_err(|e| format!("subscriptions() failed: {e:#}"))?;
@@ -354,8 +397,12 @@ impl Runtime {
         Ok((loaded, failed))
     }
 
-    fn store(&self, state: HostState) -> Store<HostState> {
+    fn store(&self, state: HostState, fuel: Option<u64>) -> Store<HostState> {
         let mut store = Store::new(&self.engine, state);
+        if self.config.fuel {
+            // Unlimited unless the manifest sets it; the setter only fails when fuel is off.
+            let _ = store.set_fuel(fuel.unwrap_or(u64::MAX / 2));
+        }
         store.limiter(|s| s.limiter());
         // Charge the guest only for CPU it uses in wasm (see `CpuMeter`).
         store.call_hook(|mut ctx, hook| {
@@ -393,8 +440,9 @@ impl Runtime {
     /// current when it starts; if that version no longer has the route, the delivery is
     /// released back to pending (for a version that has it) instead of being handled.
     pub fn slot_listener(self: &Arc<Self>, slot: Arc<PluginSlot>, routes: &[Route], environment_id: &str) -> Listener {
-        let name = format!("plugin:{}", slot.get().name);
-        let mut listener = Listener::new(name, environment_id);
+        let current = slot.get();
+        let name = format!("plugin:{}", current.name);
+        let mut listener = Listener::new(name, environment_id).max_in_flight(current.manifest.limits.max_instances);
         for route in routes {
             let (rt, slot, key) = (self.clone(), slot.clone(), route.key());
             listener = listener.keyed_route(&route.topic, route.filter.clone(), &route.key(), move |ctx| {
@@ -418,19 +466,29 @@ impl Runtime {
     /// execution. Returns the delivery's result.
     pub async fn invoke(&self, plugin: &Plugin, route: u32, ctx: EventCtx) -> Result<(), String> {
         let execution = self.execute(plugin, route, &ctx).await;
-        if let Some(e) = &execution.error {
-            tracing::warn!(plugin = %plugin.name, version = %plugin.version, event = %ctx.event.id, topic = %ctx.event.topic, attempt = ctx.attempt, error = %e, "plugin delivery failed");
-        }
         let result = match &execution.error {
             None => Ok(()),
             Some(e) => Err(e.clone()),
         };
+        if let (Some(e), Some(job)) = (&execution.error, ctx.event.job_id()) {
+            // Say on the job why its listener failed (the host's own write, outside the loop
+            // guard); a job that already ended keeps its outcome.
+            let info = format!("plugin {} failed on {} (attempt {}): {e}", plugin.name, ctx.event.topic, ctx.attempt);
+            let system = ctx.api.engine().env(ctx.api.id());
+            if let Err(err) = system.annotate(job, cut(&info, 1024)).await {
+                tracing::debug!(error = %err, job, "cannot note the failure on the job");
+            }
+        }
         // In the delivery loop the record is stored with the end of the delivery; called
         // directly, it is stored here.
-        if let Some(execution) = ctx.leave_execution(execution)
-            && let Err(e) = ctx.api.record_execution(execution).await
-        {
-            tracing::error!(error = %e, "cannot store an execution record");
+        if let Some(execution) = ctx.leave_execution(execution) {
+            // Outside the delivery loop nobody else logs the failure; inside, the loop does, once.
+            if let Some(e) = &execution.error {
+                tracing::warn!(plugin = %plugin.name, version = %plugin.version, event = %ctx.event.id, topic = %ctx.event.topic, attempt = ctx.attempt, error = %e, "plugin delivery failed");
+            }
+            if let Err(e) = ctx.api.record_execution(execution).await {
+                tracing::error!(error = %e, "cannot store an execution record");
+            }
         }
         result
     }
@@ -441,35 +499,40 @@ impl Runtime {
         let started_at = ctx.api.engine().now();
         let started = Instant::now();
         let event = convert::event(&ctx.event, ctx.attempt);
-        let mut store = self.store(HostState::for_event(&self.config, ctx.api.clone(), &plugin.name, &ctx.event.id));
+        let limits = &plugin.manifest.limits;
+        let state = HostState::for_event(plugin.manifest.clone(), ctx.api.clone(), &plugin.name, &ctx.event);
+        let (mut store, setup) = match state {
+            Ok(state) => (self.store(state, limits.fuel), None),
+            // A granted directory that cannot be opened: the delivery fails and says why.
+            Err(e) => (self.store(HostState::for_load(plugin.manifest.clone()), None), Some(format!("{e:#}"))),
+        };
         let call = async {
+            if let Some(e) = setup {
+                return Err(wasmtime::Error::msg(e));
+            }
             let instance = plugin.pre.instantiate_async(&mut store).await?;
             instance.jobhost_plugin_listener().call_handle(&mut store, route, &event).await
         };
-        let result = tokio::time::timeout(self.config.wall_time, call).await;
+        let result = tokio::time::timeout(limits.wall, call).await;
         let duration = started.elapsed();
         let state = store.data();
         let (outcome, error) = match result {
             Ok(Ok(Ok(()))) => (ExecutionOutcome::Ok, None),
-            Ok(Ok(Err(message))) => (ExecutionOutcome::Error, Some(message)),
-            Ok(Err(trap)) => {
-                if let Some(limit) = state.memory_exceeded() {
-                    (
-                        ExecutionOutcome::Memory,
-                        Some(format!("memory limit {} MiB exceeded (trap: {})", limit >> 20, trap_code(&trap))),
-                    )
-                } else if state.cpu_exceeded() {
-                    (
-                        ExecutionOutcome::Cpu,
-                        Some(format!("cpu deadline {} s exceeded", self.config.cpu_time.as_secs_f64())),
-                    )
-                } else {
-                    (ExecutionOutcome::Trap, Some(format!("trap: {}", trap_code(&trap))))
+            Ok(Ok(Err(message))) => {
+                // The guest's own message, cut to size, and what the host refused it if it
+                // swallowed that and failed for it.
+                let mut message = cut(&message, limits.max_outcome_bytes);
+                if let Some(refused) = state.refused()
+                    && !message.contains(refused)
+                {
+                    message = format!("{message} (after the host refused: {refused})");
                 }
+                (ExecutionOutcome::Error, Some(message))
             }
+            Ok(Err(trap)) => attribute(&trap, state, limits),
             Err(_) => (
                 ExecutionOutcome::Timeout,
-                Some(format!("wall-clock limit {} s exceeded", self.config.wall_time.as_secs_f64())),
+                Some(format!("wall-clock limit {} s exceeded (host calls included)", limits.wall.as_secs_f64())),
             ),
         };
         Execution {
@@ -498,8 +561,11 @@ impl Runtime {
     #[doc(hidden)]
     pub async fn execute_bare(&self, plugin: &Plugin, route: u32, ctx: &EventCtx) -> anyhow::Result<()> {
         let event = convert::event(&ctx.event, ctx.attempt);
-        let mut store = Store::new(&self.engine, HostState::for_load(&self.config));
+        let mut store = Store::new(&self.engine, HostState::for_load(plugin.manifest.clone()));
         store.set_epoch_deadline(u64::MAX / 2);
+        if self.config.fuel {
+            store.set_fuel(u64::MAX / 2)?;
+        }
         let instance = plugin.pre.instantiate_async(&mut store).await?;
         instance.jobhost_plugin_listener().call_handle(&mut store, route, &event).await?.map_err(anyhow::Error::msg)
     }
@@ -508,6 +574,37 @@ impl Runtime {
 /// A plugin's version: the first 16 hex digits of the SHA-256 of its file.
 pub fn version_of(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Names the limit behind a trap: memory, table, CPU, fuel, stack, or the trap itself.
+fn attribute(trap: &wasmtime::Error, state: &HostState, limits: &Limits) -> (ExecutionOutcome, Option<String>) {
+    let code = trap_code(trap);
+    let kind = trap.downcast_ref::<wasmtime::Trap>();
+    if let Some(limit) = state.memory_exceeded() {
+        (ExecutionOutcome::Memory, Some(format!("memory limit {} MiB exceeded (trap: {code})", limit >> 20)))
+    } else if let Some(limit) = state.table_exceeded() {
+        (ExecutionOutcome::Limit, Some(format!("table limit {limit} elements exceeded (trap: {code})")))
+    } else if state.cpu_exceeded() {
+        (ExecutionOutcome::Cpu, Some(format!("cpu deadline {} s exceeded", limits.cpu.as_secs_f64())))
+    } else if kind == Some(&wasmtime::Trap::OutOfFuel) {
+        (ExecutionOutcome::Fuel, Some(format!("fuel limit {} exhausted", limits.fuel.unwrap_or_default())))
+    } else if kind == Some(&wasmtime::Trap::StackOverflow) {
+        (ExecutionOutcome::Trap, Some(format!("stack overflow (trap: {code})")))
+    } else {
+        (ExecutionOutcome::Trap, Some(format!("trap: {code}")))
+    }
+}
+
+/// `text` cut to at most `max` bytes at a character boundary, saying so.
+fn cut(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… [cut at {max} bytes of {}]", &text[..end], text.len())
 }
 
 /// The trap's code (e.g. `wasm trap: wasm `unreachable` instruction executed`) without the

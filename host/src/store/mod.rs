@@ -151,6 +151,10 @@ pub trait ReadTx {
     fn delivery_stats(&mut self) -> Result<DeliveryStats>;
     /// Earliest time a pending or leased delivery of these subscriptions becomes due.
     fn next_delivery_due(&mut self, subscriptions: &[String]) -> Result<Option<Millis>>;
+    /// A secret of an environment.
+    fn secret(&mut self, env: &str, name: &str) -> Result<Option<String>>;
+    /// Names of an environment's secrets, sorted.
+    fn secret_names(&mut self, env: &str) -> Result<Vec<String>>;
 }
 
 /// One stored record row.
@@ -170,6 +174,10 @@ pub struct RawRecord {
 pub trait Tx: ReadTx {
     /// Stores an execution record; returns its id.
     fn insert_execution(&mut self, execution: &Execution) -> Result<i64>;
+    /// Adds `events` to a chain's count (the loop guard); returns the new total.
+    fn charge_chain(&mut self, chain: &str, events: u64, now: Millis) -> Result<u64>;
+    /// Stores a secret, or deletes it with `None` (not-found when there was none).
+    fn put_secret(&mut self, env: &str, name: &str, value: Option<&str>, now: Millis) -> Result<()>;
     /// Stores a new environment.
     fn insert_environment(&mut self, env: &Environment) -> Result<()>;
     /// Stores a new sheet.
@@ -215,15 +223,17 @@ pub trait Tx: ReadTx {
     fn put_subscription(&mut self, sub: &Subscription, active: bool, now: Millis) -> Result<()>;
     /// Turns fan-out to an existing subscription on or off (its pending deliveries stay).
     fn set_subscription_active(&mut self, id: &str, active: bool, now: Millis) -> Result<()>;
-    /// Leases up to `limit` due deliveries of these subscriptions to `owner`. Deliveries whose
-    /// lease expired with no attempts left are dead-lettered instead.
+    /// Leases up to `limit` due deliveries of these subscriptions to `owner`, oldest due first,
+    /// at most `budget` of each subscription `(id, budget)`. Deliveries whose lease expired
+    /// with no attempts left are dead-lettered instead.
     fn lease_deliveries(
         &mut self,
-        subscriptions: &[String],
+        subscriptions: &[(String, u32)],
         owner: &str,
         now: Millis,
         limit: u32,
         policy: DeliveryPolicy,
+        admit: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Vec<Leased>>;
     /// Ends the lease of attempt `attempt`: done on `Ok`, retried or dead-lettered on `Err`.
     /// A lease that is no longer current (expired and re-leased) is left alone.

@@ -352,6 +352,20 @@ CREATE TABLE executions (
 CREATE INDEX executions_env ON executions (environment_id, id);
 CREATE INDEX executions_job ON executions (job_id) WHERE job_id IS NOT NULL;
 "#,
+    r#"
+-- Loop guard: events written per chain of listener-caused events.
+CREATE TABLE chains (id TEXT PRIMARY KEY, events INTEGER NOT NULL, updated_at INTEGER NOT NULL) WITHOUT ROWID;
+-- Secrets per environment, read by plugins granted them.
+CREATE TABLE secrets (
+    environment_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    value TEXT NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (environment_id, name)
+) WITHOUT ROWID;
+-- Leasing takes each subscription's due deliveries separately (fair share between listeners).
+CREATE INDEX deliveries_sub_due ON deliveries (subscription_id, due_at, id) WHERE status IN ('pending', 'leased');
+"#,
 ];
 
 fn migrate(conn: &Connection) -> Result<()> {
@@ -776,6 +790,20 @@ impl ReadTx for Conn<'_> {
         Ok(stats)
     }
 
+    fn secret(&mut self, env: &str, name: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT value FROM secrets WHERE environment_id = ?1 AND name = ?2")?
+            .query_row([env, name], |r| r.get(0))
+            .optional()?)
+    }
+
+    fn secret_names(&mut self, env: &str) -> Result<Vec<String>> {
+        let mut stmt = self.conn.prepare_cached("SELECT name FROM secrets WHERE environment_id = ?1 ORDER BY name")?;
+        let rows = stmt.query_map([env], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     fn next_delivery_due(&mut self, subscriptions: &[String]) -> Result<Option<Millis>> {
         let subs = serde_json::to_string(subscriptions)?;
         Ok(self
@@ -789,6 +817,40 @@ impl ReadTx for Conn<'_> {
 }
 
 impl Tx for Conn<'_> {
+    fn charge_chain(&mut self, chain: &str, events: u64, now: Millis) -> Result<u64> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "INSERT INTO chains (id, events, updated_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (id) DO UPDATE SET events = events + excluded.events, updated_at = excluded.updated_at \
+                 RETURNING events",
+            )?
+            .query_row(params![chain, events as i64, now], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    fn put_secret(&mut self, env: &str, name: &str, value: Option<&str>, now: Millis) -> Result<()> {
+        match value {
+            Some(v) => {
+                self.conn
+                    .prepare_cached(
+                        "INSERT INTO secrets (environment_id, name, value, updated_at) VALUES (?1, ?2, ?3, ?4) \
+                         ON CONFLICT (environment_id, name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                    )?
+                    .execute(params![env, name, v, now])?;
+            }
+            None => {
+                let n = self
+                    .conn
+                    .prepare_cached("DELETE FROM secrets WHERE environment_id = ?1 AND name = ?2")?
+                    .execute([env, name])?;
+                if n == 0 {
+                    return Err(Error::not_found("secret", name));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn insert_execution(&mut self, e: &Execution) -> Result<i64> {
         self.conn
             .prepare_cached(&format!(
@@ -1110,24 +1172,56 @@ impl Tx for Conn<'_> {
 
     fn lease_deliveries(
         &mut self,
-        subscriptions: &[String],
+        subscriptions: &[(String, u32)],
         owner: &str,
         now: Millis,
         limit: u32,
         policy: DeliveryPolicy,
+        admit: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Vec<Leased>> {
-        let subs = serde_json::to_string(subscriptions)?;
+        // Each subscription's oldest due deliveries up to its budget, then the oldest of those
+        // overall: a subscription with a deep backlog cannot crowd out one with a single
+        // delivery, and one index range per subscription is read, never the whole backlog.
+        let mut candidates: Vec<(i64, i64, String, u32)> = Vec::new();
+        {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT d.id, d.due_at, d.attempts FROM deliveries d \
+                 WHERE d.subscription_id = ?1 AND d.status IN ('pending', 'leased') AND d.due_at <= ?2 \
+                 ORDER BY d.due_at, d.id LIMIT ?3",
+            )?;
+            for (sub, budget) in subscriptions {
+                let take = (*budget).min(limit);
+                if take == 0 {
+                    continue;
+                }
+                let rows = stmt.query_map(params![sub, now, take], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, sub.clone(), r.get::<_, u32>(2)?))
+                })?;
+                for row in rows {
+                    candidates.push(row?);
+                }
+            }
+        }
+        candidates.sort_by_key(|c| (c.1, c.0));
+        let mut chosen = Vec::with_capacity(candidates.len().min(limit as usize));
+        for c in candidates {
+            if chosen.len() >= limit as usize {
+                break;
+            }
+            if admit(&c.2) {
+                chosen.push(c);
+            }
+        }
         let candidates: Vec<(i64, String, u32, Event)> = {
             let mut stmt = self.conn.prepare_cached(&format!(
-                "SELECT d.id, d.subscription_id, d.attempts, {EVENT_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq \
-                 WHERE d.status IN ('pending', 'leased') AND d.due_at <= ?1 \
-                   AND d.subscription_id IN (SELECT value FROM json_each(?2)) \
-                 ORDER BY d.due_at, d.id LIMIT ?3"
+                "SELECT {EVENT_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.id = ?1"
             ))?;
-            let rows = stmt.query_map(params![now, subs, limit], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, event_from_row(r, 3)?))
-            })?;
-            rows.collect::<rusqlite::Result<_>>()?
+            let mut out = Vec::with_capacity(chosen.len());
+            for (id, _, sub, attempts) in chosen {
+                let event = stmt.query_row([id], |r| event_from_row(r, 0))?;
+                out.push((id, sub, attempts, event));
+            }
+            out
         };
         let mut leased = Vec::with_capacity(candidates.len());
         for (id, subscription_id, attempts, event) in candidates {
