@@ -8,7 +8,8 @@ use std::time::Duration;
 use jobhost::error::ErrorKind;
 use jobhost::listener::Listener;
 use jobhost::model::{
-    Ack, Job, JobStatus, MAX_PARTS, Message, NewJob, NewRecord, Outcome, RecordUpdate, Split, SplitParts, Trigger,
+    Ack, Job, JobStatus, JobType, MAX_PARTS, Message, NewJob, NewRecord, Outcome, RecordUpdate, Split, SplitParts,
+    Trigger,
 };
 use jobhost::scenario::{self, Options};
 use jobhost::{EngineConfig, Env, Error};
@@ -896,4 +897,57 @@ async fn a_reopened_store_has_everything_and_a_second_process_is_refused() {
     let engine = jobhost::Engine::open(dir.path(), test_config()).unwrap();
     let job = engine.env(&env_id).job(&job_id).await.unwrap();
     assert_eq!(job.status, JobStatus::Executing);
+}
+
+#[tokio::test]
+async fn secrets_are_scoped_to_their_environment_and_validated() {
+    let host = TestHost::new();
+    let (a, b) = (host.env().await, host.env().await);
+    a.set_secret("API_KEY", "one").await.unwrap();
+    a.set_secret("API_KEY", "two").await.unwrap();
+    a.set_secret("other.name-2", "x").await.unwrap();
+    assert_eq!(a.secret("API_KEY").await.unwrap(), "two", "set replaces");
+    assert_eq!(a.secret_names().await.unwrap(), ["API_KEY", "other.name-2"]);
+    assert_eq!(b.secret("API_KEY").await.unwrap_err().kind(), ErrorKind::NotFound, "another environment's secret");
+    assert!(b.secret_names().await.unwrap().is_empty());
+    for bad in ["", "has space", "x=y", &"n".repeat(129)] {
+        assert_eq!(a.set_secret(bad, "v").await.unwrap_err().kind(), ErrorKind::Invalid, "{bad:?}");
+    }
+    assert_eq!(a.set_secret("BIG", &"v".repeat(65 << 10)).await.unwrap_err().kind(), ErrorKind::Invalid);
+    assert_eq!(a.secret_names().await.unwrap().len(), 2, "refused calls change nothing");
+    assert!(a.delete_secret("API_KEY").await.unwrap());
+    assert!(!a.delete_secret("API_KEY").await.unwrap());
+    assert_eq!(a.secret("API_KEY").await.unwrap_err().kind(), ErrorKind::NotFound);
+}
+
+#[tokio::test]
+async fn a_native_listener_that_retriggers_itself_is_stopped_by_the_loop_guard() {
+    let host = TestHost::with_config(EngineConfig { max_attempts: 1, max_chain_depth: 5, ..test_config() });
+    let env = host.env().await;
+    let listener = Listener::new("echo", env.id()).filter(json!({"job": "space:echo"}), |l| {
+        l.on("job:ready", |event| async move {
+            event.api.create_job(NewJob::new(JobType::Space, "echo")).await?;
+            Ok(())
+        })
+    });
+    let running = host.engine.run(vec![listener]).await.unwrap();
+    let first = env.create_job(NewJob::new(JobType::Space, "echo")).await.unwrap();
+    let dead = host
+        .engine
+        .wait_for(|| {
+            let env = env.clone();
+            async move { Ok(env.dead_letters().await?.into_iter().next()) }
+        })
+        .await
+        .unwrap();
+    running.shutdown().await;
+    assert!(dead.last_error.contains("loop guard: this call would write events at depth 6"), "{}", dead.last_error);
+    let echoes: Vec<Job> = env.jobs(0, 100).await.unwrap().into_iter().filter(|j| j.operation == "echo").collect();
+    assert_eq!(echoes.len(), 6, "the first job and five generations");
+    // Every event of the chain names its root and depth; the API's own event starts it.
+    let root = events_of(&env, &first.id, "job:ready").await.remove(0);
+    assert!(root.context.get("chainId").is_none());
+    let last = events_of(&env, &echoes[5].id, "job:ready").await.remove(0);
+    assert_eq!(last.context["chainId"], json!(root.id));
+    assert_eq!(last.context["depth"], json!(5));
 }

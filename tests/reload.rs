@@ -327,3 +327,40 @@ async fn a_version_with_other_routes_unsubscribes_the_dropped_ones_and_subscribe
     assert_eq!(r.handled_by(&again).await, version_of(&r.v1));
     r.running.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_manifest_change_reloads_without_recompiling_and_a_bad_one_is_refused() {
+    let mut r = reloading().await;
+    let v1 = version_of(&r.v1);
+    let manifest = |dir: &Path, text: &str| {
+        let tmp = dir.join(".noop.toml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, dir.join("noop.toml")).unwrap();
+    };
+    manifest(r.dir.path(), "[limits]\nmax_instances = 3\ncpu_ms = 700\n[config]\nmode = \"strict\"\n");
+    assert_eq!(
+        r.next("noop").await,
+        ReloadEvent::Loaded { name: "noop".into(), version: v1.clone(), previous: Some(v1.clone()) },
+        "same component, new manifest"
+    );
+    let current = r.plugins.loaded().await.remove(0);
+    assert_eq!(current.manifest.limits.max_instances, 3);
+    assert_eq!(current.manifest.limits.cpu, Duration::from_millis(700));
+    assert_eq!(current.manifest.config["mode"], "strict");
+
+    manifest(r.dir.path(), "[limits]\nmax_instances = 0\n");
+    match r.next("noop").await {
+        ReloadEvent::Failed { reason, .. } => {
+            assert!(reason.contains("noop.toml") && reason.contains("max_instances = 0 is out of range"), "{reason}")
+        }
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    assert_eq!(r.plugins.loaded().await[0].manifest.limits.max_instances, 3, "the last good manifest serves");
+    let job = r.work().await;
+    assert_eq!(r.handled_by(&job).await, v1);
+
+    std::fs::remove_file(r.dir.path().join("noop.toml")).unwrap();
+    assert!(matches!(r.next("noop").await, ReloadEvent::Loaded { .. }));
+    assert_eq!(r.plugins.loaded().await[0].manifest.limits, jobhost_tests::test_runtime_config().limits);
+    r.running.shutdown().await;
+}

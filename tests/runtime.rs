@@ -290,35 +290,3 @@ async fn memory_and_wall_clock_limits_are_attributed() {
     assert_eq!(exec.outcome, ExecutionOutcome::Timeout);
     assert!(exec.cpu_us < 100_000, "sleeping is not CPU: {} µs charged", exec.cpu_us);
 }
-
-#[tokio::test]
-async fn a_plugin_gets_no_files_env_or_network_and_cannot_reach_another_environment() {
-    let host = TestHost::new();
-    let (env, victim) = (host.env().await, host.env().await);
-    let sheet = victim.create_sheet("private").await.unwrap();
-    victim.insert_records(&sheet.id, scenario::sample_records(5).0).await.unwrap();
-    let target = victim.create_job(NewJob::new(JobType::Space, "work")).await.unwrap();
-    let rt = test_runtime();
-    let plugin = load(&rt, artifacts::TEST_HOSTILE).await;
-    let running = host.engine.run(vec![rt.listener(plugin, env.id())]).await.unwrap();
-    let probe = env
-        .create_job(NewJob {
-            input: json!({"jobId": target.id, "sheetId": sheet.id}),
-            ..NewJob::new(JobType::Space, "probe")
-        })
-        .await
-        .unwrap();
-    let report = until_terminal(&env, &probe.id).await.outcome;
-    running.shutdown().await;
-
-    assert!(report["file"]["err"].is_string(), "reading a file must fail: {report}");
-    assert!(report["dir"]["err"].is_string(), "listing a directory must fail: {report}");
-    assert_eq!(report["env"], 0, "no environment variables");
-    assert_eq!(report["args"], 0, "no arguments");
-    assert!(report["socket"]["err"].is_string(), "opening a socket must fail: {report}");
-    for probe in ["foreignGet", "foreignComplete", "foreignCounts", "foreignPage"] {
-        assert_eq!(report[probe], "NotFound", "{probe}: another environment's ids are not-found: {report}");
-    }
-    assert_eq!(victim.job(&target.id).await.unwrap(), target, "the other environment's job is untouched");
-    assert_eq!(victim.record_counts(&sheet.id).await.unwrap().total, 5);
-}

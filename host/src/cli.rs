@@ -60,6 +60,49 @@ pub enum Command {
     /// Plugin tools.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Secrets of an environment, read by plugins whose manifest grants them. Works on a data
+    /// directory no host is running on.
+    #[command(subcommand)]
+    Secret(SecretCommand),
+}
+
+/// `jobhost secret …`
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// Store a secret; its value is read from stdin (never from the command line, where other
+    /// users of the machine could see it). A trailing newline is dropped.
+    Set {
+        /// The secret's name.
+        name: String,
+        /// Where the secret goes.
+        #[command(flatten)]
+        at: SecretArgs,
+    },
+    /// List the names of an environment's secrets (never their values).
+    List {
+        /// Where the secrets are.
+        #[command(flatten)]
+        at: SecretArgs,
+    },
+    /// Delete a secret.
+    Delete {
+        /// The secret's name.
+        name: String,
+        /// Where the secret is.
+        #[command(flatten)]
+        at: SecretArgs,
+    },
+}
+
+/// The environment a secret command acts on.
+#[derive(Debug, clap::Args)]
+pub struct SecretArgs {
+    /// The host's data directory.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The environment, by name (created if missing).
+    #[arg(long, default_value = "default")]
+    pub environment: String,
 }
 
 /// `jobhost plugin …`
@@ -199,6 +242,7 @@ pub fn main() -> ExitCode {
             Command::Dev(args) => dev(args).await,
             Command::Plugin(PluginCommand::Check { file, json }) => check(&file, json).await,
             Command::Plugin(PluginCommand::List { plugins, json }) => list(&plugins, json).await,
+            Command::Secret(cmd) => secret(cmd).await,
             Command::Plugin(PluginCommand::Rollback { name, plugins, to }) => {
                 let version = crate::reload::rollback(&plugins, &name, to.as_deref())?;
                 println!("restored {name} version {version} in {}", plugins.display());
@@ -259,7 +303,9 @@ fn open_engine(dir: &Path, host: &HostArgs, runtime: Option<&Runtime>) -> anyhow
         bail!("--concurrency must be at least 1");
     }
     let cap = runtime.map_or(usize::MAX, |r| r.config().max_instances as usize);
-    let config = EngineConfig { max_in_flight: host.concurrency.min(cap), ..EngineConfig::default() };
+    let n = host.concurrency.min(cap);
+    // Every CLI mode serves one environment, so its share is the whole host.
+    let config = EngineConfig { max_in_flight: n, max_in_flight_per_environment: n, ..EngineConfig::default() };
     Engine::open(dir, config).with_context(|| format!("cannot open the store in {}", dir.display()))
 }
 
@@ -891,4 +937,35 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
 /// Runs the demo from a test's child process (see `tests/crash.rs`).
 pub async fn demo_for_tests(args: DemoArgs) -> anyhow::Result<ExitCode> {
     demo(args).await
+}
+
+async fn secret(cmd: SecretCommand) -> anyhow::Result<ExitCode> {
+    let at = match &cmd {
+        SecretCommand::Set { at, .. } | SecretCommand::List { at } | SecretCommand::Delete { at, .. } => at,
+    };
+    let engine = Engine::open(&at.data, EngineConfig::default())
+        .with_context(|| format!("cannot open the store in {}", at.data.display()))?;
+    let env = engine.env(engine.environment_named(&at.environment).await?.id);
+    match &cmd {
+        SecretCommand::Set { name, .. } => {
+            let mut value = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut value)
+                .context("cannot read the value from stdin")?;
+            let value = value.strip_suffix('\n').map(|v| v.strip_suffix('\r').unwrap_or(v)).unwrap_or(&value);
+            env.set_secret(name, value).await?;
+            eprintln!("secret {name} stored in environment {}", at.environment);
+        }
+        SecretCommand::List { .. } => {
+            for name in env.secret_names().await? {
+                println!("{name}");
+            }
+        }
+        SecretCommand::Delete { name, .. } => {
+            if !env.delete_secret(name).await? {
+                bail!("environment {} has no secret {name}", at.environment);
+            }
+            eprintln!("secret {name} deleted from environment {}", at.environment);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -244,10 +244,15 @@ impl SlotGuard {
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
+        let mut was_full = false;
         for s in &self.held {
-            s.used.fetch_sub(1, Ordering::Relaxed);
+            was_full |= s.used.fetch_sub(1, Ordering::Relaxed) >= s.cap.load(Ordering::Relaxed);
         }
-        self.freed.notify_one();
+        // Only a group that was full held deliveries back; waking the loop for any other end
+        // would cost a lease transaction per delivery.
+        if was_full {
+            self.freed.notify_one();
+        }
     }
 }
 
@@ -670,8 +675,7 @@ async fn handle(engine: &Engine, entry: Option<RouteEntry>, d: Leased) {
         // The route went away after the lease (a plugin was removed or replaced).
         None => Outcome::Release(format!("no handler for subscription {} any more", d.subscription_id)),
         Some(RouteEntry { listener, handler, .. }) => {
-            let api =
-                engine.env(d.event.environment_id()).as_actor(format!("listener:{listener}")).caused_by(&d.event);
+            let api = engine.env(d.event.environment_id()).as_actor(format!("listener:{listener}")).caused_by(&d.event);
             let ctx =
                 EventCtx { execution: Some(execution_slot.clone()), ..EventCtx::new(d.event.clone(), api, d.attempt) };
             let fut = handler(ctx);

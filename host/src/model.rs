@@ -650,9 +650,5 @@ pub fn validate_secret_name(name: &str) -> std::result::Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("`{name}` is not a secret name (1 to 128 of A-Z, a-z, 0-9, `_`, `-`, `.`)"))
-    }
+    if ok { Ok(()) } else { Err(format!("`{name}` is not a secret name (1 to 128 of A-Z, a-z, 0-9, `_`, `-`, `.`)")) }
 }

@@ -273,9 +273,14 @@ impl PluginHost {
             }
         };
         // What failed is remembered by component and manifest together.
-        let content = format!("{version}/{}", manifest_text.as_deref().map_or_else(String::new, |t| version_of(t.as_bytes())));
+        let content =
+            format!("{version}/{}", manifest_text.as_deref().map_or_else(String::new, |t| version_of(t.as_bytes())));
         if self.failed.lock().await.get(name).is_some_and(|bad| bad.contains(&content)) {
-            return ReloadEvent::Failed { name: name.to_owned(), version: Some(version), reason: ALREADY_FAILED.into() };
+            return ReloadEvent::Failed {
+                name: name.to_owned(),
+                version: Some(version),
+                reason: ALREADY_FAILED.into(),
+            };
         }
         let manifest = match manifest_text.as_deref().map(|t| self.runtime.parse_manifest(t)) {
             None => Ok(self.runtime.parse_manifest("").unwrap_or_default()),
@@ -291,7 +296,12 @@ impl PluginHost {
                 }
                 // Only the manifest changed: same compiled component, new limits and grants.
                 Some(c) if c.version == version => Ok(Arc::new(c.with_manifest(manifest))),
-                _ => self.runtime.load_with(&path, bytes.clone(), manifest).await.map(Arc::new).map_err(|e| e.to_string()),
+                _ => self
+                    .runtime
+                    .load_with(&path, bytes.clone(), manifest)
+                    .await
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string()),
             },
         };
         let plugin = match loaded {

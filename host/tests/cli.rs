@@ -311,3 +311,42 @@ fn dev_rebuilds_and_reloads_a_plugin_when_its_source_changes() {
     assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
     assert_eq!(child.wait().unwrap().code(), Some(0), "{}", seen.join("\n"));
 }
+
+#[test]
+fn secrets_are_set_from_stdin_listed_by_name_and_deleted() {
+    let f = Fixture::new();
+    let data = f.path("data");
+    let secret = |args: &[&str], stdin: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_jobhost"))
+            .arg("secret")
+            .args(args)
+            .args(["--data", &data])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), stdin.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    assert!(secret(&["set", "API_KEY"], "s3cret\n").status.success());
+    assert!(secret(&["set", "OTHER", "--environment", "staging"], "x").status.success());
+    let list = secret(&["list"], "");
+    assert_eq!(String::from_utf8_lossy(&list.stdout), "API_KEY\n", "names only, of one environment");
+    let bad = secret(&["set", "bad name"], "v");
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("is not a secret name"), "{}", stderr(&bad));
+    assert!(secret(&["delete", "API_KEY"], "").status.success());
+    let again = secret(&["delete", "API_KEY"], "");
+    assert_eq!(again.status.code(), Some(2));
+    assert!(stderr(&again).contains("has no secret API_KEY"));
+
+    // The value arrives as given, without the newline.
+    assert!(secret(&["set", "API_KEY"], "s3cret\n").status.success());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let engine = jobhost::Engine::open(Path::new(&data), jobhost::EngineConfig::default()).unwrap();
+        let env = engine.env(engine.environment_named("default").await.unwrap().id);
+        assert_eq!(env.secret("API_KEY").await.unwrap(), "s3cret");
+    });
+}

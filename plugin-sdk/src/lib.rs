@@ -109,6 +109,11 @@ impl Error {
         &self.message
     }
 
+    /// When a job call was refused because of the job's status: that status.
+    pub fn job_status(&self) -> Option<JobStatus> {
+        self.job_status
+    }
+
     /// True when a job call was refused because the job already ended — what a handler sees
     /// when an event comes again after its work was done. Treat it as success.
     pub fn is_already_terminal(&self) -> bool {

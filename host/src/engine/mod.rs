@@ -511,9 +511,10 @@ impl Env {
     /// Deletes a secret; false when there was none.
     pub async fn delete_secret(&self, name: &str) -> Result<bool> {
         let name = name.to_owned();
-        self.write(move |tx, ctx| tx.put_secret(&ctx.env, &name, None, ctx.now)).await.map(|_| true).or_else(|e| {
-            if e.kind() == crate::ErrorKind::NotFound { Ok(false) } else { Err(e) }
-        })
+        self.write(move |tx, ctx| tx.put_secret(&ctx.env, &name, None, ctx.now))
+            .await
+            .map(|_| true)
+            .or_else(|e| if e.kind() == crate::ErrorKind::NotFound { Ok(false) } else { Err(e) })
     }
 
     /// A secret's value.

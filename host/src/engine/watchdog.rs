@@ -44,7 +44,13 @@ pub(super) async fn sweep(engine: &Engine) -> Result<SweepReport> {
                 let jobs = tx.overdue_jobs(overdue, BATCH)?;
                 let seen = jobs.len() as u32;
                 for found in jobs {
-                    let ctx = Ctx { env: found.environment_id.clone(), actor: "watchdog".into(), now, cause: None, emitted: Default::default() };
+                    let ctx = Ctx {
+                        env: found.environment_id.clone(),
+                        actor: "watchdog".into(),
+                        now,
+                        cause: None,
+                        emitted: Default::default(),
+                    };
                     // An earlier job of this batch may have changed this one (a cascade).
                     let Some(job) = tx.job(&ctx.env, &found.id)? else { continue };
                     if job.status != found.status {

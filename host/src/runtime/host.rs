@@ -323,7 +323,7 @@ impl HostState {
         if let Ok(mut logs) = self.logs.lock() {
             logs.push(&format!("[jobhost] {tag}: {message}\n"));
         }
-        self.refused.get_or_insert_with(|| format!("{tag}: {message}"));
+        self.refused.get_or_insert_with(|| message.clone());
         wit::Error { kind, message, job_status: None }
     }
 
@@ -347,7 +347,9 @@ impl HostState {
         let limits = &self.manifest.limits;
         let (per_write, per_delivery) = (limits.max_records_per_write, limits.max_records_per_delivery);
         if n > per_write {
-            return Err(self.limit(format!("{n} records in one call; the plugin's max_records_per_write is {per_write}")));
+            return Err(
+                self.limit(format!("{n} records in one call; the plugin's max_records_per_write is {per_write}"))
+            );
         }
         if self.records_written + n as u64 > per_delivery {
             let done = self.records_written;
@@ -605,7 +607,7 @@ impl config::Host for HostState {
     }
 
     async fn secret(&mut self, name: String) -> R<String> {
-        if !self.manifest.grants.secrets.iter().any(|s| *s == name) {
+        if !self.manifest.grants.secrets.contains(&name) {
             return Err(self.refuse(
                 wit::ErrorKind::Denied,
                 format!("secret `{name}` is not granted to this plugin (list it under [grants] secrets)"),

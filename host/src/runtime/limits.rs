@@ -188,7 +188,9 @@ impl Manifest {
         }
         if let Some(v) = l.fuel {
             if !ceiling.fuel {
-                return Err("[limits] fuel is set but the host does not meter fuel (enable it in the runtime config)".into());
+                return Err(
+                    "[limits] fuel is set but the host does not meter fuel (enable it in the runtime config)".into()
+                );
             }
             limits.fuel = Some(range("fuel", v, 1, u64::MAX / 2)?);
         }
@@ -237,9 +239,7 @@ impl Manifest {
         let path = component.with_extension("toml");
         match std::fs::read_to_string(&path) {
             Ok(text) => Self::parse(&text, base, ceiling).map_err(|e| format!("{}: {e}", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Ok(Self { limits: base.clone(), ..Self::default() })
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self { limits: base.clone(), ..Self::default() }),
             Err(e) => Err(format!("cannot read {}: {e}", path.display())),
         }
     }

@@ -292,7 +292,8 @@ impl Runtime {
 
     /// The manifest of the component at `path` (`NAME.toml` beside it), or the defaults.
     pub fn manifest_for(&self, path: &Path) -> Result<Manifest, LoadError> {
-        Manifest::for_component(path, &self.config.limits, self.ceiling()).map_err(|reason| LoadError::Manifest { reason })
+        Manifest::for_component(path, &self.config.limits, self.ceiling())
+            .map_err(|reason| LoadError::Manifest { reason })
     }
 
     /// Parses manifest text for this runtime.
@@ -315,7 +316,12 @@ impl Runtime {
     }
 
     /// Loads a plugin from bytes with the given manifest.
-    pub async fn load_with(self: &Arc<Self>, path: &Path, bytes: Vec<u8>, manifest: Manifest) -> Result<Plugin, LoadError> {
+    pub async fn load_with(
+        self: &Arc<Self>,
+        path: &Path,
+        bytes: Vec<u8>,
+        manifest: Manifest,
+    ) -> Result<Plugin, LoadError> {
         let path = path.to_path_buf();
         let rt = self.clone();
         let compiled = tokio::task::spawn_blocking(move || rt.compile(&path, &bytes)).await;
@@ -611,10 +617,11 @@ fn cut(text: &str, max: usize) -> String {
 /// backtrace, which goes to the debug log.
 fn trap_code(err: &wasmtime::Error) -> String {
     tracing::debug!(error = ?err, "guest trap");
-    match err.downcast_ref::<wasmtime::Trap>() {
+    let text = match err.downcast_ref::<wasmtime::Trap>() {
         Some(t) => t.to_string(),
         None => err.to_string(),
-    }
+    };
+    text.strip_prefix("wasm trap: ").map(str::to_owned).unwrap_or(text)
 }
 
 /// Advances the engine's epoch every [`EPOCH_TICK`] until dropped.
