@@ -499,7 +499,8 @@ async fn a_component_importing_an_unknown_interface_does_not_load() {
 async fn a_busy_tenant_cannot_take_every_slot() {
     // 8 slots in all, 4 per environment: eight deliveries that each hold a slot for the full
     // wall-clock limit leave the victim's plugin room to run.
-    let config = EngineConfig { max_attempts: 1, max_in_flight: 8, max_in_flight_per_environment: 4, ..test_config() };
+    let config =
+        EngineConfig { max_attempts: 1, max_in_flight: 8, max_in_flight_per_environment: Some(4), ..test_config() };
     let manifest =
         HOSTILE.replace("max_instances = 4", "max_instances = 8").replace("wall_ms = 3000", "wall_ms = 1500");
     let arena = Arena::with(Some(&manifest), config).await;

@@ -69,7 +69,14 @@ fn row(name: &str, ours: f64, base: f64, unit: &str) {
 }
 
 fn config() -> EngineConfig {
-    EngineConfig { ack_timeout: None, stale_timeout: None, max_in_flight: 256, ..EngineConfig::default() }
+    // One environment: its share is the whole host (as the CLI sets it).
+    EngineConfig {
+        ack_timeout: None,
+        stale_timeout: None,
+        max_in_flight: 256,
+        max_in_flight_per_environment: Some(256),
+        ..EngineConfig::default()
+    }
 }
 
 fn open(dir: &std::path::Path, sync: Synchronous) -> Engine {

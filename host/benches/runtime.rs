@@ -63,11 +63,20 @@ fn main() {
 }
 
 fn config() -> EngineConfig {
-    EngineConfig { ack_timeout: None, stale_timeout: None, max_in_flight: 256, ..EngineConfig::default() }
+    // One environment: its share is the whole host (as the CLI sets it).
+    EngineConfig {
+        ack_timeout: None,
+        stale_timeout: None,
+        max_in_flight: 256,
+        max_in_flight_per_environment: Some(256),
+        ..EngineConfig::default()
+    }
 }
 
 fn runtime() -> std::sync::Arc<Runtime> {
-    Runtime::new(RuntimeConfig { cache_dir: None, ..RuntimeConfig::default() }).unwrap()
+    // One plugin may use every slot, as the CLI allows with `--concurrency`.
+    let limits = jobhost::runtime::Limits { max_instances: 256, ..Default::default() };
+    Runtime::new(RuntimeConfig { cache_dir: None, limits, ..RuntimeConfig::default() }).unwrap()
 }
 
 async fn host() -> (tempfile::TempDir, Engine, Env) {
@@ -402,10 +411,20 @@ fn rss_mib(key: &str) -> f64 {
 async fn concurrency(n: u64) {
     let parts = n.div_ceil(1000);
     let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::open(dir.path(), EngineConfig { max_in_flight: parts as usize, ..config() }).unwrap();
+    let engine = Engine::open(
+        dir.path(),
+        EngineConfig { max_in_flight: parts as usize, max_in_flight_per_environment: Some(parts as usize), ..config() },
+    )
+    .unwrap();
     let env = engine.env(engine.create_environment("bench").await.unwrap().id);
-    let rt = Runtime::new(RuntimeConfig { cache_dir: None, max_instances: parts as u32, ..RuntimeConfig::default() })
-        .unwrap();
+    let limits = jobhost::runtime::Limits { max_instances: parts as usize, ..Default::default() };
+    let rt = Runtime::new(RuntimeConfig {
+        cache_dir: None,
+        max_instances: parts as u32,
+        limits,
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
     let plugin = std::sync::Arc::new(rt.load(std::path::Path::new(artifacts::SUBMIT_LARGE_SHEET)).await.unwrap());
     let running = engine.run(vec![rt.listener(plugin, env.id())]).await.unwrap();
     let sheet = env.create_sheet("people").await.unwrap();

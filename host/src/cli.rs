@@ -32,7 +32,7 @@ use crate::engine::{Engine, EngineConfig};
 use crate::filter::Selector;
 use crate::model::{Event, Job, JobStatus, JobType, NewJob, NewRecord};
 use crate::reload::{PluginHost, ReloadEvent};
-use crate::runtime::{Plugin, Runtime, RuntimeConfig};
+use crate::runtime::{Limits, Plugin, Runtime, RuntimeConfig};
 use crate::scenario;
 
 /// jobhost: sandboxed job listeners on a durable job engine.
@@ -298,6 +298,13 @@ impl Drop for DataDir {
     }
 }
 
+/// The runtime of a CLI host: plugins without a manifest may use every slot `--concurrency` gives.
+fn runtime_config(host: &HostArgs) -> RuntimeConfig {
+    let defaults = RuntimeConfig::default();
+    let limits = Limits { max_instances: host.concurrency.max(1), ..defaults.limits.clone() };
+    RuntimeConfig { limits, ..defaults }
+}
+
 fn open_engine(dir: &Path, host: &HostArgs, runtime: Option<&Runtime>) -> anyhow::Result<Engine> {
     if host.concurrency == 0 {
         bail!("--concurrency must be at least 1");
@@ -305,7 +312,7 @@ fn open_engine(dir: &Path, host: &HostArgs, runtime: Option<&Runtime>) -> anyhow
     let cap = runtime.map_or(usize::MAX, |r| r.config().max_instances as usize);
     let n = host.concurrency.min(cap);
     // Every CLI mode serves one environment, so its share is the whole host.
-    let config = EngineConfig { max_in_flight: n, max_in_flight_per_environment: n, ..EngineConfig::default() };
+    let config = EngineConfig { max_in_flight: n, max_in_flight_per_environment: Some(n), ..EngineConfig::default() };
     Engine::open(dir, config).with_context(|| format!("cannot open the store in {}", dir.display()))
 }
 
@@ -432,7 +439,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let records = read_records(&args.records)?;
     std::fs::read_dir(&args.plugins)
         .map_err(|e| anyhow::anyhow!("cannot read the plugins directory {}: {e}", args.plugins.display()))?;
-    let runtime = Runtime::new(RuntimeConfig::default())?;
+    let runtime = Runtime::new(runtime_config(&args.host))?;
     let dir = DataDir::new(args.host.data.as_deref())?;
     let engine = open_engine(&dir.path, &args.host, Some(&runtime))?;
     let environment = engine.create_environment("run").await?;
@@ -454,7 +461,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let dir = DataDir::new(args.host.data.as_deref())?;
     let started = Instant::now();
-    let runtime = if args.native { None } else { Some(Runtime::new(RuntimeConfig::default())?) };
+    let runtime = if args.native { None } else { Some(Runtime::new(runtime_config(&args.host))?) };
     let engine = open_engine(&dir.path, &args.host, runtime.as_deref())?;
     let resumed = read_state(&dir.path)?;
     let environment_id = match &resumed {
@@ -728,7 +735,7 @@ async fn shutdown_signal() {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let runtime = Runtime::new(RuntimeConfig::default())?;
+    let runtime = Runtime::new(runtime_config(&args.host))?;
     let dir = DataDir::new(args.host.data.as_deref())?;
     let engine = open_engine(&dir.path, &args.host, Some(&runtime))?;
     let environment = engine.environment_named(&args.environment).await?;
@@ -862,7 +869,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     let dir = DataDir::new(args.host.data.as_deref())?;
     let plugins_dir = args.plugins.clone().unwrap_or_else(|| dir.path.join("plugins"));
     std::fs::create_dir_all(&plugins_dir)?;
-    let runtime = Runtime::new(RuntimeConfig::default())?;
+    let runtime = Runtime::new(runtime_config(&args.host))?;
     let engine = open_engine(&dir.path, &args.host, Some(&runtime))?;
     let environment = engine.environment_named("dev").await?;
     let running = Arc::new(engine.run(Vec::new()).await?);

@@ -527,7 +527,7 @@ impl Engine {
         if reclaimed > 0 {
             tracing::info!(reclaimed, "deliveries leased by this host before a restart are due again");
         }
-        let routes = Arc::new(RouteTable::new(self.config().max_in_flight_per_environment));
+        let routes = Arc::new(RouteTable::new(self.config().environment_share()));
         routes.insert(handlers);
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();

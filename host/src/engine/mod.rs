@@ -50,8 +50,10 @@ pub struct EngineConfig {
     pub retry_backoff: Duration,
     /// Deliveries handled at once by this host.
     pub max_in_flight: usize,
-    /// Deliveries of one environment handled at once, so a busy tenant cannot take every slot.
-    pub max_in_flight_per_environment: usize,
+    /// Deliveries of one environment handled at once, so a busy tenant cannot take every slot
+    /// (`None`: three quarters of `max_in_flight`). A host serving one environment sets it to
+    /// `max_in_flight`.
+    pub max_in_flight_per_environment: Option<usize>,
     /// Loop guard: how deep a chain of events caused by listeners' own calls may go.
     pub max_chain_depth: u32,
     /// Loop guard: how many events one chain may write in all.
@@ -68,7 +70,7 @@ impl Default for EngineConfig {
             max_attempts: 5,
             retry_backoff: Duration::from_millis(500),
             max_in_flight: 64,
-            max_in_flight_per_environment: 48,
+            max_in_flight_per_environment: None,
             max_chain_depth: 64,
             max_chain_events: 1_000_000,
         }
@@ -76,6 +78,13 @@ impl Default for EngineConfig {
 }
 
 impl EngineConfig {
+    /// Deliveries of one environment handled at once.
+    pub fn environment_share(&self) -> usize {
+        self.max_in_flight_per_environment
+            .unwrap_or(self.max_in_flight.max(1) * 3 / 4)
+            .clamp(1, self.max_in_flight.max(1))
+    }
+
     pub(crate) fn delivery_policy(&self) -> DeliveryPolicy {
         DeliveryPolicy {
             lease_ms: self.lease.as_millis() as i64,

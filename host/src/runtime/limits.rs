@@ -75,7 +75,7 @@ impl Default for Limits {
             max_records_per_delivery: 1_000_000,
             max_log_bytes: 64 << 10,
             max_outcome_bytes: 64 << 10,
-            max_instances: 32,
+            max_instances: 64,
         }
     }
 }

@@ -363,8 +363,6 @@ CREATE TABLE secrets (
     updated_at INTEGER NOT NULL,
     PRIMARY KEY (environment_id, name)
 ) WITHOUT ROWID;
--- Leasing takes each subscription's due deliveries separately (fair share between listeners).
-CREATE INDEX deliveries_sub_due ON deliveries (subscription_id, due_at, id) WHERE status IN ('pending', 'leased');
 "#,
 ];
 
@@ -1179,47 +1177,29 @@ impl Tx for Conn<'_> {
         policy: DeliveryPolicy,
         admit: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Vec<Leased>> {
-        // Each subscription's oldest due deliveries up to its budget, then the oldest of those
-        // overall: a subscription with a deep backlog cannot crowd out one with a single
-        // delivery, and one index range per subscription is read, never the whole backlog.
-        let mut candidates: Vec<(i64, i64, String, u32)> = Vec::new();
-        {
-            let mut stmt = self.conn.prepare_cached(
-                "SELECT d.id, d.due_at, d.attempts FROM deliveries d \
-                 WHERE d.subscription_id = ?1 AND d.status IN ('pending', 'leased') AND d.due_at <= ?2 \
-                 ORDER BY d.due_at, d.id LIMIT ?3",
-            )?;
-            for (sub, budget) in subscriptions {
-                let take = (*budget).min(limit);
-                if take == 0 {
-                    continue;
-                }
-                let rows = stmt.query_map(params![sub, now, take], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, sub.clone(), r.get::<_, u32>(2)?))
-                })?;
-                for row in rows {
-                    candidates.push(row?);
-                }
-            }
-        }
-        candidates.sort_by_key(|c| (c.1, c.0));
-        let mut chosen = Vec::with_capacity(candidates.len().min(limit as usize));
-        for c in candidates {
-            if chosen.len() >= limit as usize {
-                break;
-            }
-            if admit(&c.2) {
-                chosen.push(c);
-            }
-        }
+        // The oldest due deliveries of these subscriptions, admitted one by one while the
+        // caller's slot groups have room. A subscription at its budget is left out of the
+        // query, and one whose group fills up mid-batch stops being admitted, so a deep
+        // backlog delays another subscription's delivery by at most one lease round.
+        let subs: Vec<&str> =
+            subscriptions.iter().filter(|(_, budget)| *budget > 0).map(|(id, _)| id.as_str()).collect();
+        let subs = serde_json::to_string(&subs)?;
         let candidates: Vec<(i64, String, u32, Event)> = {
             let mut stmt = self.conn.prepare_cached(&format!(
-                "SELECT {EVENT_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.id = ?1"
+                "SELECT d.id, d.subscription_id, d.attempts, {EVENT_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq \
+                 WHERE d.status IN ('pending', 'leased') AND d.due_at <= ?1 \
+                   AND d.subscription_id IN (SELECT value FROM json_each(?2)) \
+                 ORDER BY d.due_at, d.id LIMIT ?3"
             ))?;
-            let mut out = Vec::with_capacity(chosen.len());
-            for (id, _, sub, attempts) in chosen {
-                let event = stmt.query_row([id], |r| event_from_row(r, 0))?;
-                out.push((id, sub, attempts, event));
+            let rows = stmt.query_map(params![now, subs, limit], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, event_from_row(r, 3)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let row: (i64, String, u32, Event) = row?;
+                if admit(&row.1) {
+                    out.push(row);
+                }
             }
             out
         };
