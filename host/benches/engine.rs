@@ -69,14 +69,7 @@ fn row(name: &str, ours: f64, base: f64, unit: &str) {
 }
 
 fn config() -> EngineConfig {
-    // One environment: its share is the whole host (as the CLI sets it).
-    EngineConfig {
-        ack_timeout: None,
-        stale_timeout: None,
-        max_in_flight: 256,
-        max_in_flight_per_environment: Some(256),
-        ..EngineConfig::default()
-    }
+    EngineConfig { ack_timeout: None, stale_timeout: None, ..EngineConfig::single_environment(256) }
 }
 
 fn open(dir: &std::path::Path, sync: Synchronous) -> Engine {

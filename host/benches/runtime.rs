@@ -63,14 +63,7 @@ fn main() {
 }
 
 fn config() -> EngineConfig {
-    // One environment: its share is the whole host (as the CLI sets it).
-    EngineConfig {
-        ack_timeout: None,
-        stale_timeout: None,
-        max_in_flight: 256,
-        max_in_flight_per_environment: Some(256),
-        ..EngineConfig::default()
-    }
+    EngineConfig { ack_timeout: None, stale_timeout: None, ..EngineConfig::single_environment(256) }
 }
 
 fn runtime() -> std::sync::Arc<Runtime> {
@@ -413,7 +406,7 @@ async fn concurrency(n: u64) {
     let dir = tempfile::tempdir().unwrap();
     let engine = Engine::open(
         dir.path(),
-        EngineConfig { max_in_flight: parts as usize, max_in_flight_per_environment: Some(parts as usize), ..config() },
+        EngineConfig { ack_timeout: None, stale_timeout: None, ..EngineConfig::single_environment(parts as usize) },
     )
     .unwrap();
     let env = engine.env(engine.create_environment("bench").await.unwrap().id);

@@ -312,7 +312,7 @@ fn open_engine(dir: &Path, host: &HostArgs, runtime: Option<&Runtime>) -> anyhow
     let cap = runtime.map_or(usize::MAX, |r| r.config().max_instances as usize);
     let n = host.concurrency.min(cap);
     // Every CLI mode serves one environment, so its share is the whole host.
-    let config = EngineConfig { max_in_flight: n, max_in_flight_per_environment: Some(n), ..EngineConfig::default() };
+    let config = EngineConfig::single_environment(n);
     Engine::open(dir, config).with_context(|| format!("cannot open the store in {}", dir.display()))
 }
 

@@ -78,6 +78,12 @@ impl Default for EngineConfig {
 }
 
 impl EngineConfig {
+    /// The defaults for a host serving one environment with `max_in_flight` handlers: that
+    /// environment's share is the whole host (the CLI and the benchmarks run this way).
+    pub fn single_environment(max_in_flight: usize) -> Self {
+        Self { max_in_flight, max_in_flight_per_environment: Some(max_in_flight), ..Self::default() }
+    }
+
     /// Deliveries of one environment handled at once.
     pub fn environment_share(&self) -> usize {
         self.max_in_flight_per_environment
