@@ -52,7 +52,7 @@ pub enum Command {
     /// The seeds' scenario with the example plugin on a generated sheet.
     Demo(DemoArgs),
     /// Run the host: the engine and the plugins of a directory, hot-reloaded, until SIGINT or
-    /// SIGTERM. (The HTTP API will be served here too.)
+    /// SIGTERM, and the HTTP API on `--listen`.
     Serve(ServeArgs),
     /// Develop a plugin: rebuild it on every source change and hot-reload it; optionally run a
     /// job through it after every reload.
@@ -147,6 +147,9 @@ pub struct ServeArgs {
     /// The environment the plugins serve (created if missing).
     #[arg(long, default_value = "default")]
     pub environment: String,
+    /// Where the HTTP API listens (`127.0.0.1:0` picks a free port; the address is printed).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: std::net::SocketAddr,
     /// Host options.
     #[command(flatten)]
     pub host: HostArgs,
@@ -742,6 +745,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let running = Arc::new(engine.run(Vec::new()).await?);
     let (plugins, watch) = start_plugins(&runtime, &running, &environment.id, &args.plugins, false).await?;
     let mut events = plugins.subscribe();
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let admin_token = std::env::var("JOBHOST_ADMIN_TOKEN").ok().filter(|t| !t.is_empty()).map(Arc::from);
+    if admin_token.is_none() {
+        eprintln!("no JOBHOST_ADMIN_TOKEN: the admin routes (environments, tokens) answer 401");
+    }
+    let api = crate::api::router(crate::api::ApiState { engine: engine.clone(), admin_token });
+    let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    eprintln!("listening on http://{}", listener.local_addr()?);
+    let server = tokio::spawn(crate::api::serve(listener, api, async move {
+        let _ = api_stopped.await;
+    }));
     eprintln!(
         "serving {} plugin(s) from {} in environment {} ({}); data in {}; Ctrl-C to stop",
         plugins.plugins().await.len(),
@@ -767,9 +783,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             },
         }
     }
-    eprintln!("stopping: finishing deliveries in flight");
+    eprintln!("stopping: finishing requests and deliveries in flight");
+    let _ = api_stop.send(());
     drop(watch);
     running.shutdown().await;
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => eprintln!("the API stopped with an error: {e}"),
+        Err(e) => eprintln!("the API task failed: {e}"),
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -25,6 +25,7 @@
 //!   listeners, used by the CLI's `demo`, the tests and the benchmarks.
 //! - [`cli`]: the `jobhost` command line.
 
+pub mod api;
 pub mod artifacts;
 pub mod cli;
 pub mod clock;

@@ -40,7 +40,7 @@ pub fn new_id(prefix: &str) -> String {
 macro_rules! string_enum {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
         #[non_exhaustive]
         pub enum $name {
             $($(#[$vmeta])* #[serde(rename = $text)] $variant),+
@@ -167,7 +167,7 @@ string_enum! {
 }
 
 /// A tenant. Every other resource belongs to exactly one environment.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Environment {
     /// `env_…`
@@ -179,7 +179,7 @@ pub struct Environment {
 }
 
 /// A table of records.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Sheet {
     /// `sh_…`
@@ -195,7 +195,7 @@ pub struct Sheet {
 }
 
 /// A message on a record, optionally about one field.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Message {
     /// Severity; only `error` makes a record invalid.
     #[serde(rename = "type")]
@@ -215,7 +215,7 @@ impl Message {
 }
 
 /// One cell of a record as a reader sees it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Cell {
     /// The stored value (`null` when absent).
     pub value: Value,
@@ -226,7 +226,7 @@ pub struct Cell {
 }
 
 /// A record as a reader sees it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Record {
     /// `rec_…`
     pub id: String,
@@ -255,7 +255,8 @@ impl Record {
 }
 
 /// A record to insert.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct NewRecord {
     /// Field key → value.
     pub values: Map<String, Value>,
@@ -268,7 +269,8 @@ pub struct NewRecord {
 }
 
 /// A change to one record: new values for some fields and/or a new set of messages.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct RecordUpdate {
     /// The record, `rec_…`.
     pub id: String,
@@ -281,7 +283,7 @@ pub struct RecordUpdate {
 }
 
 /// Record counts of a sheet. `valid + error == total`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RecordCounts {
     /// All records.
     pub total: u64,
@@ -292,7 +294,7 @@ pub struct RecordCounts {
 }
 
 /// One page of records.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RecordPage {
     /// The page's records in the sheet's stable order.
@@ -307,7 +309,7 @@ pub struct RecordPage {
 pub const MAX_PAGE_SIZE: u32 = 10_000;
 
 /// A job, as stored and returned.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Job {
     /// `job_…`
@@ -383,8 +385,9 @@ impl Job {
 }
 
 /// What to create.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields)]
 pub struct NewJob {
     /// Resource kind.
     #[serde(rename = "type")]
@@ -443,8 +446,9 @@ impl NewJob {
 }
 
 /// Arguments of `ack`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields)]
 pub struct Ack {
     /// Replaces the job's info.
     #[serde(default)]
@@ -465,7 +469,8 @@ impl Ack {
 }
 
 /// Arguments of `complete` and `fail`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Outcome {
     /// Stored as given (`message`, `heading`, `acknowledge`, …).
     #[serde(default)]
@@ -483,8 +488,9 @@ impl Outcome {
 }
 
 /// Arguments of `split`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields)]
 pub struct Split {
     /// How many parts, or one `partData` object per part.
     pub parts: SplitParts,
@@ -494,7 +500,7 @@ pub struct Split {
 }
 
 /// The `parts` of a split.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum SplitParts {
     /// N parts; part *i* gets `{"part": i, "total": N}`.
@@ -514,7 +520,7 @@ impl Split {
 pub const MAX_PARTS: u32 = 100_000;
 
 /// Part counts carried by `job:parts-completed`. `total = completed + failed + canceled`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PartCounts {
     /// Number of parts.
     pub total: u64,
@@ -527,7 +533,7 @@ pub struct PartCounts {
 }
 
 /// An event: what listeners receive.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Event {
     /// `evt_…`
@@ -567,7 +573,7 @@ impl Event {
 }
 
 /// What a delivery ended as.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeadLetter {
     /// Delivery id.
@@ -605,7 +611,7 @@ string_enum! {
 }
 
 /// The record of one plugin delivery.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Execution {
     /// Assigned by the store.
@@ -651,4 +657,19 @@ pub fn validate_secret_name(name: &str) -> std::result::Result<(), String> {
         && name.len() <= 128
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
     if ok { Ok(()) } else { Err(format!("`{name}` is not a secret name (1 to 128 of A-Z, a-z, 0-9, `_`, `-`, `.`)")) }
+}
+
+/// An API token's record. The token itself is shown once, when it is created, and stored only
+/// as its SHA-256.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiToken {
+    /// `tok_…`, to refer to the token (e.g. to revoke it).
+    pub id: String,
+    /// The only environment the token reaches.
+    pub environment_id: String,
+    /// What it is for.
+    pub name: String,
+    /// When it was created.
+    pub created_at: Millis,
 }

@@ -219,6 +219,16 @@ fn kill_after(pid: u32, secs: u64) {
     });
 }
 
+/// A plain HTTP/1.1 GET; returns the whole response.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the API");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).unwrap();
+    out
+}
+
 fn publish(dir: &Path, name: &str, bytes: &[u8]) {
     let tmp = dir.join(format!(".{name}.tmp"));
     std::fs::write(&tmp, bytes).unwrap();
@@ -238,7 +248,7 @@ fn serve_hot_reloads_rolls_back_and_stops_on_sigterm() {
     let (ver1, ver2) = (jobhost::runtime::version_of(&v1), jobhost::runtime::version_of(&v2));
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_jobhost"))
-        .args(["serve", "--plugins", plugins.to_str().unwrap(), "--data", &f.path("data")])
+        .args(["serve", "--plugins", plugins.to_str().unwrap(), "--data", &f.path("data"), "--listen", "127.0.0.1:0"])
         .env("XDG_CACHE_HOME", f.dir.path().join("cache"))
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -247,7 +257,13 @@ fn serve_hot_reloads_rolls_back_and_stops_on_sigterm() {
     let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
     let mut seen = Vec::new();
     assert!(wait_line(&mut lines, "loaded plugin noop", &mut seen).contains(&ver1));
+    let listening = wait_line(&mut lines, "listening on http://", &mut seen);
+    let addr = listening.rsplit("http://").next().unwrap().trim().to_owned();
     wait_line(&mut lines, "serving 1 plugin(s)", &mut seen);
+    // The API answers on the printed address.
+    let health = http_get(&addr, "/healthz");
+    assert!(health.starts_with("HTTP/1.1 200") && health.ends_with("ok"), "{health}");
+    assert!(http_get(&addr, "/v1/jobs").starts_with("HTTP/1.1 401"), "a token is needed");
 
     publish(&plugins, "noop", &v2);
     let line = wait_line(&mut lines, "loaded plugin noop version", &mut seen);

@@ -185,6 +185,56 @@ impl Engine {
         self.create_environment(name).await
     }
 
+    /// Every environment, oldest first.
+    pub async fn environments(&self) -> Result<Vec<Environment>> {
+        self.inner.store.read(|r| r.environments()).await
+    }
+
+    /// Creates an API token for an environment. Returns its record and the token itself, which
+    /// is not stored (only its SHA-256 is) and cannot be shown again.
+    pub async fn create_token(&self, environment_id: &str, name: &str) -> Result<(crate::model::ApiToken, String)> {
+        if name.trim().is_empty() || name.len() > 200 {
+            return Err(Error::invalid("a token needs a name of 1 to 200 bytes"));
+        }
+        let secret = random_hex(32).map_err(|e| Error::Store(format!("cannot read random bytes: {e}")))?;
+        let token = format!("jh_{secret}");
+        let record = crate::model::ApiToken {
+            id: new_id("tok"),
+            environment_id: environment_id.to_owned(),
+            name: name.to_owned(),
+            created_at: self.now(),
+        };
+        let (hash, stored) = (token_hash(&token), record.clone());
+        self.inner
+            .store
+            .write(move |tx| {
+                if tx.environment(&stored.environment_id)?.is_none() {
+                    return Err(Error::not_found("environment", &stored.environment_id));
+                }
+                tx.insert_token(&hash, &stored)
+            })
+            .await?;
+        Ok((record, token))
+    }
+
+    /// The token's record, when `token` is a valid API token.
+    pub async fn token(&self, token: &str) -> Result<Option<crate::model::ApiToken>> {
+        let hash = token_hash(token);
+        self.inner.store.read(move |r| r.token(&hash)).await
+    }
+
+    /// The API tokens of an environment.
+    pub async fn tokens(&self, environment_id: &str) -> Result<Vec<crate::model::ApiToken>> {
+        let env = environment_id.to_owned();
+        self.inner.store.read(move |r| r.tokens(&env)).await
+    }
+
+    /// Revokes a token of an environment; false when it has no such token.
+    pub async fn revoke_token(&self, environment_id: &str, id: &str) -> Result<bool> {
+        let (env, id) = (environment_id.to_owned(), id.to_owned());
+        self.inner.store.write(move |tx| tx.delete_token(&env, &id)).await
+    }
+
     /// The API of one environment, acting as `system`.
     pub fn env(&self, environment_id: impl Into<String>) -> Env {
         Env { engine: self.clone(), env: Arc::from(environment_id.into()), actor: Arc::from("system"), cause: None }
@@ -576,4 +626,18 @@ impl Env {
     pub fn context(&self, job_id: Option<&str>) -> Value {
         serde_json::json!({ "environmentId": &*self.env, "jobId": job_id, "actorId": &*self.actor })
     }
+}
+
+/// The SHA-256 of a token, hex: what the store keeps.
+pub fn token_hash(token: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `n` random bytes from the OS, hex.
+fn random_hex(n: usize) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }

@@ -16,7 +16,9 @@ use serde_json::{Map, Value};
 use tokio::sync::Notify;
 
 use crate::error::Result;
-use crate::model::{DeadLetter, Environment, Event, Execution, Job, JobStatus, Message, Millis, RecordCounts, Sheet};
+use crate::model::{
+    ApiToken, DeadLetter, Environment, Event, Execution, Job, JobStatus, Message, Millis, RecordCounts, Sheet,
+};
 
 /// A subscription as stored: who wants which events of one environment.
 #[derive(Debug, Clone, PartialEq)]
@@ -151,6 +153,12 @@ pub trait ReadTx {
     fn delivery_stats(&mut self) -> Result<DeliveryStats>;
     /// Earliest time a pending or leased delivery of these subscriptions becomes due.
     fn next_delivery_due(&mut self, subscriptions: &[String]) -> Result<Option<Millis>>;
+    /// Every environment, oldest first.
+    fn environments(&mut self) -> Result<Vec<Environment>>;
+    /// The API token whose SHA-256 is `hash`.
+    fn token(&mut self, hash: &str) -> Result<Option<ApiToken>>;
+    /// The API tokens of an environment (never the tokens themselves).
+    fn tokens(&mut self, env: &str) -> Result<Vec<ApiToken>>;
     /// A secret of an environment.
     fn secret(&mut self, env: &str, name: &str) -> Result<Option<String>>;
     /// Names of an environment's secrets, sorted.
@@ -174,6 +182,10 @@ pub struct RawRecord {
 pub trait Tx: ReadTx {
     /// Stores an execution record; returns its id.
     fn insert_execution(&mut self, execution: &Execution) -> Result<i64>;
+    /// Stores an API token under its hash.
+    fn insert_token(&mut self, hash: &str, token: &ApiToken) -> Result<()>;
+    /// Deletes an API token of an environment; false when there was none.
+    fn delete_token(&mut self, env: &str, id: &str) -> Result<bool>;
     /// Adds `events` to a chain's count (the loop guard); returns the new total.
     fn charge_chain(&mut self, chain: &str, events: u64, now: Millis) -> Result<u64>;
     /// Stores a secret, or deletes it with `None` (not-found when there was none).

@@ -30,7 +30,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::filter::{Selector, flatten_event};
-use crate::model::{DeadLetter, Environment, Event, Execution, Job, JobStatus, Millis, RecordCounts, Sheet};
+use crate::model::{ApiToken, DeadLetter, Environment, Event, Execution, Job, JobStatus, Millis, RecordCounts, Sheet};
 
 /// How hard SQLite syncs on commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -363,6 +363,17 @@ CREATE TABLE secrets (
     updated_at INTEGER NOT NULL,
     PRIMARY KEY (environment_id, name)
 ) WITHOUT ROWID;
+"#,
+    r#"
+-- API tokens: the SHA-256 of each token (never the token), scoped to one environment.
+CREATE TABLE tokens (
+    hash TEXT PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    environment_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX tokens_env ON tokens (environment_id);
 "#,
 ];
 
@@ -796,6 +807,33 @@ impl ReadTx for Conn<'_> {
             .optional()?)
     }
 
+    fn environments(&mut self) -> Result<Vec<Environment>> {
+        let mut stmt =
+            self.conn.prepare_cached("SELECT id, name, created_at FROM environments ORDER BY created_at, id")?;
+        let rows = stmt.query_map([], |r| Ok(Environment { id: r.get(0)?, name: r.get(1)?, created_at: r.get(2)? }))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn token(&mut self, hash: &str) -> Result<Option<ApiToken>> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT id, environment_id, name, created_at FROM tokens WHERE hash = ?1")?
+            .query_row([hash], |r| {
+                Ok(ApiToken { id: r.get(0)?, environment_id: r.get(1)?, name: r.get(2)?, created_at: r.get(3)? })
+            })
+            .optional()?)
+    }
+
+    fn tokens(&mut self, env: &str) -> Result<Vec<ApiToken>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, environment_id, name, created_at FROM tokens WHERE environment_id = ?1 ORDER BY created_at, id",
+        )?;
+        let rows = stmt.query_map([env], |r| {
+            Ok(ApiToken { id: r.get(0)?, environment_id: r.get(1)?, name: r.get(2)?, created_at: r.get(3)? })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     fn secret_names(&mut self, env: &str) -> Result<Vec<String>> {
         let mut stmt = self.conn.prepare_cached("SELECT name FROM secrets WHERE environment_id = ?1 ORDER BY name")?;
         let rows = stmt.query_map([env], |r| r.get(0))?;
@@ -815,6 +853,20 @@ impl ReadTx for Conn<'_> {
 }
 
 impl Tx for Conn<'_> {
+    fn insert_token(&mut self, hash: &str, token: &ApiToken) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO tokens (hash, id, environment_id, name, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![hash, token.id, token.environment_id, token.name, token.created_at])?;
+        Ok(())
+    }
+
+    fn delete_token(&mut self, env: &str, id: &str) -> Result<bool> {
+        Ok(self.conn.prepare_cached("DELETE FROM tokens WHERE environment_id = ?1 AND id = ?2")?.execute([env, id])?
+            > 0)
+    }
+
     fn charge_chain(&mut self, chain: &str, events: u64, now: Millis) -> Result<u64> {
         Ok(self
             .conn

@@ -1,0 +1,336 @@
+//! The HTTP API, driven by a real client over loopback: the seeds' scenario through the API and
+//! its event stream, tokens that cannot cross environments, refusals with their status and
+//! error shape, and the OpenAPI document against the routes.
+
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use jobhost::api::{ApiState, router, serve};
+use jobhost::{artifacts, scenario};
+use jobhost_tests::{TestHost, load, test_runtime};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const ADMIN: &str = "admin-secret-for-tests";
+
+struct Server {
+    host: TestHost,
+    base: String,
+    http: reqwest::Client,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    async fn start() -> Self {
+        let host = TestHost::new();
+        let app = router(ApiState { engine: host.engine.clone(), admin_token: Some(Arc::from(ADMIN)) });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, app, async move {
+            let _ = stopped.await;
+        }));
+        Self { host, base, http: reqwest::Client::new(), stop: Some(stop), task }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().map(|s| s.send(()));
+        self.task.await.unwrap().unwrap();
+    }
+
+    /// A request with `token` (none when empty); returns status and JSON body.
+    async fn call(&self, method: &str, path: &str, token: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if !token.is_empty() {
+            req = req.bearer_auth(token);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// Calls that must succeed; returns `data`.
+    async fn ok(&self, method: &str, path: &str, token: &str, body: Option<Value>) -> Value {
+        let (status, body) = self.call(method, path, token, body).await;
+        assert!(status.is_success(), "{method} {path}: {status} {body}");
+        body["data"].clone()
+    }
+
+    /// A new environment and a token for it.
+    async fn tenant(&self, name: &str) -> (String, String) {
+        let env = self.ok("POST", "/v1/environments", ADMIN, Some(json!({"name": name}))).await;
+        let id = env["id"].as_str().unwrap().to_owned();
+        let token =
+            self.ok("POST", &format!("/v1/environments/{id}/tokens"), ADMIN, Some(json!({"name": "test"}))).await;
+        (id, token["token"].as_str().unwrap().to_owned())
+    }
+}
+
+/// Reads Server-Sent Events until `until` returns true for an event; returns them all.
+async fn follow(server: &Server, token: &str, query: &str, until: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let resp =
+        server.http.get(format!("{}/v1/events/stream?{query}", server.base)).bearer_auth(token).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.bytes_stream();
+    let (mut buf, mut events) = (String::new(), Vec::new());
+    while let Some(chunk) = body.next().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        while let Some(end) = buf.find("\n\n") {
+            let frame: String = buf.drain(..end + 2).collect();
+            if let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data: ")) {
+                let event: Value = serde_json::from_str(data).unwrap();
+                let done = until(&event);
+                events.push(event);
+                if done {
+                    return events;
+                }
+            }
+        }
+    }
+    panic!("the stream ended before the awaited event; got {events:?}");
+}
+
+#[tokio::test]
+async fn the_seeds_scenario_runs_entirely_over_the_api() {
+    let server = Server::start().await;
+    let (env_id, token) = server.tenant("acme").await;
+    // The example plugin serves the environment (deploy by upload comes with the plugin routes).
+    let rt = test_runtime();
+    let plugin = load(&rt, artifacts::SUBMIT_LARGE_SHEET).await;
+    let running = server.host.engine.run(vec![rt.listener(plugin, &env_id)]).await.unwrap();
+
+    let sheet = server.ok("POST", "/v1/sheets", &token, Some(json!({"name": "people"}))).await;
+    let sheet_id = sheet["id"].as_str().unwrap().to_owned();
+    let (records, invalid) = scenario::sample_records(5_000);
+    for chunk in records.chunks(2_000) {
+        let body = serde_json::to_value(chunk).unwrap();
+        let n = server.ok("POST", &format!("/v1/sheets/{sheet_id}/records"), &token, Some(body)).await;
+        assert_eq!(n["count"], chunk.len());
+    }
+    let counts = server.ok("GET", &format!("/v1/sheets/{sheet_id}/counts"), &token, None).await;
+    assert_eq!(counts["total"], 5_000);
+
+    let job = server
+        .ok(
+            "POST",
+            "/v1/jobs",
+            &token,
+            Some(json!({"type": "sheet", "operation": scenario::OPERATION, "source": sheet_id})),
+        )
+        .await;
+    let job_id = job["id"].as_str().unwrap().to_owned();
+    // The stream replays from the start of the log and follows it live until the parent ends.
+    let events = follow(&server, &token, "since=0&topic=job:*", |e| {
+        e["topic"] == "job:completed" && e["context"]["jobId"] == job_id.as_str()
+    })
+    .await;
+    assert!(events.iter().all(|e| e["topic"].as_str().unwrap().starts_with("job:")), "the topic filter holds");
+    let parts_completed: Vec<&Value> = events.iter().filter(|e| e["topic"] == "job:parts-completed").collect();
+    assert_eq!(parts_completed.len(), 1);
+    assert_eq!(parts_completed[0]["payload"]["parts"], json!({"total": 5, "completed": 5, "failed": 0, "canceled": 0}));
+
+    let job = server.ok("GET", &format!("/v1/jobs/{job_id}"), &token, None).await;
+    assert_eq!(job["status"], "complete");
+    assert_eq!(job["outcome"]["records"]["error"], invalid);
+    let parts = server.ok("GET", &format!("/v1/jobs?parentId={job_id}&pageSize=3&pageNumber=2"), &token, None).await;
+    assert_eq!(parts.as_array().unwrap().len(), 2, "parts 4 and 5 of 5");
+    assert_eq!(parts[0]["partIndex"], 3);
+    let page = server.ok("GET", &format!("/v1/sheets/{sheet_id}/records?pageSize=10&pageNumber=1"), &token, None).await;
+    assert_eq!(page["records"].as_array().unwrap().len(), 10);
+    let execs = server.ok("GET", &format!("/v1/executions?jobId={job_id}"), &token, None).await;
+    assert!(execs.as_array().unwrap().iter().all(|e| e["outcome"] == "ok"));
+    running.shutdown().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn every_job_route_does_its_transition_or_refuses_with_the_right_status() {
+    let server = Server::start().await;
+    let (_, token) = server.tenant("acme").await;
+    let manual = server
+        .ok("POST", "/v1/jobs", &token, Some(json!({"type": "space", "operation": "work", "trigger": "manual"})))
+        .await;
+    let id = manual["id"].as_str().unwrap().to_owned();
+    assert_eq!(manual["status"], "created");
+    let path = |call: &str| format!("/v1/jobs/{id}/{call}");
+
+    let (status, body) = server.call("POST", &path("complete"), &token, Some(json!({}))).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("conflict")), "{body}");
+    assert_eq!(server.ok("POST", &path("execute"), &token, None).await["status"], "ready");
+    let acked = server.ok("POST", &path("ack"), &token, Some(json!({"info": "halfway", "progress": 50}))).await;
+    assert_eq!((acked["status"].as_str(), acked["progress"].as_u64()), (Some("executing"), Some(50)));
+    let split = server.ok("POST", &path("split"), &token, Some(json!({"parts": 3}))).await;
+    assert_eq!(split["parts"], 3);
+    let (status, _) = server.call("POST", &path("split"), &token, Some(json!({"parts": 3}))).await;
+    assert_eq!(status, StatusCode::CONFLICT, "a job splits once");
+    let parts = server.ok("GET", &format!("/v1/jobs?parentId={id}"), &token, None).await;
+    let part = parts[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        server.ok("POST", &format!("/v1/jobs/{part}/fail"), &token, Some(json!({"info": "bad row"}))).await["status"],
+        "failed"
+    );
+    assert_eq!(server.ok("POST", &format!("/v1/jobs/{part}/retry"), &token, None).await["attempt"], 2);
+    let canceled = server.ok("POST", &path("cancel"), &token, Some(json!({"info": "enough"}))).await;
+    assert_eq!(canceled["status"], "canceled");
+    let parts = server.ok("GET", &format!("/v1/jobs?parentId={id}"), &token, None).await;
+    assert!(parts.as_array().unwrap().iter().all(|p| p["status"] == "canceled"), "the cancel cascades: {parts}");
+    assert_eq!(server.ok("POST", &path("outcome/acknowledge"), &token, None).await["id"], id.as_str());
+    let (status, _) = server.call("POST", &path("outcome/acknowledge"), &token, None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "twice is refused");
+
+    let other = server.ok("POST", "/v1/jobs", &token, Some(json!({"type": "space", "operation": "work"}))).await;
+    let other_id = other["id"].as_str().unwrap();
+    let done =
+        server.ok("POST", &format!("/v1/jobs/{other_id}/complete"), &token, Some(json!({"outcome": {"n": 1}}))).await;
+    assert_eq!(done["outcome"], json!({"n": 1}));
+    let (status, body) = server.call("POST", &format!("/v1/jobs/{other_id}/complete"), &token, Some(json!({}))).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(body["error"]["message"].as_str().unwrap().contains("complete"), "{body}");
+    let (status, body) = server.call("GET", "/v1/jobs/job_nope", &token, None).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("not-found")));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_reaches_only_its_environment_and_admin_routes_need_the_admin_token() {
+    let server = Server::start().await;
+    let (_, a) = server.tenant("a").await;
+    let (b_id, b) = server.tenant("b").await;
+    let sheet = server.ok("POST", "/v1/sheets", &b, Some(json!({"name": "private"}))).await;
+    let sheet_id = sheet["id"].as_str().unwrap();
+    let job = server.ok("POST", "/v1/jobs", &b, Some(json!({"type": "space", "operation": "work"}))).await;
+    let job_id = job["id"].as_str().unwrap();
+
+    for (method, path, body) in [
+        ("GET", format!("/v1/jobs/{job_id}"), None),
+        ("POST", format!("/v1/jobs/{job_id}/complete"), Some(json!({}))),
+        ("POST", format!("/v1/jobs/{job_id}/cancel"), Some(json!({}))),
+        ("GET", format!("/v1/jobs?parentId={job_id}"), None),
+        ("GET", format!("/v1/sheets/{sheet_id}"), None),
+        ("GET", format!("/v1/sheets/{sheet_id}/records"), None),
+        ("POST", format!("/v1/sheets/{sheet_id}/records"), Some(json!([{"values": {"x": 1}}]))),
+        ("PATCH", format!("/v1/sheets/{sheet_id}/records"), Some(json!([{"id": "rec_1", "values": {"x": 2}}]))),
+    ] {
+        let (status, body) = server.call(method, &path, &a, body).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path} with A's token: {body}");
+        assert_eq!(body["error"]["code"], "not-found");
+    }
+    assert_eq!(server.ok("GET", &format!("/v1/jobs/{job_id}"), &b, None).await["status"], "ready", "untouched");
+    assert_eq!(server.ok("GET", &format!("/v1/sheets/{sheet_id}/counts"), &b, None).await["total"], 0);
+    let a_events = server.ok("GET", "/v1/events", &a, None).await;
+    assert!(a_events.as_array().unwrap().is_empty(), "A sees none of B's events: {a_events}");
+
+    for (token, what) in [("", "no token"), ("jh_wrong", "a wrong token"), (ADMIN, "the admin token")] {
+        let (status, body) = server.call("GET", &format!("/v1/jobs/{job_id}"), token, None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}: {body}");
+        assert_eq!(body["error"]["code"], "unauthorized");
+    }
+    let (status, _) = server.call("GET", "/v1/environments", &b, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "a tenant token is not an admin token");
+    let tokens = server.ok("GET", &format!("/v1/environments/{b_id}/tokens"), ADMIN, None).await;
+    assert_eq!(tokens.as_array().unwrap().len(), 1);
+    assert!(tokens[0].get("token").is_none(), "tokens are never listed");
+    let token_id = tokens[0]["id"].as_str().unwrap();
+    let (status, _) = server.call("DELETE", &format!("/v1/environments/{b_id}/tokens/{token_id}"), ADMIN, None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = server.call("GET", &format!("/v1/jobs/{job_id}"), &b, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "a revoked token stops working");
+    for path in ["/healthz", "/readyz", "/openapi.json"] {
+        assert_eq!(server.call("GET", path, "", None).await.0, StatusCode::OK, "{path} needs no token");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_requests_are_refused_and_change_nothing() {
+    let server = Server::start().await;
+    let (_, token) = server.tenant("acme").await;
+    let sheet = server.ok("POST", "/v1/sheets", &token, Some(json!({"name": "s"}))).await;
+    let sheet_id = sheet["id"].as_str().unwrap().to_owned();
+    let raw = |body: &'static str| {
+        server
+            .http
+            .post(format!("{}/v1/jobs", server.base))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    for (body, code) in [
+        ("{not json", StatusCode::BAD_REQUEST),
+        (r#"{"type": "space"}"#, StatusCode::UNPROCESSABLE_ENTITY),
+        (r#"{"type": "galaxy", "operation": "x"}"#, StatusCode::UNPROCESSABLE_ENTITY),
+        (r#"{"type": "space", "operation": "x", "color": "red"}"#, StatusCode::UNPROCESSABLE_ENTITY),
+    ] {
+        let resp = raw(body).await.unwrap();
+        assert_eq!(resp.status(), code, "{body}");
+        let err: Value = resp.json().await.unwrap();
+        assert!(err["error"]["message"].is_string() && err["error"]["code"].is_string(), "{err}");
+    }
+    let (status, body) =
+        server.call("POST", "/v1/jobs", &token, Some(json!({"type": "space", "operation": "has space"}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let huge = vec![json!({"values": {"blob": "x".repeat(1 << 20)}}); 40];
+    let (status, body) =
+        server.call("POST", &format!("/v1/sheets/{sheet_id}/records"), &token, Some(json!(huge))).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert_eq!(body["error"]["code"], "too-large");
+    for q in ["pageSize=0", "pageSize=10001", "pageNumber=0", "pageSize=abc", "bogus=1"] {
+        let (status, body) = server.call("GET", &format!("/v1/sheets/{sheet_id}/records?{q}"), &token, None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{q}: {body}");
+    }
+    let (status, _) = server.call("GET", "/v1/nowhere", &token, None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(server.ok("GET", "/v1/jobs", &token, None).await.as_array().unwrap().len(), 0, "no job was made");
+    assert_eq!(server.ok("GET", &format!("/v1/sheets/{sheet_id}/counts"), &token, None).await["total"], 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_openapi_document_describes_every_route() {
+    let server = Server::start().await;
+    let doc = server.call("GET", "/openapi.json", "", None).await.1;
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = doc["paths"].as_object().unwrap();
+    for (path, methods) in [
+        ("/v1/environments", &["post", "get"][..]),
+        ("/v1/environments/{id}/tokens", &["post", "get"]),
+        ("/v1/environments/{id}/tokens/{token_id}", &["delete"]),
+        ("/v1/sheets", &["post"]),
+        ("/v1/sheets/{id}", &["get"]),
+        ("/v1/sheets/{id}/counts", &["get"]),
+        ("/v1/sheets/{id}/records", &["get", "post", "patch"]),
+        ("/v1/jobs", &["post", "get"]),
+        ("/v1/jobs/{id}", &["get"]),
+        ("/v1/jobs/{id}/execute", &["post"]),
+        ("/v1/jobs/{id}/ack", &["post"]),
+        ("/v1/jobs/{id}/complete", &["post"]),
+        ("/v1/jobs/{id}/fail", &["post"]),
+        ("/v1/jobs/{id}/cancel", &["post"]),
+        ("/v1/jobs/{id}/retry", &["post"]),
+        ("/v1/jobs/{id}/split", &["post"]),
+        ("/v1/jobs/{id}/outcome/acknowledge", &["post"]),
+        ("/v1/events", &["get"]),
+        ("/v1/events/stream", &["get"]),
+        ("/v1/executions", &["get"]),
+        ("/healthz", &["get"]),
+        ("/readyz", &["get"]),
+    ] {
+        for m in methods {
+            assert!(paths.get(path).and_then(|p| p.get(*m)).is_some(), "{m} {path} is documented");
+        }
+    }
+    assert_eq!(paths.len(), 22, "and nothing else: {:?}", paths.keys().collect::<Vec<_>>());
+    let schemas = doc["components"]["schemas"].as_object().unwrap();
+    for s in ["Job", "NewJob", "Event", "Sheet", "RecordPage", "ErrorBody"] {
+        assert!(schemas.contains_key(s), "schema {s}");
+    }
+    server.stop().await;
+}
