@@ -5,16 +5,19 @@
 use std::sync::Arc;
 
 use futures_util::StreamExt;
+use jobhost::api::plugins::Plugins;
 use jobhost::api::{ApiState, router, serve};
 use jobhost::{artifacts, scenario};
-use jobhost_tests::{TestHost, load, test_runtime};
+use jobhost_tests::{TestHost, test_runtime};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 const ADMIN: &str = "admin-secret-for-tests";
 
 struct Server {
-    host: TestHost,
+    /// Keeps the engine's data directory alive.
+    _host: TestHost,
+    running: Arc<jobhost::listener::Running>,
     base: String,
     http: reqwest::Client,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -24,19 +27,38 @@ struct Server {
 impl Server {
     async fn start() -> Self {
         let host = TestHost::new();
-        let app = router(ApiState { engine: host.engine.clone(), admin_token: Some(Arc::from(ADMIN)) });
+        let running = Arc::new(host.engine.run(vec![]).await.unwrap());
+        let plugins = Plugins::new(test_runtime(), running.clone(), host.dir.path().join("plugins"));
+        let state =
+            ApiState { engine: host.engine.clone(), admin_token: Some(Arc::from(ADMIN)), plugins: Some(plugins) };
+        let app = router(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(serve(listener, app, async move {
             let _ = stopped.await;
         }));
-        Self { host, base, http: reqwest::Client::new(), stop: Some(stop), task }
+        Self { _host: host, running, base, http: reqwest::Client::new(), stop: Some(stop), task }
     }
 
     async fn stop(mut self) {
         let _ = self.stop.take().map(|s| s.send(()));
         self.task.await.unwrap().unwrap();
+        self.running.shutdown().await;
+    }
+
+    /// Uploads a component as plugin `name`; returns status and body.
+    async fn deploy(&self, token: &str, name: &str, bytes: Vec<u8>) -> (StatusCode, Value) {
+        let resp = self
+            .http
+            .put(format!("{}/v1/plugins/{name}", self.base))
+            .bearer_auth(token)
+            .header("content-type", "application/wasm")
+            .body(bytes)
+            .send()
+            .await
+            .unwrap();
+        (resp.status(), resp.json().await.unwrap())
     }
 
     /// A request with `token` (none when empty); returns status and JSON body.
@@ -100,11 +122,11 @@ async fn follow(server: &Server, token: &str, query: &str, until: impl Fn(&Value
 #[tokio::test]
 async fn the_seeds_scenario_runs_entirely_over_the_api() {
     let server = Server::start().await;
-    let (env_id, token) = server.tenant("acme").await;
-    // The example plugin serves the environment (deploy by upload comes with the plugin routes).
-    let rt = test_runtime();
-    let plugin = load(&rt, artifacts::SUBMIT_LARGE_SHEET).await;
-    let running = server.host.engine.run(vec![rt.listener(plugin, &env_id)]).await.unwrap();
+    let (_, token) = server.tenant("acme").await;
+    // The example plugin, deployed by upload.
+    let (status, loaded) = server.deploy(&token, "submit", std::fs::read(artifacts::SUBMIT_LARGE_SHEET).unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{loaded}");
+    assert_eq!(loaded["data"]["kind"], "loaded");
 
     let sheet = server.ok("POST", "/v1/sheets", &token, Some(json!({"name": "people"}))).await;
     let sheet_id = sheet["id"].as_str().unwrap().to_owned();
@@ -145,8 +167,7 @@ async fn the_seeds_scenario_runs_entirely_over_the_api() {
     let page = server.ok("GET", &format!("/v1/sheets/{sheet_id}/records?pageSize=10&pageNumber=1"), &token, None).await;
     assert_eq!(page["records"].as_array().unwrap().len(), 10);
     let execs = server.ok("GET", &format!("/v1/executions?jobId={job_id}"), &token, None).await;
-    assert!(execs.as_array().unwrap().iter().all(|e| e["outcome"] == "ok"));
-    running.shutdown().await;
+    assert!(execs.as_array().unwrap().iter().all(|e| e["outcome"] == "ok" && e["plugin"] == "submit"));
     server.stop().await;
 }
 
@@ -327,10 +348,74 @@ async fn the_openapi_document_describes_every_route() {
             assert!(paths.get(path).and_then(|p| p.get(*m)).is_some(), "{m} {path} is documented");
         }
     }
-    assert_eq!(paths.len(), 22, "and nothing else: {:?}", paths.keys().collect::<Vec<_>>());
+    for (path, methods) in [
+        ("/v1/plugins", &["get"][..]),
+        ("/v1/plugins/{name}", &["put", "delete"]),
+        ("/v1/plugins/{name}/rollback", &["post"]),
+    ] {
+        for m in methods {
+            assert!(paths.get(path).and_then(|p| p.get(*m)).is_some(), "{m} {path} is documented");
+        }
+    }
+    assert_eq!(paths.len(), 25, "and nothing else: {:?}", paths.keys().collect::<Vec<_>>());
     let schemas = doc["components"]["schemas"].as_object().unwrap();
     for s in ["Job", "NewJob", "Event", "Sheet", "RecordPage", "ErrorBody"] {
         assert!(schemas.contains_key(s), "schema {s}");
     }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn plugins_deploy_validated_roll_back_and_delete_per_environment() {
+    let server = Server::start().await;
+    let (_, a) = server.tenant("a").await;
+    let (_, b) = server.tenant("b").await;
+    let v1 = std::fs::read(artifacts::TEST_NOOP).unwrap();
+    let mut v2 = v1.clone();
+    v2.extend_from_slice(&[0, 4, 3, b'a', b'b', b'c']); // a custom section: same behaviour, new version
+    let (ver1, ver2) = (jobhost::runtime::version_of(&v1), jobhost::runtime::version_of(&v2));
+
+    let (status, body) = server.deploy(&a, "noop", b"not a component".to_vec()).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid-plugin")),
+        "{body}"
+    );
+    assert!(
+        server.ok("GET", "/v1/plugins", &a, None).await.as_array().unwrap().is_empty(),
+        "a bad upload changes nothing"
+    );
+    let (status, _) = server.deploy(&a, "../escape", v1.clone()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "a path is not a plugin name (the route does not match)");
+    let (status, body) = server.deploy(&a, "bad.name", v1.clone()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+
+    let (status, body) = server.deploy(&a, "noop", v1.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["data"], json!({"kind": "loaded", "name": "noop", "version": ver1, "previous": null}));
+    let (_, body) = server.deploy(&a, "noop", v2).await;
+    assert_eq!(body["data"]["previous"], ver1.as_str());
+    let listed = server.ok("GET", "/v1/plugins", &a, None).await;
+    assert_eq!(listed[0]["version"], ver2.as_str());
+    assert!(
+        server.ok("GET", "/v1/plugins", &b, None).await.as_array().unwrap().is_empty(),
+        "B sees none of A's plugins"
+    );
+
+    // The deployed plugin serves A's events.
+    let job = server.ok("POST", "/v1/jobs", &a, Some(json!({"type": "space", "operation": "work"}))).await;
+    let job_id = job["id"].as_str().unwrap().to_owned();
+    let events = follow(&server, &a, "topic=job:completed", |e| e["context"]["jobId"] == job_id.as_str()).await;
+    assert_eq!(events.len(), 1);
+
+    let rolled = server.ok("POST", "/v1/plugins/noop/rollback", &a, Some(json!({}))).await;
+    assert_eq!((rolled["kind"].as_str(), rolled["version"].as_str()), (Some("loaded"), Some(ver1.as_str())));
+    let (status, _) = server.call("POST", "/v1/plugins/noop/rollback", &b, Some(json!({}))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "B cannot touch A's plugin");
+    let (status, _) = server.call("DELETE", "/v1/plugins/noop", &b, None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let removed = server.ok("DELETE", "/v1/plugins/noop", &a, None).await;
+    assert_eq!(removed["kind"], "removed");
+    assert!(server.ok("GET", "/v1/plugins", &a, None).await.as_array().unwrap().is_empty());
     server.stop().await;
 }

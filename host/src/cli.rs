@@ -752,7 +752,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if admin_token.is_none() {
         eprintln!("no JOBHOST_ADMIN_TOKEN: the admin routes (environments, tokens) answer 401");
     }
-    let api = crate::api::router(crate::api::ApiState { engine: engine.clone(), admin_token });
+    let registry = crate::api::plugins::Plugins::new(runtime.clone(), running.clone(), dir.path.join("plugins"));
+    registry.adopt(&environment.id, plugins.clone()).await;
+    let api = crate::api::router(crate::api::ApiState { engine: engine.clone(), admin_token, plugins: Some(registry) });
     let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
     eprintln!("listening on http://{}", listener.local_addr()?);
     let server = tokio::spawn(crate::api::serve(listener, api, async move {

@@ -38,7 +38,7 @@ use crate::listener::Running;
 use crate::runtime::{Plugin, PluginSlot, Route, Runtime, version_of};
 
 /// What happened to a plugin file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "camelCase")]
 pub enum ReloadEvent {
     /// A version was loaded and is now current.
@@ -76,7 +76,7 @@ pub enum ReloadEvent {
 }
 
 /// A loaded plugin as [`PluginHost::plugins`] reports it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PluginInfo {
     /// Name (file stem).
     pub name: String,

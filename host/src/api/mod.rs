@@ -12,6 +12,7 @@
 pub mod auth;
 pub mod error;
 pub mod openapi;
+pub mod plugins;
 pub mod routes;
 
 use std::sync::Arc;
@@ -32,6 +33,8 @@ pub struct ApiState {
     pub engine: Engine,
     /// The admin token, when one is configured; without it the admin routes answer 401.
     pub admin_token: Option<Arc<str>>,
+    /// Plugins per environment; `None` on a host that runs no plugins.
+    pub plugins: Option<Arc<plugins::Plugins>>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -63,7 +66,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/jobs/{id}/outcome/acknowledge", post(acknowledge_outcome))
         .route("/events", get(list_events))
         .route("/events/stream", get(stream_events))
-        .route("/executions", get(list_executions));
+        .route("/executions", get(list_executions))
+        .route("/plugins", get(list_plugins))
+        .route("/plugins/{name}", axum::routing::put(deploy_plugin).delete(delete_plugin))
+        .route("/plugins/{name}/rollback", post(rollback_plugin));
     Router::new()
         .nest("/v1", v1)
         .route("/healthz", get(healthz))

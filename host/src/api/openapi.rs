@@ -30,11 +30,13 @@ impl Modify for Bearer {
         routes::create_job, routes::list_jobs, routes::get_job, routes::execute_job, routes::ack_job, routes::complete_job,
         routes::fail_job, routes::cancel_job, routes::retry_job, routes::split_job, routes::acknowledge_outcome,
         routes::list_events, routes::stream_events, routes::list_executions,
+        routes::list_plugins, routes::deploy_plugin, routes::rollback_plugin, routes::delete_plugin,
     ),
     tags(
         (name = "jobs", description = "Jobs and their parts"),
         (name = "records", description = "Sheets and records"),
         (name = "events", description = "The event log, its live stream, and plugin execution records"),
+        (name = "plugins", description = "The environment's plugins: deploy, roll back, delete"),
         (name = "admin", description = "Environments and tokens (admin token)"),
         (name = "health", description = "Liveness and readiness (no token)"),
     )

@@ -21,6 +21,7 @@ use crate::model::{
     Ack, ApiToken, Environment, Event, Execution, Job, NewJob, NewRecord, Outcome, RecordCounts, RecordPage,
     RecordUpdate, Sheet, Split,
 };
+use crate::reload::{PluginInfo, ReloadEvent};
 
 /// `{"data": …}`.
 #[derive(Debug, Serialize, ToSchema)]
@@ -435,4 +436,78 @@ pub async fn stream_events(
 pub async fn list_executions(t: Tenant, Query(q): Query<ExecutionsQuery>) -> Answer<Vec<Execution>> {
     let (limit, _) = page(q.limit, None, 100, MAX_LIST)?;
     ok(t.env.executions(q.job_id.as_deref(), limit).await?)
+}
+
+// ---- plugins ----
+
+fn plugins(state: &ApiState) -> Result<&super::plugins::Plugins, ApiError> {
+    state.plugins.as_deref().ok_or_else(|| ApiError::not_found("this host runs no plugins"))
+}
+
+impl From<super::plugins::PluginError> for ApiError {
+    fn from(e: super::plugins::PluginError) -> Self {
+        use super::plugins::PluginError::*;
+        let (status, code) = match &e {
+            BadName(_) => (StatusCode::BAD_REQUEST, "invalid"),
+            Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid-plugin"),
+            NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
+            Io(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        ApiError { status, code, message: e.to_string() }
+    }
+}
+
+/// The environment's plugins: versions and routes.
+#[utoipa::path(get, path = "/v1/plugins", tag = "plugins", security(("bearer" = [])),
+    responses((status = 200, body = Data<Vec<PluginInfo>>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn list_plugins(t: Tenant, State(state): State<ApiState>) -> Answer<Vec<PluginInfo>> {
+    ok(plugins(&state)?.list(t.env.id()).await?)
+}
+
+/// Deploys a component (the request body) as plugin `name`: validated first (a component
+/// that does not load changes nothing), then swapped in atomically like a file dropped in the
+/// plugins directory. Deliveries in flight finish on the old version.
+#[utoipa::path(put, path = "/v1/plugins/{name}", tag = "plugins",
+    request_body(content = Vec<u8>, content_type = "application/wasm", description = "the component"),
+    params(("name" = String, Path, description = "plugin name")), security(("bearer" = [])),
+    responses((status = 200, body = Data<ReloadEvent>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn deploy_plugin(
+    t: Tenant,
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Answer<ReloadEvent> {
+    ok(plugins(&state)?.deploy(t.env.id(), &name, body.to_vec()).await?)
+}
+
+/// Which version to roll back to.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackBody {
+    /// A kept version; default: the newest kept version that is not current.
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
+/// Puts a kept version of a plugin back.
+#[utoipa::path(post, path = "/v1/plugins/{name}/rollback", tag = "plugins", request_body = RollbackBody,
+    params(("name" = String, Path, description = "plugin name")), security(("bearer" = [])),
+    responses((status = 200, body = Data<ReloadEvent>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn rollback_plugin(
+    t: Tenant,
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    Json(body): Json<RollbackBody>,
+) -> Answer<ReloadEvent> {
+    ok(plugins(&state)?.rollback(t.env.id(), &name, body.to.as_deref()).await?)
+}
+
+/// Unloads a plugin and deletes its file; its kept versions stay for a rollback. Events for
+/// its routes keep being stored and wait for a plugin with those routes.
+#[utoipa::path(delete, path = "/v1/plugins/{name}", tag = "plugins",
+    params(("name" = String, Path, description = "plugin name")), security(("bearer" = [])),
+    responses((status = 200, body = Data<ReloadEvent>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn delete_plugin(t: Tenant, State(state): State<ApiState>, Path(name): Path<String>) -> Answer<ReloadEvent> {
+    ok(plugins(&state)?.delete(t.env.id(), &name).await?)
 }

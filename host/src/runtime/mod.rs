@@ -118,7 +118,7 @@ pub enum LoadError {
 }
 
 /// One route a plugin declared.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct Route {
     /// Topic pattern.
     pub topic: String,
