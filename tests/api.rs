@@ -166,6 +166,14 @@ async fn the_seeds_scenario_runs_entirely_over_the_api() {
     assert_eq!(parts[0]["partIndex"], 3);
     let page = server.ok("GET", &format!("/v1/sheets/{sheet_id}/records?pageSize=10&pageNumber=1"), &token, None).await;
     assert_eq!(page["records"].as_array().unwrap().len(), 10);
+    let metrics = server.http.get(format!("{}/metrics", server.base)).send().await.unwrap().text().await.unwrap();
+    for line in [
+        "jobhost_jobs{status=\"complete\"} 6",
+        "jobhost_plugins_loaded 1",
+        "jobhost_plugin_deliveries_total{outcome=\"ok\"} 7",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
     let execs = server.ok("GET", &format!("/v1/executions?jobId={job_id}"), &token, None).await;
     assert!(execs.as_array().unwrap().iter().all(|e| e["outcome"] == "ok" && e["plugin"] == "submit"));
     server.stop().await;
@@ -263,7 +271,7 @@ async fn a_token_reaches_only_its_environment_and_admin_routes_need_the_admin_to
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, _) = server.call("GET", &format!("/v1/jobs/{job_id}"), &b, None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "a revoked token stops working");
-    for path in ["/healthz", "/readyz", "/openapi.json"] {
+    for path in ["/healthz", "/readyz", "/openapi.json", "/metrics"] {
         assert_eq!(server.call("GET", path, "", None).await.0, StatusCode::OK, "{path} needs no token");
     }
     server.stop().await;
@@ -343,6 +351,7 @@ async fn the_openapi_document_describes_every_route() {
         ("/v1/executions", &["get"]),
         ("/healthz", &["get"]),
         ("/readyz", &["get"]),
+        ("/metrics", &["get"]),
     ] {
         for m in methods {
             assert!(paths.get(path).and_then(|p| p.get(*m)).is_some(), "{m} {path} is documented");
@@ -357,7 +366,7 @@ async fn the_openapi_document_describes_every_route() {
             assert!(paths.get(path).and_then(|p| p.get(*m)).is_some(), "{m} {path} is documented");
         }
     }
-    assert_eq!(paths.len(), 25, "and nothing else: {:?}", paths.keys().collect::<Vec<_>>());
+    assert_eq!(paths.len(), 26, "and nothing else: {:?}", paths.keys().collect::<Vec<_>>());
     let schemas = doc["components"]["schemas"].as_object().unwrap();
     for s in ["Job", "NewJob", "Event", "Sheet", "RecordPage", "ErrorBody"] {
         assert!(schemas.contains_key(s), "schema {s}");

@@ -1,6 +1,6 @@
 //! Bearer tokens.
 //!
-//! `Authorization: Bearer <token>` on every route but `/healthz`, `/readyz` and
+//! `Authorization: Bearer <token>` on every route but `/healthz`, `/readyz`, `/metrics` and
 //! `/openapi.json`. An environment token (created by the admin, stored only as its SHA-256)
 //! makes a request act in that environment — [`Tenant`] hands the handler an
 //! [`Env`](crate::Env), so a handler cannot reach another environment by construction, and

@@ -24,7 +24,7 @@ impl Modify for Bearer {
     info(title = "jobhost", description = "Jobs, multi-part jobs, records and events, with sandboxed WebAssembly listeners."),
     modifiers(&Bearer),
     paths(
-        routes::healthz, routes::readyz,
+        routes::healthz, routes::readyz, routes::metrics,
         routes::create_environment, routes::list_environments, routes::create_token, routes::list_tokens, routes::revoke_token,
         routes::create_sheet, routes::get_sheet, routes::sheet_counts, routes::list_records, routes::insert_records, routes::update_records,
         routes::create_job, routes::list_jobs, routes::get_job, routes::execute_job, routes::ack_job, routes::complete_job,

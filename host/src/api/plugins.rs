@@ -87,6 +87,16 @@ impl Plugins {
         Ok(Some(host))
     }
 
+    /// Plugins loaded, all environments.
+    pub async fn loaded_count(&self) -> usize {
+        let hosts: Vec<Arc<PluginHost>> = self.hosts.lock().await.values().map(|(h, _)| h.clone()).collect();
+        let mut n = 0;
+        for h in hosts {
+            n += h.plugins().await.len();
+        }
+        n
+    }
+
     /// The environment's plugins.
     pub async fn list(&self, environment_id: &str) -> Result<Vec<PluginInfo>, PluginError> {
         Ok(match self.host(environment_id, false).await? {

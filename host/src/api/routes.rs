@@ -150,6 +150,55 @@ pub async fn readyz(State(state): State<ApiState>) -> Response {
     }
 }
 
+/// Prometheus metrics (text format 0.0.4): jobs by status, deliveries by status, plugin
+/// deliveries by outcome with their durations, loaded plugins. No token; aggregated over all
+/// environments, never per tenant.
+#[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, description = "Prometheus text", body = String)))]
+pub async fn metrics(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    use std::fmt::Write;
+    let (jobs, executions) = state.engine.store_metrics().await?;
+    let deliveries = state.engine.delivery_stats().await?;
+    let mut out = String::new();
+    let _ = writeln!(out, "# HELP jobhost_jobs Jobs by status.\n# TYPE jobhost_jobs gauge");
+    for (status, n) in &jobs {
+        let _ = writeln!(out, "jobhost_jobs{{status=\"{status}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP jobhost_deliveries Deliveries of events to listeners by status.\n# TYPE jobhost_deliveries gauge"
+    );
+    for (status, n) in [
+        ("pending", deliveries.pending),
+        ("leased", deliveries.leased),
+        ("done", deliveries.done),
+        ("dead", deliveries.dead),
+    ] {
+        let _ = writeln!(out, "jobhost_deliveries{{status=\"{status}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP jobhost_plugin_deliveries_total Plugin deliveries by outcome.\n# TYPE jobhost_plugin_deliveries_total counter"
+    );
+    for (outcome, n, _) in &executions {
+        let _ = writeln!(out, "jobhost_plugin_deliveries_total{{outcome=\"{outcome}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP jobhost_plugin_delivery_seconds_total Time spent in plugin deliveries by outcome.\n# TYPE jobhost_plugin_delivery_seconds_total counter"
+    );
+    for (outcome, _, us) in &executions {
+        let _ = writeln!(out, "jobhost_plugin_delivery_seconds_total{{outcome=\"{outcome}\"}} {}", *us as f64 / 1e6);
+    }
+    if let Some(plugins) = &state.plugins {
+        let _ = writeln!(
+            out,
+            "# HELP jobhost_plugins_loaded Plugins loaded, all environments.\n# TYPE jobhost_plugins_loaded gauge"
+        );
+        let _ = writeln!(out, "jobhost_plugins_loaded {}", plugins.loaded_count().await);
+    }
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+}
+
 /// Anything else.
 pub async fn not_found() -> ApiError {
     ApiError::not_found("no such route")

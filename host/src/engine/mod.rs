@@ -240,6 +240,12 @@ impl Engine {
         Env { engine: self.clone(), env: Arc::from(environment_id.into()), actor: Arc::from("system"), cause: None }
     }
 
+    /// What `/metrics` reports about the store: jobs per status, and plugin deliveries per
+    /// outcome with their total duration (µs). All environments.
+    pub async fn store_metrics(&self) -> Result<(Vec<(String, u64)>, Vec<(String, u64, u64)>)> {
+        self.inner.store.read(|r| Ok((r.job_status_counts()?, r.execution_stats()?))).await
+    }
+
     /// Delivery counts across all environments.
     pub async fn delivery_stats(&self) -> Result<DeliveryStats> {
         self.inner.store.read(|r| r.delivery_stats()).await

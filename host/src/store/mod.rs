@@ -151,6 +151,10 @@ pub trait ReadTx {
     fn dead_letters(&mut self, env: &str) -> Result<Vec<DeadLetter>>;
     /// Delivery counts (all environments).
     fn delivery_stats(&mut self) -> Result<DeliveryStats>;
+    /// Jobs per status (all environments).
+    fn job_status_counts(&mut self) -> Result<Vec<(String, u64)>>;
+    /// Plugin deliveries per outcome: count and total duration in µs (all environments).
+    fn execution_stats(&mut self) -> Result<Vec<(String, u64, u64)>>;
     /// Earliest time a pending or leased delivery of these subscriptions becomes due.
     fn next_delivery_due(&mut self, subscriptions: &[String]) -> Result<Option<Millis>>;
     /// Every environment, oldest first.

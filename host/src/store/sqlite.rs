@@ -782,6 +782,22 @@ impl ReadTx for Conn<'_> {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    fn job_status_counts(&mut self) -> Result<Vec<(String, u64)>> {
+        let mut stmt = self.conn.prepare_cached("SELECT status, COUNT(*) FROM jobs GROUP BY status ORDER BY status")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn execution_stats(&mut self) -> Result<Vec<(String, u64, u64)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT outcome, COUNT(*), SUM(duration_us) FROM executions GROUP BY outcome ORDER BY outcome",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)?.max(0) as u64))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     fn delivery_stats(&mut self) -> Result<DeliveryStats> {
         let mut stats = DeliveryStats::default();
         let mut stmt = self.conn.prepare_cached("SELECT status, COUNT(*) FROM deliveries GROUP BY status")?;
