@@ -122,7 +122,7 @@ fn a_host_killed_mid_scenario_loses_nothing() {
 #[ignore = "run as a child process by a_host_killed_mid_scenario_loses_nothing"]
 async fn crash_child() {
     let dir = std::env::var("JOBHOST_CRASH_DATA").expect("JOBHOST_CRASH_DATA is set by the parent test");
-    let host = HostArgs { data: Some(dir.into()), json: false, concurrency: 2 };
+    let host = HostArgs { data: Some(dir.into()), json: false, concurrency: Some(2) };
     let code = jobhost::cli::demo_for_tests(DemoArgs { records: RECORDS, native: true, host }).await.unwrap();
     std::process::exit(if code == ExitCode::SUCCESS { 0 } else { 1 });
 }

@@ -138,18 +138,23 @@ pub enum PluginCommand {
     },
 }
 
-/// Arguments of `jobhost serve`.
+/// Arguments of `jobhost serve`. Each setting comes from the flag, else its `JOBHOST_*`
+/// variable, else the config file, else its default (see [`crate::config`]).
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// Directory of plugin components (`*.wasm`), watched for changes.
+    /// A config file (TOML; unknown keys are errors).
     #[arg(long)]
-    pub plugins: PathBuf,
-    /// The environment the plugins serve (created if missing).
-    #[arg(long, default_value = "default")]
-    pub environment: String,
-    /// Where the HTTP API listens (`127.0.0.1:0` picks a free port; the address is printed).
-    #[arg(long, default_value = "127.0.0.1:7070")]
-    pub listen: std::net::SocketAddr,
+    pub config: Option<PathBuf>,
+    /// Directory of plugin components (`*.wasm`), watched for changes [env: JOBHOST_PLUGINS].
+    #[arg(long)]
+    pub plugins: Option<PathBuf>,
+    /// The environment the plugins serve, created if missing [env: JOBHOST_ENVIRONMENT] [default: default].
+    #[arg(long)]
+    pub environment: Option<String>,
+    /// Where the HTTP API listens; `127.0.0.1:0` picks a free port and prints it
+    /// [env: JOBHOST_LISTEN] [default: 127.0.0.1:7070].
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
     /// Host options.
     #[command(flatten)]
     pub host: HostArgs,
@@ -184,9 +189,16 @@ pub struct HostArgs {
     /// Print one JSON summary object on stdout instead of text.
     #[arg(long)]
     pub json: bool,
-    /// Deliveries handled at once.
-    #[arg(long, default_value_t = EngineConfig::default().max_in_flight)]
-    pub concurrency: usize,
+    /// Deliveries handled at once [default: 64].
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+}
+
+impl HostArgs {
+    /// `--concurrency`, or its default.
+    pub fn concurrency(&self) -> usize {
+        self.concurrency.unwrap_or(EngineConfig::default().max_in_flight)
+    }
 }
 
 /// Arguments of `jobhost run`.
@@ -304,16 +316,16 @@ impl Drop for DataDir {
 /// The runtime of a CLI host: plugins without a manifest may use every slot `--concurrency` gives.
 fn runtime_config(host: &HostArgs) -> RuntimeConfig {
     let defaults = RuntimeConfig::default();
-    let limits = Limits { max_instances: host.concurrency.max(1), ..defaults.limits.clone() };
+    let limits = Limits { max_instances: host.concurrency().max(1), ..defaults.limits.clone() };
     RuntimeConfig { limits, ..defaults }
 }
 
 fn open_engine(dir: &Path, host: &HostArgs, runtime: Option<&Runtime>) -> anyhow::Result<Engine> {
-    if host.concurrency == 0 {
+    if host.concurrency() == 0 {
         bail!("--concurrency must be at least 1");
     }
     let cap = runtime.map_or(usize::MAX, |r| r.config().max_instances as usize);
-    let n = host.concurrency.min(cap);
+    let n = host.concurrency().min(cap);
     // Every CLI mode serves one environment, so its share is the whole host.
     let config = EngineConfig::single_environment(n);
     Engine::open(dir, config).with_context(|| format!("cannot open the store in {}", dir.display()))
@@ -738,22 +750,33 @@ async fn shutdown_signal() {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let runtime = Runtime::new(runtime_config(&args.host))?;
-    let dir = DataDir::new(args.host.data.as_deref())?;
-    let engine = open_engine(&dir.path, &args.host, Some(&runtime))?;
-    let environment = engine.environment_named(&args.environment).await?;
+    let settings = crate::config::Settings::resolve(&args, |k| std::env::var(k).ok())?;
+    let host = HostArgs { data: settings.data.clone(), json: false, concurrency: Some(settings.concurrency) };
+    let base = runtime_config(&host);
+    let runtime = Runtime::new(RuntimeConfig {
+        limits: Limits { max_instances: settings.concurrency, ..settings.limits.clone() },
+        ..base
+    })?;
+    let dir = DataDir::new(host.data.as_deref())?;
+    let engine = open_engine(&dir.path, &host, Some(&runtime))?;
+    let environment = engine.environment_named(&settings.environment).await?;
     let running = Arc::new(engine.run(Vec::new()).await?);
-    let (plugins, watch) = start_plugins(&runtime, &running, &environment.id, &args.plugins, false).await?;
+    let (plugins, watch) = start_plugins(&runtime, &running, &environment.id, &settings.plugins, false).await?;
     let mut events = plugins.subscribe();
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let admin_token = std::env::var("JOBHOST_ADMIN_TOKEN").ok().filter(|t| !t.is_empty()).map(Arc::from);
+        .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let admin_token = settings.admin_token.clone().map(Arc::from);
     if admin_token.is_none() {
-        eprintln!("no JOBHOST_ADMIN_TOKEN: the admin routes (environments, tokens) answer 401");
+        eprintln!("no admin token (JOBHOST_ADMIN_TOKEN or admin_token in the config): the admin routes answer 401");
     }
     let registry = crate::api::plugins::Plugins::new(runtime.clone(), running.clone(), dir.path.join("plugins"));
     registry.adopt(&environment.id, plugins.clone()).await;
+    for (env, event) in registry.start_all(&engine).await {
+        if let ReloadEvent::Loaded { name, version, .. } = event {
+            eprintln!("loaded plugin {name} ({version}) of environment {env}");
+        }
+    }
     let api = crate::api::router(crate::api::ApiState { engine: engine.clone(), admin_token, plugins: Some(registry) });
     let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
     eprintln!("listening on http://{}", listener.local_addr()?);
@@ -763,7 +786,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     eprintln!(
         "serving {} plugin(s) from {} in environment {} ({}); data in {}; Ctrl-C to stop",
         plugins.plugins().await.len(),
-        args.plugins.display(),
+        settings.plugins.display(),
         environment.name,
         environment.id,
         dir.path.display()

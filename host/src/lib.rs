@@ -23,12 +23,15 @@
 //! - [`clock`]: the engine's clock, driven by tokio time so tests can pause it.
 //! - [`scenario`]: the seeds' scenario (sheet → parent → parts → parts-completed) as native
 //!   listeners, used by the CLI's `demo`, the tests and the benchmarks.
+//! - [`api`]: the HTTP API (axum): tokens per environment, routes, SSE, OpenAPI, metrics.
+//! - [`config`]: the settings of `jobhost serve` from a file, variables and flags.
 //! - [`cli`]: the `jobhost` command line.
 
 pub mod api;
 pub mod artifacts;
 pub mod cli;
 pub mod clock;
+pub mod config;
 pub mod engine;
 pub mod error;
 pub mod filter;

@@ -210,6 +210,17 @@ fn wait_line(
     panic!("the process ended before printing {needle:?}:\n{}", seen.join("\n"));
 }
 
+/// Starts `cmd` with its stderr piped and a kill timer; returns the child and its stderr lines.
+fn spawn_logged(
+    cmd: &mut Command,
+) -> (std::process::Child, std::io::Lines<std::io::BufReader<std::process::ChildStderr>>) {
+    use std::io::BufRead;
+    let mut child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
+    kill_after(child.id(), 300);
+    let lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    (child, lines)
+}
+
 /// A safety net, not a synchronisation: a child that never prints what a test waits for is
 /// killed, so the test fails with what it did print instead of hanging the suite.
 fn kill_after(pid: u32, secs: u64) {
@@ -237,7 +248,6 @@ fn publish(dir: &Path, name: &str, bytes: &[u8]) {
 
 #[test]
 fn serve_hot_reloads_rolls_back_and_stops_on_sigterm() {
-    use std::io::BufRead;
     let f = Fixture::new();
     let plugins = f.dir.path().join("noop-plugins");
     std::fs::create_dir(&plugins).unwrap();
@@ -247,14 +257,19 @@ fn serve_hot_reloads_rolls_back_and_stops_on_sigterm() {
     publish(&plugins, "noop", &v1);
     let (ver1, ver2) = (jobhost::runtime::version_of(&v1), jobhost::runtime::version_of(&v2));
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_jobhost"))
-        .args(["serve", "--plugins", plugins.to_str().unwrap(), "--data", &f.path("data"), "--listen", "127.0.0.1:0"])
-        .env("XDG_CACHE_HOME", f.dir.path().join("cache"))
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    kill_after(child.id(), 300);
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let (mut child, mut lines) = spawn_logged(
+        Command::new(env!("CARGO_BIN_EXE_jobhost"))
+            .args([
+                "serve",
+                "--plugins",
+                plugins.to_str().unwrap(),
+                "--data",
+                &f.path("data"),
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .env("XDG_CACHE_HOME", f.dir.path().join("cache")),
+    );
     let mut seen = Vec::new();
     assert!(wait_line(&mut lines, "loaded plugin noop", &mut seen).contains(&ver1));
     let listening = wait_line(&mut lines, "listening on http://", &mut seen);
@@ -365,4 +380,111 @@ fn secrets_are_set_from_stdin_listed_by_name_and_deleted() {
         let env = engine.env(engine.environment_named("default").await.unwrap().id);
         assert_eq!(env.secret("API_KEY").await.unwrap(), "s3cret");
     });
+}
+
+/// One HTTP/1.1 request over a fresh connection; returns the status and the JSON body.
+fn http(addr: &str, method: &str, path: &str, token: &str, body: Option<&Value>) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the API");
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).unwrap();
+    let status = out[9..12].parse().unwrap();
+    let json =
+        out.split_once("\r\n\r\n").map(|(_, b)| serde_json::from_str(b).unwrap_or(Value::Null)).unwrap_or_default();
+    (status, json)
+}
+
+/// Follows the event stream from the start until an event's `data` line contains every needle.
+fn wait_event(addr: &str, token: &str, needles: &[&str]) {
+    use std::io::{BufRead, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the API");
+    write!(stream, "GET /v1/events/stream?since=0 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n")
+        .unwrap();
+    for line in std::io::BufReader::new(stream).lines() {
+        let line = line.expect("read the event stream");
+        if line.starts_with("data: ") && needles.iter().all(|n| line.contains(n)) {
+            return;
+        }
+    }
+    panic!("the event stream ended before an event with {needles:?}");
+}
+
+fn start_serve(
+    f: &Fixture,
+    plugins: &str,
+) -> (std::process::Child, String, Vec<String>, impl Iterator<Item = std::io::Result<String>>) {
+    let (child, mut lines) = spawn_logged(
+        Command::new(env!("CARGO_BIN_EXE_jobhost"))
+            .args(["serve", "--plugins", plugins, "--data", &f.path("data"), "--listen", "127.0.0.1:0"])
+            .env("XDG_CACHE_HOME", f.dir.path().join("cache"))
+            .env("JOBHOST_ADMIN_TOKEN", "admin-for-tests"),
+    );
+    let mut seen = Vec::new();
+    let listening = wait_line(&mut lines, "listening on http://", &mut seen);
+    let addr = listening.rsplit("http://").next().unwrap().trim().to_owned();
+    wait_line(&mut lines, "serving 1 plugin(s)", &mut seen);
+    (child, addr, seen, lines)
+}
+
+#[test]
+fn serve_stopped_mid_scenario_finishes_the_job_after_a_restart() {
+    let f = Fixture::new();
+    let plugins = f.path("plugins");
+    let (mut child, addr, mut seen, mut lines) = start_serve(&f, &plugins);
+    let (status, envs) = http(&addr, "GET", "/v1/environments", "admin-for-tests", None);
+    assert_eq!(status, 200, "{envs}");
+    let env_id = envs["data"][0]["id"].as_str().unwrap().to_owned();
+    let (_, token) = http(
+        &addr,
+        "POST",
+        &format!("/v1/environments/{env_id}/tokens"),
+        "admin-for-tests",
+        Some(&serde_json::json!({"name": "t"})),
+    );
+    let token = token["data"]["token"].as_str().unwrap().to_owned();
+    let (_, sheet) = http(&addr, "POST", "/v1/sheets", &token, Some(&serde_json::json!({"name": "people"})));
+    let sheet_id = sheet["data"]["id"].as_str().unwrap().to_owned();
+    let (records, _) = jobhost::scenario::sample_records(30_000);
+    for chunk in records.chunks(10_000) {
+        let (status, body) = http(
+            &addr,
+            "POST",
+            &format!("/v1/sheets/{sheet_id}/records"),
+            &token,
+            Some(&serde_json::to_value(chunk).unwrap()),
+        );
+        assert_eq!(status, 201, "{body}");
+    }
+    let new_job = serde_json::json!({"type": "sheet", "operation": jobhost::scenario::OPERATION, "source": sheet_id});
+    let (status, job) = http(&addr, "POST", "/v1/jobs", &token, Some(&new_job));
+    assert_eq!(status, 201, "{job}");
+    let job_id = job["data"]["id"].as_str().unwrap().to_owned();
+    // Mid-scenario: the parent split and at least one part completed.
+    wait_event(&addr, &token, &["\"job:completed\"", "\"isPart\":true", &job_id]);
+    let (_, parts) = http(&addr, "GET", &format!("/v1/jobs?parentId={job_id}"), &token, None);
+    let done = parts["data"].as_array().unwrap().iter().filter(|p| p["status"] == "complete").count();
+    assert!((1..30).contains(&done), "mid-scenario: {done} of 30 parts complete");
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    wait_line(&mut lines, "stopping", &mut seen);
+    assert_eq!(child.wait().unwrap().code(), Some(0), "{}", seen.join("\n"));
+
+    let (mut child, addr, seen, _lines) = start_serve(&f, &plugins);
+    let (status, _) = http(&addr, "GET", &format!("/v1/jobs/{job_id}"), &token, None);
+    assert_eq!(status, 200, "the token and the job survive the restart");
+    wait_event(&addr, &token, &["\"job:completed\"", &format!("\"jobId\":\"{job_id}\""), "\"isPart\":false"]);
+    let (_, job) = http(&addr, "GET", &format!("/v1/jobs/{job_id}"), &token, None);
+    assert_eq!(job["data"]["status"], "complete", "{job}");
+    assert_eq!(job["data"]["outcome"]["parts"]["total"], 30);
+    let (_, parts_completed) = http(&addr, "GET", "/v1/events?limit=1000&topic=job:parts-completed", &token, None);
+    assert_eq!(parts_completed["data"].as_array().unwrap().len(), 1, "exactly one job:parts-completed");
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    assert_eq!(child.wait().unwrap().code(), Some(0), "{}", seen.join("\n"));
 }

@@ -63,6 +63,38 @@ impl Plugins {
         Arc::new(Self { runtime, running, root, hosts: tokio::sync::Mutex::new(HashMap::new()) })
     }
 
+    /// Starts the plugins of every environment deployed before (each subdirectory of the root
+    /// named after an existing environment), so a restarted host serves them at once. Returns
+    /// what loaded or failed.
+    pub async fn start_all(&self, engine: &crate::Engine) -> Vec<(String, ReloadEvent)> {
+        let known: std::collections::HashSet<String> =
+            engine.environments().await.unwrap_or_default().into_iter().map(|e| e.id).collect();
+        let mut out = Vec::new();
+        let Ok(dirs) = std::fs::read_dir(&self.root) else { return out };
+        let mut envs: Vec<String> = dirs
+            .flatten()
+            .filter(|d| d.path().is_dir())
+            .filter_map(|d| d.file_name().to_str().map(str::to_owned))
+            .filter(|name| known.contains(name))
+            .collect();
+        envs.sort();
+        for env in envs {
+            match self.host(&env, false).await {
+                Ok(Some(h)) => {
+                    for p in h.plugins().await {
+                        out.push((
+                            env.clone(),
+                            ReloadEvent::Loaded { name: p.name, version: p.version, previous: None },
+                        ));
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(environment = %env, error = %e, "cannot start the environment's plugins"),
+            }
+        }
+        out
+    }
+
     /// Registers a host already running for an environment (the directory of `serve --plugins`).
     pub async fn adopt(&self, environment_id: &str, host: Arc<PluginHost>) {
         self.hosts.lock().await.insert(environment_id.to_owned(), (host, None));
