@@ -752,11 +752,8 @@ async fn shutdown_signal() {
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let settings = crate::config::Settings::resolve(&args, |k| std::env::var(k).ok())?;
     let host = HostArgs { data: settings.data.clone(), json: false, concurrency: Some(settings.concurrency) };
-    let base = runtime_config(&host);
-    let runtime = Runtime::new(RuntimeConfig {
-        limits: Limits { max_instances: settings.concurrency, ..settings.limits.clone() },
-        ..base
-    })?;
+    let limits = Limits { max_instances: settings.concurrency, ..settings.limits.clone() };
+    let runtime = Runtime::new(RuntimeConfig { limits, ..RuntimeConfig::default() })?;
     let dir = DataDir::new(host.data.as_deref())?;
     let engine = open_engine(&dir.path, &host, Some(&runtime))?;
     let environment = engine.environment_named(&settings.environment).await?;
@@ -772,10 +769,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     let registry = crate::api::plugins::Plugins::new(runtime.clone(), running.clone(), dir.path.join("plugins"));
     registry.adopt(&environment.id, plugins.clone()).await;
-    for (env, event) in registry.start_all(&engine).await {
-        if let ReloadEvent::Loaded { name, version, .. } = event {
-            eprintln!("loaded plugin {name} ({version}) of environment {env}");
-        }
+    for (env, plugin) in registry.start_all(&engine).await {
+        eprintln!("loaded plugin {} ({}) of environment {env}", plugin.name, plugin.version);
     }
     let api = crate::api::router(crate::api::ApiState { engine: engine.clone(), admin_token, plugins: Some(registry) });
     let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();

@@ -113,12 +113,9 @@ impl Settings {
             None => base.limits.clone(),
             Some(table) => {
                 let ceiling = Ceiling { memory: base.max_memory, fuel: base.fuel };
-                let text = format!("[limits]\n{table}");
-                crate::runtime::Manifest::parse(&text, &base.limits, ceiling)
-                    .map_err(|e| {
-                        anyhow::anyhow!("{}: {e}", path.as_ref().map(|p| p.display().to_string()).unwrap_or_default())
-                    })?
-                    .limits
+                crate::runtime::limits::limits_from_table(table, &base.limits, ceiling).map_err(|e| {
+                    anyhow::anyhow!("{}: {e}", path.as_ref().map(|p| p.display().to_string()).unwrap_or_default())
+                })?
             }
         };
         Ok(Self { listen, data, plugins, environment, concurrency, admin_token, limits })

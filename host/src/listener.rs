@@ -267,9 +267,6 @@ struct RouteEntry {
 /// The routes the delivery loop serves, changeable while it runs.
 struct RouteTable {
     map: std::sync::RwLock<HashMap<String, RouteEntry>>,
-    /// The map's keys, rebuilt when routes change so the delivery loop does not rebuild them
-    /// on every lease.
-    ids: std::sync::RwLock<Arc<Vec<String>>>,
     /// Slots per listener (`L:<env>/<name>`) and per environment (`E:<env>`).
     groups: std::sync::Mutex<HashMap<String, Arc<Slots>>>,
     env_cap: usize,
@@ -292,7 +289,6 @@ impl RouteTable {
     fn new(env_cap: usize) -> Self {
         Self {
             map: std::sync::RwLock::new(HashMap::new()),
-            ids: std::sync::RwLock::new(Arc::default()),
             groups: std::sync::Mutex::new(HashMap::new()),
             env_cap: env_cap.max(1),
             changed: tokio::sync::Notify::new(),
@@ -326,13 +322,9 @@ impl RouteTable {
         self.freed.notify_one();
     }
 
-    fn ids(&self) -> Arc<Vec<String>> {
-        self.ids.read().map(|ids| ids.clone()).unwrap_or_default()
-    }
-
-    /// The subscriptions that may take deliveries now, with how many each may take, and the
-    /// admission state that keeps a lease within every listener's and environment's free slots.
-    fn plan(&self) -> (Vec<(String, u32)>, Admission) {
+    /// The subscriptions that may take deliveries now (their listener and environment both have
+    /// a free slot), and the admission state that keeps a lease within those free slots.
+    fn plan(&self) -> (Vec<String>, Admission) {
         let map = self.map.read().unwrap_or_else(|e| e.into_inner());
         let mut subs = Vec::new();
         let mut admission = Admission { of: HashMap::new(), free: HashMap::new() };
@@ -341,7 +333,7 @@ impl RouteTable {
             if free == 0 {
                 continue;
             }
-            subs.push((id.clone(), free.min(u32::MAX as usize) as u32));
+            subs.push(id.clone());
             let keys = entry.slots.clone().map(|s| Arc::as_ptr(&s) as usize);
             for (k, s) in keys.iter().zip(&entry.slots) {
                 admission.free.entry(*k).or_insert_with(|| s.free());
@@ -351,13 +343,10 @@ impl RouteTable {
         (subs, admission)
     }
 
-    /// Changes the map and refreshes the id list.
+    /// Changes the map.
     fn update(&self, f: impl FnOnce(&mut HashMap<String, RouteEntry>)) {
         if let Ok(mut map) = self.map.write() {
             f(&mut map);
-            if let Ok(mut ids) = self.ids.write() {
-                *ids = Arc::new(map.keys().cloned().collect());
-            }
         }
     }
 
@@ -455,7 +444,7 @@ impl Running {
 
     /// The subscription ids being delivered to.
     pub fn subscription_ids(&self) -> Vec<String> {
-        self.routes.ids().to_vec()
+        self.routes.map.read().map(|m| m.keys().cloned().collect()).unwrap_or_default()
     }
 }
 
@@ -595,16 +584,16 @@ async fn dispatch_loop(engine: Engine, routes: Arc<RouteTable>, mut stop: watch:
         };
         while handlers.try_join_next().is_some() {}
         // Only subscriptions whose listener and environment have a free slot take work.
-        let (plan, mut admission) = routes.plan();
+        let (eligible, mut admission) = routes.plan();
+        let eligible = Arc::new(eligible);
         let want = (1 + sem.available_permits()).min(LEASE_BATCH) as u32;
-        let (o, now) = (owner.clone(), engine.now());
-        let eligible: Vec<String> = plan.iter().map(|(id, _)| id.clone()).collect();
-        let leased = if plan.is_empty() {
+        let (s, o, now) = (eligible.clone(), owner.clone(), engine.now());
+        let leased = if eligible.is_empty() {
             Ok(Vec::new())
         } else {
             engine
                 .store()
-                .write(move |tx| tx.lease_deliveries(&plan, &o, now, want, policy, &mut |sub| admission.admit(sub)))
+                .write(move |tx| tx.lease_deliveries(&s, &o, now, want, policy, &mut |sub| admission.admit(sub)))
                 .await
         };
         let leased = match leased {
@@ -621,7 +610,7 @@ async fn dispatch_loop(engine: Engine, routes: Arc<RouteTable>, mut stop: watch:
         if leased.is_empty() {
             drop(permit);
             let s = eligible.clone();
-            let due = if eligible.is_empty() {
+            let due = if s.is_empty() {
                 None
             } else {
                 engine.store().read(move |r| r.next_delivery_due(&s)).await.unwrap_or_else(|e| {

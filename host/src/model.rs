@@ -673,3 +673,10 @@ pub struct ApiToken {
     /// When it was created.
     pub created_at: Millis,
 }
+
+/// The first `bytes` bytes of the SHA-256 of `data`, in hex: content versions, route keys and
+/// token hashes.
+pub fn sha256_hex(data: &[u8], bytes: usize) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(data).iter().take(bytes).map(|b| format!("{b:02x}")).collect()
+}

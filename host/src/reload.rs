@@ -260,17 +260,9 @@ impl PluginHost {
             }
         };
         let version = version_of(&bytes);
-        let manifest_path = path.with_extension("toml");
-        let manifest_text = match std::fs::read_to_string(&manifest_path) {
-            Ok(t) => Some(t),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => {
-                return ReloadEvent::Failed {
-                    name: name.to_owned(),
-                    version: Some(version),
-                    reason: format!("cannot read {}: {e}", manifest_path.display()),
-                };
-            }
+        let manifest_text = match crate::runtime::Manifest::read_text(&path) {
+            Ok(t) => t,
+            Err(reason) => return ReloadEvent::Failed { name: name.to_owned(), version: Some(version), reason },
         };
         // What failed is remembered by component and manifest together.
         let content =
@@ -282,11 +274,7 @@ impl PluginHost {
                 reason: ALREADY_FAILED.into(),
             };
         }
-        let manifest = match manifest_text.as_deref().map(|t| self.runtime.parse_manifest(t)) {
-            None => Ok(self.runtime.parse_manifest("").unwrap_or_default()),
-            Some(Ok(m)) => Ok(m),
-            Some(Err(e)) => Err(format!("{}: {e}", manifest_path.display())),
-        };
+        let manifest = self.runtime.parse_manifest(&path, manifest_text.as_deref());
         let current = plugins.get(name).map(|e| e.slot.get());
         let loaded = match manifest {
             Err(reason) => Err(reason),

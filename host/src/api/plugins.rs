@@ -65,8 +65,8 @@ impl Plugins {
 
     /// Starts the plugins of every environment deployed before (each subdirectory of the root
     /// named after an existing environment), so a restarted host serves them at once. Returns
-    /// what loaded or failed.
-    pub async fn start_all(&self, engine: &crate::Engine) -> Vec<(String, ReloadEvent)> {
+    /// the plugins that loaded, by environment.
+    pub async fn start_all(&self, engine: &crate::Engine) -> Vec<(String, PluginInfo)> {
         let known: std::collections::HashSet<String> =
             engine.environments().await.unwrap_or_default().into_iter().map(|e| e.id).collect();
         let mut out = Vec::new();
@@ -80,14 +80,7 @@ impl Plugins {
         envs.sort();
         for env in envs {
             match self.host(&env, false).await {
-                Ok(Some(h)) => {
-                    for p in h.plugins().await {
-                        out.push((
-                            env.clone(),
-                            ReloadEvent::Loaded { name: p.name, version: p.version, previous: None },
-                        ));
-                    }
-                }
+                Ok(Some(h)) => out.extend(h.plugins().await.into_iter().map(|p| (env.clone(), p))),
                 Ok(None) => {}
                 Err(e) => tracing::error!(environment = %env, error = %e, "cannot start the environment's plugins"),
             }

@@ -636,8 +636,7 @@ impl Env {
 
 /// The SHA-256 of a token, hex: what the store keeps.
 pub fn token_hash(token: &str) -> String {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    crate::model::sha256_hex(token.as_bytes(), 32)
 }
 
 /// `n` random bytes from the OS, hex.

@@ -37,11 +37,7 @@ impl LogBuf {
         if s.len() <= room {
             self.text.push_str(s);
         } else {
-            let mut cut = room;
-            while !s.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            self.text.push_str(&s[..cut]);
+            self.text.push_str(&s[..s.floor_char_boundary(room)]);
             self.text.push_str(&format!("\n[log truncated at {} bytes]\n", self.limit));
             self.truncated = true;
         }

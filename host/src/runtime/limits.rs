@@ -165,11 +165,10 @@ fn range<T: PartialOrd + std::fmt::Display + Copy>(key: &str, v: T, min: T, max:
     Ok(v)
 }
 
-impl Manifest {
-    /// Parses a manifest over `base` (the host's defaults). Every error names the key.
-    pub fn parse(text: &str, base: &Limits, ceiling: Ceiling) -> Result<Self, String> {
-        let file: ManifestFile = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
-        let l = file.limits;
+impl LimitsFile {
+    /// These keys over `base`, each checked against its range and the host's `ceiling`.
+    fn apply(self, base: &Limits, ceiling: Ceiling) -> Result<Limits, String> {
+        let l = self;
         let mut limits = base.clone();
         let max_mib = (ceiling.memory >> 20) as u64;
         if let Some(v) = l.memory_mib {
@@ -215,6 +214,22 @@ impl Manifest {
         if let Some(v) = l.max_instances {
             limits.max_instances = range("max_instances", v, 1, 100_000)? as usize;
         }
+        Ok(limits)
+    }
+}
+
+/// A `[limits]` table (a manifest's keys, e.g. from the host's config file) over `base`.
+pub fn limits_from_table(table: toml::Table, base: &Limits, ceiling: Ceiling) -> Result<Limits, String> {
+    let file: LimitsFile =
+        toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| format!("[limits]: {}", e.message()))?;
+    file.apply(base, ceiling)
+}
+
+impl Manifest {
+    /// Parses a manifest over `base` (the host's defaults). Every error names the key.
+    pub fn parse(text: &str, base: &Limits, ceiling: Ceiling) -> Result<Self, String> {
+        let file: ManifestFile = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
+        let limits = file.limits.apply(base, ceiling)?;
         for d in &file.grants.dirs {
             if !d.guest.starts_with('/') {
                 return Err(format!("[grants] dirs: guest path `{}` must be absolute", d.guest));
@@ -234,14 +249,29 @@ impl Manifest {
         Ok(Self { limits, grants: file.grants, config: file.config })
     }
 
-    /// Reads `NAME.toml` beside a component, or the defaults when there is none.
-    pub fn for_component(component: &Path, base: &Limits, ceiling: Ceiling) -> Result<Self, String> {
+    /// The text of `NAME.toml` beside a component; `None` when there is none.
+    pub fn read_text(component: &Path) -> Result<Option<String>, String> {
         let path = component.with_extension("toml");
         match std::fs::read_to_string(&path) {
-            Ok(text) => Self::parse(&text, base, ceiling).map_err(|e| format!("{}: {e}", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self { limits: base.clone(), ..Self::default() }),
+            Ok(text) => Ok(Some(text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(format!("cannot read {}: {e}", path.display())),
         }
+    }
+
+    /// The manifest of the component at `component` from its text (`None`: the defaults);
+    /// errors name the manifest file.
+    pub fn from_text(component: &Path, text: Option<&str>, base: &Limits, ceiling: Ceiling) -> Result<Self, String> {
+        match text {
+            Some(text) => Self::parse(text, base, ceiling)
+                .map_err(|e| format!("{}: {e}", component.with_extension("toml").display())),
+            None => Ok(Self { limits: base.clone(), ..Self::default() }),
+        }
+    }
+
+    /// Reads `NAME.toml` beside a component, or the defaults when there is none.
+    pub fn for_component(component: &Path, base: &Limits, ceiling: Ceiling) -> Result<Self, String> {
+        Self::from_text(component, Self::read_text(component)?.as_deref(), base, ceiling)
     }
 }
 

@@ -26,7 +26,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{
     Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, UpdateDeadline,
@@ -130,8 +129,7 @@ impl Route {
     /// A key derived from the route's content: the same route in two versions of a plugin
     /// has the same key, so its subscription (and its pending deliveries) survive a swap.
     pub fn key(&self) -> String {
-        let digest = Sha256::digest(format!("{}\n{}", self.topic, self.filter).as_bytes());
-        digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
+        crate::model::sha256_hex(format!("{}\n{}", self.topic, self.filter).as_bytes(), 6)
     }
 }
 
@@ -296,9 +294,9 @@ impl Runtime {
             .map_err(|reason| LoadError::Manifest { reason })
     }
 
-    /// Parses manifest text for this runtime.
-    pub fn parse_manifest(&self, text: &str) -> Result<Manifest, String> {
-        Manifest::parse(text, &self.config.limits, self.ceiling())
+    /// The manifest of the component at `path` from its text (`None`: the defaults).
+    pub fn parse_manifest(&self, path: &Path, text: Option<&str>) -> Result<Manifest, String> {
+        Manifest::from_text(path, text, &self.config.limits, self.ceiling())
     }
 
     /// Loads a plugin file and its manifest: read, hash, compile (off the async runtime;
@@ -579,7 +577,7 @@ impl Runtime {
 
 /// A plugin's version: the first 16 hex digits of the SHA-256 of its file.
 pub fn version_of(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().take(8).map(|b| format!("{b:02x}")).collect()
+    crate::model::sha256_hex(bytes, 8)
 }
 
 /// Names the limit behind a trap: memory, table, CPU, fuel, stack, or the trap itself.
@@ -606,11 +604,7 @@ fn cut(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_owned();
     }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}… [cut at {max} bytes of {}]", &text[..end], text.len())
+    format!("{}… [cut at {max} bytes of {}]", &text[..text.floor_char_boundary(max)], text.len())
 }
 
 /// The trap's code (e.g. `wasm trap: wasm `unreachable` instruction executed`) without the

@@ -240,11 +240,11 @@ pub trait Tx: ReadTx {
     /// Turns fan-out to an existing subscription on or off (its pending deliveries stay).
     fn set_subscription_active(&mut self, id: &str, active: bool, now: Millis) -> Result<()>;
     /// Leases up to `limit` due deliveries of these subscriptions to `owner`, oldest due first,
-    /// at most `budget` of each subscription `(id, budget)`. Deliveries whose lease expired
-    /// with no attempts left are dead-lettered instead.
+    /// each only if `admit` accepts its subscription. Deliveries whose lease expired with no
+    /// attempts left are dead-lettered instead.
     fn lease_deliveries(
         &mut self,
-        subscriptions: &[(String, u32)],
+        subscriptions: &[String],
         owner: &str,
         now: Millis,
         limit: u32,

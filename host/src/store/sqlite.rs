@@ -1238,7 +1238,7 @@ impl Tx for Conn<'_> {
 
     fn lease_deliveries(
         &mut self,
-        subscriptions: &[(String, u32)],
+        subscriptions: &[String],
         owner: &str,
         now: Millis,
         limit: u32,
@@ -1246,12 +1246,10 @@ impl Tx for Conn<'_> {
         admit: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Vec<Leased>> {
         // The oldest due deliveries of these subscriptions, admitted one by one while the
-        // caller's slot groups have room. A subscription at its budget is left out of the
-        // query, and one whose group fills up mid-batch stops being admitted, so a deep
-        // backlog delays another subscription's delivery by at most one lease round.
-        let subs: Vec<&str> =
-            subscriptions.iter().filter(|(_, budget)| *budget > 0).map(|(id, _)| id.as_str()).collect();
-        let subs = serde_json::to_string(&subs)?;
+        // caller's slot groups have room. The caller leaves a full group's subscriptions out,
+        // and one that fills up mid-batch stops being admitted, so a deep backlog delays
+        // another subscription's delivery by at most one lease round.
+        let subs = serde_json::to_string(subscriptions)?;
         let candidates: Vec<(i64, String, u32, Event)> = {
             let mut stmt = self.conn.prepare_cached(&format!(
                 "SELECT d.id, d.subscription_id, d.attempts, {EVENT_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq \
