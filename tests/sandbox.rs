@@ -520,6 +520,14 @@ async fn a_busy_tenant_cannot_take_every_slot() {
         done.updated_at
     );
     // Never more than 4 of the attacker's deliveries at once.
+    let most = most_at_once(&execs);
+    assert!(most <= 4, "{most} attacker deliveries overlapped");
+    assert!(execs.iter().all(|e| e.outcome == ExecutionOutcome::Timeout));
+    arena.stop().await;
+}
+
+/// The most executions that overlapped in time.
+fn most_at_once(execs: &[Execution]) -> i32 {
     let mut edges: Vec<(i64, i32)> =
         execs.iter().flat_map(|e| [(e.started_at, 1), (e.started_at + e.duration_us / 1000, -1)]).collect();
     edges.sort_by_key(|&(t, d)| (t, d));
@@ -528,8 +536,27 @@ async fn a_busy_tenant_cannot_take_every_slot() {
         now += d;
         most = most.max(now);
     }
-    assert!(most <= 4, "{most} attacker deliveries overlapped");
-    assert!(execs.iter().all(|e| e.outcome == ExecutionOutcome::Timeout));
+    most
+}
+
+#[tokio::test]
+async fn a_plugin_runs_at_most_its_max_instances_at_once() {
+    // The host and the environment would allow 8; the plugin's manifest allows 2.
+    let config = EngineConfig { max_attempts: 1, ..EngineConfig::single_environment(8) };
+    let config = EngineConfig { ack_timeout: None, stale_timeout: None, ..config };
+    let manifest = HOSTILE.replace("max_instances = 4", "max_instances = 2").replace("wall_ms = 3000", "wall_ms = 600");
+    let arena = Arena::with(Some(&manifest), config).await;
+    let mut attacks = Vec::new();
+    for _ in 0..6 {
+        attacks.push(arena.start("hostcall-loop", Value::Null).await);
+    }
+    let mut execs = Vec::new();
+    for a in &attacks {
+        execs.push(arena.execution(&a.id).await);
+    }
+    arena.witness().await;
+    let most = most_at_once(&execs);
+    assert!(most <= 2, "{most} deliveries of a plugin with max_instances = 2 overlapped");
     arena.stop().await;
 }
 
