@@ -763,6 +763,61 @@ async fn record_updates_merge_values_replace_messages_and_derive_validity() {
 }
 
 #[tokio::test]
+async fn record_deletion_is_all_or_none_and_keeps_pages_dense() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let sheet = env.create_sheet("s").await.unwrap();
+    let other = env.create_sheet("other").await.unwrap();
+    let numbered = |n: u64| -> Vec<NewRecord> {
+        (0..n)
+            .map(|i| NewRecord { values: [("n".to_owned(), json!(i))].into_iter().collect(), ..Default::default() })
+            .collect()
+    };
+    env.insert_records(&sheet.id, numbered(50)).await.unwrap();
+    env.insert_records(&other.id, numbered(3)).await.unwrap();
+    let all = env.records(&sheet.id, 50, 1).await.unwrap().records;
+    let n_of = |r: &jobhost::model::Record| r.value("n").and_then(Value::as_u64).unwrap();
+    let foreign = env.records(&other.id, 3, 1).await.unwrap().records[0].id.clone();
+
+    // Refusals change nothing: an id of another sheet, an unknown id, a malformed id.
+    for bad in [foreign.as_str(), "rec_999999", "nope"] {
+        let events = all_events(&env).await.len();
+        let err = env.delete_records(&sheet.id, vec![all[3].id.clone(), bad.to_owned()]).await.unwrap_err();
+        assert!(matches!(err.kind(), ErrorKind::NotFound | ErrorKind::Invalid), "{bad}: {err}");
+        assert_eq!(env.records(&sheet.id, 50, 1).await.unwrap().records, all, "{bad}");
+        assert_eq!(all_events(&env).await.len(), events);
+    }
+
+    // The first, a run of neighbours, a lone one, the last; one id twice counts once.
+    let gone = [0usize, 7, 8, 9, 20, 49];
+    let mut ids: Vec<String> = gone.iter().map(|&i| all[i].id.clone()).collect();
+    ids.push(all[8].id.clone());
+    assert_eq!(env.delete_records(&sheet.id, ids).await.unwrap(), gone.len() as u64);
+    let expect: Vec<u64> = (0..50).filter(|i| !gone.contains(&(*i as usize))).collect();
+    let mut paged = Vec::new();
+    for page in 1..=5 {
+        let records = env.records(&sheet.id, 10, page).await.unwrap().records;
+        assert_eq!(records.len(), if page == 5 { 4 } else { 10 }, "page {page} is full: the order stayed dense");
+        paged.extend(records.iter().map(n_of));
+    }
+    assert_eq!(paged, expect, "the survivors, in their order");
+    assert_eq!(env.record_counts(&sheet.id).await.unwrap().total, 44);
+    assert_eq!(env.record_counts(&other.id).await.unwrap().total, 3, "the other sheet is untouched");
+    let deleted = all_events(&env).await.into_iter().filter(|e| e.topic == "records:deleted").collect::<Vec<_>>();
+    assert_eq!(deleted.len(), 1);
+    assert_eq!(deleted[0].payload["recordCount"], 6);
+
+    // Appends continue after the survivors, and deleting them all leaves an empty sheet.
+    env.insert_records(&sheet.id, numbered(1)).await.unwrap();
+    let last = env.records(&sheet.id, 5, 9).await.unwrap().records;
+    assert_eq!(last.len(), 5, "45 records: page 9 of 5 holds 41..45");
+    let every: Vec<String> = env.records(&sheet.id, 100, 1).await.unwrap().records.into_iter().map(|r| r.id).collect();
+    assert_eq!(env.delete_records(&sheet.id, every).await.unwrap(), 45);
+    assert_eq!(env.record_counts(&sheet.id).await.unwrap().total, 0);
+    assert_eq!(env.delete_records(&sheet.id, vec![]).await.unwrap(), 0);
+}
+
+#[tokio::test]
 async fn nothing_crosses_environments() {
     let host = TestHost::new();
     let (a, b) = (host.env().await, host.env().await);
@@ -784,6 +839,7 @@ async fn nothing_crosses_environments() {
     }];
     assert_eq!(b.update_records(&sheet.id, upd).await.unwrap_err().kind(), ErrorKind::NotFound);
     assert_eq!(b.insert_records(&sheet.id, vec![]).await.unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(b.delete_records(&sheet.id, vec![rec.id.clone()]).await.unwrap_err().kind(), ErrorKind::NotFound);
     assert_eq!(b.create_job(NewJob::sheet("x", &sheet.id)).await.unwrap_err().kind(), ErrorKind::NotFound);
     assert!(b.job_events(&job.id).await.unwrap().is_empty());
     assert!(b.events(0, 100).await.unwrap().iter().all(|e| e.environment_id() == b.id()));

@@ -10,7 +10,9 @@
 //! - **records page**: `GET /v1/sheets/{id}/records?pageSize=1000` (10-field records) from 8
 //!   clients. Baseline: `Env::records` for the same pages.
 //! - **import**: N records uploaded as `POST /v1/sheets/{id}/records` pages of 10,000 from 4
-//!   clients. Baseline: one in-process `insert_records` of the same N.
+//!   clients; and the same N from a JSON-lines file through `jobhost records import`'s code
+//!   (check the file, then ordered batches, one in flight). Baseline: one in-process
+//!   `insert_records` of the same N.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -165,6 +167,13 @@ async fn records_page(s: &Server, n: usize) {
 async fn import(s: &Server, n: u64) {
     let (records, _) = scenario::sample_records(n);
     let pages: Vec<String> = records.chunks(10_000).map(|c| serde_json::to_string(c).unwrap()).collect();
+    let file = s._dir.path().join("import.jsonl");
+    let mut text = String::new();
+    for r in &records {
+        text.push_str(&serde_json::to_string(&r.values).unwrap());
+        text.push('\n');
+    }
+    std::fs::write(&file, text).unwrap();
     let sheet = s.env.create_sheet("imported").await.unwrap();
     let url = format!("{}/v1/sheets/{}/records", s.base, sheet.id);
     let t = Instant::now();
@@ -197,4 +206,19 @@ async fn import(s: &Server, n: u64) {
     s.env.insert_records(&direct_sheet.id, records).await.unwrap();
     let direct = n as f64 / t.elapsed().as_secs_f64();
     row(&format!("import {n} records, pages of 10,000, 4 clients (records/s)"), over_http, direct, "/s");
+
+    // What an operator runs: `jobhost records import FILE.jsonl` — check the whole file, then
+    // send it in order, one batch at a time.
+    let cli_sheet = s.env.create_sheet("cli").await.unwrap();
+    let client = jobhost::client::Client::new(&s.base, Some(s.token.clone())).unwrap();
+    let t = Instant::now();
+    let checked = jobhost::cli::remote::check_file(&file).unwrap();
+    let (sent, _) = jobhost::cli::remote::import(&client, &file, &cli_sheet.id, 10_000, 0, checked, false)
+        .await
+        .map_err(|s| s.error)
+        .unwrap();
+    let over_cli = n as f64 / t.elapsed().as_secs_f64();
+    assert_eq!((checked, sent), (n, n));
+    assert_eq!(s.env.record_counts(&cli_sheet.id).await.unwrap().total, n);
+    row(&format!("`jobhost records import` of {n} records, in file order (records/s)"), over_cli, direct, "/s");
 }

@@ -20,6 +20,9 @@
 //!   1,000 deliveries and instances allowed): wall time and the growth of peak RSS.
 //! - **scenario**: the seeds' scenario (N records, N/1000 parts) with the WASM plugin vs the
 //!   same listeners compiled into the host.
+//! - **languages**: per-event cost (fresh instance + trivial call + drop) and the seeds'
+//!   scenario with the Python plugin (`plugins/python/`, built by `jobhost::build`) against
+//!   the Rust plugin, in the same run.
 
 use std::time::{Duration, Instant};
 
@@ -56,6 +59,9 @@ fn main() {
         if only("scenario") {
             scenario_wasm_vs_native(scenario_records).await;
         }
+        if only("languages") {
+            languages(dispatches / 10, scenario_records).await;
+        }
         if only("concurrency") {
             concurrency(if full { 1_000_000 } else { 5_000 }).await;
         }
@@ -79,11 +85,8 @@ async fn host() -> (tempfile::TempDir, Engine, Env) {
     (dir, engine, env)
 }
 
-async fn dispatch(n: usize) {
-    let (_dir, _engine, env) = host().await;
-    let rt = runtime();
-    let plugin = rt.load(std::path::Path::new(artifacts::TEST_NOOP)).await.unwrap();
-    let route = plugin.routes.iter().position(|r| r.topic == "bench:noop").unwrap() as u32;
+/// A `bench:noop` event of `env`, as a delivery would carry it.
+fn noop_event(env: &Env) -> EventCtx {
     let event = Event {
         id: "evt_bench".into(),
         seq: 1,
@@ -92,7 +95,15 @@ async fn dispatch(n: usize) {
         payload: json!({}),
         created_at: 0,
     };
-    let ctx = EventCtx::new(event, env.clone(), 1);
+    EventCtx::new(event, env.clone(), 1)
+}
+
+async fn dispatch(n: usize) {
+    let (_dir, _engine, env) = host().await;
+    let rt = runtime();
+    let plugin = rt.load(std::path::Path::new(artifacts::TEST_NOOP)).await.unwrap();
+    let route = plugin.routes.iter().position(|r| r.topic == "bench:noop").unwrap() as u32;
+    let ctx = noop_event(&env);
     // Warm both paths (pool slots, caches) before timing.
     for _ in 0..100 {
         assert!(rt.execute(&plugin, route, &ctx).await.error.is_none());
@@ -196,13 +207,19 @@ async fn wait_terminal(engine: &Engine, env: &Env, id: &str) -> jobhost::model::
 }
 
 async fn scenario_once(n: u64, wasm: bool) -> Duration {
+    let plugin = wasm.then(|| (runtime(), std::path::PathBuf::from(artifacts::SUBMIT_LARGE_SHEET)));
+    scenario_with(n, plugin).await
+}
+
+/// The seeds' scenario through the plugin at `plugin` (on that runtime), or natively.
+async fn scenario_with(n: u64, plugin: Option<(std::sync::Arc<Runtime>, std::path::PathBuf)>) -> Duration {
     let (_dir, engine, env) = host().await;
-    let listeners = if wasm {
-        let rt = runtime();
-        let plugin = std::sync::Arc::new(rt.load(std::path::Path::new(artifacts::SUBMIT_LARGE_SHEET)).await.unwrap());
-        vec![rt.listener(plugin, env.id())]
-    } else {
-        scenario::listeners(env.id(), scenario::Options::default())
+    let listeners = match plugin {
+        Some((rt, path)) => {
+            let plugin = std::sync::Arc::new(rt.load(&path).await.unwrap());
+            vec![rt.listener(plugin, env.id())]
+        }
+        None => scenario::listeners(env.id(), scenario::Options::default()),
     };
     let running = engine.run(listeners).await.unwrap();
     let sheet = env.create_sheet("people").await.unwrap();
@@ -232,6 +249,60 @@ async fn scenario_wasm_vs_native(n: u64) {
         wasm.as_secs_f64(),
         native.as_secs_f64(),
         wasm.as_secs_f64() / native.as_secs_f64()
+    );
+}
+
+/// Python against Rust, same host, same run. The Python components are built (and cached by
+/// content) by `jobhost::build`, and compiled once into a compilation cache in the target
+/// directory, as a host with its default cache would.
+async fn languages(events: usize, n: u64) {
+    let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let build =
+        |dir: &str| jobhost::build::build_in(&repo.join("plugins/python").join(dir), &tmp.join("tools")).unwrap();
+    let limits = jobhost::runtime::Limits { max_instances: 256, ..Default::default() };
+    let config = RuntimeConfig { cache_dir: Some(tmp.join("wasmtime-cache")), limits, ..RuntimeConfig::default() };
+    let rt = Runtime::new(config).unwrap();
+    let (_dir, _engine, env) = host().await;
+    let ctx = noop_event(&env);
+    let rust = rt.load(std::path::Path::new(artifacts::TEST_NOOP)).await.unwrap();
+    let python = rt.load(&build("test-noop")).await.unwrap();
+    let route = |p: &jobhost::runtime::Plugin| p.routes.iter().position(|r| r.topic == "bench:noop").unwrap() as u32;
+    let (rust_route, python_route) = (route(&rust), route(&python));
+    for _ in 0..20 {
+        assert!(rt.execute(&rust, rust_route, &ctx).await.error.is_none());
+        let e = rt.execute(&python, python_route, &ctx).await;
+        assert!(e.error.is_none(), "{:?}", e.error);
+    }
+    let (mut py, mut rs) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..10 {
+        let t = Instant::now();
+        for _ in 0..events / 10 {
+            rt.execute(&python, python_route, &ctx).await;
+        }
+        py += t.elapsed();
+        let t = Instant::now();
+        for _ in 0..events / 10 {
+            rt.execute(&rust, rust_route, &ctx).await;
+        }
+        rs += t.elapsed();
+    }
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / (events / 10 * 10) as f64;
+    println!(
+        "{:<50} {:>10.1} µs {:>10.1} µs {:>7.2}x",
+        "per event, Python vs Rust (instance + call + drop)",
+        per(py),
+        per(rs),
+        per(py) / per(rs)
+    );
+    let rust_time = scenario_with(n, Some((rt.clone(), artifacts::SUBMIT_LARGE_SHEET.into()))).await;
+    let python_time = scenario_with(n, Some((rt.clone(), build("submit-large-sheet")))).await;
+    println!(
+        "{:<50} {:>11.2} s {:>11.2} s {:>7.2}x",
+        format!("scenario {n} records, Python vs Rust plugin (time)"),
+        python_time.as_secs_f64(),
+        rust_time.as_secs_f64(),
+        python_time.as_secs_f64() / rust_time.as_secs_f64()
     );
 }
 

@@ -19,17 +19,22 @@
 //!   dispatch in a fresh instance per delivery, host imports, execution records.
 //! - [`reload`]: hot reload of a plugins directory: versions by content hash, atomic swaps,
 //!   history and rollback.
+//! - [`build`]: building plugins from source in every guest language, with pinned tools and
+//!   a content-hash cache.
 //! - [`artifacts`]: paths of the plugins under `plugins/`, built by `build.rs`.
 //! - [`clock`]: the engine's clock, driven by tokio time so tests can pause it.
 //! - [`scenario`]: the seeds' scenario (sheet → parent → parts → parts-completed) as native
 //!   listeners, used by the CLI's `demo`, the tests and the benchmarks.
 //! - [`api`]: the HTTP API (axum): tokens per environment, routes, SSE, OpenAPI, metrics.
 //! - [`config`]: the settings of `jobhost serve` from a file, variables and flags.
+//! - [`client`]: a client of the HTTP API, used by the operator commands.
 //! - [`cli`]: the `jobhost` command line.
 
 pub mod api;
 pub mod artifacts;
+pub mod build;
 pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod engine;

@@ -37,14 +37,51 @@ pub fn new_id(prefix: &str) -> String {
     id
 }
 
+/// JSON numbers for integer fields: `7` and also `7.0`, which JSON Schema calls an integer and
+/// clients that only have floats (Python's `time.time() * 1000`, JavaScript arithmetic) send.
+/// A fraction or a value out of range is refused with the field's name.
+mod integral {
+    use serde::de::{Deserialize, Deserializer, Error};
+    use serde_json::Number;
+
+    pub(super) fn from_number<T: TryFrom<i64>>(n: &Number) -> Option<T> {
+        let whole =
+            n.as_i64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15).map(|f| f as i64))?;
+        T::try_from(whole).ok()
+    }
+
+    /// For `Option<integer>` fields.
+    pub(super) fn option<'de, D: Deserializer<'de>, T: TryFrom<i64>>(d: D) -> Result<Option<T>, D::Error> {
+        match Option::<Number>::deserialize(d)? {
+            None => Ok(None),
+            Some(n) => {
+                from_number(&n).map(Some).ok_or_else(|| D::Error::custom(format!("{n} is not a whole number in range")))
+            }
+        }
+    }
+}
+
 macro_rules! string_enum {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
         #[non_exhaustive]
         pub enum $name {
             $($(#[$vmeta])* #[serde(rename = $text)] $variant),+
         }
+
+        // By hand: the derive cannot read a `rename` passed through this macro and would
+        // document the Rust variant names instead of the wire names.
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::schema::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .enum_values(Some([$($text),+]))
+                    .into()
+            }
+        }
+
+        impl utoipa::ToSchema for $name {}
 
         impl $name {
             /// The wire name of this value.
@@ -204,6 +241,7 @@ pub struct Message {
     pub message: String,
     /// The field it is about; `None` for the whole record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1)]
     pub field: Option<String>,
 }
 
@@ -273,6 +311,7 @@ pub struct NewRecord {
 #[serde(deny_unknown_fields)]
 pub struct RecordUpdate {
     /// The record, `rec_…`.
+    #[schema(pattern = "^rec_[1-9][0-9]{0,17}$")]
     pub id: String,
     /// Fields to set (merged over the existing values; `null` clears a field).
     #[serde(default)]
@@ -392,7 +431,8 @@ pub struct NewJob {
     /// Resource kind.
     #[serde(rename = "type")]
     pub kind: JobType,
-    /// Operation name; non-empty, no `:`.
+    /// Operation name; non-empty, no `:`, no spaces.
+    #[schema(min_length = 1, pattern = "^[^:\\s]+$")]
     pub operation: String,
     /// Resource id (must be a sheet of the environment for `sheet` jobs, when given).
     #[serde(default)]
@@ -407,13 +447,14 @@ pub struct NewJob {
     #[serde(default)]
     pub input: Value,
     /// Run no earlier than this.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integral::option")]
     pub run_at: Option<Millis>,
     /// Jobs that must complete first (same environment).
     #[serde(default)]
     pub predecessor_ids: Vec<String>,
     /// Per-job stale timeout override.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integral::option")]
+    #[schema(minimum = 1)]
     pub stale_timeout_ms: Option<i64>,
 }
 
@@ -454,10 +495,11 @@ pub struct Ack {
     #[serde(default)]
     pub info: Option<String>,
     /// 0–100.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integral::option")]
+    #[schema(minimum = 0, maximum = 100)]
     pub progress: Option<u8>,
     /// Expected completion.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integral::option")]
     pub estimated_completion_at: Option<Millis>,
 }
 
@@ -500,13 +542,50 @@ pub struct Split {
 }
 
 /// The `parts` of a split.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum SplitParts {
     /// N parts; part *i* gets `{"part": i, "total": N}`.
     Count(u32),
     /// One part per element, whose `partData` is the element as given.
     Data(Vec<Value>),
+}
+
+impl utoipa::PartialSchema for SplitParts {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+        OneOfBuilder::new()
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(1))
+                    .maximum(Some(MAX_PARTS))
+                    .description(Some("How many parts")),
+            )
+            .item(
+                ArrayBuilder::new()
+                    .items(ObjectBuilder::new().schema_type(Type::Object))
+                    .min_items(Some(1))
+                    .max_items(Some(MAX_PARTS as usize))
+                    .description(Some("One `partData` object per part")),
+            )
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for SplitParts {}
+
+impl<'de> Deserialize<'de> for SplitParts {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        match Value::deserialize(d)? {
+            Value::Number(n) => integral::from_number(&n)
+                .map(SplitParts::Count)
+                .ok_or_else(|| D::Error::custom(format!("parts: {n} is not a whole number of parts"))),
+            Value::Array(data) => Ok(SplitParts::Data(data)),
+            other => Err(D::Error::custom(format!("parts must be a count or an array of part data, not {other}"))),
+        }
+    }
 }
 
 impl Split {

@@ -31,14 +31,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, broadcast};
 
 use crate::listener::Running;
 use crate::runtime::{Plugin, PluginSlot, Route, Runtime, version_of};
 
 /// What happened to a plugin file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "camelCase")]
 pub enum ReloadEvent {
     /// A version was loaded and is now current.
@@ -76,7 +76,7 @@ pub enum ReloadEvent {
 }
 
 /// A loaded plugin as [`PluginHost::plugins`] reports it.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PluginInfo {
     /// Name (file stem).
     pub name: String,
@@ -84,6 +84,8 @@ pub struct PluginInfo {
     pub version: String,
     /// Its routes.
     pub routes: Vec<Route>,
+    /// Versions kept for rollback, newest first (the current one among them).
+    pub kept: Vec<String>,
 }
 
 struct Entry {
@@ -174,7 +176,8 @@ impl PluginHost {
             .iter()
             .map(|(name, e)| {
                 let p = e.slot.get();
-                PluginInfo { name: name.clone(), version: p.version.clone(), routes: p.routes.clone() }
+                let kept = history(&self.dir, name).unwrap_or_default().into_iter().map(|k| k.version).collect();
+                PluginInfo { name: name.clone(), version: p.version.clone(), routes: p.routes.clone(), kept }
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -224,6 +227,7 @@ impl PluginHost {
             }
             ReloadEvent::Unchanged { .. } => {}
         }
+        self.runtime.stats().count_reload(&event);
         let _ = self.events.send(event.clone());
         event
     }

@@ -210,15 +210,37 @@ fn wait_line(
     panic!("the process ended before printing {needle:?}:\n{}", seen.join("\n"));
 }
 
+/// A child process that is killed when the test lets go of it, also when it fails: a host
+/// left running would keep the test's output pipes open and hang whoever reads them.
+struct Reaped(std::process::Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `cmd` with its stderr piped and a kill timer; returns the child and its stderr lines.
-fn spawn_logged(
-    cmd: &mut Command,
-) -> (std::process::Child, std::io::Lines<std::io::BufReader<std::process::ChildStderr>>) {
+fn spawn_logged(cmd: &mut Command) -> (Reaped, std::io::Lines<std::io::BufReader<std::process::ChildStderr>>) {
     use std::io::BufRead;
     let mut child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
     kill_after(child.id(), 300);
     let lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    (child, lines)
+    (Reaped(child), lines)
 }
 
 /// A safety net, not a synchronisation: a child that never prints what a test waits for is
@@ -417,10 +439,20 @@ fn wait_event(addr: &str, token: &str, needles: &[&str]) {
     panic!("the event stream ended before an event with {needles:?}");
 }
 
+/// A new token for the environment `serve` made at its first start, through the admin API.
+fn default_environment_token(addr: &str) -> String {
+    let (status, envs) = http(addr, "GET", "/v1/environments", "admin-for-tests", None);
+    assert_eq!(status, 200, "{envs}");
+    let env_id = envs["data"][0]["id"].as_str().unwrap().to_owned();
+    let body = serde_json::json!({"name": "tests"});
+    let (_, token) = http(addr, "POST", &format!("/v1/environments/{env_id}/tokens"), "admin-for-tests", Some(&body));
+    token["data"]["token"].as_str().unwrap().to_owned()
+}
+
 fn start_serve(
     f: &Fixture,
     plugins: &str,
-) -> (std::process::Child, String, Vec<String>, impl Iterator<Item = std::io::Result<String>>) {
+) -> (Reaped, String, Vec<String>, impl Iterator<Item = std::io::Result<String>>) {
     let (child, mut lines) = spawn_logged(
         Command::new(env!("CARGO_BIN_EXE_jobhost"))
             .args(["serve", "--plugins", plugins, "--data", &f.path("data"), "--listen", "127.0.0.1:0"])
@@ -439,17 +471,7 @@ fn serve_stopped_mid_scenario_finishes_the_job_after_a_restart() {
     let f = Fixture::new();
     let plugins = f.path("plugins");
     let (mut child, addr, mut seen, mut lines) = start_serve(&f, &plugins);
-    let (status, envs) = http(&addr, "GET", "/v1/environments", "admin-for-tests", None);
-    assert_eq!(status, 200, "{envs}");
-    let env_id = envs["data"][0]["id"].as_str().unwrap().to_owned();
-    let (_, token) = http(
-        &addr,
-        "POST",
-        &format!("/v1/environments/{env_id}/tokens"),
-        "admin-for-tests",
-        Some(&serde_json::json!({"name": "t"})),
-    );
-    let token = token["data"]["token"].as_str().unwrap().to_owned();
+    let token = default_environment_token(&addr);
     let (_, sheet) = http(&addr, "POST", "/v1/sheets", &token, Some(&serde_json::json!({"name": "people"})));
     let sheet_id = sheet["data"]["id"].as_str().unwrap().to_owned();
     let (records, _) = jobhost::scenario::sample_records(30_000);
@@ -487,4 +509,161 @@ fn serve_stopped_mid_scenario_finishes_the_job_after_a_restart() {
     assert_eq!(parts_completed["data"].as_array().unwrap().len(), 1, "exactly one job:parts-completed");
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     assert_eq!(child.wait().unwrap().code(), Some(0), "{}", seen.join("\n"));
+}
+
+/// Runs an operator command against `addr` with `token` (through `JOBHOST_TOKEN`).
+fn operator(f: &Fixture, addr: &str, token: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_jobhost"))
+        .args(args)
+        .env("JOBHOST_URL", format!("http://{addr}"))
+        .env("JOBHOST_TOKEN", token)
+        .env("XDG_CACHE_HOME", f.dir.path().join("cache"))
+        .output()
+        .expect("run jobhost")
+}
+
+#[test]
+fn operator_commands_drive_a_running_host_over_the_api() {
+    let f = Fixture::new();
+    let plugins = f.path("plugins");
+    let (mut child, addr, seen, _lines) = start_serve(&f, &plugins);
+    let token = default_environment_token(&addr);
+    let run = |args: &[&str]| operator(&f, &addr, &token, args);
+    let ok = |args: &[&str]| {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        out
+    };
+    let (_, sheet) = http(&addr, "POST", "/v1/sheets", &token, Some(&serde_json::json!({"name": "import"})));
+    let sheet_id = sheet["data"]["id"].as_str().unwrap().to_owned();
+    let count = |sheet: &str| {
+        http(&addr, "GET", &format!("/v1/sheets/{sheet}/counts"), &token, None).1["data"]["total"].clone()
+    };
+
+    // records import: 25,000 records in batches of 10,000, in the file's order.
+    let lines: String = (0..25_000).map(|i| format!("{{\"n\": {i}, \"name\": \"row {i}\"}}\n")).collect();
+    let file = f.write("people.jsonl", &lines);
+    let out = ok(&["records", "import", &file, "--sheet", &sheet_id, "--json"]);
+    let report = json_out(&out);
+    assert_eq!(report["imported"], 25_000, "{report}");
+    assert_eq!(count(&sheet_id), 25_000);
+    let (_, page) =
+        http(&addr, "GET", &format!("/v1/sheets/{sheet_id}/records?pageSize=10000&pageNumber=3"), &token, None);
+    assert_eq!(page["data"]["records"][0]["values"]["n"]["value"], 20_000, "batches kept the file's order");
+
+    // A malformed file changes nothing and names the line; --skip resumes past what is stored.
+    let mut bad = lines.clone();
+    bad.push_str("{\"n\": 25000}\n[1, 2]\n");
+    let bad = f.write("bad.jsonl", &bad);
+    let out = run(&["records", "import", &bad, "--sheet", &sheet_id]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("line 25002: expected a JSON object"), "{}", stderr(&out));
+    assert_eq!(count(&sheet_id), 25_000, "nothing was sent");
+    let more = f.write("more.jsonl", &format!("{lines}{{\"n\": 25000}}\n{{\"n\": 25001}}\n"));
+    let out = ok(&["records", "import", &more, "--sheet", &sheet_id, "--skip", "25000", "--json"]);
+    assert_eq!(json_out(&out)["imported"], 2);
+    assert_eq!(count(&sheet_id), 25_002);
+    let out = run(&["records", "import", &file, "--sheet", "us_sh_nope"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("not-found"), "{}", stderr(&out));
+
+    // plugin deploy | list | rollback over the API.
+    let noop = jobhost::artifacts::TEST_NOOP;
+    let v1 = jobhost::runtime::version_of(&std::fs::read(noop).unwrap());
+    let out = ok(&["plugin", "deploy", noop, "--name", "extra", "--json"]);
+    assert_eq!(json_out(&out)["kind"], "loaded");
+    let out = ok(&["plugin", "deploy", jobhost::artifacts::TEST_MISBEHAVE, "--name", "extra", "--json"]);
+    assert_eq!(json_out(&out)["previous"], v1.as_str());
+    let list = json_out(&ok(&["plugin", "list", "--json"]));
+    let extra = list.as_array().unwrap().iter().find(|p| p["name"] == "extra").expect("extra is listed").clone();
+    assert_eq!(extra["kept"].as_array().unwrap().len(), 2, "{extra}");
+    let out = ok(&["plugin", "rollback", "extra"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("→ {v1}")),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = run(&["plugin", "deploy", &file, "--name", "broken"]);
+    assert_eq!(out.status.code(), Some(2), "a file that is not a component is refused");
+
+    // jobs list | get | cancel | retry.
+    let (_, job) = http(
+        &addr,
+        "POST",
+        "/v1/jobs",
+        &token,
+        Some(&serde_json::json!({"type": "space", "operation": "manual", "trigger": "manual"})),
+    );
+    let job_id = job["data"]["id"].as_str().unwrap().to_owned();
+    let jobs = json_out(&ok(&["jobs", "list", "--json"]));
+    assert!(jobs.as_array().unwrap().iter().any(|j| j["id"] == job_id.as_str()), "{jobs}");
+    let table = String::from_utf8_lossy(&ok(&["jobs", "list"]).stdout).into_owned();
+    assert!(table.starts_with("ID") && table.contains(&job_id), "{table}");
+    assert_eq!(json_out(&ok(&["jobs", "get", &job_id, "--json"]))["status"], "created");
+    assert!(String::from_utf8_lossy(&ok(&["jobs", "get", &job_id]).stdout).contains("status     created"));
+    assert_eq!(json_out(&ok(&["jobs", "cancel", &job_id, "--info", "not needed", "--json"]))["status"], "canceled");
+    let (_, failing) = http(
+        &addr,
+        "POST",
+        "/v1/jobs",
+        &token,
+        Some(&serde_json::json!({"type": "space", "operation": "manual", "trigger": "manual"})),
+    );
+    let failing = failing["data"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        http(&addr, "POST", &format!("/v1/jobs/{failing}/execute"), &token, Some(&serde_json::json!({}))).0,
+        200
+    );
+    assert_eq!(http(&addr, "POST", &format!("/v1/jobs/{failing}/fail"), &token, Some(&serde_json::json!({}))).0, 200);
+    assert_eq!(json_out(&ok(&["jobs", "retry", &failing, "--json"]))["attempt"], 2);
+    let out = run(&["jobs", "retry", &job_id]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("409 conflict"), "{}", stderr(&out));
+
+    // Refusals: a wrong token, no token, a host that is not there.
+    let out = operator(&f, &addr, "jh_wrong", &["jobs", "list"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("401 unauthorized"), "{}", stderr(&out));
+    let out = operator(&f, &addr, "", &["jobs", "list"]);
+    assert!(out.status.code() == Some(2) && stderr(&out).contains("no token"), "{}", stderr(&out));
+    let out = operator(&f, "127.0.0.1:1", &token, &["jobs", "list"]);
+    assert!(out.status.code() == Some(2) && stderr(&out).contains("cannot reach jobhost"), "{}", stderr(&out));
+
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    assert_eq!(child.wait().unwrap().code(), Some(0), "{}", seen.join("\n"));
+}
+
+#[test]
+fn plugin_new_scaffolds_that_build_and_load() {
+    let f = Fixture::new();
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    for (lang, name) in [("python", "hello-py"), ("rust", "hello-rs")] {
+        let dir = f.path(name);
+        let out = f.run(&["plugin", "new", name, "--lang", lang, "--dir", &dir]);
+        assert_eq!(out.status.code(), Some(0), "{lang}: {}", stderr(&out));
+        if lang == "rust" {
+            // Pin the dependencies the repository's plugins already built, so this is an
+            // incremental build in their target directory, not a fresh resolve and compile.
+            let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+            std::fs::copy(repo.join("plugins/Cargo.lock"), Path::new(&dir).join("Cargo.lock")).unwrap();
+        }
+        let component = f.path(&format!("{name}.wasm"));
+        let out = Command::new(env!("CARGO_BIN_EXE_jobhost"))
+            .args(["plugin", "build", &dir, "--out", &component, "--json"])
+            .env("JOBHOST_TOOLS", target.join("tools"))
+            .env("CARGO_TARGET_DIR", Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasm-plugins"))
+            .env("XDG_CACHE_HOME", f.dir.path().join("cache"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{lang} build: {}", stderr(&out));
+        assert!(json_out(&out)["bytes"].as_u64().unwrap() > 10_000);
+        let out = f.run(&["plugin", "check", &component, "--json"]);
+        let check = json_out(&out);
+        assert_eq!(check["routes"][0]["topic"], "job:ready", "{lang}: {check}");
+        assert_eq!(check["routes"][0]["filter"]["job"], format!("space:{name}"), "{lang}: {check}");
+        let again = f.run(&["plugin", "new", name, "--lang", lang, "--dir", &dir]);
+        assert_eq!(again.status.code(), Some(2), "an existing directory is never overwritten");
+    }
+    let out = f.run(&["plugin", "new", "Bad_Name", "--lang", "python", "--dir", &f.path("bad")]);
+    assert!(out.status.code() == Some(2) && stderr(&out).contains("not a plugin name"), "{}", stderr(&out));
 }

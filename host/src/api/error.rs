@@ -107,6 +107,25 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
     }
 }
 
+/// A JSON body that must be an object. serde would also read a struct from an array of its
+/// fields in order (`[null, null]`), which no client means and the OpenAPI document forbids.
+#[derive(Debug)]
+pub struct JsonObject<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonObject<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let Json(value) = Json::<serde_json::Value>::from_request(req, state).await?;
+        if !value.is_object() {
+            return Err(rejection(StatusCode::UNPROCESSABLE_ENTITY, "the body must be a JSON object".into()));
+        }
+        serde_json::from_value(value).map(Self).map_err(|e| {
+            rejection(StatusCode::UNPROCESSABLE_ENTITY, format!("Failed to deserialize the JSON body: {e}"))
+        })
+    }
+}
+
 /// A query string; a malformed one is answered as an [`ApiError`].
 #[derive(Debug)]
 pub struct Query<T>(pub T);

@@ -53,7 +53,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/sheets", post(create_sheet))
         .route("/sheets/{id}", get(get_sheet))
         .route("/sheets/{id}/counts", get(sheet_counts))
-        .route("/sheets/{id}/records", get(list_records).post(insert_records).patch(update_records))
+        .route(
+            "/sheets/{id}/records",
+            get(list_records).post(insert_records).patch(update_records).delete(delete_records),
+        )
         .route("/jobs", post(create_job).get(list_jobs))
         .route("/jobs/{id}", get(get_job))
         .route("/jobs/{id}/execute", post(execute_job))

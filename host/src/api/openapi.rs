@@ -1,6 +1,7 @@
 //! The OpenAPI document, generated from the handlers' `#[utoipa::path]` annotations and the
 //! model's `ToSchema` derives: the document and the behaviour come from the same code.
 
+use serde_json::{Value, json};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
@@ -27,6 +28,7 @@ impl Modify for Bearer {
         routes::healthz, routes::readyz, routes::metrics,
         routes::create_environment, routes::list_environments, routes::create_token, routes::list_tokens, routes::revoke_token,
         routes::create_sheet, routes::get_sheet, routes::sheet_counts, routes::list_records, routes::insert_records, routes::update_records,
+        routes::delete_records,
         routes::create_job, routes::list_jobs, routes::get_job, routes::execute_job, routes::ack_job, routes::complete_job,
         routes::fail_job, routes::cancel_job, routes::retry_job, routes::split_job, routes::acknowledge_outcome,
         routes::list_events, routes::stream_events, routes::list_executions,
@@ -43,7 +45,50 @@ impl Modify for Bearer {
 )]
 pub struct ApiDoc;
 
+/// The document as served: the generated one plus what every route of a kind shares, added
+/// here once instead of on each handler (and checked against the server by schemathesis).
+pub fn document_json() -> Value {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    let error = json!({ "description": "error", "content": { "application/json": {
+        "schema": { "$ref": "#/components/schemas/ErrorBody" } } } });
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        for (path, item) in paths.iter_mut() {
+            let Some(ops) = item.as_object_mut() else { continue };
+            for op in ops.values_mut() {
+                let json_body = op["requestBody"]["content"].get("application/json").is_some();
+                let plugin_name = path.starts_with("/v1/plugins/{name}");
+                let Some(responses) = op["responses"].as_object_mut() else { continue };
+                // Every JSON body can be malformed (400), too big (413), of another media
+                // type (415) or of the wrong shape (422); a plugin name can be malformed (400).
+                let shared: &[&str] = match (json_body, plugin_name) {
+                    (true, _) => &["400", "413", "415", "422"],
+                    (false, true) => &["400"],
+                    _ => &[],
+                };
+                for status in shared {
+                    responses.entry(*status).or_insert_with(|| error.clone());
+                }
+                if plugin_name && let Some(params) = op["parameters"].as_array_mut() {
+                    for p in params.iter_mut().filter(|p| p["name"] == "name") {
+                        p["schema"]["pattern"] = json!(PLUGIN_NAME_PATTERN);
+                    }
+                }
+            }
+        }
+    }
+    // Field keys of a record are never empty (the derive has no way to say so of a map's keys).
+    for schema in ["NewRecord", "RecordUpdate"] {
+        if let Some(values) = doc["components"]["schemas"][schema]["properties"].get_mut("values") {
+            values["propertyNames"] = json!({ "minLength": 1 });
+        }
+    }
+    doc
+}
+
+/// What a plugin name may be (see `api::plugins`).
+const PLUGIN_NAME_PATTERN: &str = "^[A-Za-z0-9_-]{1,64}$";
+
 /// `GET /openapi.json`.
-pub async fn document() -> axum::Json<utoipa::openapi::OpenApi> {
-    axum::Json(ApiDoc::openapi())
+pub async fn document() -> axum::Json<Value> {
+    axum::Json(document_json())
 }

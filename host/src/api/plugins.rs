@@ -63,6 +63,11 @@ impl Plugins {
         Arc::new(Self { runtime, running, root, hosts: tokio::sync::Mutex::new(HashMap::new()) })
     }
 
+    /// The runtime the plugins run on.
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
     /// Starts the plugins of every environment deployed before (each subdirectory of the root
     /// named after an existing environment), so a restarted host serves them at once. Returns
     /// the plugins that loaded, by environment.

@@ -15,7 +15,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::ApiState;
 use super::auth::{Admin, Tenant};
-use super::error::{ApiError, ErrorBody, Json, Path, Query};
+use super::error::{ApiError, ErrorBody, Json, JsonObject, Path, Query};
 use crate::filter::TopicPattern;
 use crate::model::{
     Ack, ApiToken, Environment, Event, Execution, Job, NewJob, NewRecord, Outcome, RecordCounts, RecordPage,
@@ -43,8 +43,19 @@ pub const MAX_LIST: u32 = 1000;
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NameBody {
-    /// The name.
+    /// The name: 1 to 200 characters, not all blank.
+    #[schema(min_length = 1, max_length = 200, pattern = "\\S")]
     pub name: String,
+}
+
+impl NameBody {
+    /// The name, refused when it is blank or longer than 200 characters.
+    fn checked(&self, what: &str) -> Result<&str, ApiError> {
+        if self.name.trim().is_empty() || self.name.chars().count() > 200 {
+            return Err(ApiError::invalid(format!("{what} needs a name of 1 to 200 characters, not all blank")));
+        }
+        Ok(&self.name)
+    }
 }
 
 /// A token as created: its record and, once only, the token itself.
@@ -69,51 +80,63 @@ pub struct CancelBody {
 /// How many records a write changed.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Written {
-    /// Records inserted or updated.
+    /// Records inserted, updated or deleted.
     pub count: u64,
 }
 
 /// Paging of records.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RecordsQuery {
     /// 1..=10000, default 1000.
+    #[param(minimum = 1, maximum = 10000)]
     pub page_size: Option<u32>,
     /// 1-based, default 1.
+    #[param(minimum = 1, maximum = 2147483647)]
     pub page_number: Option<u32>,
 }
 
 /// Paging of jobs.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct JobsQuery {
     /// Only the parts of this job.
     pub parent_id: Option<String>,
     /// 1..=1000, default 100.
+    #[param(minimum = 1, maximum = 1000)]
     pub page_size: Option<u32>,
     /// 1-based, default 1.
+    #[param(minimum = 1, maximum = 2147483647)]
     pub page_number: Option<u32>,
 }
 
 /// A cursor into the event log.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EventsQuery {
     /// Events after this `seq` (default 0: from the start).
+    #[param(minimum = 0)]
     pub since: Option<i64>,
     /// 1..=1000, default 100.
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     /// Only events whose topic matches this pattern (`job:*`, `**`).
+    #[param(min_length = 1, pattern = "^[^:]+(:[^:]+)*$")]
     pub topic: Option<String>,
 }
 
 /// Which execution records.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ExecutionsQuery {
     /// Only those of this job's events.
     pub job_id: Option<String>,
     /// 1..=1000, default 100.
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
 
@@ -123,10 +146,18 @@ fn page(size: Option<u32>, number: Option<u32>, default: u32, max: u32) -> Resul
     if size == 0 || size > max {
         return Err(ApiError::invalid(format!("pageSize must be 1..={max}, not {size}")));
     }
-    if number == 0 {
-        return Err(ApiError::invalid("pageNumber is 1-based; 0 is not a page"));
+    if number == 0 || number > i32::MAX as u32 {
+        return Err(ApiError::invalid(format!("pageNumber is 1..={}, not {number}", i32::MAX)));
     }
     Ok((size, number))
+}
+
+/// A cursor is a `seq`, never negative.
+fn since(cursor: Option<i64>) -> Result<i64, ApiError> {
+    match cursor.unwrap_or(0) {
+        n if n < 0 => Err(ApiError::invalid(format!("since is an event seq (0 or more), not {n}"))),
+        n => Ok(n),
+    }
 }
 
 // ---- health ----
@@ -197,6 +228,27 @@ pub async fn metrics(State(state): State<ApiState>) -> Result<Response, ApiError
             "# HELP jobhost_plugins_loaded Plugins loaded, all environments.\n# TYPE jobhost_plugins_loaded gauge"
         );
         let _ = writeln!(out, "jobhost_plugins_loaded {}", plugins.loaded_count().await);
+        let runtime = plugins.runtime();
+        let stats = runtime.stats();
+        let _ = writeln!(
+            out,
+            "# HELP jobhost_instances_in_use Plugin instances running a delivery now.\n# TYPE jobhost_instances_in_use gauge\n\
+             jobhost_instances_in_use {}\n\
+             # HELP jobhost_instances_capacity Instances the pooling allocator holds.\n# TYPE jobhost_instances_capacity gauge\n\
+             jobhost_instances_capacity {}\n\
+             # HELP jobhost_instances_total Plugin instances created for deliveries.\n# TYPE jobhost_instances_total counter\n\
+             jobhost_instances_total {}",
+            stats.instances_in_use(),
+            runtime.config().max_instances,
+            stats.instances_total(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP jobhost_plugin_reloads_total Plugin (re)loads by result.\n# TYPE jobhost_plugin_reloads_total counter"
+        );
+        for (result, n) in stats.reloads() {
+            let _ = writeln!(out, "jobhost_plugin_reloads_total{{result=\"{result}\"}} {n}");
+        }
     }
     Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }
@@ -214,9 +266,9 @@ pub async fn not_found() -> ApiError {
 pub async fn create_environment(
     _: Admin,
     State(state): State<ApiState>,
-    Json(body): Json<NameBody>,
+    JsonObject(body): JsonObject<NameBody>,
 ) -> Result<(StatusCode, axum::Json<Data<Environment>>), ApiError> {
-    let env = state.engine.create_environment(&body.name).await?;
+    let env = state.engine.create_environment(body.checked("an environment")?).await?;
     Ok((StatusCode::CREATED, axum::Json(Data { data: env })))
 }
 
@@ -235,9 +287,9 @@ pub async fn create_token(
     _: Admin,
     State(state): State<ApiState>,
     Path(id): Path<String>,
-    Json(body): Json<NameBody>,
+    JsonObject(body): JsonObject<NameBody>,
 ) -> Result<(StatusCode, axum::Json<Data<CreatedToken>>), ApiError> {
-    let (record, token) = state.engine.create_token(&id, &body.name).await?;
+    let (record, token) = state.engine.create_token(&id, body.checked("a token")?).await?;
     Ok((StatusCode::CREATED, axum::Json(Data { data: CreatedToken { record, token } })))
 }
 
@@ -274,9 +326,9 @@ pub async fn revoke_token(
     responses((status = 201, body = Data<Sheet>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 pub async fn create_sheet(
     t: Tenant,
-    Json(body): Json<NameBody>,
+    JsonObject(body): JsonObject<NameBody>,
 ) -> Result<(StatusCode, axum::Json<Data<Sheet>>), ApiError> {
-    let sheet = t.env.create_sheet(&body.name).await?;
+    let sheet = t.env.create_sheet(body.checked("a sheet")?).await?;
     Ok((StatusCode::CREATED, axum::Json(Data { data: sheet })))
 }
 
@@ -330,12 +382,39 @@ pub async fn update_records(
     ok(Written { count: t.env.update_records(&id, updates).await? })
 }
 
+/// Which records to delete.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteRecordsQuery {
+    /// Record ids, comma-separated (`rec_1,rec_7`); at most 10,000.
+    #[param(pattern = "^rec_[1-9][0-9]{0,17}(,rec_[1-9][0-9]{0,17})*$")]
+    pub ids: String,
+}
+
+/// Deletes records by id: all or none (an id not in the sheet refuses the call). Later records
+/// move up, so pages stay dense.
+#[utoipa::path(delete, path = "/v1/sheets/{id}/records", tag = "records",
+    params(("id" = String, Path, description = "sheet id"), DeleteRecordsQuery), security(("bearer" = [])),
+    responses((status = 200, body = Data<Written>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+pub async fn delete_records(t: Tenant, Path(id): Path<String>, Query(q): Query<DeleteRecordsQuery>) -> Answer<Written> {
+    let ids: Vec<String> = q.ids.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
+    if ids.is_empty() {
+        return Err(ApiError::invalid("ids must name at least one record"));
+    }
+    ok(Written { count: t.env.delete_records(&id, ids).await? })
+}
+
 // ---- jobs ----
 
 /// Creates a job.
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = NewJob, security(("bearer" = [])),
-    responses((status = 201, body = Data<Job>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub async fn create_job(t: Tenant, Json(new): Json<NewJob>) -> Result<(StatusCode, axum::Json<Data<Job>>), ApiError> {
+    responses((status = 201, body = Data<Job>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, description = "the source sheet or a predecessor is not there", body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn create_job(
+    t: Tenant,
+    JsonObject(new): JsonObject<NewJob>,
+) -> Result<(StatusCode, axum::Json<Data<Job>>), ApiError> {
     let job = t.env.create_job(new).await?;
     Ok((StatusCode::CREATED, axum::Json(Data { data: job })))
 }
@@ -380,7 +459,7 @@ macro_rules! job_call {
             security(("bearer" = [])),
             responses((status = 200, body = Data<Job>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
                 (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-        pub async fn $name(t: Tenant, Path($id): Path<String>, Json($b): Json<$body>) -> Answer<Job> {
+        pub async fn $name(t: Tenant, Path($id): Path<String>, JsonObject($b): JsonObject<$body>) -> Answer<Job> {
             let $env = &t.env;
             ok($call.await?)
         }
@@ -422,7 +501,7 @@ pub struct SplitAnswer {
     params(("id" = String, Path, description = "job id")), security(("bearer" = [])),
     responses((status = 200, body = Data<SplitAnswer>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
-pub async fn split_job(t: Tenant, Path(id): Path<String>, Json(split): Json<Split>) -> Answer<SplitAnswer> {
+pub async fn split_job(t: Tenant, Path(id): Path<String>, JsonObject(split): JsonObject<Split>) -> Answer<SplitAnswer> {
     ok(SplitAnswer { parts: t.env.split(&id, split).await?.parts })
 }
 
@@ -438,7 +517,7 @@ fn topic_pattern(topic: Option<&str>) -> Result<Option<TopicPattern>, ApiError> 
 pub async fn list_events(t: Tenant, Query(q): Query<EventsQuery>) -> Answer<Vec<Event>> {
     let (limit, _) = page(q.limit, None, 100, MAX_LIST)?;
     let pattern = topic_pattern(q.topic.as_deref())?;
-    let events = t.env.events(q.since.unwrap_or(0), limit).await?;
+    let events = t.env.events(since(q.since)?, limit).await?;
     ok(events.into_iter().filter(|e| pattern.as_ref().is_none_or(|p| p.matches(&e.topic))).collect())
 }
 
@@ -454,7 +533,7 @@ pub async fn stream_events(
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let pattern = topic_pattern(q.topic.as_deref())?;
     let commits = state.engine.store().backend().commits();
-    let start = (t.env, pattern, q.since.unwrap_or(0), commits, std::collections::VecDeque::<Event>::new());
+    let start = (t.env, pattern, since(q.since)?, commits, std::collections::VecDeque::<Event>::new());
     let stream = futures_util::stream::unfold(start, |(env, pattern, mut cursor, mut commits, mut queue)| async move {
         loop {
             if let Some(e) = queue.pop_front() {
@@ -549,7 +628,7 @@ pub async fn rollback_plugin(
     t: Tenant,
     State(state): State<ApiState>,
     Path(name): Path<String>,
-    Json(body): Json<RollbackBody>,
+    JsonObject(body): JsonObject<RollbackBody>,
 ) -> Answer<ReloadEvent> {
     ok(plugins(&state)?.rollback(t.env.id(), &name, body.to.as_deref()).await?)
 }

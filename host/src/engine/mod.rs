@@ -193,8 +193,8 @@ impl Engine {
     /// Creates an API token for an environment. Returns its record and the token itself, which
     /// is not stored (only its SHA-256 is) and cannot be shown again.
     pub async fn create_token(&self, environment_id: &str, name: &str) -> Result<(crate::model::ApiToken, String)> {
-        if name.trim().is_empty() || name.len() > 200 {
-            return Err(Error::invalid("a token needs a name of 1 to 200 bytes"));
+        if name.trim().is_empty() || name.chars().count() > 200 {
+            return Err(Error::invalid("a token needs a name of 1 to 200 characters"));
         }
         let secret = random_hex(32).map_err(|e| Error::Store(format!("cannot read random bytes: {e}")))?;
         let token = format!("jh_{secret}");
@@ -417,6 +417,31 @@ impl Env {
             rules::require_sheet(tx, ctx, &sheet_id)?;
             let n = records::apply_updates(tx, &sheet_id, updates, ctx.now)?;
             rules::emit_records_event(tx, ctx, &sheet_id, "records:updated", n)?;
+            Ok(n)
+        })
+        .await
+    }
+
+    /// Deletes records of a sheet by id, atomically: an id that is not a record of this sheet
+    /// refuses the whole call. Later records move up, so pages stay dense; a deletion costs a
+    /// write per record after the first one deleted. Returns how many were deleted.
+    pub async fn delete_records(&self, sheet_id: &str, ids: Vec<String>) -> Result<u64> {
+        if ids.len() > MAX_PAGE_SIZE as usize {
+            return Err(Error::invalid(format!("at most {MAX_PAGE_SIZE} ids per deletion, not {}", ids.len())));
+        }
+        let mut rowids = ids.iter().map(|id| records::parse_record_id(id)).collect::<Result<Vec<_>>>()?;
+        rowids.sort_unstable();
+        rowids.dedup();
+        let sheet_id = sheet_id.to_owned();
+        self.write(move |tx, ctx| {
+            rules::require_sheet(tx, ctx, &sheet_id)?;
+            if let Some(missing) = tx.delete_records(&sheet_id, &rowids)? {
+                return Err(Error::not_found("record", format!("rec_{missing}")));
+            }
+            let n = rowids.len() as u64;
+            if n > 0 {
+                rules::emit_records_event(tx, ctx, &sheet_id, "records:deleted", n)?;
+            }
             Ok(n)
         })
         .await

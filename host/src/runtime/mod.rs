@@ -23,7 +23,7 @@ pub mod limits;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, HasSelf, Linker};
@@ -117,7 +117,7 @@ pub enum LoadError {
 }
 
 /// One route a plugin declared.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Route {
     /// Topic pattern.
     pub topic: String,
@@ -208,7 +208,62 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<HostState>,
     config: RuntimeConfig,
+    stats: RuntimeStats,
     _ticker: EpochTicker,
+}
+
+/// Counters for `/metrics`: how full the instance pool is and what reloads did.
+#[derive(Debug, Default)]
+pub struct RuntimeStats {
+    in_use: AtomicUsize,
+    instances: AtomicU64,
+    /// Loaded, unchanged, failed, removed.
+    reloads: [AtomicU64; 4],
+}
+
+impl RuntimeStats {
+    /// Delivery instances alive now.
+    pub fn instances_in_use(&self) -> usize {
+        self.in_use.load(Ordering::Relaxed)
+    }
+
+    /// Delivery instances created since start.
+    pub fn instances_total(&self) -> u64 {
+        self.instances.load(Ordering::Relaxed)
+    }
+
+    /// Reload outcomes since start, by kind: `loaded`, `unchanged`, `failed`, `removed`.
+    pub fn reloads(&self) -> [(&'static str, u64); 4] {
+        let n = |i: usize| self.reloads[i].load(Ordering::Relaxed);
+        [("loaded", n(0)), ("unchanged", n(1)), ("failed", n(2)), ("removed", n(3))]
+    }
+
+    /// Counts what a reload did.
+    pub fn count_reload(&self, event: &crate::reload::ReloadEvent) {
+        use crate::reload::ReloadEvent::*;
+        let i = match event {
+            Loaded { .. } => 0,
+            Unchanged { .. } => 1,
+            Failed { .. } => 2,
+            Removed { .. } => 3,
+        };
+        self.reloads[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn enter(&self) -> InUse<'_> {
+        self.instances.fetch_add(1, Ordering::Relaxed);
+        self.in_use.fetch_add(1, Ordering::Relaxed);
+        InUse(&self.in_use)
+    }
+}
+
+/// One delivery instance counted in use until dropped.
+struct InUse<'a>(&'a AtomicUsize);
+
+impl Drop for InUse<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Runtime {
@@ -275,12 +330,17 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
         let ticker = EpochTicker::start(engine.clone());
-        Ok(Arc::new(Self { engine, linker, config, _ticker: ticker }))
+        Ok(Arc::new(Self { engine, linker, config, stats: RuntimeStats::default(), _ticker: ticker }))
     }
 
     /// The settings.
     pub fn config(&self) -> &RuntimeConfig {
         &self.config
+    }
+
+    /// Pool use and reload counters.
+    pub fn stats(&self) -> &RuntimeStats {
+        &self.stats
     }
 
     /// What a manifest may ask for on this runtime.
@@ -504,6 +564,7 @@ impl Runtime {
         let started = Instant::now();
         let event = convert::event(&ctx.event, ctx.attempt);
         let limits = &plugin.manifest.limits;
+        let _in_use = self.stats.enter();
         let state = HostState::for_event(plugin.manifest.clone(), ctx.api.clone(), &plugin.name, &ctx.event);
         let (mut store, setup) = match state {
             Ok(state) => (self.store(state, limits.fuel), None),

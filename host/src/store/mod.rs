@@ -218,6 +218,9 @@ pub trait Tx: ReadTx {
     ) -> Result<bool>;
     /// Overwrites a record's values and messages.
     fn write_record(&mut self, rowid: i64, record: &EncodedRecord, now: Millis) -> Result<()>;
+    /// Deletes records of a sheet by rowid and closes the gaps in the sheet's dense order, so
+    /// pages stay range scans. Returns the first rowid not in the sheet (nothing deleted then).
+    fn delete_records(&mut self, sheet_id: &str, rowids: &[i64]) -> Result<Option<i64>>;
     /// Stores a new job (and its predecessor links).
     fn insert_job(&mut self, job: &Job) -> Result<()>;
     /// Overwrites a job's mutable fields.

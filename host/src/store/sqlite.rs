@@ -1021,6 +1021,42 @@ impl Tx for Conn<'_> {
         Ok(())
     }
 
+    fn delete_records(&mut self, sheet_id: &str, rowids: &[i64]) -> Result<Option<i64>> {
+        let key = self.sheet_key(sheet_id)?;
+        let mut ords = Vec::with_capacity(rowids.len());
+        {
+            let mut find = self.conn.prepare_cached("SELECT ord FROM records WHERE id = ?1 AND sheet_key = ?2")?;
+            for &rowid in rowids {
+                match find.query_row(params![rowid, key], |r| r.get::<_, i64>(0)).optional()? {
+                    Some(ord) => ords.push(ord),
+                    None => return Ok(Some(rowid)),
+                }
+            }
+        }
+        ords.sort_unstable();
+        ords.dedup();
+        let mut delete = self.conn.prepare_cached("DELETE FROM records WHERE sheet_key = ?1 AND ord = ?2")?;
+        for ord in &ords {
+            delete.execute(params![key, ord])?;
+        }
+        // Each run of survivors between two deleted positions moves down by the number of
+        // deletions before it. SQLite checks UNIQUE(sheet_key, ord) row by row, so a run moved
+        // in place could collide with itself: park each run at its new place negated
+        // (-new - 1, unique and below every live ord), then flip all of them back at once.
+        let mut shift = self
+            .conn
+            .prepare_cached("UPDATE records SET ord = ?4 - ord - 1 WHERE sheet_key = ?1 AND ord > ?2 AND ord < ?3")?;
+        for (i, &from) in ords.iter().enumerate() {
+            let until = ords.get(i + 1).copied().unwrap_or(i64::MAX);
+            let moved_by = i as i64 + 1;
+            shift.execute(params![key, from, until, moved_by])?;
+        }
+        self.conn
+            .prepare_cached("UPDATE records SET ord = -ord - 1 WHERE sheet_key = ?1 AND ord < 0")?
+            .execute([key])?;
+        Ok(None)
+    }
+
     fn insert_job(&mut self, j: &Job) -> Result<()> {
         self.conn
             .prepare_cached(&format!(

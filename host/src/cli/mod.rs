@@ -12,10 +12,15 @@
 //! - `jobhost serve --plugins DIR` runs the host until SIGINT/SIGTERM, hot-reloading DIR.
 //! - `jobhost dev --plugin-src DIR` rebuilds a plugin on every source change and hot-reloads it.
 //! - `jobhost plugin check FILE.wasm` prints a plugin's routes, or why it cannot be loaded;
-//!   `plugin list` and `plugin rollback` show and restore kept versions.
+//!   `plugin list` and `plugin rollback` show and restore kept versions (of a directory with
+//!   `--plugins`, otherwise of a running host).
+//! - [`remote`]: the operator commands that drive a running host over its HTTP API —
+//!   `jobs list|get|cancel|retry`, `plugin deploy|list|rollback`, `records import`.
+//! - [`records_file`]: CSV and JSON-lines record files, read one record at a time.
 //!
-//! Exit codes: 0 the job completed (or the plugin loads); 1 the job ended otherwise (or the
-//! plugin does not load); 2 bad input or a host error.
+//! Exit codes: 0 the job completed (or the plugin loads, or the operator command did what it
+//! was asked); 1 the job ended otherwise (or the plugin does not load); 2 bad input, an error
+//! answered by the host, or a host that cannot be reached.
 
 use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
@@ -26,14 +31,19 @@ use std::time::Instant;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use crate::engine::{Engine, EngineConfig};
 use crate::filter::Selector;
-use crate::model::{Event, Job, JobStatus, JobType, NewJob, NewRecord};
+use crate::model::{Event, Job, JobStatus, JobType, NewJob};
 use crate::reload::{PluginHost, ReloadEvent};
 use crate::runtime::{Limits, Plugin, Runtime, RuntimeConfig};
 use crate::scenario;
+
+pub mod records_file;
+pub mod remote;
+
+pub use records_file::{RecordReader, read_records};
 
 /// jobhost: sandboxed job listeners on a durable job engine.
 #[derive(Debug, Parser)]
@@ -64,6 +74,12 @@ pub enum Command {
     /// directory no host is running on.
     #[command(subcommand)]
     Secret(SecretCommand),
+    /// Jobs of a running host's environment (over the HTTP API).
+    #[command(subcommand)]
+    Jobs(remote::JobsCommand),
+    /// Records of a running host's environment (over the HTTP API).
+    #[command(subcommand)]
+    Records(remote::RecordsCommand),
 }
 
 /// `jobhost secret …`
@@ -94,6 +110,15 @@ pub enum SecretCommand {
     },
 }
 
+/// Languages `plugin new` writes.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum NewLanguage {
+    /// Rust, with the `jobhost-plugin-sdk` crate.
+    Rust,
+    /// Python, with the `jobhost_listener` module (componentize-py).
+    Python,
+}
+
 /// The environment a secret command acts on.
 #[derive(Debug, clap::Args)]
 pub struct SecretArgs {
@@ -116,25 +141,77 @@ pub enum PluginCommand {
         #[arg(long)]
         json: bool,
     },
-    /// List the plugins of a directory: version, routes, and the versions kept for rollback.
-    List {
-        /// The plugins directory.
+    /// Build the plugin whose source is in DIR (Rust: `Cargo.toml`; Python: `app.py`) with
+    /// pinned tools (installed on first use) and print the component's path.
+    Build {
+        /// The plugin's source directory.
+        dir: PathBuf,
+        /// Copy the component here.
         #[arg(long)]
-        plugins: PathBuf,
+        out: Option<PathBuf>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Put a kept version of a plugin back in place; a host watching the directory loads it.
+    /// Write a ready-to-build plugin: a listener that acks and completes `space:NAME` jobs.
+    New {
+        /// The plugin's name (a-z, 0-9, `-`).
+        name: String,
+        /// Its language.
+        #[arg(long, value_enum)]
+        lang: NewLanguage,
+        /// Where (default: ./NAME).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The Rust SDK's directory (default: the one this binary was built with).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Upload a component to a running host as plugin NAME (default: the file's stem); the
+    /// host validates it before anything changes and swaps it in atomically.
+    Deploy {
+        /// The component (`.wasm`).
+        file: PathBuf,
+        /// The plugin's name.
+        #[arg(long)]
+        name: Option<String>,
+        /// The host and token.
+        #[command(flatten)]
+        remote: remote::Remote,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List plugins with their version, routes and the versions kept for rollback: those of a
+    /// running host's environment, or with `--plugins` those of a directory.
+    List {
+        /// A plugins directory to read instead of asking a host.
+        #[arg(long)]
+        plugins: Option<PathBuf>,
+        /// The host and token.
+        #[command(flatten)]
+        remote: remote::Remote,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a kept version of a plugin back in place: on a running host, or with `--plugins` in a
+    /// directory (a host watching it loads it).
     Rollback {
         /// The plugin (file stem).
         name: String,
-        /// The plugins directory.
+        /// A plugins directory to change instead of asking a host.
         #[arg(long)]
-        plugins: PathBuf,
+        plugins: Option<PathBuf>,
         /// The version to restore (default: the newest kept version that is not current).
         #[arg(long)]
         to: Option<String>,
+        /// The host and token.
+        #[command(flatten)]
+        remote: remote::Remote,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -256,13 +333,22 @@ pub fn main() -> ExitCode {
             Command::Serve(args) => serve(args).await,
             Command::Dev(args) => dev(args).await,
             Command::Plugin(PluginCommand::Check { file, json }) => check(&file, json).await,
-            Command::Plugin(PluginCommand::List { plugins, json }) => list(&plugins, json).await,
-            Command::Secret(cmd) => secret(cmd).await,
-            Command::Plugin(PluginCommand::Rollback { name, plugins, to }) => {
+            Command::Plugin(PluginCommand::List { plugins: Some(plugins), json, .. }) => list(&plugins, json).await,
+            Command::Plugin(PluginCommand::Rollback { name, plugins: Some(plugins), to, json, .. }) => {
                 let version = crate::reload::rollback(&plugins, &name, to.as_deref())?;
-                println!("restored {name} version {version} in {}", plugins.display());
+                if json {
+                    println!("{}", json!({ "name": name, "version": version }));
+                } else {
+                    println!("restored {name} version {version} in {}", plugins.display());
+                }
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Plugin(PluginCommand::Build { dir, out, json }) => build(&dir, out.as_deref(), json).await,
+            Command::Plugin(PluginCommand::New { name, lang, dir, sdk }) => new_plugin(&name, lang, dir, sdk),
+            Command::Plugin(cmd) => remote::plugin(cmd).await,
+            Command::Secret(cmd) => secret(cmd).await,
+            Command::Jobs(cmd) => remote::jobs(cmd).await,
+            Command::Records(cmd) => remote::records(cmd).await,
         }
     });
     match result {
@@ -344,55 +430,6 @@ fn parse_job(job: &str) -> anyhow::Result<(JobType, String)> {
         bail!("--job `{job}`: the operation must be non-empty and without `:`");
     }
     Ok((kind, operation.to_owned()))
-}
-
-/// Reads `.csv` (header row of field keys) or `.jsonl` (one JSON object per line).
-pub fn read_records(path: &Path) -> anyhow::Result<Vec<NewRecord>> {
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default().to_ascii_lowercase();
-    let file = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    match ext.as_str() {
-        "csv" => {
-            let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(std::io::BufReader::new(file));
-            let headers =
-                reader.headers().with_context(|| format!("{}: cannot read the header row", path.display()))?.clone();
-            if headers.is_empty() || headers.iter().any(|h| h.trim().is_empty()) {
-                bail!(
-                    "{}: the header row must name every column (found {:?})",
-                    path.display(),
-                    headers.iter().collect::<Vec<_>>()
-                );
-            }
-            let mut out = Vec::new();
-            for (i, row) in reader.records().enumerate() {
-                let row = row.with_context(|| format!("{}: bad CSV at record {}", path.display(), i + 1))?;
-                let values: Map<String, Value> = headers
-                    .iter()
-                    .zip(row.iter())
-                    .filter(|(_, v)| !v.is_empty())
-                    .map(|(h, v)| (h.trim().to_owned(), Value::String(v.to_owned())))
-                    .collect();
-                out.push(NewRecord { values, ..Default::default() });
-            }
-            Ok(out)
-        }
-        "jsonl" | "ndjson" => {
-            use std::io::BufRead;
-            let mut out = Vec::new();
-            for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-                let line = line.with_context(|| format!("cannot read {}", path.display()))?;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                match serde_json::from_str::<Value>(&line) {
-                    Ok(Value::Object(values)) => out.push(NewRecord { values, ..Default::default() }),
-                    Ok(other) => bail!("{} line {}: expected a JSON object, found {other}", path.display(), i + 1),
-                    Err(e) => bail!("{} line {}: {e}", path.display(), i + 1),
-                }
-            }
-            Ok(out)
-        }
-        _ => bail!("{}: unsupported format; use .csv (header row of field keys) or .jsonl", path.display()),
-    }
 }
 
 /// Starts a plugin host on `dir` for `environment_id` (watching it), reporting what loaded.
@@ -855,6 +892,45 @@ async fn list(plugins: &Path, json_out: bool) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn build(dir: &Path, out: Option<&Path>, json_out: bool) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let src = dir.to_owned();
+    let built = tokio::task::spawn_blocking(move || crate::build::build(&src)).await??;
+    let path = match out {
+        Some(out) => {
+            std::fs::copy(&built, out).with_context(|| format!("cannot write {}", out.display()))?;
+            out.to_owned()
+        }
+        None => built,
+    };
+    let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    if json_out {
+        println!("{}", json!({ "component": path, "bytes": bytes, "seconds": started.elapsed().as_secs_f64() }));
+    } else {
+        println!("{}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn new_plugin(name: &str, lang: NewLanguage, dir: Option<PathBuf>, sdk: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let dir = dir.unwrap_or_else(|| PathBuf::from(name));
+    let (language, sdk) = match lang {
+        NewLanguage::Rust => {
+            let sdk = sdk.unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugin-sdk"));
+            let sdk =
+                sdk.canonicalize().with_context(|| format!("the Rust SDK is not at {} (pass --sdk)", sdk.display()))?;
+            (crate::build::Language::Rust, sdk)
+        }
+        // The Python SDK is part of this binary.
+        NewLanguage::Python => (crate::build::Language::Python, PathBuf::new()),
+    };
+    for path in crate::build::scaffold(language, name, &dir, &sdk)? {
+        println!("wrote {}", path.display());
+    }
+    println!("build it with: jobhost plugin build {}", dir.display());
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,0 +1,285 @@
+//! Building plugins from source, for every guest language, with one command
+//! (`jobhost plugin build DIR`).
+//!
+//! - The language is read off the directory: `Cargo.toml` → Rust, `app.py` → Python.
+//! - Toolchains are pinned ([`COMPONENTIZE_PY`]) and installed on first use from their
+//!   registry (PyPI) into the tools directory (`JOBHOST_TOOLS`, default
+//!   `~/.cache/jobhost/tools`), never from whatever happens to be on the machine.
+//! - The language SDK and the WIT contract are part of this binary and staged next to the
+//!   source, so a plugin builds anywhere the `jobhost` binary is.
+//! - Builds of the large guests (a Python component is ~18 MB and takes seconds) are cached by
+//!   content: the hash of the tool version, the WIT, the SDK and every source file names the
+//!   output, so an unchanged plugin is never rebuilt. Rust builds use Cargo's own cache.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use sha2::{Digest, Sha256};
+
+/// The WIT contract every plugin is built against.
+pub const WIT: &str = include_str!("../../wit/jobhost.wit");
+/// The Python listener SDK (`jobhost_listener`).
+pub const PYTHON_SDK: &str = include_str!("../../plugin-sdk/python/jobhost_listener/__init__.py");
+/// componentize-py, from PyPI, exactly this version.
+pub const COMPONENTIZE_PY: &str = "0.25.1";
+
+/// A guest language.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Language {
+    /// A Cargo package building a `cdylib` for `wasm32-wasip2`.
+    Rust,
+    /// `app.py` (with any modules beside it) using `jobhost_listener`.
+    Python,
+}
+
+impl Language {
+    /// The language of the plugin source in `dir`.
+    pub fn detect(dir: &Path) -> anyhow::Result<Self> {
+        if dir.join("Cargo.toml").is_file() {
+            Ok(Self::Rust)
+        } else if dir.join("app.py").is_file() {
+            Ok(Self::Python)
+        } else {
+            bail!("{}: no plugin source here (expected Cargo.toml for Rust or app.py for Python)", dir.display())
+        }
+    }
+}
+
+/// Where pinned toolchains are installed.
+pub fn tools_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("JOBHOST_TOOLS") {
+        return PathBuf::from(dir);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("jobhost").join("tools")
+}
+
+/// Builds the plugin in `src` with the tools in [`tools_dir`]; returns the component (in a
+/// cache: copy it to deploy it).
+pub fn build(src: &Path) -> anyhow::Result<PathBuf> {
+    build_in(src, &tools_dir())
+}
+
+/// [`build`] with the tools and build cache in `tools`.
+pub fn build_in(src: &Path, tools: &Path) -> anyhow::Result<PathBuf> {
+    match Language::detect(src)? {
+        Language::Rust => crate::cli::build_plugin(src),
+        Language::Python => build_python(src, tools),
+    }
+}
+
+/// Runs a command; on failure the error carries what it printed.
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let out = cmd.output().with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Runs `f` holding an exclusive lock on `name` in the tools directory: builds and installs
+/// run from several processes (and test threads) at once.
+fn locked<T>(dir: &Path, name: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let file = std::fs::File::create(dir.join(format!(".{name}.lock")))?;
+    file.lock().with_context(|| format!("cannot lock {name} in {}", dir.display()))?;
+    f()
+}
+
+/// A Python virtualenv with `package==version`, installed once per version.
+fn python_tool(tools: &Path, package: &str, version: &str, bin: &str) -> anyhow::Result<PathBuf> {
+    let venv = tools.join(format!("{package}-{version}"));
+    let exe = venv.join("bin").join(bin);
+    let stamp = venv.join(".installed");
+    locked(tools, &format!("{package}-{version}"), || {
+        if stamp.is_file() && exe.is_file() {
+            return Ok(exe.clone());
+        }
+        // No stamp: a fresh machine or an install that broke half-way; start over.
+        let _ = std::fs::remove_dir_all(&venv);
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+            .context("Python 3 with the venv module is needed to build Python plugins")?;
+        run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", &format!("{package}=={version}")]))
+            .with_context(|| format!("cannot install {package} {version} from PyPI"))?;
+        std::fs::write(&stamp, version)?;
+        Ok(exe.clone())
+    })
+}
+
+/// Every file under `dir` (sorted), skipping build output and caches.
+fn source_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).with_context(|| format!("cannot read {}", d.display()))? {
+            let path = entry?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if name.starts_with('.') || matches!(name, "__pycache__" | "target" | "node_modules") {
+                continue;
+            }
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The content key of a build: tool, contract, SDK and sources.
+fn content_key(tool: &str, sdk: &str, src: &Path) -> anyhow::Result<String> {
+    let mut h = Sha256::new();
+    for part in [tool, WIT, sdk] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    for file in source_files(src)? {
+        let rel = file.strip_prefix(src).unwrap_or(&file).to_string_lossy().into_owned();
+        let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+        h.update((rel.len() as u64).to_le_bytes());
+        h.update(rel.as_bytes());
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(&bytes);
+    }
+    Ok(h.finalize().iter().take(12).map(|b| format!("{b:02x}")).collect())
+}
+
+fn plugin_name(src: &Path) -> anyhow::Result<String> {
+    let src = src.canonicalize().with_context(|| format!("cannot read {}", src.display()))?;
+    Ok(src.file_name().and_then(|n| n.to_str()).context("the plugin directory has no name")?.to_owned())
+}
+
+fn build_python(src: &Path, tools: &Path) -> anyhow::Result<PathBuf> {
+    let name = plugin_name(src)?;
+    let key = content_key(&format!("componentize-py {COMPONENTIZE_PY}"), PYTHON_SDK, src)?;
+    let builds = tools.join("builds");
+    let out = builds.join(format!("{name}-{key}.wasm"));
+    if out.is_file() {
+        return Ok(out);
+    }
+    let componentize = python_tool(tools, "componentize-py", COMPONENTIZE_PY, "componentize-py")?;
+    locked(tools, &format!("build-{key}"), || {
+        if out.is_file() {
+            return Ok(out.clone());
+        }
+        let stage = builds.join(format!(".stage-{key}"));
+        let _ = std::fs::remove_dir_all(&stage);
+        std::fs::create_dir_all(stage.join("wit"))?;
+        std::fs::create_dir_all(stage.join("jobhost_listener"))?;
+        std::fs::write(stage.join("wit/jobhost.wit"), WIT)?;
+        std::fs::write(stage.join("jobhost_listener/__init__.py"), PYTHON_SDK)?;
+        let tmp = stage.join("out.wasm");
+        let result = run(Command::new(&componentize)
+            .arg("-d")
+            .arg(stage.join("wit"))
+            .args(["-w", "plugin", "componentize", "app", "-p"])
+            .arg(src)
+            .arg("-p")
+            .arg(&stage)
+            .arg("-o")
+            .arg(&tmp))
+        .with_context(|| format!("the Python build of {} failed", src.display()))
+        .and_then(|()| Ok(std::fs::rename(&tmp, &out)?));
+        let _ = std::fs::remove_dir_all(&stage);
+        result.map(|()| out.clone())
+    })
+}
+
+/// Writes a ready-to-build plugin called `name` in `dir` (which must not exist yet): a listener
+/// that acks and completes `space:<name>` jobs. `sdk` is the Rust SDK's directory (a path
+/// dependency); the Python SDK comes with the binary.
+pub fn scaffold(language: Language, name: &str, dir: &Path, sdk: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !valid {
+        bail!("`{name}` is not a plugin name (1 to 64 of a-z, 0-9 and `-`, starting with a letter)");
+    }
+    if dir.exists() {
+        bail!("{} already exists; choose a new directory", dir.display());
+    }
+    let files: Vec<(&str, String)> = match language {
+        Language::Rust => vec![
+            ("Cargo.toml", RUST_CARGO.replace("{name}", name).replace("{sdk}", &sdk.display().to_string())),
+            ("src/lib.rs", RUST_LIB.replace("{name}", name)),
+        ],
+        Language::Python => vec![("app.py", PYTHON_APP.replace("{name}", name))],
+    };
+    let mut written = Vec::new();
+    for (rel, text) in files {
+        let path = dir.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap_or(dir))
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+const RUST_CARGO: &str = r#"[package]
+name = "{name}"
+version = "0.1.0"
+edition = "2024"
+publish = false
+
+[lib]
+crate-type = ["cdylib"]
+
+[dependencies]
+jobhost-plugin-sdk = { path = "{sdk}" }
+
+# A plugin is its own workspace (not a member of an enclosing one).
+[workspace]
+
+[profile.release]
+opt-level = "s"
+lto = true
+codegen-units = 1
+panic = "abort"
+strip = "debuginfo"
+"#;
+
+const RUST_LIB: &str = r#"//! The `{name}` listener: acks and completes `space:{name}` jobs.
+
+use jobhost_plugin_sdk::jobs::{self, Ack, Outcome};
+use jobhost_plugin_sdk::{Event, Listener, Result, json, log};
+
+fn listener() -> Listener {
+    Listener::new().filter(json!({ "job": "space:{name}" }), |l| {
+        l.on("job:ready", |event: &Event| -> Result<()> {
+            let id = event.job_id()?;
+            jobs::ack(id, Ack::progress("working", 50))?;
+            log::info(&format!("working on {id}"));
+            jobs::complete(id, Outcome::message("done"))?;
+            Ok(())
+        })
+    })
+}
+
+jobhost_plugin_sdk::export!(listener);
+"#;
+
+const PYTHON_APP: &str = r#""""The `{name}` listener: acks and completes `space:{name}` jobs."""
+
+# `Listener` is the class the host calls: keep it imported here.
+from jobhost_listener import Listener, jobs, listener, log  # noqa: F401
+
+
+@listener.on("job:ready", filter={"job": "space:{name}"})
+def ready(event):
+    jobs.ack(event.job_id, info="working", progress=50)
+    log.info(f"working on {event.job_id}")
+    jobs.complete(event.job_id, outcome={"message": "done"})
+"#;

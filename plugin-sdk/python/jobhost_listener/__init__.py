@@ -1,0 +1,311 @@
+"""jobhost listeners in Python, built into a WebAssembly component with componentize-py.
+
+A plugin module registers handlers on ``listener`` and re-exports ``Listener``, the class the
+host calls (componentize-py looks for it in the module it builds)::
+
+    from jobhost_listener import Listener, listener, jobs, records
+
+    @listener.on("job:ready", filter={"job": "sheet:submitLargeSheet", "isPart": True})
+    def part_ready(event):
+        jobs.ack(event.job_id, progress=10)
+        for record in event.data(page_size=1000, page_number=1):
+            ...
+        jobs.complete(event.job_id, outcome={"message": "done"})
+
+A host call that the host refuses raises ``HostError`` (``kind``: ``not-found``, ``conflict``,
+``invalid``, ``denied``, ``limit``, ``internal``). An exception a handler lets escape fails the
+delivery (it is retried) with the exception and its traceback in the delivery's log.
+"""
+
+import json
+import traceback
+
+from componentize_py_types import Err
+
+from wit_world import exports
+from wit_world.imports import config as _config
+from wit_world.imports import jobs as _jobs
+from wit_world.imports import log as _log
+from wit_world.imports import records as _records
+from wit_world.imports import types as _t
+
+__all__ = ["Listener", "listener", "Event", "Record", "HostError", "jobs", "records", "log", "config"]
+
+_KINDS = {
+    _t.ErrorKind.NOT_FOUND: "not-found",
+    _t.ErrorKind.CONFLICT: "conflict",
+    _t.ErrorKind.INVALID: "invalid",
+    _t.ErrorKind.DENIED: "denied",
+    _t.ErrorKind.LIMIT: "limit",
+    _t.ErrorKind.INTERNAL: "internal",
+}
+
+
+class HostError(Exception):
+    """The host refused a call: ``kind`` says why in one word, the message in full."""
+
+    def __init__(self, error):
+        super().__init__(error.message)
+        self.kind = _KINDS.get(error.kind, "internal")
+        self.message = error.message
+        # The job's status when the refusal was about it (e.g. completing a completed job).
+        self.job_status = error.job_status.name.lower() if error.job_status is not None else None
+
+
+def _call(f, *args):
+    try:
+        return f(*args)
+    except Err as e:
+        raise HostError(e.value) from None
+
+
+def _text(value):
+    return None if value is None else json.dumps(value)
+
+
+def _parse(text):
+    return None if text is None else json.loads(text)
+
+
+# ---- values ----
+
+
+def _from_cell(v):
+    return None if isinstance(v, _t.Value_Null) else v.value
+
+
+def _to_cell(v):
+    if v is None:
+        return _t.Value_Null()
+    if isinstance(v, bool):
+        return _t.Value_Boolean(v)
+    if isinstance(v, int):
+        return _t.Value_Integer(v)
+    if isinstance(v, float):
+        return _t.Value_Float(v)
+    if isinstance(v, str):
+        return _t.Value_Text(v)
+    return _t.Value_Text(json.dumps(v))
+
+
+_MESSAGE_KINDS = {"error": _t.MessageKind.ERROR, "warn": _t.MessageKind.WARN, "info": _t.MessageKind.INFO}
+
+
+def _message(m):
+    kind = _MESSAGE_KINDS.get(m.get("type", "error"))
+    if kind is None:
+        raise ValueError(f"a message type is error, warn or info, not {m.get('type')!r}")
+    return _t.Message(field=m.get("field"), kind=kind, text=m["message"])
+
+
+class Record:
+    """One record of a page: ``record["email"]`` (``None`` when absent), ``record.id``, the
+    record's current ``messages`` (dicts like those ``records.update`` takes) and ``valid``."""
+
+    __slots__ = ("id", "_fields", "_values", "messages", "valid")
+
+    def __init__(self, fields, row):
+        self.id = row.id
+        self._fields = fields
+        self._values = row.values
+        self.messages = [
+            {"field": m.field, "type": m.kind.name.lower(), "message": m.text} for m in row.messages
+        ]
+        self.valid = row.valid
+
+    def __getitem__(self, field):
+        i = self._fields.get(field)
+        return None if i is None else _from_cell(self._values[i])
+
+    def get(self, field, default=None):
+        value = self[field]
+        return default if value is None else value
+
+    @property
+    def values(self):
+        return {f: _from_cell(self._values[i]) for f, i in self._fields.items()}
+
+
+# ---- the API ----
+
+
+class jobs:
+    """Jobs of the event's environment (the job family of the event unless granted more)."""
+
+    @staticmethod
+    def get(job_id):
+        return _job(_call(_jobs.get, job_id))
+
+    @staticmethod
+    def ack(job_id, info=None, progress=None, estimated_completion_at=None):
+        return _job(_call(_jobs.ack, job_id, info, progress, estimated_completion_at))
+
+    @staticmethod
+    def complete(job_id, outcome=None, info=None):
+        return _job(_call(_jobs.complete, job_id, _text(outcome), info))
+
+    @staticmethod
+    def fail(job_id, outcome=None, info=None):
+        return _job(_call(_jobs.fail, job_id, _text(outcome), info))
+
+    @staticmethod
+    def cancel(job_id, info=None):
+        return _job(_call(_jobs.cancel, job_id, info))
+
+    @staticmethod
+    def split(job_id, parts, run_in_parallel=True):
+        """``parts``: a count, or a list with one ``partData`` object per part."""
+        if isinstance(parts, int):
+            how = _jobs.SplitParts_Count(parts)
+        else:
+            how = _jobs.SplitParts_Data([json.dumps(p) for p in parts])
+        return _call(_jobs.split, job_id, how, run_in_parallel)
+
+    @staticmethod
+    def create(kind, operation, source=None, input=None, manual=False):
+        return _job(_call(_jobs.create, _jobs.NewJob(kind, operation, source, _text(input), manual)))
+
+    @staticmethod
+    def list_parts(job_id):
+        return [_job(j) for j in _call(_jobs.list_parts, job_id)]
+
+
+def _job(j):
+    """A job as a dict shaped like the HTTP API's (camelCase keys, JSON fields decoded)."""
+    return {
+        "id": j.id,
+        "type": j.kind,
+        "operation": j.operation,
+        "source": j.source,
+        "status": j.status.name.lower(),
+        "info": j.info,
+        "progress": j.progress,
+        "input": _parse(j.input),
+        "outcome": _parse(j.outcome),
+        "parentId": j.parent_id,
+        "isPart": j.is_part,
+        "partIndex": j.part_index,
+        "partData": _parse(j.part_data),
+        "attempt": j.attempt,
+        "createdAt": j.created_at,
+        "updatedAt": j.updated_at,
+    }
+
+
+class records:
+    """Records of the event's environment."""
+
+    @staticmethod
+    def counts(sheet_id):
+        c = _call(_records.counts, sheet_id)
+        return {"total": c.total, "valid": c.valid, "error": c.error}
+
+    @staticmethod
+    def page(sheet_id, page_size=1000, page_number=1):
+        page = _call(_records.page, sheet_id, page_size, page_number)
+        fields = {f: i for i, f in enumerate(page.fields)}
+        return [Record(fields, row) for row in page.rows]
+
+    @staticmethod
+    def update(sheet_id, updates):
+        """``updates``: dicts ``{"id", "values": {field: value}, "messages": [...]}``; a given
+        ``messages`` list replaces the record's messages (``[]`` clears them)."""
+        wit = []
+        for u in updates:
+            values = [_t.FieldValue(k, _to_cell(v)) for k, v in u.get("values", {}).items()]
+            messages = u.get("messages")
+            wit.append(
+                _t.RecordUpdate(u["id"], values, None if messages is None else [_message(m) for m in messages])
+            )
+        return _call(_records.update, sheet_id, wit)
+
+    @staticmethod
+    def insert(sheet_id, new_records):
+        """``new_records``: dicts of field → value."""
+        wit = [_t.NewRecord([_t.FieldValue(k, _to_cell(v)) for k, v in r.items()], []) for r in new_records]
+        return _call(_records.insert, sheet_id, wit)
+
+
+class log:
+    """Lines in the delivery's log."""
+
+    @staticmethod
+    def info(message):
+        _log.log(_log.Level.INFO, str(message))
+
+    @staticmethod
+    def warn(message):
+        _log.log(_log.Level.WARN, str(message))
+
+    @staticmethod
+    def error(message):
+        _log.log(_log.Level.ERROR, str(message))
+
+
+class config:
+    """What the plugin's manifest grants."""
+
+    @staticmethod
+    def get(key):
+        return _config.get(key)
+
+    @staticmethod
+    def secret(name):
+        return _call(_config.secret, name)
+
+
+# ---- events and the listener ----
+
+
+class Event:
+    """An event: ``topic``, ``context`` and ``payload`` (dicts), ``job_id``, ``sheet_id``."""
+
+    def __init__(self, e):
+        self.id = e.id
+        self.topic = e.topic
+        self.environment_id = e.environment_id
+        self.job_id = e.job_id
+        self.sheet_id = e.sheet_id
+        self.context = json.loads(e.context)
+        self.payload = json.loads(e.payload)
+        self.created_at = e.created_at
+        self.attempt = e.attempt
+
+    def data(self, page_size=1000, page_number=1):
+        """A page of the records of the event's sheet."""
+        if self.sheet_id is None:
+            raise ValueError(f"event {self.topic} has no sheet")
+        return records.page(self.sheet_id, page_size, page_number)
+
+
+class _Routes:
+    """What ``@listener.on`` registers: (topic, filter, handler), in order."""
+
+    def __init__(self):
+        self.routes = []
+
+    def on(self, topic, filter=None):
+        def register(handler):
+            self.routes.append((topic, filter, handler))
+            return handler
+
+        return register
+
+
+listener = _Routes()
+
+
+class Listener(exports.Listener):
+    """The component's export: routes for the host, and the call of one handler per event."""
+
+    def subscriptions(self):
+        return [_t.Subscription(topic, _text(flt)) for topic, flt, _ in listener.routes]
+
+    def handle(self, route, event):
+        _, _, handler = listener.routes[route]
+        try:
+            handler(Event(event))
+        except HostError as e:
+            raise Err(f"{e.kind}: {e.message}") from None
+        except Exception as e:
+            raise Err(f"{type(e).__name__}: {e}\n{traceback.format_exc()}") from None
