@@ -61,12 +61,13 @@ async fn seeds(plugins: Vec<Arc<Plugin>>, records: u64) -> (TestHost, jobhost::E
     (host, env, job, sheet.id, invalid)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_python_plugin_runs_the_seeds_scenario_like_the_rust_one() {
-    let python = load(&built("python/submit-large-sheet")).await;
-    let names: Vec<&str> = python.routes.iter().map(|r| r.topic.as_str()).collect();
-    assert_eq!(names, ["job:ready", "job:parts-completed", "job:ready"], "routes, in declaration order");
-    let (_h, env, job, sheet, invalid) = seeds(vec![python], 5_000).await;
+/// The seeds' scenario through the plugin built from `dir`: the same counts, outcome and
+/// messages, cell by cell, as the Rust plugin on the same records.
+async fn runs_the_seeds_scenario_like_the_rust_plugin(dir: &str) {
+    let plugin = load(&built(dir)).await;
+    let topics: Vec<&str> = plugin.routes.iter().map(|r| r.topic.as_str()).collect();
+    assert_eq!(topics, ["job:ready", "job:parts-completed", "job:ready"], "routes, in declaration order");
+    let (_h, env, job, sheet, invalid) = seeds(vec![plugin], 5_000).await;
     assert_eq!(job.status, JobStatus::Complete, "{}", job.outcome);
     assert_eq!(job.outcome["parts"], json!({"total": 5, "completed": 5, "failed": 0, "canceled": 0}));
     assert_eq!(job.outcome["records"], json!({"total": 5_000, "valid": 5_000 - invalid, "error": invalid}));
@@ -74,21 +75,73 @@ async fn the_python_plugin_runs_the_seeds_scenario_like_the_rust_one() {
     assert_eq!(events_of(&env, &job.id, "job:parts-completed").await.len(), 1);
     assert_eq!(env.record_counts(&sheet).await.unwrap().error, invalid);
 
-    // Same messages as the Rust plugin writes, cell by cell.
     let (_h2, rust_env, rust_job, rust_sheet, _) =
         seeds(vec![jobhost_tests::load(&runtime(), jobhost::artifacts::SUBMIT_LARGE_SHEET).await], 5_000).await;
     assert_eq!(rust_job.status, JobStatus::Complete);
     for page in 1..=5 {
-        let py = env.records(&sheet, 1000, page).await.unwrap().records;
-        let rs = rust_env.records(&rust_sheet, 1000, page).await.unwrap().records;
-        for (a, b) in py.iter().zip(&rs) {
-            assert_eq!(a.values, b.values, "record {} vs {}", a.id, b.id);
+        let ours = env.records(&sheet, 1000, page).await.unwrap().records;
+        let rust = rust_env.records(&rust_sheet, 1000, page).await.unwrap().records;
+        for (a, b) in ours.iter().zip(&rust) {
+            assert_eq!(a.values, b.values, "{dir}: record {} vs {}", a.id, b.id);
         }
     }
     let execs = env.executions(None, 100).await.unwrap();
     assert_eq!(execs.len(), 7);
     assert!(execs.iter().all(|e| e.outcome == ExecutionOutcome::Ok), "{execs:?}");
-    assert!(execs.iter().any(|e| e.logs.contains("split")), "log.info reaches the delivery's log");
+    assert!(execs.iter().any(|e| e.logs.contains("split")), "the log reaches the delivery's log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_plugin_runs_the_seeds_scenario_like_the_rust_one() {
+    runs_the_seeds_scenario_like_the_rust_plugin("python/submit-large-sheet").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_javascript_plugin_runs_the_seeds_scenario_like_the_rust_one() {
+    runs_the_seeds_scenario_like_the_rust_plugin("js/submit-large-sheet").await;
+}
+
+/// The first failed delivery of each job, by job id.
+async fn first_failures(dir: &str, jobs: &[&str]) -> Vec<jobhost::model::Execution> {
+    let plugin = load(&built(dir)).await;
+    let host = TestHost::new();
+    let env = host.env().await;
+    let running = host.engine.run(vec![runtime().listener(plugin, env.id())]).await.unwrap();
+    let mut out = Vec::new();
+    for op in jobs {
+        let job = env.create_job(NewJob::new(JobType::Space, *op)).await.unwrap();
+        let execution = env
+            .engine()
+            .wait_for(|| {
+                let (env, job_id) = (env.clone(), job.id.clone());
+                async move {
+                    let execs = env.executions(Some(&job_id), 10).await?;
+                    Ok(execs.into_iter().find(|e| e.outcome != ExecutionOutcome::Ok))
+                }
+            })
+            .await
+            .unwrap();
+        let info = env.job(&job.id).await.unwrap().info.unwrap_or_default();
+        assert!(info.contains(execution.error.as_deref().unwrap_or("?").lines().next().unwrap()), "{info}");
+        out.push(execution);
+    }
+    running.shutdown().await;
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_javascript_exception_fails_the_delivery_with_its_message() {
+    let failed = first_failures("js/test-raise", &["explode", "refused", "hang"]).await;
+    let error = |i: usize| failed[i].error.clone().unwrap_or_default();
+    assert!(failed.iter().all(|e| e.outcome == ExecutionOutcome::Error), "{failed:?}");
+    // A rejected promise (the handler is async): the error and where it was thrown.
+    assert!(error(0).starts_with("TypeError: bad input in {\"row\":7}"), "{}", error(0));
+    assert!(error(0).contains("@__bundle.js:"), "the stack names lines of the bundle: {}", error(0));
+    assert!(failed[0].logs.contains("throwing now"), "{}", failed[0].logs);
+    // A synchronous handler and a host refusal it did not catch: the refusal's kind.
+    assert!(error(1).starts_with("not-found:"), "{}", error(1));
+    // A promise that never settles cannot pass for success.
+    assert!(error(2).contains("never settled"), "{}", error(2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,4 +180,52 @@ async fn a_python_exception_fails_the_delivery_with_its_message() {
     let error = e.error.clone().unwrap_or_default();
     assert!(error.starts_with("not-found:"), "a host refusal keeps its kind: {error}");
     running.shutdown().await;
+}
+
+/// A plugin of `language` that serves only one side of the seeds' example: the example's own
+/// source as a module, and an app that keeps the routes of that side.
+fn one_side(language: &str, parts: bool) -> PathBuf {
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{language}-{}", if parts { "parts" } else { "parent" }));
+    std::fs::create_dir_all(&dir).unwrap();
+    let example = repo().join("plugins").join(language).join("submit-large-sheet");
+    let app = match language {
+        "js" => {
+            std::fs::copy(example.join("app.js"), dir.join("example.js")).unwrap();
+            format!(
+                "import setup from \"./example.js\";\n\
+                 export default function (listener) {{\n\
+                 \x20 setup({{ filter(f, configure) {{ if (f.isPart === {parts}) listener.filter(f, configure); return this; }} }});\n\
+                 }}\n"
+            )
+        }
+        _ => {
+            std::fs::copy(example.join("app.py"), dir.join("example.py")).unwrap();
+            let side = if parts { "True" } else { "False" };
+            format!(
+                "from jobhost_listener import Listener, listener  # noqa: F401\n\
+                 import example  # noqa: F401 (registers every route of the example)\n\n\
+                 listener.routes[:] = [r for r in listener.routes if (r[1] or {{}}).get(\"isPart\") is {side}]\n"
+            )
+        }
+    };
+    std::fs::write(dir.join(if language == "js" { "app.js" } else { "app.py" }), app).unwrap();
+    let tools = Path::new(env!("CARGO_TARGET_TMPDIR")).join("tools");
+    jobhost::build::build_in(&dir, &tools).unwrap_or_else(|e| panic!("build {}: {e:#}", dir.display()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_javascript_parent_with_python_parts_runs_the_seeds_scenario() {
+    let parent = load(&one_side("js", false)).await;
+    let parts = load(&one_side("python", true)).await;
+    assert_eq!(parent.routes.len(), 2, "job:ready and job:parts-completed of the parent");
+    assert_eq!(parts.routes.len(), 1, "job:ready of the parts");
+    let (_h, env, job, sheet, invalid) = seeds(vec![parent, parts], 5_000).await;
+    assert_eq!(job.status, JobStatus::Complete, "{}", job.outcome);
+    assert_eq!(job.outcome["parts"], json!({"total": 5, "completed": 5, "failed": 0, "canceled": 0}));
+    assert_eq!(env.record_counts(&sheet).await.unwrap().error, invalid);
+    let execs = env.executions(None, 100).await.unwrap();
+    let by = |plugin: &str| execs.iter().filter(|e| e.plugin == plugin).count();
+    assert_eq!((by("js-parent"), by("python-parts")), (2, 5), "{execs:?}");
+    assert!(execs.iter().all(|e| e.outcome == ExecutionOutcome::Ok));
 }

@@ -21,8 +21,8 @@
 //! - **scenario**: the seeds' scenario (N records, N/1000 parts) with the WASM plugin vs the
 //!   same listeners compiled into the host.
 //! - **languages**: per-event cost (fresh instance + trivial call + drop) and the seeds'
-//!   scenario with the Python plugin (`plugins/python/`, built by `jobhost::build`) against
-//!   the Rust plugin, in the same run.
+//!   scenario with the Python and JavaScript plugins (`plugins/python/`, `plugins/js/`, built
+//!   by `jobhost::build`) against the Rust plugin, in the same run.
 
 use std::time::{Duration, Instant};
 
@@ -252,58 +252,60 @@ async fn scenario_wasm_vs_native(n: u64) {
     );
 }
 
-/// Python against Rust, same host, same run. The Python components are built (and cached by
-/// content) by `jobhost::build`, and compiled once into a compilation cache in the target
-/// directory, as a host with its default cache would.
+/// Python and JavaScript against Rust, same host, same run. Their components are built (and
+/// cached by content) by `jobhost::build`, and compiled once into a compilation cache in the
+/// target directory, as a host with its default cache would.
 async fn languages(events: usize, n: u64) {
     let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let build =
-        |dir: &str| jobhost::build::build_in(&repo.join("plugins/python").join(dir), &tmp.join("tools")).unwrap();
+    let build = |dir: &str| jobhost::build::build_in(&repo.join("plugins").join(dir), &tmp.join("tools")).unwrap();
     let limits = jobhost::runtime::Limits { max_instances: 256, ..Default::default() };
     let config = RuntimeConfig { cache_dir: Some(tmp.join("wasmtime-cache")), limits, ..RuntimeConfig::default() };
     let rt = Runtime::new(config).unwrap();
     let (_dir, _engine, env) = host().await;
     let ctx = noop_event(&env);
     let rust = rt.load(std::path::Path::new(artifacts::TEST_NOOP)).await.unwrap();
-    let python = rt.load(&build("test-noop")).await.unwrap();
     let route = |p: &jobhost::runtime::Plugin| p.routes.iter().position(|r| r.topic == "bench:noop").unwrap() as u32;
-    let (rust_route, python_route) = (route(&rust), route(&python));
-    for _ in 0..20 {
-        assert!(rt.execute(&rust, rust_route, &ctx).await.error.is_none());
-        let e = rt.execute(&python, python_route, &ctx).await;
-        assert!(e.error.is_none(), "{:?}", e.error);
-    }
-    let (mut py, mut rs) = (Duration::ZERO, Duration::ZERO);
-    for _ in 0..10 {
-        let t = Instant::now();
-        for _ in 0..events / 10 {
-            rt.execute(&python, python_route, &ctx).await;
-        }
-        py += t.elapsed();
-        let t = Instant::now();
-        for _ in 0..events / 10 {
-            rt.execute(&rust, rust_route, &ctx).await;
-        }
-        rs += t.elapsed();
-    }
-    let per = |d: Duration| d.as_secs_f64() * 1e6 / (events / 10 * 10) as f64;
-    println!(
-        "{:<50} {:>10.1} µs {:>10.1} µs {:>7.2}x",
-        "per event, Python vs Rust (instance + call + drop)",
-        per(py),
-        per(rs),
-        per(py) / per(rs)
-    );
+    let rust_route = route(&rust);
     let rust_time = scenario_with(n, Some((rt.clone(), artifacts::SUBMIT_LARGE_SHEET.into()))).await;
-    let python_time = scenario_with(n, Some((rt.clone(), build("submit-large-sheet")))).await;
-    println!(
-        "{:<50} {:>11.2} s {:>11.2} s {:>7.2}x",
-        format!("scenario {n} records, Python vs Rust plugin (time)"),
-        python_time.as_secs_f64(),
-        rust_time.as_secs_f64(),
-        python_time.as_secs_f64() / rust_time.as_secs_f64()
-    );
+    for (language, dir) in [("Python", "python"), ("JavaScript", "js")] {
+        let guest = rt.load(&build(&format!("{dir}/test-noop"))).await.unwrap();
+        let guest_route = route(&guest);
+        for _ in 0..20 {
+            assert!(rt.execute(&rust, rust_route, &ctx).await.error.is_none());
+            let e = rt.execute(&guest, guest_route, &ctx).await;
+            assert!(e.error.is_none(), "{:?}", e.error);
+        }
+        let (mut theirs, mut ours) = (Duration::ZERO, Duration::ZERO);
+        for _ in 0..10 {
+            let t = Instant::now();
+            for _ in 0..events / 10 {
+                rt.execute(&guest, guest_route, &ctx).await;
+            }
+            theirs += t.elapsed();
+            let t = Instant::now();
+            for _ in 0..events / 10 {
+                rt.execute(&rust, rust_route, &ctx).await;
+            }
+            ours += t.elapsed();
+        }
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / (events / 10 * 10) as f64;
+        println!(
+            "{:<50} {:>10.1} µs {:>10.1} µs {:>7.2}x",
+            format!("per event, {language} vs Rust (instance+call+drop)"),
+            per(theirs),
+            per(ours),
+            per(theirs) / per(ours)
+        );
+        let time = scenario_with(n, Some((rt.clone(), build(&format!("{dir}/submit-large-sheet"))))).await;
+        println!(
+            "{:<50} {:>11.2} s {:>11.2} s {:>7.2}x",
+            format!("scenario {n} records, {language} vs Rust (time)"),
+            time.as_secs_f64(),
+            rust_time.as_secs_f64(),
+            time.as_secs_f64() / rust_time.as_secs_f64()
+        );
+    }
 }
 
 /// The same component with a custom section appended: same behaviour, another version.

@@ -1,13 +1,15 @@
 //! Building plugins from source, for every guest language, with one command
 //! (`jobhost plugin build DIR`).
 //!
-//! - The language is read off the directory: `Cargo.toml` → Rust, `app.py` → Python.
-//! - Toolchains are pinned ([`COMPONENTIZE_PY`]) and installed on first use from their
-//!   registry (PyPI) into the tools directory (`JOBHOST_TOOLS`, default
+//! - The language is read off the directory: `Cargo.toml` → Rust, `app.py` → Python,
+//!   `app.js` → JavaScript.
+//! - Toolchains are pinned ([`COMPONENTIZE_PY`], [`COMPONENTIZE_JS`]) and installed on first
+//!   use from their registry (PyPI, npm) into the tools directory (`JOBHOST_TOOLS`, default
 //!   `~/.cache/jobhost/tools`), never from whatever happens to be on the machine.
 //! - The language SDK and the WIT contract are part of this binary and staged next to the
 //!   source, so a plugin builds anywhere the `jobhost` binary is.
-//! - Builds of the large guests (a Python component is ~18 MB and takes seconds) are cached by
+//! - Builds of the large guests (a Python component is ~19 MB, a JavaScript one ~12 MB, and
+//!   each takes seconds) are cached by
 //!   content: the hash of the tool version, the WIT, the SDK and every source file names the
 //!   output, so an unchanged plugin is never rebuilt. Rust builds use Cargo's own cache.
 
@@ -23,6 +25,15 @@ pub const WIT: &str = include_str!("../../wit/jobhost.wit");
 pub const PYTHON_SDK: &str = include_str!("../../plugin-sdk/python/jobhost_listener/__init__.py");
 /// componentize-py, from PyPI, exactly this version.
 pub const COMPONENTIZE_PY: &str = "0.25.1";
+/// The JavaScript listener SDK (`jobhost-listener`).
+pub const JS_SDK: &str = include_str!("../../plugin-sdk/js/jobhost-listener.js");
+/// Its TypeScript declarations.
+pub const JS_SDK_TYPES: &str = include_str!("../../plugin-sdk/js/jobhost-listener.d.ts");
+/// @bytecodealliance/componentize-js, from npm, exactly this version.
+pub const COMPONENTIZE_JS: &str = "0.23.0";
+/// rolldown, from npm: bundles the app, its modules and the SDK into the one module
+/// componentize-js takes (it resolves no package imports itself).
+pub const ROLLDOWN: &str = "1.3.2";
 
 /// A guest language.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +42,8 @@ pub enum Language {
     Rust,
     /// `app.py` (with any modules beside it) using `jobhost_listener`.
     Python,
+    /// `app.js` (an ES module, with any modules beside it) using `jobhost-listener`.
+    JavaScript,
 }
 
 impl Language {
@@ -40,8 +53,13 @@ impl Language {
             Ok(Self::Rust)
         } else if dir.join("app.py").is_file() {
             Ok(Self::Python)
+        } else if dir.join("app.js").is_file() {
+            Ok(Self::JavaScript)
         } else {
-            bail!("{}: no plugin source here (expected Cargo.toml for Rust or app.py for Python)", dir.display())
+            bail!(
+                "{}: no plugin source here (expected Cargo.toml for Rust, app.py for Python or app.js for JavaScript)",
+                dir.display()
+            )
         }
     }
 }
@@ -69,6 +87,7 @@ pub fn build_in(src: &Path, tools: &Path) -> anyhow::Result<PathBuf> {
     match Language::detect(src)? {
         Language::Rust => crate::cli::build_plugin(src),
         Language::Python => build_python(src, tools),
+        Language::JavaScript => build_js(src, tools),
     }
 }
 
@@ -115,6 +134,28 @@ fn python_tool(tools: &Path, package: &str, version: &str, bin: &str) -> anyhow:
     })
 }
 
+/// npm packages at exact versions, installed together once into `tools/<name>`; returns the
+/// directory whose `node_modules/.bin` has their commands.
+fn npm_tools(tools: &Path, name: &str, packages: &[(&str, &str)]) -> anyhow::Result<PathBuf> {
+    let dir = tools.join(name);
+    let stamp = dir.join(".installed");
+    let specs: Vec<String> = packages.iter().map(|(p, v)| format!("{p}@{v}")).collect();
+    locked(tools, name, || {
+        if std::fs::read_to_string(&stamp).is_ok_and(|s| s == specs.join(" ")) {
+            return Ok(dir.clone());
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        run(Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--silent", "--save-exact", "--prefix"])
+            .arg(&dir)
+            .args(&specs))
+        .with_context(|| format!("cannot install {} from npm (Node.js and npm are needed)", specs.join(", ")))?;
+        std::fs::write(&stamp, specs.join(" "))?;
+        Ok(dir.clone())
+    })
+}
+
 /// Every file under `dir` (sorted), skipping build output and caches.
 fn source_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
@@ -135,6 +176,16 @@ fn source_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     }
     out.sort();
     Ok(out)
+}
+
+/// Copies the plugin's source files (as [`source_files`] sees them) under `to`.
+fn copy_sources(src: &Path, to: &Path) -> anyhow::Result<()> {
+    for file in source_files(src)? {
+        let dest = to.join(file.strip_prefix(src).unwrap_or(&file));
+        std::fs::create_dir_all(dest.parent().unwrap_or(to))?;
+        std::fs::copy(&file, &dest).with_context(|| format!("cannot copy {}", file.display()))?;
+    }
+    Ok(())
 }
 
 /// The content key of a build: tool, contract, SDK and sources.
@@ -164,7 +215,8 @@ fn build_python(src: &Path, tools: &Path) -> anyhow::Result<PathBuf> {
     let name = plugin_name(src)?;
     let key = content_key(&format!("componentize-py {COMPONENTIZE_PY}"), PYTHON_SDK, src)?;
     let builds = tools.join("builds");
-    let out = builds.join(format!("{name}-{key}.wasm"));
+    // The file stem is the plugin's name, as for a component dropped in a directory.
+    let out = builds.join(&key).join(format!("{name}.wasm"));
     if out.is_file() {
         return Ok(out);
     }
@@ -179,18 +231,94 @@ fn build_python(src: &Path, tools: &Path) -> anyhow::Result<PathBuf> {
         std::fs::create_dir_all(stage.join("jobhost_listener"))?;
         std::fs::write(stage.join("wit/jobhost.wit"), WIT)?;
         std::fs::write(stage.join("jobhost_listener/__init__.py"), PYTHON_SDK)?;
+        // A copy of the sources: the builder writes bytecode caches beside what it compiles.
+        copy_sources(src, &stage.join("src"))?;
         let tmp = stage.join("out.wasm");
         let result = run(Command::new(&componentize)
             .arg("-d")
             .arg(stage.join("wit"))
             .args(["-w", "plugin", "componentize", "app", "-p"])
-            .arg(src)
+            .arg(stage.join("src"))
             .arg("-p")
             .arg(&stage)
             .arg("-o")
             .arg(&tmp))
         .with_context(|| format!("the Python build of {} failed", src.display()))
-        .and_then(|()| Ok(std::fs::rename(&tmp, &out)?));
+        .and_then(|()| {
+            std::fs::create_dir_all(builds.join(&key))?;
+            Ok(std::fs::rename(&tmp, &out)?)
+        });
+        let _ = std::fs::remove_dir_all(&stage);
+        result.map(|()| out.clone())
+    })
+}
+
+/// The module componentize-js builds: it hands the root listener to the app's default export
+/// (at build time: componentize-js runs the module's top level then) and exports the WIT
+/// interface.
+const JS_ENTRY: &str = "import setup from \"./app.js\";\n\
+    import { listener as root, exported } from \"jobhost-listener\";\n\
+    setup(root);\n\
+    export { exported as listener };\n";
+
+fn build_js(src: &Path, tools: &Path) -> anyhow::Result<PathBuf> {
+    let name = plugin_name(src)?;
+    let recipe = format!("componentize-js {COMPONENTIZE_JS} rolldown {ROLLDOWN} {JS_ENTRY}");
+    let key = content_key(&recipe, JS_SDK, src)?;
+    let builds = tools.join("builds");
+    // The file stem is the plugin's name, as for a component dropped in a directory.
+    let out = builds.join(&key).join(format!("{name}.wasm"));
+    if out.is_file() {
+        return Ok(out);
+    }
+    let tool = npm_tools(
+        tools,
+        &format!("componentize-js-{COMPONENTIZE_JS}"),
+        &[("@bytecodealliance/componentize-js", COMPONENTIZE_JS), ("rolldown", ROLLDOWN)],
+    )?;
+    let bin = tool.join("node_modules/.bin");
+    locked(tools, &format!("build-{key}"), || {
+        if out.is_file() {
+            return Ok(out.clone());
+        }
+        let stage = builds.join(format!(".stage-{key}"));
+        let _ = std::fs::remove_dir_all(&stage);
+        // The sources, the SDK as the package `jobhost-listener`, the contract, and an entry
+        // module that hands the root listener to the app and exports the WIT interface.
+        copy_sources(src, &stage)?;
+        let sdk = stage.join("node_modules/jobhost-listener");
+        std::fs::create_dir_all(&sdk)?;
+        std::fs::write(
+            sdk.join("package.json"),
+            r#"{"name": "jobhost-listener", "type": "module", "main": "index.js", "types": "index.d.ts"}"#,
+        )?;
+        std::fs::write(sdk.join("index.js"), JS_SDK)?;
+        std::fs::write(sdk.join("index.d.ts"), JS_SDK_TYPES)?;
+        std::fs::create_dir_all(stage.join("wit"))?;
+        std::fs::write(stage.join("wit/jobhost.wit"), WIT)?;
+        std::fs::write(stage.join("__jobhost_main.js"), JS_ENTRY)?;
+        let tmp = stage.join("__out.wasm");
+        let externals: Vec<String> = ["jobs", "records", "sheets", "log", "config", "completion"]
+            .iter()
+            .map(|i| format!("jobhost:plugin/{i}@0.1.0"))
+            .collect();
+        let result = run(Command::new(bin.join("rolldown"))
+            .current_dir(&stage)
+            .args(["__jobhost_main.js", "--file", "__bundle.js", "--format", "esm", "--platform", "neutral"])
+            .args(["--external", &externals.join(",")]))
+        .and_then(|()| {
+            run(Command::new(bin.join("componentize-js"))
+                .current_dir(&stage)
+                .args(["__bundle.js", "--wit", "wit", "-n", "plugin", "-d", "http", "-d", "fetch-event", "-o"])
+                .arg(&tmp))
+        })
+        .with_context(|| format!("the JavaScript build of {} failed", src.display()))
+        .and_then(|()| {
+            // Stacks name lines of the bundle: keep it beside the component to look them up.
+            std::fs::create_dir_all(builds.join(&key))?;
+            std::fs::rename(stage.join("__bundle.js"), out.with_extension("bundle.js"))?;
+            Ok(std::fs::rename(&tmp, &out)?)
+        });
         let _ = std::fs::remove_dir_all(&stage);
         result.map(|()| out.clone())
     })
@@ -216,6 +344,12 @@ pub fn scaffold(language: Language, name: &str, dir: &Path, sdk: &Path) -> anyho
             ("src/lib.rs", RUST_LIB.replace("{name}", name)),
         ],
         Language::Python => vec![("app.py", PYTHON_APP.replace("{name}", name))],
+        Language::JavaScript => vec![
+            ("app.js", JS_APP.replace("{name}", name)),
+            // Editors find the SDK's types here; the build supplies the SDK itself.
+            ("jobhost-listener.d.ts", JS_SDK_TYPES.to_owned()),
+            ("jsconfig.json", JS_CONFIG.to_owned()),
+        ],
     };
     let mut written = Vec::new();
     for (rel, text) in files {
@@ -269,6 +403,31 @@ fn listener() -> Listener {
 }
 
 jobhost_plugin_sdk::export!(listener);
+"#;
+
+const JS_APP: &str = r#"// The `{name}` listener: acks and completes `space:{name}` jobs.
+
+import { api, log } from "jobhost-listener";
+
+export default function (listener) {
+  listener.filter({ job: "space:{name}" }, (l) => {
+    l.on("job:ready", async (event) => {
+      await api.jobs.ack(event.jobId, { info: "working", progress: 50 });
+      log.info(`working on ${event.jobId}`);
+      await api.jobs.complete(event.jobId, { outcome: { message: "done" } });
+    });
+  });
+}
+"#;
+
+const JS_CONFIG: &str = r#"{
+  "compilerOptions": {
+    "checkJs": true,
+    "module": "es2022",
+    "target": "es2022",
+    "paths": { "jobhost-listener": ["./jobhost-listener.d.ts"] }
+  }
+}
 "#;
 
 const PYTHON_APP: &str = r#""""The `{name}` listener: acks and completes `space:{name}` jobs."""

@@ -117,6 +117,8 @@ pub enum NewLanguage {
     Rust,
     /// Python, with the `jobhost_listener` module (componentize-py).
     Python,
+    /// JavaScript, with the `jobhost-listener` module (componentize-js).
+    Js,
 }
 
 /// The environment a secret command acts on.
@@ -141,7 +143,8 @@ pub enum PluginCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Build the plugin whose source is in DIR (Rust: `Cargo.toml`; Python: `app.py`) with
+    /// Build the plugin whose source is in DIR (Rust: `Cargo.toml`; Python: `app.py`;
+    /// JavaScript: `app.js`) with
     /// pinned tools (installed on first use) and print the component's path.
     Build {
         /// The plugin's source directory.
@@ -926,6 +929,7 @@ fn new_plugin(name: &str, lang: NewLanguage, dir: Option<PathBuf>, sdk: Option<P
         }
         // The Python SDK is part of this binary.
         NewLanguage::Python => (crate::build::Language::Python, PathBuf::new()),
+        NewLanguage::Js => (crate::build::Language::JavaScript, PathBuf::new()),
     };
     for path in crate::build::scaffold(language, name, &dir, &sdk)? {
         println!("wrote {}", path.display());

@@ -14,7 +14,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use super::bindings::jobhost::plugin::{config, jobs, log, records, sheets, types as wit};
+use super::bindings::jobhost::plugin::{completion, config, jobs, log, records, sheets, types as wit};
 use super::convert;
 use super::limits::Manifest;
 use crate::engine::Env;
@@ -233,6 +233,9 @@ pub struct HostState {
     records_written: u64,
     /// The first limit or rule a host call refused, for the execution record.
     refused: Option<String>,
+    /// `completion`: the handler's outcome comes by `settle` (`Some(None)`: deferred, not
+    /// yet settled; `Some(Some(outcome))`: settled).
+    deferred: Option<Option<Result<(), String>>>,
 }
 
 impl HostState {
@@ -280,6 +283,7 @@ impl HostState {
             scope: JobScope::default(),
             records_written: 0,
             refused: None,
+            deferred: None,
             manifest,
         })
     }
@@ -305,6 +309,12 @@ impl HostState {
     /// The limit or rule a host call refused first, if any.
     pub(super) fn refused(&self) -> Option<&str> {
         self.refused.as_deref()
+    }
+
+    /// `completion`: `None` when the handler did not defer; `Some(None)` when it deferred
+    /// and never settled; otherwise how it settled.
+    pub(super) fn deferred(&self) -> Option<&Option<Result<(), String>>> {
+        self.deferred.as_ref()
     }
 
     /// The table limit, when a growth past it was refused.
@@ -593,6 +603,21 @@ impl log::Host for HostState {
         };
         if let Ok(mut logs) = self.logs.lock() {
             logs.push(&format!("{tag} {message}\n"));
+        }
+    }
+}
+
+impl completion::Host for HostState {
+    async fn defer(&mut self) {
+        self.deferred.get_or_insert(None);
+    }
+
+    async fn settle(&mut self, error: Option<String>) {
+        // The first outcome counts: a guest cannot turn a failure into a success later.
+        if let Some(slot @ None) = &mut self.deferred {
+            *slot = Some(error.map_or(Ok(()), Err));
+        } else if self.deferred.is_none() {
+            self.deferred = Some(Some(error.map_or(Ok(()), Err)));
         }
     }
 }

@@ -581,6 +581,15 @@ impl Runtime {
         let result = tokio::time::timeout(limits.wall, call).await;
         let duration = started.elapsed();
         let state = store.data();
+        // A handler that finished after `handle` returned (`completion`) ends as it settled.
+        let result = match (result, state.deferred()) {
+            (Ok(Ok(Ok(()))), Some(Some(settled))) => Ok(Ok(settled.clone())),
+            (Ok(Ok(Ok(()))), Some(None)) => Ok(Ok(Err(
+                "the handler's promise never settled (it awaits something that does not resolve within the delivery)"
+                    .to_owned(),
+            ))),
+            (result, _) => result,
+        };
         let (outcome, error) = match result {
             Ok(Ok(Ok(()))) => (ExecutionOutcome::Ok, None),
             Ok(Ok(Err(message))) => {
