@@ -1,4 +1,4 @@
-//! Plugins in other languages than Rust, built from `plugins/<language>/` by `jobhost::build`
+//! Plugins in Python, JavaScript and C, built from `plugins/<language>/` by `jobhost::build`
 //! (pinned tools, installed into the build's target directory on first use, builds cached by
 //! content) and run against the same host as the Rust plugin: the seeds' scenario with the
 //! same records, counts and outcome, and a handler's exception as a failed delivery.
@@ -99,6 +99,11 @@ async fn the_python_plugin_runs_the_seeds_scenario_like_the_rust_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_javascript_plugin_runs_the_seeds_scenario_like_the_rust_one() {
     runs_the_seeds_scenario_like_the_rust_plugin("js/submit-large-sheet").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_c_plugin_runs_the_seeds_scenario_like_the_rust_one() {
+    runs_the_seeds_scenario_like_the_rust_plugin("c/submit-large-sheet").await;
 }
 
 /// The first failed delivery of each job, by job id.
@@ -228,4 +233,47 @@ async fn a_javascript_parent_with_python_parts_runs_the_seeds_scenario() {
     let by = |plugin: &str| execs.iter().filter(|e| e.plugin == plugin).count();
     assert_eq!((by("js-parent"), by("python-parts")), (2, 5), "{execs:?}");
     assert!(execs.iter().all(|e| e.outcome == ExecutionOutcome::Ok));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_or_trapping_c_handler_fails_only_its_delivery() {
+    let failed = first_failures("c/test-raise", &["explode", "refused", "trap"]).await;
+    let error = |i: usize| failed[i].error.clone().unwrap_or_default();
+    assert_eq!(failed[0].outcome, ExecutionOutcome::Error);
+    assert_eq!(error(0), "bad input in row 7");
+    assert!(failed[0].logs.contains("failing now"), "{}", failed[0].logs);
+    assert!(error(1).starts_with("not-found:"), "{}", error(1));
+    assert_eq!(failed[2].outcome, ExecutionOutcome::Trap, "{:?}", failed[2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_component_is_compiled_once_then_loaded_from_the_cache() {
+    let component = built("python/test-noop");
+    let cache = tempfile::tempdir().unwrap();
+    let config = RuntimeConfig { cache_dir: Some(cache.path().join("wasmtime")), ..RuntimeConfig::default() };
+    let cold = Runtime::new(config.clone()).unwrap();
+    cold.load(&component).await.unwrap();
+    let entries = walk(cache.path());
+    assert!(!entries.is_empty(), "the compiled component was cached");
+    // A restarted host: a new runtime on the same cache loads without compiling again.
+    let warm = Runtime::new(config).unwrap();
+    let plugin = warm.load(&component).await.unwrap();
+    assert_eq!(plugin.routes[0].topic, "bench:noop");
+    assert_eq!(walk(cache.path()), entries, "nothing new was compiled");
+}
+
+/// Compiled artifacts under `dir`, leaving out the statistics and in-progress files the
+/// cache's worker writes in the background.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else if p.extension().and_then(|e| e.to_str()).is_none_or(|e| e != "stats" && !e.starts_with("wip-")) {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
 }

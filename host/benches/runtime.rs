@@ -21,8 +21,8 @@
 //! - **scenario**: the seeds' scenario (N records, N/1000 parts) with the WASM plugin vs the
 //!   same listeners compiled into the host.
 //! - **languages**: per-event cost (fresh instance + trivial call + drop) and the seeds'
-//!   scenario with the Python and JavaScript plugins (`plugins/python/`, `plugins/js/`, built
-//!   by `jobhost::build`) against the Rust plugin, in the same run.
+//!   scenario with the Python, JavaScript and C plugins (`plugins/python|js|c/`, built by
+//!   `jobhost::build`) against the Rust plugin, in the same run.
 
 use std::time::{Duration, Instant};
 
@@ -252,7 +252,7 @@ async fn scenario_wasm_vs_native(n: u64) {
     );
 }
 
-/// Python and JavaScript against Rust, same host, same run. Their components are built (and
+/// Python, JavaScript and C against Rust, same host, same run. Their components are built (and
 /// cached by content) by `jobhost::build`, and compiled once into a compilation cache in the
 /// target directory, as a host with its default cache would.
 async fn languages(events: usize, n: u64) {
@@ -268,7 +268,28 @@ async fn languages(events: usize, n: u64) {
     let route = |p: &jobhost::runtime::Plugin| p.routes.iter().position(|r| r.topic == "bench:noop").unwrap() as u32;
     let rust_route = route(&rust);
     let rust_time = scenario_with(n, Some((rt.clone(), artifacts::SUBMIT_LARGE_SHEET.into()))).await;
-    for (language, dir) in [("Python", "python"), ("JavaScript", "js")] {
+    // A host start with a large component: compiling it (empty cache) vs loading it from the
+    // compilation cache a previous start filled.
+    let cache = tempfile::tempdir().unwrap();
+    let fresh = || {
+        let config = RuntimeConfig { cache_dir: Some(cache.path().to_owned()), ..RuntimeConfig::default() };
+        Runtime::new(config).unwrap()
+    };
+    let python = build("python/test-noop");
+    let t = Instant::now();
+    fresh().load(&python).await.unwrap();
+    let cold = t.elapsed();
+    let t = Instant::now();
+    fresh().load(&python).await.unwrap();
+    let warm = t.elapsed();
+    println!(
+        "{:<50} {:>10.1} ms {:>10.1} ms {:>7.3}x",
+        "load the Python component: cached vs compiling",
+        warm.as_secs_f64() * 1e3,
+        cold.as_secs_f64() * 1e3,
+        warm.as_secs_f64() / cold.as_secs_f64()
+    );
+    for (language, dir) in [("Python", "python"), ("JavaScript", "js"), ("C", "c")] {
         let guest = rt.load(&build(&format!("{dir}/test-noop"))).await.unwrap();
         let guest_route = route(&guest);
         for _ in 0..20 {

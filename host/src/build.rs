@@ -2,9 +2,10 @@
 //! (`jobhost plugin build DIR`).
 //!
 //! - The language is read off the directory: `Cargo.toml` → Rust, `app.py` → Python,
-//!   `app.js` → JavaScript.
+//!   `app.js` → JavaScript, `app.c` → C.
 //! - Toolchains are pinned ([`COMPONENTIZE_PY`], [`COMPONENTIZE_JS`]) and installed on first
-//!   use from their registry (PyPI, npm) into the tools directory (`JOBHOST_TOOLS`, default
+//!   use from their registry (PyPI, npm, Debian's packages for clang and wasi-libc) into the
+//!   tools directory (`JOBHOST_TOOLS`, default
 //!   `~/.cache/jobhost/tools`), never from whatever happens to be on the machine.
 //! - The language SDK and the WIT contract are part of this binary and staged next to the
 //!   source, so a plugin builds anywhere the `jobhost` binary is.
@@ -31,6 +32,12 @@ pub const JS_SDK: &str = include_str!("../../plugin-sdk/js/jobhost-listener.js")
 pub const JS_SDK_TYPES: &str = include_str!("../../plugin-sdk/js/jobhost-listener.d.ts");
 /// @bytecodealliance/componentize-js, from npm, exactly this version.
 pub const COMPONENTIZE_JS: &str = "0.23.0";
+/// The C listener SDK (`jobhost.h`).
+pub const C_SDK: &str = include_str!("../../plugin-sdk/c/jobhost.h");
+/// clang from Debian, this major version, with wasi-libc and the wasm32 compiler runtime.
+pub const CLANG: &str = "clang-19";
+/// The Debian packages of the C toolchain.
+pub const C_PACKAGES: &[&str] = &["clang-19", "lld-19", "wasi-libc", "libclang-rt-19-dev-wasm32"];
 /// rolldown, from npm: bundles the app, its modules and the SDK into the one module
 /// componentize-js takes (it resolves no package imports itself).
 pub const ROLLDOWN: &str = "1.3.2";
@@ -44,6 +51,8 @@ pub enum Language {
     Python,
     /// `app.js` (an ES module, with any modules beside it) using `jobhost-listener`.
     JavaScript,
+    /// `app.c` (with any `.c` and `.h` files beside it) using `jobhost.h`.
+    C,
 }
 
 impl Language {
@@ -55,9 +64,12 @@ impl Language {
             Ok(Self::Python)
         } else if dir.join("app.js").is_file() {
             Ok(Self::JavaScript)
+        } else if dir.join("app.c").is_file() {
+            Ok(Self::C)
         } else {
             bail!(
-                "{}: no plugin source here (expected Cargo.toml for Rust, app.py for Python or app.js for JavaScript)",
+                "{}: no plugin source here (expected Cargo.toml for Rust, app.py for Python, app.js for \
+                 JavaScript or app.c for C)",
                 dir.display()
             )
         }
@@ -88,6 +100,7 @@ pub fn build_in(src: &Path, tools: &Path) -> anyhow::Result<PathBuf> {
         Language::Rust => crate::cli::build_plugin(src),
         Language::Python => build_python(src, tools),
         Language::JavaScript => build_js(src, tools),
+        Language::C => build_c(src, tools),
     }
 }
 
@@ -211,22 +224,46 @@ fn plugin_name(src: &Path) -> anyhow::Result<String> {
     Ok(src.file_name().and_then(|n| n.to_str()).context("the plugin directory has no name")?.to_owned())
 }
 
-fn build_python(src: &Path, tools: &Path) -> anyhow::Result<PathBuf> {
+/// A build cached by content: the component for `src` under `tools/builds/<key>/<name>.wasm`,
+/// where the key hashes `recipe` (tools and how they are called), the WIT, `sdk` and the
+/// sources. On a miss `tools_for` readies the tools, then `make` builds into a fresh staging
+/// directory and writes the component to the path it is given; the staging directory is
+/// removed either way. Returns the component's path.
+fn cached_build<T>(
+    src: &Path,
+    tools: &Path,
+    recipe: &str,
+    sdk: &str,
+    tools_for: impl FnOnce() -> anyhow::Result<T>,
+    make: impl FnOnce(T, &Path, &Path) -> anyhow::Result<()>,
+) -> anyhow::Result<PathBuf> {
     let name = plugin_name(src)?;
-    let key = content_key(&format!("componentize-py {COMPONENTIZE_PY}"), PYTHON_SDK, src)?;
+    let key = content_key(recipe, sdk, src)?;
     let builds = tools.join("builds");
     // The file stem is the plugin's name, as for a component dropped in a directory.
     let out = builds.join(&key).join(format!("{name}.wasm"));
     if out.is_file() {
         return Ok(out);
     }
-    let componentize = python_tool(tools, "componentize-py", COMPONENTIZE_PY, "componentize-py")?;
+    let ready = tools_for()?;
     locked(tools, &format!("build-{key}"), || {
         if out.is_file() {
             return Ok(out.clone());
         }
         let stage = builds.join(format!(".stage-{key}"));
         let _ = std::fs::remove_dir_all(&stage);
+        std::fs::create_dir_all(&stage)?;
+        std::fs::create_dir_all(builds.join(&key))?;
+        let result = make(ready, &stage, &out);
+        let _ = std::fs::remove_dir_all(&stage);
+        result.map(|()| out.clone())
+    })
+}
+
+fn build_python(src: &Path, tools: &Path) -> anyhow::Result<PathBuf> {
+    let recipe = format!("componentize-py {COMPONENTIZE_PY}");
+    let tool = || python_tool(tools, "componentize-py", COMPONENTIZE_PY, "componentize-py");
+    cached_build(src, tools, &recipe, PYTHON_SDK, tool, |componentize, stage, out| {
         std::fs::create_dir_all(stage.join("wit"))?;
         std::fs::create_dir_all(stage.join("jobhost_listener"))?;
         std::fs::write(stage.join("wit/jobhost.wit"), WIT)?;
@@ -234,22 +271,17 @@ fn build_python(src: &Path, tools: &Path) -> anyhow::Result<PathBuf> {
         // A copy of the sources: the builder writes bytecode caches beside what it compiles.
         copy_sources(src, &stage.join("src"))?;
         let tmp = stage.join("out.wasm");
-        let result = run(Command::new(&componentize)
+        run(Command::new(&componentize)
             .arg("-d")
             .arg(stage.join("wit"))
             .args(["-w", "plugin", "componentize", "app", "-p"])
             .arg(stage.join("src"))
             .arg("-p")
-            .arg(&stage)
+            .arg(stage)
             .arg("-o")
             .arg(&tmp))
-        .with_context(|| format!("the Python build of {} failed", src.display()))
-        .and_then(|()| {
-            std::fs::create_dir_all(builds.join(&key))?;
-            Ok(std::fs::rename(&tmp, &out)?)
-        });
-        let _ = std::fs::remove_dir_all(&stage);
-        result.map(|()| out.clone())
+        .with_context(|| format!("the Python build of {} failed", src.display()))?;
+        Ok(std::fs::rename(&tmp, out)?)
     })
 }
 
@@ -262,30 +294,18 @@ const JS_ENTRY: &str = "import setup from \"./app.js\";\n\
     export { exported as listener };\n";
 
 fn build_js(src: &Path, tools: &Path) -> anyhow::Result<PathBuf> {
-    let name = plugin_name(src)?;
     let recipe = format!("componentize-js {COMPONENTIZE_JS} rolldown {ROLLDOWN} {JS_ENTRY}");
-    let key = content_key(&recipe, JS_SDK, src)?;
-    let builds = tools.join("builds");
-    // The file stem is the plugin's name, as for a component dropped in a directory.
-    let out = builds.join(&key).join(format!("{name}.wasm"));
-    if out.is_file() {
-        return Ok(out);
-    }
-    let tool = npm_tools(
-        tools,
-        &format!("componentize-js-{COMPONENTIZE_JS}"),
-        &[("@bytecodealliance/componentize-js", COMPONENTIZE_JS), ("rolldown", ROLLDOWN)],
-    )?;
-    let bin = tool.join("node_modules/.bin");
-    locked(tools, &format!("build-{key}"), || {
-        if out.is_file() {
-            return Ok(out.clone());
-        }
-        let stage = builds.join(format!(".stage-{key}"));
-        let _ = std::fs::remove_dir_all(&stage);
-        // The sources, the SDK as the package `jobhost-listener`, the contract, and an entry
-        // module that hands the root listener to the app and exports the WIT interface.
-        copy_sources(src, &stage)?;
+    let tool = || {
+        npm_tools(
+            tools,
+            &format!("componentize-js-{COMPONENTIZE_JS}"),
+            &[("@bytecodealliance/componentize-js", COMPONENTIZE_JS), ("rolldown", ROLLDOWN)],
+        )
+    };
+    cached_build(src, tools, &recipe, JS_SDK, tool, |tool, stage, out| {
+        let bin = tool.join("node_modules/.bin");
+        // The sources, the SDK as the package `jobhost-listener`, the contract, and the entry.
+        copy_sources(src, stage)?;
         let sdk = stage.join("node_modules/jobhost-listener");
         std::fs::create_dir_all(&sdk)?;
         std::fs::write(
@@ -302,26 +322,107 @@ fn build_js(src: &Path, tools: &Path) -> anyhow::Result<PathBuf> {
             .iter()
             .map(|i| format!("jobhost:plugin/{i}@0.1.0"))
             .collect();
-        let result = run(Command::new(bin.join("rolldown"))
-            .current_dir(&stage)
+        run(Command::new(bin.join("rolldown"))
+            .current_dir(stage)
             .args(["__jobhost_main.js", "--file", "__bundle.js", "--format", "esm", "--platform", "neutral"])
             .args(["--external", &externals.join(",")]))
         .and_then(|()| {
             run(Command::new(bin.join("componentize-js"))
-                .current_dir(&stage)
+                .current_dir(stage)
                 .args(["__bundle.js", "--wit", "wit", "-n", "plugin", "-d", "http", "-d", "fetch-event", "-o"])
                 .arg(&tmp))
         })
-        .with_context(|| format!("the JavaScript build of {} failed", src.display()))
-        .and_then(|()| {
-            // Stacks name lines of the bundle: keep it beside the component to look them up.
-            std::fs::create_dir_all(builds.join(&key))?;
-            std::fs::rename(stage.join("__bundle.js"), out.with_extension("bundle.js"))?;
-            Ok(std::fs::rename(&tmp, &out)?)
-        });
-        let _ = std::fs::remove_dir_all(&stage);
-        result.map(|()| out.clone())
+        .with_context(|| format!("the JavaScript build of {} failed", src.display()))?;
+        // Stacks name lines of the bundle: keep it beside the component to look them up.
+        std::fs::rename(stage.join("__bundle.js"), out.with_extension("bundle.js"))?;
+        Ok(std::fs::rename(&tmp, out)?)
     })
+}
+
+/// The C toolchain's version line, installing the Debian packages first when they are missing
+/// and this process may (root with apt-get).
+fn c_toolchain(tools: &Path) -> anyhow::Result<String> {
+    let version = || -> Option<String> {
+        let out = Command::new(CLANG).arg("--version").output().ok()?;
+        let sysroot = Path::new("/usr/lib/wasm32-wasi/libc.a").is_file();
+        let line = String::from_utf8_lossy(&out.stdout).lines().next()?.to_owned();
+        (out.status.success() && sysroot).then_some(line)
+    };
+    locked(tools, "c-toolchain", || {
+        if let Some(v) = version() {
+            return Ok(v);
+        }
+        let is_root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+        if !is_root {
+            bail!("the C toolchain is missing: install it with `sudo apt-get install {}`", C_PACKAGES.join(" "));
+        }
+        run(Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(C_PACKAGES)
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+        .with_context(|| format!("cannot install {} with apt-get", C_PACKAGES.join(" ")))?;
+        version().context("the C toolchain was installed but clang-19 or wasi-libc is still missing")
+    })
+}
+
+/// The C bindings of the `plugin` world: `plugin.c`, `plugin.h`, `plugin_component_type.o`.
+fn c_bindings(dir: &Path) -> anyhow::Result<()> {
+    let mut resolve = wit_parser::Resolve::default();
+    let pkg = resolve.push_str("jobhost.wit", WIT)?;
+    let world = resolve.select_world(&[pkg], Some("plugin"))?;
+    let mut files = wit_bindgen_core::Files::default();
+    wit_bindgen_c::Opts::default().build().generate(&mut resolve, world, &mut files)?;
+    for (name, bytes) in files.iter() {
+        std::fs::write(dir.join(name), bytes)?;
+    }
+    Ok(())
+}
+
+fn build_c(src: &Path, tools: &Path) -> anyhow::Result<PathBuf> {
+    let toolchain = c_toolchain(tools)?;
+    let recipe = format!("{toolchain} wit-bindgen-c 0.63.0");
+    cached_build(
+        src,
+        tools,
+        &recipe,
+        C_SDK,
+        || Ok(()),
+        |(), stage, out| {
+            copy_sources(src, stage)?;
+            std::fs::write(stage.join("jobhost.h"), C_SDK)?;
+            let generated = stage.join("__bindings");
+            std::fs::create_dir_all(&generated)?;
+            c_bindings(&generated)?;
+            let mut sources: Vec<PathBuf> = source_files(src)?
+                .into_iter()
+                .filter(|f| f.extension().is_some_and(|e| e == "c"))
+                .map(|f| stage.join(f.strip_prefix(src).unwrap_or(&f)))
+                .collect();
+            sources.push(generated.join("plugin.c"));
+            let core = stage.join("__core.wasm");
+            run(Command::new(CLANG)
+                .args(["--target=wasm32-wasi", "--sysroot=/usr", "-mexec-model=reactor", "-O2", "-Wall", "-Werror"])
+                .arg("-I")
+                .arg(stage)
+                .arg("-I")
+                .arg(&generated)
+                .args(&sources)
+                .arg(generated.join("plugin_component_type.o"))
+                .arg("-o")
+                .arg(&core))
+            .with_context(|| format!("the C build of {} failed", src.display()))?;
+            let component = wit_component::ComponentEncoder::default()
+                .module(&std::fs::read(&core)?)?
+                .adapter(
+                    wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_ADAPTER_NAME,
+                    wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_REACTOR_ADAPTER,
+                )?
+                .validate(true)
+                .encode()
+                .context("cannot make the C module a component")?;
+            Ok(std::fs::write(out, component)?)
+        },
+    )
 }
 
 /// Writes a ready-to-build plugin called `name` in `dir` (which must not exist yet): a listener
@@ -350,6 +451,7 @@ pub fn scaffold(language: Language, name: &str, dir: &Path, sdk: &Path) -> anyho
             ("jobhost-listener.d.ts", JS_SDK_TYPES.to_owned()),
             ("jsconfig.json", JS_CONFIG.to_owned()),
         ],
+        Language::C => vec![("app.c", C_APP.replace("{name}", name))],
     };
     let mut written = Vec::new();
     for (rel, text) in files {
@@ -428,6 +530,26 @@ const JS_CONFIG: &str = r#"{
     "paths": { "jobhost-listener": ["./jobhost-listener.d.ts"] }
   }
 }
+"#;
+
+const C_APP: &str = r#"/* The `{name}` listener: acks and completes `space:{name}` jobs. */
+#include "jobhost.h"
+
+static bool ready(const jh_event *event, jh_error *err) {
+    plugin_string_t id = event->job_id.val, info = jh_str("working"), outcome = jh_str("{\"message\":\"done\"}");
+    uint8_t progress = 50;
+    jobhost_plugin_jobs_job_t job;
+    jh_host_error e;
+    if (!jobhost_plugin_jobs_ack(&id, &info, &progress, NULL, &job, &e)) return jh_host_failed(err, &e);
+    jh_log(JOBHOST_PLUGIN_LOG_LEVEL_INFO, "working on %.*s", (int)id.len, (const char *)id.ptr);
+    if (!jobhost_plugin_jobs_complete(&id, &outcome, NULL, &job, &e)) return jh_host_failed(err, &e);
+    return true;
+}
+
+const jh_route JH_ROUTES[] = {
+    {"job:ready", "{\"job\":\"space:{name}\"}", ready},
+};
+const size_t JH_ROUTE_COUNT = sizeof JH_ROUTES / sizeof JH_ROUTES[0];
 "#;
 
 const PYTHON_APP: &str = r#""""The `{name}` listener: acks and completes `space:{name}` jobs."""

@@ -637,7 +637,7 @@ fn operator_commands_drive_a_running_host_over_the_api() {
 fn plugin_new_scaffolds_that_build_and_load() {
     let f = Fixture::new();
     let target = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    for (lang, name) in [("python", "hello-py"), ("js", "hello-js"), ("rust", "hello-rs")] {
+    for (lang, name) in [("python", "hello-py"), ("js", "hello-js"), ("c", "hello-c"), ("rust", "hello-rs")] {
         let dir = f.path(name);
         let out = f.run(&["plugin", "new", name, "--lang", lang, "--dir", &dir]);
         assert_eq!(out.status.code(), Some(0), "{lang}: {}", stderr(&out));

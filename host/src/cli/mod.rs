@@ -119,6 +119,8 @@ pub enum NewLanguage {
     Python,
     /// JavaScript, with the `jobhost-listener` module (componentize-js).
     Js,
+    /// C, with `jobhost.h` over bindings generated from the WIT (clang, wasi-libc).
+    C,
 }
 
 /// The environment a secret command acts on.
@@ -144,7 +146,7 @@ pub enum PluginCommand {
         json: bool,
     },
     /// Build the plugin whose source is in DIR (Rust: `Cargo.toml`; Python: `app.py`;
-    /// JavaScript: `app.js`) with
+    /// JavaScript: `app.js`; C: `app.c`) with
     /// pinned tools (installed on first use) and print the component's path.
     Build {
         /// The plugin's source directory.
@@ -930,6 +932,7 @@ fn new_plugin(name: &str, lang: NewLanguage, dir: Option<PathBuf>, sdk: Option<P
         // The Python SDK is part of this binary.
         NewLanguage::Python => (crate::build::Language::Python, PathBuf::new()),
         NewLanguage::Js => (crate::build::Language::JavaScript, PathBuf::new()),
+        NewLanguage::C => (crate::build::Language::C, PathBuf::new()),
     };
     for path in crate::build::scaffold(language, name, &dir, &sdk)? {
         println!("wrote {}", path.display());
