@@ -466,40 +466,12 @@ async fn plugins_deploy_validated_roll_back_and_delete_per_environment() {
     server.stop().await;
 }
 
-/// schemathesis, pinned, in a virtualenv under the build's target directory: installed from PyPI
-/// by the first run of this test (a few seconds), reused by later runs of the same build.
+/// schemathesis, pinned, installed by the same code that installs the plugin builders
+/// (`jobhost::build::python_tool`: a virtualenv under the build's target directory, made once).
 fn schemathesis() -> std::path::PathBuf {
-    const VERSION: &str = "4.32.5";
-    let venv = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("schemathesis-{VERSION}"));
-    let bin = venv.join("bin/schemathesis");
-    let version_ok = || {
-        std::process::Command::new(&bin)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(VERSION))
-    };
-    if !version_ok() {
-        let run = |cmd: &mut std::process::Command| {
-            let out = cmd
-                .output()
-                .unwrap_or_else(|e| panic!("cannot run {cmd:?} (Python 3 with venv and pip is needed): {e}"));
-            assert!(
-                out.status.success(),
-                "{cmd:?} failed:\n{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        let _ = std::fs::remove_dir_all(&venv);
-        run(std::process::Command::new("python3").args(["-m", "venv"]).arg(&venv));
-        run(std::process::Command::new(venv.join("bin/pip")).args([
-            "install",
-            "--quiet",
-            &format!("schemathesis=={VERSION}"),
-        ]));
-        assert!(version_ok(), "schemathesis {VERSION} did not install into {}", venv.display());
-    }
-    bin
+    let tools = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("tools");
+    jobhost::build::python_tool(&tools, "schemathesis", "4.32.5", "schemathesis")
+        .unwrap_or_else(|e| panic!("install schemathesis: {e:#}"))
 }
 
 /// Runs schemathesis against the server's `/openapi.json` with `token`; `args` choose the routes.

@@ -253,27 +253,11 @@ async fn a_large_component_is_compiled_once_then_loaded_from_the_cache() {
     let config = RuntimeConfig { cache_dir: Some(cache.path().join("wasmtime")), ..RuntimeConfig::default() };
     let cold = Runtime::new(config.clone()).unwrap();
     cold.load(&component).await.unwrap();
-    let entries = walk(cache.path());
+    let entries = jobhost_tests::compiled_entries(cache.path());
     assert!(!entries.is_empty(), "the compiled component was cached");
     // A restarted host: a new runtime on the same cache loads without compiling again.
     let warm = Runtime::new(config).unwrap();
     let plugin = warm.load(&component).await.unwrap();
     assert_eq!(plugin.routes[0].topic, "bench:noop");
-    assert_eq!(walk(cache.path()), entries, "nothing new was compiled");
-}
-
-/// Compiled artifacts under `dir`, leaving out the statistics and in-progress files the
-/// cache's worker writes in the background.
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else if p.extension().and_then(|e| e.to_str()).is_none_or(|e| e != "stats" && !e.starts_with("wip-")) {
-            out.push(p);
-        }
-    }
-    out.sort();
-    out
+    assert_eq!(jobhost_tests::compiled_entries(cache.path()), entries, "nothing new was compiled");
 }

@@ -7,7 +7,7 @@ use jobhost::EngineConfig;
 use jobhost::artifacts;
 use jobhost::model::{ExecutionOutcome, JobStatus, JobType, NewJob};
 use jobhost::scenario;
-use jobhost_tests::{TestHost, events_of, load, test_config, test_runtime, until_terminal};
+use jobhost_tests::{TestHost, compiled_entries, events_of, load, test_config, test_runtime, until_terminal};
 use serde_json::json;
 
 async fn seeds(records: u64, input: serde_json::Value) -> (TestHost, jobhost::Env, jobhost::model::Job, String, u64) {
@@ -237,29 +237,6 @@ async fn compiled_plugins_go_to_the_compilation_cache() {
     let again = jobhost::runtime::Runtime::new(config).unwrap();
     load(&again, artifacts::TEST_NOOP).await;
     assert_eq!(compiled_entries(cache.path()), entries);
-}
-
-/// Compiled artifacts in a wasmtime cache directory, leaving out the usage statistics
-/// (`*.stats`) and in-progress files (`*.wip-*`) its worker thread writes in the background.
-fn compiled_entries(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    walk(dir)
-        .into_iter()
-        .filter(|p| p.extension().and_then(|e| e.to_str()).is_none_or(|e| e != "stats" && !e.starts_with("wip-")))
-        .collect()
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out.sort();
-    out
 }
 
 #[tokio::test]

@@ -212,7 +212,7 @@ async fn import(s: &Server, n: u64) {
     let cli_sheet = s.env.create_sheet("cli").await.unwrap();
     let client = jobhost::client::Client::new(&s.base, Some(s.token.clone())).unwrap();
     let t = Instant::now();
-    let checked = jobhost::cli::remote::check_file(&file).unwrap();
+    let checked = jobhost::cli::records_file::check_records(&file).unwrap();
     let (sent, _) = jobhost::cli::remote::import(&client, &file, &cli_sheet.id, 10_000, 0, checked, false)
         .await
         .map_err(|s| s.error)

@@ -127,8 +127,9 @@ fn locked<T>(dir: &Path, name: &str, f: impl FnOnce() -> anyhow::Result<T>) -> a
     f()
 }
 
-/// A Python virtualenv with `package==version`, installed once per version.
-fn python_tool(tools: &Path, package: &str, version: &str, bin: &str) -> anyhow::Result<PathBuf> {
+/// A Python virtualenv under `tools` with `package==version`, installed once per version (and
+/// again when an install broke half-way); returns the path of its command `bin`.
+pub fn python_tool(tools: &Path, package: &str, version: &str, bin: &str) -> anyhow::Result<PathBuf> {
     let venv = tools.join(format!("{package}-{version}"));
     let exe = venv.join("bin").join(bin);
     let stamp = venv.join(".installed");

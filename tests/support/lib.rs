@@ -178,3 +178,26 @@ pub fn wat_listener(job: &str, imports: &str, body: &str) -> String {
 )"#,
     )
 }
+
+/// Compiled artifacts in a wasmtime cache directory, leaving out the usage statistics
+/// (`*.stats`) and in-progress files (`*.wip-*`) its worker thread writes in the background.
+pub fn compiled_entries(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    walk(dir)
+        .into_iter()
+        .filter(|p| p.extension().and_then(|e| e.to_str()).is_none_or(|e| e != "stats" && !e.starts_with("wip-")))
+        .collect()
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}

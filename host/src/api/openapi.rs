@@ -70,7 +70,7 @@ pub fn document_json() -> Value {
                 }
                 if plugin_name && let Some(params) = op["parameters"].as_array_mut() {
                     for p in params.iter_mut().filter(|p| p["name"] == "name") {
-                        p["schema"]["pattern"] = json!(PLUGIN_NAME_PATTERN);
+                        p["schema"]["pattern"] = json!(super::plugins::NAME_PATTERN);
                     }
                 }
             }
@@ -84,9 +84,6 @@ pub fn document_json() -> Value {
     }
     doc
 }
-
-/// What a plugin name may be (see `api::plugins`).
-const PLUGIN_NAME_PATTERN: &str = "^[A-Za-z0-9_-]{1,64}$";
 
 /// `GET /openapi.json`.
 pub async fn document() -> axum::Json<Value> {

@@ -50,6 +50,9 @@ pub enum PluginError {
     Io(String),
 }
 
+/// What a plugin name may be, as the OpenAPI document states it; `check_name` is the rule.
+pub const NAME_PATTERN: &str = "^[A-Za-z0-9_-]{1,64}$";
+
 fn check_name(name: &str) -> Result<(), PluginError> {
     let ok = !name.is_empty()
         && name.len() <= 64

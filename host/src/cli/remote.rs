@@ -13,7 +13,7 @@ use clap::Subcommand;
 use serde_json::{Value, json};
 
 use super::PluginCommand;
-use super::records_file::RecordReader;
+use super::records_file::{RecordReader, check_records};
 use crate::client::Client;
 use crate::model::{Job, MAX_PAGE_SIZE, Sheet};
 use crate::reload::{PluginInfo, ReloadEvent};
@@ -270,7 +270,7 @@ pub async fn records(cmd: RecordsCommand) -> anyhow::Result<ExitCode> {
     // Check the whole file first: a malformed file must change nothing.
     let checked = {
         let file = file.clone();
-        tokio::task::spawn_blocking(move || check_file(&file)).await.context("the file check stopped")??
+        tokio::task::spawn_blocking(move || check_records(&file)).await.context("the file check stopped")??
     };
     if skip > checked {
         bail!("--skip {skip} is past the end of {} ({checked} records)", file.display());
@@ -309,11 +309,6 @@ pub struct Stopped {
     pub sent: u64,
     /// Why.
     pub error: anyhow::Error,
-}
-
-/// Reads and checks every record of the file; returns how many there are.
-pub fn check_file(file: &Path) -> anyhow::Result<u64> {
-    super::records_file::check_records(file)
 }
 
 /// Sends the records after the first `skip` in batches, one request at a time so the sheet keeps

@@ -614,9 +614,7 @@ impl completion::Host for HostState {
 
     async fn settle(&mut self, error: Option<String>) {
         // The first outcome counts: a guest cannot turn a failure into a success later.
-        if let Some(slot @ None) = &mut self.deferred {
-            *slot = Some(error.map_or(Ok(()), Err));
-        } else if self.deferred.is_none() {
+        if !matches!(self.deferred, Some(Some(_))) {
             self.deferred = Some(Some(error.map_or(Ok(()), Err)));
         }
     }
