@@ -97,7 +97,7 @@ pub fn build(src: &Path) -> anyhow::Result<PathBuf> {
 /// [`build`] with the tools and build cache in `tools`.
 pub fn build_in(src: &Path, tools: &Path) -> anyhow::Result<PathBuf> {
     match Language::detect(src)? {
-        Language::Rust => crate::cli::build_plugin(src),
+        Language::Rust => build_rust(src),
         Language::Python => build_python(src, tools),
         Language::JavaScript => build_js(src, tools),
         Language::C => build_c(src, tools),
@@ -108,14 +108,23 @@ pub fn build_in(src: &Path, tools: &Path) -> anyhow::Result<PathBuf> {
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let out = cmd.output().with_context(|| format!("cannot run {cmd:?}"))?;
     if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let program = Path::new(cmd.get_program()).file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        bail!("{program} failed ({}):\n{}", out.status, tidy(&text));
     }
     Ok(())
+}
+
+/// A tool's error output without the tool's own insides: a Rust backtrace (componentize-py is
+/// Rust underneath) and the stack frames of a Node.js tool say nothing about the author's code.
+fn tidy(text: &str) -> String {
+    let text = text.split("\nStack backtrace:").next().unwrap_or(text);
+    let mut out: Vec<&str> =
+        text.lines().filter(|l| !(l.trim_start().starts_with("at ") && l.contains("node_modules"))).collect();
+    while out.last().is_some_and(|l| l.trim().is_empty()) {
+        out.pop();
+    }
+    out.join("\n")
 }
 
 /// Runs `f` holding an exclusive lock on `name` in the tools directory: builds and installs
@@ -220,6 +229,11 @@ fn content_key(tool: &str, sdk: &str, src: &Path) -> anyhow::Result<String> {
     Ok(h.finalize().iter().take(12).map(|b| format!("{b:02x}")).collect())
 }
 
+/// A key that changes exactly when a plugin's sources change (`jobhost dev` rebuilds on it).
+pub fn source_key(src: &Path) -> anyhow::Result<String> {
+    content_key("", "", src)
+}
+
 fn plugin_name(src: &Path) -> anyhow::Result<String> {
     let src = src.canonicalize().with_context(|| format!("cannot read {}", src.display()))?;
     Ok(src.file_name().and_then(|n| n.to_str()).context("the plugin directory has no name")?.to_owned())
@@ -227,11 +241,13 @@ fn plugin_name(src: &Path) -> anyhow::Result<String> {
 
 /// A build cached by content: the component for `src` under `tools/builds/<key>/<name>.wasm`,
 /// where the key hashes `recipe` (tools and how they are called), the WIT, `sdk` and the
-/// sources. On a miss `tools_for` readies the tools, then `make` builds into a fresh staging
+/// sources. `sources_at` is where `make` copies the sources inside its staging directory.
+/// On a miss `tools_for` readies the tools, then `make` builds into a fresh staging
 /// directory and writes the component to the path it is given; the staging directory is
 /// removed either way. Returns the component's path.
 fn cached_build<T>(
     src: &Path,
+    sources_at: &str,
     tools: &Path,
     recipe: &str,
     sdk: &str,
@@ -257,14 +273,21 @@ fn cached_build<T>(
         std::fs::create_dir_all(builds.join(&key))?;
         let result = make(ready, &stage, &out);
         let _ = std::fs::remove_dir_all(&stage);
-        result.map(|()| out.clone())
+        // The tools saw the staged copy: name the author's files in what they reported.
+        result.map(|()| out.clone()).map_err(|e| {
+            let (staged, author) = (stage.join(sources_at).display().to_string(), src.display().to_string());
+            let shown = format!("{e:#}")
+                .replace(&format!("{}/", staged.trim_end_matches('/')), &format!("{author}/"))
+                .replace(&stage.display().to_string(), &author);
+            anyhow::anyhow!(shown)
+        })
     })
 }
 
 fn build_python(src: &Path, tools: &Path) -> anyhow::Result<PathBuf> {
     let recipe = format!("componentize-py {COMPONENTIZE_PY}");
     let tool = || python_tool(tools, "componentize-py", COMPONENTIZE_PY, "componentize-py");
-    cached_build(src, tools, &recipe, PYTHON_SDK, tool, |componentize, stage, out| {
+    cached_build(src, "src", tools, &recipe, PYTHON_SDK, tool, |componentize, stage, out| {
         std::fs::create_dir_all(stage.join("wit"))?;
         std::fs::create_dir_all(stage.join("jobhost_listener"))?;
         std::fs::write(stage.join("wit/jobhost.wit"), WIT)?;
@@ -273,6 +296,7 @@ fn build_python(src: &Path, tools: &Path) -> anyhow::Result<PathBuf> {
         copy_sources(src, &stage.join("src"))?;
         let tmp = stage.join("out.wasm");
         run(Command::new(&componentize)
+            .env("RUST_BACKTRACE", "0")
             .arg("-d")
             .arg(stage.join("wit"))
             .args(["-w", "plugin", "componentize", "app", "-p"])
@@ -281,6 +305,8 @@ fn build_python(src: &Path, tools: &Path) -> anyhow::Result<PathBuf> {
             .arg(stage)
             .arg("-o")
             .arg(&tmp))
+        // componentize-py names the directories of its Python path /0, /1, …: /0 is `src`.
+        .map_err(|e| anyhow::anyhow!(format!("{e:#}").replace("\"/0/", &format!("\"{}/", src.display()))))
         .with_context(|| format!("the Python build of {} failed", src.display()))?;
         Ok(std::fs::rename(&tmp, out)?)
     })
@@ -303,7 +329,7 @@ fn build_js(src: &Path, tools: &Path) -> anyhow::Result<PathBuf> {
             &[("@bytecodealliance/componentize-js", COMPONENTIZE_JS), ("rolldown", ROLLDOWN)],
         )
     };
-    cached_build(src, tools, &recipe, JS_SDK, tool, |tool, stage, out| {
+    cached_build(src, "", tools, &recipe, JS_SDK, tool, |tool, stage, out| {
         let bin = tool.join("node_modules/.bin");
         // The sources, the SDK as the package `jobhost-listener`, the contract, and the entry.
         copy_sources(src, stage)?;
@@ -332,6 +358,15 @@ fn build_js(src: &Path, tools: &Path) -> anyhow::Result<PathBuf> {
                 .current_dir(stage)
                 .args(["__bundle.js", "--wit", "wit", "-n", "plugin", "-d", "http", "-d", "fetch-event", "-o"])
                 .arg(&tmp))
+        })
+        .map_err(|e| {
+            // rolldown names files relative to the staging directory (`─[ app.js:15:23 ]`).
+            let mut text = format!("{e:#}");
+            for file in source_files(src).unwrap_or_default() {
+                let rel = file.strip_prefix(src).unwrap_or(&file).display().to_string();
+                text = text.replace(&format!("[ {rel}:"), &format!("[ {}:", file.display()));
+            }
+            anyhow::anyhow!(text)
         })
         .with_context(|| format!("the JavaScript build of {} failed", src.display()))?;
         // Stacks name lines of the bundle: keep it beside the component to look them up.
@@ -384,6 +419,7 @@ fn build_c(src: &Path, tools: &Path) -> anyhow::Result<PathBuf> {
     let recipe = format!("{toolchain} wit-bindgen-c 0.63.0");
     cached_build(
         src,
+        "",
         tools,
         &recipe,
         C_SDK,
@@ -426,142 +462,52 @@ fn build_c(src: &Path, tools: &Path) -> anyhow::Result<PathBuf> {
     )
 }
 
-/// Writes a ready-to-build plugin called `name` in `dir` (which must not exist yet): a listener
-/// that acks and completes `space:<name>` jobs. `sdk` is the Rust SDK's directory (a path
-/// dependency); the Python SDK comes with the binary.
-pub fn scaffold(language: Language, name: &str, dir: &Path, sdk: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let valid = !name.is_empty()
-        && name.len() <= 64
-        && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if !valid {
-        bail!("`{name}` is not a plugin name (1 to 64 of a-z, 0-9 and `-`, starting with a letter)");
+/// Builds a Rust plugin (a Cargo package building a `cdylib`) for `wasm32-wasip2` with Cargo,
+/// whose own cache makes a rebuild incremental; returns the component. Cargo's diagnostics go
+/// to this process's stderr.
+pub fn build_rust(src: &Path) -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = Command::new(cargo)
+        .args(["build", "--release", "--target", "wasm32-wasip2", "--message-format", "json"])
+        .arg("--manifest-path")
+        .arg(src.join("Cargo.toml"))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot run cargo")?;
+    let mut wasm = None;
+    let mut errors = Vec::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        match msg["reason"].as_str() {
+            Some("compiler-artifact") => {
+                for f in msg["filenames"].as_array().into_iter().flatten() {
+                    if let Some(f) = f.as_str().filter(|f| f.ends_with(".wasm")) {
+                        wasm = Some(PathBuf::from(f));
+                    }
+                }
+            }
+            Some("compiler-message") => {
+                let m = &msg["message"];
+                // Shown as rustc renders it (paths relative to the package).
+                eprint!("{}", m["rendered"].as_str().unwrap_or_default());
+                if m["level"] != "error" {
+                    continue;
+                }
+                // The place and first line of each error, repeated in the build's error.
+                let place = m["spans"].as_array().and_then(|s| s.iter().find(|s| s["is_primary"] == true)).map(|s| {
+                    let file = src.join(s["file_name"].as_str().unwrap_or(""));
+                    format!("{}:{}:{}: ", file.display(), s["line_start"], s["column_start"])
+                });
+                errors.push(format!("{}{}", place.unwrap_or_default(), m["message"].as_str().unwrap_or("")));
+            }
+            _ => {}
+        }
     }
-    if dir.exists() {
-        bail!("{} already exists; choose a new directory", dir.display());
+    if !output.status.success() {
+        if errors.is_empty() {
+            bail!("the build of {} failed (see above)", src.display());
+        }
+        bail!("the build of {} failed:\n{}", src.display(), errors.join("\n"));
     }
-    let files: Vec<(&str, String)> = match language {
-        Language::Rust => vec![
-            ("Cargo.toml", RUST_CARGO.replace("{name}", name).replace("{sdk}", &sdk.display().to_string())),
-            ("src/lib.rs", RUST_LIB.replace("{name}", name)),
-        ],
-        Language::Python => vec![("app.py", PYTHON_APP.replace("{name}", name))],
-        Language::JavaScript => vec![
-            ("app.js", JS_APP.replace("{name}", name)),
-            // Editors find the SDK's types here; the build supplies the SDK itself.
-            ("jobhost-listener.d.ts", JS_SDK_TYPES.to_owned()),
-            ("jsconfig.json", JS_CONFIG.to_owned()),
-        ],
-        Language::C => vec![("app.c", C_APP.replace("{name}", name))],
-    };
-    let mut written = Vec::new();
-    for (rel, text) in files {
-        let path = dir.join(rel);
-        std::fs::create_dir_all(path.parent().unwrap_or(dir))
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
-        written.push(path);
-    }
-    Ok(written)
+    wasm.with_context(|| format!("the build of {} produced no .wasm (is it a cdylib?)", src.display()))
 }
-
-const RUST_CARGO: &str = r#"[package]
-name = "{name}"
-version = "0.1.0"
-edition = "2024"
-publish = false
-
-[lib]
-crate-type = ["cdylib"]
-
-[dependencies]
-jobhost-plugin-sdk = { path = "{sdk}" }
-
-# A plugin is its own workspace (not a member of an enclosing one).
-[workspace]
-
-[profile.release]
-opt-level = "s"
-lto = true
-codegen-units = 1
-panic = "abort"
-strip = "debuginfo"
-"#;
-
-const RUST_LIB: &str = r#"//! The `{name}` listener: acks and completes `space:{name}` jobs.
-
-use jobhost_plugin_sdk::jobs::{self, Ack, Outcome};
-use jobhost_plugin_sdk::{Event, Listener, Result, json, log};
-
-fn listener() -> Listener {
-    Listener::new().filter(json!({ "job": "space:{name}" }), |l| {
-        l.on("job:ready", |event: &Event| -> Result<()> {
-            let id = event.job_id()?;
-            jobs::ack(id, Ack::progress("working", 50))?;
-            log::info(&format!("working on {id}"));
-            jobs::complete(id, Outcome::message("done"))?;
-            Ok(())
-        })
-    })
-}
-
-jobhost_plugin_sdk::export!(listener);
-"#;
-
-const JS_APP: &str = r#"// The `{name}` listener: acks and completes `space:{name}` jobs.
-
-import { api, log } from "jobhost-listener";
-
-export default function (listener) {
-  listener.filter({ job: "space:{name}" }, (l) => {
-    l.on("job:ready", async (event) => {
-      await api.jobs.ack(event.jobId, { info: "working", progress: 50 });
-      log.info(`working on ${event.jobId}`);
-      await api.jobs.complete(event.jobId, { outcome: { message: "done" } });
-    });
-  });
-}
-"#;
-
-const JS_CONFIG: &str = r#"{
-  "compilerOptions": {
-    "checkJs": true,
-    "module": "es2022",
-    "target": "es2022",
-    "paths": { "jobhost-listener": ["./jobhost-listener.d.ts"] }
-  }
-}
-"#;
-
-const C_APP: &str = r#"/* The `{name}` listener: acks and completes `space:{name}` jobs. */
-#include "jobhost.h"
-
-static bool ready(const jh_event *event, jh_error *err) {
-    plugin_string_t id = event->job_id.val, info = jh_str("working"), outcome = jh_str("{\"message\":\"done\"}");
-    uint8_t progress = 50;
-    jobhost_plugin_jobs_job_t job;
-    jh_host_error e;
-    if (!jobhost_plugin_jobs_ack(&id, &info, &progress, NULL, &job, &e)) return jh_host_failed(err, &e);
-    jh_log(JOBHOST_PLUGIN_LOG_LEVEL_INFO, "working on %.*s", (int)id.len, (const char *)id.ptr);
-    if (!jobhost_plugin_jobs_complete(&id, &outcome, NULL, &job, &e)) return jh_host_failed(err, &e);
-    return true;
-}
-
-const jh_route JH_ROUTES[] = {
-    {"job:ready", "{\"job\":\"space:{name}\"}", ready},
-};
-const size_t JH_ROUTE_COUNT = sizeof JH_ROUTES / sizeof JH_ROUTES[0];
-"#;
-
-const PYTHON_APP: &str = r#""""The `{name}` listener: acks and completes `space:{name}` jobs."""
-
-# `Listener` is the class the host calls: keep it imported here.
-from jobhost_listener import Listener, jobs, listener, log  # noqa: F401
-
-
-@listener.on("job:ready", filter={"job": "space:{name}"})
-def ready(event):
-    jobs.ack(event.job_id, info="working", progress=50)
-    log.info(f"working on {event.job_id}")
-    jobs.complete(event.job_id, outcome={"message": "done"})
-"#;

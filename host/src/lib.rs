@@ -21,6 +21,9 @@
 //!   history and rollback.
 //! - [`build`]: building plugins from source in every guest language, with pinned tools and
 //!   a content-hash cache.
+//! - [`scaffold`]: `jobhost plugin new`, a plugin that runs at once in every language.
+//! - [`golden`]: what a job run produced ([`golden::Snapshot`]), the difference between two
+//!   runs, and golden tests of listeners (`jobhost plugin test`).
 //! - [`artifacts`]: paths of the plugins under `plugins/`, built by `build.rs`.
 //! - [`clock`]: the engine's clock, driven by tokio time so tests can pause it.
 //! - [`scenario`]: the seeds' scenario (sheet → parent → parts → parts-completed) as native
@@ -40,10 +43,12 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod filter;
+pub mod golden;
 pub mod listener;
 pub mod model;
 pub mod reload;
 pub mod runtime;
+pub mod scaffold;
 pub mod scenario;
 pub mod store;
 

@@ -382,7 +382,7 @@ impl PluginHost {
     }
 
     /// Follows the directory: every create, change, rename or delete of a `*.wasm` file is
-    /// synced after `debounce` of quiet. Returns a guard; dropping it stops watching.
+    /// synced after `debounce` of quiet ([`is_content_change`]: reads are not changes). Returns a guard; dropping it stops watching.
     pub fn watch(self: &Arc<Self>, debounce: Duration) -> anyhow::Result<Watch> {
         use notify_debouncer_full::notify::RecursiveMode;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<PathBuf>>();
@@ -390,12 +390,18 @@ impl PluginHost {
             debounce,
             None,
             move |result: notify_debouncer_full::DebounceEventResult| {
-                let paths = match result {
-                    Ok(events) => events.into_iter().flat_map(|e| e.event.paths).collect(),
+                let paths: Vec<PathBuf> = match result {
+                    Ok(events) => events
+                        .into_iter()
+                        .filter(|e| is_content_change(&e.event.kind))
+                        .flat_map(|e| e.event.paths)
+                        .collect(),
                     // Errors (e.g. the watch queue overflowed): resync everything.
                     Err(_) => vec![PathBuf::new()],
                 };
-                let _ = tx.send(paths);
+                if !paths.is_empty() {
+                    let _ = tx.send(paths);
+                }
             },
         )
         .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", self.dir.display()))?;
@@ -418,6 +424,23 @@ impl PluginHost {
             }
         });
         Ok(Watch { _debouncer: Box::new(debouncer), task })
+    }
+}
+
+/// Whether a filesystem event can change what a file holds: a create, a write, a rename, a
+/// removal. Opening and reading a file are events too on Linux (inotify's `IN_OPEN`,
+/// `IN_CLOSE_NOWRITE`), and so are metadata changes; a watcher that acted on them would
+/// react to its own reads of the file, forever.
+pub fn is_content_change(kind: &notify_debouncer_full::notify::EventKind) -> bool {
+    use notify_debouncer_full::notify::EventKind;
+    use notify_debouncer_full::notify::event::{AccessKind, AccessMode, ModifyKind};
+    match kind {
+        EventKind::Create(_) | EventKind::Remove(_) | EventKind::Any | EventKind::Other => true,
+        EventKind::Modify(ModifyKind::Metadata(_)) => false,
+        EventKind::Modify(_) => true,
+        // A writer closing its file: the content is complete now.
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
     }
 }
 

@@ -1,4 +1,5 @@
-//! The `jobhost` binary: `run`, `demo` and `plugin check`, good input and bad.
+//! The `jobhost` binary: `run`, `demo` and `plugin check`, good input and bad; the plugin
+//! author's loop in every language ([`authoring`]).
 //!
 //! These live beside the host crate (not in `tests/`) because only the host package's tests
 //! can see the binary (`CARGO_BIN_EXE_jobhost`).
@@ -7,6 +8,9 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use serde_json::Value;
+
+#[path = "cli/authoring.rs"]
+mod authoring;
 
 /// Runs the binary with a private compilation cache (nothing shared between runs or with CI).
 fn jobhost(cache: &Path, args: &[&str]) -> Output {
@@ -324,48 +328,6 @@ fn serve_hot_reloads_rolls_back_and_stops_on_sigterm() {
 }
 
 #[test]
-fn dev_rebuilds_and_reloads_a_plugin_when_its_source_changes() {
-    use std::io::BufRead;
-    let f = Fixture::new();
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let src = f.dir.path().join("my-plugin");
-    std::fs::create_dir_all(src.join("src")).unwrap();
-    let code = std::fs::read_to_string(repo.join("plugins/test-noop/src/lib.rs")).unwrap();
-    std::fs::write(src.join("src/lib.rs"), &code).unwrap();
-    std::fs::write(
-        src.join("Cargo.toml"),
-        format!(
-            "[package]\nname = \"my-plugin\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\n[lib]\ncrate-type = [\"cdylib\"]\n\n\
-             [dependencies]\njobhost-plugin-sdk = {{ path = {:?} }}\n\n[workspace]\n\n\
-             [profile.release]\nopt-level = \"s\"\nlto = true\ncodegen-units = 1\npanic = \"abort\"\nstrip = \"debuginfo\"\n",
-            repo.join("plugin-sdk").display().to_string()
-        ),
-    )
-    .unwrap();
-    std::fs::copy(repo.join("plugins/Cargo.lock"), src.join("Cargo.lock")).unwrap();
-
-    let mut child = Command::new(env!("CARGO_BIN_EXE_jobhost"))
-        .args(["dev", "--plugin-src", src.to_str().unwrap(), "--data", &f.path("data")])
-        .env("XDG_CACHE_HOME", f.dir.path().join("cache"))
-        // Reuse the dependencies the host's build script already compiled for wasm32-wasip2.
-        .env("CARGO_TARGET_DIR", repo.join("target/wasm-plugins"))
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    kill_after(child.id(), 300);
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut seen = Vec::new();
-    let first = wait_line(&mut lines, "loaded plugin my_plugin (", &mut seen);
-    let first = first.rsplit('(').next().unwrap().trim_end_matches(')').to_owned();
-    wait_line(&mut lines, "watching", &mut seen);
-    std::fs::write(src.join("src/lib.rs"), code.replace("\"worked\"", "\"worked, version two\"")).unwrap();
-    let second = wait_line(&mut lines, "loaded my_plugin version", &mut seen);
-    assert!(!second.contains(&first), "the rebuilt plugin is a new version: {first} / {second}");
-    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
-    assert_eq!(child.wait().unwrap().code(), Some(0), "{}", seen.join("\n"));
-}
-
-#[test]
 fn secrets_are_set_from_stdin_listed_by_name_and_deleted() {
     let f = Fixture::new();
     let data = f.path("data");
@@ -585,6 +547,15 @@ fn operator_commands_drive_a_running_host_over_the_api() {
     );
     let out = run(&["plugin", "deploy", &file, "--name", "broken"]);
     assert_eq!(out.status.code(), Some(2), "a file that is not a component is refused");
+    // A source directory is built first and deployed under the directory's name.
+    let src = f.path("dir-deploy");
+    ok(&["plugin", "new", "dir-deploy", "--lang", "c", "--dir", &src]);
+    let deployed = json_out(&ok(&["plugin", "deploy", &src, "--json"]));
+    assert_eq!(
+        (deployed["kind"].as_str(), deployed["name"].as_str()),
+        (Some("loaded"), Some("dir-deploy")),
+        "{deployed}"
+    );
 
     // jobs list | get | cancel | retry.
     let (_, job) = http(
@@ -631,39 +602,4 @@ fn operator_commands_drive_a_running_host_over_the_api() {
 
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     assert_eq!(child.wait().unwrap().code(), Some(0), "{}", seen.join("\n"));
-}
-
-#[test]
-fn plugin_new_scaffolds_that_build_and_load() {
-    let f = Fixture::new();
-    let target = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    for (lang, name) in [("python", "hello-py"), ("js", "hello-js"), ("c", "hello-c"), ("rust", "hello-rs")] {
-        let dir = f.path(name);
-        let out = f.run(&["plugin", "new", name, "--lang", lang, "--dir", &dir]);
-        assert_eq!(out.status.code(), Some(0), "{lang}: {}", stderr(&out));
-        if lang == "rust" {
-            // Pin the dependencies the repository's plugins already built, so this is an
-            // incremental build in their target directory, not a fresh resolve and compile.
-            let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-            std::fs::copy(repo.join("plugins/Cargo.lock"), Path::new(&dir).join("Cargo.lock")).unwrap();
-        }
-        let component = f.path(&format!("{name}.wasm"));
-        let out = Command::new(env!("CARGO_BIN_EXE_jobhost"))
-            .args(["plugin", "build", &dir, "--out", &component, "--json"])
-            .env("JOBHOST_TOOLS", target.join("tools"))
-            .env("CARGO_TARGET_DIR", Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasm-plugins"))
-            .env("XDG_CACHE_HOME", f.dir.path().join("cache"))
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(0), "{lang} build: {}", stderr(&out));
-        assert!(json_out(&out)["bytes"].as_u64().unwrap() > 10_000);
-        let out = f.run(&["plugin", "check", &component, "--json"]);
-        let check = json_out(&out);
-        assert_eq!(check["routes"][0]["topic"], "job:ready", "{lang}: {check}");
-        assert_eq!(check["routes"][0]["filter"]["job"], format!("space:{name}"), "{lang}: {check}");
-        let again = f.run(&["plugin", "new", name, "--lang", lang, "--dir", &dir]);
-        assert_eq!(again.status.code(), Some(2), "an existing directory is never overwritten");
-    }
-    let out = f.run(&["plugin", "new", "Bad_Name", "--lang", "python", "--dir", &f.path("bad")]);
-    assert!(out.status.code() == Some(2) && stderr(&out).contains("not a plugin name"), "{}", stderr(&out));
 }

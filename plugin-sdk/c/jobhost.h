@@ -88,6 +88,17 @@ static inline bool jh_already_ended(const jh_host_error *e) {
            e->job_status.val >= JOBHOST_PLUGIN_TYPES_JOB_STATUS_COMPLETE;
 }
 
+/* Completes (`ok`) or fails job `id` with a JSON `outcome` and an optional `info` line,
+ * tolerating a job that already ended (a repeated delivery finds its work done). */
+static inline bool jh_end_job(bool ok, plugin_string_t *id, const char *outcome, const char *info, jh_error *err) {
+    jobhost_plugin_jobs_job_t job;
+    jh_host_error e;
+    plugin_string_t o = jh_str(outcome), i = jh_str(info ? info : "");
+    bool done = ok ? jobhost_plugin_jobs_complete(id, &o, info ? &i : NULL, &job, &e)
+                   : jobhost_plugin_jobs_fail(id, &o, info ? &i : NULL, &job, &e);
+    return done || jh_already_ended(&e) || jh_host_failed(err, &e);
+}
+
 /* The integer after `"key":` in a flat JSON object, or `fallback`. Enough for the small
  * objects jobhost hands a listener (partData, parts counts); use a JSON library for more. */
 static inline long long jh_json_int(const char *json, size_t len, const char *key, long long fallback) {

@@ -39,6 +39,21 @@ export class HostError extends Error {
   }
 }
 
+/**
+ * Runs `f` (a job call) and returns its result, or `null` when the host refused it because
+ * the job already ended: delivery is at least once, and a repeated event finds its work done.
+ */
+export function tolerateRepeat(f) {
+  try {
+    return f();
+  } catch (e) {
+    if (e instanceof HostError && e.kind === "conflict" && ["complete", "failed", "canceled"].includes(e.jobStatus)) {
+      return null;
+    }
+    throw e;
+  }
+}
+
 function call(f, ...args) {
   try {
     return f(...args);

@@ -10,7 +10,10 @@
 //!   host instead (the baseline). Given a `--data` directory that already holds a demo, it
 //!   resumes it (this is how the crash tests restart a killed host).
 //! - `jobhost serve --plugins DIR` runs the host until SIGINT/SIGTERM, hot-reloading DIR.
-//! - `jobhost dev --plugin-src DIR` rebuilds a plugin on every source change and hot-reloads it.
+//! - [`dev`]: `jobhost dev --plugin-src DIR` rebuilds a plugin (any language) on every source
+//!   change, hot-reloads it and reruns a job, printing what changed.
+//! - `jobhost plugin new|build|test`: write a plugin that runs at once ([`crate::scaffold`]),
+//!   build one from source ([`crate::build`]), run its golden tests ([`test`]).
 //! - `jobhost plugin check FILE.wasm` prints a plugin's routes, or why it cannot be loaded;
 //!   `plugin list` and `plugin rollback` show and restore kept versions (of a directory with
 //!   `--plugins`, otherwise of a running host).
@@ -40,8 +43,10 @@ use crate::reload::{PluginHost, ReloadEvent};
 use crate::runtime::{Limits, Plugin, Runtime, RuntimeConfig};
 use crate::scenario;
 
+mod dev;
 pub mod records_file;
 pub mod remote;
+mod test;
 
 pub use records_file::{RecordReader, read_records};
 
@@ -158,7 +163,9 @@ pub enum PluginCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Write a ready-to-build plugin: a listener that acks and completes `space:NAME` jobs.
+    /// Write a plugin that runs at once: a `sheet:NAME` listener that splits the sheet into
+    /// parts, checks a rule on each part's records and completes the parent, with a sample
+    /// CSV, a golden test and a README of the next commands.
     New {
         /// The plugin's name (a-z, 0-9, `-`).
         name: String,
@@ -172,10 +179,29 @@ pub enum PluginCommand {
         #[arg(long)]
         sdk: Option<PathBuf>,
     },
-    /// Upload a component to a running host as plugin NAME (default: the file's stem); the
-    /// host validates it before anything changes and swaps it in atomically.
+    /// Run a plugin's golden tests: build DIR, run every `DIR/tests/<name>/fixture.toml` in a
+    /// store of its own and compare the result with its `expected.json`. Exit code 0 when all
+    /// pass, 1 when one differs (the differences printed record by record), 2 on bad input.
+    Test {
+        /// The plugin's source directory.
+        dir: PathBuf,
+        /// Write each fixture's result as its new expectation instead of comparing.
+        #[arg(long)]
+        update: bool,
+        /// Run only the fixtures with these names.
+        #[arg(long = "fixture")]
+        fixtures: Vec<String>,
+        /// Seconds a fixture's job may take before it fails.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+        /// Print JSON (one object: every fixture's result and differences).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Upload a plugin to a running host as plugin NAME; the host validates it before
+    /// anything changes and swaps it in atomically. Given a source directory, builds it first.
     Deploy {
-        /// The component (`.wasm`).
+        /// The component (`.wasm`), or a plugin's source directory to build.
         file: PathBuf,
         /// The plugin's name.
         #[arg(long)]
@@ -245,7 +271,7 @@ pub struct ServeArgs {
 /// Arguments of `jobhost dev`.
 #[derive(Debug, clap::Args)]
 pub struct DevArgs {
-    /// The plugin's source directory (a Cargo package building a `cdylib`).
+    /// The plugin's source directory: a Cargo package (Rust), `app.py`, `app.js` or `app.c`.
     #[arg(long)]
     pub plugin_src: PathBuf,
     /// Where to publish the built component (default: `plugins` in the data directory).
@@ -257,6 +283,12 @@ pub struct DevArgs {
     /// The job to run after every reload, `sheet:<operation>`.
     #[arg(long, requires = "records")]
     pub job: Option<String>,
+    /// The job's input, JSON.
+    #[arg(long, requires = "job")]
+    pub input: Option<String>,
+    /// Seconds a run of the job may take before `dev` reports it as stuck.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
     /// Host options.
     #[command(flatten)]
     pub host: HostArgs,
@@ -287,8 +319,11 @@ impl HostArgs {
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// Directory of plugin components (`*.wasm`).
-    #[arg(long)]
-    pub plugins: PathBuf,
+    #[arg(long, required_unless_present = "plugin_src", conflicts_with = "plugin_src")]
+    pub plugins: Option<PathBuf>,
+    /// A plugin's source directory, built (as `plugin build` does) and loaded; repeatable.
+    #[arg(long = "plugin-src")]
+    pub plugin_src: Vec<PathBuf>,
     /// Records to load: `.csv` (header row of field keys) or `.jsonl` (one object per line).
     #[arg(long)]
     pub records: PathBuf,
@@ -336,7 +371,7 @@ pub fn main() -> ExitCode {
             Command::Run(args) => run(args).await,
             Command::Demo(args) => demo(args).await,
             Command::Serve(args) => serve(args).await,
-            Command::Dev(args) => dev(args).await,
+            Command::Dev(args) => dev::dev(args).await,
             Command::Plugin(PluginCommand::Check { file, json }) => check(&file, json).await,
             Command::Plugin(PluginCommand::List { plugins: Some(plugins), json, .. }) => list(&plugins, json).await,
             Command::Plugin(PluginCommand::Rollback { name, plugins: Some(plugins), to, json, .. }) => {
@@ -350,6 +385,9 @@ pub fn main() -> ExitCode {
             }
             Command::Plugin(PluginCommand::Build { dir, out, json }) => build(&dir, out.as_deref(), json).await,
             Command::Plugin(PluginCommand::New { name, lang, dir, sdk }) => new_plugin(&name, lang, dir, sdk),
+            Command::Plugin(PluginCommand::Test { dir, update, fixtures, timeout, json }) => {
+                test::run(&dir, update, &fixtures, timeout, json).await
+            }
             Command::Plugin(cmd) => remote::plugin(cmd).await,
             Command::Secret(cmd) => secret(cmd).await,
             Command::Jobs(cmd) => remote::jobs(cmd).await,
@@ -378,13 +416,13 @@ struct RunState {
 const STATE_FILE: &str = "demo.json";
 
 /// A data directory: the given one, or a temporary one removed on drop.
-struct DataDir {
+pub(crate) struct DataDir {
     path: PathBuf,
     temporary: bool,
 }
 
 impl DataDir {
-    fn new(given: Option<&Path>) -> anyhow::Result<Self> {
+    pub(crate) fn new(given: Option<&Path>) -> anyhow::Result<Self> {
         match given {
             Some(p) => Ok(Self { path: p.to_path_buf(), temporary: false }),
             None => {
@@ -422,19 +460,9 @@ fn open_engine(dir: &Path, host: &HostArgs, runtime: Option<&Runtime>) -> anyhow
     Engine::open(dir, config).with_context(|| format!("cannot open the store in {}", dir.display()))
 }
 
-/// Parses `sheet:<operation>`.
+/// Parses `--job sheet:<operation>`.
 fn parse_job(job: &str) -> anyhow::Result<(JobType, String)> {
-    let (kind, operation) = job
-        .split_once(':')
-        .with_context(|| format!("--job `{job}` must be <type>:<operation>, e.g. sheet:submitLargeSheet"))?;
-    let kind: JobType = kind.parse().with_context(|| format!("--job `{job}`"))?;
-    if kind != JobType::Sheet {
-        bail!("--job `{job}`: run loads records into a sheet, so the job must be a sheet job (sheet:<operation>)");
-    }
-    if operation.is_empty() || operation.contains(':') {
-        bail!("--job `{job}`: the operation must be non-empty and without `:`");
-    }
-    Ok((kind, operation.to_owned()))
+    crate::golden::parse_job(job).context("--job")
 }
 
 /// Starts a plugin host on `dir` for `environment_id` (watching it), reporting what loaded.
@@ -494,14 +522,30 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         None => Value::Null,
     };
     let records = read_records(&args.records)?;
-    std::fs::read_dir(&args.plugins)
-        .map_err(|e| anyhow::anyhow!("cannot read the plugins directory {}: {e}", args.plugins.display()))?;
-    let runtime = Runtime::new(runtime_config(&args.host))?;
     let dir = DataDir::new(args.host.data.as_deref())?;
+    let plugins_dir = match &args.plugins {
+        Some(p) => {
+            std::fs::read_dir(p)
+                .map_err(|e| anyhow::anyhow!("cannot read the plugins directory {}: {e}", p.display()))?;
+            p.clone()
+        }
+        // Built from source: published into the data directory's own plugins directory.
+        None => {
+            let p = dir.path.join("plugins");
+            std::fs::create_dir_all(&p).with_context(|| format!("cannot create {}", p.display()))?;
+            for src in &args.plugin_src {
+                let from = src.clone();
+                let built = tokio::task::spawn_blocking(move || crate::build::build(&from)).await??;
+                publish(&built, &p)?;
+            }
+            p
+        }
+    };
+    let runtime = Runtime::new(runtime_config(&args.host))?;
     let engine = open_engine(&dir.path, &args.host, Some(&runtime))?;
     let environment = engine.create_environment("run").await?;
     let running = Arc::new(engine.run(Vec::new()).await?);
-    let (plugins, _watch) = start_plugins(&runtime, &running, &environment.id, &args.plugins, args.host.json).await?;
+    let (plugins, _watch) = start_plugins(&runtime, &running, &environment.id, &plugins_dir, args.host.json).await?;
     check_someone_listens(&plugins.loaded().await, kind, &operation)?;
     let env = engine.env(&environment.id);
     let sheet = env.create_sheet(args.records.file_stem().and_then(|s| s.to_str()).unwrap_or("records")).await?;
@@ -934,136 +978,22 @@ fn new_plugin(name: &str, lang: NewLanguage, dir: Option<PathBuf>, sdk: Option<P
         NewLanguage::Js => (crate::build::Language::JavaScript, PathBuf::new()),
         NewLanguage::C => (crate::build::Language::C, PathBuf::new()),
     };
-    for path in crate::build::scaffold(language, name, &dir, &sdk)? {
+    for path in crate::scaffold::scaffold(language, name, &dir, &sdk)? {
         println!("wrote {}", path.display());
     }
-    println!("build it with: jobhost plugin build {}", dir.display());
+    let d = dir.display();
+    println!("run it on the sample:   jobhost run --plugin-src {d} --records {d}/sample.csv --job sheet:{name}");
+    println!("edit, save, see:        jobhost dev --plugin-src {d} --records {d}/sample.csv --job sheet:{name}");
+    println!("golden tests:           jobhost plugin test {d}");
     Ok(ExitCode::SUCCESS)
 }
 
-/// Builds a plugin package for `wasm32-wasip2`; returns the component it produced.
-pub fn build_plugin(src: &Path) -> anyhow::Result<PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let output = std::process::Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "--target",
-            "wasm32-wasip2",
-            "--message-format",
-            "json-render-diagnostics",
-            "--manifest-path",
-        ])
-        .arg(src.join("Cargo.toml"))
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("cannot run cargo")?;
-    if !output.status.success() {
-        bail!("the build of {} failed (see above)", src.display());
-    }
-    let mut wasm = None;
-    for line in String::from_utf8_lossy(&output.stdout).lines() {
-        let Ok(msg) = serde_json::from_str::<Value>(line) else { continue };
-        if msg["reason"] == "compiler-artifact" {
-            for f in msg["filenames"].as_array().into_iter().flatten() {
-                if let Some(f) = f.as_str().filter(|f| f.ends_with(".wasm")) {
-                    wasm = Some(PathBuf::from(f));
-                }
-            }
-        }
-    }
-    wasm.with_context(|| format!("the build of {} produced no .wasm (is it a cdylib?)", src.display()))
-}
-
 /// Copies a component into a plugins directory the atomic way (write, then rename).
-fn publish(component: &Path, plugins: &Path) -> anyhow::Result<String> {
+pub(crate) fn publish(component: &Path, plugins: &Path) -> anyhow::Result<String> {
     let name = component.file_stem().and_then(|s| s.to_str()).context("component file name")?.to_owned();
     let tmp = plugins.join(format!(".{name}.wasm.tmp"));
     std::fs::copy(component, &tmp).and_then(|_| std::fs::rename(&tmp, plugins.join(format!("{name}.wasm"))))?;
     Ok(name)
-}
-
-async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
-    use notify_debouncer_full::notify::RecursiveMode;
-    let src = args.plugin_src.canonicalize().with_context(|| format!("cannot find {}", args.plugin_src.display()))?;
-    if !src.join("Cargo.toml").exists() {
-        bail!("{} has no Cargo.toml", src.display());
-    }
-    let job = args.job.as_deref().map(parse_job).transpose()?;
-    let records = args.records.as_deref().map(read_records).transpose()?;
-    let dir = DataDir::new(args.host.data.as_deref())?;
-    let plugins_dir = args.plugins.clone().unwrap_or_else(|| dir.path.join("plugins"));
-    std::fs::create_dir_all(&plugins_dir)?;
-    let runtime = Runtime::new(runtime_config(&args.host))?;
-    let engine = open_engine(&dir.path, &args.host, Some(&runtime))?;
-    let environment = engine.environment_named("dev").await?;
-    let running = Arc::new(engine.run(Vec::new()).await?);
-    let build = |src: PathBuf, plugins: PathBuf| async move {
-        let built =
-            tokio::task::spawn_blocking(move || build_plugin(&src)).await.map_err(anyhow::Error::from).and_then(|r| r);
-        match built.and_then(|wasm| publish(&wasm, &plugins)) {
-            Ok(name) => eprintln!("built {name}"),
-            Err(e) => eprintln!("error: {e:#}"),
-        }
-    };
-    build(src.clone(), plugins_dir.clone()).await;
-    let (plugins, _watch) = start_plugins(&runtime, &running, &environment.id, &plugins_dir, false).await?;
-    let mut events = plugins.subscribe();
-
-    // Source changes, minus build outputs and hidden files, so a build never triggers another.
-    let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let root = src.clone();
-    let mut debouncer = notify_debouncer_full::new_debouncer(
-        std::time::Duration::from_millis(300),
-        None,
-        move |r: notify_debouncer_full::DebounceEventResult| {
-            // Judged relative to the source directory: `target/` and hidden entries are build
-            // outputs and editor files; wherever the directory itself lives does not matter.
-            let relevant = r.map(|events| {
-                events.iter().flat_map(|e| &e.event.paths).any(|p| {
-                    p.strip_prefix(&root).is_ok_and(|rel| {
-                        !rel.components()
-                            .any(|c| c.as_os_str().to_str().is_some_and(|s| s.starts_with('.') || s == "target"))
-                    })
-                })
-            });
-            if relevant.unwrap_or(true) {
-                let _ = tx.send(());
-            }
-        },
-    )?;
-    debouncer.watch(&src, RecursiveMode::Recursive)?;
-    eprintln!("watching {} (publishing to {}); Ctrl-C to stop", src.display(), plugins_dir.display());
-    let env = engine.env(&environment.id);
-    let stop = shutdown_signal();
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            _ = &mut stop => break,
-            Some(()) = changes.recv() => {
-                while changes.try_recv().is_ok() {}
-                build(src.clone(), plugins_dir.clone()).await;
-            }
-            event = events.recv() => match event {
-                Ok(ReloadEvent::Loaded { name, version, .. }) => {
-                    eprintln!("loaded {name} version {version}");
-                    if let (Some((kind, operation)), Some(rows)) = (&job, &records) {
-                        let sheet = env.create_sheet("dev").await?;
-                        env.insert_records(&sheet.id, rows.clone()).await?;
-                        let created = env.create_job(NewJob { source: Some(sheet.id.clone()), ..NewJob::new(*kind, operation.clone()) }).await?;
-                        let state = RunState { environment_id: environment.id.clone(), sheet_id: sheet.id, job_id: created.id, expected_invalid: None };
-                        let done = watch_progress(&engine, &state, true).await?;
-                        let counts = env.record_counts(&state.sheet_id).await?;
-                        eprintln!("job {} {}: {} ({} records, {} invalid)", done.id, done.status, done.outcome.get("message").and_then(Value::as_str).unwrap_or(""), counts.total, counts.error);
-                    }
-                }
-                Ok(ReloadEvent::Failed { name, reason, .. }) if reason != crate::reload::ALREADY_FAILED => eprintln!("{name} not loaded: {reason}"),
-                _ => {}
-            },
-        }
-    }
-    running.shutdown().await;
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Runs the demo from a test's child process (see `tests/crash.rs`).

@@ -199,6 +199,15 @@ fn print_job(j: &Job) {
 pub async fn plugin(cmd: PluginCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         PluginCommand::Deploy { file, name, remote, json } => {
+            // A source directory is built first and named after the directory.
+            let (file, name) = if file.is_dir() {
+                let src = file.clone();
+                let built = tokio::task::spawn_blocking(move || crate::build::build(&src)).await??;
+                let dir_name = file.canonicalize()?.file_name().and_then(|n| n.to_str()).map(str::to_owned);
+                (built, name.or(dir_name))
+            } else {
+                (file, name)
+            };
             let name = match name {
                 Some(n) => n,
                 None => file
@@ -241,7 +250,10 @@ pub async fn plugin(cmd: PluginCommand) -> anyhow::Result<ExitCode> {
                 print_reload(&event);
             }
         }
-        PluginCommand::Check { .. } | PluginCommand::Build { .. } | PluginCommand::New { .. } => {
+        PluginCommand::Check { .. }
+        | PluginCommand::Build { .. }
+        | PluginCommand::New { .. }
+        | PluginCommand::Test { .. } => {
             unreachable!("runs locally")
         }
     }

@@ -19,6 +19,7 @@
 mod bindings;
 mod convert;
 mod host;
+pub mod incremental;
 pub mod limits;
 
 use std::path::{Path, PathBuf};
@@ -51,6 +52,10 @@ pub struct RuntimeConfig {
     pub fuel: bool,
     /// Compilation cache directory; `None` disables the cache.
     pub cache_dir: Option<PathBuf>,
+    /// Bytes of Cranelift's incremental cache in memory (see [`incremental`]), which makes a
+    /// new version of a large plugin compile only the functions that changed; `None` turns
+    /// it off.
+    pub incremental_cache: Option<usize>,
 }
 
 impl Default for RuntimeConfig {
@@ -61,9 +66,14 @@ impl Default for RuntimeConfig {
             max_instances: 256,
             fuel: false,
             cache_dir: default_cache_dir(),
+            incremental_cache: Some(DEFAULT_INCREMENTAL_CACHE),
         }
     }
 }
+
+/// The default size of the incremental compilation cache: enough for the code of a few
+/// versions of an interpreted guest.
+pub const DEFAULT_INCREMENTAL_CACHE: usize = 512 << 20;
 
 /// `$XDG_CACHE_HOME/jobhost/wasmtime`, or `~/.cache/jobhost/wasmtime`.
 pub fn default_cache_dir() -> Option<PathBuf> {
@@ -209,6 +219,7 @@ pub struct Runtime {
     linker: Linker<HostState>,
     config: RuntimeConfig,
     stats: RuntimeStats,
+    incremental: Option<Arc<incremental::IncrementalCache>>,
     _ticker: EpochTicker,
 }
 
@@ -272,6 +283,16 @@ impl std::fmt::Debug for Runtime {
     }
 }
 
+/// The settings that decide the machine code: every engine that compiles for this runtime
+/// (and shares its incremental cache) starts from these.
+fn compile_config(config: &RuntimeConfig) -> Config {
+    let mut wasm = Config::new();
+    wasm.wasm_component_model(true);
+    wasm.epoch_interruption(true);
+    wasm.consume_fuel(config.fuel);
+    wasm
+}
+
 /// Bytes of a pooled memory kept resident between instances (only touched pages are reset).
 const KEEP_RESIDENT: usize = 2 << 20;
 
@@ -283,10 +304,7 @@ impl Runtime {
     /// Sets up the engine. Fails with a clear message when the pooling allocator cannot
     /// reserve its instances or the cache directory cannot be used.
     pub fn new(config: RuntimeConfig) -> anyhow::Result<Arc<Self>> {
-        let mut wasm = Config::new();
-        wasm.wasm_component_model(true);
-        wasm.epoch_interruption(true);
-        wasm.consume_fuel(config.fuel);
+        let mut wasm = compile_config(&config);
         let n = config.max_instances.max(1);
         let mut pool = PoolingAllocationConfig::new();
         // A Rust component has a handful of core instances and tables (the module plus the
@@ -319,6 +337,10 @@ impl Runtime {
                 .map_err(|e| anyhow::anyhow!("cannot use the compilation cache {}: {e}", dir.display()))?;
             wasm.cache(Some(cache));
         }
+        let incremental = config.incremental_cache.map(|bytes| Arc::new(incremental::IncrementalCache::new(bytes)));
+        if let Some(store) = &incremental {
+            wasm.enable_incremental_compilation(store.clone())?;
+        }
         let engine = Engine::new(&wasm).map_err(|e| {
             anyhow::anyhow!(
                 "cannot set up the WebAssembly engine with a pool of {n} instances of {} MiB: {e:#} \
@@ -330,7 +352,7 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
         let ticker = EpochTicker::start(engine.clone());
-        Ok(Arc::new(Self { engine, linker, config, stats: RuntimeStats::default(), _ticker: ticker }))
+        Ok(Arc::new(Self { engine, linker, config, stats: RuntimeStats::default(), incremental, _ticker: ticker }))
     }
 
     /// The settings.
@@ -341,6 +363,27 @@ impl Runtime {
     /// Pool use and reload counters.
     pub fn stats(&self) -> &RuntimeStats {
         &self.stats
+    }
+
+    /// Fills the incremental compilation cache with the functions of the component at `path`,
+    /// so that its next version compiles only what changed, even when this version came from
+    /// the compilation cache on disk (which skips Cranelift, and so fills nothing). Blocking
+    /// and CPU-heavy: run it off the async runtime. Does nothing when the cache is off.
+    pub fn warm_incremental(&self, path: &Path) -> anyhow::Result<()> {
+        let Some(store) = &self.incremental else { return Ok(()) };
+        let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        // The same code-generation settings, so the functions key the same; no module cache,
+        // so Cranelift runs; no pool, since nothing is instantiated.
+        let mut config = compile_config(&self.config);
+        config.enable_incremental_compilation(store.clone())?;
+        let engine = Engine::new(&config)?;
+        Component::new(&engine, &bytes)?;
+        Ok(())
+    }
+
+    /// Functions the incremental compilation cache reused and compiled (zeros when it is off).
+    pub fn incremental_hits_and_misses(&self) -> (u64, u64) {
+        self.incremental.as_ref().map_or((0, 0), |c| c.hits_and_misses())
     }
 
     /// What a manifest may ask for on this runtime.

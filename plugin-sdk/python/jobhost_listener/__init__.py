@@ -19,6 +19,7 @@ delivery (it is retried) with the exception and its traceback in the delivery's 
 
 import json
 import traceback
+from typing import Any, Callable, Optional, Union
 
 from componentize_py_types import Err
 
@@ -29,7 +30,18 @@ from wit_world.imports import log as _log
 from wit_world.imports import records as _records
 from wit_world.imports import types as _t
 
-__all__ = ["Listener", "listener", "Event", "Record", "HostError", "jobs", "records", "log", "config"]
+__all__ = [
+    "Listener",
+    "listener",
+    "Event",
+    "Record",
+    "HostError",
+    "tolerate_repeat",
+    "jobs",
+    "records",
+    "log",
+    "config",
+]
 
 _KINDS = {
     _t.ErrorKind.NOT_FOUND: "not-found",
@@ -49,7 +61,23 @@ class HostError(Exception):
         self.kind = _KINDS.get(error.kind, "internal")
         self.message = error.message
         # The job's status when the refusal was about it (e.g. completing a completed job).
-        self.job_status = error.job_status.name.lower() if error.job_status is not None else None
+        self.job_status: Optional[str] = error.job_status.name.lower() if error.job_status is not None else None
+
+
+def tolerate_repeat(call: Callable, *args: Any, **kwargs: Any) -> Any:
+    """Runs ``call(*args, **kwargs)`` (a ``jobs`` call) and returns its result, or ``None``
+    when the host refused it because the job already ended. Delivery is at least once: a
+    repeated event finds its work done, and this tells "done before" from a real error::
+
+        if tolerate_repeat(jobs.ack, event.job_id, progress=10) is None:
+            return  # handled before
+    """
+    try:
+        return call(*args, **kwargs)
+    except HostError as e:
+        if e.kind == "conflict" and e.job_status in ("complete", "failed", "canceled"):
+            return None
+        raise
 
 
 def _call(f, *args):
@@ -113,16 +141,20 @@ class Record:
         ]
         self.valid = row.valid
 
-    def __getitem__(self, field):
+    def __getitem__(self, field: str) -> Any:
+        """The value of ``field``: ``None``, ``bool``, ``int``, ``float`` or ``str``; ``None``
+        when the record has no such field."""
         i = self._fields.get(field)
         return None if i is None else _from_cell(self._values[i])
 
-    def get(self, field, default=None):
+    def get(self, field: str, default: Any = None) -> Any:
+        """The value of ``field``, or ``default`` when it is absent or null."""
         value = self[field]
         return default if value is None else value
 
     @property
-    def values(self):
+    def values(self) -> dict:
+        """Every field's value, as a dict."""
         return {f: _from_cell(self._values[i]) for f, i in self._fields.items()}
 
 
@@ -133,28 +165,46 @@ class jobs:
     """Jobs of the event's environment (the job family of the event unless granted more)."""
 
     @staticmethod
-    def get(job_id):
+    def get(job_id: str) -> dict:
+        """The job ``job_id`` as a dict shaped like the HTTP API's (``status``, ``input``,
+        ``outcome``, ``partData``, ``parentId``, …). Raises ``HostError`` (``not-found``)."""
         return _job(_call(_jobs.get, job_id))
 
     @staticmethod
-    def ack(job_id, info=None, progress=None, estimated_completion_at=None):
+    def ack(
+        job_id: str, info: Optional[str] = None, progress: Optional[int] = None, estimated_completion_at: Optional[int] = None
+    ) -> dict:
+        """Acknowledges a ``ready`` or ``executing`` job; it becomes ``executing`` (repeatable).
+        ``progress`` is 0–100, ``estimated_completion_at`` milliseconds since the epoch.
+        Raises ``HostError`` ``conflict`` (with ``job_status``) when the job already ended."""
         return _job(_call(_jobs.ack, job_id, info, progress, estimated_completion_at))
 
     @staticmethod
-    def complete(job_id, outcome=None, info=None):
+    def complete(job_id: str, outcome: Any = None, info: Optional[str] = None) -> dict:
+        """Completes a ``ready`` or ``executing`` job with ``outcome`` (any JSON value).
+        Raises ``HostError`` ``conflict`` when it already ended."""
         return _job(_call(_jobs.complete, job_id, _text(outcome), info))
 
     @staticmethod
-    def fail(job_id, outcome=None, info=None):
+    def fail(job_id: str, outcome: Any = None, info: Optional[str] = None) -> dict:
+        """Fails a ``ready`` or ``executing`` job with ``outcome``. Raises ``HostError``
+        ``conflict`` when it already ended."""
         return _job(_call(_jobs.fail, job_id, _text(outcome), info))
 
     @staticmethod
-    def cancel(job_id, info=None):
+    def cancel(job_id: str, info: Optional[str] = None) -> dict:
+        """Cancels an open job and its open parts."""
         return _job(_call(_jobs.cancel, job_id, info))
 
     @staticmethod
-    def split(job_id, parts, run_in_parallel=True):
-        """``parts``: a count, or a list with one ``partData`` object per part."""
+    def split(job_id: str, parts: Union[int, list], run_in_parallel: bool = True) -> int:
+        """Splits an ``executing`` top-level job into parts; returns how many.
+
+        ``parts`` is a count (part *i* gets ``partData`` ``{"part": i, "total": N}``) or a
+        list with one ``partData`` object per part. When every part has ended the host emits
+        ``job:parts-completed`` on the parent with ``payload["parts"]`` = ``{"total",
+        "completed", "failed", "canceled"}``. Raises ``HostError`` ``conflict`` when the job
+        was split before (the message says "already split")."""
         if isinstance(parts, int):
             how = _jobs.SplitParts_Count(parts)
         else:
@@ -162,11 +212,13 @@ class jobs:
         return _call(_jobs.split, job_id, how, run_in_parallel)
 
     @staticmethod
-    def create(kind, operation, source=None, input=None, manual=False):
+    def create(kind: str, operation: str, source: Optional[str] = None, input: Any = None, manual: bool = False) -> dict:
+        """Creates a job: ``ready`` at once, or ``created`` when ``manual``."""
         return _job(_call(_jobs.create, _jobs.NewJob(kind, operation, source, _text(input), manual)))
 
     @staticmethod
-    def list_parts(job_id):
+    def list_parts(job_id: str) -> list:
+        """The parts of a split job, in part order."""
         return [_job(j) for j in _call(_jobs.list_parts, job_id)]
 
 
@@ -196,20 +248,25 @@ class records:
     """Records of the event's environment."""
 
     @staticmethod
-    def counts(sheet_id):
+    def counts(sheet_id: str) -> dict:
+        """``{"total", "valid", "error"}``: ``error`` counts records with an error message."""
         c = _call(_records.counts, sheet_id)
         return {"total": c.total, "valid": c.valid, "error": c.error}
 
     @staticmethod
-    def page(sheet_id, page_size=1000, page_number=1):
+    def page(sheet_id: str, page_size: int = 1000, page_number: int = 1) -> "list[Record]":
+        """Page ``page_number`` (from 1) of ``page_size`` (1–10,000) records, in the sheet's
+        stable order; past the end, an empty list."""
         page = _call(_records.page, sheet_id, page_size, page_number)
         fields = {f: i for i, f in enumerate(page.fields)}
         return [Record(fields, row) for row in page.rows]
 
     @staticmethod
-    def update(sheet_id, updates):
+    def update(sheet_id: str, updates: list) -> int:
         """``updates``: dicts ``{"id", "values": {field: value}, "messages": [...]}``; a given
-        ``messages`` list replaces the record's messages (``[]`` clears them)."""
+        ``messages`` list replaces the record's messages (``[]`` clears them). A message is
+        ``{"field": "email", "type": "error" | "warn" | "info", "message": "…"}``. All or
+        none; returns how many records changed."""
         wit = []
         for u in updates:
             values = [_t.FieldValue(k, _to_cell(v)) for k, v in u.get("values", {}).items()]
@@ -220,8 +277,8 @@ class records:
         return _call(_records.update, sheet_id, wit)
 
     @staticmethod
-    def insert(sheet_id, new_records):
-        """``new_records``: dicts of field → value."""
+    def insert(sheet_id: str, new_records: list) -> int:
+        """Appends ``new_records`` (dicts of field → value); returns how many."""
         wit = [_t.NewRecord([_t.FieldValue(k, _to_cell(v)) for k, v in r.items()], []) for r in new_records]
         return _call(_records.insert, sheet_id, wit)
 
@@ -230,15 +287,18 @@ class log:
     """Lines in the delivery's log."""
 
     @staticmethod
-    def info(message):
+    def info(message: Any) -> None:
+        """An info line."""
         _log.log(_log.Level.INFO, str(message))
 
     @staticmethod
-    def warn(message):
+    def warn(message: Any) -> None:
+        """A warning line."""
         _log.log(_log.Level.WARN, str(message))
 
     @staticmethod
-    def error(message):
+    def error(message: Any) -> None:
+        """An error line (it does not fail the delivery; raise for that)."""
         _log.log(_log.Level.ERROR, str(message))
 
 
@@ -246,11 +306,14 @@ class config:
     """What the plugin's manifest grants."""
 
     @staticmethod
-    def get(key):
+    def get(key: str) -> Optional[str]:
+        """A value of the manifest's ``[config]``, or ``None``."""
         return _config.get(key)
 
     @staticmethod
-    def secret(name):
+    def secret(name: str) -> str:
+        """A secret of the environment that the manifest grants; ``HostError`` ``denied``
+        when it does not."""
         return _call(_config.secret, name)
 
 
@@ -271,7 +334,7 @@ class Event:
         self.created_at = e.created_at
         self.attempt = e.attempt
 
-    def data(self, page_size=1000, page_number=1):
+    def data(self, page_size: int = 1000, page_number: int = 1) -> "list[Record]":
         """A page of the records of the event's sheet."""
         if self.sheet_id is None:
             raise ValueError(f"event {self.topic} has no sheet")
@@ -284,7 +347,13 @@ class _Routes:
     def __init__(self):
         self.routes = []
 
-    def on(self, topic, filter=None):
+    def on(self, topic: str, filter: Optional[dict] = None) -> Callable:
+        """Registers the decorated function for events whose topic matches ``topic``
+        (``job:ready``, ``job:*``, ``**``) and, when given, ``filter`` (``{"job":
+        "sheet:check", "isPart": True}``: keys match the event's context and payload). The
+        function receives an ``Event``; returning handles the event, raising fails the
+        delivery (it is retried)."""
+
         def register(handler):
             self.routes.append((topic, filter, handler))
             return handler

@@ -35,17 +35,6 @@ static bool ack(plugin_string_t *id, const char *info, int progress, bool *ended
     return jh_host_failed(err, &e);
 }
 
-/* complete or fail, tolerating a job that already ended */
-static bool end(bool ok, plugin_string_t *id, const char *outcome, const char *info, jh_error *err) {
-    jobhost_plugin_jobs_job_t job;
-    jh_host_error e;
-    plugin_string_t o = jh_str(outcome);
-    plugin_string_t i = jh_str(info ? info : "");
-    bool done = ok ? jobhost_plugin_jobs_complete(id, &o, info ? &i : NULL, &job, &e)
-                   : jobhost_plugin_jobs_fail(id, &o, info ? &i : NULL, &job, &e);
-    return done || jh_already_ended(&e) || jh_host_failed(err, &e);
-}
-
 static bool parent_ready(const jh_event *event, jh_error *err) {
     plugin_string_t id = event->job_id.val, sheet = event->sheet_id.val;
     jobhost_plugin_jobs_job_t job;
@@ -58,7 +47,7 @@ static bool parent_ready(const jh_event *event, jh_error *err) {
     if (!ack(&id, "Splitting Job", 10, &ended, &job, err)) return false;
     if (ended) return true;
     if (counts.total == 0)
-        return end(true, &id, "{\"message\":\"The sheet has no records; nothing to do.\"}", NULL, err);
+        return jh_end_job(true, &id, "{\"message\":\"The sheet has no records; nothing to do.\"}", NULL, err);
     uint32_t parts = (uint32_t)((counts.total + BATCH - 1) / BATCH);
     jobhost_plugin_jobs_split_parts_t how = {.tag = JOBHOST_PLUGIN_JOBS_SPLIT_PARTS_COUNT, .val.count = parts};
     uint32_t made;
@@ -93,7 +82,7 @@ static bool parts_completed(const jh_event *event, jh_error *err) {
              "\"records\":{\"total\":%llu,\"valid\":%llu,\"error\":%llu}}",
              summary, total, completed, failed, canceled, (unsigned long long)c.total, (unsigned long long)c.valid,
              (unsigned long long)c.error);
-    return end(failed == 0 && canceled == 0, &id, outcome, summary, err);
+    return jh_end_job(failed == 0 && canceled == 0, &id, outcome, summary, err);
 }
 
 /* ---- the parts ---- */
@@ -248,7 +237,7 @@ static bool part_ready(const jh_event *event, jh_error *err) {
         if (fails_on_purpose(&parent.input, part)) {
             char outcome[128];
             snprintf(outcome, sizeof outcome, "{\"message\":\"part %lld failed on purpose\"}", part);
-            return end(false, &id, outcome, NULL, err);
+            return jh_end_job(false, &id, outcome, NULL, err);
         }
     }
     jobhost_plugin_records_record_page_t page;
@@ -288,7 +277,7 @@ static bool part_ready(const jh_event *event, jh_error *err) {
     char message[128], outcome[256];
     snprintf(message, sizeof message, "validated %zu records, %zu invalid", page.rows.len, invalid);
     snprintf(outcome, sizeof outcome, "{\"message\":\"%s\",\"invalid\":%zu}", message, invalid);
-    return end(true, &id, outcome, message, err);
+    return jh_end_job(true, &id, outcome, message, err);
 }
 
 const jh_route JH_ROUTES[] = {

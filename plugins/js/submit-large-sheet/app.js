@@ -6,21 +6,11 @@
 // failed or was canceled) with the counts. Part (isPart: true): ack, validate page part + 1 of
 // 1000 records, write error messages back on invalid cells, complete.
 
-import { api, HostError, log } from "jobhost-listener";
+import { api, HostError, log, tolerateRepeat } from "jobhost-listener";
 
 const JOB = "sheet:submitLargeSheet";
 const BATCH = 1000;
 const ENDED = ["complete", "failed", "canceled"];
-
-/** A repeated delivery finds its work done: a conflict on an ended job is not an error. */
-function tolerateRepeat(f) {
-  try {
-    return f();
-  } catch (e) {
-    if (e instanceof HostError && e.kind === "conflict" && ENDED.includes(e.jobStatus)) return null;
-    throw e;
-  }
-}
 
 export default function (listener) {
   listener.filter({ job: JOB, isPart: false }, (l) => {

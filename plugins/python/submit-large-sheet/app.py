@@ -6,20 +6,10 @@ failed or was canceled) with the counts. Part (`isPart: true`): ack, validate pa
 of 1000 records, write error messages back on invalid cells, complete.
 """
 
-from jobhost_listener import HostError, Listener, jobs, listener, log, records  # noqa: F401 (Listener is the export)
+from jobhost_listener import HostError, Listener, jobs, listener, log, records, tolerate_repeat  # noqa: F401 (Listener is the export)
 
 JOB = "sheet:submitLargeSheet"
 BATCH = 1000
-
-
-def tolerate_repeat(call, *args, **kwargs):
-    """A repeated delivery finds its work done: a conflict on an ended job is not an error."""
-    try:
-        return call(*args, **kwargs)
-    except HostError as e:
-        if e.kind == "conflict" and e.job_status in ("complete", "failed", "canceled"):
-            return None
-        raise
 
 
 @listener.on("job:ready", filter={"job": JOB, "isPart": False})

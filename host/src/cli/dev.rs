@@ -1,0 +1,264 @@
+//! `jobhost dev --plugin-src DIR`: the plugin author's loop, in every guest language.
+//!
+//! Build (with `plugin build`'s pinned tools and cache) → publish into a watched plugins
+//! directory → hot reload → run the job on the records (when given) → print the result and
+//! what changed since the previous run. Then wait for the sources to change and go again.
+//!
+//! - A change is a file created, written, renamed or removed under DIR, outside build output
+//!   and hidden entries (`target/`, `node_modules/`, `__pycache__/`, `.*`, `Cargo.lock`).
+//!   Reads are not changes: a build opens every source, and on Linux an open is a filesystem
+//!   event too. A change whose sources hash as the last build's does nothing.
+//! - A build error is printed with the author's file and line; the last good version keeps
+//!   serving (nothing is published).
+//! - The job runs for the version loaded at start too, not only after a reload.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use notify_debouncer_full::notify::{EventKind, RecursiveMode};
+
+use crate::build::{self, Language};
+use crate::engine::Env;
+use crate::golden::{self, Snapshot};
+use crate::model::{JobType, NewRecord};
+use crate::reload::ReloadEvent;
+use crate::runtime::Runtime;
+
+use super::{DataDir, DevArgs, open_engine, read_records, runtime_config, shutdown_signal, start_plugins};
+
+/// Quiet time after a source change before building: an editor's save is several events.
+const SOURCE_DEBOUNCE: Duration = Duration::from_millis(200);
+/// Records lines printed per diff; the rest are counted.
+const DIFF_LINES: usize = 20;
+
+/// The job `dev` reruns after every reload.
+struct DevJob {
+    job: (JobType, String),
+    records: Vec<NewRecord>,
+    input: serde_json::Value,
+    timeout: Duration,
+    runs: u32,
+    previous: Option<Snapshot>,
+}
+
+impl DevJob {
+    /// Runs the job on a new sheet and prints its result and what changed since the last run.
+    async fn run(&mut self, env: &Env, version: &str) {
+        self.runs += 1;
+        let started = Instant::now();
+        let result = golden::run_job(
+            env,
+            &format!("dev-{}", self.runs),
+            self.records.clone(),
+            &self.job,
+            self.input.clone(),
+            self.timeout,
+        )
+        .await;
+        let snapshot = match result {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("run {} (version {version}): {e:#}", self.runs);
+                return;
+            }
+        };
+        eprintln!(
+            "run {} (version {version}) in {:.2} s: job {}",
+            self.runs,
+            started.elapsed().as_secs_f64(),
+            snapshot.summary()
+        );
+        if let Some(message) = snapshot.outcome.get("message").and_then(serde_json::Value::as_str) {
+            eprintln!("  outcome: {message}");
+        }
+        if let Some(previous) = &self.previous {
+            let lines = golden::diff(previous, &snapshot, golden::BEFORE_NOW);
+            if lines.is_empty() {
+                eprintln!("  no change since run {}", self.runs - 1);
+            } else {
+                eprintln!("  changed since run {}:", self.runs - 1);
+                for line in lines.iter().take(DIFF_LINES) {
+                    eprintln!("    {line}");
+                }
+                if lines.len() > DIFF_LINES {
+                    eprintln!("    … and {} more", lines.len() - DIFF_LINES);
+                }
+            }
+        }
+        self.previous = Some(snapshot);
+    }
+}
+
+/// Whether a filesystem event under `root` is a change to the plugin's sources.
+fn is_source_change(root: &Path, kind: &EventKind, path: &Path) -> bool {
+    crate::reload::is_content_change(kind)
+        && path.strip_prefix(root).is_ok_and(|rel| {
+            !rel.components().any(|c| {
+                c.as_os_str().to_str().is_some_and(|s| {
+                    s.starts_with('.') || matches!(s, "target" | "node_modules" | "__pycache__" | "Cargo.lock")
+                })
+            })
+        })
+}
+
+/// Builds `src` and publishes the component into `plugins`; prints what happened. Returns
+/// whether a component was published.
+async fn build_and_publish(src: &Path, plugins: &Path) -> bool {
+    let started = Instant::now();
+    let from = src.to_owned();
+    let built = tokio::task::spawn_blocking(move || build::build(&from)).await.map_err(anyhow::Error::from);
+    match built.and_then(|r| r).and_then(|wasm| super::publish(&wasm, plugins)) {
+        Ok(name) => {
+            eprintln!("built {name} in {:.2} s", started.elapsed().as_secs_f64());
+            true
+        }
+        Err(e) => {
+            eprintln!("build failed: {e:#}");
+            eprintln!("the last good version keeps serving; fix the error and save again");
+            false
+        }
+    }
+}
+
+pub(super) async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
+    let src = args.plugin_src.canonicalize().with_context(|| format!("cannot find {}", args.plugin_src.display()))?;
+    let language = Language::detect(&src)?;
+    let mut job = match (&args.job, &args.records) {
+        (Some(job), Some(records)) => Some(DevJob {
+            job: golden::parse_job(job).context("--job")?,
+            records: read_records(records)?,
+            input: match &args.input {
+                Some(text) => serde_json::from_str(text).context("--input is not JSON")?,
+                None => serde_json::Value::Null,
+            },
+            timeout: Duration::from_secs(args.timeout),
+            runs: 0,
+            previous: None,
+        }),
+        _ => None,
+    };
+    if args.timeout == 0 {
+        bail!("--timeout must be at least 1 second");
+    }
+    let dir = DataDir::new(args.host.data.as_deref())?;
+    let plugins_dir = args.plugins.clone().unwrap_or_else(|| dir.path.join("plugins"));
+    std::fs::create_dir_all(&plugins_dir)
+        .with_context(|| format!("cannot create the plugins directory {}", plugins_dir.display()))?;
+    let runtime: Arc<Runtime> = Runtime::new(runtime_config(&args.host))?;
+    let engine = open_engine(&dir.path, &args.host, Some(&runtime))?;
+    let environment = engine.environment_named("dev").await?;
+    let env = engine.env(&environment.id);
+    let running = Arc::new(engine.run(Vec::new()).await?);
+
+    eprintln!("building {} ({language:?})", src.display());
+    let mut built_key = build::source_key(&src).ok();
+    build_and_publish(&src, &plugins_dir).await;
+    let (plugins, _watch) = start_plugins(&runtime, &running, &environment.id, &plugins_dir, false).await?;
+    let mut reloads = plugins.subscribe();
+    // A version loaded from the compilation cache on disk was not compiled in this process,
+    // so the incremental cache knows none of its functions: compile it once in the background
+    // so the first edit recompiles only what changed.
+    for plugin in plugins.loaded().await {
+        let (rt, path) = (runtime.clone(), plugin.path.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = rt.warm_incremental(&path) {
+                tracing::warn!(error = %e, "cannot warm the incremental compilation cache");
+            }
+        });
+    }
+    // The version loaded at start runs the job too.
+    if let Some(job) = &mut job {
+        match plugins.loaded().await.first() {
+            Some(plugin) => job.run(&env, &plugin.version).await,
+            None => eprintln!("no version loaded yet: the job runs after the first good build"),
+        }
+    }
+
+    let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let root = src.clone();
+    let mut debouncer = notify_debouncer_full::new_debouncer(
+        SOURCE_DEBOUNCE,
+        None,
+        move |r: notify_debouncer_full::DebounceEventResult| {
+            // A watcher error (e.g. its queue overflowed) may hide a change: check the sources.
+            let relevant = r.map(|events| {
+                events.iter().any(|e| e.event.paths.iter().any(|p| is_source_change(&root, &e.event.kind, p)))
+            });
+            if relevant.unwrap_or(true) {
+                let _ = tx.send(());
+            }
+        },
+    )?;
+    debouncer.watch(&src, RecursiveMode::Recursive)?;
+    eprintln!("watching {} (publishing to {}); Ctrl-C to stop", src.display(), plugins_dir.display());
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            Some(()) = changes.recv() => {
+                while changes.try_recv().is_ok() {}
+                let key = match build::source_key(&src) {
+                    Ok(k) => Some(k),
+                    Err(e) => {
+                        eprintln!("cannot read the sources: {e:#}");
+                        continue;
+                    }
+                };
+                if key == built_key {
+                    continue;
+                }
+                built_key = key;
+                eprintln!("sources changed: rebuilding");
+                build_and_publish(&src, &plugins_dir).await;
+            }
+            event = reloads.recv() => match event {
+                Ok(ReloadEvent::Loaded { name, version, .. }) => {
+                    eprintln!("loaded {name} version {version}");
+                    if let Some(job) = &mut job {
+                        job.run(&env, &version).await;
+                    }
+                }
+                Ok(ReloadEvent::Unchanged { name, version }) => {
+                    eprintln!("{name}: the new build is the running version {version}");
+                }
+                Ok(ReloadEvent::Failed { name, reason, .. }) if reason != crate::reload::ALREADY_FAILED => {
+                    eprintln!("{name} not loaded: {reason}; the last good version keeps serving");
+                }
+                _ => {}
+            },
+        }
+    }
+    running.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify_debouncer_full::notify::event::{
+        AccessKind, AccessMode, CreateKind, DataChange, ModifyKind, RenameMode,
+    };
+
+    #[test]
+    fn reads_build_output_and_hidden_files_are_not_source_changes() {
+        let root = Path::new("/src/p");
+        let file = root.join("app.py");
+        let write = EventKind::Modify(ModifyKind::Data(DataChange::Any));
+        assert!(is_source_change(root, &write, &file));
+        assert!(is_source_change(root, &EventKind::Create(CreateKind::File), &file));
+        assert!(is_source_change(root, &EventKind::Modify(ModifyKind::Name(RenameMode::To)), &file));
+        assert!(is_source_change(root, &EventKind::Access(AccessKind::Close(AccessMode::Write)), &file));
+        // A build opens and reads every source: none of that is a change.
+        assert!(!is_source_change(root, &EventKind::Access(AccessKind::Open(AccessMode::Any)), &file));
+        assert!(!is_source_change(root, &EventKind::Access(AccessKind::Close(AccessMode::Read)), &file));
+        assert!(!is_source_change(root, &EventKind::Access(AccessKind::Read), &file));
+        for out in ["target/release/x.wasm", "node_modules/a.js", "__pycache__/app.pyc", ".app.py.swp", "Cargo.lock"] {
+            assert!(!is_source_change(root, &write, &root.join(out)), "{out}");
+        }
+        assert!(!is_source_change(root, &write, Path::new("/elsewhere/app.py")));
+    }
+}
