@@ -466,11 +466,15 @@ fn build_c(src: &Path, tools: &Path) -> anyhow::Result<PathBuf> {
 /// whose own cache makes a rebuild incremental; returns the component. Cargo's diagnostics go
 /// to this process's stderr.
 pub fn build_rust(src: &Path) -> anyhow::Result<PathBuf> {
+    let src = &src.canonicalize().with_context(|| format!("cannot find {}", src.display()))?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let output = Command::new(cargo)
         .args(["build", "--release", "--target", "wasm32-wasip2", "--message-format", "json"])
         .arg("--manifest-path")
         .arg(src.join("Cargo.toml"))
+        // In the package's directory, so its own `.cargo/config.toml` applies, as when its
+        // author runs cargo there.
+        .current_dir(src)
         .stderr(std::process::Stdio::inherit())
         .output()
         .context("cannot run cargo")?;

@@ -315,8 +315,19 @@ pub async fn wait_terminal(env: &Env, id: &str, timeout: Duration) -> anyhow::Re
         Ok(result) => result.map(drop).map_err(Into::into),
         Err(_) => {
             let job = env.job(id).await?;
-            let open = env.parts(id).await?.into_iter().filter(|p| !p.status.is_terminal()).count();
-            let last_error = env.executions(Some(id), 1).await?.into_iter().next().and_then(|e| e.error);
+            let open: Vec<String> =
+                env.parts(id).await?.into_iter().filter(|p| !p.status.is_terminal()).map(|p| p.id).collect();
+            // The newest failure among the deliveries about the job and its open parts.
+            let mut last_error = None;
+            for about in std::iter::once(id.to_owned()).chain(open.iter().cloned()) {
+                let failed = env.executions(Some(&about), u32::MAX).await?.into_iter().filter(|e| e.error.is_some());
+                if let Some(e) = failed.max_by_key(|e| e.id)
+                    && last_error.as_ref().is_none_or(|(at, _)| *at < e.id)
+                {
+                    last_error = Some((e.id, e.error.unwrap_or_default()));
+                }
+            }
+            let (open, last_error) = (open.len(), last_error.map(|(_, e)| e));
             bail!(
                 "job {id} is still {} after {} s ({open} open part(s)){}",
                 job.status,

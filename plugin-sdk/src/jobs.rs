@@ -169,12 +169,29 @@ pub fn get(id: &str) -> Result<Job> {
     job(host::get(id))
 }
 
-/// `ready`/`executing` → `executing`; repeatable, updating info/progress.
+/// `ready`/`executing` → `executing`; repeatable, updating info/progress. Refused with a
+/// conflict ([`Error::is_already_terminal`](crate::Error::is_already_terminal)) when the job
+/// already ended.
+///
+/// ```no_run
+/// # use jobhost_plugin_sdk::{Event, Result, jobs};
+/// # fn handler(event: &Event) -> Result<()> {
+/// let job = jobs::ack(event.job_id()?, jobs::Ack::progress("checking", 10))?;
+/// let part = job.part_data()?["part"].as_u64().unwrap_or(0);
+/// # Ok(()) }
+/// ```
 pub fn ack(id: &str, a: Ack) -> Result<Job> {
     job(host::ack(id, a.info.as_deref(), a.progress, a.estimated_completion_at))
 }
 
-/// `ready`/`executing` → `complete`.
+/// `ready`/`executing` → `complete`, with an outcome (any JSON) and an optional info line.
+///
+/// ```no_run
+/// # use jobhost_plugin_sdk::{Result, jobs, json};
+/// # fn f(id: &str) -> Result<()> {
+/// jobs::complete(id, jobs::Outcome { outcome: json!({"message": "done", "invalid": 3}), info: None })?;
+/// # Ok(()) }
+/// ```
 pub fn complete(id: &str, o: Outcome) -> Result<Job> {
     job(host::complete(id, outcome_text(&o).as_deref(), o.info.as_deref()))
 }
@@ -200,7 +217,17 @@ pub enum Split {
     Sequential(u32),
 }
 
-/// Splits an `executing` job into parts; returns how many.
+/// Splits an `executing` top-level job into parts; returns how many. When every part has
+/// ended, the host emits `job:parts-completed` on the parent once, with `payload.parts`
+/// `{total, completed, failed, canceled}`. Splitting again is refused ("already split").
+///
+/// ```no_run
+/// # use jobhost_plugin_sdk::{Event, Result, jobs, records};
+/// # fn handler(event: &Event) -> Result<()> {
+/// let total = records::counts(event.sheet_id()?)?.total;
+/// jobs::split(event.job_id()?, jobs::Split::Count(total.div_ceil(1000) as u32))?;
+/// # Ok(()) }
+/// ```
 pub fn split(id: &str, how: Split) -> Result<u32> {
     let (parts, parallel) = match how {
         Split::Count(n) => (host::SplitParts::Count(n), true),

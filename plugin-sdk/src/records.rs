@@ -45,6 +45,11 @@ pub type Message = wit::Message;
 pub type MessageKind = wit::MessageKind;
 
 /// An error message on one field.
+///
+/// ```
+/// let m = jobhost_plugin_sdk::records::error_message("email", "email must contain @");
+/// assert_eq!(m.field.as_deref(), Some("email"));
+/// ```
 pub fn error_message(field: &str, text: impl Into<String>) -> Message {
     Message { field: Some(field.to_owned()), kind: MessageKind::Error, text: text.into() }
 }
@@ -138,7 +143,25 @@ pub fn page(sheet_id: &str, page_size: u32, page_number: u32) -> Result<Page> {
     Ok(Page { raw: host::page(sheet_id, page_size, page_number)? })
 }
 
-/// Updates records (values merged, messages replaced when given); returns how many changed.
+/// Updates records (values merged, messages replaced when given); all or none; returns how
+/// many changed.
+///
+/// ```no_run
+/// # use jobhost_plugin_sdk::{Event, Result, records};
+/// # fn handler(event: &Event) -> Result<()> {
+/// let page = event.data(1000, 1)?;
+/// let updates: Vec<records::Update> = page
+///     .records()
+///     .filter(|r| !r.str("email").unwrap_or_default().contains('@'))
+///     .map(|r| records::Update {
+///         id: r.id(),
+///         values: Vec::new(),
+///         messages: Some(vec![records::error_message("email", "email must contain @")]),
+///     })
+///     .collect();
+/// records::update(event.sheet_id()?, &updates)?;
+/// # Ok(()) }
+/// ```
 pub fn update(sheet_id: &str, updates: &[Update]) -> Result<u64> {
     host::update(sheet_id, updates).map_err(Error::from)
 }

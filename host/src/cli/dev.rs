@@ -11,6 +11,9 @@
 //! - A build error is printed with the author's file and line; the last good version keeps
 //!   serving (nothing is published).
 //! - The job runs for the version loaded at start too, not only after a reload.
+//! - A source change during a run abandons it (its jobs are canceled when the next run
+//!   starts), so a handler that never ends its job does not hold up the fix. Failed
+//!   deliveries are retried quickly (100 ms, doubling) and printed with their error and log.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -21,13 +24,13 @@ use anyhow::{Context as _, bail};
 use notify_debouncer_full::notify::{EventKind, RecursiveMode};
 
 use crate::build::{self, Language};
-use crate::engine::Env;
+use crate::engine::{EngineConfig, Env};
 use crate::golden::{self, Snapshot};
 use crate::model::{JobType, NewRecord};
 use crate::reload::ReloadEvent;
 use crate::runtime::Runtime;
 
-use super::{DataDir, DevArgs, open_engine, read_records, runtime_config, shutdown_signal, start_plugins};
+use super::{DataDir, DevArgs, open_engine_with, read_records, runtime_config, shutdown_signal, start_plugins};
 
 /// Quiet time after a source change before building: an editor's save is several events.
 const SOURCE_DEBOUNCE: Duration = Duration::from_millis(200);
@@ -42,11 +45,18 @@ struct DevJob {
     timeout: Duration,
     runs: u32,
     previous: Option<Snapshot>,
+    /// Print every delivery's log lines, not only failures.
+    logs: bool,
+    /// The newest execution record already printed.
+    seen_execution: i64,
+    /// Guest paths as componentize-py names them (`/0/`), and the author's directory.
+    python_paths: Option<(String, String)>,
 }
 
 impl DevJob {
     /// Runs the job on a new sheet and prints its result and what changed since the last run.
     async fn run(&mut self, env: &Env, version: &str) {
+        self.cancel_open_jobs(env).await;
         self.runs += 1;
         let started = Instant::now();
         let result = golden::run_job(
@@ -58,6 +68,7 @@ impl DevJob {
             self.timeout,
         )
         .await;
+        self.report_deliveries(env).await;
         let snapshot = match result {
             Ok(s) => s,
             Err(e) => {
@@ -92,6 +103,54 @@ impl DevJob {
     }
 }
 
+impl DevJob {
+    /// `text` with the guest's paths of the author's files made the author's paths.
+    fn author_paths(&self, text: &str) -> String {
+        match &self.python_paths {
+            Some((guest, author)) => text.replace(guest.as_str(), author),
+            None => text.to_owned(),
+        }
+    }
+
+    /// Cancels the jobs an abandoned run left open, so their deliveries stop.
+    async fn cancel_open_jobs(&self, env: &Env) {
+        let Ok(jobs) = env.jobs(0, u32::MAX).await else { return };
+        for job in jobs.iter().filter(|j| !j.status.is_terminal() && j.parent_id.is_none()) {
+            let _ = env.cancel(&job.id, Some("abandoned by jobhost dev".into())).await;
+        }
+    }
+
+    /// Prints the deliveries since the last report that failed (their error and log), or
+    /// every delivery's log lines with `--logs`.
+    async fn report_deliveries(&mut self, env: &Env) {
+        let executions = match env.executions(None, u32::MAX).await {
+            Ok(e) => e,
+            Err(e) => return eprintln!("cannot read the execution records: {e}"),
+        };
+        let new: Vec<_> = executions.into_iter().filter(|e| e.id > self.seen_execution).collect();
+        self.seen_execution = new.iter().map(|e| e.id).max().unwrap_or(self.seen_execution);
+        let failed = new.iter().filter(|e| e.error.is_some()).count();
+        for e in new.iter().filter(|e| self.logs || e.error.is_some()).take(DIFF_LINES) {
+            let job = e.job_id.as_deref().unwrap_or("-");
+            match &e.error {
+                Some(error) => eprintln!(
+                    "  delivery {} of {job} (attempt {}) failed: {}",
+                    e.topic,
+                    e.attempt,
+                    self.author_paths(error)
+                ),
+                None => eprintln!("  delivery {} of {job}:", e.topic),
+            }
+            for line in e.logs.lines() {
+                eprintln!("    | {}", self.author_paths(line));
+            }
+        }
+        if failed > DIFF_LINES {
+            eprintln!("  … {failed} deliveries failed in all");
+        }
+    }
+}
+
 /// Whether a filesystem event under `root` is a change to the plugin's sources.
 fn is_source_change(root: &Path, kind: &EventKind, path: &Path) -> bool {
     crate::reload::is_content_change(kind)
@@ -102,6 +161,47 @@ fn is_source_change(root: &Path, kind: &EventKind, path: &Path) -> bool {
                 })
             })
         })
+}
+
+/// Runs the job, unless the sources change first: then the run is abandoned and the change
+/// built at once, so a fix saved while a run hangs is not held up by it. Returns whether a
+/// component was published.
+async fn run_or_rebuild(
+    job: &mut DevJob,
+    env: &Env,
+    version: &str,
+    changes: &mut tokio::sync::mpsc::UnboundedReceiver<()>,
+    src: &Path,
+    plugins: &Path,
+    built_key: &mut Option<String>,
+) -> bool {
+    tokio::select! {
+        () = job.run(env, version) => false,
+        Some(()) = changes.recv() => {
+            while changes.try_recv().is_ok() {}
+            job.report_deliveries(env).await;
+            eprintln!("run {} abandoned: the sources changed", job.runs);
+            rebuild(src, plugins, built_key).await
+        }
+    }
+}
+
+/// Rebuilds after a change event, unless the sources hash as the last build's.
+/// Returns whether a component was published.
+async fn rebuild(src: &Path, plugins: &Path, built_key: &mut Option<String>) -> bool {
+    let key = match build::source_key(src) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            eprintln!("cannot read the sources: {e:#}");
+            return false;
+        }
+    };
+    if key == *built_key {
+        return false;
+    }
+    *built_key = key;
+    eprintln!("sources changed: rebuilding");
+    build_and_publish(src, plugins).await
 }
 
 /// Builds `src` and publishes the component into `plugins`; prints what happened. Returns
@@ -137,6 +237,9 @@ pub(super) async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
             timeout: Duration::from_secs(args.timeout),
             runs: 0,
             previous: None,
+            logs: args.logs,
+            seen_execution: 0,
+            python_paths: None,
         }),
         _ => None,
     };
@@ -148,7 +251,14 @@ pub(super) async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&plugins_dir)
         .with_context(|| format!("cannot create the plugins directory {}", plugins_dir.display()))?;
     let runtime: Arc<Runtime> = Runtime::new(runtime_config(&args.host))?;
-    let engine = open_engine(&dir.path, &args.host, Some(&runtime))?;
+    // A failing handler is dead-lettered within seconds, not minutes: the author is watching.
+    let quick_retries = |c| EngineConfig { retry_backoff: Duration::from_millis(100), ..c };
+    let engine = open_engine_with(&dir.path, &args.host, Some(&runtime), quick_retries)?;
+    if let Some(job) = &mut job
+        && language == Language::Python
+    {
+        job.python_paths = Some(("\"/0/".to_owned(), format!("\"{}/", src.display())));
+    }
     let environment = engine.environment_named("dev").await?;
     let env = engine.env(&environment.id);
     let running = Arc::new(engine.run(Vec::new()).await?);
@@ -169,14 +279,6 @@ pub(super) async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
             }
         });
     }
-    // The version loaded at start runs the job too.
-    if let Some(job) = &mut job {
-        match plugins.loaded().await.first() {
-            Some(plugin) => job.run(&env, &plugin.version).await,
-            None => eprintln!("no version loaded yet: the job runs after the first good build"),
-        }
-    }
-
     let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel::<()>();
     let root = src.clone();
     let mut debouncer = notify_debouncer_full::new_debouncer(
@@ -194,6 +296,19 @@ pub(super) async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     )?;
     debouncer.watch(&src, RecursiveMode::Recursive)?;
     eprintln!("watching {} (publishing to {}); Ctrl-C to stop", src.display(), plugins_dir.display());
+    // The version loaded at start runs the job too.
+    // Whether a build was published and its reload not seen yet: then an unchanged reload
+    // means the new build is byte for byte the running version.
+    let mut published = false;
+    if let Some(job) = &mut job {
+        match plugins.loaded().await.first() {
+            Some(plugin) => {
+                published =
+                    run_or_rebuild(job, &env, &plugin.version, &mut changes, &src, &plugins_dir, &mut built_key).await;
+            }
+            None => eprintln!("no version loaded yet: the job runs after the first good build"),
+        }
+    }
     let stop = shutdown_signal();
     tokio::pin!(stop);
     loop {
@@ -201,28 +316,19 @@ pub(super) async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
             _ = &mut stop => break,
             Some(()) = changes.recv() => {
                 while changes.try_recv().is_ok() {}
-                let key = match build::source_key(&src) {
-                    Ok(k) => Some(k),
-                    Err(e) => {
-                        eprintln!("cannot read the sources: {e:#}");
-                        continue;
-                    }
-                };
-                if key == built_key {
-                    continue;
-                }
-                built_key = key;
-                eprintln!("sources changed: rebuilding");
-                build_and_publish(&src, &plugins_dir).await;
+                published |= rebuild(&src, &plugins_dir, &mut built_key).await;
             }
             event = reloads.recv() => match event {
                 Ok(ReloadEvent::Loaded { name, version, .. }) => {
                     eprintln!("loaded {name} version {version}");
+                    published = false;
                     if let Some(job) = &mut job {
-                        job.run(&env, &version).await;
+                        published =
+                            run_or_rebuild(job, &env, &version, &mut changes, &src, &plugins_dir, &mut built_key).await;
                     }
                 }
-                Ok(ReloadEvent::Unchanged { name, version }) => {
+                Ok(ReloadEvent::Unchanged { name, version }) if published => {
+                    published = false;
                     eprintln!("{name}: the new build is the running version {version}");
                 }
                 Ok(ReloadEvent::Failed { name, reason, .. }) if reason != crate::reload::ALREADY_FAILED => {

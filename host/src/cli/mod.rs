@@ -289,6 +289,9 @@ pub struct DevArgs {
     /// Seconds a run of the job may take before `dev` reports it as stuck.
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
+    /// Print every delivery's log lines after a run (failed deliveries are always printed).
+    #[arg(long)]
+    pub logs: bool,
     /// Host options.
     #[command(flatten)]
     pub host: HostArgs,
@@ -450,13 +453,23 @@ fn runtime_config(host: &HostArgs) -> RuntimeConfig {
 }
 
 fn open_engine(dir: &Path, host: &HostArgs, runtime: Option<&Runtime>) -> anyhow::Result<Engine> {
+    open_engine_with(dir, host, runtime, |c| c)
+}
+
+/// [`open_engine`] with the engine's settings adjusted by `adjust`.
+fn open_engine_with(
+    dir: &Path,
+    host: &HostArgs,
+    runtime: Option<&Runtime>,
+    adjust: impl FnOnce(EngineConfig) -> EngineConfig,
+) -> anyhow::Result<Engine> {
     if host.concurrency() == 0 {
         bail!("--concurrency must be at least 1");
     }
     let cap = runtime.map_or(usize::MAX, |r| r.config().max_instances as usize);
     let n = host.concurrency().min(cap);
     // Every CLI mode serves one environment, so its share is the whole host.
-    let config = EngineConfig::single_environment(n);
+    let config = adjust(EngineConfig::single_environment(n));
     Engine::open(dir, config).with_context(|| format!("cannot open the store in {}", dir.display()))
 }
 

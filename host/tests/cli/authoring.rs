@@ -207,9 +207,9 @@ fn author_loop(lang: &'static str, name: &'static str, source: &'static str) {
     );
     kill_after(child.id(), 900);
     let mut lines = Lines::of(&mut child);
+    lines.wait("watching", BUILD);
     let first = lines.wait("run 1 (version", BUILD);
     assert!(first.contains(&format!("{INVALID_EDITED} invalid")), "{lang}: {first}");
-    lines.wait("watching", BUILD);
 
     // An edit is rebuilt, reloaded and rerun; what changed is printed record by record.
     a.edit(RULE_EDITED, RULE);
@@ -304,4 +304,35 @@ fn plugin_test_refuses_bad_fixtures_with_exit_2() {
     std::fs::write(empty.path().join("app.c"), "").unwrap();
     let out = a.jobhost(&["plugin", "test", empty.path().to_str().unwrap()]);
     assert!(out.status.code() == Some(2) && stderr(&out).contains("has no tests/ directory"), "{}", stderr(&out));
+}
+
+#[test]
+fn dev_reports_a_run_that_does_not_end_with_its_failed_deliveries_and_runs_the_fix() {
+    let a = Author::new("c", "hangs", "app.c");
+    // Every part fails after its ack, so the parent never gets `job:parts-completed`.
+    let end_part = "return jh_end_job(true, &id, outcome, NULL, err);";
+    a.edit(end_part, "return jh_fail(err, \"boom in part\");");
+    let sample = a.src().join("sample.csv");
+    let mut child = Reaped(
+        a.command()
+            .args(["dev", "--plugin-src", a.src().to_str().unwrap(), "--timeout", "3"])
+            .args(["--records", sample.to_str().unwrap(), "--job", "sheet:hangs"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    kill_after(child.id(), 600);
+    let mut lines = Lines::of(&mut child);
+    lines.wait("watching", BUILD);
+    let failed = lines.wait("failed: boom in part", BUILD);
+    assert!(failed.contains("delivery job:ready of job_"), "{failed}");
+    let stuck = lines.wait("run 1 (version", BUILD);
+    assert!(stuck.contains("is still executing after 3 s (3 open part(s))"), "{stuck}");
+    assert!(stuck.contains("its last delivery failed: boom in part"), "{stuck}");
+    // The fix is built, loaded and run.
+    a.edit("return jh_fail(err, \"boom in part\");", end_part);
+    let fixed = lines.wait("run 2 (version", BUILD);
+    assert!(fixed.contains("job complete") && fixed.contains(&format!("{INVALID} invalid")), "{fixed}");
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    assert_eq!(child.wait().unwrap().code(), Some(0), "{}", lines.seen.join("\n"));
 }
