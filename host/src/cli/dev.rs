@@ -226,6 +226,9 @@ async fn build_and_publish(src: &Path, plugins: &Path) -> bool {
 pub(super) async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     let src = args.plugin_src.canonicalize().with_context(|| format!("cannot find {}", args.plugin_src.display()))?;
     let language = Language::detect(&src)?;
+    if args.timeout == 0 {
+        bail!("--timeout must be at least 1 second");
+    }
     let mut job = match (&args.job, &args.records) {
         (Some(job), Some(records)) => Some(DevJob {
             job: golden::parse_job(job).context("--job")?,
@@ -239,13 +242,10 @@ pub(super) async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
             previous: None,
             logs: args.logs,
             seen_execution: 0,
-            python_paths: None,
+            python_paths: (language == Language::Python).then(|| ("\"/0/".to_owned(), format!("\"{}/", src.display()))),
         }),
         _ => None,
     };
-    if args.timeout == 0 {
-        bail!("--timeout must be at least 1 second");
-    }
     let dir = DataDir::new(args.host.data.as_deref())?;
     let plugins_dir = args.plugins.clone().unwrap_or_else(|| dir.path.join("plugins"));
     std::fs::create_dir_all(&plugins_dir)
@@ -254,11 +254,6 @@ pub(super) async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     // A failing handler is dead-lettered within seconds, not minutes: the author is watching.
     let quick_retries = |c| EngineConfig { retry_backoff: Duration::from_millis(100), ..c };
     let engine = open_engine_with(&dir.path, &args.host, Some(&runtime), quick_retries)?;
-    if let Some(job) = &mut job
-        && language == Language::Python
-    {
-        job.python_paths = Some(("\"/0/".to_owned(), format!("\"{}/", src.display())));
-    }
     let environment = engine.environment_named("dev").await?;
     let env = engine.env(&environment.id);
     let running = Arc::new(engine.run(Vec::new()).await?);
