@@ -170,25 +170,39 @@ async fn run_or_rebuild(
     job: &mut DevJob,
     env: &Env,
     version: &str,
-    changes: &mut tokio::sync::mpsc::UnboundedReceiver<()>,
+    changes: &mut Changes,
     src: &Path,
     plugins: &Path,
     built_key: &mut Option<String>,
 ) -> bool {
     tokio::select! {
         () = job.run(env, version) => false,
-        Some(()) = changes.recv() => {
-            while changes.try_recv().is_ok() {}
+        Some(first) = changes.recv() => {
+            let changed = drain(first, changes);
             job.report_deliveries(env).await;
             eprintln!("run {} abandoned: the sources changed", job.runs);
-            rebuild(src, plugins, built_key).await
+            rebuild(src, plugins, built_key, &changed).await
         }
     }
 }
 
-/// Rebuilds after a change event, unless the sources hash as the last build's.
+/// Changed files, relative to the source directory, a batch per debounced event (empty when
+/// the watcher could not say).
+type Changes = tokio::sync::mpsc::UnboundedReceiver<Vec<String>>;
+
+/// `first` and every batch already queued behind it, sorted and without repeats.
+fn drain(mut first: Vec<String>, changes: &mut Changes) -> Vec<String> {
+    while let Ok(more) = changes.try_recv() {
+        first.extend(more);
+    }
+    first.sort();
+    first.dedup();
+    first
+}
+
+/// Rebuilds after a change of `changed`, unless the sources hash as the last build's.
 /// Returns whether a component was published.
-async fn rebuild(src: &Path, plugins: &Path, built_key: &mut Option<String>) -> bool {
+async fn rebuild(src: &Path, plugins: &Path, built_key: &mut Option<String>, changed: &[String]) -> bool {
     let key = match build::source_key(src) {
         Ok(k) => Some(k),
         Err(e) => {
@@ -200,7 +214,8 @@ async fn rebuild(src: &Path, plugins: &Path, built_key: &mut Option<String>) -> 
         return false;
     }
     *built_key = key;
-    eprintln!("sources changed: rebuilding");
+    let what = if changed.is_empty() { String::new() } else { format!(" ({})", changed.join(", ")) };
+    eprintln!("sources changed{what}: rebuilding");
     build_and_publish(src, plugins).await
 }
 
@@ -274,18 +289,28 @@ pub(super) async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
             }
         });
     }
-    let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel::<Vec<String>>();
     let root = src.clone();
     let mut debouncer = notify_debouncer_full::new_debouncer(
         SOURCE_DEBOUNCE,
         None,
         move |r: notify_debouncer_full::DebounceEventResult| {
-            // A watcher error (e.g. its queue overflowed) may hide a change: check the sources.
-            let relevant = r.map(|events| {
-                events.iter().any(|e| e.event.paths.iter().any(|p| is_source_change(&root, &e.event.kind, p)))
+            let changed = r.map(|events| {
+                let changed = events.iter().flat_map(|e| e.event.paths.iter().map(move |p| (&e.event.kind, p)));
+                changed
+                    .filter(|(kind, p)| is_source_change(&root, kind, p))
+                    .filter_map(|(_, p)| p.strip_prefix(&root).ok().map(|rel| rel.display().to_string()))
+                    .collect::<Vec<_>>()
             });
-            if relevant.unwrap_or(true) {
-                let _ = tx.send(());
+            match changed {
+                Ok(files) if files.is_empty() => {}
+                Ok(files) => {
+                    let _ = tx.send(files);
+                }
+                // A watcher error (e.g. its queue overflowed) may hide a change: check the sources.
+                Err(_) => {
+                    let _ = tx.send(Vec::new());
+                }
             }
         },
     )?;
@@ -309,9 +334,9 @@ pub(super) async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     loop {
         tokio::select! {
             _ = &mut stop => break,
-            Some(()) = changes.recv() => {
-                while changes.try_recv().is_ok() {}
-                published |= rebuild(&src, &plugins_dir, &mut built_key).await;
+            Some(first) = changes.recv() => {
+                let changed = drain(first, &mut changes);
+                published |= rebuild(&src, &plugins_dir, &mut built_key, &changed).await;
             }
             event = reloads.recv() => match event {
                 Ok(ReloadEvent::Loaded { name, version, .. }) => {

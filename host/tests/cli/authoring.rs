@@ -213,7 +213,8 @@ fn author_loop(lang: &'static str, name: &'static str, source: &'static str) {
 
     // An edit is rebuilt, reloaded and rerun; what changed is printed record by record.
     a.edit(RULE_EDITED, RULE);
-    lines.wait("sources changed: rebuilding", BUILD);
+    let changed = lines.wait("sources changed", BUILD);
+    assert!(changed.contains(&format!("({source}): rebuilding")), "{lang}: {changed}");
     let loaded = lines.wait("loaded ", BUILD);
     let version = loaded.rsplit(' ').next().unwrap().to_owned();
     let second = lines.wait("run 2 (version", BUILD);
