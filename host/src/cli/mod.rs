@@ -69,8 +69,8 @@ pub enum Command {
     /// Run the host: the engine and the plugins of a directory, hot-reloaded, until SIGINT or
     /// SIGTERM, and the HTTP API on `--listen`.
     Serve(ServeArgs),
-    /// Develop a plugin: rebuild it on every source change and hot-reload it; optionally run a
-    /// job through it after every reload.
+    /// Develop a plugin in any language: rebuild it on every source change and hot-reload it;
+    /// with `--records` and `--job`, run the job after every reload and print what changed.
     Dev(DevArgs),
     /// Plugin tools.
     #[command(subcommand)]
