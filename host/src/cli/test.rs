@@ -65,7 +65,10 @@ pub(super) async fn run(
     for (fixture, (records, expected)) in fixtures.iter().zip(inputs) {
         let started = Instant::now();
         let store = DataDir::new(None)?;
-        let engine = Engine::open(&store.path, EngineConfig::single_environment(CONCURRENCY))
+        // Quick retries: a failing handler is dead-lettered in seconds, as under `dev`.
+        let config =
+            EngineConfig { retry_backoff: Duration::from_millis(100), ..EngineConfig::single_environment(CONCURRENCY) };
+        let engine = Engine::open(&store.path, config)
             .with_context(|| format!("cannot open a store in {}", store.path.display()))?;
         let env = engine.env(engine.create_environment("test").await?.id);
         let running = engine.run(vec![runtime.listener(plugin.clone(), env.id())]).await?;
