@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jobhost::build::Language;
+use jobhost::golden;
 use jobhost::runtime::{Runtime, RuntimeConfig};
-use jobhost::{Engine, EngineConfig, golden};
 
 /// The scaffold's rule as its source writes it.
 const RULE: &str = "\"@\"";
@@ -56,17 +56,13 @@ async fn run_sample(
     name: &str,
 ) -> (Duration, usize) {
     let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::open(dir.path(), EngineConfig::single_environment(16)).unwrap();
-    let env = engine.env(engine.create_environment("bench").await.unwrap().id);
-    let running = engine.run(vec![rt.listener(plugin, env.id())]).await.unwrap();
     let records = jobhost::cli::read_records(&src.join("sample.csv")).unwrap();
     let job = golden::parse_job(&format!("sheet:{name}")).unwrap();
     let t = Instant::now();
-    let snapshot = golden::run_job(&env, "sample", records, &job, serde_json::Value::Null, Duration::from_secs(120))
-        .await
-        .unwrap();
+    let timeout = Duration::from_secs(120);
+    let snapshot =
+        golden::run_in_store(dir.path(), rt, plugin, records, &job, serde_json::Value::Null, timeout).await.unwrap();
     let took = t.elapsed();
-    running.shutdown().await;
     assert_eq!(snapshot.status, jobhost::model::JobStatus::Complete, "{}", snapshot.outcome);
     (took, snapshot.invalid())
 }

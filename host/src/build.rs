@@ -284,6 +284,13 @@ fn cached_build<T>(
     })
 }
 
+/// `text` (a traceback, a build error) with the plugin's source directory named as its author
+/// knows it: componentize-py names the directories of a component's Python path `/0`, `/1`,
+/// …, and `/0` is the staged copy of the sources (the first `-p` of [`build_python`]).
+pub fn python_author_paths(text: &str, src: &Path) -> String {
+    text.replace("\"/0/", &format!("\"{}/", src.display()))
+}
+
 fn build_python(src: &Path, tools: &Path) -> anyhow::Result<PathBuf> {
     let recipe = format!("componentize-py {COMPONENTIZE_PY}");
     let tool = || python_tool(tools, "componentize-py", COMPONENTIZE_PY, "componentize-py");
@@ -305,8 +312,7 @@ fn build_python(src: &Path, tools: &Path) -> anyhow::Result<PathBuf> {
             .arg(stage)
             .arg("-o")
             .arg(&tmp))
-        // componentize-py names the directories of its Python path /0, /1, …: /0 is `src`.
-        .map_err(|e| anyhow::anyhow!(format!("{e:#}").replace("\"/0/", &format!("\"{}/", src.display()))))
+        .map_err(|e| anyhow::anyhow!(python_author_paths(&format!("{e:#}"), src)))
         .with_context(|| format!("the Python build of {} failed", src.display()))?;
         Ok(std::fs::rename(&tmp, out)?)
     })

@@ -261,7 +261,7 @@ impl Fixture {
 }
 
 /// Writes a snapshot as pretty JSON, atomically (write, then rename).
-pub fn write_snapshot(path: &Path, snapshot: &Snapshot) -> anyhow::Result<()> {
+fn write_snapshot(path: &Path, snapshot: &Snapshot) -> anyhow::Result<()> {
     let mut text = serde_json::to_string_pretty(snapshot)?;
     text.push('\n');
     let tmp = path.with_extension("json.tmp");
@@ -301,6 +301,32 @@ pub async fn run_job(
         env.create_job(NewJob { input, source: Some(sheet.id.clone()), ..NewJob::new(job.0, job.1.clone()) }).await?;
     wait_terminal(env, &created.id, timeout).await?;
     Ok(Snapshot::capture(env, &created.id, &sheet.id).await?)
+}
+
+/// Runs `job` on `records` through `plugin` in a new store in `dir` (which it owns for the
+/// run), as `plugin test` runs a fixture: one environment, the plugin its only listener,
+/// failed deliveries retried quickly (100 ms, doubling), so a failing handler is dead-lettered
+/// in seconds.
+pub async fn run_in_store(
+    dir: &Path,
+    runtime: &std::sync::Arc<crate::runtime::Runtime>,
+    plugin: std::sync::Arc<crate::runtime::Plugin>,
+    records: Vec<NewRecord>,
+    job: &(JobType, String),
+    input: Value,
+    timeout: Duration,
+) -> anyhow::Result<Snapshot> {
+    let concurrency = runtime.config().limits.max_instances.max(1);
+    let config = crate::EngineConfig {
+        retry_backoff: Duration::from_millis(100),
+        ..crate::EngineConfig::single_environment(concurrency)
+    };
+    let engine = Engine::open(dir, config).with_context(|| format!("cannot open a store in {}", dir.display()))?;
+    let env = engine.env(engine.create_environment("test").await?.id);
+    let running = engine.run(vec![runtime.listener(plugin, env.id())]).await?;
+    let result = run_job(&env, "records", records, job, input, timeout).await;
+    running.shutdown().await;
+    result
 }
 
 /// Waits until job `id` ends; after `timeout`, an error that says what is still open.

@@ -29,7 +29,7 @@ const PART_SIZE: u64 = 10;
 const REQUIRED: &str = "@";
 
 /// Whether `name` may name a plugin: 1 to 64 of a-z, 0-9 and `-`, starting with a letter.
-pub fn valid_name(name: &str) -> bool {
+fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name.starts_with(|c: char| c.is_ascii_lowercase())

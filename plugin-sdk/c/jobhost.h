@@ -114,6 +114,19 @@ static inline long long jh_json_int(const char *json, size_t len, const char *ke
     return fallback;
 }
 
+/* The counts a `job:parts-completed` event carries in its payload's `parts`. */
+typedef struct {
+    long long total, completed, failed, canceled;
+} jh_parts;
+
+static inline jh_parts jh_parts_of(const jh_event *event) {
+    const char *p = (const char *)event->payload.ptr;
+    size_t n = event->payload.len;
+    jh_parts parts = {jh_json_int(p, n, "total", 0), jh_json_int(p, n, "completed", 0),
+                      jh_json_int(p, n, "failed", 0), jh_json_int(p, n, "canceled", 0)};
+    return parts;
+}
+
 static inline void jh_log(jobhost_plugin_log_level_t level, const char *fmt, ...) {
     char buf[1024];
     va_list ap;

@@ -49,8 +49,8 @@ struct DevJob {
     logs: bool,
     /// The newest execution record already printed.
     seen_execution: i64,
-    /// Guest paths as componentize-py names them (`/0/`), and the author's directory.
-    python_paths: Option<(String, String)>,
+    /// A Python plugin's source directory: tracebacks name its files by their guest path.
+    python_src: Option<std::path::PathBuf>,
 }
 
 impl DevJob {
@@ -106,8 +106,8 @@ impl DevJob {
 impl DevJob {
     /// `text` with the guest's paths of the author's files made the author's paths.
     fn author_paths(&self, text: &str) -> String {
-        match &self.python_paths {
-            Some((guest, author)) => text.replace(guest.as_str(), author),
+        match &self.python_src {
+            Some(src) => build::python_author_paths(text, src),
             None => text.to_owned(),
         }
     }
@@ -257,7 +257,7 @@ pub(super) async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
             previous: None,
             logs: args.logs,
             seen_execution: 0,
-            python_paths: (language == Language::Python).then(|| ("\"/0/".to_owned(), format!("\"{}/", src.display()))),
+            python_src: (language == Language::Python).then(|| src.clone()),
         }),
         _ => None,
     };

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use serde_json::json;
 
-use crate::engine::{Engine, EngineConfig};
 use crate::golden::{self, Fixture, Snapshot};
 use crate::runtime::{Limits, Runtime, RuntimeConfig};
 
@@ -65,24 +64,17 @@ pub(super) async fn run(
     for (fixture, (records, expected)) in fixtures.iter().zip(inputs) {
         let started = Instant::now();
         let store = DataDir::new(None)?;
-        // Quick retries: a failing handler is dead-lettered in seconds, as under `dev`.
-        let config =
-            EngineConfig { retry_backoff: Duration::from_millis(100), ..EngineConfig::single_environment(CONCURRENCY) };
-        let engine = Engine::open(&store.path, config)
-            .with_context(|| format!("cannot open a store in {}", store.path.display()))?;
-        let env = engine.env(engine.create_environment("test").await?.id);
-        let running = engine.run(vec![runtime.listener(plugin.clone(), env.id())]).await?;
-        let result = golden::run_job(
-            &env,
-            &fixture.name,
+        let timeout = Duration::from_secs(timeout);
+        let result = golden::run_in_store(
+            &store.path,
+            &runtime,
+            plugin.clone(),
             records,
             &fixture.job,
             fixture.input.clone(),
-            Duration::from_secs(timeout),
+            timeout,
         )
         .await;
-        running.shutdown().await;
-        drop(engine);
         let seconds = started.elapsed().as_secs_f64();
         let (ok, lines, got): (bool, Vec<String>, Option<Snapshot>) = match (result, expected) {
             (Err(e), _) => (false, vec![format!("{e:#}")], None),

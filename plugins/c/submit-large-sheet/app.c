@@ -65,10 +65,8 @@ static bool parent_ready(const jh_event *event, jh_error *err) {
 
 static bool parts_completed(const jh_event *event, jh_error *err) {
     plugin_string_t id = event->job_id.val, sheet = event->sheet_id.val;
-    const char *payload = (const char *)event->payload.ptr;
-    size_t len = event->payload.len;
-    long long total = jh_json_int(payload, len, "total", 0), completed = jh_json_int(payload, len, "completed", 0),
-              failed = jh_json_int(payload, len, "failed", 0), canceled = jh_json_int(payload, len, "canceled", 0);
+    jh_parts parts = jh_parts_of(event);
+    long long total = parts.total, completed = parts.completed, failed = parts.failed, canceled = parts.canceled;
     jobhost_plugin_records_record_counts_t c;
     jh_host_error e;
     if (!jobhost_plugin_records_counts(&sheet, &c, &e)) return jh_host_failed(err, &e);
