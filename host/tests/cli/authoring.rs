@@ -61,8 +61,18 @@ impl Author {
         cmd
     }
 
+    /// Runs the binary to its end; one that hangs is killed after 10 minutes, so the test
+    /// fails with what it printed instead of hanging the suite.
     fn jobhost(&self, args: &[&str]) -> Output {
-        self.command().args(args).output().expect("run jobhost")
+        let child = self
+            .command()
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run jobhost");
+        kill_after(child.id(), 600);
+        child.wait_with_output().expect("wait for jobhost")
     }
 
     fn edit(&self, from: &str, to: &str) {
