@@ -4,11 +4,12 @@
 
 use std::sync::Arc;
 
+use crate::support::{TestHost, test_runtime};
 use futures_util::StreamExt;
 use jobhost::api::plugins::Plugins;
 use jobhost::api::{ApiState, router, serve};
-use jobhost::{artifacts, scenario};
-use jobhost_tests::{TestHost, test_runtime};
+use jobhost::scenario;
+use jobhost_test_plugins as artifacts;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -17,7 +18,7 @@ const ADMIN: &str = "admin-secret-for-tests";
 struct Server {
     /// Keeps the engine's data directory alive.
     _host: TestHost,
-    running: Arc<jobhost::listener::Running>,
+    running: Arc<jobhost::delivery::Running>,
     base: String,
     http: reqwest::Client,
     stop: Option<tokio::sync::oneshot::Sender<()>>,

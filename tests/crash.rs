@@ -10,9 +10,9 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Command, ExitCode, Stdio};
 
+use crate::support::test_config;
 use jobhost::cli::{DemoArgs, HostArgs};
 use jobhost::model::JobStatus;
-use jobhost_tests::test_config;
 
 const RECORDS: u64 = 20_000;
 const PARTS: u64 = RECORDS / 1000;
@@ -44,7 +44,7 @@ impl KillAt {
 /// Returns whether it was killed and the lines it printed.
 fn run_host(dir: &std::path::Path, kill_at: KillAt) -> (bool, Option<i32>, Vec<String>) {
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["crash_child", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .args(["crash::crash_child", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
         .env("JOBHOST_CRASH_DATA", dir)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -94,7 +94,7 @@ fn a_host_killed_mid_scenario_loses_nothing() {
     rt.block_on(async {
         let state: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.path().join("demo.json")).unwrap()).unwrap();
-        let engine = jobhost::Engine::open(dir.path(), test_config()).unwrap();
+        let engine = jobhost::open_engine(dir.path(), test_config()).unwrap();
         let env = engine.env(state["environmentId"].as_str().unwrap());
         let job_id = state["jobId"].as_str().unwrap();
         let job = env.job(job_id).await.unwrap();

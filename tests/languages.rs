@@ -7,14 +7,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use crate::support::{TestHost, events_of, until_terminal};
 use jobhost::model::{ExecutionOutcome, JobStatus, JobType, NewJob};
 use jobhost::runtime::{Plugin, Runtime, RuntimeConfig};
 use jobhost::scenario;
-use jobhost_tests::{TestHost, events_of, until_terminal};
 use serde_json::json;
 
 fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().and_then(Path::parent).unwrap()
 }
 
 /// Builds `plugins/<dir>`; the tools and builds live in this build's target directory.
@@ -76,7 +76,7 @@ async fn runs_the_seeds_scenario_like_the_rust_plugin(dir: &str) {
     assert_eq!(env.record_counts(&sheet).await.unwrap().error, invalid);
 
     let (_h2, rust_env, rust_job, rust_sheet, _) =
-        seeds(vec![jobhost_tests::load(&runtime(), jobhost::artifacts::SUBMIT_LARGE_SHEET).await], 5_000).await;
+        seeds(vec![crate::support::load(&runtime(), jobhost_test_plugins::SUBMIT_LARGE_SHEET).await], 5_000).await;
     assert_eq!(rust_job.status, JobStatus::Complete);
     for page in 1..=5 {
         let ours = env.records(&sheet, 1000, page).await.unwrap().records;
@@ -253,11 +253,11 @@ async fn a_large_component_is_compiled_once_then_loaded_from_the_cache() {
     let config = RuntimeConfig { cache_dir: Some(cache.path().join("wasmtime")), ..RuntimeConfig::default() };
     let cold = Runtime::new(config.clone()).unwrap();
     cold.load(&component).await.unwrap();
-    let entries = jobhost_tests::compiled_entries(cache.path());
+    let entries = crate::support::compiled_entries(cache.path());
     assert!(!entries.is_empty(), "the compiled component was cached");
     // A restarted host: a new runtime on the same cache loads without compiling again.
     let warm = Runtime::new(config).unwrap();
     let plugin = warm.load(&component).await.unwrap();
     assert_eq!(plugin.routes[0].topic, "bench:noop");
-    assert_eq!(jobhost_tests::compiled_entries(cache.path()), entries, "nothing new was compiled");
+    assert_eq!(crate::support::compiled_entries(cache.path()), entries, "nothing new was compiled");
 }

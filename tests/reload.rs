@@ -5,12 +5,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use jobhost::artifacts;
+use crate::support::{TestHost, test_config, test_runtime, until_terminal};
 use jobhost::model::{ExecutionOutcome, JobStatus, JobType, NewJob};
 use jobhost::reload::{PluginHost, ReloadEvent, Watch};
 use jobhost::runtime::version_of;
 use jobhost::{EngineConfig, Env};
-use jobhost_tests::{TestHost, test_config, test_runtime, until_terminal};
+use jobhost_test_plugins as artifacts;
 use tokio::sync::broadcast::Receiver;
 
 /// The same component with a custom section appended: same behaviour, another version.
@@ -48,7 +48,7 @@ struct Reloading {
     plugins: Arc<PluginHost>,
     events: Receiver<ReloadEvent>,
     dir: tempfile::TempDir,
-    running: Arc<jobhost::listener::Running>,
+    running: Arc<jobhost::delivery::Running>,
     _watch: Watch,
     v1: Vec<u8>,
 }
@@ -368,6 +368,6 @@ async fn a_manifest_change_reloads_without_recompiling_and_a_bad_one_is_refused(
             other => panic!("{other:?}"),
         }
     }
-    assert_eq!(r.plugins.loaded().await[0].manifest.limits, jobhost_tests::test_runtime_config().limits);
+    assert_eq!(r.plugins.loaded().await[0].manifest.limits, crate::support::test_runtime_config().limits);
     r.running.shutdown().await;
 }

@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
+use crate::support::{TestHost, compiled_entries, events_of, load, test_config, test_runtime, until_terminal};
 use jobhost::EngineConfig;
-use jobhost::artifacts;
 use jobhost::model::{ExecutionOutcome, JobStatus, JobType, NewJob};
 use jobhost::scenario;
-use jobhost_tests::{TestHost, compiled_entries, events_of, load, test_config, test_runtime, until_terminal};
+use jobhost_test_plugins as artifacts;
 use serde_json::json;
 
 async fn seeds(records: u64, input: serde_json::Value) -> (TestHost, jobhost::Env, jobhost::model::Job, String, u64) {
@@ -84,7 +84,7 @@ async fn a_failing_part_fails_the_parent() {
 }
 
 /// A host with the well-behaved and the misbehaving plugin, in two environments.
-async fn hostile_host(max_attempts: u32) -> (TestHost, jobhost::Env, jobhost::Env, jobhost::listener::Running) {
+async fn hostile_host(max_attempts: u32) -> (TestHost, jobhost::Env, jobhost::Env, jobhost::delivery::Running) {
     let host =
         TestHost::with_config(EngineConfig { max_attempts, retry_backoff: Duration::from_millis(1), ..test_config() });
     let (bad_env, good_env) = (host.env().await, host.env().await);
@@ -227,7 +227,7 @@ async fn compiled_plugins_go_to_the_compilation_cache() {
     let cache = tempfile::tempdir().unwrap();
     let config = jobhost::runtime::RuntimeConfig {
         cache_dir: Some(cache.path().join("wasmtime")),
-        ..jobhost_tests::test_runtime_config()
+        ..crate::support::test_runtime_config()
     };
     let rt = jobhost::runtime::Runtime::new(config.clone()).unwrap();
     load(&rt, artifacts::TEST_NOOP).await;
@@ -243,7 +243,7 @@ async fn compiled_plugins_go_to_the_compilation_cache() {
 async fn memory_and_wall_clock_limits_are_attributed() {
     let host = TestHost::with_config(EngineConfig { max_attempts: 1, ..test_config() });
     let env = host.env().await;
-    let base = jobhost_tests::test_runtime_config();
+    let base = crate::support::test_runtime_config();
     let rt = jobhost::runtime::Runtime::new(jobhost::runtime::RuntimeConfig {
         limits: jobhost::runtime::Limits { wall: Duration::from_millis(500), memory: 16 << 20, ..base.limits.clone() },
         ..base

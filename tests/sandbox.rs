@@ -5,10 +5,11 @@
 
 use std::sync::Arc;
 
+use crate::support::{TestHost, test_config, test_runtime_config, until_terminal, wat_component, wat_listener};
 use jobhost::model::{Execution, ExecutionOutcome, Job, JobStatus, JobType, NewJob};
 use jobhost::runtime::{LoadError, Runtime, RuntimeConfig};
-use jobhost::{EngineConfig, Env, artifacts, scenario};
-use jobhost_tests::{TestHost, test_config, test_runtime_config, until_terminal, wat_component, wat_listener};
+use jobhost::{EngineConfig, Env, scenario};
+use jobhost_test_plugins as artifacts;
 use serde_json::{Value, json};
 
 /// The hostile plugin's manifest in most tests: tight limits, a few grants.
@@ -43,7 +44,7 @@ struct Arena {
     attacker: Env,
     victim: Env,
     rt: Arc<Runtime>,
-    running: jobhost::listener::Running,
+    running: jobhost::delivery::Running,
     _plugins: tempfile::TempDir,
 }
 

@@ -1,0 +1,333 @@
+//! The store conformance suite: what every backend must pass, run from the backend's own tests.
+//!
+//! ```ignore
+//! // In a backend crate's tests (with `jobhost-engine = { features = ["conformance"] }`):
+//! fn open(scratch: &std::path::Path) -> std::sync::Arc<dyn jobhost_store::Backend> {
+//!     std::sync::Arc::new(MyBackend::open(scratch).unwrap())
+//! }
+//! jobhost_engine::conformance_suite!(open);
+//! ```
+//!
+//! The macro expands to one `#[tokio::test]` per case, each on a fresh store:
+//!
+//! - [`primitives`]: every primitive of the boundary — atomic writes, retryable failures,
+//!   fenced leases, subscriptions' version, hosts and reclaiming, locks that read what they lock.
+//! - [`rules`]: every rule of `docs/job-model.md`, through the engine: the lifecycle table,
+//!   parts and `job:parts-completed`, records, deliveries (retries, dead letters, leases),
+//!   environments, secrets, the watchdog, the loop guard, the seeds' scenario.
+//! - [`concurrency`]: what a backend gets wrong when it is right only because it has one
+//!   writer — tasks racing the parts of several parents to their end (exactly one
+//!   `job:parts-completed` each), two engines (two hosts) leasing from one store (no delivery
+//!   handled twice at once), a lease stolen after it expired and the late answer refused.
+//!
+//! A case that needs a second host opens a second engine on the same backend: a backend whose
+//! hosts would each have their own connection pool passes the same cases with one pool each.
+
+pub mod concurrency;
+pub mod primitives;
+pub mod rules;
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use crate::model::{Event, Job, JobStatus};
+use crate::store::Backend;
+use crate::{Engine, EngineConfig, Env};
+
+/// Opens a fresh, empty store whose data lives under `scratch` (or elsewhere: a database
+/// server's fresh schema), for one test.
+pub type Open = fn(scratch: &Path) -> Arc<dyn Backend>;
+
+static OPEN: OnceLock<Open> = OnceLock::new();
+
+/// Sets the backend the suite runs on (the first call wins; a test binary runs one backend).
+pub fn install(open: Open) {
+    let _ = OPEN.set(open);
+}
+
+fn open_backend(scratch: &Path) -> Arc<dyn Backend> {
+    let open = OPEN.get().expect("conformance::install(open) was not called");
+    open(scratch)
+}
+
+/// An engine on a fresh store of the installed backend, with a scratch directory the test may
+/// use; both go away when it is dropped.
+pub struct TestHost {
+    /// The engine.
+    pub engine: Engine,
+    /// The test's scratch directory (the store may live in it).
+    pub dir: TempDir,
+}
+
+/// Settings for tests: quick retries, watchdog off unless a test turns it on.
+pub fn test_config() -> EngineConfig {
+    EngineConfig {
+        ack_timeout: None,
+        stale_timeout: None,
+        retry_backoff: Duration::from_millis(5),
+        lease: Duration::from_secs(60),
+        ..EngineConfig::default()
+    }
+}
+
+impl TestHost {
+    /// A host with [`test_config`].
+    pub fn new() -> Self {
+        Self::with_config(test_config())
+    }
+
+    /// A host with explicit settings.
+    pub fn with_config(config: EngineConfig) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let engine = Engine::with_backend(open_backend(dir.path()), config);
+        Self { engine, dir }
+    }
+
+    /// A second host on the same store: an engine of its own (its own host id), as another
+    /// process would have.
+    pub fn second_host(&self, config: EngineConfig) -> Engine {
+        Engine::with_backend(self.engine.store().backend().clone(), config)
+    }
+
+    /// A new environment's API.
+    pub async fn env(&self) -> Env {
+        let e = self.engine.create_environment("test").await.expect("create environment");
+        self.engine.env(e.id)
+    }
+}
+
+impl Default for TestHost {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Waits until job `id` is terminal and returns it.
+pub async fn until_terminal(env: &Env, id: &str) -> Job {
+    let (env2, id) = (env.clone(), id.to_owned());
+    env.engine()
+        .wait_for(move || {
+            let (env, id) = (env2.clone(), id.clone());
+            async move { Ok(Some(env.job(&id).await?).filter(|j| j.status.is_terminal())) }
+        })
+        .await
+        .expect("wait for a terminal job")
+}
+
+/// Waits until job `id` has `status`.
+pub async fn until_status(env: &Env, id: &str, status: JobStatus) -> Job {
+    let (env2, id) = (env.clone(), id.to_owned());
+    env.engine()
+        .wait_for(move || {
+            let (env, id) = (env2.clone(), id.clone());
+            async move { Ok(Some(env.job(&id).await?).filter(|j| j.status == status)) }
+        })
+        .await
+        .expect("wait for a job status")
+}
+
+/// Every event of the environment, oldest first.
+pub async fn all_events(env: &Env) -> Vec<Event> {
+    env.events(0, u32::MAX).await.expect("events")
+}
+
+/// The events of `topic` about `job_id`.
+pub async fn events_of(env: &Env, job_id: &str, topic: &str) -> Vec<Event> {
+    env.job_events(job_id).await.expect("job events").into_iter().filter(|e| e.topic == topic).collect()
+}
+
+/// Expands to one test per case of the suite, each on a fresh store opened by `$open` (an
+/// [`Open`] function). See the module documentation.
+#[macro_export]
+macro_rules! conformance_suite {
+    ($open:path) => {
+        $crate::__conformance_case!(
+            $open,
+            rules,
+            every_call_from_every_status_is_allowed_or_refused_with_nothing_changed,
+            [tokio::test]
+        );
+        $crate::__conformance_case!($open, rules, refusals_say_what_and_why, [tokio::test]);
+        $crate::__conformance_case!($open, rules, create_writes_created_then_ready_or_only_created, [tokio::test]);
+        $crate::__conformance_case!(
+            $open,
+            rules,
+            ack_is_repeatable_and_updates_info_progress_and_estimate,
+            [tokio::test]
+        );
+        $crate::__conformance_case!($open, rules, retry_increments_attempt_and_outcome_ack_is_once, [tokio::test]);
+        $crate::__conformance_case!(
+            $open,
+            rules,
+            scheduled_and_waiting_jobs_start_when_their_condition_is_met,
+            [tokio::test]
+        );
+        $crate::__conformance_case!($open, rules, split_gives_parts_their_data_and_refuses_bad_splits, [tokio::test]);
+        $crate::__conformance_case!(
+            $open,
+            rules,
+            parts_completed_fires_once_with_counts_derived_from_the_parts,
+            [tokio::test]
+        );
+        $crate::__conformance_case!(
+            $open,
+            rules,
+            many_parts_ending_at_the_same_moment_yield_exactly_one_parts_completed,
+            [tokio::test]
+        );
+        $crate::__conformance_case!(
+            $open,
+            rules,
+            cancel_cascades_to_open_parts_and_suppresses_parts_completed,
+            [tokio::test]
+        );
+        $crate::__conformance_case!($open, rules, sequential_parts_run_strictly_one_after_another, [tokio::test]);
+        $crate::__conformance_case!($open, rules, seeds_scenario_with_native_listeners, [tokio::test]);
+        $crate::__conformance_case!(
+            $open,
+            rules,
+            seeds_scenario_with_failed_and_canceled_parts_fails_the_parent,
+            [tokio::test]
+        );
+        $crate::__conformance_case!($open, rules, a_failing_handler_is_retried_then_succeeds, [tokio::test]);
+        $crate::__conformance_case!(
+            $open,
+            rules,
+            exhausted_deliveries_are_dead_lettered_with_the_reason,
+            [tokio::test]
+        );
+        $crate::__conformance_case!(
+            $open,
+            rules,
+            a_handler_that_outlives_its_lease_gets_the_event_again,
+            [tokio::test]
+        );
+        $crate::__conformance_case!($open, rules, a_panicking_handler_fails_only_its_delivery, [tokio::test]);
+        $crate::__conformance_case!(
+            $open,
+            rules,
+            events_stored_while_a_listener_is_down_are_delivered_when_it_returns,
+            [tokio::test]
+        );
+        $crate::__conformance_case!($open, rules, listeners_only_see_their_environment_and_their_filter, [tokio::test]);
+        $crate::__conformance_case!($open, rules, records_insert_in_bulk_page_stably_and_count_validity, [tokio::test]);
+        $crate::__conformance_case!(
+            $open,
+            rules,
+            record_updates_merge_values_replace_messages_and_derive_validity,
+            [tokio::test]
+        );
+        $crate::__conformance_case!($open, rules, record_deletion_is_all_or_none_and_keeps_pages_dense, [tokio::test]);
+        $crate::__conformance_case!($open, rules, nothing_crosses_environments, [tokio::test]);
+        $crate::__conformance_case!(
+            $open,
+            rules,
+            watchdog_fails_unacked_and_stale_jobs_and_promotes_scheduled_ones,
+            [tokio::test(start_paused = true)]
+        );
+        $crate::__conformance_case!(
+            $open,
+            rules,
+            a_split_parent_is_not_stale_while_parts_run_and_abandoned_parts_still_complete_it,
+            [tokio::test(start_paused = true)]
+        );
+        $crate::__conformance_case!(
+            $open,
+            rules,
+            the_background_watchdog_runs_without_being_called,
+            [tokio::test(start_paused = true)]
+        );
+        $crate::__conformance_case!($open, rules, secrets_are_scoped_to_their_environment_and_validated, [tokio::test]);
+        $crate::__conformance_case!(
+            $open,
+            rules,
+            a_native_listener_that_retriggers_itself_is_stopped_by_the_loop_guard,
+            [tokio::test]
+        );
+        $crate::__conformance_case!(
+            $open,
+            primitives,
+            a_refused_write_keeps_nothing_and_leaves_the_writes_beside_it,
+            [tokio::test]
+        );
+        $crate::__conformance_case!(
+            $open,
+            primitives,
+            a_retryable_failure_runs_the_write_again_and_applies_it_once,
+            [tokio::test]
+        );
+        $crate::__conformance_case!($open, primitives, leases_are_fenced_by_owner_and_attempt, [tokio::test]);
+        $crate::__conformance_case!(
+            $open,
+            primitives,
+            an_expired_lease_is_due_again_and_its_old_holder_is_refused,
+            [tokio::test]
+        );
+        $crate::__conformance_case!(
+            $open,
+            primitives,
+            a_released_delivery_is_due_at_once_without_spending_an_attempt,
+            [tokio::test]
+        );
+        $crate::__conformance_case!($open, primitives, dead_letters_keep_their_reason, [tokio::test]);
+        $crate::__conformance_case!(
+            $open,
+            primitives,
+            the_subscriptions_version_changes_with_every_change_and_never_repeats,
+            [tokio::test]
+        );
+        $crate::__conformance_case!($open, primitives, hosts_register_heartbeat_and_leave, [tokio::test]);
+        $crate::__conformance_case!($open, primitives, reclaiming_spares_the_leases_of_live_hosts, [tokio::test]);
+        $crate::__conformance_case!(
+            $open,
+            primitives,
+            a_job_read_for_update_is_the_stored_job_and_parts_come_by_index,
+            [tokio::test]
+        );
+        $crate::__conformance_case!(
+            $open,
+            concurrency,
+            racing_parts_of_many_parents_fire_parts_completed_exactly_once_each,
+            [tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        );
+        $crate::__conformance_case!(
+            $open,
+            concurrency,
+            two_hosts_never_handle_one_delivery_at_once,
+            [tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        );
+        $crate::__conformance_case!(
+            $open,
+            concurrency,
+            a_lease_stolen_after_expiry_refuses_the_late_answer,
+            [tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        );
+        $crate::__conformance_case!(
+            $open,
+            concurrency,
+            routing_sees_subscriptions_written_by_another_host,
+            [tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        );
+        $crate::__conformance_case!(
+            $open,
+            concurrency,
+            the_leases_of_a_host_that_stopped_heartbeating_are_handed_out_again,
+            [tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        );
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_case {
+    ($open:path, $module:ident, $name:ident, [$($attr:tt)*]) => {
+        #[$($attr)*]
+        async fn $name() {
+            $crate::conformance::install($open);
+            $crate::conformance::$module::$name().await;
+        }
+    };
+}

@@ -1,0 +1,334 @@
+//! Every primitive of the store boundary, called directly: what the engine relies on a backend
+//! to do, one rule per case.
+#![allow(missing_docs)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use serde_json::{Value, json};
+
+use super::TestHost;
+use crate::error::{Error, StoreError};
+use crate::model::{Environment, Event, JobStatus, JobType, Millis, NewJob, Sheet, new_id};
+use crate::store::{
+    Backend, DeliveryEnd, Fence, HostRecord, Notifications, ReadOp, Reply, Store, Subscription, Tx, WriteOp,
+};
+
+/// An environment, a subscription to every event of it, and one event with a pending delivery:
+/// the delivery's id.
+async fn one_delivery(store: &Store, now: Millis) -> (String, i64) {
+    store
+        .write(move |tx| {
+            let env = Environment { id: new_id("env"), name: "p".into(), created_at: now };
+            tx.insert_environment(&env)?;
+            let sub = Subscription {
+                id: format!("{}/l#0", env.id),
+                environment_id: env.id.clone(),
+                topic: "**".into(),
+                filter: Value::Null,
+            };
+            tx.put_subscription(&sub, true, now)?;
+            let event = Event {
+                id: new_id("evt"),
+                seq: 0,
+                topic: "job:ready".into(),
+                context: json!({ "environmentId": env.id }),
+                payload: json!({}),
+                created_at: now,
+            };
+            let seq = tx.insert_event(&event)?;
+            tx.insert_deliveries(seq, &[sub.id.as_str()], now)?;
+            let due = tx.due_deliveries(std::slice::from_ref(&sub.id), now, 10)?;
+            assert_eq!(due.len(), 1, "a delivery inserted in this transaction is due in it");
+            Ok((sub.id, due[0].delivery_id))
+        })
+        .await
+        .expect("one delivery")
+}
+
+fn fence(owner: &str, attempt: u32) -> Fence {
+    Fence { owner: owner.into(), attempt }
+}
+
+pub async fn a_refused_write_keeps_nothing_and_leaves_the_writes_beside_it() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let store = host.engine.store().clone();
+    let sheet = |name: &'static str, env: String| Sheet {
+        id: format!("sh_{name}"),
+        environment_id: env,
+        name: name.into(),
+        workbook_id: None,
+        created_at: 1,
+    };
+    let (e1, e2) = (env.id().to_owned(), env.id().to_owned());
+    let (s1, s2) = (store.clone(), store.clone());
+    // Submitted together, so a backend that commits in groups commits them in one group.
+    let (refused, kept) = tokio::join!(
+        s1.write(move |tx| {
+            tx.insert_sheet(&sheet("refused", e1.clone()))?;
+            Err::<(), _>(Error::invalid("refused after writing"))
+        }),
+        s2.write(move |tx| tx.insert_sheet(&sheet("kept", e2.clone()))),
+    );
+    assert!(matches!(refused, Err(Error::Invalid(_))), "{refused:?}");
+    kept.expect("the other write commits");
+    assert_eq!(env.sheet("sh_refused").await.unwrap_err().kind(), crate::ErrorKind::NotFound);
+    assert_eq!(env.sheet("sh_kept").await.unwrap().name, "kept");
+}
+
+/// A backend that fails the first `fail` attempts of every write with a retryable error after
+/// running it (and throws its changes away): what a serialization failure looks like.
+struct Flaky {
+    inner: Arc<dyn Backend>,
+    fail: u32,
+    attempts: AtomicU32,
+}
+
+impl Backend for Flaky {
+    fn submit_write(&self, op: WriteOp) {
+        let n = self.attempts.fetch_add(1, Ordering::SeqCst);
+        if n % (self.fail + 1) == self.fail {
+            return self.inner.submit_write(op);
+        }
+        self.inner.submit_write(Box::new(move |tx: &mut dyn Tx| {
+            let (_, reply) = op(tx);
+            let failed: Reply = Box::new(move |_| {
+                reply(Err(Error::Store(StoreError::new("could not serialize access").retryable(true))))
+            });
+            (false, failed)
+        }));
+    }
+
+    fn submit_read(&self, op: ReadOp) {
+        self.inner.submit_read(op)
+    }
+
+    fn notifications(&self) -> Notifications {
+        self.inner.notifications()
+    }
+
+    fn exclusive(&self) -> bool {
+        self.inner.exclusive()
+    }
+}
+
+pub async fn a_retryable_failure_runs_the_write_again_and_applies_it_once() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let flaky = Arc::new(Flaky { inner: host.engine.store().backend().clone(), fail: 2, attempts: AtomicU32::new(0) });
+    let engine = crate::Engine::with_backend(flaky.clone(), super::test_config());
+    let job = engine.env(env.id()).create_job(NewJob::new(JobType::File, "parse")).await.expect("retried to success");
+    assert_eq!(flaky.attempts.load(Ordering::SeqCst), 3, "two failed attempts, then the one that counts");
+    let jobs = env.jobs(0, 100).await.unwrap();
+    assert_eq!(jobs.len(), 1, "applied once: {jobs:?}");
+    assert_eq!(jobs[0].id, job.id);
+    let topics: Vec<String> = env.events(0, 100).await.unwrap().into_iter().map(|e| e.topic).collect();
+    assert_eq!(topics, ["job:created", "job:ready"], "the events of one run, not three");
+    // A failure that outlasts every attempt reaches the caller as what it is.
+    let hopeless =
+        Arc::new(Flaky { inner: host.engine.store().backend().clone(), fail: 100, attempts: AtomicU32::new(0) });
+    let engine = crate::Engine::with_backend(hopeless, super::test_config());
+    let err = engine.env(env.id()).create_job(NewJob::new(JobType::File, "parse")).await.unwrap_err();
+    assert!(err.is_retryable() && err.kind() == crate::ErrorKind::Internal, "{err:?}");
+    assert_eq!(env.jobs(0, 100).await.unwrap().len(), 1, "nothing of the failed attempts was kept");
+}
+
+pub async fn leases_are_fenced_by_owner_and_attempt() {
+    let host = TestHost::new();
+    let store = host.engine.store().clone();
+    let (_, id) = one_delivery(&store, 1_000).await;
+    let ended = store
+        .write(move |tx| {
+            tx.lease_delivery(id, &fence("host_a", 1), 61_000)?;
+            Ok((
+                tx.finish_delivery(id, Some(&fence("host_b", 1)), &DeliveryEnd::Done, 2_000)?,
+                tx.finish_delivery(id, Some(&fence("host_a", 2)), &DeliveryEnd::Done, 2_000)?,
+                tx.release_delivery(id, &fence("host_b", 1), 2_000)?,
+                tx.finish_delivery(id, Some(&fence("host_a", 1)), &DeliveryEnd::Done, 2_000)?,
+                tx.finish_delivery(id, Some(&fence("host_a", 1)), &DeliveryEnd::Done, 2_000)?,
+            ))
+        })
+        .await
+        .unwrap();
+    assert_eq!(ended, (false, false, false, true, false), "only the lease's own owner and attempt end it, once");
+    let stats = host.engine.delivery_stats().await.unwrap();
+    assert_eq!((stats.done, stats.leased, stats.pending), (1, 0, 0));
+}
+
+pub async fn an_expired_lease_is_due_again_and_its_old_holder_is_refused() {
+    let host = TestHost::new();
+    let store = host.engine.store().clone();
+    let (sub, id) = one_delivery(&store, 1_000).await;
+    let (due_early, due_late, late_a, late_release, b) = store
+        .write(move |tx| {
+            tx.lease_delivery(id, &fence("host_a", 1), 5_000)?;
+            let early = tx.due_deliveries(std::slice::from_ref(&sub), 4_999, 10)?.len();
+            let late = tx.due_deliveries(std::slice::from_ref(&sub), 5_000, 10)?;
+            assert_eq!(late[0].attempts, 1, "the expired lease counts as an attempt");
+            tx.lease_delivery(id, &fence("host_b", 2), 65_000)?;
+            let late_a = tx.finish_delivery(id, Some(&fence("host_a", 1)), &DeliveryEnd::Done, 6_000)?;
+            let late_release = tx.release_delivery(id, &fence("host_a", 1), 6_000)?;
+            let retry = DeliveryEnd::Retry { due_at: 7_000, error: "b failed".into() };
+            let b = tx.finish_delivery(id, Some(&fence("host_b", 2)), &retry, 6_000)?;
+            Ok((early, late.len(), late_a, late_release, b))
+        })
+        .await
+        .unwrap();
+    assert_eq!((due_early, due_late), (0, 1), "due exactly when the lease expires");
+    assert!(!late_a && !late_release, "the old holder's answer changes nothing");
+    assert!(b, "the current holder's answer is applied");
+    let stats = host.engine.delivery_stats().await.unwrap();
+    assert_eq!((stats.pending, stats.leased, stats.done), (1, 0, 0), "retried as the current holder said");
+}
+
+pub async fn a_released_delivery_is_due_at_once_without_spending_an_attempt() {
+    let host = TestHost::new();
+    let store = host.engine.store().clone();
+    let (sub, id) = one_delivery(&store, 1_000).await;
+    let attempts = store
+        .write(move |tx| {
+            tx.lease_delivery(id, &fence("host_a", 1), 61_000)?;
+            assert!(tx.release_delivery(id, &fence("host_a", 1), 2_000)?);
+            let due = tx.due_deliveries(std::slice::from_ref(&sub), 2_000, 10)?;
+            Ok(due.iter().map(|d| d.attempts).collect::<Vec<_>>())
+        })
+        .await
+        .unwrap();
+    assert_eq!(attempts, [0]);
+}
+
+pub async fn dead_letters_keep_their_reason() {
+    let host = TestHost::new();
+    let store = host.engine.store().clone();
+    let (sub, id) = one_delivery(&store, 1_000).await;
+    let env = sub.split('/').next().unwrap().to_owned();
+    store
+        .write(move |tx| {
+            tx.lease_delivery(id, &fence("host_a", 1), 61_000)?;
+            tx.finish_delivery(id, Some(&fence("host_a", 1)), &DeliveryEnd::Dead { error: "boom".into() }, 2_000)
+        })
+        .await
+        .unwrap();
+    let dead = host.engine.env(env).dead_letters().await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].last_error, "boom");
+    assert_eq!(host.engine.delivery_stats().await.unwrap().dead, 1);
+}
+
+pub async fn the_subscriptions_version_changes_with_every_change_and_never_repeats() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let store = host.engine.store().clone();
+    let sub = Subscription {
+        id: format!("{}/l#0", env.id()),
+        environment_id: env.id().into(),
+        topic: "job:*".into(),
+        filter: Value::Null,
+    };
+    let version = || store.read(|r| r.subscriptions_version());
+    let v0 = version().await.unwrap();
+    let s = sub.clone();
+    store.write(move |tx| tx.put_subscription(&s, true, 1)).await.unwrap();
+    let v1 = version().await.unwrap();
+    let s = sub.clone();
+    store.write(move |tx| tx.set_subscription_active(&s.id, false, 2)).await.unwrap();
+    let v2 = version().await.unwrap();
+    let s = sub.clone();
+    let refused = store
+        .write(move |tx| {
+            tx.put_subscription(&s, true, 3)?;
+            Err::<(), _>(Error::invalid("rolled back"))
+        })
+        .await;
+    assert!(refused.is_err());
+    assert_eq!(version().await.unwrap(), v2, "a rolled-back change is no change");
+    let s = Subscription { topic: "records:*".into(), ..sub.clone() };
+    store.write(move |tx| tx.put_subscription(&s, true, 4)).await.unwrap();
+    let v3 = version().await.unwrap();
+    let all = [v0, v1, v2, v3];
+    for (i, a) in all.iter().enumerate() {
+        for b in &all[i + 1..] {
+            assert_ne!(a, b, "versions {all:?} repeat");
+        }
+    }
+    let active = store.read(|r| r.active_subscriptions()).await.unwrap();
+    assert_eq!(active, [Subscription { topic: "records:*".into(), ..sub }]);
+}
+
+pub async fn hosts_register_heartbeat_and_leave() {
+    let host = TestHost::new();
+    let store = host.engine.store().clone();
+    let a = HostRecord { id: "host_a".into(), label: "a pid 1".into(), started_at: 10, heartbeat_at: 10 };
+    let b = HostRecord { id: "host_b".into(), label: "b pid 2".into(), started_at: 20, heartbeat_at: 20 };
+    let (a2, b2) = (a.clone(), b.clone());
+    store
+        .write(move |tx| {
+            tx.heartbeat(&a2)?;
+            tx.heartbeat(&b2)
+        })
+        .await
+        .unwrap();
+    let beat = HostRecord { heartbeat_at: 30, ..a.clone() };
+    store.write(move |tx| tx.heartbeat(&beat)).await.unwrap();
+    let hosts = store.read(|r| r.hosts()).await.unwrap();
+    assert_eq!(hosts, [HostRecord { heartbeat_at: 30, ..a }, b]);
+    store.write(|tx| tx.remove_host("host_b")).await.unwrap();
+    let ids: Vec<String> = store.read(|r| r.hosts()).await.unwrap().into_iter().map(|h| h.id).collect();
+    assert_eq!(ids, ["host_a"]);
+}
+
+pub async fn reclaiming_spares_the_leases_of_live_hosts() {
+    let host = TestHost::new();
+    let store = host.engine.store().clone();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(one_delivery(&store, 1_000).await.1);
+    }
+    let ids2 = ids.clone();
+    let reclaimed = store
+        .write(move |tx| {
+            for (id, owner) in ids2.iter().zip(["host_live", "host_gone", "host_never_registered"]) {
+                tx.lease_delivery(*id, &fence(owner, 1), 600_000)?;
+            }
+            tx.reclaim_leases_except(&["host_live".to_owned()], 2_000)
+        })
+        .await
+        .unwrap();
+    assert_eq!(reclaimed, 2);
+    let stats = host.engine.delivery_stats().await.unwrap();
+    assert_eq!((stats.leased, stats.pending), (1, 2), "only the live host keeps its lease");
+    let kept = store
+        .write(move |tx| tx.finish_delivery(ids[0], Some(&fence("host_live", 1)), &DeliveryEnd::Done, 3_000))
+        .await
+        .unwrap();
+    assert!(kept, "the live host's lease is intact");
+}
+
+pub async fn a_job_read_for_update_is_the_stored_job_and_parts_come_by_index() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let parent = env.create_job(NewJob::new(JobType::Sheet, "split")).await.unwrap();
+    env.ack(&parent.id, Default::default()).await.unwrap();
+    env.split(&parent.id, crate::model::Split { parts: crate::model::SplitParts::Count(5), run_in_parallel: None })
+        .await
+        .unwrap();
+    let parts = env.parts(&parent.id).await.unwrap();
+    let (e, p, first) = (env.id().to_owned(), parent.id.clone(), parts[0].id.clone());
+    let (locked_part, locked, indexes) = host
+        .engine
+        .store()
+        .write(move |tx| {
+            let part = tx.job_for_update(&e, &first)?;
+            let locked = tx.job_for_update(&e, &p)?;
+            let open = tx.parts_in(&p, &[JobStatus::Ready])?;
+            Ok((part, locked, open.into_iter().map(|j| j.part_index).collect::<Vec<_>>()))
+        })
+        .await
+        .unwrap();
+    assert_eq!(locked_part.as_ref(), Some(&parts[0]));
+    assert_eq!(locked.map(|j| j.status), Some(JobStatus::Executing));
+    assert_eq!(indexes, (0..5).map(Some).collect::<Vec<_>>());
+    let missing = host.engine.store().write(|tx| tx.job_for_update("env_nope", "job_nope")).await.unwrap();
+    assert!(missing.is_none());
+}

@@ -1,0 +1,965 @@
+//! Every rule of `docs/job-model.md`, through the engine: every transition, multi-part jobs,
+//! records, deliveries and the watchdog, on the installed backend.
+#![allow(missing_docs)]
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{TestHost, all_events, events_of, test_config, until_status, until_terminal};
+use crate::error::ErrorKind;
+use crate::listener::Listener;
+use crate::model::{
+    Ack, Job, JobStatus, JobType, MAX_PARTS, Message, NewJob, NewRecord, Outcome, RecordUpdate, Split, SplitParts,
+    Trigger,
+};
+use crate::scenario::{self, Options};
+use crate::{EngineConfig, Env, Error};
+use serde_json::{Value, json};
+
+// ---------------------------------------------------------------- lifecycle table
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum CallKind {
+    Execute,
+    Ack,
+    Complete,
+    Fail,
+    Cancel,
+    Retry,
+    OutcomeAck,
+    Split,
+}
+
+const CALLS: [CallKind; 8] = [
+    CallKind::Execute,
+    CallKind::Ack,
+    CallKind::Complete,
+    CallKind::Fail,
+    CallKind::Cancel,
+    CallKind::Retry,
+    CallKind::OutcomeAck,
+    CallKind::Split,
+];
+
+const STATUSES: [JobStatus; 8] = [
+    JobStatus::Created,
+    JobStatus::Scheduled,
+    JobStatus::Waiting,
+    JobStatus::Ready,
+    JobStatus::Executing,
+    JobStatus::Complete,
+    JobStatus::Failed,
+    JobStatus::Canceled,
+];
+
+/// `docs/job-model.md`'s table: the status a call leads to from a status, or `None` if refused,
+/// and the topics the call writes.
+fn expected(from: JobStatus, call: CallKind) -> Option<(JobStatus, &'static [&'static str])> {
+    use JobStatus::*;
+    match (call, from) {
+        (CallKind::Execute, Created) => Some((Ready, &["job:ready"])),
+        (CallKind::Ack, Ready | Executing) => Some((Executing, &["job:updated"])),
+        (CallKind::Complete, Ready | Executing) => Some((Complete, &["job:completed"])),
+        (CallKind::Fail, Ready | Executing) => Some((Failed, &["job:failed"])),
+        (CallKind::Cancel, Created | Scheduled | Waiting | Ready | Executing) => Some((Canceled, &["job:updated"])),
+        (CallKind::Retry, Failed) => Some((Ready, &["job:ready"])),
+        (CallKind::OutcomeAck, Complete | Failed | Canceled) => Some((from, &["job:outcome-acknowledged"])),
+        (CallKind::Split, Executing) => Some((Executing, &["job:created", "job:ready", "job:created", "job:ready"])),
+        _ => None,
+    }
+}
+
+/// A fresh job in `status`, reached through the public API.
+async fn job_in(env: &Env, status: JobStatus) -> Job {
+    let base = NewJob::new(crate::model::JobType::Space, "work");
+    let job = match status {
+        JobStatus::Created => env.create_job(base.trigger(Trigger::Manual)).await,
+        JobStatus::Scheduled => env.create_job(NewJob { run_at: Some(env.engine().now() + 3_600_000), ..base }).await,
+        JobStatus::Waiting => {
+            let pred = env.create_job(base.clone()).await.unwrap();
+            env.create_job(NewJob { predecessor_ids: vec![pred.id], ..base }).await
+        }
+        JobStatus::Ready => env.create_job(base).await,
+        JobStatus::Executing => {
+            let j = env.create_job(base).await.unwrap();
+            env.ack(&j.id, Ack::default()).await
+        }
+        JobStatus::Complete | JobStatus::Failed | JobStatus::Canceled => {
+            let j = env.create_job(base).await.unwrap();
+            match status {
+                JobStatus::Complete => env.complete(&j.id, Outcome::default()).await,
+                JobStatus::Failed => env.fail(&j.id, Outcome::default()).await,
+                _ => env.cancel(&j.id, None).await,
+            }
+        }
+        other => panic!("no recipe for {other}"),
+    }
+    .unwrap();
+    assert_eq!(job.status, status);
+    job
+}
+
+async fn call(env: &Env, id: &str, call: CallKind) -> Result<Job, Error> {
+    match call {
+        CallKind::Execute => env.execute(id).await,
+        CallKind::Ack => env.ack(id, Ack::progress("working", 40)).await,
+        CallKind::Complete => env.complete(id, Outcome::message("done")).await,
+        CallKind::Fail => env.fail(id, Outcome::message("broken")).await,
+        CallKind::Cancel => env.cancel(id, Some("stop".into())).await,
+        CallKind::Retry => env.retry(id).await,
+        CallKind::OutcomeAck => env.acknowledge_outcome(id).await,
+        CallKind::Split => env.split(id, Split::count(2)).await.map(|r| r.parent),
+    }
+}
+
+pub async fn every_call_from_every_status_is_allowed_or_refused_with_nothing_changed() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let mut checked = 0;
+    for status in STATUSES {
+        for c in CALLS {
+            let job = job_in(&env, status).await;
+            let cursor = all_events(&env).await.last().map_or(0, |e| e.seq);
+            let result = call(&env, &job.id, c).await;
+            let new_events = env.events(cursor, 1000).await.unwrap();
+            match expected(status, c) {
+                Some((to, topics)) => {
+                    let after = result.unwrap_or_else(|e| panic!("{c:?} from {status} should be allowed: {e}"));
+                    assert_eq!(after.status, to, "{c:?} from {status}");
+                    assert_eq!(env.job(&job.id).await.unwrap(), after, "{c:?} from {status}: stored = returned");
+                    let got: Vec<&str> = new_events.iter().map(|e| e.topic.as_str()).collect();
+                    assert_eq!(got, topics, "{c:?} from {status}: events");
+                }
+                None => {
+                    let err = result.expect_err(&format!("{c:?} from {status} must be refused"));
+                    assert_eq!(err.kind(), ErrorKind::Conflict, "{c:?} from {status}: {err}");
+                    assert!(err.to_string().contains(&job.id), "error names the job: {err}");
+                    assert!(err.to_string().contains(status.as_str()), "error names the status: {err}");
+                    assert_eq!(env.job(&job.id).await.unwrap(), job, "{c:?} from {status} changed the job");
+                    assert!(new_events.is_empty(), "{c:?} from {status} wrote events: {new_events:?}");
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 64);
+}
+
+pub async fn refusals_say_what_and_why() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let job = job_in(&env, JobStatus::Complete).await;
+    let err = env.ack(&job.id, Ack::default()).await.unwrap_err();
+    assert_eq!(err.to_string(), format!("job {} is complete; ack needs ready or executing", job.id));
+    assert!(err.is_already_terminal());
+}
+
+pub async fn create_writes_created_then_ready_or_only_created() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let immediate = env.create_job(NewJob::new(crate::model::JobType::File, "parse")).await.unwrap();
+    let topics: Vec<String> = env.job_events(&immediate.id).await.unwrap().into_iter().map(|e| e.topic).collect();
+    assert_eq!(topics, ["job:created", "job:ready"]);
+    let manual =
+        env.create_job(NewJob::new(crate::model::JobType::File, "parse").trigger(Trigger::Manual)).await.unwrap();
+    let topics: Vec<String> = env.job_events(&manual.id).await.unwrap().into_iter().map(|e| e.topic).collect();
+    assert_eq!(topics, ["job:created"]);
+
+    let ev = &env.job_events(&immediate.id).await.unwrap()[1];
+    assert_eq!(ev.context["environmentId"], json!(env.id()));
+    assert_eq!(ev.context["jobId"], json!(immediate.id));
+    assert_eq!(ev.payload["job"], json!("file:parse"));
+    assert_eq!(ev.payload["domain"], json!("file"));
+    assert_eq!(ev.payload["operation"], json!("parse"));
+    assert_eq!(ev.payload["isPart"], json!(false));
+    assert_eq!(ev.payload["status"], json!("ready"));
+}
+
+pub async fn ack_is_repeatable_and_updates_info_progress_and_estimate() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let job = job_in(&env, JobStatus::Ready).await;
+    let a = env
+        .ack(&job.id, Ack { info: Some("one".into()), progress: Some(10), estimated_completion_at: Some(5) })
+        .await
+        .unwrap();
+    assert_eq!((a.info.as_deref(), a.progress, a.estimated_completion_at), (Some("one"), 10, Some(5)));
+    let started = a.started_at;
+    let b = env.ack(&job.id, Ack::progress("two", 55)).await.unwrap();
+    assert_eq!((b.info.as_deref(), b.progress, b.estimated_completion_at), (Some("two"), 55, Some(5)));
+    assert_eq!(b.started_at, started, "startedAt is the first ack");
+    let err = env.ack(&job.id, Ack { progress: Some(101), ..Ack::default() }).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Invalid);
+    assert_eq!(env.job(&job.id).await.unwrap(), b, "a refused ack changes nothing");
+    let c = env.complete(&job.id, Outcome::message("ok")).await.unwrap();
+    assert_eq!(c.progress, 100);
+    assert_eq!(c.outcome, json!({"message": "ok"}));
+}
+
+pub async fn retry_increments_attempt_and_outcome_ack_is_once() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let job = job_in(&env, JobStatus::Failed).await;
+    let r = env.retry(&job.id).await.unwrap();
+    assert_eq!((r.status, r.attempt), (JobStatus::Ready, 2));
+    let done = env.complete(&job.id, Outcome::default()).await.unwrap();
+    let acked = env.acknowledge_outcome(&done.id).await.unwrap();
+    assert!(acked.outcome_acknowledged_at.is_some());
+    let err = env.acknowledge_outcome(&done.id).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict);
+}
+
+pub async fn scheduled_and_waiting_jobs_start_when_their_condition_is_met() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let base = NewJob::new(crate::model::JobType::Space, "work");
+    let a = env.create_job(base.clone()).await.unwrap();
+    let b = env.create_job(base.clone()).await.unwrap();
+    let after_both =
+        env.create_job(NewJob { predecessor_ids: vec![a.id.clone(), b.id.clone()], ..base.clone() }).await.unwrap();
+    assert_eq!(after_both.status, JobStatus::Waiting);
+    env.complete(&a.id, Outcome::default()).await.unwrap();
+    assert_eq!(env.job(&after_both.id).await.unwrap().status, JobStatus::Waiting, "one predecessor is not enough");
+    env.fail(&b.id, Outcome::default()).await.unwrap();
+    assert_eq!(
+        env.job(&after_both.id).await.unwrap().status,
+        JobStatus::Waiting,
+        "a failed predecessor may be retried"
+    );
+    env.retry(&b.id).await.unwrap();
+    env.complete(&b.id, Outcome::default()).await.unwrap();
+    assert_eq!(env.job(&after_both.id).await.unwrap().status, JobStatus::Ready);
+    assert_eq!(events_of(&env, &after_both.id, "job:ready").await.len(), 1);
+
+    // A canceled predecessor cancels its dependent: it could never run.
+    let c = env.create_job(base.clone()).await.unwrap();
+    let dep = env.create_job(NewJob { predecessor_ids: vec![c.id.clone()], ..base.clone() }).await.unwrap();
+    env.cancel(&c.id, None).await.unwrap();
+    let dep = env.job(&dep.id).await.unwrap();
+    assert_eq!(dep.status, JobStatus::Canceled);
+    assert!(dep.info.unwrap().contains(&c.id));
+    let err = env.create_job(NewJob { predecessor_ids: vec![c.id.clone()], ..base.clone() }).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Invalid);
+
+    // A predecessor from another environment does not exist here.
+    let other = host.env().await;
+    let foreign = other.create_job(base.clone()).await.unwrap();
+    let err = env.create_job(NewJob { predecessor_ids: vec![foreign.id], ..base }).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+}
+
+// ---------------------------------------------------------------- multi-part jobs
+
+async fn executing_parent(env: &Env) -> Job {
+    job_in(env, JobStatus::Executing).await
+}
+
+pub async fn split_gives_parts_their_data_and_refuses_bad_splits() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let parent = executing_parent(&env).await;
+    let r = env.split(&parent.id, Split::count(3)).await.unwrap();
+    assert_eq!(r.parts, 3);
+    let parts = env.parts(&parent.id).await.unwrap();
+    assert_eq!(parts.len(), 3);
+    for (i, p) in parts.iter().enumerate() {
+        assert_eq!(p.part_data, json!({"part": i, "total": 3}));
+        assert_eq!(p.parent_id.as_deref(), Some(parent.id.as_str()));
+        assert_eq!(
+            (p.kind, p.operation.as_str(), p.status),
+            (parent.kind, parent.operation.as_str(), JobStatus::Ready)
+        );
+        let ready = &events_of(&env, &p.id, "job:ready").await[0];
+        assert_eq!(ready.payload["isPart"], json!(true));
+        assert_eq!(ready.payload["parentId"], json!(parent.id));
+        assert_eq!(ready.payload["partData"], json!({"part": i, "total": 3}));
+    }
+    let err = env.split(&parent.id, Split::count(2)).await.unwrap_err();
+    assert!(err.to_string().contains("already split"), "{err}");
+    let part = &parts[0];
+    env.ack(&part.id, Ack::default()).await.unwrap();
+    let err = env.split(&part.id, Split::count(2)).await.unwrap_err();
+    assert!(err.to_string().contains("is a part"), "{err}");
+
+    let other = executing_parent(&env).await;
+    let before = all_events(&env).await.len();
+    for bad in [
+        Split::count(0),
+        Split::count(MAX_PARTS + 1),
+        Split { parts: SplitParts::Data(vec![]), run_in_parallel: None },
+        Split { parts: SplitParts::Data(vec![json!({"a": 1}), json!(7)]), run_in_parallel: None },
+    ] {
+        let err = env.split(&other.id, bad.clone()).await.unwrap_err();
+        assert!(matches!(err.kind(), ErrorKind::Invalid | ErrorKind::Limit), "{bad:?}: {err}");
+    }
+    assert_eq!(env.parts(&other.id).await.unwrap().len(), 0);
+    assert_eq!(all_events(&env).await.len(), before, "refused splits wrote nothing");
+    assert_eq!(env.job(&other.id).await.unwrap(), other);
+
+    let data = vec![json!({"region": "eu"}), json!({"region": "us"})];
+    env.split(&other.id, Split { parts: SplitParts::Data(data.clone()), run_in_parallel: None }).await.unwrap();
+    let got: Vec<Value> = env.parts(&other.id).await.unwrap().into_iter().map(|p| p.part_data).collect();
+    assert_eq!(got, data);
+}
+
+pub async fn parts_completed_fires_once_with_counts_derived_from_the_parts() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let parent = executing_parent(&env).await;
+    env.split(&parent.id, Split::count(4)).await.unwrap();
+    let parts = env.parts(&parent.id).await.unwrap();
+    env.complete(&parts[0].id, Outcome::default()).await.unwrap();
+    env.fail(&parts[1].id, Outcome::default()).await.unwrap();
+    env.cancel(&parts[2].id, None).await.unwrap();
+    assert!(events_of(&env, &parent.id, "job:parts-completed").await.is_empty(), "one part is still open");
+    // Retrying a failed part while siblings are open is allowed; it ends again later.
+    env.retry(&parts[1].id).await.unwrap();
+    env.fail(&parts[1].id, Outcome::default()).await.unwrap();
+    env.ack(&parts[3].id, Ack::default()).await.unwrap();
+    env.complete(&parts[3].id, Outcome::default()).await.unwrap();
+
+    let pc = events_of(&env, &parent.id, "job:parts-completed").await;
+    assert_eq!(pc.len(), 1);
+    assert_eq!(pc[0].payload["parts"], json!({"total": 4, "completed": 2, "failed": 1, "canceled": 1}));
+    assert_eq!(pc[0].payload["isPart"], json!(false));
+    let parent_now = env.job(&parent.id).await.unwrap();
+    assert_eq!(parent_now.status, JobStatus::Executing, "the host never ends the parent itself");
+
+    // After parts-completed, a part cannot be retried (the parent was already told).
+    let err = env.retry(&parts[1].id).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict);
+    // And the split parent, once failed, cannot be retried either.
+    env.fail(&parent.id, Outcome::default()).await.unwrap();
+    let err = env.retry(&parent.id).await.unwrap_err();
+    assert!(err.to_string().contains("was split"), "{err}");
+}
+
+pub async fn many_parts_ending_at_the_same_moment_yield_exactly_one_parts_completed() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    for round in 0..3 {
+        let parent = executing_parent(&env).await;
+        env.split(&parent.id, Split::count(200)).await.unwrap();
+        let parts = env.parts(&parent.id).await.unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, p) in parts.into_iter().enumerate() {
+            let env = env.clone();
+            tasks.spawn(async move {
+                match i % 3 {
+                    0 => env.complete(&p.id, Outcome::default()).await,
+                    1 => env.fail(&p.id, Outcome::default()).await,
+                    _ => env.cancel(&p.id, None).await,
+                }
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap().unwrap();
+        }
+        let pc = events_of(&env, &parent.id, "job:parts-completed").await;
+        assert_eq!(pc.len(), 1, "round {round}");
+        assert_eq!(pc[0].payload["parts"], json!({"total": 200, "completed": 67, "failed": 67, "canceled": 66}));
+    }
+}
+
+pub async fn cancel_cascades_to_open_parts_and_suppresses_parts_completed() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let parent = executing_parent(&env).await;
+    env.split(&parent.id, Split::count(4)).await.unwrap();
+    let parts = env.parts(&parent.id).await.unwrap();
+    env.complete(&parts[0].id, Outcome::default()).await.unwrap();
+    env.ack(&parts[1].id, Ack::default()).await.unwrap();
+    env.cancel(&parent.id, Some("user stopped it".into())).await.unwrap();
+    let statuses: Vec<JobStatus> = env.parts(&parent.id).await.unwrap().iter().map(|p| p.status).collect();
+    assert_eq!(statuses, [JobStatus::Complete, JobStatus::Canceled, JobStatus::Canceled, JobStatus::Canceled]);
+    assert_eq!(env.job(&parent.id).await.unwrap().status, JobStatus::Canceled);
+    assert!(events_of(&env, &parent.id, "job:parts-completed").await.is_empty());
+}
+
+pub async fn sequential_parts_run_strictly_one_after_another() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let log: Arc<Mutex<Vec<(u64, &'static str)>>> = Arc::default();
+    let l = log.clone();
+    let listener = Listener::new("seq", env.id()).filter(json!({"isPart": true}), move |f| {
+        f.on("job:ready", move |event| {
+            let log = l.clone();
+            async move {
+                let part = event.event.payload.pointer("/partData/part").and_then(Value::as_u64).unwrap();
+                let id = event.job_id()?.to_owned();
+                log.lock().unwrap().push((part, "start"));
+                event.api.ack(&id, Ack::default()).await?;
+                tokio::task::yield_now().await;
+                log.lock().unwrap().push((part, "end"));
+                if part == 2 {
+                    event.api.fail(&id, Outcome::message("part 2 fails")).await?;
+                } else {
+                    event.api.complete(&id, Outcome::default()).await?;
+                }
+                Ok(())
+            }
+        })
+    });
+    let running = host.engine.run(vec![listener]).await.unwrap();
+    let parent = executing_parent(&env).await;
+    env.split(&parent.id, Split { parts: SplitParts::Count(5), run_in_parallel: Some(false) }).await.unwrap();
+    let parts = env.parts(&parent.id).await.unwrap();
+    assert_eq!(parts.iter().filter(|p| p.status == JobStatus::Ready).count(), 1);
+    assert_eq!(parts.iter().filter(|p| p.status == JobStatus::Waiting).count(), 4);
+    let pc = host
+        .engine
+        .wait_for(|| {
+            let (env, id) = (env.clone(), parent.id.clone());
+            async move { Ok(events_of(&env, &id, "job:parts-completed").await.into_iter().next()) }
+        })
+        .await
+        .unwrap();
+    running.shutdown().await;
+    assert_eq!(pc.payload["parts"], json!({"total": 5, "completed": 4, "failed": 1, "canceled": 0}));
+    let expected: Vec<(u64, &str)> = (0..5).flat_map(|p| [(p, "start"), (p, "end")]).collect();
+    assert_eq!(*log.lock().unwrap(), expected);
+    // In the store's own order: part i+1 became ready only after part i ended.
+    let events = all_events(&env).await;
+    let seq_of =
+        |job: &str, topic: &str| events.iter().find(|e| e.job_id() == Some(job) && e.topic == topic).unwrap().seq;
+    for w in parts.windows(2) {
+        let ended = seq_of(&w[0].id, if w[0].part_index == Some(2) { "job:failed" } else { "job:completed" });
+        assert!(seq_of(&w[1].id, "job:ready") > ended);
+    }
+}
+
+// ---------------------------------------------------------------- the seeds' scenario
+
+struct Scenario {
+    host: TestHost,
+    env: Env,
+    sheet: String,
+    expected_invalid: u64,
+}
+
+async fn scenario_setup(records: u64, options: Options) -> (Scenario, crate::Running) {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let running = host.engine.run(scenario::listeners(env.id(), options)).await.unwrap();
+    let sheet = env.create_sheet("people").await.unwrap();
+    let (rows, expected_invalid) = scenario::sample_records(records);
+    env.insert_records(&sheet.id, rows).await.unwrap();
+    (Scenario { host, env, sheet: sheet.id, expected_invalid }, running)
+}
+
+pub async fn seeds_scenario_with_native_listeners() {
+    let (s, running) = scenario_setup(10_000, Options::default()).await;
+    let job = s.env.create_job(NewJob::sheet(scenario::OPERATION, &s.sheet)).await.unwrap();
+    let job = until_terminal(&s.env, &job.id).await;
+    running.shutdown().await;
+
+    assert_eq!(job.status, JobStatus::Complete, "{:?}", job.outcome);
+    let parts = s.env.parts(&job.id).await.unwrap();
+    assert_eq!(parts.len(), 10);
+    assert!(parts.iter().all(|p| p.status == JobStatus::Complete));
+    let pc = events_of(&s.env, &job.id, "job:parts-completed").await;
+    assert_eq!(pc.len(), 1);
+    assert_eq!(pc[0].payload["parts"], json!({"total": 10, "completed": 10, "failed": 0, "canceled": 0}));
+    let counts = s.env.record_counts(&s.sheet).await.unwrap();
+    assert_eq!((counts.total, counts.error, counts.valid), (10_000, s.expected_invalid, 10_000 - s.expected_invalid));
+    assert!(s.expected_invalid > 1000, "the sample has invalid rows");
+    assert_eq!(job.outcome["parts"]["completed"], json!(10));
+    assert_eq!(job.outcome["records"]["error"], json!(s.expected_invalid));
+    // The parent went through the seeds' acks.
+    let updates: Vec<Option<String>> = events_of(&s.env, &job.id, "job:updated")
+        .await
+        .into_iter()
+        .map(|e| e.payload["info"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(updates, [Some("Splitting Job".to_owned()), Some("Job split into 10 parts.".to_owned())]);
+
+    // Invalid cells carry their messages; the page of every part was really read.
+    let page = s.env.records(&s.sheet, 1000, 1).await.unwrap();
+    let r3 = &page.records[3];
+    assert!(!r3.valid);
+    assert!(!r3.values["email"].valid);
+    assert!(r3.values["email"].messages[0].message.contains("not an email"));
+    assert!(r3.values["firstName"].valid);
+    let total_invalid_seen: u64 = parts.iter().map(|p| p.outcome["invalid"].as_u64().unwrap()).sum();
+    assert_eq!(total_invalid_seen, s.expected_invalid);
+    assert_eq!(s.env.dead_letters().await.unwrap().len(), 0);
+    let stats = s.host.engine.delivery_stats().await.unwrap();
+    assert_eq!((stats.pending, stats.leased, stats.dead), (0, 0, 0));
+}
+
+pub async fn seeds_scenario_with_failed_and_canceled_parts_fails_the_parent() {
+    let options = Options { fail_parts: HashSet::from([2, 5]), skip_parts: HashSet::from([7, 8]) };
+    let (s, running) = scenario_setup(10_000, options).await;
+    let job = s.env.create_job(NewJob::sheet(scenario::OPERATION, &s.sheet)).await.unwrap();
+    // Wait until the eight handled parts ended, then cancel the two the listener leaves alone.
+    let engine = s.host.engine.clone();
+    let parts = engine
+        .wait_for(|| {
+            let (env, id) = (s.env.clone(), job.id.clone());
+            async move {
+                let parts = env.parts(&id).await?;
+                Ok((parts.len() == 10 && parts.iter().filter(|p| p.status.is_terminal()).count() == 8).then_some(parts))
+            }
+        })
+        .await
+        .unwrap();
+    for p in parts.iter().filter(|p| !p.status.is_terminal()) {
+        assert_eq!(p.status, JobStatus::Ready);
+        s.env.cancel(&p.id, Some("operator".into())).await.unwrap();
+    }
+    let job = until_terminal(&s.env, &job.id).await;
+    running.shutdown().await;
+    assert_eq!(job.status, JobStatus::Failed);
+    assert_eq!(job.outcome["parts"], json!({"total": 10, "completed": 6, "failed": 2, "canceled": 2}));
+    assert!(job.outcome["message"].as_str().unwrap().contains("2 failed, 2 canceled"));
+    assert_eq!(events_of(&s.env, &job.id, "job:parts-completed").await.len(), 1);
+}
+
+// ---------------------------------------------------------------- deliveries
+
+pub async fn a_failing_handler_is_retried_then_succeeds() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let a = attempts.clone();
+    let listener = Listener::new("flaky", env.id()).on("job:ready", move |event| {
+        let a = a.clone();
+        async move {
+            a.lock().unwrap().push(event.attempt);
+            if event.attempt < 3 {
+                return Err(format!("not yet (attempt {})", event.attempt).into());
+            }
+            event.api.complete(event.job_id()?, Outcome::default()).await?;
+            Ok(())
+        }
+    });
+    let running = host.engine.run(vec![listener]).await.unwrap();
+    let job = job_in(&env, JobStatus::Ready).await;
+    let job = until_terminal(&env, &job.id).await;
+    running.shutdown().await;
+    assert_eq!(job.status, JobStatus::Complete);
+    assert_eq!(*attempts.lock().unwrap(), [1, 2, 3]);
+    assert!(env.dead_letters().await.unwrap().is_empty());
+}
+
+pub async fn exhausted_deliveries_are_dead_lettered_with_the_reason() {
+    let host = TestHost::with_config(EngineConfig { max_attempts: 3, ..test_config() });
+    let env = host.env().await;
+    let listener = Listener::new("broken", env.id()).on("job:ready", |_| async { Err("cannot parse input".into()) });
+    let running = host.engine.run(vec![listener]).await.unwrap();
+    let job = job_in(&env, JobStatus::Ready).await;
+    let dead = host
+        .engine
+        .wait_for(|| {
+            let env = env.clone();
+            async move { Ok(Some(env.dead_letters().await?).filter(|d| !d.is_empty())) }
+        })
+        .await
+        .unwrap();
+    running.shutdown().await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].attempts, 3);
+    assert_eq!(dead[0].event.job_id(), Some(job.id.as_str()));
+    assert_eq!(dead[0].subscription_id, format!("{}/broken#0", env.id()));
+    assert!(dead[0].last_error.contains("cannot parse input"));
+}
+
+pub async fn a_handler_that_outlives_its_lease_gets_the_event_again() {
+    let host = TestHost::with_config(EngineConfig { lease: Duration::from_millis(200), ..test_config() });
+    let env = host.env().await;
+    let listener = Listener::new("slow-once", env.id()).on("job:ready", |event| async move {
+        if event.attempt == 1 {
+            std::future::pending::<()>().await;
+        }
+        event.api.complete(event.job_id()?, Outcome::message(format!("attempt {}", event.attempt))).await?;
+        Ok(())
+    });
+    let running = host.engine.run(vec![listener]).await.unwrap();
+    let job = job_in(&env, JobStatus::Ready).await;
+    let job = until_terminal(&env, &job.id).await;
+    running.shutdown().await;
+    assert_eq!(job.outcome, json!({"message": "attempt 2"}));
+}
+
+pub async fn a_panicking_handler_fails_only_its_delivery() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let listener = Listener::new("panics-once", env.id()).on("job:ready", |event| async move {
+        assert!(event.attempt > 1, "first attempt panics");
+        event.api.complete(event.job_id()?, Outcome::default()).await?;
+        Ok(())
+    });
+    let running = host.engine.run(vec![listener]).await.unwrap();
+    let job = job_in(&env, JobStatus::Ready).await;
+    assert_eq!(until_terminal(&env, &job.id).await.status, JobStatus::Complete);
+    running.shutdown().await;
+}
+
+pub async fn events_stored_while_a_listener_is_down_are_delivered_when_it_returns() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let make = |env: &Env| {
+        Listener::new("late", env.id()).on("job:ready", |event| async move {
+            event.api.complete(event.job_id()?, Outcome::default()).await?;
+            Ok(())
+        })
+    };
+    host.engine.run(vec![make(&env)]).await.unwrap().shutdown().await;
+    let job = job_in(&env, JobStatus::Ready).await;
+    assert_eq!(host.engine.delivery_stats().await.unwrap().pending, 1);
+    let running = host.engine.run(vec![make(&env)]).await.unwrap();
+    assert_eq!(until_terminal(&env, &job.id).await.status, JobStatus::Complete);
+    running.shutdown().await;
+}
+
+pub async fn listeners_only_see_their_environment_and_their_filter() {
+    let host = TestHost::new();
+    let (a, b) = (host.env().await, host.env().await);
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let s = seen.clone();
+    let listener = Listener::new("only-a-parts", a.id()).filter(json!({"isPart": true, "job": "space:*"}), move |f| {
+        f.on("job:*", move |event| {
+            let s = s.clone();
+            async move {
+                s.lock().unwrap().push(format!("{} {}", event.event.topic, event.job_id()?));
+                Ok(())
+            }
+        })
+    });
+    let running = host.engine.run(vec![listener]).await.unwrap();
+    let pa = executing_parent(&a).await;
+    let pb = executing_parent(&b).await;
+    a.split(&pa.id, Split::count(1)).await.unwrap();
+    b.split(&pb.id, Split::count(1)).await.unwrap();
+    let part = a.parts(&pa.id).await.unwrap().remove(0);
+    a.complete(&part.id, Outcome::default()).await.unwrap();
+    host.engine
+        .wait_for(|| {
+            let s = seen.clone();
+            async move { Ok((s.lock().unwrap().len() == 3).then_some(())) }
+        })
+        .await
+        .unwrap();
+    running.shutdown().await;
+    let got = seen.lock().unwrap().clone();
+    let want: HashSet<String> =
+        ["job:created", "job:ready", "job:completed"].iter().map(|t| format!("{t} {}", part.id)).collect();
+    assert_eq!(got.into_iter().collect::<HashSet<_>>(), want);
+}
+
+// ---------------------------------------------------------------- records
+
+pub async fn records_insert_in_bulk_page_stably_and_count_validity() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let sheet = env.create_sheet("big").await.unwrap();
+    let (rows, invalid) = scenario::sample_records(100_000);
+    assert_eq!(env.insert_records(&sheet.id, rows).await.unwrap(), 100_000);
+    let counts = env.record_counts(&sheet.id).await.unwrap();
+    assert_eq!((counts.total, counts.valid, counts.error), (100_000, 100_000, 0), "no messages yet");
+
+    let mut seen = HashSet::new();
+    for n in 1..=10 {
+        let page = env.records(&sheet.id, 10_000, n).await.unwrap();
+        assert_eq!(page.records.len(), 10_000);
+        for r in &page.records {
+            assert!(seen.insert(r.id.clone()), "record {} on two pages", r.id);
+        }
+    }
+    assert!(env.records(&sheet.id, 10_000, 11).await.unwrap().records.is_empty());
+    let again = env.records(&sheet.id, 7, 3).await.unwrap();
+    let first = env.records(&sheet.id, 21, 1).await.unwrap();
+    assert_eq!(again.records, first.records[14..21], "pages are stable slices of one order");
+    assert_eq!(first.records[3].str("email"), Some("person3.example.com"));
+
+    for (size, number) in [(0, 1), (10_001, 1), (10, 0)] {
+        let err = env.records(&sheet.id, size, number).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Invalid, "pageSize {size} pageNumber {number}");
+    }
+    assert!(invalid > 0);
+}
+
+pub async fn record_updates_merge_values_replace_messages_and_derive_validity() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let sheet = env.create_sheet("s").await.unwrap();
+    let (rows, _) = scenario::sample_records(5);
+    env.insert_records(&sheet.id, rows).await.unwrap();
+    let page = env.records(&sheet.id, 5, 1).await.unwrap();
+    let id = page.records[1].id.clone();
+    let mut values = serde_json::Map::new();
+    values.insert("email".into(), json!("x@y"));
+    values.insert("age".into(), Value::Null);
+    let changed = env
+        .update_records(
+            &sheet.id,
+            vec![RecordUpdate { id: id.clone(), values, messages: Some(vec![Message::error("email", "bad email")]) }],
+        )
+        .await
+        .unwrap();
+    assert_eq!(changed, 1);
+    let r = env.records(&sheet.id, 5, 1).await.unwrap().records.remove(1);
+    assert_eq!(r.str("email"), Some("x@y"));
+    assert_eq!(r.value("age"), None, "null clears a field");
+    assert_eq!(r.str("firstName"), page.records[1].str("firstName"), "other fields kept");
+    assert!(!r.valid && !r.values["email"].valid && r.values["lastName"].valid);
+    assert_eq!(env.record_counts(&sheet.id).await.unwrap().error, 1);
+
+    // Clearing the messages makes it valid again.
+    env.update_records(&sheet.id, vec![RecordUpdate { id: id.clone(), messages: Some(vec![]), ..Default::default() }])
+        .await
+        .unwrap();
+    assert_eq!(env.record_counts(&sheet.id).await.unwrap().error, 0);
+
+    // One unknown id refuses the whole call; nothing changes.
+    let before = env.records(&sheet.id, 5, 1).await.unwrap();
+    let events_before = all_events(&env).await.len();
+    let err = env
+        .update_records(
+            &sheet.id,
+            vec![
+                RecordUpdate {
+                    id: id.clone(),
+                    messages: Some(vec![Message::error("email", "x")]),
+                    ..Default::default()
+                },
+                RecordUpdate { id: "rec_999999".into(), ..Default::default() },
+            ],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    assert_eq!(env.records(&sheet.id, 5, 1).await.unwrap(), before);
+    assert_eq!(all_events(&env).await.len(), events_before);
+    let err = env.update_records(&sheet.id, vec![RecordUpdate { id: "abc".into(), ..Default::default() }]).await;
+    assert_eq!(err.unwrap_err().kind(), ErrorKind::Invalid);
+    let err = env
+        .insert_records(
+            &sheet.id,
+            vec![NewRecord { values: [("".to_owned(), json!(1))].into_iter().collect(), ..Default::default() }],
+        )
+        .await;
+    assert_eq!(err.unwrap_err().kind(), ErrorKind::Invalid);
+    assert_eq!(env.record_counts(&sheet.id).await.unwrap().total, 5);
+}
+
+pub async fn record_deletion_is_all_or_none_and_keeps_pages_dense() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let sheet = env.create_sheet("s").await.unwrap();
+    let other = env.create_sheet("other").await.unwrap();
+    let numbered = |n: u64| -> Vec<NewRecord> {
+        (0..n)
+            .map(|i| NewRecord { values: [("n".to_owned(), json!(i))].into_iter().collect(), ..Default::default() })
+            .collect()
+    };
+    env.insert_records(&sheet.id, numbered(50)).await.unwrap();
+    env.insert_records(&other.id, numbered(3)).await.unwrap();
+    let all = env.records(&sheet.id, 50, 1).await.unwrap().records;
+    let n_of = |r: &crate::model::Record| r.value("n").and_then(Value::as_u64).unwrap();
+    let foreign = env.records(&other.id, 3, 1).await.unwrap().records[0].id.clone();
+
+    // Refusals change nothing: an id of another sheet, an unknown id, a malformed id.
+    for bad in [foreign.as_str(), "rec_999999", "nope"] {
+        let events = all_events(&env).await.len();
+        let err = env.delete_records(&sheet.id, vec![all[3].id.clone(), bad.to_owned()]).await.unwrap_err();
+        assert!(matches!(err.kind(), ErrorKind::NotFound | ErrorKind::Invalid), "{bad}: {err}");
+        assert_eq!(env.records(&sheet.id, 50, 1).await.unwrap().records, all, "{bad}");
+        assert_eq!(all_events(&env).await.len(), events);
+    }
+
+    // The first, a run of neighbours, a lone one, the last; one id twice counts once.
+    let gone = [0usize, 7, 8, 9, 20, 49];
+    let mut ids: Vec<String> = gone.iter().map(|&i| all[i].id.clone()).collect();
+    ids.push(all[8].id.clone());
+    assert_eq!(env.delete_records(&sheet.id, ids).await.unwrap(), gone.len() as u64);
+    let expect: Vec<u64> = (0..50).filter(|i| !gone.contains(&(*i as usize))).collect();
+    let mut paged = Vec::new();
+    for page in 1..=5 {
+        let records = env.records(&sheet.id, 10, page).await.unwrap().records;
+        assert_eq!(records.len(), if page == 5 { 4 } else { 10 }, "page {page} is full: the order stayed dense");
+        paged.extend(records.iter().map(n_of));
+    }
+    assert_eq!(paged, expect, "the survivors, in their order");
+    assert_eq!(env.record_counts(&sheet.id).await.unwrap().total, 44);
+    assert_eq!(env.record_counts(&other.id).await.unwrap().total, 3, "the other sheet is untouched");
+    let deleted = all_events(&env).await.into_iter().filter(|e| e.topic == "records:deleted").collect::<Vec<_>>();
+    assert_eq!(deleted.len(), 1);
+    assert_eq!(deleted[0].payload["recordCount"], 6);
+
+    // Appends continue after the survivors, and deleting them all leaves an empty sheet.
+    env.insert_records(&sheet.id, numbered(1)).await.unwrap();
+    let last = env.records(&sheet.id, 5, 9).await.unwrap().records;
+    assert_eq!(last.len(), 5, "45 records: page 9 of 5 holds 41..45");
+    let every: Vec<String> = env.records(&sheet.id, 100, 1).await.unwrap().records.into_iter().map(|r| r.id).collect();
+    assert_eq!(env.delete_records(&sheet.id, every).await.unwrap(), 45);
+    assert_eq!(env.record_counts(&sheet.id).await.unwrap().total, 0);
+    assert_eq!(env.delete_records(&sheet.id, vec![]).await.unwrap(), 0);
+}
+
+pub async fn nothing_crosses_environments() {
+    let host = TestHost::new();
+    let (a, b) = (host.env().await, host.env().await);
+    let sheet = a.create_sheet("private").await.unwrap();
+    let (rows, _) = scenario::sample_records(3);
+    a.insert_records(&sheet.id, rows).await.unwrap();
+    let rec = a.records(&sheet.id, 3, 1).await.unwrap().records.remove(0);
+    let job = job_in(&a, JobStatus::Ready).await;
+
+    assert_eq!(b.job(&job.id).await.unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(b.complete(&job.id, Outcome::default()).await.unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(b.sheet(&sheet.id).await.unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(b.record_counts(&sheet.id).await.unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(b.records(&sheet.id, 10, 1).await.unwrap_err().kind(), ErrorKind::NotFound);
+    let upd = vec![RecordUpdate {
+        id: rec.id.clone(),
+        messages: Some(vec![Message::error("email", "x")]),
+        ..Default::default()
+    }];
+    assert_eq!(b.update_records(&sheet.id, upd).await.unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(b.insert_records(&sheet.id, vec![]).await.unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(b.delete_records(&sheet.id, vec![rec.id.clone()]).await.unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(b.create_job(NewJob::sheet("x", &sheet.id)).await.unwrap_err().kind(), ErrorKind::NotFound);
+    assert!(b.job_events(&job.id).await.unwrap().is_empty());
+    assert!(b.events(0, 100).await.unwrap().iter().all(|e| e.environment_id() == b.id()));
+    assert_eq!(a.job(&job.id).await.unwrap(), job, "untouched");
+    let ghost = host.engine.env("env_doesnotexist");
+    assert_eq!(ghost.create_sheet("x").await.unwrap_err().kind(), ErrorKind::NotFound);
+}
+
+// ---------------------------------------------------------------- watchdog
+
+fn watchdog_config() -> EngineConfig {
+    EngineConfig {
+        ack_timeout: Some(Duration::from_secs(60)),
+        stale_timeout: Some(Duration::from_secs(300)),
+        ..test_config()
+    }
+}
+
+pub async fn watchdog_fails_unacked_and_stale_jobs_and_promotes_scheduled_ones() {
+    let host = TestHost::with_config(watchdog_config());
+    let env = host.env().await;
+    let unacked = job_in(&env, JobStatus::Ready).await;
+    let stale = job_in(&env, JobStatus::Executing).await;
+    let busy = job_in(&env, JobStatus::Executing).await;
+    let scheduled = env
+        .create_job(NewJob {
+            run_at: Some(env.engine().now() + 90_000),
+            ..NewJob::new(crate::model::JobType::Space, "later")
+        })
+        .await
+        .unwrap();
+    assert_eq!(scheduled.status, JobStatus::Scheduled);
+
+    tokio::time::advance(Duration::from_secs(59)).await;
+    assert_eq!(host.engine.sweep().await.unwrap(), Default::default(), "nothing is overdue yet");
+    env.ack(&busy.id, Ack::progress("still going", 50)).await.unwrap();
+
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let report = host.engine.sweep().await.unwrap();
+    assert_eq!((report.unacked, report.stale, report.promoted), (1, 0, 0));
+    let j = env.job(&unacked.id).await.unwrap();
+    assert_eq!(j.status, JobStatus::Failed);
+    assert_eq!(j.outcome["heading"], json!("Not acknowledged"));
+    assert!(j.outcome["message"].as_str().unwrap().contains("within 60 s"));
+
+    tokio::time::advance(Duration::from_secs(30)).await;
+    let report = host.engine.sweep().await.unwrap();
+    assert_eq!(report.promoted, 1);
+    assert_eq!(env.job(&scheduled.id).await.unwrap().status, JobStatus::Ready);
+
+    tokio::time::advance(Duration::from_secs(240)).await; // 301 s after the stale job's ack
+    let report = host.engine.sweep().await.unwrap();
+    assert_eq!(report.stale, 1);
+    let j = env.job(&stale.id).await.unwrap();
+    assert_eq!((j.status, j.outcome["heading"].as_str()), (JobStatus::Failed, Some("Stale")));
+    assert_eq!(env.job(&busy.id).await.unwrap().status, JobStatus::Executing, "acked 271 s ago: not stale");
+    assert_eq!(events_of(&env, &stale.id, "job:failed").await.len(), 1);
+}
+
+pub async fn a_split_parent_is_not_stale_while_parts_run_and_abandoned_parts_still_complete_it() {
+    let host = TestHost::with_config(watchdog_config());
+    let env = host.env().await;
+    let parent = executing_parent(&env).await;
+    env.split(&parent.id, Split::count(2)).await.unwrap();
+    let parts = env.parts(&parent.id).await.unwrap();
+    env.ack(&parts[0].id, Ack::default()).await.unwrap();
+    tokio::time::advance(Duration::from_secs(61)).await;
+    host.engine.sweep().await.unwrap();
+    // Part 1 was never acked: failed. Part 0 is executing and recent.
+    assert_eq!(env.job(&parts[1].id).await.unwrap().status, JobStatus::Failed);
+    tokio::time::advance(Duration::from_secs(600)).await;
+    host.engine.sweep().await.unwrap();
+    assert_eq!(env.job(&parts[0].id).await.unwrap().status, JobStatus::Failed, "stale part");
+    let pc = events_of(&env, &parent.id, "job:parts-completed").await;
+    assert_eq!(pc.len(), 1);
+    assert_eq!(pc[0].payload["parts"]["failed"], json!(2));
+    assert_eq!(env.job(&parent.id).await.unwrap().status, JobStatus::Executing, "parts-completed restarts its clock");
+    tokio::time::advance(Duration::from_secs(301)).await;
+    host.engine.sweep().await.unwrap();
+    assert_eq!(env.job(&parent.id).await.unwrap().status, JobStatus::Failed, "nobody finished the parent");
+}
+
+pub async fn the_background_watchdog_runs_without_being_called() {
+    let host = TestHost::with_config(watchdog_config());
+    let env = host.env().await;
+    let running = host.engine.run(vec![]).await.unwrap();
+    let job = job_in(&env, JobStatus::Ready).await;
+    let job = until_status(&env, &job.id, JobStatus::Failed).await;
+    running.shutdown().await;
+    assert_eq!(job.outcome["heading"], json!("Not acknowledged"));
+    assert!(job.finished_at.unwrap() - job.ready_at.unwrap() >= 60_000);
+}
+
+pub async fn secrets_are_scoped_to_their_environment_and_validated() {
+    let host = TestHost::new();
+    let (a, b) = (host.env().await, host.env().await);
+    a.set_secret("API_KEY", "one").await.unwrap();
+    a.set_secret("API_KEY", "two").await.unwrap();
+    a.set_secret("other.name-2", "x").await.unwrap();
+    assert_eq!(a.secret("API_KEY").await.unwrap(), "two", "set replaces");
+    assert_eq!(a.secret_names().await.unwrap(), ["API_KEY", "other.name-2"]);
+    assert_eq!(b.secret("API_KEY").await.unwrap_err().kind(), ErrorKind::NotFound, "another environment's secret");
+    assert!(b.secret_names().await.unwrap().is_empty());
+    for bad in ["", "has space", "x=y", &"n".repeat(129)] {
+        assert_eq!(a.set_secret(bad, "v").await.unwrap_err().kind(), ErrorKind::Invalid, "{bad:?}");
+    }
+    assert_eq!(a.set_secret("BIG", &"v".repeat(65 << 10)).await.unwrap_err().kind(), ErrorKind::Invalid);
+    assert_eq!(a.secret_names().await.unwrap().len(), 2, "refused calls change nothing");
+    assert!(a.delete_secret("API_KEY").await.unwrap());
+    assert!(!a.delete_secret("API_KEY").await.unwrap());
+    assert_eq!(a.secret("API_KEY").await.unwrap_err().kind(), ErrorKind::NotFound);
+}
+
+pub async fn a_native_listener_that_retriggers_itself_is_stopped_by_the_loop_guard() {
+    let host = TestHost::with_config(EngineConfig { max_attempts: 1, max_chain_depth: 5, ..test_config() });
+    let env = host.env().await;
+    let listener = Listener::new("echo", env.id()).filter(json!({"job": "space:echo"}), |l| {
+        l.on("job:ready", |event| async move {
+            event.api.create_job(NewJob::new(JobType::Space, "echo")).await?;
+            Ok(())
+        })
+    });
+    let running = host.engine.run(vec![listener]).await.unwrap();
+    let first = env.create_job(NewJob::new(JobType::Space, "echo")).await.unwrap();
+    let dead = host
+        .engine
+        .wait_for(|| {
+            let env = env.clone();
+            async move { Ok(env.dead_letters().await?.into_iter().next()) }
+        })
+        .await
+        .unwrap();
+    running.shutdown().await;
+    assert!(dead.last_error.contains("loop guard: this call would write events at depth 6"), "{}", dead.last_error);
+    let echoes: Vec<Job> = env.jobs(0, 100).await.unwrap().into_iter().filter(|j| j.operation == "echo").collect();
+    assert_eq!(echoes.len(), 6, "the first job and five generations");
+    // Every event of the chain names its root and depth; the API's own event starts it.
+    let root = events_of(&env, &first.id, "job:ready").await.remove(0);
+    assert!(root.context.get("chainId").is_none());
+    let last = events_of(&env, &echoes[5].id, "job:ready").await.remove(0);
+    assert_eq!(last.context["chainId"], json!(root.id));
+    assert_eq!(last.context["depth"], json!(5));
+}

@@ -1,0 +1,741 @@
+//! The job engine: the lifecycle rules of `docs/job-model.md`.
+//!
+//! [`Engine`] owns the store and the clock; [`Env`] is the API scoped to one environment and
+//! one actor — every call takes ids *of that environment*, and an id from another environment
+//! is answered as not-found. Each call is one store write closure (see [`crate::store`]): it
+//! checks the job's status, changes it, and writes the events of the change in the same
+//! transaction. A refused call returns an [`Error`] and changes nothing.
+//!
+//! The engine knows the store only through its boundary (`jobhost-store`): which backend it
+//! runs on is decided by whoever builds it ([`Engine::with_backend`]), in the binary.
+//!
+//! # Layout
+//!
+//! - `lib.rs`: the [`Engine`] (one per host process, with its own [`host id`](Engine::host_id))
+//!   and the environment API [`Env`].
+//! - [`rules`]: the transitions, as functions over one write transaction.
+//! - [`routing`]: which subscriptions an event goes to, cached and invalidated by the store.
+//! - [`listener`]: native listeners, the handler API, and what a handler returns.
+//! - [`delivery`]: the delivery loop — leases in batches, fair shares, retries and
+//!   dead letters (engine rules, not the backend's), fencing, host heartbeats.
+//! - [`watchdog`]: the sweep that promotes scheduled jobs, fails abandoned ones and
+//!   reclaims the leases of hosts that stopped heartbeating.
+//! - `records`: the record encoding and validation.
+//! - [`scenario`]: the seeds' scenario as native listeners (the demo, tests and benchmarks).
+//! - `conformance` (feature `conformance`): the suite every store backend runs.
+
+pub mod delivery;
+pub mod listener;
+mod records;
+pub mod routing;
+pub mod rules;
+pub mod scenario;
+pub mod watchdog;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
+pub use jobhost_core::{Error, ErrorKind, Result, StoreError, clock, error, filter, model};
+pub use jobhost_store as store;
+
+pub use delivery::Running;
+pub use listener::Listener;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::clock::Clock;
+use crate::model::{
+    Ack, DeadLetter, Environment, Event, Job, MAX_PAGE_SIZE, Millis, NewJob, NewRecord, Outcome, RecordCounts,
+    RecordPage, RecordUpdate, Sheet, Split, new_id,
+};
+use crate::routing::Router;
+use crate::store::{Backend, DeliveryStats, HostRecord, RawRecord, Store};
+
+pub use rules::SplitResult;
+pub use watchdog::SweepReport;
+
+/// Engine settings. Every default is chosen so that nothing waits forever and nothing is lost.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// A `ready` job no listener acks within this long is failed by the watchdog. `None` disables.
+    pub ack_timeout: Option<Duration>,
+    /// An `executing` job with no ack/progress for this long is failed (a job's own
+    /// `staleTimeoutMs` overrides it). A split parent is never stale while a part is open.
+    pub stale_timeout: Option<Duration>,
+    /// How often the watchdog sweeps.
+    pub watchdog_interval: Duration,
+    /// How long a listener may take with one delivery before it is handed out again.
+    pub lease: Duration,
+    /// Attempts per delivery before it is dead-lettered.
+    pub max_attempts: u32,
+    /// Delay before retrying a failed delivery; doubles per attempt.
+    pub retry_backoff: Duration,
+    /// Deliveries handled at once by this host.
+    pub max_in_flight: usize,
+    /// Deliveries of one environment handled at once, so a busy tenant cannot take every slot
+    /// (`None`: three quarters of `max_in_flight`). A host serving one environment sets it to
+    /// `max_in_flight`.
+    pub max_in_flight_per_environment: Option<usize>,
+    /// Loop guard: how deep a chain of events caused by listeners' own calls may go.
+    pub max_chain_depth: u32,
+    /// Loop guard: how many events one chain may write in all.
+    pub max_chain_events: u64,
+    /// How often this host writes its heartbeat.
+    pub heartbeat_interval: Duration,
+    /// A host whose last heartbeat is older than this is gone: its leases are handed out
+    /// again by any other host's watchdog.
+    pub host_timeout: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            ack_timeout: Some(Duration::from_secs(5 * 60)),
+            stale_timeout: Some(Duration::from_secs(15 * 60)),
+            watchdog_interval: Duration::from_secs(1),
+            lease: Duration::from_secs(5 * 60),
+            max_attempts: 5,
+            retry_backoff: Duration::from_millis(500),
+            max_in_flight: 64,
+            max_in_flight_per_environment: None,
+            max_chain_depth: 64,
+            max_chain_events: 1_000_000,
+            heartbeat_interval: Duration::from_secs(5),
+            host_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl EngineConfig {
+    /// The defaults for a host serving one environment with `max_in_flight` handlers: that
+    /// environment's share is the whole host (the CLI and the benchmarks run this way).
+    pub fn single_environment(max_in_flight: usize) -> Self {
+        Self { max_in_flight, max_in_flight_per_environment: Some(max_in_flight), ..Self::default() }
+    }
+
+    /// Deliveries of one environment handled at once.
+    pub fn environment_share(&self) -> usize {
+        self.max_in_flight_per_environment
+            .unwrap_or(self.max_in_flight.max(1) * 3 / 4)
+            .clamp(1, self.max_in_flight.max(1))
+    }
+
+    pub(crate) fn delivery_policy(&self) -> delivery::Policy {
+        delivery::Policy {
+            lease_ms: self.lease.as_millis() as i64,
+            max_attempts: self.max_attempts.max(1),
+            backoff_ms: self.retry_backoff.as_millis() as i64,
+        }
+    }
+}
+
+/// The job engine. Cheap to clone; all clones share one store.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    clock: Clock,
+    config: EngineConfig,
+    router: Arc<Router>,
+    /// This process as a host of the store: a fresh id per engine, never the database's.
+    host: HostRecord,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("host_id", &self.host_id()).field("config", &self.inner.config).finish()
+    }
+}
+
+impl Engine {
+    /// An engine over a backend: one host of that store, with an id of its own. Call inside
+    /// a tokio runtime.
+    pub fn with_backend(backend: Arc<dyn Backend>, config: EngineConfig) -> Self {
+        let clock = Clock::new();
+        let now = clock.now();
+        let label = format!(
+            "{} pid {}",
+            std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default(),
+            std::process::id()
+        );
+        let host = HostRecord { id: new_id("host"), label, started_at: now, heartbeat_at: now };
+        Self {
+            inner: Arc::new(Inner {
+                store: Store::new(backend),
+                clock,
+                config,
+                router: Arc::new(Router::default()),
+                host,
+            }),
+        }
+    }
+
+    /// The routing cache.
+    pub(crate) fn router(&self) -> &Arc<Router> {
+        &self.inner.router
+    }
+
+    /// This host's registration.
+    pub(crate) fn host(&self) -> &HostRecord {
+        &self.inner.host
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    /// Current time on the engine's clock.
+    pub fn now(&self) -> Millis {
+        self.inner.clock.now()
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> Clock {
+        self.inner.clock
+    }
+
+    /// This host's id: fresh per engine (per process start), the owner of its leases.
+    pub fn host_id(&self) -> String {
+        self.inner.host.id.clone()
+    }
+
+    /// Creates an environment.
+    pub async fn create_environment(&self, name: &str) -> Result<Environment> {
+        if name.trim().is_empty() {
+            return Err(Error::invalid("an environment needs a name"));
+        }
+        let env = Environment { id: new_id("env"), name: name.to_owned(), created_at: self.now() };
+        let stored = env.clone();
+        self.inner.store.write(move |tx| tx.insert_environment(&stored)).await?;
+        Ok(env)
+    }
+
+    /// An environment by id.
+    pub async fn environment(&self, id: &str) -> Result<Environment> {
+        let id = id.to_owned();
+        self.inner.store.read(move |r| r.environment(&id)?.ok_or_else(|| Error::not_found("environment", id))).await
+    }
+
+    /// The environment called `name`, created if there is none.
+    pub async fn environment_named(&self, name: &str) -> Result<Environment> {
+        let n = name.to_owned();
+        if let Some(e) = self.inner.store.read(move |r| r.environment_named(&n)).await? {
+            return Ok(e);
+        }
+        self.create_environment(name).await
+    }
+
+    /// Every environment, oldest first.
+    pub async fn environments(&self) -> Result<Vec<Environment>> {
+        self.inner.store.read(|r| r.environments()).await
+    }
+
+    /// Creates an API token for an environment. Returns its record and the token itself, which
+    /// is not stored (only its SHA-256 is) and cannot be shown again.
+    pub async fn create_token(&self, environment_id: &str, name: &str) -> Result<(crate::model::ApiToken, String)> {
+        if name.trim().is_empty() || name.chars().count() > 200 {
+            return Err(Error::invalid("a token needs a name of 1 to 200 characters"));
+        }
+        let secret = random_hex(32).map_err(|e| StoreError::caused_by("cannot read random bytes", e))?;
+        let token = format!("jh_{secret}");
+        let record = crate::model::ApiToken {
+            id: new_id("tok"),
+            environment_id: environment_id.to_owned(),
+            name: name.to_owned(),
+            created_at: self.now(),
+        };
+        let (hash, stored) = (token_hash(&token), record.clone());
+        self.inner
+            .store
+            .write(move |tx| {
+                if tx.environment(&stored.environment_id)?.is_none() {
+                    return Err(Error::not_found("environment", &stored.environment_id));
+                }
+                tx.insert_token(&hash, &stored)
+            })
+            .await?;
+        Ok((record, token))
+    }
+
+    /// The token's record, when `token` is a valid API token.
+    pub async fn token(&self, token: &str) -> Result<Option<crate::model::ApiToken>> {
+        let hash = token_hash(token);
+        self.inner.store.read(move |r| r.token(&hash)).await
+    }
+
+    /// The API tokens of an environment.
+    pub async fn tokens(&self, environment_id: &str) -> Result<Vec<crate::model::ApiToken>> {
+        let env = environment_id.to_owned();
+        self.inner.store.read(move |r| r.tokens(&env)).await
+    }
+
+    /// Revokes a token of an environment; false when it has no such token.
+    pub async fn revoke_token(&self, environment_id: &str, id: &str) -> Result<bool> {
+        let (env, id) = (environment_id.to_owned(), id.to_owned());
+        self.inner.store.write(move |tx| tx.delete_token(&env, &id)).await
+    }
+
+    /// The API of one environment, acting as `system`.
+    pub fn env(&self, environment_id: impl Into<String>) -> Env {
+        Env { engine: self.clone(), env: Arc::from(environment_id.into()), actor: Arc::from("system"), cause: None }
+    }
+
+    /// What `/metrics` reports about the store: jobs per status, and plugin deliveries per
+    /// outcome with their total duration (µs). All environments.
+    pub async fn store_metrics(&self) -> Result<(Vec<(String, u64)>, Vec<(String, u64, u64)>)> {
+        self.inner.store.read(|r| Ok((r.job_status_counts()?, r.execution_stats()?))).await
+    }
+
+    /// Delivery counts across all environments.
+    pub async fn delivery_stats(&self) -> Result<DeliveryStats> {
+        self.inner.store.read(|r| r.delivery_stats()).await
+    }
+
+    /// Runs one watchdog sweep now (the background task calls this every `watchdog_interval`).
+    pub async fn sweep(&self) -> Result<SweepReport> {
+        watchdog::sweep(self).await
+    }
+}
+
+/// The engine API scoped to one environment and one actor.
+#[derive(Clone)]
+pub struct Env {
+    engine: Engine,
+    env: Arc<str>,
+    actor: Arc<str>,
+    cause: Option<Arc<rules::Cause>>,
+}
+
+impl std::fmt::Debug for Env {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Env").field("environment_id", &self.env).field("actor", &self.actor).finish()
+    }
+}
+
+/// The calls that move a job, for [`Env::transition`].
+#[derive(Debug, Clone)]
+enum Call {
+    Execute,
+    Ack(Ack),
+    Complete(Outcome),
+    Fail(Outcome),
+    Cancel(Option<String>),
+    Retry,
+    AcknowledgeOutcome,
+}
+
+impl Env {
+    /// The same environment, acting as `actor` (recorded as `actorId` in events).
+    pub fn as_actor(&self, actor: impl Into<String>) -> Env {
+        Env { actor: Arc::from(actor.into()), ..self.clone() }
+    }
+
+    /// The same environment and actor, for calls made while handling `event`: the events
+    /// they write join `event`'s chain one level deeper, and the loop guard
+    /// ([`EngineConfig::max_chain_depth`], [`EngineConfig::max_chain_events`]) applies.
+    pub fn caused_by(&self, event: &Event) -> Env {
+        Env { cause: Some(Arc::new(rules::Cause::of(event))), ..self.clone() }
+    }
+
+    /// The environment id.
+    pub fn id(&self) -> &str {
+        &self.env
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    fn ctx(&self) -> rules::Ctx {
+        rules::Ctx {
+            router: self.engine.inner.router.clone(),
+            routes: Default::default(),
+            env: self.env.to_string(),
+            actor: self.actor.to_string(),
+            now: self.engine.now(),
+            cause: self.cause.as_deref().cloned(),
+            emitted: Default::default(),
+        }
+    }
+
+    /// Runs `f` as one write of this environment. `f` may run more than once (a retried
+    /// serialization failure), each time with a fresh context and nothing of the earlier run kept.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl Fn(&mut dyn crate::store::Tx, &rules::Ctx) -> Result<T> + Send + Sync + 'static,
+    ) -> Result<T> {
+        // The context is made here, on the caller's task: the clock reads tokio's time, which
+        // a test may have paused, and the store's writer is not a tokio thread.
+        let seed = self.ctx();
+        let (env, actor, now, cause, router) = (seed.env, seed.actor, seed.now, seed.cause, seed.router);
+        let config = &self.engine.inner.config;
+        let (max_depth, max_events) = (config.max_chain_depth, config.max_chain_events);
+        if let Some(cause) = &self.cause
+            && cause.depth > max_depth
+        {
+            return Err(Error::Limit(format!(
+                "loop guard: this call would write events at depth {} of chain {} (at most {max_depth}); \
+                 a listener's actions keep re-triggering listeners",
+                cause.depth, cause.chain
+            )));
+        }
+        self.engine
+            .inner
+            .store
+            .write(move |tx| {
+                let ctx = rules::Ctx {
+                    router: router.clone(),
+                    routes: Default::default(),
+                    env: env.clone(),
+                    actor: actor.clone(),
+                    now,
+                    cause: cause.clone(),
+                    emitted: Default::default(),
+                };
+                if tx.environment(&ctx.env)?.is_none() {
+                    return Err(Error::not_found("environment", &ctx.env));
+                }
+                let out = f(tx, &ctx)?;
+                let emitted = ctx.emitted.get();
+                if let Some(cause) = &ctx.cause
+                    && emitted > 0
+                {
+                    let total = tx.charge_chain(&cause.chain, emitted, ctx.now)?;
+                    if total > max_events {
+                        return Err(Error::Limit(format!(
+                            "loop guard: chain {} would reach {total} events (at most {max_events}); \
+                             a listener's actions keep re-triggering listeners",
+                            cause.chain
+                        )));
+                    }
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn crate::store::ReadTx, &str) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let env = self.env.clone();
+        self.engine.inner.store.read(move |r| f(r, &env)).await
+    }
+
+    // ---- sheets and records ----
+
+    /// Creates a sheet.
+    pub async fn create_sheet(&self, name: &str) -> Result<Sheet> {
+        if name.trim().is_empty() {
+            return Err(Error::invalid("a sheet needs a name"));
+        }
+        let name = name.to_owned();
+        self.write(move |tx, ctx| {
+            let sheet = Sheet {
+                id: new_id("sh"),
+                environment_id: ctx.env.clone(),
+                name: name.clone(),
+                workbook_id: None,
+                created_at: ctx.now,
+            };
+            tx.insert_sheet(&sheet)?;
+            Ok(sheet)
+        })
+        .await
+    }
+
+    /// A sheet by id.
+    pub async fn sheet(&self, id: &str) -> Result<Sheet> {
+        let id = id.to_owned();
+        self.read(move |r, env| r.sheet(env, &id)?.ok_or_else(|| Error::not_found("sheet", id))).await
+    }
+
+    /// Appends records to a sheet, atomically: either all are stored or none. Returns how many.
+    pub async fn insert_records(&self, sheet_id: &str, records: Vec<NewRecord>) -> Result<u64> {
+        records::validate_new(&records)?;
+        let sheet_id = sheet_id.to_owned();
+        self.write(move |tx, ctx| {
+            rules::require_sheet(tx, ctx, &sheet_id)?;
+            let n = records::insert(tx, &sheet_id, &records, ctx.now)?;
+            rules::emit_records_event(tx, ctx, &sheet_id, "records:created", n)?;
+            Ok(n)
+        })
+        .await
+    }
+
+    /// Updates records of a sheet by id (values merged, messages replaced when given),
+    /// atomically. Returns how many records changed.
+    pub async fn update_records(&self, sheet_id: &str, updates: Vec<RecordUpdate>) -> Result<u64> {
+        let updates = records::parse_updates(updates)?;
+        let sheet_id = sheet_id.to_owned();
+        self.write(move |tx, ctx| {
+            rules::require_sheet(tx, ctx, &sheet_id)?;
+            let n = records::apply_updates(tx, &sheet_id, &updates, ctx.now)?;
+            rules::emit_records_event(tx, ctx, &sheet_id, "records:updated", n)?;
+            Ok(n)
+        })
+        .await
+    }
+
+    /// Deletes records of a sheet by id, atomically: an id that is not a record of this sheet
+    /// refuses the whole call. Later records move up, so pages stay dense; a deletion costs a
+    /// write per record after the first one deleted. Returns how many were deleted.
+    pub async fn delete_records(&self, sheet_id: &str, ids: Vec<String>) -> Result<u64> {
+        if ids.len() > MAX_PAGE_SIZE as usize {
+            return Err(Error::invalid(format!("at most {MAX_PAGE_SIZE} ids per deletion, not {}", ids.len())));
+        }
+        let mut rowids = ids.iter().map(|id| records::parse_record_id(id)).collect::<Result<Vec<_>>>()?;
+        rowids.sort_unstable();
+        rowids.dedup();
+        let sheet_id = sheet_id.to_owned();
+        self.write(move |tx, ctx| {
+            rules::require_sheet(tx, ctx, &sheet_id)?;
+            if let Some(missing) = tx.delete_records(&sheet_id, &rowids)? {
+                return Err(Error::not_found("record", format!("rec_{missing}")));
+            }
+            let n = rowids.len() as u64;
+            if n > 0 {
+                rules::emit_records_event(tx, ctx, &sheet_id, "records:deleted", n)?;
+            }
+            Ok(n)
+        })
+        .await
+    }
+
+    /// Record counts of a sheet.
+    pub async fn record_counts(&self, sheet_id: &str) -> Result<RecordCounts> {
+        let sheet_id = sheet_id.to_owned();
+        self.read(move |r, env| {
+            r.sheet(env, &sheet_id)?.ok_or_else(|| Error::not_found("sheet", &sheet_id))?;
+            r.record_counts(&sheet_id)
+        })
+        .await
+    }
+
+    /// One page of a sheet's records, in stable order. `page_size` ≤ 10,000; `page_number` ≥ 1.
+    pub async fn records(&self, sheet_id: &str, page_size: u32, page_number: u32) -> Result<RecordPage> {
+        let rows = self.record_rows(sheet_id, page_size, page_number).await?;
+        Ok(RecordPage { records: records::decode_rows(rows)?, page_number, page_size })
+    }
+
+    /// One page as stored rows, undecoded — for runtimes that convert rows into their own
+    /// shape without building [`Record`](crate::model::Record)s first.
+    pub async fn record_rows(&self, sheet_id: &str, page_size: u32, page_number: u32) -> Result<Vec<RawRecord>> {
+        if page_size == 0 || page_size > MAX_PAGE_SIZE {
+            return Err(Error::invalid(format!("pageSize must be 1..={MAX_PAGE_SIZE}, not {page_size}")));
+        }
+        if page_number == 0 {
+            return Err(Error::invalid("pageNumber is 1-based; 0 is not a page"));
+        }
+        let sheet_id = sheet_id.to_owned();
+        self.read(move |r, env| {
+            r.sheet(env, &sheet_id)?.ok_or_else(|| Error::not_found("sheet", &sheet_id))?;
+            r.record_rows(&sheet_id, u64::from(page_number - 1) * u64::from(page_size), page_size)
+        })
+        .await
+    }
+
+    // ---- jobs ----
+
+    /// Creates a job (`ready` for `immediate`, `created` for `manual`, or `waiting`/`scheduled`).
+    pub async fn create_job(&self, new: NewJob) -> Result<Job> {
+        self.write(move |tx, ctx| rules::create(tx, ctx, new.clone())).await
+    }
+
+    /// A job by id.
+    pub async fn job(&self, id: &str) -> Result<Job> {
+        let id = id.to_owned();
+        self.read(move |r, env| r.job(env, &id)?.ok_or_else(|| Error::not_found("job", id))).await
+    }
+
+    /// Jobs of the environment, oldest first (`offset`/`limit` paging).
+    pub async fn jobs(&self, offset: u64, limit: u32) -> Result<Vec<Job>> {
+        self.read(move |r, env| r.jobs(env, None, offset, limit)).await
+    }
+
+    /// The parts of a job, by part index.
+    pub async fn parts(&self, id: &str) -> Result<Vec<Job>> {
+        let id = id.to_owned();
+        self.read(move |r, env| {
+            r.job(env, &id)?.ok_or_else(|| Error::not_found("job", &id))?;
+            r.jobs(env, Some(&id), 0, u32::MAX)
+        })
+        .await
+    }
+
+    async fn transition(&self, id: &str, call: Call) -> Result<Job> {
+        let id = id.to_owned();
+        self.write(move |tx, ctx| {
+            let job = rules::load(tx, ctx, &id)?;
+            match call.clone() {
+                Call::Execute => rules::execute(tx, ctx, job),
+                Call::Ack(a) => rules::ack(tx, ctx, job, a),
+                Call::Complete(o) => rules::complete(tx, ctx, job, o),
+                Call::Fail(o) => rules::fail(tx, ctx, job, o),
+                Call::Cancel(info) => rules::cancel(tx, ctx, job, info),
+                Call::Retry => rules::retry(tx, ctx, job),
+                Call::AcknowledgeOutcome => rules::acknowledge_outcome(tx, ctx, job),
+            }
+        })
+        .await
+    }
+
+    /// `created` → `ready` (or `waiting`/`scheduled`).
+    pub async fn execute(&self, id: &str) -> Result<Job> {
+        self.transition(id, Call::Execute).await
+    }
+
+    /// `ready`/`executing` → `executing`, updating info/progress/estimate. Repeatable.
+    pub async fn ack(&self, id: &str, ack: Ack) -> Result<Job> {
+        self.transition(id, Call::Ack(ack)).await
+    }
+
+    /// `ready`/`executing` → `complete`.
+    pub async fn complete(&self, id: &str, outcome: Outcome) -> Result<Job> {
+        self.transition(id, Call::Complete(outcome)).await
+    }
+
+    /// `ready`/`executing` → `failed`.
+    pub async fn fail(&self, id: &str, outcome: Outcome) -> Result<Job> {
+        self.transition(id, Call::Fail(outcome)).await
+    }
+
+    /// Any non-terminal status → `canceled`, cascading to the job's open parts.
+    pub async fn cancel(&self, id: &str, info: Option<String>) -> Result<Job> {
+        self.transition(id, Call::Cancel(info)).await
+    }
+
+    /// `failed` → `ready` with `attempt + 1`.
+    pub async fn retry(&self, id: &str) -> Result<Job> {
+        self.transition(id, Call::Retry).await
+    }
+
+    /// Records that a terminal job's outcome was seen.
+    pub async fn acknowledge_outcome(&self, id: &str) -> Result<Job> {
+        self.transition(id, Call::AcknowledgeOutcome).await
+    }
+
+    /// Splits an `executing` job into parts.
+    pub async fn split(&self, id: &str, split: Split) -> Result<SplitResult> {
+        let id = id.to_owned();
+        self.write(move |tx, ctx| {
+            let job = rules::load(tx, ctx, &id)?;
+            rules::split(tx, ctx, job, split.clone())
+        })
+        .await
+    }
+
+    /// Sets the `info` of a job that has not ended, without changing its status or writing an
+    /// event: how the host says on the job why a listener's delivery for it failed. Returns
+    /// false when the job already ended (its outcome stands).
+    pub async fn annotate(&self, id: &str, info: String) -> Result<bool> {
+        let id = id.to_owned();
+        self.write(move |tx, ctx| {
+            let mut job = rules::load(tx, ctx, &id)?;
+            if job.status.is_terminal() {
+                return Ok(false);
+            }
+            job.info = Some(info.clone());
+            job.updated_at = ctx.now;
+            tx.update_job(&job)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    // ---- secrets ----
+
+    /// Stores (or replaces) a secret of this environment.
+    pub async fn set_secret(&self, name: &str, value: &str) -> Result<()> {
+        crate::model::validate_secret_name(name).map_err(Error::invalid)?;
+        if value.len() > crate::model::MAX_SECRET_BYTES {
+            return Err(Error::invalid(format!(
+                "a secret is at most {} bytes, not {}",
+                crate::model::MAX_SECRET_BYTES,
+                value.len()
+            )));
+        }
+        let (name, value) = (name.to_owned(), value.to_owned());
+        self.write(move |tx, ctx| tx.put_secret(&ctx.env, &name, Some(&value), ctx.now)).await
+    }
+
+    /// Deletes a secret; false when there was none.
+    pub async fn delete_secret(&self, name: &str) -> Result<bool> {
+        let name = name.to_owned();
+        self.write(move |tx, ctx| tx.put_secret(&ctx.env, &name, None, ctx.now))
+            .await
+            .map(|_| true)
+            .or_else(|e| if e.kind() == crate::ErrorKind::NotFound { Ok(false) } else { Err(e) })
+    }
+
+    /// A secret's value.
+    pub async fn secret(&self, name: &str) -> Result<String> {
+        let name = name.to_owned();
+        self.read(move |r, env| r.secret(env, &name)?.ok_or_else(|| Error::not_found("secret", name))).await
+    }
+
+    /// The names of the environment's secrets (never their values), sorted.
+    pub async fn secret_names(&self) -> Result<Vec<String>> {
+        self.read(|r, env| r.secret_names(env)).await
+    }
+
+    // ---- events ----
+
+    /// Events after the cursor `after_seq` (0 for the start), oldest first.
+    pub async fn events(&self, after_seq: i64, limit: u32) -> Result<Vec<Event>> {
+        self.read(move |r, env| r.events(env, after_seq, limit)).await
+    }
+
+    /// Every event of one job, oldest first.
+    pub async fn job_events(&self, job_id: &str) -> Result<Vec<Event>> {
+        let job_id = job_id.to_owned();
+        self.read(move |r, env| r.job_events(env, &job_id)).await
+    }
+
+    /// Stores the record of one plugin delivery.
+    pub async fn record_execution(&self, execution: crate::model::Execution) -> Result<i64> {
+        self.engine.inner.store.write(move |tx| tx.insert_execution(&execution)).await
+    }
+
+    /// Execution records of this environment (optionally of one job), oldest first.
+    pub async fn executions(&self, job_id: Option<&str>, limit: u32) -> Result<Vec<crate::model::Execution>> {
+        let job_id = job_id.map(str::to_owned);
+        self.read(move |r, env| r.executions(env, job_id.as_deref(), limit)).await
+    }
+
+    /// Deliveries that exhausted their attempts.
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>> {
+        self.read(|r, env| r.dead_letters(env)).await
+    }
+
+    /// Builds an event's context for a custom event emitter (used by listener tests).
+    pub fn context(&self, job_id: Option<&str>) -> Value {
+        serde_json::json!({ "environmentId": &*self.env, "jobId": job_id, "actorId": &*self.actor })
+    }
+}
+
+/// The SHA-256 of a token, hex: what the store keeps.
+pub fn token_hash(token: &str) -> String {
+    crate::model::sha256_hex(token.as_bytes(), 32)
+}
+
+/// `n` random bytes from the OS, hex.
+fn random_hex(n: usize) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}

@@ -1,0 +1,90 @@
+//! `jobhost serve`: the host as a server until SIGINT/SIGTERM.
+
+use super::*;
+
+/// Resolves on SIGINT or SIGTERM.
+pub(super) async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let settings = crate::config::Settings::resolve(&args, |k| std::env::var(k).ok())?;
+    let host = HostArgs { data: settings.data.clone(), json: false, concurrency: Some(settings.concurrency) };
+    let limits = Limits { max_instances: settings.concurrency, ..settings.limits.clone() };
+    let runtime = Runtime::new(RuntimeConfig { limits, ..RuntimeConfig::default() })?;
+    let dir = DataDir::new(host.data.as_deref())?;
+    let engine = open_engine(&dir.path, &host, Some(&runtime))?;
+    let environment = engine.environment_named(&settings.environment).await?;
+    let running = Arc::new(engine.run(Vec::new()).await?);
+    let (plugins, watch) = start_plugins(&runtime, &running, &environment.id, &settings.plugins, false).await?;
+    let mut events = plugins.subscribe();
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let admin_token = settings.admin_token.clone().map(Arc::from);
+    if admin_token.is_none() {
+        eprintln!("no admin token (JOBHOST_ADMIN_TOKEN or admin_token in the config): the admin routes answer 401");
+    }
+    let registry = crate::api::plugins::Plugins::new(runtime.clone(), running.clone(), dir.path.join("plugins"));
+    registry.adopt(&environment.id, plugins.clone()).await;
+    for (env, plugin) in registry.start_all(&engine).await {
+        eprintln!("loaded plugin {} ({}) of environment {env}", plugin.name, plugin.version);
+    }
+    let api = crate::api::router(crate::api::ApiState { engine: engine.clone(), admin_token, plugins: Some(registry) });
+    let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    eprintln!("listening on http://{}", listener.local_addr()?);
+    let server = tokio::spawn(crate::api::serve(listener, api, async move {
+        let _ = api_stopped.await;
+    }));
+    eprintln!(
+        "serving {} plugin(s) from {} in environment {} ({}); data in {}; Ctrl-C to stop",
+        plugins.plugins().await.len(),
+        settings.plugins.display(),
+        environment.name,
+        environment.id,
+        dir.path.display()
+    );
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            event = events.recv() => match event {
+                Ok(ReloadEvent::Loaded { name, version, previous }) => {
+                    eprintln!("loaded plugin {name} version {version}{}", previous.map(|p| format!(" (was {p})")).unwrap_or_default())
+                }
+                Ok(ReloadEvent::Failed { name, reason, .. }) if reason != crate::reload::ALREADY_FAILED => {
+                    eprintln!("plugin {name} not reloaded, previous version keeps serving: {reason}")
+                }
+                Ok(ReloadEvent::Removed { name, version }) => eprintln!("unloaded plugin {name} version {version}"),
+                _ => {}
+            },
+        }
+    }
+    eprintln!("stopping: finishing requests and deliveries in flight");
+    let _ = api_stop.send(());
+    drop(watch);
+    running.shutdown().await;
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => eprintln!("the API stopped with an error: {e}"),
+        Err(e) => eprintln!("the API task failed: {e}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,637 @@
+//! The state of one instance (one `Store`) and the host side of the imports.
+//!
+//! Every import goes through the instance's [`Env`]: the engine API scoped to the
+//! environment of the event being handled, acting as `plugin:<name>`. An id from another
+//! environment is therefore answered `not-found` by the engine itself.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use serde_json::Value;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::bindings::jobhost::plugin::{completion, config, jobs, log, records, sheets, types as wit};
+use super::convert;
+use super::limits::Manifest;
+use crate::Env;
+use crate::model::{Ack, JobType, NewJob, NewRecord, Outcome, Split, SplitParts, Trigger};
+
+/// Logs of one delivery, capped; shared by stdout, stderr and the `log` import.
+#[derive(Debug)]
+struct LogBuf {
+    text: String,
+    limit: usize,
+    truncated: bool,
+}
+
+impl LogBuf {
+    fn push(&mut self, s: &str) {
+        if self.truncated {
+            return;
+        }
+        let room = self.limit.saturating_sub(self.text.len());
+        if s.len() <= room {
+            self.text.push_str(s);
+        } else {
+            self.text.push_str(&s[..s.floor_char_boundary(room)]);
+            self.text.push_str(&format!("\n[log truncated at {} bytes]\n", self.limit));
+            self.truncated = true;
+        }
+    }
+}
+
+/// stdout/stderr of the guest: always accepts, keeps what fits.
+#[derive(Clone)]
+struct Capture(Arc<Mutex<LogBuf>>);
+
+impl IsTerminal for Capture {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for Capture {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl tokio::io::AsyncWrite for Capture {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        if let Ok(mut log) = self.0.lock() {
+            log.push(&String::from_utf8_lossy(buf));
+        }
+        // Accept everything: a guest whose output is cut must not fail to print.
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Memory and table limits of one instance, counting every memory and table together.
+#[derive(Debug)]
+pub(super) struct Limiter {
+    memory_limit: usize,
+    memory_total: usize,
+    memory_peak: usize,
+    memory_refused: bool,
+    table_limit: usize,
+    table_total: usize,
+    table_refused: bool,
+}
+
+impl wasmtime::ResourceLimiter for Limiter {
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let total = self.memory_total - current.min(self.memory_total) + desired;
+        if total > self.memory_limit {
+            self.memory_refused = true;
+            return Ok(false);
+        }
+        self.memory_total = total;
+        self.memory_peak = self.memory_peak.max(total);
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let total = self.table_total - current.min(self.table_total) + desired;
+        if total > self.table_limit {
+            self.table_refused = true;
+            return Ok(false);
+        }
+        self.table_total = total;
+        Ok(true)
+    }
+}
+
+/// Time spent running guest code.
+///
+/// Epoch ticks count wall time: a guest waiting for a worker thread (because another guest is
+/// busy on it) or blocked in a host call would be charged for it. So the meter marks the
+/// moments the guest starts running wasm (a call, a return from a host call, a resume after a
+/// yield) and stops (a return, a host call, an epoch check), and charges only the spans in
+/// between, during which the guest holds its thread. The clock is the monotonic one (vDSO, a
+/// few ns): the thread CPU clock is a system call, and at ~10 boundary crossings per
+/// delivery it doubled the cost of a trivial dispatch. The difference is only time the OS
+/// takes the thread away mid-span, which is charged; on a machine with more runnable threads
+/// than cores that makes the budget stricter, never looser.
+pub(super) struct CpuMeter {
+    budget_ns: u64,
+    used_ns: u64,
+    /// The clock at the last entry into wasm; `NOT_IN_WASM` otherwise. Shared with the
+    /// future that resumes the guest after a yield.
+    mark: Arc<AtomicU64>,
+    exceeded: bool,
+    /// Depth of wasm calls from the host. Only the outermost call and the host calls it
+    /// makes move the meter: wasm called from inside a host call (the guest's allocator, while
+    /// a result is lowered into guest memory) would cost two clock reads per string of a page.
+    depth: u32,
+    in_host: bool,
+}
+
+const NOT_IN_WASM: u64 = u64::MAX;
+
+/// Nanoseconds on the monotonic clock since the first call.
+pub(super) fn running_ns() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_nanos() as u64
+}
+
+impl CpuMeter {
+    /// A call hook: keeps the meter running exactly while top-level guest code runs.
+    pub(super) fn hook(&mut self, hook: wasmtime::CallHook) {
+        use wasmtime::CallHook::*;
+        match hook {
+            CallingWasm => {
+                self.depth += 1;
+                if self.depth == 1 {
+                    self.enter();
+                }
+            }
+            ReturningFromWasm => {
+                if self.depth == 1 {
+                    self.leave();
+                }
+                self.depth = self.depth.saturating_sub(1);
+            }
+            CallingHost if self.depth == 1 && !self.in_host => {
+                self.in_host = true;
+                self.leave();
+            }
+            ReturningFromHost if self.depth == 1 && self.in_host => {
+                self.in_host = false;
+                self.enter();
+            }
+            _ => {}
+        }
+    }
+
+    pub(super) fn enter(&self) {
+        self.mark.store(running_ns(), Ordering::Relaxed);
+    }
+
+    pub(super) fn leave(&mut self) {
+        let mark = self.mark.swap(NOT_IN_WASM, Ordering::Relaxed);
+        if mark != NOT_IN_WASM {
+            self.used_ns += running_ns().saturating_sub(mark);
+        }
+    }
+
+    /// Called at every epoch check: charges the slice that just ran, and says whether the
+    /// guest may go on.
+    pub(super) fn check(&mut self) -> bool {
+        self.leave();
+        if self.used_ns > self.budget_ns {
+            self.exceeded = true;
+        }
+        !self.exceeded
+    }
+
+    /// A future that marks the guest's re-entry into wasm when it resumes after a yield.
+    pub(super) fn resume_mark(&self) -> Arc<AtomicU64> {
+        self.mark.clone()
+    }
+
+    pub(super) fn used(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.used_ns)
+    }
+}
+
+/// The jobs a delivery may move (ack, complete, fail, cancel, split): the event's job, its
+/// parent, its parts, and jobs the plugin created in this delivery — unless the manifest
+/// grants `any_job`.
+#[derive(Debug, Default)]
+struct JobScope {
+    job: Option<String>,
+    parent: Option<String>,
+    created: Vec<String>,
+}
+
+/// Everything one instance owns: its WASI context (nothing but what the manifest grants), its
+/// limits, its logs, and the environment API it acts through.
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: Limiter,
+    cpu: CpuMeter,
+    logs: Arc<Mutex<LogBuf>>,
+    /// `None` while reading subscriptions at load: no host calls then.
+    env: Option<Env>,
+    plugin: Arc<str>,
+    event_id: Arc<str>,
+    manifest: Arc<Manifest>,
+    scope: JobScope,
+    records_written: u64,
+    /// The first limit or rule a host call refused, for the execution record.
+    refused: Option<String>,
+    /// `completion`: the handler's outcome comes by `settle` (`Some(None)`: deferred, not
+    /// yet settled; `Some(Some(outcome))`: settled).
+    deferred: Option<Option<Result<(), String>>>,
+}
+
+impl HostState {
+    fn new(manifest: Arc<Manifest>, env: Option<Env>, plugin: &str, event_id: &str) -> wasmtime::Result<Self> {
+        let limits = &manifest.limits;
+        let logs = Arc::new(Mutex::new(LogBuf { text: String::new(), limit: limits.max_log_bytes, truncated: false }));
+        // The builder starts with nothing: no preopened directories, no environment variables,
+        // no arguments, no network; stdin is empty. Only what the manifest grants is added.
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stdout(Capture(logs.clone())).stderr(Capture(logs.clone()));
+        if env.is_some() {
+            for (k, v) in &manifest.grants.env {
+                wasi.env(k, v);
+            }
+            for d in &manifest.grants.dirs {
+                wasi.preopened_dir(&d.host, &d.guest, wasmtime_wasi::FsPerms::ReadOnly).map_err(|e| {
+                    wasmtime::Error::msg(format!("cannot open the granted directory {}: {e}", d.host.display()))
+                })?;
+            }
+        }
+        Ok(Self {
+            wasi: wasi.build(),
+            table: ResourceTable::new(),
+            limiter: Limiter {
+                memory_limit: limits.memory,
+                memory_total: 0,
+                memory_peak: 0,
+                memory_refused: false,
+                table_limit: limits.table_elements,
+                table_total: 0,
+                table_refused: false,
+            },
+            cpu: CpuMeter {
+                budget_ns: limits.cpu.as_nanos() as u64,
+                used_ns: 0,
+                mark: Arc::new(AtomicU64::new(NOT_IN_WASM)),
+                exceeded: false,
+                depth: 0,
+                in_host: false,
+            },
+            logs,
+            env,
+            plugin: Arc::from(plugin),
+            event_id: Arc::from(event_id),
+            scope: JobScope::default(),
+            records_written: 0,
+            refused: None,
+            deferred: None,
+            manifest,
+        })
+    }
+
+    pub(super) fn for_load(manifest: Arc<Manifest>) -> Self {
+        // Nothing is granted at load, so nothing can fail.
+        Self::new(manifest, None, "loading", "-").unwrap_or_else(|_| unreachable!("no grants at load"))
+    }
+
+    pub(super) fn for_event(
+        manifest: Arc<Manifest>,
+        env: Env,
+        plugin: &str,
+        event: &crate::model::Event,
+    ) -> wasmtime::Result<Self> {
+        let env = env.as_actor(format!("plugin:{plugin}"));
+        let mut state = Self::new(manifest, Some(env), plugin, &event.id)?;
+        state.scope.job = event.job_id().map(str::to_owned);
+        state.scope.parent = event.payload.get("parentId").and_then(Value::as_str).map(str::to_owned);
+        Ok(state)
+    }
+
+    /// The limit or rule a host call refused first, if any.
+    pub(super) fn refused(&self) -> Option<&str> {
+        self.refused.as_deref()
+    }
+
+    /// `completion`: `None` when the handler did not defer; `Some(None)` when it deferred
+    /// and never settled; otherwise how it settled.
+    pub(super) fn deferred(&self) -> Option<&Option<Result<(), String>>> {
+        self.deferred.as_ref()
+    }
+
+    /// The table limit, when a growth past it was refused.
+    pub(super) fn table_exceeded(&self) -> Option<usize> {
+        self.limiter.table_refused.then_some(self.limiter.table_limit)
+    }
+
+    /// Notes a refusal in the delivery's log (the guest may swallow the error; the record
+    /// still says what happened) and returns it as the guest's error.
+    fn refuse(&mut self, kind: wit::ErrorKind, message: String) -> wit::Error {
+        let tag = if kind == wit::ErrorKind::Limit { "limit" } else { "denied" };
+        if let Ok(mut logs) = self.logs.lock() {
+            logs.push(&format!("[jobhost] {tag}: {message}\n"));
+        }
+        self.refused.get_or_insert_with(|| message.clone());
+        wit::Error { kind, message, job_status: None }
+    }
+
+    fn limit(&mut self, message: String) -> wit::Error {
+        self.refuse(wit::ErrorKind::Limit, message)
+    }
+
+    /// Refuses JSON text (outcome, info, input, partData) larger than `max_outcome_bytes`.
+    fn check_size(&mut self, what: &str, text: Option<&str>) -> R<()> {
+        let max = self.manifest.limits.max_outcome_bytes;
+        match text {
+            Some(t) if t.len() > max => {
+                Err(self.limit(format!("{what} of {} bytes is over the plugin's max_outcome_bytes ({max})", t.len())))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Charges `n` records to the delivery's write budget.
+    fn charge_records(&mut self, n: usize) -> R<()> {
+        let limits = &self.manifest.limits;
+        let (per_write, per_delivery) = (limits.max_records_per_write, limits.max_records_per_delivery);
+        if n > per_write {
+            return Err(
+                self.limit(format!("{n} records in one call; the plugin's max_records_per_write is {per_write}"))
+            );
+        }
+        if self.records_written + n as u64 > per_delivery {
+            let done = self.records_written;
+            return Err(self.limit(format!(
+                "{done} records written in this delivery and {n} more asked; the plugin's max_records_per_delivery is {per_delivery}"
+            )));
+        }
+        self.records_written += n as u64;
+        Ok(())
+    }
+
+    /// Checks that this delivery may move job `id` (see [`JobScope`]).
+    async fn may_move(&mut self, id: &str) -> R<()> {
+        let scope = &self.scope;
+        if self.manifest.grants.any_job
+            || scope.job.as_deref() == Some(id)
+            || scope.parent.as_deref() == Some(id)
+            || scope.created.iter().any(|c| c == id)
+        {
+            return Ok(());
+        }
+        // Not-found for another environment's id comes first: nothing leaks.
+        let job = self.env()?.job(id).await.map_err(convert::error)?;
+        if job.parent_id.is_some() && job.parent_id == self.scope.job {
+            return Ok(());
+        }
+        let about = match &self.scope.job {
+            Some(j) => format!("the event's job {j}, its parent, its parts"),
+            None => "jobs of the event (it has none)".to_owned(),
+        };
+        Err(self.refuse(
+            wit::ErrorKind::Denied,
+            format!(
+                "job {id} is not one this delivery may move: a plugin acts on {about} and jobs it created in this \
+                 delivery (grant `any_job` in its manifest to lift this)"
+            ),
+        ))
+    }
+
+    pub(super) fn limiter(&mut self) -> &mut Limiter {
+        &mut self.limiter
+    }
+
+    pub(super) fn cpu(&mut self) -> &mut CpuMeter {
+        &mut self.cpu
+    }
+
+    /// True when the guest used up its CPU time.
+    pub(super) fn cpu_exceeded(&self) -> bool {
+        self.cpu.exceeded
+    }
+
+    /// Time spent running guest code.
+    pub(super) fn cpu_used(&self) -> std::time::Duration {
+        self.cpu.used()
+    }
+
+    /// The memory limit, when a growth past it was refused.
+    pub(super) fn memory_exceeded(&self) -> Option<usize> {
+        self.limiter.memory_refused.then_some(self.limiter.memory_limit)
+    }
+
+    pub(super) fn peak_memory(&self) -> usize {
+        self.limiter.memory_peak
+    }
+
+    pub(super) fn take_logs(&self) -> String {
+        self.logs.lock().map(|mut l| std::mem::take(&mut l.text)).unwrap_or_default()
+    }
+
+    fn env(&self) -> Result<&Env, wit::Error> {
+        self.env.as_ref().ok_or_else(|| wit::Error {
+            kind: wit::ErrorKind::Denied,
+            message: "host calls are not allowed while the plugin lists its subscriptions".into(),
+            job_status: None,
+        })
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+type R<T> = Result<T, wit::Error>;
+
+fn json_arg(what: &str, text: Option<String>) -> R<Value> {
+    match text {
+        None => Ok(Value::Null),
+        Some(t) => serde_json::from_str(&t).map_err(|e| convert::invalid(format!("{what} is not JSON: {e}"))),
+    }
+}
+
+impl wit::Host for HostState {}
+
+impl jobs::Host for HostState {
+    async fn get(&mut self, id: String) -> R<wit::Job> {
+        self.env()?.job(&id).await.map(convert::job).map_err(convert::error)
+    }
+
+    async fn ack(&mut self, id: String, info: Option<String>, progress: Option<u8>, eta: Option<i64>) -> R<wit::Job> {
+        self.check_size("info", info.as_deref())?;
+        self.may_move(&id).await?;
+        let ack = Ack { info, progress, estimated_completion_at: eta };
+        self.env()?.ack(&id, ack).await.map(convert::job).map_err(convert::error)
+    }
+
+    async fn complete(&mut self, id: String, outcome: Option<String>, info: Option<String>) -> R<wit::Job> {
+        self.check_size("outcome", outcome.as_deref())?;
+        self.check_size("info", info.as_deref())?;
+        self.may_move(&id).await?;
+        let o = Outcome { outcome: json_arg("outcome", outcome)?, info };
+        self.env()?.complete(&id, o).await.map(convert::job).map_err(convert::error)
+    }
+
+    async fn fail(&mut self, id: String, outcome: Option<String>, info: Option<String>) -> R<wit::Job> {
+        self.check_size("outcome", outcome.as_deref())?;
+        self.check_size("info", info.as_deref())?;
+        self.may_move(&id).await?;
+        let o = Outcome { outcome: json_arg("outcome", outcome)?, info };
+        self.env()?.fail(&id, o).await.map(convert::job).map_err(convert::error)
+    }
+
+    async fn cancel(&mut self, id: String, info: Option<String>) -> R<wit::Job> {
+        self.check_size("info", info.as_deref())?;
+        self.may_move(&id).await?;
+        self.env()?.cancel(&id, info).await.map(convert::job).map_err(convert::error)
+    }
+
+    async fn split(&mut self, id: String, parts: jobs::SplitParts, run_in_parallel: bool) -> R<u32> {
+        let max = self.manifest.limits.max_split_parts;
+        let n = match &parts {
+            jobs::SplitParts::Count(n) => *n as usize,
+            jobs::SplitParts::Data(list) => list.len(),
+        };
+        if n > max as usize {
+            return Err(self.limit(format!("split into {n} parts; the plugin's max_split_parts is {max}")));
+        }
+        if let jobs::SplitParts::Data(list) = &parts {
+            let total: usize = list.iter().map(String::len).sum();
+            let max_bytes = self.manifest.limits.max_outcome_bytes.saturating_mul(16);
+            if total > max_bytes {
+                return Err(self.limit(format!(
+                    "partData of {total} bytes in all; the plugin may pass 16 × max_outcome_bytes ({max_bytes})"
+                )));
+            }
+        }
+        self.may_move(&id).await?;
+        let parts = match parts {
+            jobs::SplitParts::Count(n) => SplitParts::Count(n),
+            jobs::SplitParts::Data(list) => {
+                SplitParts::Data(list.into_iter().map(|t| json_arg("partData", Some(t))).collect::<R<Vec<_>>>()?)
+            }
+        };
+        let split = Split { parts, run_in_parallel: Some(run_in_parallel) };
+        self.env()?.split(&id, split).await.map(|r| r.parts).map_err(convert::error)
+    }
+
+    async fn create(&mut self, job: jobs::NewJob) -> R<wit::Job> {
+        self.check_size("input", job.input.as_deref())?;
+        let kind: JobType = job.kind.parse().map_err(|e: crate::model::UnknownValue| convert::error(e.into()))?;
+        let new = NewJob {
+            source: job.source,
+            input: json_arg("input", job.input)?,
+            trigger: Some(if job.manual { Trigger::Manual } else { Trigger::Immediate }),
+            ..NewJob::new(kind, job.operation)
+        };
+        let created = self.env()?.create_job(new).await.map_err(convert::error)?;
+        self.scope.created.push(created.id.clone());
+        Ok(convert::job(created))
+    }
+
+    async fn list_parts(&mut self, id: String) -> R<Vec<wit::Job>> {
+        self.env()?.parts(&id).await.map(|v| v.into_iter().map(convert::job).collect()).map_err(convert::error)
+    }
+}
+
+impl records::Host for HostState {
+    async fn counts(&mut self, sheet_id: String) -> R<wit::RecordCounts> {
+        let c = self.env()?.record_counts(&sheet_id).await.map_err(convert::error)?;
+        Ok(wit::RecordCounts { total: c.total, valid: c.valid, error: c.error })
+    }
+
+    async fn page(&mut self, sheet_id: String, page_size: u32, page_number: u32) -> R<wit::RecordPage> {
+        let max = self.manifest.limits.max_page_size;
+        if page_size > max {
+            return Err(self.limit(format!("page size {page_size}; the plugin's max_page_size is {max}")));
+        }
+        let rows = self.env()?.record_rows(&sheet_id, page_size, page_number).await.map_err(convert::error)?;
+        convert::page(rows).map_err(convert::error)
+    }
+
+    async fn update(&mut self, sheet_id: String, updates: Vec<wit::RecordUpdate>) -> R<u64> {
+        self.charge_records(updates.len())?;
+        let updates = updates.into_iter().map(convert::update).collect();
+        self.env()?.update_records(&sheet_id, updates).await.map_err(convert::error)
+    }
+
+    async fn insert(&mut self, sheet_id: String, new: Vec<wit::NewRecord>) -> R<u64> {
+        self.charge_records(new.len())?;
+        let records = new
+            .into_iter()
+            .map(|r| NewRecord {
+                values: r.values.into_iter().map(|fv| (fv.field, convert::value_from_wit(fv.value))).collect(),
+                messages: r.messages.into_iter().map(convert::message_from_wit).collect(),
+                metadata: Value::Null,
+            })
+            .collect();
+        self.env()?.insert_records(&sheet_id, records).await.map_err(convert::error)
+    }
+}
+
+impl sheets::Host for HostState {
+    async fn get(&mut self, id: String) -> R<wit::Sheet> {
+        let s = self.env()?.sheet(&id).await.map_err(convert::error)?;
+        Ok(wit::Sheet { id: s.id, name: s.name })
+    }
+}
+
+impl log::Host for HostState {
+    async fn log(&mut self, level: log::Level, message: String) {
+        let (plugin, event) = (&*self.plugin, &*self.event_id);
+        let tag = match level {
+            log::Level::Trace => {
+                tracing::trace!(plugin, event, "{message}");
+                "TRACE"
+            }
+            log::Level::Debug => {
+                tracing::debug!(plugin, event, "{message}");
+                "DEBUG"
+            }
+            log::Level::Info => {
+                tracing::info!(plugin, event, "{message}");
+                "INFO"
+            }
+            log::Level::Warn => {
+                tracing::warn!(plugin, event, "{message}");
+                "WARN"
+            }
+            log::Level::Error => {
+                tracing::error!(plugin, event, "{message}");
+                "ERROR"
+            }
+        };
+        if let Ok(mut logs) = self.logs.lock() {
+            logs.push(&format!("{tag} {message}\n"));
+        }
+    }
+}
+
+impl completion::Host for HostState {
+    async fn defer(&mut self) {
+        self.deferred.get_or_insert(None);
+    }
+
+    async fn settle(&mut self, error: Option<String>) {
+        // The first outcome counts: a guest cannot turn a failure into a success later.
+        if !matches!(self.deferred, Some(Some(_))) {
+            self.deferred = Some(Some(error.map_or(Ok(()), Err)));
+        }
+    }
+}
+
+impl config::Host for HostState {
+    async fn get(&mut self, key: String) -> Option<String> {
+        self.manifest.config.get(&key).cloned()
+    }
+
+    async fn secret(&mut self, name: String) -> R<String> {
+        if !self.manifest.grants.secrets.contains(&name) {
+            return Err(self.refuse(
+                wit::ErrorKind::Denied,
+                format!("secret `{name}` is not granted to this plugin (list it under [grants] secrets)"),
+            ));
+        }
+        self.env()?.secret(&name).await.map_err(convert::error)
+    }
+}

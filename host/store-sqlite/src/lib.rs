@@ -1,0 +1,1495 @@
+//! The embedded default backend: SQLite in WAL mode.
+//!
+//! * **One writer thread** owns the only write connection. Write closures queue on a channel;
+//!   the thread takes every queued closure (up to `max_batch`), runs each inside its own
+//!   `SAVEPOINT` within one `BEGIN IMMEDIATE` transaction, and commits once — group commit.
+//!   A closure that returns an error is rolled back to its savepoint, so a refused call changes
+//!   nothing while the rest of the batch commits. Replies are sent only after `COMMIT`, so an
+//!   acknowledged write is durable (with `synchronous = FULL`, also across power loss).
+//! * **Readers** are a small pool of read-only connections used from `spawn_blocking`; WAL lets
+//!   them read committed data while the writer works.
+//! * A **lock file** in the data directory keeps a second process from opening the same store:
+//!   the backend is [`exclusive`](Backend::exclusive), so every other host registered in it is
+//!   gone and the engine reclaims their leases at start.
+//! * Rows are locked by the single writer: `…_for_update` reads are plain reads, and a busy
+//!   database (another connection's lock) is reported as a retryable [`StoreError`].
+//! * Migrations are numbered SQL scripts applied at open (`PRAGMA user_version`).
+
+use std::fs::File;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
+use serde_json::Value;
+use tokio::sync::Notify;
+
+use jobhost_core::error::{Error, Result, StoreError};
+use jobhost_core::model::{
+    ApiToken, DeadLetter, Environment, Event, Execution, Job, JobStatus, Millis, RecordCounts, Sheet, UnknownValue,
+};
+use jobhost_store::{
+    Backend, DeliveryEnd, DeliveryStats, DueDelivery, EncodedRecord, Fence, HostRecord, Notifications, Overdue,
+    PartStatusCounts, RawRecord, ReadOp, ReadTx, StoredRecord, Subscription, Tx, WriteOp,
+};
+
+/// A SQLite failure as the store's error: busy and locked databases may clear on a retry.
+fn db_error(e: rusqlite::Error) -> Error {
+    let retryable =
+        matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked));
+    Error::Store(StoreError::caused_by("SQLite", e).retryable(retryable))
+}
+
+/// `.db()?` turns a SQLite result into the store's.
+trait Db<T> {
+    fn db(self) -> Result<T>;
+}
+
+impl<T> Db<T> for rusqlite::Result<T> {
+    fn db(self) -> Result<T> {
+        self.map_err(db_error)
+    }
+}
+
+/// How hard SQLite syncs on commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Synchronous {
+    /// fsync on every commit: nothing acknowledged is lost, even on power loss.
+    #[default]
+    Full,
+    /// WAL's `NORMAL`: survives a process crash; the last commits may be lost on power loss.
+    Normal,
+}
+
+/// Options of the SQLite backend.
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// The data directory; created if missing.
+    pub dir: PathBuf,
+    /// Commit durability.
+    pub synchronous: Synchronous,
+    /// Most write closures committed together. Bounds how long one commit holds the writer.
+    pub max_batch: usize,
+}
+
+impl SqliteOptions {
+    /// Defaults for a data directory.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into(), synchronous: Synchronous::Full, max_batch: 512 }
+    }
+}
+
+/// The SQLite backend. Dropping it finishes queued writes and joins the writer thread.
+pub struct SqliteBackend {
+    writes: Mutex<Option<Sender<WriteOp>>>,
+    readers: Arc<ReadPool>,
+    signal: Arc<Notify>,
+    commits: tokio::sync::watch::Receiver<u64>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    // Held for the backend's lifetime: the OS releases it when the process dies, even by SIGKILL.
+    _lock: File,
+}
+
+impl std::fmt::Debug for SqliteBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteBackend").field("db", &self.readers.path).finish_non_exhaustive()
+    }
+}
+
+const DB_FILE: &str = "jobhost.db";
+const LOCK_FILE: &str = "jobhost.lock";
+
+impl SqliteBackend {
+    /// Opens (creating if needed) the store in `options.dir`, migrates it, and starts the writer.
+    pub fn open(options: SqliteOptions) -> Result<Self> {
+        std::fs::create_dir_all(&options.dir)
+            .map_err(|e| StoreError::caused_by(format!("cannot create data directory {}", options.dir.display()), e))?;
+        let lock_path = options.dir.join(LOCK_FILE);
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| StoreError::caused_by(format!("cannot open {}", lock_path.display()), e))?;
+        lock.try_lock().map_err(|_| {
+            Error::store(format!("data directory {} is in use by another jobhost process", options.dir.display()))
+        })?;
+
+        let path = options.dir.join(DB_FILE);
+        let conn = open_writer(&path, options.synchronous)?;
+        migrate(&conn)?;
+
+        let (tx, rx) = std::sync::mpsc::channel();
+        let signal = Arc::new(Notify::new());
+        let writer_signal = signal.clone();
+        let (commits_tx, commits) = tokio::sync::watch::channel(0u64);
+        let max_batch = options.max_batch.max(1);
+        let writer = std::thread::Builder::new()
+            .name("jobhost-store-writer".into())
+            .spawn(move || writer_loop(conn, rx, writer_signal, commits_tx, max_batch))
+            .map_err(|e| StoreError::caused_by("cannot start the store writer thread", e))?;
+
+        Ok(Self {
+            writes: Mutex::new(Some(tx)),
+            readers: Arc::new(ReadPool { path, idle: Mutex::new(Vec::new()) }),
+            signal,
+            commits,
+            writer: Mutex::new(Some(writer)),
+            _lock: lock,
+        })
+    }
+
+    /// Path of the database file inside a data directory.
+    pub fn db_path(dir: &Path) -> PathBuf {
+        dir.join(DB_FILE)
+    }
+}
+
+impl Drop for SqliteBackend {
+    fn drop(&mut self) {
+        // Closing the channel lets the writer drain what is queued and exit.
+        if let Ok(mut w) = self.writes.lock() {
+            w.take();
+        }
+        if let Some(handle) = self.writer.lock().ok().and_then(|mut h| h.take()) {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Backend for SqliteBackend {
+    fn submit_write(&self, op: WriteOp) {
+        // If the writer is gone the op is dropped, and its caller sees "the store's writer stopped".
+        if let Ok(guard) = self.writes.lock()
+            && let Some(tx) = guard.as_ref()
+        {
+            let _ = tx.send(op);
+        }
+    }
+
+    fn submit_read(&self, op: ReadOp) {
+        let pool = self.readers.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = match pool.take() {
+                Ok(c) => c,
+                // Dropping `op` tells the caller the read failed.
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot open a read connection");
+                    return;
+                }
+            };
+            {
+                let mut r = Conn::reader(&conn);
+                op(&mut r);
+            }
+            pool.put(conn);
+        });
+    }
+
+    fn notifications(&self) -> Notifications {
+        Notifications { deliveries: self.signal.clone(), commits: self.commits.clone() }
+    }
+
+    fn exclusive(&self) -> bool {
+        true
+    }
+}
+
+struct ReadPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl ReadPool {
+    fn take(&self) -> Result<Connection> {
+        if let Some(c) = self.idle.lock().map_err(|_| Error::store("reader pool poisoned"))?.pop() {
+            return Ok(c);
+        }
+        let conn =
+            Connection::open_with_flags(&self.path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .db()?;
+        conn.busy_timeout(std::time::Duration::from_secs(10)).db()?;
+        conn.set_prepared_statement_cache_capacity(64);
+        Ok(conn)
+    }
+
+    fn put(&self, conn: Connection) {
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < 16
+        {
+            idle.push(conn);
+        }
+    }
+}
+
+fn open_writer(path: &Path, sync: Synchronous) -> Result<Connection> {
+    let conn =
+        Connection::open(path).map_err(|e| StoreError::caused_by(format!("cannot open {}", path.display()), e))?;
+    let sync = match sync {
+        Synchronous::Full => "FULL",
+        Synchronous::Normal => "NORMAL",
+    };
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -65536;"
+    )).db()?;
+    conn.busy_timeout(std::time::Duration::from_secs(10)).db()?;
+    conn.set_prepared_statement_cache_capacity(128);
+    Ok(conn)
+}
+
+/// Numbered schema migrations; entry *i* takes the schema from version *i* to *i + 1*.
+const MIGRATIONS: &[&str] = &[
+    r#"
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE environments (id TEXT PRIMARY KEY, name TEXT NOT NULL, created_at INTEGER NOT NULL);
+CREATE TABLE sheets (
+    key INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    environment_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    workbook_id TEXT,
+    created_at INTEGER NOT NULL
+);
+-- `ord` is dense per sheet (0, 1, 2, …) so a page is a range scan, not an OFFSET walk.
+CREATE TABLE records (
+    id INTEGER PRIMARY KEY,
+    sheet_key INTEGER NOT NULL,
+    ord INTEGER NOT NULL,
+    vals TEXT NOT NULL,
+    messages TEXT,
+    metadata TEXT,
+    has_error INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX records_order ON records (sheet_key, ord);
+CREATE INDEX records_errors ON records (sheet_key) WHERE has_error = 1;
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY,
+    environment_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    operation TEXT NOT NULL,
+    source TEXT,
+    status TEXT NOT NULL,
+    trigger_ TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    input TEXT,
+    info TEXT,
+    progress INTEGER NOT NULL,
+    estimated_completion_at INTEGER,
+    outcome TEXT,
+    parent_id TEXT,
+    part_index INTEGER,
+    part_data TEXT,
+    part_execution TEXT,
+    predecessor_ids TEXT,
+    run_at INTEGER,
+    stale_timeout_ms INTEGER,
+    attempt INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    started_at INTEGER,
+    finished_at INTEGER,
+    outcome_acknowledged_at INTEGER,
+    ready_at INTEGER,
+    last_activity_at INTEGER,
+    split_at INTEGER,
+    parts_completed_at INTEGER
+);
+CREATE INDEX jobs_env ON jobs (environment_id);
+CREATE INDEX jobs_parts ON jobs (parent_id, status) WHERE parent_id IS NOT NULL;
+CREATE INDEX jobs_live ON jobs (status) WHERE status IN ('scheduled', 'ready', 'executing');
+CREATE TABLE job_predecessors (
+    job_id TEXT NOT NULL,
+    predecessor_id TEXT NOT NULL,
+    PRIMARY KEY (job_id, predecessor_id)
+) WITHOUT ROWID;
+CREATE INDEX job_predecessors_rev ON job_predecessors (predecessor_id);
+CREATE TABLE events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    environment_id TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    job_id TEXT,
+    context TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX events_env ON events (environment_id, seq);
+CREATE INDEX events_job ON events (job_id) WHERE job_id IS NOT NULL;
+CREATE TABLE subscriptions (
+    id TEXT PRIMARY KEY,
+    environment_id TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    filter TEXT,
+    active INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+-- status: pending | leased | done | dead. `due_at` is when a pending delivery may be leased or
+-- when a lease expires; NULL once finished.
+CREATE TABLE deliveries (
+    id INTEGER PRIMARY KEY,
+    event_seq INTEGER NOT NULL,
+    subscription_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    due_at INTEGER,
+    lease_owner TEXT,
+    last_error TEXT,
+    finished_at INTEGER
+);
+CREATE INDEX deliveries_due ON deliveries (due_at) WHERE status IN ('pending', 'leased');
+CREATE INDEX deliveries_dead ON deliveries (subscription_id) WHERE status = 'dead';
+"#,
+    r#"
+-- One row per plugin delivery: who ran, on what, how it ended, what it printed.
+CREATE TABLE executions (
+    id INTEGER PRIMARY KEY,
+    environment_id TEXT NOT NULL,
+    plugin TEXT NOT NULL,
+    plugin_version TEXT NOT NULL,
+    route INTEGER NOT NULL,
+    event_id TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    job_id TEXT,
+    attempt INTEGER NOT NULL,
+    started_at INTEGER NOT NULL,
+    duration_us INTEGER NOT NULL,
+    cpu_us INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    error TEXT,
+    peak_memory INTEGER NOT NULL,
+    logs TEXT NOT NULL
+);
+CREATE INDEX executions_env ON executions (environment_id, id);
+CREATE INDEX executions_job ON executions (job_id) WHERE job_id IS NOT NULL;
+"#,
+    r#"
+-- Loop guard: events written per chain of listener-caused events.
+CREATE TABLE chains (id TEXT PRIMARY KEY, events INTEGER NOT NULL, updated_at INTEGER NOT NULL) WITHOUT ROWID;
+-- Secrets per environment, read by plugins granted them.
+CREATE TABLE secrets (
+    environment_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    value TEXT NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (environment_id, name)
+) WITHOUT ROWID;
+"#,
+    r#"
+-- API tokens: the SHA-256 of each token (never the token), scoped to one environment.
+CREATE TABLE tokens (
+    hash TEXT PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    environment_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX tokens_env ON tokens (environment_id);
+"#,
+    r#"
+-- Hosts by process: a fresh id per start, alive while its heartbeat is recent. The host id
+-- stored here before (one per database) named the database, not a process.
+CREATE TABLE hosts (
+    id TEXT PRIMARY KEY,
+    label TEXT NOT NULL,
+    started_at INTEGER NOT NULL,
+    heartbeat_at INTEGER NOT NULL
+);
+DELETE FROM meta WHERE key = 'host_id';
+"#,
+];
+
+fn migrate(conn: &Connection) -> Result<()> {
+    let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)).db()? as usize;
+    if version > MIGRATIONS.len() {
+        return Err(Error::store(format!(
+            "the store has schema version {version}, newer than this jobhost knows ({}); upgrade jobhost",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.unchecked_transaction().db()?;
+        tx.execute_batch(sql).map_err(|e| StoreError::caused_by(format!("migration {} failed", i + 1), e))?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1)).db()?;
+        tx.commit().db()?;
+    }
+    Ok(())
+}
+
+fn writer_loop(
+    conn: Connection,
+    rx: Receiver<WriteOp>,
+    signal: Arc<Notify>,
+    commits: tokio::sync::watch::Sender<u64>,
+    max_batch: usize,
+) {
+    let mut batch: Vec<WriteOp> = Vec::with_capacity(max_batch);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = run(&conn, "BEGIN IMMEDIATE") {
+            // Dropping the ops makes each caller see an error; nothing was changed.
+            tracing::error!(error = %e, "cannot begin a write transaction");
+            batch.clear();
+            continue;
+        }
+        let mut replies = Vec::with_capacity(batch.len());
+        let mut new_deliveries = 0usize;
+        for op in batch.drain(..) {
+            if let Err(e) = run(&conn, "SAVEPOINT op") {
+                tracing::error!(error = %e, "cannot open a savepoint");
+                continue;
+            }
+            let mut tx = Conn::writer(&conn);
+            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| op(&mut tx)));
+            let added = tx.new_deliveries;
+            let keep = match outcome {
+                Ok((keep, reply)) => {
+                    replies.push(reply);
+                    keep
+                }
+                Err(_) => {
+                    tracing::error!("a write panicked; its changes were rolled back");
+                    false
+                }
+            };
+            let end = if keep {
+                new_deliveries += added;
+                run(&conn, "RELEASE op")
+            } else {
+                run(&conn, "ROLLBACK TO op").and_then(|_| run(&conn, "RELEASE op"))
+            };
+            if let Err(e) = end {
+                tracing::error!(error = %e, "cannot end a savepoint");
+            }
+        }
+        let committed = run(&conn, "COMMIT").db();
+        if committed.is_err() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        let notify = committed.is_ok() && new_deliveries > 0;
+        for reply in replies {
+            reply(committed.clone());
+        }
+        if notify {
+            signal.notify_waiters();
+            signal.notify_one();
+        }
+        if committed.is_ok() {
+            commits.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+/// Runs a parameterless statement through the statement cache (no re-parse per call).
+fn run(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(drop)
+}
+
+/// A connection seen through the store traits.
+struct Conn<'a> {
+    conn: &'a Connection,
+    new_deliveries: usize,
+    /// The last sheet id → key looked up: a record write-back touches one sheet a thousand
+    /// times in one call. Keys never change, so this can outlive nothing but this closure.
+    sheet: std::cell::RefCell<Option<(String, i64)>>,
+}
+
+impl<'a> Conn<'a> {
+    fn reader(conn: &'a Connection) -> Self {
+        Self { conn, new_deliveries: 0, sheet: Default::default() }
+    }
+
+    fn writer(conn: &'a Connection) -> Self {
+        Self::reader(conn)
+    }
+
+    fn sheet_key(&self, sheet_id: &str) -> Result<i64> {
+        if let Some((id, key)) = &*self.sheet.borrow()
+            && id == sheet_id
+        {
+            return Ok(*key);
+        }
+        let key = self
+            .conn
+            .prepare_cached("SELECT key FROM sheets WHERE id = ?1")
+            .db()?
+            .query_row([sheet_id], |r| r.get(0))
+            .optional()
+            .db()?
+            .ok_or_else(|| Error::not_found("sheet", sheet_id))?;
+        *self.sheet.borrow_mut() = Some((sheet_id.to_owned(), key));
+        Ok(key)
+    }
+}
+
+fn json_text(v: &Value) -> Option<String> {
+    (!v.is_null()).then(|| v.to_string())
+}
+
+fn json_value(text: Option<String>) -> Result<Value> {
+    Ok(match text {
+        Some(t) => serde_json::from_str(&t)?,
+        None => Value::Null,
+    })
+}
+
+fn parse_enum<T: std::str::FromStr<Err = UnknownValue>>(text: &str) -> rusqlite::Result<T> {
+    text.parse().map_err(|e: UnknownValue| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+const JOB_COLUMNS: &str = "id, environment_id, kind, operation, source, status, trigger_, mode, input, info, progress, \
+    estimated_completion_at, outcome, parent_id, part_index, part_data, part_execution, predecessor_ids, run_at, \
+    stale_timeout_ms, attempt, created_at, updated_at, started_at, finished_at, outcome_acknowledged_at, ready_at, \
+    last_activity_at, split_at, parts_completed_at";
+
+fn job_from_row(r: &Row<'_>) -> rusqlite::Result<Job> {
+    let json = |i: usize| -> rusqlite::Result<Value> {
+        let t: Option<String> = r.get(i)?;
+        json_value(t)
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e)))
+    };
+    let preds: Value = json(17)?;
+    Ok(Job {
+        id: r.get(0)?,
+        environment_id: r.get(1)?,
+        kind: parse_enum(&r.get::<_, String>(2)?)?,
+        operation: r.get(3)?,
+        source: r.get(4)?,
+        status: parse_enum(&r.get::<_, String>(5)?)?,
+        trigger: parse_enum(&r.get::<_, String>(6)?)?,
+        mode: parse_enum(&r.get::<_, String>(7)?)?,
+        input: json(8)?,
+        info: r.get(9)?,
+        progress: r.get(10)?,
+        estimated_completion_at: r.get(11)?,
+        outcome: json(12)?,
+        parent_id: r.get(13)?,
+        is_part: r.get::<_, Option<String>>(13)?.is_some(),
+        part_index: r.get(14)?,
+        part_data: json(15)?,
+        part_execution: r.get::<_, Option<String>>(16)?.map(|s| parse_enum(&s)).transpose()?,
+        predecessor_ids: match preds {
+            Value::Null => Vec::new(),
+            v => serde_json::from_value(v)
+                .map_err(|e| rusqlite::Error::FromSqlConversionFailure(17, rusqlite::types::Type::Text, Box::new(e)))?,
+        },
+        run_at: r.get(18)?,
+        stale_timeout_ms: r.get(19)?,
+        attempt: r.get(20)?,
+        created_at: r.get(21)?,
+        updated_at: r.get(22)?,
+        started_at: r.get(23)?,
+        finished_at: r.get(24)?,
+        outcome_acknowledged_at: r.get(25)?,
+        ready_at: r.get(26)?,
+        last_activity_at: r.get(27)?,
+        split_at: r.get(28)?,
+        parts_completed_at: r.get(29)?,
+    })
+}
+
+const EVENT_COLUMNS: &str = "e.seq, e.id, e.topic, e.context, e.payload, e.created_at";
+
+fn event_from_row(r: &Row<'_>, at: usize) -> rusqlite::Result<Event> {
+    let parse = |i: usize| -> rusqlite::Result<Value> {
+        let t: String = r.get(i)?;
+        serde_json::from_str(&t)
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e)))
+    };
+    Ok(Event {
+        seq: r.get(at)?,
+        id: r.get(at + 1)?,
+        topic: r.get(at + 2)?,
+        context: parse(at + 3)?,
+        payload: parse(at + 4)?,
+        created_at: r.get(at + 5)?,
+    })
+}
+
+fn status_list(statuses: &[JobStatus]) -> String {
+    Value::from(statuses.iter().map(|s| s.as_str()).collect::<Vec<_>>()).to_string()
+}
+
+const EXECUTION_COLUMNS: &str = "id, environment_id, plugin, plugin_version, route, event_id, topic, job_id, attempt, \
+    started_at, duration_us, cpu_us, outcome, error, peak_memory, logs";
+
+fn execution_from_row(r: &Row<'_>) -> rusqlite::Result<Execution> {
+    Ok(Execution {
+        id: r.get(0)?,
+        environment_id: r.get(1)?,
+        plugin: r.get(2)?,
+        plugin_version: r.get(3)?,
+        route: r.get(4)?,
+        event_id: r.get(5)?,
+        topic: r.get(6)?,
+        job_id: r.get(7)?,
+        attempt: r.get(8)?,
+        started_at: r.get(9)?,
+        duration_us: r.get(10)?,
+        cpu_us: r.get(11)?,
+        outcome: parse_enum(&r.get::<_, String>(12)?)?,
+        error: r.get(13)?,
+        peak_memory: r.get::<_, i64>(14)? as u64,
+        logs: r.get(15)?,
+    })
+}
+
+impl ReadTx for Conn<'_> {
+    fn executions(&mut self, env: &str, job_id: Option<&str>, limit: u32) -> Result<Vec<Execution>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {EXECUTION_COLUMNS} FROM executions WHERE environment_id = ?1 AND (?2 IS NULL OR job_id = ?2) ORDER BY id LIMIT ?3"
+        )).db()?;
+        let rows = stmt.query_map(params![env, job_id, limit], execution_from_row).db()?;
+        rows.collect::<rusqlite::Result<_>>().db()
+    }
+
+    fn environment(&mut self, id: &str) -> Result<Option<Environment>> {
+        self.conn
+            .prepare_cached("SELECT id, name, created_at FROM environments WHERE id = ?1")
+            .db()?
+            .query_row([id], |r| Ok(Environment { id: r.get(0)?, name: r.get(1)?, created_at: r.get(2)? }))
+            .optional()
+            .db()
+    }
+
+    fn environment_named(&mut self, name: &str) -> Result<Option<Environment>> {
+        self.conn
+            .prepare_cached(
+                "SELECT id, name, created_at FROM environments WHERE name = ?1 ORDER BY created_at, id LIMIT 1",
+            )
+            .db()?
+            .query_row([name], |r| Ok(Environment { id: r.get(0)?, name: r.get(1)?, created_at: r.get(2)? }))
+            .optional()
+            .db()
+    }
+
+    fn sheet(&mut self, env: &str, id: &str) -> Result<Option<Sheet>> {
+        self
+            .conn
+            .prepare_cached("SELECT id, environment_id, name, workbook_id, created_at FROM sheets WHERE id = ?1 AND environment_id = ?2").db()?
+            .query_row([id, env], |r| {
+                Ok(Sheet { id: r.get(0)?, environment_id: r.get(1)?, name: r.get(2)?, workbook_id: r.get(3)?, created_at: r.get(4)? })
+            })
+            .optional().db()
+    }
+
+    fn record_counts(&mut self, sheet_id: &str) -> Result<RecordCounts> {
+        let key = self.sheet_key(sheet_id)?;
+        let total = self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM records WHERE sheet_key = ?1")
+            .db()?
+            .query_row([key], |r| r.get::<_, i64>(0))
+            .db()? as u64;
+        let error = self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM records WHERE sheet_key = ?1 AND has_error = 1")
+            .db()?
+            .query_row([key], |r| r.get::<_, i64>(0))
+            .db()? as u64;
+        Ok(RecordCounts { total, valid: total - error, error })
+    }
+
+    fn record_rows(&mut self, sheet_id: &str, offset: u64, limit: u32) -> Result<Vec<RawRecord>> {
+        let key = self.sheet_key(sheet_id)?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, vals, messages, metadata FROM records WHERE sheet_key = ?1 AND ord >= ?2 ORDER BY ord LIMIT ?3",
+        ).db()?;
+        let rows = stmt
+            .query_map(params![key, offset as i64, limit], |r| {
+                Ok(RawRecord { rowid: r.get(0)?, values: r.get(1)?, messages: r.get(2)?, metadata: r.get(3)? })
+            })
+            .db()?;
+        rows.collect::<rusqlite::Result<_>>().db()
+    }
+
+    fn job(&mut self, env: &str, id: &str) -> Result<Option<Job>> {
+        self.conn
+            .prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1 AND environment_id = ?2"))
+            .db()?
+            .query_row([id, env], job_from_row)
+            .optional()
+            .db()
+    }
+
+    fn jobs(&mut self, env: &str, parent: Option<&str>, offset: u64, limit: u32) -> Result<Vec<Job>> {
+        let mut stmt = match parent {
+            Some(_) => self.conn.prepare_cached(&format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE environment_id = ?1 AND parent_id = ?2 ORDER BY part_index LIMIT ?3 OFFSET ?4"
+            )).db()?,
+            None => self
+                .conn
+                .prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE environment_id = ?1 AND ?2 IS NULL ORDER BY rowid LIMIT ?3 OFFSET ?4")).db()?,
+        };
+        let rows = stmt.query_map(params![env, parent, limit, offset as i64], job_from_row).db()?;
+        rows.collect::<rusqlite::Result<_>>().db()
+    }
+
+    fn events(&mut self, env: &str, after_seq: i64, limit: u32) -> Result<Vec<Event>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events e WHERE e.environment_id = ?1 AND e.seq > ?2 ORDER BY e.seq LIMIT ?3"
+        )).db()?;
+        let rows = stmt.query_map(params![env, after_seq, limit], |r| event_from_row(r, 0)).db()?;
+        rows.collect::<rusqlite::Result<_>>().db()
+    }
+
+    fn job_events(&mut self, env: &str, job_id: &str) -> Result<Vec<Event>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {EVENT_COLUMNS} FROM events e WHERE e.job_id = ?1 AND e.environment_id = ?2 ORDER BY e.seq"
+            ))
+            .db()?;
+        let rows = stmt.query_map(params![job_id, env], |r| event_from_row(r, 0)).db()?;
+        rows.collect::<rusqlite::Result<_>>().db()
+    }
+
+    fn dead_letters(&mut self, env: &str) -> Result<Vec<DeadLetter>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT d.id, d.subscription_id, d.attempts, d.last_error, {EVENT_COLUMNS} FROM deliveries d \
+             JOIN events e ON e.seq = d.event_seq WHERE d.status = 'dead' AND e.environment_id = ?1 ORDER BY d.id"
+            ))
+            .db()?;
+        let rows = stmt
+            .query_map([env], |r| {
+                Ok(DeadLetter {
+                    delivery_id: r.get(0)?,
+                    subscription_id: r.get(1)?,
+                    attempts: r.get(2)?,
+                    last_error: r.get::<_, Option<String>>(3)?.unwrap_or_default(),
+                    event: event_from_row(r, 4)?,
+                })
+            })
+            .db()?;
+        rows.collect::<rusqlite::Result<_>>().db()
+    }
+
+    fn job_status_counts(&mut self) -> Result<Vec<(String, u64)>> {
+        let mut stmt =
+            self.conn.prepare_cached("SELECT status, COUNT(*) FROM jobs GROUP BY status ORDER BY status").db()?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))).db()?;
+        rows.collect::<rusqlite::Result<_>>().db()
+    }
+
+    fn execution_stats(&mut self) -> Result<Vec<(String, u64, u64)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT outcome, COUNT(*), SUM(duration_us) FROM executions GROUP BY outcome ORDER BY outcome",
+            )
+            .db()?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)?.max(0) as u64))
+            })
+            .db()?;
+        rows.collect::<rusqlite::Result<_>>().db()
+    }
+
+    fn delivery_stats(&mut self) -> Result<DeliveryStats> {
+        let mut stats = DeliveryStats::default();
+        let mut stmt = self.conn.prepare_cached("SELECT status, COUNT(*) FROM deliveries GROUP BY status").db()?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))).db()?;
+        for row in rows {
+            let (status, n) = row.db()?;
+            match status.as_str() {
+                "pending" => stats.pending = n,
+                "leased" => stats.leased = n,
+                "done" => stats.done = n,
+                "dead" => stats.dead = n,
+                _ => {}
+            }
+        }
+        Ok(stats)
+    }
+
+    fn secret(&mut self, env: &str, name: &str) -> Result<Option<String>> {
+        self.conn
+            .prepare_cached("SELECT value FROM secrets WHERE environment_id = ?1 AND name = ?2")
+            .db()?
+            .query_row([env, name], |r| r.get(0))
+            .optional()
+            .db()
+    }
+
+    fn environments(&mut self) -> Result<Vec<Environment>> {
+        let mut stmt =
+            self.conn.prepare_cached("SELECT id, name, created_at FROM environments ORDER BY created_at, id").db()?;
+        let rows =
+            stmt.query_map([], |r| Ok(Environment { id: r.get(0)?, name: r.get(1)?, created_at: r.get(2)? })).db()?;
+        rows.collect::<rusqlite::Result<_>>().db()
+    }
+
+    fn token(&mut self, hash: &str) -> Result<Option<ApiToken>> {
+        self.conn
+            .prepare_cached("SELECT id, environment_id, name, created_at FROM tokens WHERE hash = ?1")
+            .db()?
+            .query_row([hash], |r| {
+                Ok(ApiToken { id: r.get(0)?, environment_id: r.get(1)?, name: r.get(2)?, created_at: r.get(3)? })
+            })
+            .optional()
+            .db()
+    }
+
+    fn tokens(&mut self, env: &str) -> Result<Vec<ApiToken>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, environment_id, name, created_at FROM tokens WHERE environment_id = ?1 ORDER BY created_at, id",
+        ).db()?;
+        let rows = stmt
+            .query_map([env], |r| {
+                Ok(ApiToken { id: r.get(0)?, environment_id: r.get(1)?, name: r.get(2)?, created_at: r.get(3)? })
+            })
+            .db()?;
+        rows.collect::<rusqlite::Result<_>>().db()
+    }
+
+    fn secret_names(&mut self, env: &str) -> Result<Vec<String>> {
+        let mut stmt =
+            self.conn.prepare_cached("SELECT name FROM secrets WHERE environment_id = ?1 ORDER BY name").db()?;
+        let rows = stmt.query_map([env], |r| r.get(0)).db()?;
+        rows.collect::<rusqlite::Result<_>>().db()
+    }
+
+    fn next_delivery_due(&mut self, subscriptions: &[String]) -> Result<Option<Millis>> {
+        let subs = serde_json::to_string(subscriptions)?;
+        self.conn
+            .prepare_cached(
+                "SELECT MIN(due_at) FROM deliveries WHERE status IN ('pending', 'leased') \
+                 AND subscription_id IN (SELECT value FROM json_each(?1))",
+            )
+            .db()?
+            .query_row([subs], |r| r.get(0))
+            .db()
+    }
+
+    fn subscriptions_version(&mut self) -> Result<u64> {
+        let v: Option<String> = self
+            .conn
+            .prepare_cached("SELECT value FROM meta WHERE key = 'subscriptions_version'")
+            .db()?
+            .query_row([], |r| r.get(0))
+            .optional()
+            .db()?;
+        Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
+    }
+
+    fn active_subscriptions(&mut self) -> Result<Vec<Subscription>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id, environment_id, topic, filter FROM subscriptions WHERE active = 1 ORDER BY id")
+            .db()?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                ))
+            })
+            .db()?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, environment_id, topic, filter) = row.db()?;
+            let filter = json_value(filter)?;
+            out.push(Subscription { id, environment_id, topic, filter });
+        }
+        Ok(out)
+    }
+
+    fn hosts(&mut self) -> Result<Vec<HostRecord>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id, label, started_at, heartbeat_at FROM hosts ORDER BY started_at")
+            .db()?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(HostRecord { id: r.get(0)?, label: r.get(1)?, started_at: r.get(2)?, heartbeat_at: r.get(3)? })
+            })
+            .db()?;
+        rows.collect::<rusqlite::Result<_>>().db()
+    }
+}
+
+impl Tx for Conn<'_> {
+    fn insert_token(&mut self, hash: &str, token: &ApiToken) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO tokens (hash, id, environment_id, name, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .db()?
+            .execute(params![hash, token.id, token.environment_id, token.name, token.created_at])
+            .db()?;
+        Ok(())
+    }
+
+    fn delete_token(&mut self, env: &str, id: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached("DELETE FROM tokens WHERE environment_id = ?1 AND id = ?2")
+            .db()?
+            .execute([env, id])
+            .db()?
+            > 0)
+    }
+
+    fn charge_chain(&mut self, chain: &str, events: u64, now: Millis) -> Result<u64> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "INSERT INTO chains (id, events, updated_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (id) DO UPDATE SET events = events + excluded.events, updated_at = excluded.updated_at \
+                 RETURNING events",
+            )
+            .db()?
+            .query_row(params![chain, events as i64, now], |r| r.get::<_, i64>(0))
+            .db()? as u64)
+    }
+
+    fn put_secret(&mut self, env: &str, name: &str, value: Option<&str>, now: Millis) -> Result<()> {
+        match value {
+            Some(v) => {
+                self.conn
+                    .prepare_cached(
+                        "INSERT INTO secrets (environment_id, name, value, updated_at) VALUES (?1, ?2, ?3, ?4) \
+                         ON CONFLICT (environment_id, name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                    ).db()?
+                    .execute(params![env, name, v, now]).db()?;
+            }
+            None => {
+                let n = self
+                    .conn
+                    .prepare_cached("DELETE FROM secrets WHERE environment_id = ?1 AND name = ?2")
+                    .db()?
+                    .execute([env, name])
+                    .db()?;
+                if n == 0 {
+                    return Err(Error::not_found("secret", name));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn insert_execution(&mut self, e: &Execution) -> Result<i64> {
+        self.conn
+            .prepare_cached(&format!(
+                "INSERT INTO executions ({EXECUTION_COLUMNS}) VALUES (NULL, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+            )).db()?
+            .execute(params![
+                e.environment_id,
+                e.plugin,
+                e.plugin_version,
+                e.route,
+                e.event_id,
+                e.topic,
+                e.job_id,
+                e.attempt,
+                e.started_at,
+                e.duration_us,
+                e.cpu_us,
+                e.outcome.as_str(),
+                e.error,
+                e.peak_memory as i64,
+                e.logs
+            ]).db()?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    fn insert_environment(&mut self, env: &Environment) -> Result<()> {
+        self.conn
+            .prepare_cached("INSERT INTO environments (id, name, created_at) VALUES (?1, ?2, ?3)")
+            .db()?
+            .execute(params![env.id, env.name, env.created_at])
+            .db()?;
+        Ok(())
+    }
+
+    fn insert_sheet(&mut self, sheet: &Sheet) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO sheets (id, environment_id, name, workbook_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .db()?
+            .execute(params![sheet.id, sheet.environment_id, sheet.name, sheet.workbook_id, sheet.created_at])
+            .db()?;
+        Ok(())
+    }
+
+    fn insert_records(
+        &mut self,
+        sheet_id: &str,
+        records: &mut dyn Iterator<Item = EncodedRecord>,
+        now: Millis,
+    ) -> Result<u64> {
+        let key = self.sheet_key(sheet_id)?;
+        let first: i64 = self
+            .conn
+            .prepare_cached("SELECT COALESCE(MAX(ord) + 1, 0) FROM records WHERE sheet_key = ?1")
+            .db()?
+            .query_row([key], |r| r.get(0))
+            .db()?;
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT INTO records (sheet_key, ord, vals, messages, metadata, has_error, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        ).db()?;
+        let mut n = 0;
+        for (ord, r) in (first..).zip(records) {
+            stmt.execute(params![key, ord, r.values, r.messages, r.metadata, r.has_error, now]).db()?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn stored_record(&mut self, sheet_id: &str, rowid: i64) -> Result<Option<StoredRecord>> {
+        let key = self.sheet_key(sheet_id)?;
+        let row = self
+            .conn
+            .prepare_cached("SELECT vals, messages FROM records WHERE id = ?1 AND sheet_key = ?2")
+            .db()?
+            .query_row(params![rowid, key], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)))
+            .optional()
+            .db()?;
+        let Some((vals, messages)) = row else { return Ok(None) };
+        Ok(Some(StoredRecord {
+            values: serde_json::from_str(&vals)?,
+            messages: messages.map(|m| serde_json::from_str(&m)).transpose()?.unwrap_or_default(),
+        }))
+    }
+
+    fn write_record_messages(
+        &mut self,
+        sheet_id: &str,
+        rowid: i64,
+        messages: Option<&str>,
+        has_error: bool,
+        now: Millis,
+    ) -> Result<bool> {
+        let key = self.sheet_key(sheet_id)?;
+        let n = self
+            .conn
+            .prepare_cached(
+                "UPDATE records SET messages = ?3, has_error = ?4, updated_at = ?5 WHERE id = ?1 AND sheet_key = ?2",
+            )
+            .db()?
+            .execute(params![rowid, key, messages, has_error, now])
+            .db()?;
+        Ok(n == 1)
+    }
+
+    fn write_record(&mut self, rowid: i64, record: &EncodedRecord, now: Millis) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "UPDATE records SET vals = ?2, messages = ?3, has_error = ?4, updated_at = ?5 WHERE id = ?1",
+            )
+            .db()?
+            .execute(params![rowid, record.values, record.messages, record.has_error, now])
+            .db()?;
+        Ok(())
+    }
+
+    fn delete_records(&mut self, sheet_id: &str, rowids: &[i64]) -> Result<Option<i64>> {
+        let key = self.sheet_key(sheet_id)?;
+        let mut ords = Vec::with_capacity(rowids.len());
+        {
+            let mut find = self.conn.prepare_cached("SELECT ord FROM records WHERE id = ?1 AND sheet_key = ?2").db()?;
+            for &rowid in rowids {
+                match find.query_row(params![rowid, key], |r| r.get::<_, i64>(0)).optional().db()? {
+                    Some(ord) => ords.push(ord),
+                    None => return Ok(Some(rowid)),
+                }
+            }
+        }
+        ords.sort_unstable();
+        ords.dedup();
+        let mut delete = self.conn.prepare_cached("DELETE FROM records WHERE sheet_key = ?1 AND ord = ?2").db()?;
+        for ord in &ords {
+            delete.execute(params![key, ord]).db()?;
+        }
+        // Each run of survivors between two deleted positions moves down by the number of
+        // deletions before it. SQLite checks UNIQUE(sheet_key, ord) row by row, so a run moved
+        // in place could collide with itself: park each run at its new place negated
+        // (-new - 1, unique and below every live ord), then flip all of them back at once.
+        let mut shift = self
+            .conn
+            .prepare_cached("UPDATE records SET ord = ?4 - ord - 1 WHERE sheet_key = ?1 AND ord > ?2 AND ord < ?3")
+            .db()?;
+        for (i, &from) in ords.iter().enumerate() {
+            let until = ords.get(i + 1).copied().unwrap_or(i64::MAX);
+            let moved_by = i as i64 + 1;
+            shift.execute(params![key, from, until, moved_by]).db()?;
+        }
+        self.conn
+            .prepare_cached("UPDATE records SET ord = -ord - 1 WHERE sheet_key = ?1 AND ord < 0")
+            .db()?
+            .execute([key])
+            .db()?;
+        Ok(None)
+    }
+
+    fn insert_job(&mut self, j: &Job) -> Result<()> {
+        self.conn
+            .prepare_cached(&format!(
+                "INSERT INTO jobs ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
+                 ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30)"
+            )).db()?
+            .execute(params![
+                j.id,
+                j.environment_id,
+                j.kind.as_str(),
+                j.operation,
+                j.source,
+                j.status.as_str(),
+                j.trigger.as_str(),
+                j.mode.as_str(),
+                json_text(&j.input),
+                j.info,
+                j.progress,
+                j.estimated_completion_at,
+                json_text(&j.outcome),
+                j.parent_id,
+                j.part_index,
+                json_text(&j.part_data),
+                j.part_execution.map(|p| p.as_str()),
+                (!j.predecessor_ids.is_empty()).then(|| Value::from(j.predecessor_ids.clone()).to_string()),
+                j.run_at,
+                j.stale_timeout_ms,
+                j.attempt,
+                j.created_at,
+                j.updated_at,
+                j.started_at,
+                j.finished_at,
+                j.outcome_acknowledged_at,
+                j.ready_at,
+                j.last_activity_at,
+                j.split_at,
+                j.parts_completed_at,
+            ]).db()?;
+        if !j.predecessor_ids.is_empty() {
+            let mut stmt = self
+                .conn
+                .prepare_cached("INSERT OR IGNORE INTO job_predecessors (job_id, predecessor_id) VALUES (?1, ?2)")
+                .db()?;
+            for p in &j.predecessor_ids {
+                stmt.execute([&j.id, p]).db()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn job_for_update(&mut self, env: &str, id: &str) -> Result<Option<Job>> {
+        // The writer thread is the only writer: a row read in its transaction stays as read.
+        self.job(env, id)
+    }
+
+    fn update_job(&mut self, j: &Job) -> Result<()> {
+        let changed = self
+            .conn
+            .prepare_cached(
+                "UPDATE jobs SET status = ?2, info = ?3, progress = ?4, estimated_completion_at = ?5, outcome = ?6, \
+                 part_execution = ?7, attempt = ?8, updated_at = ?9, started_at = ?10, finished_at = ?11, \
+                 outcome_acknowledged_at = ?12, ready_at = ?13, last_activity_at = ?14, split_at = ?15, parts_completed_at = ?16 \
+                 WHERE id = ?1",
+            ).db()?
+            .execute(params![
+                j.id,
+                j.status.as_str(),
+                j.info,
+                j.progress,
+                j.estimated_completion_at,
+                json_text(&j.outcome),
+                j.part_execution.map(|p| p.as_str()),
+                j.attempt,
+                j.updated_at,
+                j.started_at,
+                j.finished_at,
+                j.outcome_acknowledged_at,
+                j.ready_at,
+                j.last_activity_at,
+                j.split_at,
+                j.parts_completed_at,
+            ]).db()?;
+        if changed != 1 {
+            return Err(Error::not_found("job", &j.id));
+        }
+        Ok(())
+    }
+
+    fn part_counts(&mut self, parent_id: &str) -> Result<PartStatusCounts> {
+        let mut counts = PartStatusCounts::default();
+        let mut stmt =
+            self.conn.prepare_cached("SELECT status, COUNT(*) FROM jobs WHERE parent_id = ?1 GROUP BY status").db()?;
+        let rows = stmt.query_map([parent_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))).db()?;
+        for row in rows {
+            let (status, n) = row.db()?;
+            counts.total += n;
+            match parse_enum::<JobStatus>(&status).db()? {
+                JobStatus::Complete => counts.completed += n,
+                JobStatus::Failed => counts.failed += n,
+                JobStatus::Canceled => counts.canceled += n,
+                JobStatus::Ready | JobStatus::Executing => counts.active += n,
+                _ => {}
+            }
+        }
+        Ok(counts)
+    }
+
+    fn parts_in(&mut self, parent_id: &str, statuses: &[JobStatus]) -> Result<Vec<Job>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE parent_id = ?1 AND status IN (SELECT value FROM json_each(?2)) ORDER BY part_index"
+        )).db()?;
+        let rows = stmt.query_map(params![parent_id, status_list(statuses)], job_from_row).db()?;
+        rows.collect::<rusqlite::Result<_>>().db()
+    }
+
+    fn waiting_dependents(&mut self, predecessor_id: &str) -> Result<Vec<Job>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE status = 'waiting' AND id IN \
+             (SELECT job_id FROM job_predecessors WHERE predecessor_id = ?1) ORDER BY rowid"
+            ))
+            .db()?;
+        let rows = stmt.query_map([predecessor_id], job_from_row).db()?;
+        rows.collect::<rusqlite::Result<_>>().db()
+    }
+
+    fn predecessor_statuses(&mut self, job: &Job) -> Result<Vec<(String, JobStatus)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT p.predecessor_id, j.status FROM job_predecessors p JOIN jobs j ON j.id = p.predecessor_id WHERE p.job_id = ?1",
+        ).db()?;
+        let rows = stmt
+            .query_map([&job.id], |r| Ok((r.get::<_, String>(0)?, parse_enum::<JobStatus>(&r.get::<_, String>(1)?)?)))
+            .db()?;
+        rows.collect::<rusqlite::Result<_>>().db()
+    }
+
+    fn overdue_jobs(&mut self, o: Overdue, limit: u32) -> Result<Vec<Job>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE status IN ('scheduled', 'ready', 'executing') AND ( \
+               (status = 'scheduled' AND run_at <= ?1) \
+               OR (status = 'ready' AND ?2 IS NOT NULL AND ready_at <= ?2) \
+               OR (status = 'executing' AND COALESCE(stale_timeout_ms, ?3) IS NOT NULL \
+                   AND last_activity_at + COALESCE(stale_timeout_ms, ?3) <= ?1 \
+                   AND NOT EXISTS (SELECT 1 FROM jobs p WHERE p.parent_id = jobs.id \
+                                   AND p.status NOT IN ('complete', 'failed', 'canceled')))) \
+             ORDER BY rowid LIMIT ?4"
+            ))
+            .db()?;
+        let rows = stmt.query_map(params![o.now, o.ready_before, o.stale_ms, limit], job_from_row).db()?;
+        rows.collect::<rusqlite::Result<_>>().db()
+    }
+
+    fn insert_event(&mut self, event: &Event) -> Result<i64> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO events (id, environment_id, topic, job_id, context, payload, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )
+            .db()?
+            .execute(params![
+                event.id,
+                event.environment_id(),
+                event.topic,
+                event.job_id(),
+                event.context.to_string(),
+                event.payload.to_string(),
+                event.created_at
+            ])
+            .db()?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    fn insert_deliveries(&mut self, event_seq: i64, subscriptions: &[&str], due_at: Millis) -> Result<()> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO deliveries (event_seq, subscription_id, status, attempts, due_at) VALUES (?1, ?2, 'pending', 0, ?3)",
+            )
+            .db()?;
+        for id in subscriptions {
+            stmt.execute(params![event_seq, id, due_at]).db()?;
+        }
+        self.new_deliveries += subscriptions.len();
+        Ok(())
+    }
+
+    fn put_subscription(&mut self, sub: &Subscription, active: bool, now: Millis) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO subscriptions (id, environment_id, topic, filter, active, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                 ON CONFLICT (id) DO UPDATE SET environment_id = ?2, topic = ?3, filter = ?4, active = ?5, updated_at = ?6",
+            )
+            .db()?
+            .execute(params![sub.id, sub.environment_id, sub.topic, json_text(&sub.filter), active, now])
+            .db()?;
+        self.bump_subscriptions()
+    }
+
+    fn set_subscription_active(&mut self, id: &str, active: bool, now: Millis) -> Result<()> {
+        self.conn
+            .prepare_cached("UPDATE subscriptions SET active = ?2, updated_at = ?3 WHERE id = ?1")
+            .db()?
+            .execute(params![id, active, now])
+            .db()?;
+        self.bump_subscriptions()
+    }
+
+    fn due_deliveries(&mut self, subscriptions: &[String], now: Millis, limit: u32) -> Result<Vec<DueDelivery>> {
+        // The single writer holds every row of this transaction: nothing to skip.
+        let subs = serde_json::to_string(subscriptions)?;
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT d.id, d.subscription_id, d.attempts, d.last_error, {EVENT_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq \
+                 WHERE d.status IN ('pending', 'leased') AND d.due_at <= ?1 \
+                   AND d.subscription_id IN (SELECT value FROM json_each(?2)) \
+                 ORDER BY d.due_at, d.id LIMIT ?3"
+            ))
+            .db()?;
+        let rows = stmt
+            .query_map(params![now, subs, limit], |r| {
+                Ok(DueDelivery {
+                    delivery_id: r.get(0)?,
+                    subscription_id: r.get(1)?,
+                    attempts: r.get(2)?,
+                    last_error: r.get(3)?,
+                    event: event_from_row(r, 4)?,
+                })
+            })
+            .db()?;
+        rows.collect::<rusqlite::Result<_>>().db()
+    }
+
+    fn lease_delivery(&mut self, id: i64, fence: &Fence, until: Millis) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "UPDATE deliveries SET status = 'leased', attempts = ?2, due_at = ?3, lease_owner = ?4 WHERE id = ?1",
+            )
+            .db()?
+            .execute(params![id, fence.attempt, until, fence.owner])
+            .db()?;
+        Ok(())
+    }
+
+    fn finish_delivery(&mut self, id: i64, fence: Option<&Fence>, end: &DeliveryEnd, now: Millis) -> Result<bool> {
+        if let Some(fence) = fence {
+            let current = self
+                .conn
+                .prepare_cached("SELECT status, attempts, lease_owner FROM deliveries WHERE id = ?1")
+                .db()?
+                .query_row([id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?, r.get::<_, Option<String>>(2)?)))
+                .optional()
+                .db()?;
+            if current != Some(("leased".to_owned(), fence.attempt, Some(fence.owner.clone()))) {
+                return Ok(false);
+            }
+        }
+        match end {
+            DeliveryEnd::Done => {
+                self.conn
+                    .prepare_cached(
+                        "UPDATE deliveries SET status = 'done', due_at = NULL, finished_at = ?2 WHERE id = ?1",
+                    )
+                    .db()?
+                    .execute(params![id, now])
+                    .db()?;
+            }
+            DeliveryEnd::Dead { error } => {
+                self.conn
+                    .prepare_cached(
+                        "UPDATE deliveries SET status = 'dead', due_at = NULL, finished_at = ?2, last_error = ?3 WHERE id = ?1",
+                    )
+                    .db()?
+                    .execute(params![id, now, error])
+                    .db()?;
+            }
+            DeliveryEnd::Retry { due_at, error } => {
+                self.conn
+                    .prepare_cached(
+                        "UPDATE deliveries SET status = 'pending', due_at = ?2, lease_owner = NULL, last_error = ?3 WHERE id = ?1",
+                    )
+                    .db()?
+                    .execute(params![id, due_at, error])
+                    .db()?;
+                self.new_deliveries += 1;
+            }
+        }
+        Ok(true)
+    }
+
+    fn release_delivery(&mut self, id: i64, fence: &Fence, now: Millis) -> Result<bool> {
+        let n = self
+            .conn
+            .prepare_cached(
+                "UPDATE deliveries SET status = 'pending', attempts = attempts - 1, due_at = ?3, lease_owner = NULL \
+                 WHERE id = ?1 AND status = 'leased' AND attempts = ?2 AND lease_owner = ?4",
+            )
+            .db()?
+            .execute(params![id, fence.attempt, now, fence.owner])
+            .db()?;
+        self.new_deliveries += n;
+        Ok(n == 1)
+    }
+
+    fn reclaim_leases_except(&mut self, live: &[String], now: Millis) -> Result<u64> {
+        let live = serde_json::to_string(live)?;
+        let n = self
+            .conn
+            .prepare_cached(
+                "UPDATE deliveries SET status = 'pending', due_at = ?2, lease_owner = NULL \
+                 WHERE status = 'leased' AND lease_owner NOT IN (SELECT value FROM json_each(?1))",
+            )
+            .db()?
+            .execute(params![live, now])
+            .db()?;
+        self.new_deliveries += n;
+        Ok(n as u64)
+    }
+
+    fn heartbeat(&mut self, host: &HostRecord) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO hosts (id, label, started_at, heartbeat_at) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (id) DO UPDATE SET heartbeat_at = ?4",
+            )
+            .db()?
+            .execute(params![host.id, host.label, host.started_at, host.heartbeat_at])
+            .db()?;
+        Ok(())
+    }
+
+    fn remove_host(&mut self, id: &str) -> Result<()> {
+        self.conn.prepare_cached("DELETE FROM hosts WHERE id = ?1").db()?.execute([id]).db()?;
+        Ok(())
+    }
+}
+
+impl Conn<'_> {
+    /// Changes the subscriptions' version, which every host's routing cache checks.
+    fn bump_subscriptions(&mut self) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO meta (key, value) VALUES ('subscriptions_version', ?1) \
+                 ON CONFLICT (key) DO UPDATE SET value = ?1",
+            )
+            .db()?
+            // Random, not a counter: a version written by a batch that was rolled back must
+            // never be written again for different subscriptions.
+            .execute([fastrand::u64(1..).to_string()])
+            .db()?;
+        Ok(())
+    }
+}

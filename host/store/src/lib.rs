@@ -1,0 +1,465 @@
+//! The store boundary: everything the engine persists goes through [`Backend`].
+//!
+//! The engine's rules (which transition is allowed, which events it writes, when
+//! `job:parts-completed` fires, retry backoff, dead-lettering, routing of events to
+//! subscriptions) are written once, in `jobhost-engine`, against the [`ReadTx`] and [`Tx`]
+//! traits. A backend supplies the primitives and keeps these rules — the same whether one
+//! process or a fleet of hosts uses the store:
+//!
+//! - **Atomic writes.** A write closure runs inside one transaction; if it returns an error,
+//!   nothing it did is kept, while other closures committed with it are unaffected.
+//! - **Retryable failures are marked.** A serialization failure, deadlock or busy database is
+//!   returned as a [`StoreError`](jobhost_core::StoreError) with `retryable` set;
+//!   [`Store::write`] then runs the write again.
+//! - **Locks are stated.** [`Tx::job_for_update`], [`Tx::parts_in`] and
+//!   [`Tx::due_deliveries`] lock what they return for the rest of the transaction. The engine
+//!   takes them in one order — a part's parent before the part, parts by index — so two
+//!   hosts never wait on each other in a cycle.
+//! - **Leases are fenced.** A lease names its owner and attempt ([`Fence`]); ending a
+//!   delivery with a fence that is no longer current changes nothing.
+//! - **Hosts are registered** with a heartbeat ([`Tx::heartbeat`]); a host's identity
+//!   belongs to its process, never to the database.
+//! - **Notifications are hints** ([`Notifications`]): the engine polls behind them.
+//!
+//! `jobhost-store-sqlite` is the embedded default. Every backend runs the conformance suite
+//! (`jobhost-engine`'s `conformance` feature) from its own tests.
+
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+use tokio::sync::Notify;
+
+use jobhost_core::error::{Error, Result};
+use jobhost_core::model::{
+    ApiToken, DeadLetter, Environment, Event, Execution, Job, JobStatus, Message, Millis, RecordCounts, Sheet,
+};
+
+/// A subscription as stored: who wants which events of one environment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Subscription {
+    /// Stable id chosen by the subscriber (`listener-name#0`); re-registering upserts.
+    pub id: String,
+    /// The environment whose events it receives.
+    pub environment_id: String,
+    /// Topic pattern.
+    pub topic: String,
+    /// Filter object (`null` for none).
+    pub filter: Value,
+}
+
+/// A delivery handed to a subscriber under a lease.
+#[derive(Debug, Clone)]
+pub struct Leased {
+    /// Delivery id.
+    pub delivery_id: i64,
+    /// The subscription it is for.
+    pub subscription_id: String,
+    /// The lease's owner and attempt; ending the delivery must present it.
+    pub fence: Fence,
+    /// The event.
+    pub event: Event,
+}
+
+impl Leased {
+    /// 1-based attempt number of this lease.
+    pub fn attempt(&self) -> u32 {
+        self.fence.attempt
+    }
+}
+
+/// Who holds a lease and which attempt it is: the fence every end of a delivery must pass.
+///
+/// A lease that expired and was handed to another host has a new owner and a higher attempt,
+/// so a late end from the old holder matches no row and changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Fence {
+    /// The host that holds the lease.
+    pub owner: String,
+    /// 1-based attempt number of the lease.
+    pub attempt: u32,
+}
+
+/// A due delivery found by [`Tx::due_deliveries`], locked for this transaction.
+#[derive(Debug, Clone)]
+pub struct DueDelivery {
+    /// Delivery id.
+    pub delivery_id: i64,
+    /// The subscription it is for.
+    pub subscription_id: String,
+    /// Attempts spent so far (a lease that expired counts as one).
+    pub attempts: u32,
+    /// The error of the last failed attempt, if any.
+    pub last_error: Option<String>,
+    /// The event.
+    pub event: Event,
+}
+
+/// How a delivery ends, decided by the engine's rules (retry backoff, dead-lettering).
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeliveryEnd {
+    /// Handled.
+    Done,
+    /// Failed; pending again from `due_at`.
+    Retry {
+        /// When it may be leased again.
+        due_at: Millis,
+        /// Why the attempt failed.
+        error: String,
+    },
+    /// Failed for good: dead-lettered with `error`.
+    Dead {
+        /// Why.
+        error: String,
+    },
+}
+
+/// A host of the fleet as registered in the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostRecord {
+    /// The host's id, fresh per process start.
+    pub id: String,
+    /// Host name and process id, for operators.
+    pub label: String,
+    /// When the process registered.
+    pub started_at: Millis,
+    /// Its last heartbeat.
+    pub heartbeat_at: Millis,
+}
+
+/// Delivery counts by status, for observability and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeliveryStats {
+    /// Waiting to be leased (possibly backing off).
+    pub pending: u64,
+    /// Leased to a subscriber right now.
+    pub leased: u64,
+    /// Finished successfully.
+    pub done: u64,
+    /// Attempts exhausted.
+    pub dead: u64,
+}
+
+/// Part statuses of a parent, counted from the parts themselves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PartStatusCounts {
+    /// All parts.
+    pub total: u64,
+    /// `complete` parts.
+    pub completed: u64,
+    /// `failed` parts.
+    pub failed: u64,
+    /// `canceled` parts.
+    pub canceled: u64,
+    /// `ready` or `executing` parts.
+    pub active: u64,
+}
+
+impl PartStatusCounts {
+    /// Parts not yet terminal.
+    pub fn open(&self) -> u64 {
+        self.total - self.completed - self.failed - self.canceled
+    }
+}
+
+/// A record's stored values and messages, for read-modify-write updates.
+#[derive(Debug, Clone)]
+pub struct StoredRecord {
+    /// Field → value.
+    pub values: Map<String, Value>,
+    /// All messages.
+    pub messages: Vec<Message>,
+}
+
+/// A record encoded for storage, prepared off the writer.
+#[derive(Debug, Clone)]
+pub struct EncodedRecord {
+    /// JSON object of values.
+    pub values: String,
+    /// JSON array of messages, `None` when empty.
+    pub messages: Option<String>,
+    /// JSON metadata, `None` when null.
+    pub metadata: Option<String>,
+    /// Whether any message is an error.
+    pub has_error: bool,
+}
+
+/// How the watchdog finds overdue jobs.
+#[derive(Debug, Clone, Copy)]
+pub struct Overdue {
+    /// `ready` jobs that became ready before this are un-acked.
+    pub ready_before: Option<Millis>,
+    /// `executing` jobs with no activity since this are stale (unless a per-job timeout says otherwise).
+    pub now: Millis,
+    /// The engine-wide stale timeout.
+    pub stale_ms: Option<i64>,
+}
+
+/// Read primitives. Reads see only committed data.
+pub trait ReadTx {
+    /// Execution records of an environment (optionally of one job), oldest first.
+    fn executions(&mut self, env: &str, job_id: Option<&str>, limit: u32) -> Result<Vec<Execution>>;
+    /// An environment by id.
+    fn environment(&mut self, id: &str) -> Result<Option<Environment>>;
+    /// The oldest environment with this name.
+    fn environment_named(&mut self, name: &str) -> Result<Option<Environment>>;
+    /// A sheet of an environment.
+    fn sheet(&mut self, env: &str, id: &str) -> Result<Option<Sheet>>;
+    /// Record counts of a sheet.
+    fn record_counts(&mut self, sheet_id: &str) -> Result<RecordCounts>;
+    /// Raw rows of one page (`offset` by stable order, at most `limit`): `(rowid, values, messages, metadata)`.
+    fn record_rows(&mut self, sheet_id: &str, offset: u64, limit: u32) -> Result<Vec<RawRecord>>;
+    /// A job of an environment.
+    fn job(&mut self, env: &str, id: &str) -> Result<Option<Job>>;
+    /// Jobs of an environment, optionally only the parts of `parent`, oldest first.
+    fn jobs(&mut self, env: &str, parent: Option<&str>, offset: u64, limit: u32) -> Result<Vec<Job>>;
+    /// Events of an environment after the cursor `after_seq`, oldest first.
+    fn events(&mut self, env: &str, after_seq: i64, limit: u32) -> Result<Vec<Event>>;
+    /// Events of one job, oldest first.
+    fn job_events(&mut self, env: &str, job_id: &str) -> Result<Vec<Event>>;
+    /// Dead-lettered deliveries of an environment.
+    fn dead_letters(&mut self, env: &str) -> Result<Vec<DeadLetter>>;
+    /// Delivery counts (all environments).
+    fn delivery_stats(&mut self) -> Result<DeliveryStats>;
+    /// Jobs per status (all environments).
+    fn job_status_counts(&mut self) -> Result<Vec<(String, u64)>>;
+    /// Plugin deliveries per outcome: count and total duration in µs (all environments).
+    fn execution_stats(&mut self) -> Result<Vec<(String, u64, u64)>>;
+    /// Earliest time a pending or leased delivery of these subscriptions becomes due.
+    fn next_delivery_due(&mut self, subscriptions: &[String]) -> Result<Option<Millis>>;
+    /// A value that changes whenever a subscription is added, changed, turned on or off, by
+    /// any process, and is never used twice (not even after a rollback): the engine's routing
+    /// cache is valid while it stays the same.
+    fn subscriptions_version(&mut self) -> Result<u64>;
+    /// Every active subscription, by id.
+    fn active_subscriptions(&mut self) -> Result<Vec<Subscription>>;
+    /// The hosts registered in the store.
+    fn hosts(&mut self) -> Result<Vec<HostRecord>>;
+    /// Every environment, oldest first.
+    fn environments(&mut self) -> Result<Vec<Environment>>;
+    /// The API token whose SHA-256 is `hash`.
+    fn token(&mut self, hash: &str) -> Result<Option<ApiToken>>;
+    /// The API tokens of an environment (never the tokens themselves).
+    fn tokens(&mut self, env: &str) -> Result<Vec<ApiToken>>;
+    /// A secret of an environment.
+    fn secret(&mut self, env: &str, name: &str) -> Result<Option<String>>;
+    /// Names of an environment's secrets, sorted.
+    fn secret_names(&mut self, env: &str) -> Result<Vec<String>>;
+}
+
+/// One stored record row.
+#[derive(Debug, Clone)]
+pub struct RawRecord {
+    /// Row id (`rec_<rowid>` publicly).
+    pub rowid: i64,
+    /// JSON values.
+    pub values: String,
+    /// JSON messages.
+    pub messages: Option<String>,
+    /// JSON metadata.
+    pub metadata: Option<String>,
+}
+
+/// Write primitives, always inside a transaction.
+pub trait Tx: ReadTx {
+    /// Stores an execution record; returns its id.
+    fn insert_execution(&mut self, execution: &Execution) -> Result<i64>;
+    /// Stores an API token under its hash.
+    fn insert_token(&mut self, hash: &str, token: &ApiToken) -> Result<()>;
+    /// Deletes an API token of an environment; false when there was none.
+    fn delete_token(&mut self, env: &str, id: &str) -> Result<bool>;
+    /// Adds `events` to a chain's count (the loop guard); returns the new total.
+    fn charge_chain(&mut self, chain: &str, events: u64, now: Millis) -> Result<u64>;
+    /// Stores a secret, or deletes it with `None` (not-found when there was none).
+    fn put_secret(&mut self, env: &str, name: &str, value: Option<&str>, now: Millis) -> Result<()>;
+    /// Stores a new environment.
+    fn insert_environment(&mut self, env: &Environment) -> Result<()>;
+    /// Stores a new sheet.
+    fn insert_sheet(&mut self, sheet: &Sheet) -> Result<()>;
+    /// Appends records to a sheet in order; returns how many.
+    fn insert_records(
+        &mut self,
+        sheet_id: &str,
+        records: &mut dyn Iterator<Item = EncodedRecord>,
+        now: Millis,
+    ) -> Result<u64>;
+    /// Reads a record of a sheet for update.
+    fn stored_record(&mut self, sheet_id: &str, rowid: i64) -> Result<Option<StoredRecord>>;
+    /// Replaces only a record's messages (values untouched); false when the record is not in the sheet.
+    fn write_record_messages(
+        &mut self,
+        sheet_id: &str,
+        rowid: i64,
+        messages: Option<&str>,
+        has_error: bool,
+        now: Millis,
+    ) -> Result<bool>;
+    /// Overwrites a record's values and messages.
+    fn write_record(&mut self, rowid: i64, record: &EncodedRecord, now: Millis) -> Result<()>;
+    /// Deletes records of a sheet by rowid and closes the gaps in the sheet's dense order, so
+    /// pages stay range scans. Returns the first rowid not in the sheet (nothing deleted then).
+    fn delete_records(&mut self, sheet_id: &str, rowids: &[i64]) -> Result<Option<i64>>;
+    /// Stores a new job (and its predecessor links).
+    fn insert_job(&mut self, job: &Job) -> Result<()>;
+    /// A job of an environment, locked for the rest of this transaction (`SELECT … FOR
+    /// UPDATE`); a part's parent is locked first. This is the one lock order of the engine:
+    /// a parent before its parts, parts by part index.
+    fn job_for_update(&mut self, env: &str, id: &str) -> Result<Option<Job>>;
+    /// Overwrites a job's mutable fields. The job must have been locked by this transaction.
+    fn update_job(&mut self, job: &Job) -> Result<()>;
+    /// Counts a parent's parts by status (the parent is locked by the caller).
+    fn part_counts(&mut self, parent_id: &str) -> Result<PartStatusCounts>;
+    /// A parent's parts in the given statuses, by part index, locked for this transaction
+    /// (the parent is locked by the caller first).
+    fn parts_in(&mut self, parent_id: &str, statuses: &[JobStatus]) -> Result<Vec<Job>>;
+    /// `waiting` jobs that name `predecessor_id` among their predecessors, locked.
+    fn waiting_dependents(&mut self, predecessor_id: &str) -> Result<Vec<Job>>;
+    /// Statuses of a job's predecessors.
+    fn predecessor_statuses(&mut self, job: &Job) -> Result<Vec<(String, JobStatus)>>;
+    /// Jobs the watchdog or scheduler must act on now (not locked: the watchdog locks each
+    /// one and re-checks it).
+    fn overdue_jobs(&mut self, overdue: Overdue, limit: u32) -> Result<Vec<Job>>;
+    /// Stores an event; returns its sequence number. Fan-out is the engine's: see
+    /// [`Tx::insert_deliveries`].
+    fn insert_event(&mut self, event: &Event) -> Result<i64>;
+    /// Stores a pending delivery of event `event_seq` to each subscription, due at `due_at`.
+    /// A backend signals [`Notifications::deliveries`] once the transaction commits.
+    fn insert_deliveries(&mut self, event_seq: i64, subscriptions: &[&str], due_at: Millis) -> Result<()>;
+    /// Adds or replaces a subscription; `active: false` stops new fan-out (pending deliveries
+    /// stay). Changes [`ReadTx::subscriptions_version`].
+    fn put_subscription(&mut self, sub: &Subscription, active: bool, now: Millis) -> Result<()>;
+    /// Turns fan-out to an existing subscription on or off (its pending deliveries stay).
+    /// Changes [`ReadTx::subscriptions_version`].
+    fn set_subscription_active(&mut self, id: &str, active: bool, now: Millis) -> Result<()>;
+    /// Up to `limit` deliveries of these subscriptions that are due at `now` (pending, or
+    /// leased with an expired lease), oldest due first, locked for this transaction; rows
+    /// another transaction holds are skipped (`FOR UPDATE SKIP LOCKED`), never waited for.
+    fn due_deliveries(&mut self, subscriptions: &[String], now: Millis, limit: u32) -> Result<Vec<DueDelivery>>;
+    /// Leases a delivery returned by [`Tx::due_deliveries`] in this transaction to
+    /// `fence.owner` as attempt `fence.attempt`, until `until`.
+    fn lease_delivery(&mut self, delivery_id: i64, fence: &Fence, until: Millis) -> Result<()>;
+    /// Ends a delivery as `end` decides. With a fence, only while the lease it names is current
+    /// (false otherwise: the lease expired and was handed on, and nothing changes); without
+    /// one, unconditionally (the engine dead-letters an expired lease it has locked).
+    fn finish_delivery(
+        &mut self,
+        delivery_id: i64,
+        fence: Option<&Fence>,
+        end: &DeliveryEnd,
+        now: Millis,
+    ) -> Result<bool>;
+    /// Hands a leased delivery back: pending and due now, its attempt not counted. Only while
+    /// the fence's lease is current.
+    fn release_delivery(&mut self, delivery_id: i64, fence: &Fence, now: Millis) -> Result<bool>;
+    /// Makes due now every leased delivery whose owner is not in `live` (those hosts are
+    /// gone); returns how many.
+    fn reclaim_leases_except(&mut self, live: &[String], now: Millis) -> Result<u64>;
+    /// Registers a host, or refreshes its heartbeat.
+    fn heartbeat(&mut self, host: &HostRecord) -> Result<()>;
+    /// Removes a host's registration (it stopped, or it is gone).
+    fn remove_host(&mut self, id: &str) -> Result<()>;
+}
+
+/// A boxed write closure: runs once, in a transaction, on the store's writer; returns whether
+/// to keep its changes and a reply to send once the transaction's fate is known. A write that
+/// must be retried is submitted again by [`Store::write`], as a fresh closure.
+pub type WriteOp = Box<dyn FnOnce(&mut dyn Tx) -> (bool, Reply) + Send>;
+/// A boxed read closure.
+pub type ReadOp = Box<dyn FnOnce(&mut dyn ReadTx) + Send>;
+/// Called with the commit result after the batch a write was in has committed (or failed).
+pub type Reply = Box<dyn FnOnce(Result<()>) + Send>;
+
+/// What a backend tells the engine without being asked. Both are hints that let waiters
+/// skip polling: a lost or coalesced signal only delays work until the next poll.
+#[derive(Debug, Clone)]
+pub struct Notifications {
+    /// Signalled after a commit that made a delivery due now (new, retried, released,
+    /// reclaimed) — by this process or, for a shared database, by any host.
+    pub deliveries: Arc<Notify>,
+    /// Changes after every committed write (for waiting on state and the event stream).
+    pub commits: tokio::sync::watch::Receiver<u64>,
+}
+
+/// A storage backend.
+pub trait Backend: Send + Sync + 'static {
+    /// Queues a write. Writes may be committed together (group commit) but each is atomic on
+    /// its own: a closure that asks to discard its changes leaves the others committed.
+    fn submit_write(&self, op: WriteOp);
+    /// Runs a read off the async runtime.
+    fn submit_read(&self, op: ReadOp);
+    /// Wake-ups for the delivery loop and for waiters on state.
+    fn notifications(&self) -> Notifications;
+    /// True when this process is the only one that can use the store (SQLite's lock file):
+    /// every other host registered in it is gone, so its leases can be reclaimed at once.
+    fn exclusive(&self) -> bool;
+}
+
+/// How often [`Store::write`] runs a write whose attempt met a retryable failure.
+const WRITE_ATTEMPTS: u32 = 8;
+
+/// Typed helpers over a [`Backend`].
+#[derive(Clone)]
+pub struct Store {
+    backend: Arc<dyn Backend>,
+}
+
+impl Store {
+    /// Wraps a backend.
+    pub fn new(backend: Arc<dyn Backend>) -> Self {
+        Self { backend }
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// Runs `f` in a write transaction and returns its result once committed.
+    ///
+    /// `f` is a unit that can run again: when an attempt fails with a retryable store error
+    /// (a serialization failure, a deadlock, a busy database), nothing of it was kept and `f`
+    /// runs again in a new transaction, a few times with a growing pause. Callers never see
+    /// those failures unless every attempt met one.
+    pub async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Fn(&mut dyn Tx) -> Result<T> + Send + Sync + 'static,
+    {
+        let f = Arc::new(f);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let g = f.clone();
+            self.backend.submit_write(Box::new(move |t: &mut dyn Tx| {
+                let result = g(t);
+                let keep = result.is_ok();
+                let reply: Reply = Box::new(move |commit: Result<()>| {
+                    let _ = tx.send(commit.and(result));
+                });
+                (keep, reply)
+            }));
+            let result = rx.await.unwrap_or_else(|_| Err(Error::store("the store's writer stopped")));
+            match result {
+                Err(e) if e.is_retryable() && attempt < WRITE_ATTEMPTS => {
+                    tracing::debug!(attempt, error = %e, "write met a retryable store failure; running it again");
+                    // Backs off so the transaction it collided with can finish.
+                    let pause = 2u64.pow(attempt.min(6)) + fastrand::u64(0..4);
+                    tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Runs `f` against committed data.
+    pub async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn ReadTx) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.backend.submit_read(Box::new(move |r: &mut dyn ReadTx| {
+            let _ = tx.send(f(r));
+        }));
+        rx.await.unwrap_or_else(|_| Err(Error::store("the store's reader stopped")))
+    }
+}
