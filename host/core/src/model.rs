@@ -734,12 +734,21 @@ pub struct Execution {
 pub const MAX_SECRET_BYTES: usize = 64 << 10;
 
 /// A secret's name: 1 to 128 ASCII letters, digits, `_`, `-` or `.`.
-pub fn validate_secret_name(name: &str) -> std::result::Result<(), String> {
+pub fn validate_secret_name(name: &str) -> std::result::Result<(), InvalidName> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
-    if ok { Ok(()) } else { Err(format!("`{name}` is not a secret name (1 to 128 of A-Z, a-z, 0-9, `_`, `-`, `.`)")) }
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidName(format!("`{name}` is not a secret name (1 to 128 of A-Z, a-z, 0-9, `_`, `-`, `.`)")))
+    }
 }
+
+/// A name that breaks its rule; the message says the rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidName(pub String);
 
 /// An API token's record. The token itself is shown once, when it is created, and stored only
 /// as its SHA-256.

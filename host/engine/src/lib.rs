@@ -660,7 +660,7 @@ impl Env {
 
     /// Stores (or replaces) a secret of this environment.
     pub async fn set_secret(&self, name: &str, value: &str) -> Result<()> {
-        crate::model::validate_secret_name(name).map_err(Error::invalid)?;
+        crate::model::validate_secret_name(name).map_err(|e| Error::invalid(e.0))?;
         if value.len() > crate::model::MAX_SECRET_BYTES {
             return Err(Error::invalid(format!(
                 "a secret is at most {} bytes, not {}",

@@ -4,7 +4,7 @@
 //! splits by record count, each part checks one rule on its page and writes messages back,
 //! and the parent completes on `job:parts-completed`. Beside the source: `sample.csv`, a
 //! golden test (`tests/sample/`) whose expectation the sample meets, and a README with the
-//! next commands. The templates live in `host/templates/` and are part of the binary.
+//! next commands. The templates live in `host/jobhost/templates/` and are part of the binary.
 
 use std::path::{Path, PathBuf};
 

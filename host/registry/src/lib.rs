@@ -344,7 +344,7 @@ impl PluginHost {
             Err(e) => return Err(Refused::Unreadable(format!("cannot read {}: {e}", path.display()))),
         };
         let version = version_of(&bytes);
-        let manifest_text = crate::runtime::Manifest::read_text(&path).map_err(Refused::Invalid)?;
+        let manifest_text = crate::runtime::Manifest::read_text(&path).map_err(|e| Refused::Invalid(e.0))?;
         // What failed is remembered by component and manifest together.
         let content =
             format!("{version}/{}", manifest_text.as_deref().map_or_else(String::new, |t| version_of(t.as_bytes())));
@@ -362,8 +362,10 @@ impl PluginHost {
         if self.failed.lock().await.get(name).is_some_and(|bad| bad.contains(&file.content)) {
             return Err(Refused::AlreadyFailed);
         }
-        let manifest =
-            self.runtime.parse_manifest(&file.path, file.manifest_text.as_deref()).map_err(Refused::Invalid)?;
+        let manifest = self
+            .runtime
+            .parse_manifest(&file.path, file.manifest_text.as_deref())
+            .map_err(|e| Refused::Invalid(e.0))?;
         match current {
             Some(c) if c.version == file.version && *c.manifest == manifest => Ok(None),
             // Only the manifest changed: same compiled component, new limits and grants.

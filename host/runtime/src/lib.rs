@@ -39,7 +39,7 @@ use crate::listener::{End, EventCtx, Handled, Listener};
 use crate::model::{Execution, ExecutionOutcome};
 
 pub use host::HostState;
-pub use limits::{Ceiling, DirGrant, Grants, Limits, Manifest};
+pub use limits::{Ceiling, DirGrant, Grants, Limits, Manifest, ManifestError};
 
 /// Settings of the runtime. Defaults are safe for untrusted plugins.
 #[derive(Debug, Clone)]
@@ -439,11 +439,11 @@ impl Runtime {
     /// The manifest of the component at `path` (`NAME.toml` beside it), or the defaults.
     pub fn manifest_for(&self, path: &Path) -> Result<Manifest, LoadError> {
         Manifest::for_component(path, &self.config.limits, self.ceiling())
-            .map_err(|reason| LoadError::Manifest { reason })
+            .map_err(|e| LoadError::Manifest { reason: e.0 })
     }
 
     /// The manifest of the component at `path` from its text (`None`: the defaults).
-    pub fn parse_manifest(&self, path: &Path, text: Option<&str>) -> Result<Manifest, String> {
+    pub fn parse_manifest(&self, path: &Path, text: Option<&str>) -> Result<Manifest, ManifestError> {
         Manifest::from_text(path, text, &self.config.limits, self.ceiling())
     }
 

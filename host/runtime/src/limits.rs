@@ -158,6 +158,18 @@ pub struct Ceiling {
     pub fuel: bool,
 }
 
+/// A manifest or `[limits]` table that cannot be used; the message names the key (and the
+/// manifest file, when there is one).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ManifestError(pub String);
+
+impl From<String> for ManifestError {
+    fn from(message: String) -> Self {
+        Self(message)
+    }
+}
+
 fn range<T: PartialOrd + std::fmt::Display + Copy>(key: &str, v: T, min: T, max: T) -> Result<T, String> {
     if v < min || v > max {
         return Err(format!("[limits] {key} = {v} is out of range {min}..={max}"));
@@ -219,23 +231,23 @@ impl LimitsFile {
 }
 
 /// A `[limits]` table (a manifest's keys, e.g. from the host's config file) over `base`.
-pub fn limits_from_table(table: toml::Table, base: &Limits, ceiling: Ceiling) -> Result<Limits, String> {
+pub fn limits_from_table(table: toml::Table, base: &Limits, ceiling: Ceiling) -> Result<Limits, ManifestError> {
     let file: LimitsFile =
         toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| format!("[limits]: {}", e.message()))?;
-    file.apply(base, ceiling)
+    Ok(file.apply(base, ceiling)?)
 }
 
 impl Manifest {
     /// Parses a manifest over `base` (the host's defaults). Every error names the key.
-    pub fn parse(text: &str, base: &Limits, ceiling: Ceiling) -> Result<Self, String> {
+    pub fn parse(text: &str, base: &Limits, ceiling: Ceiling) -> Result<Self, ManifestError> {
         let file: ManifestFile = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
         let limits = file.limits.apply(base, ceiling)?;
         for d in &file.grants.dirs {
             if !d.guest.starts_with('/') {
-                return Err(format!("[grants] dirs: guest path `{}` must be absolute", d.guest));
+                return Err(format!("[grants] dirs: guest path `{}` must be absolute", d.guest).into());
             }
             if !d.host.is_dir() {
-                return Err(format!("[grants] dirs: {} is not a directory", d.host.display()));
+                return Err(format!("[grants] dirs: {} is not a directory", d.host.display()).into());
             }
         }
         for s in &file.grants.secrets {
@@ -243,34 +255,39 @@ impl Manifest {
         }
         for k in file.grants.env.keys() {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
-                return Err(format!("[grants] env: `{k}` is not a variable name"));
+                return Err(format!("[grants] env: `{k}` is not a variable name").into());
             }
         }
         Ok(Self { limits, grants: file.grants, config: file.config })
     }
 
     /// The text of `NAME.toml` beside a component; `None` when there is none.
-    pub fn read_text(component: &Path) -> Result<Option<String>, String> {
+    pub fn read_text(component: &Path) -> Result<Option<String>, ManifestError> {
         let path = component.with_extension("toml");
         match std::fs::read_to_string(&path) {
             Ok(text) => Ok(Some(text)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display()).into()),
         }
     }
 
     /// The manifest of the component at `component` from its text (`None`: the defaults);
     /// errors name the manifest file.
-    pub fn from_text(component: &Path, text: Option<&str>, base: &Limits, ceiling: Ceiling) -> Result<Self, String> {
+    pub fn from_text(
+        component: &Path,
+        text: Option<&str>,
+        base: &Limits,
+        ceiling: Ceiling,
+    ) -> Result<Self, ManifestError> {
         match text {
             Some(text) => Self::parse(text, base, ceiling)
-                .map_err(|e| format!("{}: {e}", component.with_extension("toml").display())),
+                .map_err(|e| format!("{}: {e}", component.with_extension("toml").display()).into()),
             None => Ok(Self { limits: base.clone(), ..Self::default() }),
         }
     }
 
     /// Reads `NAME.toml` beside a component, or the defaults when there is none.
-    pub fn for_component(component: &Path, base: &Limits, ceiling: Ceiling) -> Result<Self, String> {
+    pub fn for_component(component: &Path, base: &Limits, ceiling: Ceiling) -> Result<Self, ManifestError> {
         Self::from_text(component, Self::read_text(component)?.as_deref(), base, ceiling)
     }
 }
@@ -321,7 +338,7 @@ mod tests {
         ];
         for (text, needle) in cases {
             let e = Manifest::parse(text, &base, CEIL).unwrap_err();
-            assert!(e.contains(needle), "{text:?}: {e}");
+            assert!(e.0.contains(needle), "{text:?}: {e}");
         }
     }
 
