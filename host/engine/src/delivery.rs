@@ -265,6 +265,34 @@ pub struct Running {
     stop: watch::Sender<bool>,
     tasks: tokio::sync::Mutex<JoinSet<()>>,
     routes: Arc<RouteTable>,
+    _here: RunningHere,
+}
+
+/// The hosts running in this process. On a store no other process can open (`exclusive`),
+/// they are the only live hosts: a host starting there reclaims the leases of every other.
+static RUNNING_HERE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Marks a host as running in this process until dropped.
+struct RunningHere(String);
+
+impl RunningHere {
+    fn enter(id: &str) -> Self {
+        RUNNING_HERE.lock().unwrap_or_else(|e| e.into_inner()).push(id.to_owned());
+        Self(id.to_owned())
+    }
+
+    fn ids() -> Vec<String> {
+        RUNNING_HERE.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Drop for RunningHere {
+    fn drop(&mut self) {
+        let mut here = RUNNING_HERE.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = here.iter().position(|id| *id == self.0) {
+            here.swap_remove(i);
+        }
+    }
 }
 
 impl Running {
@@ -389,19 +417,16 @@ impl Engine {
         host.heartbeat_at = self.now();
         let exclusive = self.store().backend().exclusive();
         let host_timeout = self.config().host_timeout.as_millis() as i64;
+        let running_here = RunningHere::enter(&host.id);
+        // A store only this process can open has no live host but the ones running in this
+        // process; on a shared store, only hosts whose heartbeat stopped lose their leases.
+        let live = if exclusive { RunningHere::ids() } else { vec![host.id.clone()] };
         let reclaimed = self
             .store()
             .write(move |tx| {
                 tx.heartbeat(&host)?;
                 subscribe(tx, &subscriptions, host.heartbeat_at)?;
-                // A store only this process can open has no other live host; otherwise only
-                // hosts whose heartbeat stopped lose their leases.
-                crate::watchdog::reclaim_gone_hosts(
-                    tx,
-                    &host.id,
-                    host.heartbeat_at,
-                    (!exclusive).then_some(host_timeout),
-                )
+                crate::watchdog::reclaim_gone_hosts(tx, &live, host.heartbeat_at, (!exclusive).then_some(host_timeout))
             })
             .await?;
         if reclaimed > 0 {
@@ -414,7 +439,7 @@ impl Engine {
         tasks.spawn(dispatch_loop(self.clone(), routes.clone(), stop_rx.clone()));
         tasks.spawn(heartbeat_loop(self.clone(), stop_rx.clone()));
         tasks.spawn(watchdog_loop(self.clone(), stop_rx));
-        Ok(Running { engine: self.clone(), stop, tasks: tokio::sync::Mutex::new(tasks), routes })
+        Ok(Running { engine: self.clone(), stop, tasks: tokio::sync::Mutex::new(tasks), routes, _here: running_here })
     }
 
     /// Waits until `check` returns `Some`, re-checking after every store commit. No polling

@@ -30,17 +30,17 @@ pub struct SweepReport {
     pub reclaimed: u64,
 }
 
-/// Makes due again every delivery leased by a host other than `me` that is gone: every other
-/// host when `timeout` is `None` (the store is this process's alone), else the hosts whose
-/// heartbeat is older than `timeout` — and leases whose owner never registered. Removes the
-/// registrations of the hosts that are gone. Returns how many deliveries it reclaimed.
-pub fn reclaim_gone_hosts(tx: &mut dyn Tx, me: &str, now: Millis, timeout: Option<i64>) -> Result<u64> {
+/// Makes due again every delivery leased by a host that is gone: a host is live when it is in
+/// `live`, or — with a `timeout` — when its heartbeat is more recent than that. Leases whose
+/// owner never registered are gone too. Removes the registrations of the hosts that are gone.
+/// Returns how many deliveries it reclaimed.
+pub fn reclaim_gone_hosts(tx: &mut dyn Tx, live: &[String], now: Millis, timeout: Option<i64>) -> Result<u64> {
     let hosts = tx.hosts()?;
-    let live: Vec<String> = hosts
+    let recent = hosts
         .iter()
-        .filter(|h| h.id == me || timeout.is_some_and(|t| h.heartbeat_at >= now - t))
-        .map(|h| h.id.clone())
-        .collect();
+        .filter(|h| !live.contains(&h.id) && timeout.is_some_and(|t| h.heartbeat_at >= now - t))
+        .map(|h| h.id.clone());
+    let live: Vec<String> = live.iter().cloned().chain(recent).collect();
     for gone in hosts.iter().filter(|h| !live.contains(&h.id)) {
         tracing::warn!(host = %gone.id, label = %gone.label, last_heartbeat = gone.heartbeat_at, "host is gone; its leases are handed out again");
         tx.remove_host(&gone.id)?;
@@ -112,7 +112,10 @@ pub(super) async fn sweep(engine: &Engine) -> Result<SweepReport> {
         total.stale += report.stale;
         if seen < BATCH {
             let (me, timeout, now) = (engine.host_id(), engine.config().host_timeout.as_millis() as i64, engine.now());
-            total.reclaimed = engine.store().write(move |tx| reclaim_gone_hosts(tx, &me, now, Some(timeout))).await?;
+            total.reclaimed = engine
+                .store()
+                .write(move |tx| reclaim_gone_hosts(tx, std::slice::from_ref(&me), now, Some(timeout)))
+                .await?;
             if total != SweepReport::default() {
                 tracing::info!(
                     promoted = total.promoted,

@@ -215,12 +215,16 @@ pub async fn the_leases_of_a_host_that_stopped_heartbeating_are_handed_out_again
     let me = host.engine.host_id();
     let (m, s2) = (me.clone(), store.clone());
     let early = s2
-        .write(move |tx| crate::watchdog::reclaim_gone_hosts(tx, &m, now + timeout - 1, Some(timeout)))
+        .write(move |tx| {
+            crate::watchdog::reclaim_gone_hosts(tx, std::slice::from_ref(&m), now + timeout - 1, Some(timeout))
+        })
         .await
         .unwrap();
     assert_eq!(early, 0);
     let late = store
-        .write(move |tx| crate::watchdog::reclaim_gone_hosts(tx, &me, now + timeout + 1, Some(timeout)))
+        .write(move |tx| {
+            crate::watchdog::reclaim_gone_hosts(tx, std::slice::from_ref(&me), now + timeout + 1, Some(timeout))
+        })
         .await
         .unwrap();
     assert_eq!(late, 1);
@@ -229,4 +233,38 @@ pub async fn the_leases_of_a_host_that_stopped_heartbeating_are_handed_out_again
     let due =
         store.write(move |tx| tx.due_deliveries(std::slice::from_ref(&sub.id), now + timeout + 1, 10)).await.unwrap();
     assert_eq!(due.iter().map(|d| d.delivery_id).collect::<Vec<_>>(), [id]);
+}
+
+/// A host that starts on a store others already serve takes none of their leases: host A is
+/// in the middle of a delivery when host B starts; A's lease survives B's start, and A's
+/// answer is applied.
+pub async fn a_starting_host_never_takes_the_leases_of_a_live_host() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let gate = release.clone();
+    let slow = Listener::new("slow", env.id()).on("job:ready", move |ctx| {
+        let (entered_tx, gate) = (entered_tx.clone(), gate.clone());
+        async move {
+            let _ = entered_tx.send(());
+            gate.notified().await;
+            ctx.api.ack(ctx.job_id()?, Ack::default()).await?;
+            ctx.api.complete(ctx.job_id()?, Outcome::default()).await?;
+            Ok(())
+        }
+    });
+    let a = host.engine.run(vec![slow]).await.unwrap();
+    let job = env.create_job(NewJob::new(JobType::File, "work")).await.unwrap();
+    entered.recv().await.expect("host A took the delivery");
+    let second = host.second_host(test_config());
+    let b = second.run(Vec::new()).await.unwrap();
+    let stats = host.engine.delivery_stats().await.unwrap();
+    assert_eq!((stats.leased, stats.pending), (1, 0), "host B's start left host A's lease alone");
+    release.notify_one();
+    assert_eq!(until_terminal(&env, &job.id).await.status, JobStatus::Complete);
+    a.shutdown().await;
+    b.shutdown().await;
+    let stats = host.engine.delivery_stats().await.unwrap();
+    assert_eq!((stats.done, stats.leased, stats.pending), (1, 0, 0), "A's answer was applied");
 }

@@ -317,6 +317,12 @@ macro_rules! conformance_suite {
             the_leases_of_a_host_that_stopped_heartbeating_are_handed_out_again,
             [tokio::test(flavor = "multi_thread", worker_threads = 4)]
         );
+        $crate::__conformance_case!(
+            $open,
+            concurrency,
+            a_starting_host_never_takes_the_leases_of_a_live_host,
+            [tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        );
     };
 }
 
