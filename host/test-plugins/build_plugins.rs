@@ -36,6 +36,12 @@ pub fn build(only: &[&str]) -> Vec<(String, PathBuf)> {
         println!("cargo:rerun-if-changed={}", m.join("Cargo.toml").display());
     }
 
+    // Two build scripts (this crate's and `jobhost`'s) may run at once: one at a time adds the
+    // target and builds, so a fresh machine never runs two `rustup target add`s together.
+    std::fs::create_dir_all(&target_dir).expect("create the plugins' target directory");
+    let lock = std::fs::File::create(target_dir.join(".build.lock")).expect("create the plugins' build lock");
+    lock.lock().expect("take the plugins' build lock");
+
     ensure_target();
 
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
