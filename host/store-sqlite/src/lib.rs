@@ -426,6 +426,10 @@ fn writer_loop(
     max_batch: usize,
 ) {
     let mut batch: Vec<WriteOp> = Vec::with_capacity(max_batch);
+    // The subscriptions' version as the writer last read it. Only this process writes the
+    // store, so it stays true until a write changes a subscription (which forgets it) or a
+    // commit fails; every event written reads it, and this saves a query each time.
+    let mut version: Option<u64> = None;
     while let Ok(first) = rx.recv() {
         batch.push(first);
         while batch.len() < max_batch {
@@ -447,9 +451,11 @@ fn writer_loop(
                 tracing::error!(error = %e, "cannot open a savepoint");
                 continue;
             }
-            let mut tx = Conn::writer(&conn);
-            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| op(&mut tx)));
-            let added = tx.new_deliveries;
+            let (outcome, added) = {
+                let mut tx = Conn::writer(&conn, &mut version);
+                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| op(&mut tx)));
+                (outcome, tx.new_deliveries)
+            };
             let keep = match outcome {
                 Ok((keep, reply)) => {
                     replies.push(reply);
@@ -464,6 +470,8 @@ fn writer_loop(
                 new_deliveries += added;
                 run(&conn, "RELEASE op")
             } else {
+                // It may have read a version it wrote itself, which the rollback undoes.
+                version = None;
                 run(&conn, "ROLLBACK TO op").and_then(|_| run(&conn, "RELEASE op"))
             };
             if let Err(e) = end {
@@ -473,6 +481,7 @@ fn writer_loop(
         let committed = run(&conn, "COMMIT").db();
         if committed.is_err() {
             let _ = conn.execute_batch("ROLLBACK");
+            version = None;
         }
         let notify = committed.is_ok() && new_deliveries > 0;
         for reply in replies {
@@ -497,6 +506,8 @@ fn run(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
 struct Conn<'a> {
     conn: &'a Connection,
     new_deliveries: usize,
+    /// The writer's memory of the subscriptions' version (`None` for readers: they query).
+    version: Option<&'a mut Option<u64>>,
     /// The last sheet id → key looked up: a record write-back touches one sheet a thousand
     /// times in one call. Keys never change, so this can outlive nothing but this closure.
     sheet: std::cell::RefCell<Option<(String, i64)>>,
@@ -504,11 +515,11 @@ struct Conn<'a> {
 
 impl<'a> Conn<'a> {
     fn reader(conn: &'a Connection) -> Self {
-        Self { conn, new_deliveries: 0, sheet: Default::default() }
+        Self { conn, new_deliveries: 0, version: None, sheet: Default::default() }
     }
 
-    fn writer(conn: &'a Connection) -> Self {
-        Self::reader(conn)
+    fn writer(conn: &'a Connection, version: &'a mut Option<u64>) -> Self {
+        Self { version: Some(version), ..Self::reader(conn) }
     }
 
     fn sheet_key(&self, sheet_id: &str) -> Result<i64> {
@@ -875,6 +886,9 @@ impl ReadTx for Conn<'_> {
     }
 
     fn subscriptions_version(&mut self) -> Result<u64> {
+        if let Some(Some(v)) = self.version.as_deref() {
+            return Ok(*v);
+        }
         let v: Option<String> = self
             .conn
             .prepare_cached("SELECT value FROM meta WHERE key = 'subscriptions_version'")
@@ -882,7 +896,11 @@ impl ReadTx for Conn<'_> {
             .query_row([], |r| r.get(0))
             .optional()
             .db()?;
-        Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
+        let v = v.and_then(|v| v.parse().ok()).unwrap_or(0);
+        if let Some(memory) = self.version.as_deref_mut() {
+            *memory = Some(v);
+        }
+        Ok(v)
     }
 
     fn active_subscriptions(&mut self) -> Result<Vec<Subscription>> {
@@ -1480,6 +1498,10 @@ impl Tx for Conn<'_> {
 impl Conn<'_> {
     /// Changes the subscriptions' version, which every host's routing cache checks.
     fn bump_subscriptions(&mut self) -> Result<()> {
+        // Forgotten before the write: if this write is rolled back, the next read asks again.
+        if let Some(memory) = self.version.as_deref_mut() {
+            *memory = None;
+        }
         self.conn
             .prepare_cached(
                 "INSERT INTO meta (key, value) VALUES ('subscriptions_version', ?1) \

@@ -319,6 +319,12 @@ macro_rules! conformance_suite {
         );
         $crate::__conformance_case!(
             $open,
+            primitives,
+            routing_forgets_a_subscription_whose_write_was_rolled_back,
+            [tokio::test]
+        );
+        $crate::__conformance_case!(
+            $open,
             concurrency,
             a_starting_host_never_takes_the_leases_of_a_live_host,
             [tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -332,3 +332,40 @@ pub async fn a_job_read_for_update_is_the_stored_job_and_parts_come_by_index() {
     let missing = host.engine.store().write(|tx| tx.job_for_update("env_nope", "job_nope")).await.unwrap();
     assert!(missing.is_none());
 }
+
+/// A write that subscribes, routes with the new subscription and is then refused leaves no
+/// trace in routing: the next event is not delivered to the subscription that never was.
+pub async fn routing_forgets_a_subscription_whose_write_was_rolled_back() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let router = host.engine.router().clone();
+    let sub = Subscription {
+        id: format!("{}/ghost#0", env.id()),
+        environment_id: env.id().into(),
+        topic: "**".into(),
+        filter: Value::Null,
+    };
+    let refused = host
+        .engine
+        .store()
+        .write(move |tx| {
+            tx.put_subscription(&sub, true, 1)?;
+            let routes = router.routes(tx)?;
+            let event = Event {
+                id: new_id("evt"),
+                seq: 0,
+                topic: "job:ready".into(),
+                context: json!({ "environmentId": sub.environment_id }),
+                payload: json!({}),
+                created_at: 1,
+            };
+            assert_eq!(routes.matching(&event), [sub.id.as_str()], "seen inside its own write");
+            Err::<(), _>(Error::invalid("refused"))
+        })
+        .await;
+    assert!(refused.is_err());
+    env.create_job(NewJob::new(JobType::File, "parse")).await.unwrap();
+    let stats = host.engine.delivery_stats().await.unwrap();
+    assert_eq!((stats.pending, stats.leased), (0, 0), "nothing routed to the rolled-back subscription");
+    assert!(host.engine.store().read(|r| r.active_subscriptions()).await.unwrap().is_empty());
+}
