@@ -143,6 +143,10 @@ struct Inner {
     clock: Clock,
     config: EngineConfig,
     router: Arc<Router>,
+    /// Environments known to exist (committed). Environments are never deleted, so once seen
+    /// an environment needs no lookup on each write; a deletion, if one is ever added, must
+    /// clear this on every host.
+    known_environments: std::sync::RwLock<std::collections::HashSet<Arc<str>>>,
     /// This process as a host of the store: a fresh id per engine, never the database's.
     host: HostRecord,
 }
@@ -171,6 +175,7 @@ impl Engine {
                 clock,
                 config,
                 router: Arc::new(Router::default()),
+                known_environments: Default::default(),
                 host,
             }),
         }
@@ -381,6 +386,7 @@ impl Env {
         // a test may have paused, and the store's writer is not a tokio thread.
         let seed = self.ctx();
         let (env, actor, now, cause, router) = (seed.env, seed.actor, seed.now, seed.cause, seed.router);
+        let known = self.engine.inner.known_environments.read().is_ok_and(|k| k.contains(&self.env));
         let config = &self.engine.inner.config;
         let (max_depth, max_events) = (config.max_chain_depth, config.max_chain_events);
         if let Some(cause) = &self.cause
@@ -392,7 +398,8 @@ impl Env {
                 cause.depth, cause.chain
             )));
         }
-        self.engine
+        let written = self
+            .engine
             .inner
             .store
             .write(move |tx| {
@@ -405,7 +412,7 @@ impl Env {
                     cause: cause.clone(),
                     emitted: Default::default(),
                 };
-                if tx.environment(&ctx.env)?.is_none() {
+                if !known && tx.environment(&ctx.env)?.is_none() {
                     return Err(Error::not_found("environment", &ctx.env));
                 }
                 let out = f(tx, &ctx)?;
@@ -424,7 +431,15 @@ impl Env {
                 }
                 Ok(out)
             })
-            .await
+            .await;
+        // Committed, so the environment it found is committed too.
+        if !known
+            && written.is_ok()
+            && let Ok(mut k) = self.engine.inner.known_environments.write()
+        {
+            k.insert(self.env.clone());
+        }
+        written
     }
 
     async fn read<T: Send + 'static>(
