@@ -483,8 +483,10 @@ async fn conforms(server: &Server, token: &str, args: &[&str]) {
         .arg("run")
         .arg(format!("{}/openapi.json", server.base))
         .args(["--header", &format!("Authorization: Bearer {token}")])
-        // Fixed seed and budget: the same requests every run (the ids in them differ).
-        .args(["--seed", "1", "--max-examples", "30", "--workers", "2", "--no-color"])
+        // Fixed seed and budget: the same requests every run (the ids in them differ). One
+        // worker: with two, hypothesis's lambda-source cache (not thread-safe) now and then
+        // raised a KeyError inside schemathesis, reported as a flaky failure of the run.
+        .args(["--seed", "1", "--max-examples", "30", "--workers", "1", "--no-color"])
         .args(["--generation-database", "none"])
         // A PATCH naming records that do not exist answers 404 for the *records*; this check
         // reads any 404 after a create as the created sheet having gone missing.

@@ -175,6 +175,7 @@ pub async fn healthz() -> &'static str {
 ))]
 pub async fn readyz(State(state): State<ApiState>) -> Response {
     // A point lookup through the read pool: cheap at any store size; "not found" is an answer.
+    // With a database server, it says whether this host reaches it now.
     match state.engine.environment("env_readiness_probe").await {
         Ok(_) => "ready".into_response(),
         Err(e) if e.kind() == crate::ErrorKind::NotFound => "ready".into_response(),
@@ -183,15 +184,34 @@ pub async fn readyz(State(state): State<ApiState>) -> Response {
     }
 }
 
-/// Prometheus metrics (text format 0.0.4): jobs by status, deliveries by status, plugin
-/// deliveries by outcome with their durations, loaded plugins. No token; aggregated over all
-/// environments, never per tenant.
+/// Prometheus metrics (text format 0.0.4): whether the store is reachable, jobs by status,
+/// deliveries by status, plugin deliveries by outcome with their durations, loaded plugins. No
+/// token; aggregated over all environments, never per tenant. While the store is unreachable
+/// only the store's lines are there.
 #[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, description = "Prometheus text", body = String)))]
 pub async fn metrics(State(state): State<ApiState>) -> Result<Response, ApiError> {
     use std::fmt::Write;
-    let (jobs, executions) = state.engine.store_metrics().await?;
-    let deliveries = state.engine.delivery_stats().await?;
     let mut out = String::new();
+    // The store's reachability first: while the database is away, the rest cannot be read,
+    // and this is the line an operator alerts on.
+    let health = state.engine.store().backend().health();
+    let stats = async {
+        Ok::<_, jobhost_engine::Error>((state.engine.store_metrics().await?, state.engine.delivery_stats().await?))
+    };
+    let stats = stats.await;
+    let _ = writeln!(
+        out,
+        "# HELP jobhost_store_up Whether this host reaches its store (1) or not (0).\n# TYPE jobhost_store_up gauge\n\
+         jobhost_store_up {}\n\
+         # HELP jobhost_store_reconnects_total Store connections made again after one was lost.\n\
+         # TYPE jobhost_store_reconnects_total counter\njobhost_store_reconnects_total {}",
+        u8::from(health.error.is_none() && stats.is_ok()),
+        health.reconnects
+    );
+    let ((jobs, executions), deliveries) = match stats {
+        Ok(s) => s,
+        Err(_) => return Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()),
+    };
     let _ = writeln!(out, "# HELP jobhost_jobs Jobs by status.\n# TYPE jobhost_jobs gauge");
     for (status, n) in &jobs {
         let _ = writeln!(out, "jobhost_jobs{{status=\"{status}\"}} {n}");

@@ -234,12 +234,29 @@ impl Engine {
     }
 
     /// The environment called `name`, created if there is none.
+    ///
+    /// Hosts starting together on one store get the same one: the lookup and the creation
+    /// run under a lock on the name.
     pub async fn environment_named(&self, name: &str) -> Result<Environment> {
         let n = name.to_owned();
         if let Some(e) = self.inner.store.read(move |r| r.environment_named(&n)).await? {
             return Ok(e);
         }
-        self.create_environment(name).await
+        if name.trim().is_empty() {
+            return Err(Error::invalid("an environment needs a name"));
+        }
+        let fresh = Environment { id: new_id("env"), name: name.to_owned(), created_at: self.now() };
+        self.inner
+            .store
+            .write(move |tx| {
+                tx.lock_key(&format!("environment:{}", fresh.name))?;
+                if let Some(e) = tx.environment_named(&fresh.name)? {
+                    return Ok(e);
+                }
+                tx.insert_environment(&fresh)?;
+                Ok(fresh.clone())
+            })
+            .await
     }
 
     /// Every environment, oldest first.

@@ -5,6 +5,9 @@
 //! # jobhost.toml
 //! listen = "0.0.0.0:7070"
 //! data = "/var/lib/jobhost"
+//! store = "postgres://jobhost@db/jobhost"  # a fleet; unset: SQLite in `data`
+//! store_connections = 8
+//! poll_interval_ms = 1000
 //! plugins = "/etc/jobhost/plugins"
 //! environment = "default"
 //! concurrency = 128
@@ -32,6 +35,9 @@ use crate::runtime::{Ceiling, Limits, RuntimeConfig};
 struct File {
     listen: Option<SocketAddr>,
     data: Option<PathBuf>,
+    store: Option<String>,
+    store_connections: Option<usize>,
+    poll_interval_ms: Option<u64>,
     plugins: Option<PathBuf>,
     environment: Option<String>,
     concurrency: Option<usize>,
@@ -39,13 +45,34 @@ struct File {
     limits: Option<toml::Table>,
 }
 
+/// Where the host keeps jobs, events and records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSetting {
+    /// The embedded SQLite store in the data directory (the default).
+    Sqlite,
+    /// A PostgreSQL database shared by a fleet of hosts.
+    Postgres {
+        /// Connection URL.
+        url: String,
+        /// Connections of this host (half write, half read; one more listens).
+        connections: usize,
+        /// The longest a lost notification delays work.
+        poll_interval: std::time::Duration,
+    },
+}
+
+/// Default connections of a host to PostgreSQL.
+pub const DEFAULT_STORE_CONNECTIONS: usize = 8;
+
 /// What `serve` runs with.
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// Where the API listens.
     pub listen: SocketAddr,
-    /// The data directory; `None`: a temporary one.
-    pub data: Option<PathBuf>,
+    /// The data directory (the SQLite store, deployed plugins, compiled code).
+    pub data: PathBuf,
+    /// The store.
+    pub store: StoreSetting,
     /// The plugins directory of `environment`.
     pub plugins: PathBuf,
     /// The environment the plugins directory serves.
@@ -99,7 +126,48 @@ impl Settings {
             .or_else(|| var("JOBHOST_PLUGINS").map(PathBuf::from))
             .or(file.plugins)
             .context("no plugins directory: pass --plugins DIR, set JOBHOST_PLUGINS, or `plugins` in the config")?;
-        let data = args.host.data.clone().or_else(|| var("JOBHOST_DATA").map(PathBuf::from)).or(file.data);
+        let data = match args.host.data.clone().or_else(|| var("JOBHOST_DATA").map(PathBuf::from)).or(file.data) {
+            Some(d) => d,
+            // A server's data outlives it: never a temporary directory by default.
+            None => default_data_dir(&var).context(
+                "no data directory: pass --data DIR, set JOBHOST_DATA, or `data` in the config \
+                 (the default, $XDG_DATA_HOME/jobhost or ~/.local/share/jobhost, needs HOME)",
+            )?,
+        };
+        let store = match args.store.clone().or_else(|| var("JOBHOST_STORE")).or(file.store) {
+            None => StoreSetting::Sqlite,
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                let connections =
+                    match (args.store_connections, var("JOBHOST_STORE_CONNECTIONS"), file.store_connections) {
+                        (Some(n), _, _) => n,
+                        (None, Some(v), _) => {
+                            v.parse().with_context(|| format!("JOBHOST_STORE_CONNECTIONS={v} is not a number"))?
+                        }
+                        (None, None, Some(n)) => n,
+                        _ => DEFAULT_STORE_CONNECTIONS,
+                    };
+                if !(2..=256).contains(&connections) {
+                    bail!("store_connections must be 2..=256 (one writer and one reader at least), not {connections}");
+                }
+                let poll = match (args.poll_interval_ms, var("JOBHOST_POLL_INTERVAL_MS"), file.poll_interval_ms) {
+                    (Some(n), _, _) => n,
+                    (None, Some(v), _) => {
+                        v.parse().with_context(|| format!("JOBHOST_POLL_INTERVAL_MS={v} is not a number"))?
+                    }
+                    (None, None, Some(n)) => n,
+                    _ => 1000,
+                };
+                if !(10..=60_000).contains(&poll) {
+                    bail!("poll_interval_ms must be 10..=60000, not {poll}");
+                }
+                StoreSetting::Postgres { url, connections, poll_interval: std::time::Duration::from_millis(poll) }
+            }
+            Some(other) => bail!(
+                "store `{}` is not a PostgreSQL URL (postgres://user@host/database); leave it unset for the \
+                 embedded SQLite store in the data directory",
+                redact(&other)
+            ),
+        };
         let environment = args
             .environment
             .clone()
@@ -117,7 +185,25 @@ impl Settings {
                 })?
             }
         };
-        Ok(Self { listen, data, plugins, environment, concurrency, admin_token, limits })
+        Ok(Self { listen, data, store, plugins, environment, concurrency, admin_token, limits })
+    }
+}
+
+/// `$XDG_DATA_HOME/jobhost`, else `$HOME/.local/share/jobhost`.
+fn default_data_dir(var: &impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    var("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .map(|d| d.join("jobhost"))
+}
+
+/// A store URL fit for messages and logs: its password replaced.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let Some((userinfo, host)) = rest.split_once('@') else { return url.to_owned() };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
     }
 }
 
@@ -138,6 +224,18 @@ pub struct ServeArgs {
     /// [env: JOBHOST_LISTEN] [default: 127.0.0.1:7070].
     #[arg(long)]
     pub listen: Option<std::net::SocketAddr>,
+    /// A PostgreSQL URL: this host joins the fleet on that database; unset, the embedded SQLite
+    /// store in the data directory [env: JOBHOST_STORE].
+    #[arg(long)]
+    pub store: Option<String>,
+    /// Connections to PostgreSQL, half for writes and half for reads
+    /// [env: JOBHOST_STORE_CONNECTIONS] [default: 8].
+    #[arg(long)]
+    pub store_connections: Option<usize>,
+    /// With PostgreSQL, how often to look for work a lost notification would hide
+    /// [env: JOBHOST_POLL_INTERVAL_MS] [default: 1000].
+    #[arg(long)]
+    pub poll_interval_ms: Option<u64>,
     /// Host options.
     #[command(flatten)]
     pub host: HostArgs,
@@ -146,7 +244,9 @@ pub struct ServeArgs {
 /// Options shared by the commands that run jobs.
 #[derive(Debug, Clone, clap::Args)]
 pub struct HostArgs {
-    /// Data directory. Default: a new temporary directory, removed afterwards.
+    /// Data directory. Default: `jobhost serve` keeps it in $XDG_DATA_HOME/jobhost
+    /// (~/.local/share/jobhost); the other commands use a new temporary directory, removed
+    /// afterwards.
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Print one JSON summary object on stdout instead of text.
@@ -207,9 +307,41 @@ mod tests {
         assert_eq!(s.limits.cpu, std::time::Duration::from_millis(250));
         assert_eq!(s.limits.wall, Limits::default().wall, "unset limits keep their defaults");
 
-        let s = Settings::resolve(&serve_args(&["--plugins", "p"]), |_| None).unwrap();
+        let home = |k: &str| (k == "HOME").then(|| "/home/op".to_owned());
+        let s = Settings::resolve(&serve_args(&["--plugins", "p"]), home).unwrap();
         assert_eq!((s.listen.to_string().as_str(), s.environment.as_str()), (DEFAULT_LISTEN, "default"));
         assert_eq!(s.concurrency, 64);
+        assert_eq!(s.data, PathBuf::from("/home/op/.local/share/jobhost"), "data outlives the server by default");
+        assert_eq!(s.store, StoreSetting::Sqlite);
+    }
+
+    #[test]
+    fn a_postgres_url_makes_a_fleet_member() {
+        let file = config("plugins = \"p\"\ndata = \"d\"\nstore = \"postgres://jh@db/jobs\"\nstore_connections = 6\n");
+        let path = file.path().to_str().unwrap();
+        let s = Settings::resolve(&serve_args(&["--config", path]), |_| None).unwrap();
+        assert_eq!(
+            s.store,
+            StoreSetting::Postgres {
+                url: "postgres://jh@db/jobs".into(),
+                connections: 6,
+                poll_interval: std::time::Duration::from_secs(1)
+            }
+        );
+        let var = |k: &str| match k {
+            "JOBHOST_STORE" => Some("postgresql://jh:pw@other/jobs".to_owned()),
+            "JOBHOST_POLL_INTERVAL_MS" => Some("250".to_owned()),
+            _ => None,
+        };
+        let s = Settings::resolve(&serve_args(&["--config", path, "--store-connections", "4"]), var).unwrap();
+        assert_eq!(
+            s.store,
+            StoreSetting::Postgres {
+                url: "postgresql://jh:pw@other/jobs".into(),
+                connections: 4,
+                poll_interval: std::time::Duration::from_millis(250)
+            }
+        );
     }
 
     #[test]
@@ -233,5 +365,18 @@ mod tests {
         assert!(err.to_string().contains("JOBHOST_LISTEN=nowhere"), "{err}");
         let err = Settings::resolve(&serve_args(&[]), |_| None).unwrap_err();
         assert!(err.to_string().contains("no plugins directory"), "{err}");
+        let err = Settings::resolve(&serve_args(&["--plugins", "p"]), |_| None).unwrap_err();
+        assert!(format!("{err:#}").contains("no data directory"), "{err:#}");
+        for (flags, needle) in [
+            (&["--store", "mysql://u:secret@h/db"][..], "is not a PostgreSQL URL"),
+            (&["--store", "postgres://h/db", "--store-connections", "1"][..], "store_connections must be 2..=256"),
+            (&["--store", "postgres://h/db", "--poll-interval-ms", "0"][..], "poll_interval_ms must be 10..=60000"),
+        ] {
+            let mut argv = vec!["--plugins", "p", "--data", "d"];
+            argv.extend_from_slice(flags);
+            let err = Settings::resolve(&serve_args(&argv), |_| None).unwrap_err().to_string();
+            assert!(err.contains(needle), "{flags:?}: {err}");
+            assert!(!err.contains("secret"), "a password never shows in a message: {err}");
+        }
     }
 }

@@ -10,7 +10,7 @@
 //! that embeds jobhost depends on this one crate:
 //!
 //! ```text
-//! jobhost-core ← jobhost-store ← jobhost-store-sqlite
+//! jobhost-core ← jobhost-store ← jobhost-store-sqlite, jobhost-store-postgres
 //!                      ↑
 //!               jobhost-engine ← jobhost-runtime ← jobhost-registry ← jobhost-api ← jobhost (this)
 //! ```
@@ -18,7 +18,8 @@
 //! # Layout
 //!
 //! - Re-exported: [`model`], [`error`], [`filter`], [`clock`] (`jobhost-core`); [`store`]
-//!   (`jobhost-store`, with the SQLite backend as [`store::sqlite`]); the engine, its
+//!   (`jobhost-store`, with the SQLite backend as [`store::sqlite`] and the PostgreSQL one as
+//!   [`store::postgres`]); the engine, its
 //!   [`listener`]s, [`delivery`] loop and [`scenario`] (`jobhost-engine`); [`runtime`]
 //!   (`jobhost-runtime`); [`reload`] (`jobhost-registry`); [`api`] (`jobhost-api`).
 //! - [`cli`]: the `jobhost` command line, one file per subcommand.
@@ -31,8 +32,8 @@
 //!   runs, and golden tests of listeners (`jobhost plugin test`).
 //! - [`demo_plugin`]: the example plugin `jobhost demo` runs, built from `plugins/` and
 //!   embedded in the binary.
-//! - [`open_engine`]: an engine on the embedded store in a data directory — the one place
-//!   the binary chooses a backend.
+//! - [`open_engine`]: an engine on the embedded store in a data directory; `jobhost serve
+//!   --store postgres://…` opens the PostgreSQL backend instead (`cli::serve`).
 
 pub use jobhost_api as api;
 pub use jobhost_engine::{Engine, EngineConfig, Env, Error, ErrorKind, Result};
@@ -43,6 +44,7 @@ pub use jobhost_runtime as runtime;
 /// The store boundary and its backends.
 pub mod store {
     pub use jobhost_store::*;
+    pub use jobhost_store_postgres as postgres;
     pub use jobhost_store_sqlite as sqlite;
 }
 

@@ -1493,6 +1493,11 @@ impl Tx for Conn<'_> {
         self.conn.prepare_cached("DELETE FROM hosts WHERE id = ?1").db()?.execute([id]).db()?;
         Ok(())
     }
+
+    fn lock_key(&mut self, _key: &str) -> Result<()> {
+        // The single writer runs one transaction at a time: every key is already held.
+        Ok(())
+    }
 }
 
 impl Conn<'_> {

@@ -355,6 +355,9 @@ pub trait Tx: ReadTx {
     fn reclaim_leases_except(&mut self, live: &[String], now: Millis) -> Result<u64>;
     /// Registers a host, or refreshes its heartbeat.
     fn heartbeat(&mut self, host: &HostRecord) -> Result<()>;
+    /// Holds a lock named `key` until this transaction ends: transactions that take the same
+    /// key run one after another (check-then-insert of a name, across hosts).
+    fn lock_key(&mut self, key: &str) -> Result<()>;
     /// Removes a host's registration (it stopped, or it is gone).
     fn remove_host(&mut self, id: &str) -> Result<()>;
 }
@@ -367,6 +370,15 @@ pub type WriteOp = Box<dyn FnOnce(&mut dyn Tx) -> (bool, Reply) + Send>;
 pub type ReadOp = Box<dyn FnOnce(&mut dyn ReadTx) + Send>;
 /// Called with the commit result after the batch a write was in has committed (or failed).
 pub type Reply = Box<dyn FnOnce(Result<()>) + Send>;
+
+/// Whether a backend reaches its storage, for `/readyz` and `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Health {
+    /// Why the last attempt to reach the storage failed, while no later attempt succeeded.
+    pub error: Option<String>,
+    /// Connections made again after one was lost, since the backend opened.
+    pub reconnects: u64,
+}
 
 /// What a backend tells the engine without being asked. Both are hints that let waiters
 /// skip polling: a lost or coalesced signal only delays work until the next poll.
@@ -391,6 +403,10 @@ pub trait Backend: Send + Sync + 'static {
     /// True when this process is the only one that can use the store (SQLite's lock file):
     /// every other host registered in it is gone, so its leases can be reclaimed at once.
     fn exclusive(&self) -> bool;
+    /// Whether the storage is reachable right now (an embedded store always is).
+    fn health(&self) -> Health {
+        Health::default()
+    }
 }
 
 /// How often [`Store::write`] runs a write whose attempt met a retryable failure.

@@ -268,3 +268,24 @@ pub async fn a_starting_host_never_takes_the_leases_of_a_live_host() {
     let stats = host.engine.delivery_stats().await.unwrap();
     assert_eq!((stats.done, stats.leased, stats.pending), (1, 0, 0), "A's answer was applied");
 }
+
+/// Hosts that start together on one store and ask for the environment of one name (as
+/// `jobhost serve --environment default` does) all get the same one, and only one is stored.
+pub async fn hosts_asking_for_one_named_environment_at_once_get_the_same_one() {
+    let host = TestHost::new();
+    let others: Vec<_> = (0..3).map(|_| host.second_host(test_config())).collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for engine in others.iter().chain([&host.engine]) {
+        for _ in 0..4 {
+            let engine = engine.clone();
+            tasks.spawn(async move { engine.environment_named("shared").await });
+        }
+    }
+    let mut ids = HashSet::new();
+    while let Some(r) = tasks.join_next().await {
+        ids.insert(r.expect("task").expect("environment").id);
+    }
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let named = host.engine.environments().await.unwrap().into_iter().filter(|e| e.name == "shared").count();
+    assert_eq!(named, 1);
+}

@@ -41,11 +41,21 @@ use crate::{Engine, EngineConfig, Env};
 /// server's fresh schema), for one test.
 pub type Open = fn(scratch: &Path) -> Arc<dyn Backend>;
 
+/// Opens a second backend on the store `first` uses, as another process would (its own
+/// connections): the suite's second hosts then share nothing with the first but the database.
+pub type OpenAgain = fn(first: &Arc<dyn Backend>) -> Arc<dyn Backend>;
+
 static OPEN: OnceLock<Open> = OnceLock::new();
+static OPEN_AGAIN: OnceLock<OpenAgain> = OnceLock::new();
 
 /// Sets the backend the suite runs on (the first call wins; a test binary runs one backend).
 pub fn install(open: Open) {
     let _ = OPEN.set(open);
+}
+
+/// For a backend many processes can open at once: second hosts get a backend of their own.
+pub fn install_open_again(open_again: OpenAgain) {
+    let _ = OPEN_AGAIN.set(open_again);
 }
 
 fn open_backend(scratch: &Path) -> Arc<dyn Backend> {
@@ -87,9 +97,15 @@ impl TestHost {
     }
 
     /// A second host on the same store: an engine of its own (its own host id), as another
-    /// process would have.
+    /// process would have — with a backend of its own too where the backend installed
+    /// [`install_open_again`].
     pub fn second_host(&self, config: EngineConfig) -> Engine {
-        Engine::with_backend(self.engine.store().backend().clone(), config)
+        let first = self.engine.store().backend();
+        let backend = match OPEN_AGAIN.get() {
+            Some(open_again) => open_again(first),
+            None => first.clone(),
+        };
+        Engine::with_backend(backend, config)
     }
 
     /// A new environment's API.
@@ -143,188 +159,204 @@ pub async fn events_of(env: &Env, job_id: &str, topic: &str) -> Vec<Event> {
 /// [`Open`] function). See the module documentation.
 #[macro_export]
 macro_rules! conformance_suite {
+    ($open:path, open_again = $again:path) => {
+        fn __install_open_again() {
+            $crate::conformance::install_open_again($again);
+        }
+        $crate::conformance_suite!(@cases $open, __install_open_again);
+    };
     ($open:path) => {
+        fn __install_open_again() {}
+        $crate::conformance_suite!(@cases $open, __install_open_again);
+    };
+    (@cases $open:path, $again:path) => {
         $crate::__conformance_case!(
-            $open,
+            $open, $again,
             rules,
             every_call_from_every_status_is_allowed_or_refused_with_nothing_changed,
             [tokio::test]
         );
-        $crate::__conformance_case!($open, rules, refusals_say_what_and_why, [tokio::test]);
-        $crate::__conformance_case!($open, rules, create_writes_created_then_ready_or_only_created, [tokio::test]);
+        $crate::__conformance_case!($open, $again, rules, refusals_say_what_and_why, [tokio::test]);
+        $crate::__conformance_case!($open, $again, rules, create_writes_created_then_ready_or_only_created, [tokio::test]);
         $crate::__conformance_case!(
-            $open,
+            $open, $again,
             rules,
             ack_is_repeatable_and_updates_info_progress_and_estimate,
             [tokio::test]
         );
-        $crate::__conformance_case!($open, rules, retry_increments_attempt_and_outcome_ack_is_once, [tokio::test]);
+        $crate::__conformance_case!($open, $again, rules, retry_increments_attempt_and_outcome_ack_is_once, [tokio::test]);
         $crate::__conformance_case!(
-            $open,
+            $open, $again,
             rules,
             scheduled_and_waiting_jobs_start_when_their_condition_is_met,
             [tokio::test]
         );
-        $crate::__conformance_case!($open, rules, split_gives_parts_their_data_and_refuses_bad_splits, [tokio::test]);
+        $crate::__conformance_case!($open, $again, rules, split_gives_parts_their_data_and_refuses_bad_splits, [tokio::test]);
         $crate::__conformance_case!(
-            $open,
+            $open, $again,
             rules,
             parts_completed_fires_once_with_counts_derived_from_the_parts,
             [tokio::test]
         );
         $crate::__conformance_case!(
-            $open,
+            $open, $again,
             rules,
             many_parts_ending_at_the_same_moment_yield_exactly_one_parts_completed,
             [tokio::test]
         );
         $crate::__conformance_case!(
-            $open,
+            $open, $again,
             rules,
             cancel_cascades_to_open_parts_and_suppresses_parts_completed,
             [tokio::test]
         );
-        $crate::__conformance_case!($open, rules, sequential_parts_run_strictly_one_after_another, [tokio::test]);
-        $crate::__conformance_case!($open, rules, seeds_scenario_with_native_listeners, [tokio::test]);
+        $crate::__conformance_case!($open, $again, rules, sequential_parts_run_strictly_one_after_another, [tokio::test]);
+        $crate::__conformance_case!($open, $again, rules, seeds_scenario_with_native_listeners, [tokio::test]);
         $crate::__conformance_case!(
-            $open,
+            $open, $again,
             rules,
             seeds_scenario_with_failed_and_canceled_parts_fails_the_parent,
             [tokio::test]
         );
-        $crate::__conformance_case!($open, rules, a_failing_handler_is_retried_then_succeeds, [tokio::test]);
+        $crate::__conformance_case!($open, $again, rules, a_failing_handler_is_retried_then_succeeds, [tokio::test]);
         $crate::__conformance_case!(
-            $open,
+            $open, $again,
             rules,
             exhausted_deliveries_are_dead_lettered_with_the_reason,
             [tokio::test]
         );
         $crate::__conformance_case!(
-            $open,
+            $open, $again,
             rules,
             a_handler_that_outlives_its_lease_gets_the_event_again,
             [tokio::test]
         );
-        $crate::__conformance_case!($open, rules, a_panicking_handler_fails_only_its_delivery, [tokio::test]);
+        $crate::__conformance_case!($open, $again, rules, a_panicking_handler_fails_only_its_delivery, [tokio::test]);
         $crate::__conformance_case!(
-            $open,
+            $open, $again,
             rules,
             events_stored_while_a_listener_is_down_are_delivered_when_it_returns,
             [tokio::test]
         );
-        $crate::__conformance_case!($open, rules, listeners_only_see_their_environment_and_their_filter, [tokio::test]);
-        $crate::__conformance_case!($open, rules, records_insert_in_bulk_page_stably_and_count_validity, [tokio::test]);
+        $crate::__conformance_case!($open, $again, rules, listeners_only_see_their_environment_and_their_filter, [tokio::test]);
+        $crate::__conformance_case!($open, $again, rules, records_insert_in_bulk_page_stably_and_count_validity, [tokio::test]);
         $crate::__conformance_case!(
-            $open,
+            $open, $again,
             rules,
             record_updates_merge_values_replace_messages_and_derive_validity,
             [tokio::test]
         );
-        $crate::__conformance_case!($open, rules, record_deletion_is_all_or_none_and_keeps_pages_dense, [tokio::test]);
-        $crate::__conformance_case!($open, rules, nothing_crosses_environments, [tokio::test]);
+        $crate::__conformance_case!($open, $again, rules, record_deletion_is_all_or_none_and_keeps_pages_dense, [tokio::test]);
+        $crate::__conformance_case!($open, $again, rules, nothing_crosses_environments, [tokio::test]);
         $crate::__conformance_case!(
-            $open,
+            $open, $again,
             rules,
             watchdog_fails_unacked_and_stale_jobs_and_promotes_scheduled_ones,
             [tokio::test(start_paused = true)]
         );
         $crate::__conformance_case!(
-            $open,
+            $open, $again,
             rules,
             a_split_parent_is_not_stale_while_parts_run_and_abandoned_parts_still_complete_it,
             [tokio::test(start_paused = true)]
         );
         $crate::__conformance_case!(
-            $open,
+            $open, $again,
             rules,
             the_background_watchdog_runs_without_being_called,
             [tokio::test(start_paused = true)]
         );
-        $crate::__conformance_case!($open, rules, secrets_are_scoped_to_their_environment_and_validated, [tokio::test]);
+        $crate::__conformance_case!($open, $again, rules, secrets_are_scoped_to_their_environment_and_validated, [tokio::test]);
         $crate::__conformance_case!(
-            $open,
+            $open, $again,
             rules,
             a_native_listener_that_retriggers_itself_is_stopped_by_the_loop_guard,
             [tokio::test]
         );
         $crate::__conformance_case!(
-            $open,
+            $open, $again,
             primitives,
             a_refused_write_keeps_nothing_and_leaves_the_writes_beside_it,
             [tokio::test]
         );
         $crate::__conformance_case!(
-            $open,
+            $open, $again,
             primitives,
             a_retryable_failure_runs_the_write_again_and_applies_it_once,
             [tokio::test]
         );
-        $crate::__conformance_case!($open, primitives, leases_are_fenced_by_owner_and_attempt, [tokio::test]);
+        $crate::__conformance_case!($open, $again, primitives, leases_are_fenced_by_owner_and_attempt, [tokio::test]);
         $crate::__conformance_case!(
-            $open,
+            $open, $again,
             primitives,
             an_expired_lease_is_due_again_and_its_old_holder_is_refused,
             [tokio::test]
         );
         $crate::__conformance_case!(
-            $open,
+            $open, $again,
             primitives,
             a_released_delivery_is_due_at_once_without_spending_an_attempt,
             [tokio::test]
         );
-        $crate::__conformance_case!($open, primitives, dead_letters_keep_their_reason, [tokio::test]);
+        $crate::__conformance_case!($open, $again, primitives, dead_letters_keep_their_reason, [tokio::test]);
         $crate::__conformance_case!(
-            $open,
+            $open, $again,
             primitives,
             the_subscriptions_version_changes_with_every_change_and_never_repeats,
             [tokio::test]
         );
-        $crate::__conformance_case!($open, primitives, hosts_register_heartbeat_and_leave, [tokio::test]);
-        $crate::__conformance_case!($open, primitives, reclaiming_spares_the_leases_of_live_hosts, [tokio::test]);
+        $crate::__conformance_case!($open, $again, primitives, hosts_register_heartbeat_and_leave, [tokio::test]);
+        $crate::__conformance_case!($open, $again, primitives, reclaiming_spares_the_leases_of_live_hosts, [tokio::test]);
         $crate::__conformance_case!(
-            $open,
+            $open, $again,
             primitives,
             a_job_read_for_update_is_the_stored_job_and_parts_come_by_index,
             [tokio::test]
         );
         $crate::__conformance_case!(
-            $open,
+            $open, $again,
             concurrency,
             racing_parts_of_many_parents_fire_parts_completed_exactly_once_each,
             [tokio::test(flavor = "multi_thread", worker_threads = 4)]
         );
         $crate::__conformance_case!(
-            $open,
+            $open, $again,
             concurrency,
             two_hosts_never_handle_one_delivery_at_once,
             [tokio::test(flavor = "multi_thread", worker_threads = 4)]
         );
         $crate::__conformance_case!(
-            $open,
+            $open, $again,
+            concurrency,
+            hosts_asking_for_one_named_environment_at_once_get_the_same_one,
+            [tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        );
+        $crate::__conformance_case!(
+            $open, $again,
             concurrency,
             a_lease_stolen_after_expiry_refuses_the_late_answer,
             [tokio::test(flavor = "multi_thread", worker_threads = 4)]
         );
         $crate::__conformance_case!(
-            $open,
+            $open, $again,
             concurrency,
             routing_sees_subscriptions_written_by_another_host,
             [tokio::test(flavor = "multi_thread", worker_threads = 4)]
         );
         $crate::__conformance_case!(
-            $open,
+            $open, $again,
             concurrency,
             the_leases_of_a_host_that_stopped_heartbeating_are_handed_out_again,
             [tokio::test(flavor = "multi_thread", worker_threads = 4)]
         );
         $crate::__conformance_case!(
-            $open,
+            $open, $again,
             primitives,
             routing_forgets_a_subscription_whose_write_was_rolled_back,
             [tokio::test]
         );
         $crate::__conformance_case!(
-            $open,
+            $open, $again,
             concurrency,
             a_starting_host_never_takes_the_leases_of_a_live_host,
             [tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -335,10 +367,11 @@ macro_rules! conformance_suite {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __conformance_case {
-    ($open:path, $module:ident, $name:ident, [$($attr:tt)*]) => {
+    ($open:path, $again:path, $module:ident, $name:ident, [$($attr:tt)*]) => {
         #[$($attr)*]
         async fn $name() {
             $crate::conformance::install($open);
+            $again();
             $crate::conformance::$module::$name().await;
         }
     };

@@ -421,14 +421,23 @@ fn open_engine_with(
     runtime: Option<&Runtime>,
     adjust: impl FnOnce(EngineConfig) -> EngineConfig,
 ) -> anyhow::Result<Engine> {
+    let config = engine_config(host, runtime, adjust)?;
+    crate::open_engine(dir, config).with_context(|| format!("cannot open the store in {}", dir.display()))
+}
+
+/// The engine's settings for a CLI host.
+fn engine_config(
+    host: &HostArgs,
+    runtime: Option<&Runtime>,
+    adjust: impl FnOnce(EngineConfig) -> EngineConfig,
+) -> anyhow::Result<EngineConfig> {
     if host.concurrency() == 0 {
         bail!("--concurrency must be at least 1");
     }
     let cap = runtime.map_or(usize::MAX, |r| r.config().max_instances as usize);
     let n = host.concurrency().min(cap);
     // Every CLI mode serves one environment, so its share is the whole host.
-    let config = adjust(EngineConfig::single_environment(n));
-    crate::open_engine(dir, config).with_context(|| format!("cannot open the store in {}", dir.display()))
+    Ok(adjust(EngineConfig::single_environment(n)))
 }
 
 /// Parses `--job sheet:<operation>`.

@@ -1,6 +1,7 @@
 //! `jobhost serve`: the host as a server until SIGINT/SIGTERM.
 
 use super::*;
+use crate::config::StoreSetting;
 
 /// Resolves on SIGINT or SIGTERM.
 pub(super) async fn shutdown_signal() {
@@ -25,11 +26,29 @@ pub(super) async fn shutdown_signal() {
 
 pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let settings = crate::config::Settings::resolve(&args, |k| std::env::var(k).ok())?;
-    let host = HostArgs { data: settings.data.clone(), json: false, concurrency: Some(settings.concurrency) };
+    let host = HostArgs { data: Some(settings.data.clone()), json: false, concurrency: Some(settings.concurrency) };
     let limits = Limits { max_instances: settings.concurrency, ..settings.limits.clone() };
     let runtime = Runtime::new(RuntimeConfig { limits, ..RuntimeConfig::default() })?;
     let dir = DataDir::new(host.data.as_deref())?;
-    let engine = open_engine(&dir.path, &host, Some(&runtime))?;
+    std::fs::create_dir_all(&dir.path).with_context(|| format!("cannot create {}", dir.path.display()))?;
+    let engine = match &settings.store {
+        StoreSetting::Sqlite => open_engine(&dir.path, &host, Some(&runtime))?,
+        StoreSetting::Postgres { url, connections, poll_interval } => {
+            use crate::store::postgres::{PgBackend, PgOptions};
+            let options = PgOptions {
+                writers: connections / 2,
+                readers: connections - connections / 2,
+                poll_interval: *poll_interval,
+                ..PgOptions::new(url.clone())
+            };
+            let backend = tokio::task::spawn_blocking(move || PgBackend::open(options))
+                .await
+                .context("the store's open task failed")?
+                .with_context(|| format!("cannot open the PostgreSQL store {}", crate::config::redact(url)))?;
+            eprintln!("joined the fleet on PostgreSQL {}", crate::config::redact(url));
+            Engine::with_backend(Arc::new(backend), engine_config(&host, Some(&runtime), |c| c)?)
+        }
+    };
     let environment = engine.environment_named(&settings.environment).await?;
     let running = Arc::new(engine.run(Vec::new()).await?);
     let (plugins, watch) = start_plugins(&runtime, &running, &environment.id, &settings.plugins, false).await?;
@@ -53,12 +72,16 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let _ = api_stopped.await;
     }));
     eprintln!(
-        "serving {} plugin(s) from {} in environment {} ({}); data in {}; Ctrl-C to stop",
+        "serving {} plugin(s) from {} in environment {} ({}); {}; Ctrl-C to stop",
         plugins.plugins().await.len(),
         settings.plugins.display(),
         environment.name,
         environment.id,
-        dir.path.display()
+        match &settings.store {
+            StoreSetting::Sqlite => format!("data in {}", dir.path.display()),
+            StoreSetting::Postgres { url, .. } =>
+                format!("store {}, local data in {}", crate::config::redact(url), dir.path.display()),
+        }
     );
     let stop = shutdown_signal();
     tokio::pin!(stop);

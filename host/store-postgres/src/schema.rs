@@ -1,0 +1,196 @@
+//! Numbered schema migrations, run once per database under an advisory lock.
+
+use postgres::Client;
+
+use jobhost_core::error::{Error, Result, StoreError};
+
+use crate::Db;
+
+/// The session-level advisory lock every host takes while it migrates (`"jobh"` in ASCII), so
+/// hosts starting together apply each migration once.
+const MIGRATION_LOCK: i64 = 0x6a6f_6268;
+
+/// Entry *i* takes the schema from version *i* to *i + 1*. Integers are `BIGINT` throughout
+/// (times are milliseconds since the epoch); JSON is stored as text, as the engine hands it.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE environments (id TEXT PRIMARY KEY, name TEXT NOT NULL, created_at BIGINT NOT NULL);
+CREATE TABLE sheets (
+    key BIGSERIAL PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    environment_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    workbook_id TEXT,
+    created_at BIGINT NOT NULL
+);
+-- `ord` is dense per sheet (0, 1, 2, …) so a page is a range scan, not an OFFSET walk.
+CREATE TABLE records (
+    id BIGSERIAL PRIMARY KEY,
+    sheet_key BIGINT NOT NULL,
+    ord BIGINT NOT NULL,
+    vals TEXT NOT NULL,
+    messages TEXT,
+    metadata TEXT,
+    has_error BOOLEAN NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+CREATE UNIQUE INDEX records_order ON records (sheet_key, ord);
+CREATE INDEX records_errors ON records (sheet_key) WHERE has_error;
+CREATE TABLE jobs (
+    seq BIGSERIAL UNIQUE,
+    id TEXT PRIMARY KEY,
+    environment_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    operation TEXT NOT NULL,
+    source TEXT,
+    status TEXT NOT NULL,
+    trigger_ TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    input TEXT,
+    info TEXT,
+    progress BIGINT NOT NULL,
+    estimated_completion_at BIGINT,
+    outcome TEXT,
+    parent_id TEXT,
+    part_index BIGINT,
+    part_data TEXT,
+    part_execution TEXT,
+    predecessor_ids TEXT,
+    run_at BIGINT,
+    stale_timeout_ms BIGINT,
+    attempt BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    started_at BIGINT,
+    finished_at BIGINT,
+    outcome_acknowledged_at BIGINT,
+    ready_at BIGINT,
+    last_activity_at BIGINT,
+    split_at BIGINT,
+    parts_completed_at BIGINT
+);
+CREATE INDEX jobs_env ON jobs (environment_id, seq);
+CREATE INDEX jobs_parts ON jobs (parent_id, part_index) WHERE parent_id IS NOT NULL;
+CREATE INDEX jobs_live ON jobs (status) WHERE status IN ('scheduled', 'ready', 'executing');
+CREATE TABLE job_predecessors (
+    job_id TEXT NOT NULL,
+    predecessor_id TEXT NOT NULL,
+    PRIMARY KEY (job_id, predecessor_id)
+);
+CREATE INDEX job_predecessors_rev ON job_predecessors (predecessor_id);
+CREATE TABLE events (
+    seq BIGSERIAL PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    environment_id TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    job_id TEXT,
+    context TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX events_env ON events (environment_id, seq);
+CREATE INDEX events_job ON events (job_id) WHERE job_id IS NOT NULL;
+CREATE TABLE subscriptions (
+    id TEXT PRIMARY KEY,
+    environment_id TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    filter TEXT,
+    active BOOLEAN NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+-- status: pending | leased | done | dead. `due_at` is when a pending delivery may be leased or
+-- when a lease expires; NULL once finished. `attempts` and `lease_owner` are the fence.
+CREATE TABLE deliveries (
+    id BIGSERIAL PRIMARY KEY,
+    event_seq BIGINT NOT NULL,
+    subscription_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts BIGINT NOT NULL,
+    due_at BIGINT,
+    lease_owner TEXT,
+    last_error TEXT,
+    finished_at BIGINT
+);
+CREATE INDEX deliveries_due ON deliveries (due_at, id) WHERE status IN ('pending', 'leased');
+CREATE INDEX deliveries_dead ON deliveries (subscription_id) WHERE status = 'dead';
+CREATE INDEX deliveries_leased ON deliveries (lease_owner) WHERE status = 'leased';
+CREATE TABLE executions (
+    id BIGSERIAL PRIMARY KEY,
+    environment_id TEXT NOT NULL,
+    plugin TEXT NOT NULL,
+    plugin_version TEXT NOT NULL,
+    route BIGINT NOT NULL,
+    event_id TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    job_id TEXT,
+    attempt BIGINT NOT NULL,
+    started_at BIGINT NOT NULL,
+    duration_us BIGINT NOT NULL,
+    cpu_us BIGINT NOT NULL,
+    outcome TEXT NOT NULL,
+    error TEXT,
+    peak_memory BIGINT NOT NULL,
+    logs TEXT NOT NULL
+);
+CREATE INDEX executions_env ON executions (environment_id, id);
+CREATE INDEX executions_job ON executions (job_id) WHERE job_id IS NOT NULL;
+CREATE TABLE chains (id TEXT PRIMARY KEY, events BIGINT NOT NULL, updated_at BIGINT NOT NULL);
+CREATE TABLE secrets (
+    environment_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    value TEXT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (environment_id, name)
+);
+CREATE TABLE tokens (
+    hash TEXT PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    environment_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX tokens_env ON tokens (environment_id);
+CREATE TABLE hosts (
+    id TEXT PRIMARY KEY,
+    label TEXT NOT NULL,
+    started_at BIGINT NOT NULL,
+    heartbeat_at BIGINT NOT NULL
+);
+"#];
+
+/// The schema version this build knows.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Brings the database to [`SCHEMA_VERSION`], refusing one that is newer.
+pub fn migrate(client: &mut Client) -> Result<()> {
+    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).db()?;
+    let result = migrate_locked(client);
+    // Unlocked however it went; the session's end would release it too.
+    let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]);
+    result
+}
+
+fn migrate_locked(client: &mut Client) -> Result<()> {
+    client.batch_execute("CREATE TABLE IF NOT EXISTS jobhost_schema (version BIGINT NOT NULL)").db()?;
+    let version: i64 = match client.query_opt("SELECT version FROM jobhost_schema", &[]).db()? {
+        Some(row) => row.try_get(0).db()?,
+        None => {
+            client.execute("INSERT INTO jobhost_schema (version) VALUES (0)", &[]).db()?;
+            0
+        }
+    };
+    if version > SCHEMA_VERSION {
+        return Err(Error::store(format!(
+            "the database has jobhost schema version {version}, newer than this jobhost knows ({SCHEMA_VERSION}); \
+             upgrade jobhost"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let mut tx = client.transaction().db()?;
+        tx.batch_execute(sql).map_err(|e| StoreError::caused_by(format!("migration {} failed", i + 1), e))?;
+        tx.execute("UPDATE jobhost_schema SET version = $1", &[&(i as i64 + 1)]).db()?;
+        tx.commit().db()?;
+        tracing::info!(version = i + 1, "migrated the PostgreSQL schema");
+    }
+    Ok(())
+}

@@ -1,0 +1,122 @@
+//! What only a shared database promises: a schema newer than this build is refused, hosts
+//! wake each other through `NOTIFY` (not only through their polls), and a database that
+//! restarts under running hosts costs time, never data.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jobhost_engine::conformance::test_config;
+use jobhost_engine::model::{Ack, JobStatus, JobType, NewJob};
+use jobhost_engine::{Engine, EngineConfig};
+use jobhost_store::Backend;
+use jobhost_store_postgres::{PgBackend, PgOptions, SCHEMA_VERSION};
+use jobhost_test_postgres::Server;
+
+fn engine(backend: &Arc<PgBackend>, config: EngineConfig) -> Engine {
+    Engine::with_backend(backend.clone(), config)
+}
+
+/// Runs blocking client work off the test's runtime.
+fn sql(url: &str, statements: &str) {
+    let (url, statements) = (url.to_owned(), statements.to_owned());
+    std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+        c.batch_execute(&statements).expect("statements");
+    })
+    .join()
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_database_with_a_newer_schema_is_refused_and_left_as_it_was() {
+    let url = jobhost_test_postgres::server().fresh_database();
+    drop(PgBackend::open(PgOptions::new(url.clone())).expect("first open migrates"));
+    sql(&url, &format!("UPDATE jobhost_schema SET version = {}", SCHEMA_VERSION + 1));
+    let err = PgBackend::open(PgOptions::new(url.clone())).unwrap_err();
+    assert!(err.to_string().contains("newer than this jobhost knows"), "{err}");
+    // Opening again at the known version works: the refusal changed nothing.
+    sql(&url, &format!("UPDATE jobhost_schema SET version = {SCHEMA_VERSION}"));
+    PgBackend::open(PgOptions::new(url)).expect("reopen");
+}
+
+#[tokio::test]
+async fn hosts_starting_together_migrate_once() {
+    let url = jobhost_test_postgres::server().fresh_database();
+    let opens: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || PgBackend::open(PgOptions::new(url)).map(drop))
+        })
+        .collect();
+    for o in opens {
+        o.join().unwrap().expect("every host opens");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_on_one_host_wakes_another_through_notify_not_its_poll() {
+    let url = jobhost_test_postgres::server().fresh_database();
+    let a = Arc::new(PgBackend::open(PgOptions::new(url.clone())).unwrap());
+    // B would not poll within this test's lifetime: only a notification can wake it.
+    let b = Arc::new(
+        PgBackend::open(PgOptions { poll_interval: Duration::from_secs(3600), ..PgOptions::new(url) }).unwrap(),
+    );
+    let (ea, eb) = (engine(&a, test_config()), engine(&b, test_config()));
+    // From here on nothing but a notification wakes B's waiters (B commits nothing).
+    b.until_listening().await;
+    let e = ea.create_environment("notify").await.unwrap();
+    let (env_a, env_b) = (ea.env(&e.id), eb.env(&e.id));
+    let job = env_a.create_job(NewJob::new(JobType::File, "work")).await.unwrap();
+    let mut commits = b.notifications().commits;
+    commits.borrow_and_update();
+    assert_eq!(env_b.job(&job.id).await.unwrap().status, JobStatus::Ready);
+    env_a.ack(&job.id, Ack::default()).await.unwrap();
+    // Only A's NOTIFY can end this wait.
+    commits.changed().await.unwrap();
+    assert_eq!(env_b.job(&job.id).await.unwrap().status, JobStatus::Executing);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restarted_under_a_running_host_costs_time_not_data() {
+    // A server of its own: the other tests keep theirs running.
+    let server = Server::start_throwaway().expect("start a server");
+    let url = server.fresh_database();
+    let backend = Arc::new(PgBackend::open(PgOptions::new(url)).unwrap());
+    let engine = engine(&backend, test_config());
+    let e = engine.create_environment("restart").await.unwrap();
+    let env = engine.env(&e.id);
+    let before = env.create_job(NewJob::new(JobType::File, "before")).await.unwrap();
+
+    tokio::task::spawn_blocking({
+        let server = server.clone();
+        move || server.stop()
+    })
+    .await
+    .unwrap()
+    .expect("stop the server");
+    // A read while it is down fails with the store's error, and health says why.
+    let read = env.job(&before.id).await;
+    assert!(read.is_err(), "{read:?}");
+    assert!(backend.health().error.is_some(), "{:?}", backend.health());
+
+    // A write made while it is down waits for it, and lands once it is back.
+    let pending = tokio::spawn({
+        let env = env.clone();
+        async move { env.create_job(NewJob::new(JobType::File, "during")).await }
+    });
+    tokio::task::spawn_blocking({
+        let server = server.clone();
+        move || server.restart()
+    })
+    .await
+    .unwrap()
+    .expect("restart the server");
+    let during = pending.await.unwrap().expect("the write made while the database was down lands");
+
+    let jobs = env.jobs(0, 10).await.unwrap();
+    let names: Vec<_> = jobs.iter().map(|j| j.operation.as_str()).collect();
+    assert_eq!(names, ["before", "during"]);
+    assert_eq!(env.job(&during.id).await.unwrap().status, JobStatus::Ready);
+    let health = backend.health();
+    assert!(health.error.is_none() && health.reconnects >= 1, "{health:?}");
+}
