@@ -196,7 +196,7 @@ fn demo_runs_the_seeds_scenario_with_the_plugin_and_natively() {
 }
 
 /// Reads a child's stderr line by line until a line contains `needle`; returns that line.
-fn wait_line(
+pub(crate) fn wait_line(
     lines: &mut impl Iterator<Item = std::io::Result<String>>,
     needle: &str,
     seen: &mut Vec<String>,
@@ -213,7 +213,7 @@ fn wait_line(
 
 /// A child process that is killed when the test lets go of it, also when it fails: a host
 /// left running would keep the test's output pipes open and hang whoever reads them.
-struct Reaped(std::process::Child);
+pub(crate) struct Reaped(std::process::Child);
 
 impl std::ops::Deref for Reaped {
     type Target = std::process::Child;
@@ -236,7 +236,9 @@ impl Drop for Reaped {
 }
 
 /// Starts `cmd` with its stderr piped and a kill timer; returns the child and its stderr lines.
-fn spawn_logged(cmd: &mut Command) -> (Reaped, std::io::Lines<std::io::BufReader<std::process::ChildStderr>>) {
+pub(crate) fn spawn_logged(
+    cmd: &mut Command,
+) -> (Reaped, std::io::Lines<std::io::BufReader<std::process::ChildStderr>>) {
     use std::io::BufRead;
     let mut child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
     kill_after(child.id(), 300);
@@ -246,7 +248,7 @@ fn spawn_logged(cmd: &mut Command) -> (Reaped, std::io::Lines<std::io::BufReader
 
 /// A safety net, not a synchronisation: a child that never prints what a test waits for is
 /// killed, so the test fails with what it did print instead of hanging the suite.
-fn kill_after(pid: u32, secs: u64) {
+pub(crate) fn kill_after(pid: u32, secs: u64) {
     std::thread::spawn(move || {
         std::thread::sleep(std::time::Duration::from_secs(secs));
         let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
@@ -254,7 +256,7 @@ fn kill_after(pid: u32, secs: u64) {
 }
 
 /// A plain HTTP/1.1 GET; returns the whole response.
-fn http_get(addr: &str, path: &str) -> String {
+pub(crate) fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).expect("connect to the API");
     write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
@@ -364,7 +366,7 @@ fn secrets_are_set_from_stdin_listed_by_name_and_deleted() {
 }
 
 /// One HTTP/1.1 request over a fresh connection; returns the status and the JSON body.
-fn http(addr: &str, method: &str, path: &str, token: &str, body: Option<&Value>) -> (u16, Value) {
+pub(crate) fn http(addr: &str, method: &str, path: &str, token: &str, body: Option<&Value>) -> (u16, Value) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).expect("connect to the API");
     let body = body.map(|b| b.to_string()).unwrap_or_default();
@@ -384,7 +386,7 @@ fn http(addr: &str, method: &str, path: &str, token: &str, body: Option<&Value>)
 }
 
 /// Follows the event stream from the start until an event's `data` line contains every needle.
-fn wait_event(addr: &str, token: &str, needles: &[&str]) {
+pub(crate) fn wait_event(addr: &str, token: &str, needles: &[&str]) {
     use std::io::{BufRead, Write};
     let mut stream = std::net::TcpStream::connect(addr).expect("connect to the API");
     write!(stream, "GET /v1/events/stream?since=0 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n")
@@ -399,7 +401,7 @@ fn wait_event(addr: &str, token: &str, needles: &[&str]) {
 }
 
 /// A new token for the environment `serve` made at its first start, through the admin API.
-fn default_environment_token(addr: &str) -> String {
+pub(crate) fn default_environment_token(addr: &str) -> String {
     let (status, envs) = http(addr, "GET", "/v1/environments", "admin-for-tests", None);
     assert_eq!(status, 200, "{envs}");
     let env_id = envs["data"][0]["id"].as_str().unwrap().to_owned();

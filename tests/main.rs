@@ -11,6 +11,7 @@ mod support;
 mod api;
 mod cli;
 mod crash;
+mod fleet;
 mod languages;
 mod reload;
 mod runtime;

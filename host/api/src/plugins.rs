@@ -7,6 +7,14 @@
 //! environment gets `DATA/plugins/<environment id>/` on its first deploy. Manifests
 //! (`NAME.toml`: limits and grants) stay files the operator writes: a tenant cannot grant
 //! itself more than the host's defaults over the API.
+//!
+//! **In a fleet** (a shared store, [`Plugins::share_through`]) the store is where plugins
+//! live: a deploy, rollback or delete through any host is validated there, written to the
+//! store (the component under its SHA-256, and a deployment row), and applied locally; every
+//! host follows the deployments ([`Plugins::follow`]) and mirrors each into its own plugin
+//! directory, where the usual sync — validate, swap, resubscribe; in-flight deliveries finish
+//! on their version; the last good version keeps serving — takes over. A host that starts
+//! replays every deployment, so it serves what the fleet serves.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,7 +22,8 @@ use std::sync::Arc;
 
 use crate::reload::{PluginHost, PluginInfo, ReloadEvent, Watch};
 use crate::runtime::{Runtime, version_of};
-use jobhost_engine::Running;
+use jobhost_engine::store::Deployment;
+use jobhost_engine::{Engine, Running};
 
 /// An environment's plugin host, and the watch on its directory when this registry started it.
 type Hosted = (Arc<PluginHost>, Option<Watch>);
@@ -25,6 +34,10 @@ pub struct Plugins {
     running: Arc<Running>,
     root: PathBuf,
     hosts: tokio::sync::Mutex<HashMap<String, Hosted>>,
+    /// The engine whose (shared) store keeps the fleet's plugins; unset on a single host.
+    fleet: std::sync::OnceLock<Engine>,
+    /// Held while a plugin is brought in line with the fleet's deployments.
+    converging: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Plugins {
@@ -63,7 +76,161 @@ fn check_name(name: &str) -> Result<(), PluginError> {
 impl Plugins {
     /// Plugins under `root` (`DATA/plugins`), delivered by `running`.
     pub fn new(runtime: Arc<Runtime>, running: Arc<Running>, root: PathBuf) -> Arc<Self> {
-        Arc::new(Self { runtime, running, root, hosts: tokio::sync::Mutex::new(HashMap::new()) })
+        Arc::new(Self {
+            runtime,
+            running,
+            root,
+            hosts: tokio::sync::Mutex::new(HashMap::new()),
+            fleet: std::sync::OnceLock::new(),
+            converging: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Keeps plugins in `engine`'s store from now on: deploys, rollbacks and deletes go
+    /// through it to every host of the fleet. Call [`Plugins::follow`] to apply theirs here.
+    pub fn share_through(&self, engine: Engine) {
+        let _ = self.fleet.set(engine);
+    }
+
+    /// Applies every deployment of the fleet made so far, as a starting host does before it
+    /// serves; returns where [`Plugins::follow`] goes on from.
+    pub async fn catch_up(&self) -> i64 {
+        let mut cursor = 0;
+        while let Some((next, full)) = self.pass(cursor).await {
+            cursor = next;
+            if !full {
+                break;
+            }
+        }
+        cursor
+    }
+
+    /// Follows the fleet's deployments after `cursor` until `stop` resolves: each is applied
+    /// here within a poll interval of the store (a notification makes it sooner).
+    pub async fn follow(self: Arc<Self>, mut cursor: i64, stop: impl std::future::Future<Output = ()>) {
+        let Some(engine) = self.fleet.get().cloned() else { return };
+        let mut commits = engine.store().backend().notifications().commits;
+        tokio::pin!(stop);
+        loop {
+            commits.borrow_and_update();
+            if let Some((next, full)) = self.pass(cursor).await {
+                cursor = next;
+                if full {
+                    continue;
+                }
+            }
+            // Every commit of the store may carry a deployment (the shared store also wakes
+            // this at its poll interval); at most a few looks a second under load.
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = async {
+                    let _ = commits.changed().await;
+                    tokio::time::sleep(FOLLOW_PAUSE).await;
+                } => {}
+            }
+        }
+    }
+
+    /// Applies the deployments after `cursor` (one page); returns the new cursor and whether
+    /// the page was full. `None` when the store could not be read.
+    async fn pass(&self, cursor: i64) -> Option<(i64, bool)> {
+        let engine = self.fleet.get()?;
+        let deployments = match engine.store().read(move |r| r.deployments(cursor, FOLLOW_PAGE)).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the fleet's plugin deployments; trying again");
+                return None;
+            }
+        };
+        let full = deployments.len() == FOLLOW_PAGE as usize;
+        let next = deployments.last().map_or(cursor, |d| d.seq);
+        // Each plugin touched, once: converging reads its latest deployment anyway.
+        let mut touched: Vec<(String, String)> = Vec::new();
+        for d in deployments {
+            let key = (d.environment_id, d.name);
+            if !touched.contains(&key) {
+                touched.push(key);
+            }
+        }
+        for (env, name) in touched {
+            match self.converge(engine, &env, &name).await {
+                Ok(ReloadEvent::Unchanged { .. }) | Err(PluginError::NotFound(_)) => {}
+                Ok(event) => {
+                    tracing::info!(plugin = %name, environment = %env, event = ?event, "applied the fleet's deployment")
+                }
+                Err(e) => tracing::error!(plugin = %name, environment = %env, error = %e,
+                    "cannot apply the fleet's deployment here; the last good version keeps serving"),
+            }
+        }
+        Some((next, full))
+    }
+
+    /// Brings this host's copy of one plugin in line with the fleet's latest deployment of it.
+    /// One plugin change at a time on this host: a deploy made here and the follower never
+    /// interleave, and each reads the latest deployment under the lock, so what runs here
+    /// ends as what the store says last.
+    async fn converge(&self, engine: &Engine, env: &str, name: &str) -> Result<ReloadEvent, PluginError> {
+        let _one_at_a_time = self.converging.lock().await;
+        let latest = deployed(engine, env, name).await?.pop().and_then(|d| d.version);
+        let host = self.host(env, true).await?.ok_or_else(|| PluginError::Io("no plugin host".into()))?;
+        let current = host.plugins().await.into_iter().find(|p| p.name == name).map(|p| p.version);
+        match (latest, current) {
+            (Some(digest), Some(current)) if current == short(&digest) => {
+                Ok(ReloadEvent::Unchanged { name: name.to_owned(), version: current })
+            }
+            (Some(digest), _) => {
+                let bytes = blob(engine, &digest).await?;
+                self.apply(&host, name, Some(&bytes)).await
+            }
+            (None, Some(_)) => self.apply(&host, name, None).await,
+            (None, None) => Err(PluginError::NotFound(format!("no plugin {name} in this environment"))),
+        }
+    }
+
+    /// Publishes `bytes` as the plugin's file (or removes it) and syncs it.
+    async fn apply(&self, host: &PluginHost, name: &str, bytes: Option<&[u8]>) -> Result<ReloadEvent, PluginError> {
+        let path = host.dir().join(format!("{name}.wasm"));
+        match bytes {
+            Some(bytes) => publish(host.dir(), name, bytes)
+                .map_err(|e| PluginError::Io(format!("cannot write {}: {e}", path.display())))?,
+            None => match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(PluginError::Io(format!("cannot delete {}: {e}", path.display()))),
+            },
+        }
+        let event = host.sync(name).await;
+        match &event {
+            ReloadEvent::Failed { reason, .. } => Err(PluginError::Invalid(reason.clone())),
+            _ => Ok(event),
+        }
+    }
+
+    /// Records a deployment in the fleet's store.
+    async fn record(
+        &self,
+        engine: &Engine,
+        env: &str,
+        name: &str,
+        bytes: Option<Arc<[u8]>>,
+    ) -> Result<(), PluginError> {
+        let (env, name, now) = (env.to_owned(), name.to_owned(), engine.now());
+        engine
+            .store()
+            .write(move |tx| {
+                let digest = match &bytes {
+                    Some(b) => {
+                        let digest = jobhost_core::model::sha256_hex(b, 32);
+                        tx.put_plugin_blob(&digest, b, now)?;
+                        Some(digest)
+                    }
+                    None => None,
+                };
+                tx.insert_deployment(&env, &name, digest.as_deref(), now)
+            })
+            .await
+            .map(drop)
+            .map_err(|e| PluginError::Io(format!("cannot record the deployment in the store: {e}")))
     }
 
     /// The runtime the plugins run on.
@@ -145,6 +312,10 @@ impl Plugins {
         let path = host.dir().join(format!("{name}.wasm"));
         // Validate first: the manifest beside the target path applies, as it will after the swap.
         self.runtime.load_bytes(&path, bytes.clone()).await.map_err(|e| PluginError::Invalid(e.to_string()))?;
+        if let Some(engine) = self.fleet.get() {
+            self.record(engine, environment_id, name, Some(bytes.into())).await?;
+            return self.converge(engine, environment_id, name).await;
+        }
         publish(host.dir(), name, &bytes)
             .map_err(|e| PluginError::Io(format!("cannot write {}: {e}", path.display())))?;
         let event = host.sync(name).await;
@@ -162,6 +333,26 @@ impl Plugins {
         to: Option<&str>,
     ) -> Result<ReloadEvent, PluginError> {
         check_name(name)?;
+        if let Some(engine) = self.fleet.get() {
+            // The fleet's history is the store's: every host rolls back to the same version.
+            let history = deployed(engine, environment_id, name).await?;
+            let current = history.last().and_then(|d| d.version.clone());
+            let mut versions: Vec<&String> = history.iter().filter_map(|d| d.version.as_ref()).collect();
+            versions.dedup();
+            let target = match to {
+                Some(to) => versions.iter().rev().find(|v| short(v) == to || v.as_str() == to).copied(),
+                None => versions.iter().rev().find(|v| Some(v.as_str()) != current.as_deref()).copied(),
+            };
+            let Some(target) = target.cloned() else {
+                return Err(PluginError::NotFound(match to {
+                    Some(to) => format!("plugin {name} has no deployed version {to}"),
+                    None => format!("plugin {name} has no other deployed version to roll back to"),
+                }));
+            };
+            let bytes: Arc<[u8]> = blob(engine, &target).await?.into();
+            self.record(engine, environment_id, name, Some(bytes)).await?;
+            return self.converge(engine, environment_id, name).await;
+        }
         let host = self.existing(environment_id, name).await?;
         crate::reload::rollback(host.dir(), name, to).map_err(|e| PluginError::NotFound(format!("{e:#}")))?;
         Ok(host.sync(name).await)
@@ -170,6 +361,14 @@ impl Plugins {
     /// Unloads a plugin and deletes its file (its history stays for a rollback).
     pub async fn delete(&self, environment_id: &str, name: &str) -> Result<ReloadEvent, PluginError> {
         check_name(name)?;
+        if let Some(engine) = self.fleet.get() {
+            let history = deployed(engine, environment_id, name).await?;
+            if history.last().is_none_or(|d| d.version.is_none()) {
+                return Err(PluginError::NotFound(format!("no plugin {name} in this environment")));
+            }
+            self.record(engine, environment_id, name, None).await?;
+            return self.converge(engine, environment_id, name).await;
+        }
         let host = self.existing(environment_id, name).await?;
         let path = host.dir().join(format!("{name}.wasm"));
         std::fs::remove_file(&path).map_err(|e| PluginError::Io(format!("cannot delete {}: {e}", path.display())))?;
@@ -188,6 +387,41 @@ impl Plugins {
             _ => Err(PluginError::NotFound(format!("no plugin {name} in this environment"))),
         }
     }
+}
+
+/// Deployments read at once by the fleet follower.
+const FOLLOW_PAGE: u32 = 1024;
+/// How long the fleet follower rests between two looks at the deployments.
+const FOLLOW_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The version hosts show (`version_of`: the first 8 bytes of the SHA-256) of a content address.
+fn short(digest: &str) -> &str {
+    &digest[..digest.len().min(16)]
+}
+
+/// A stored component, checked against its content address.
+async fn blob(engine: &Engine, digest: &str) -> Result<Vec<u8>, PluginError> {
+    let d = digest.to_owned();
+    let bytes = engine
+        .store()
+        .read(move |r| r.plugin_blob(&d))
+        .await
+        .map_err(|e| PluginError::Io(format!("cannot read plugin {digest} from the store: {e}")))?
+        .ok_or_else(|| PluginError::NotFound(format!("the store has no component {digest}")))?;
+    if jobhost_core::model::sha256_hex(&bytes, 32) != digest {
+        return Err(PluginError::Io(format!("the store's component {digest} does not match its SHA-256")));
+    }
+    Ok(bytes)
+}
+
+/// The deployments of one plugin, oldest first.
+async fn deployed(engine: &Engine, env: &str, name: &str) -> Result<Vec<Deployment>, PluginError> {
+    let (e, n) = (env.to_owned(), name.to_owned());
+    engine
+        .store()
+        .read(move |r| r.plugin_deployments(&e, &n))
+        .await
+        .map_err(|e| PluginError::Io(format!("cannot read the plugin's deployments: {e}")))
 }
 
 /// Writes `bytes` beside the target and renames it into place.

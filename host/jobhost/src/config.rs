@@ -8,6 +8,7 @@
 //! store = "postgres://jobhost@db/jobhost"  # a fleet; unset: SQLite in `data`
 //! store_connections = 8
 //! poll_interval_ms = 1000
+//! host_timeout_ms = 30000      # a host silent this long is gone; its leases go to others
 //! plugins = "/etc/jobhost/plugins"
 //! environment = "default"
 //! concurrency = 128
@@ -38,6 +39,7 @@ struct File {
     store: Option<String>,
     store_connections: Option<usize>,
     poll_interval_ms: Option<u64>,
+    host_timeout_ms: Option<u64>,
     plugins: Option<PathBuf>,
     environment: Option<String>,
     concurrency: Option<usize>,
@@ -73,6 +75,8 @@ pub struct Settings {
     pub data: PathBuf,
     /// The store.
     pub store: StoreSetting,
+    /// A host whose heartbeat is older than this is gone (it heartbeats six times as often).
+    pub host_timeout: std::time::Duration,
     /// The plugins directory of `environment`.
     pub plugins: PathBuf,
     /// The environment the plugins directory serves.
@@ -185,7 +189,17 @@ impl Settings {
                 })?
             }
         };
-        Ok(Self { listen, data, store, plugins, environment, concurrency, admin_token, limits })
+        let host_timeout = match (args.host_timeout_ms, var("JOBHOST_HOST_TIMEOUT_MS"), file.host_timeout_ms) {
+            (Some(n), _, _) => n,
+            (None, Some(v), _) => v.parse().with_context(|| format!("JOBHOST_HOST_TIMEOUT_MS={v} is not a number"))?,
+            (None, None, Some(n)) => n,
+            _ => crate::EngineConfig::default().host_timeout.as_millis() as u64,
+        };
+        if !(600..=3_600_000).contains(&host_timeout) {
+            bail!("host_timeout_ms must be 600..=3600000, not {host_timeout}");
+        }
+        let host_timeout = std::time::Duration::from_millis(host_timeout);
+        Ok(Self { listen, data, store, host_timeout, plugins, environment, concurrency, admin_token, limits })
     }
 }
 
@@ -236,6 +250,10 @@ pub struct ServeArgs {
     /// [env: JOBHOST_POLL_INTERVAL_MS] [default: 1000].
     #[arg(long)]
     pub poll_interval_ms: Option<u64>,
+    /// A host whose heartbeat is older than this is gone and its leases go to the others
+    /// [env: JOBHOST_HOST_TIMEOUT_MS] [default: 30000].
+    #[arg(long)]
+    pub host_timeout_ms: Option<u64>,
     /// Host options.
     #[command(flatten)]
     pub host: HostArgs,

@@ -12,8 +12,8 @@ use jobhost_core::model::{
     ApiToken, DeadLetter, Environment, Event, Execution, Job, JobStatus, Millis, RecordCounts, Sheet, UnknownValue,
 };
 use jobhost_store::{
-    DeliveryEnd, DeliveryStats, DueDelivery, EncodedRecord, Fence, HostRecord, Overdue, PartStatusCounts, RawRecord,
-    ReadTx, StoredRecord, Subscription, Tx,
+    DeliveryEnd, DeliveryStats, Deployment, DueDelivery, EncodedRecord, Fence, HostRecord, Overdue, PartStatusCounts,
+    RawRecord, ReadTx, StoredRecord, Subscription, Tx,
 };
 
 use crate::Db;
@@ -475,6 +475,40 @@ impl<C: GenericClient> ReadTx for Conn<'_, C> {
         let rows = self.query("SELECT name FROM secrets WHERE environment_id = $1 ORDER BY name", &[&env])?;
         rows.iter().map(|r| get(r, 0)).collect()
     }
+
+    fn deployments(&mut self, after_seq: i64, limit: u32) -> Result<Vec<Deployment>> {
+        let rows = self.query(
+            "SELECT seq, environment_id, name, version, deployed_at FROM plugin_deployments WHERE seq > $1 \
+             ORDER BY seq LIMIT $2",
+            &[&after_seq, &i64::from(limit)],
+        )?;
+        rows.iter().map(deployment_from_row).collect()
+    }
+
+    fn plugin_deployments(&mut self, env: &str, name: &str) -> Result<Vec<Deployment>> {
+        let rows = self.query(
+            "SELECT seq, environment_id, name, version, deployed_at FROM plugin_deployments \
+             WHERE environment_id = $1 AND name = $2 ORDER BY seq",
+            &[&env, &name],
+        )?;
+        rows.iter().map(deployment_from_row).collect()
+    }
+
+    fn plugin_blob(&mut self, version: &str) -> Result<Option<Vec<u8>>> {
+        self.query_opt("SELECT bytes FROM plugin_blobs WHERE version = $1", &[&version])?
+            .map(|r| get(&r, 0))
+            .transpose()
+    }
+}
+
+fn deployment_from_row(r: &Row) -> Result<Deployment> {
+    Ok(Deployment {
+        seq: get(r, 0)?,
+        environment_id: get(r, 1)?,
+        name: get(r, 2)?,
+        version: get(r, 3)?,
+        deployed_at: get(r, 4)?,
+    })
 }
 
 impl<C: GenericClient> Tx for Conn<'_, C> {
@@ -946,6 +980,27 @@ impl<C: GenericClient> Tx for Conn<'_, C> {
     fn remove_host(&mut self, id: &str) -> Result<()> {
         self.execute("DELETE FROM hosts WHERE id = $1", &[&id])?;
         Ok(())
+    }
+
+    fn put_plugin_blob(&mut self, version: &str, bytes: &[u8], now: Millis) -> Result<()> {
+        self.execute(
+            "INSERT INTO plugin_blobs (version, bytes, size, created_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (version) DO NOTHING",
+            &[&version, &bytes, &(bytes.len() as i64), &now],
+        )?;
+        Ok(())
+    }
+
+    fn insert_deployment(&mut self, env: &str, name: &str, version: Option<&str>, now: Millis) -> Result<i64> {
+        // One deployment at a time across the fleet: `seq` is then commit order, and a host
+        // following by `seq` never skips one committed late.
+        self.lock_key("plugin-deployments")?;
+        let row = self.query_one(
+            "INSERT INTO plugin_deployments (environment_id, name, version, deployed_at) VALUES ($1, $2, $3, $4) \
+             RETURNING seq",
+            &[&env, &name, &version, &now],
+        )?;
+        get(&row, 0)
     }
 
     fn lock_key(&mut self, key: &str) -> Result<()> {

@@ -12,7 +12,8 @@ const MIGRATION_LOCK: i64 = 0x6a6f_6268;
 
 /// Entry *i* takes the schema from version *i* to *i + 1*. Integers are `BIGINT` throughout
 /// (times are milliseconds since the epoch); JSON is stored as text, as the engine hands it.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE environments (id TEXT PRIMARY KEY, name TEXT NOT NULL, created_at BIGINT NOT NULL);
 CREATE TABLE sheets (
@@ -156,7 +157,25 @@ CREATE TABLE hosts (
     started_at BIGINT NOT NULL,
     heartbeat_at BIGINT NOT NULL
 );
-"#];
+"#,
+    r#"
+-- Plugins of the fleet: components by content address, and what each environment runs.
+CREATE TABLE plugin_blobs (
+    version TEXT PRIMARY KEY,
+    bytes BYTEA NOT NULL,
+    size BIGINT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE plugin_deployments (
+    seq BIGSERIAL PRIMARY KEY,
+    environment_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    version TEXT REFERENCES plugin_blobs (version),
+    deployed_at BIGINT NOT NULL
+);
+CREATE INDEX plugin_deployments_plugin ON plugin_deployments (environment_id, name, seq);
+"#,
+];
 
 /// The schema version this build knows.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

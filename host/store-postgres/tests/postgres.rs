@@ -120,3 +120,40 @@ async fn a_database_restarted_under_a_running_host_costs_time_not_data() {
     let health = backend.health();
     assert!(health.error.is_none() && health.reconnects >= 1, "{health:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hosts_racing_three_parents_of_200_parts_fire_parts_completed_once_each() {
+    use jobhost_engine::model::{Outcome, Split};
+    let url = jobhost_test_postgres::server().fresh_database();
+    // Two processes' worth: each host its own backend (its own connections).
+    let a = Arc::new(PgBackend::open(PgOptions::new(url.clone())).unwrap());
+    let b = Arc::new(PgBackend::open(PgOptions::new(url)).unwrap());
+    let (ea, eb) = (engine(&a, test_config()), engine(&b, test_config()));
+    let e = ea.create_environment("race").await.unwrap();
+    let (env_a, env_b) = (ea.env(&e.id), eb.env(&e.id));
+    let mut parents = Vec::new();
+    for _ in 0..3 {
+        let parent = env_a.create_job(NewJob::new(JobType::Sheet, "race")).await.unwrap();
+        env_a.ack(&parent.id, Ack::default()).await.unwrap();
+        env_b.split(&parent.id, Split::count(200)).await.unwrap();
+        parents.push(parent.id);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for parent in &parents {
+        for (i, part) in env_a.parts(parent).await.unwrap().into_iter().enumerate() {
+            // Every part ended by one of the two hosts, in whatever order the tasks run.
+            let api = if i % 2 == 0 { env_a.clone() } else { env_b.clone() };
+            tasks.spawn(async move { api.complete(&part.id, Outcome::default()).await });
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap().expect("every part ends once");
+    }
+    for parent in &parents {
+        let fired: Vec<_> =
+            env_b.job_events(parent).await.unwrap().into_iter().filter(|e| e.topic == "job:parts-completed").collect();
+        assert_eq!(fired.len(), 1, "parent {parent}");
+        assert_eq!(fired[0].payload["parts"]["total"], 200);
+        assert_eq!(fired[0].payload["parts"]["completed"], 200);
+    }
+}

@@ -244,6 +244,39 @@ pub trait ReadTx {
     fn secret(&mut self, env: &str, name: &str) -> Result<Option<String>>;
     /// Names of an environment's secrets, sorted.
     fn secret_names(&mut self, env: &str) -> Result<Vec<String>>;
+    /// Plugin deployments after `after_seq`, oldest first (a shared store keeps plugins; an
+    /// embedded one leaves them to the plugins directory and refuses).
+    fn deployments(&mut self, _after_seq: i64, _limit: u32) -> Result<Vec<Deployment>> {
+        Err(no_plugins())
+    }
+    /// The deployments of one plugin, oldest first.
+    fn plugin_deployments(&mut self, _env: &str, _name: &str) -> Result<Vec<Deployment>> {
+        Err(no_plugins())
+    }
+    /// A stored component by its content address.
+    fn plugin_blob(&mut self, _version: &str) -> Result<Option<Vec<u8>>> {
+        Err(no_plugins())
+    }
+}
+
+/// A plugin deployment in a shared store: plugin `name` of an environment is `version` from
+/// now on (`None`: deleted). Every host of a fleet follows them in `seq` order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deployment {
+    /// Order of the deployments (commit order: deployments are written one at a time).
+    pub seq: i64,
+    /// The environment.
+    pub environment_id: String,
+    /// The plugin's name.
+    pub name: String,
+    /// The component's SHA-256 (hex), its content address; `None` when the plugin was deleted.
+    pub version: Option<String>,
+    /// When.
+    pub deployed_at: Millis,
+}
+
+fn no_plugins() -> Error {
+    Error::store("this store does not keep plugins (plugins are files in the host's plugins directory)")
 }
 
 /// One stored record row.
@@ -358,6 +391,16 @@ pub trait Tx: ReadTx {
     /// Holds a lock named `key` until this transaction ends: transactions that take the same
     /// key run one after another (check-then-insert of a name, across hosts).
     fn lock_key(&mut self, key: &str) -> Result<()>;
+    /// Stores a component under its content address (`version`, its SHA-256); storing it
+    /// again changes nothing.
+    fn put_plugin_blob(&mut self, _version: &str, _bytes: &[u8], _now: Millis) -> Result<()> {
+        Err(no_plugins())
+    }
+    /// Records a deployment (its blob stored first); returns its `seq`. Deployments are
+    /// written one at a time, so their `seq` is their commit order.
+    fn insert_deployment(&mut self, _env: &str, _name: &str, _version: Option<&str>, _now: Millis) -> Result<i64> {
+        Err(no_plugins())
+    }
     /// Removes a host's registration (it stopped, or it is gone).
     fn remove_host(&mut self, id: &str) -> Result<()>;
 }

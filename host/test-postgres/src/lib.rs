@@ -69,7 +69,6 @@ impl Server {
         let data = dir.join("data");
         let socket = dir.join("socket");
         std::fs::create_dir_all(&socket).map_err(|e| format!("cannot create {}: {e}", socket.display()))?;
-        std::fs::write(dir.join("owner.pid"), std::process::id().to_string()).map_err(|e| e.to_string())?;
         let root_user = is_root();
         if root_user {
             run(Command::new("chown").arg("-R").arg("postgres:postgres").arg(&dir))?;
@@ -268,19 +267,24 @@ fn run(c: &mut Command) -> Result<(), String> {
     }
 }
 
-/// Clusters left by processes that no longer run (their reaper died with the machine).
+/// Clusters left by processes that no longer run (their reaper died with the machine). A
+/// cluster's directory is named `<pid>-<random>` after the process that made it.
 fn remove_abandoned(root: &Path) {
     let Ok(entries) = std::fs::read_dir(root) else { return };
     for entry in entries.filter_map(|e| e.ok()) {
-        let owner = std::fs::read_to_string(entry.path().join("owner.pid")).ok();
-        let alive = owner.is_some_and(|pid| Path::new("/proc").join(pid.trim()).exists());
-        if !alive && entry.path().join("data/postmaster.pid").exists() {
-            // Its server may still run: leave it to its reaper, if any; nothing to gain by racing it.
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.split('-').next().filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        if Path::new("/proc").join(pid).exists() {
             continue;
         }
-        if !alive {
-            let _ = std::fs::remove_dir_all(entry.path());
+        if entry.path().join("data/postmaster.pid").exists() {
+            // Its server may still run: its reaper removes it; nothing to gain by racing it.
+            continue;
         }
+        let _ = std::fs::remove_dir_all(entry.path());
     }
 }
 

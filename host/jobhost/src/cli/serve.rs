@@ -31,8 +31,14 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let runtime = Runtime::new(RuntimeConfig { limits, ..RuntimeConfig::default() })?;
     let dir = DataDir::new(host.data.as_deref())?;
     std::fs::create_dir_all(&dir.path).with_context(|| format!("cannot create {}", dir.path.display()))?;
+    let host_timeout = settings.host_timeout;
+    let timeouts = move |c: EngineConfig| EngineConfig {
+        host_timeout,
+        heartbeat_interval: (host_timeout / 6).max(std::time::Duration::from_millis(100)),
+        ..c
+    };
     let engine = match &settings.store {
-        StoreSetting::Sqlite => open_engine(&dir.path, &host, Some(&runtime))?,
+        StoreSetting::Sqlite => open_engine_with(&dir.path, &host, Some(&runtime), timeouts)?,
         StoreSetting::Postgres { url, connections, poll_interval } => {
             use crate::store::postgres::{PgBackend, PgOptions};
             let options = PgOptions {
@@ -46,7 +52,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 .context("the store's open task failed")?
                 .with_context(|| format!("cannot open the PostgreSQL store {}", crate::config::redact(url)))?;
             eprintln!("joined the fleet on PostgreSQL {}", crate::config::redact(url));
-            Engine::with_backend(Arc::new(backend), engine_config(&host, Some(&runtime), |c| c)?)
+            Engine::with_backend(Arc::new(backend), engine_config(&host, Some(&runtime), timeouts)?)
         }
     };
     let environment = engine.environment_named(&settings.environment).await?;
@@ -62,6 +68,17 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     let registry = crate::api::plugins::Plugins::new(runtime.clone(), running.clone(), dir.path.join("plugins"));
     registry.adopt(&environment.id, plugins.clone()).await;
+    // In a fleet the store keeps the plugins: follow what any host deploys.
+    let (follow_stop, follow_stopped) = tokio::sync::oneshot::channel::<()>();
+    let follower = if engine.store().backend().exclusive() {
+        None
+    } else {
+        registry.share_through(engine.clone());
+        let cursor = registry.catch_up().await;
+        Some(tokio::spawn(registry.clone().follow(cursor, async move {
+            let _ = follow_stopped.await;
+        })))
+    };
     for (env, plugin) in registry.start_all(&engine).await {
         eprintln!("loaded plugin {} ({}) of environment {env}", plugin.name, plugin.version);
     }
@@ -102,6 +119,10 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     eprintln!("stopping: finishing requests and deliveries in flight");
     let _ = api_stop.send(());
+    let _ = follow_stop.send(());
+    if let Some(f) = follower {
+        let _ = f.await;
+    }
     drop(watch);
     running.shutdown().await;
     match server.await {
