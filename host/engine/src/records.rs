@@ -93,6 +93,16 @@ pub(super) fn parse_updates(updates: Vec<RecordUpdate>) -> Result<Vec<(i64, Reco
 /// Applies updates; any unknown record refuses the whole call (the caller's savepoint rolls back).
 pub(super) fn apply_updates(tx: &mut dyn Tx, sheet_id: &str, updates: &[(i64, RecordUpdate)], now: i64) -> Result<u64> {
     let mut changed = 0;
+    // Messages-only updates (what validators write) go to the store together; any other
+    // update flushes them first, so every update applies in the caller's order.
+    let mut messages_only: Vec<(i64, Option<String>, bool)> = Vec::new();
+    let flush = |tx: &mut dyn Tx, batch: &mut Vec<(i64, Option<String>, bool)>| -> Result<()> {
+        if let Some(missing) = tx.write_records_messages(sheet_id, batch, now)? {
+            return Err(Error::not_found("record", format!("rec_{missing}")));
+        }
+        batch.clear();
+        Ok(())
+    };
     for &(rowid, ref update) in updates {
         // Validators only replace messages: no need to read and re-encode the values.
         if update.values.is_empty()
@@ -100,12 +110,11 @@ pub(super) fn apply_updates(tx: &mut dyn Tx, sheet_id: &str, updates: &[(i64, Re
         {
             let text = (!messages.is_empty()).then(|| serde_json::to_string(messages).unwrap_or_else(|_| "[]".into()));
             let has_error = messages.iter().any(|m| m.kind == MessageType::Error);
-            if !tx.write_record_messages(sheet_id, rowid, text.as_deref(), has_error, now)? {
-                return Err(Error::not_found("record", &update.id));
-            }
+            messages_only.push((rowid, text, has_error));
             changed += 1;
             continue;
         }
+        flush(tx, &mut messages_only)?;
         let mut stored = tx.stored_record(sheet_id, rowid)?.ok_or_else(|| Error::not_found("record", &update.id))?;
         for (k, v) in &update.values {
             if v.is_null() {
@@ -120,6 +129,7 @@ pub(super) fn apply_updates(tx: &mut dyn Tx, sheet_id: &str, updates: &[(i64, Re
         tx.write_record(rowid, &encode(&stored.values, &stored.messages, &Value::Null), now)?;
         changed += 1;
     }
+    flush(tx, &mut messages_only)?;
     Ok(changed)
 }
 

@@ -315,6 +315,7 @@ mod tests {
         let env = |k: &str| match k {
             "JOBHOST_LISTEN" => Some("127.0.0.1:2222".to_owned()),
             "JOBHOST_ENVIRONMENT" => Some("var-env".to_owned()),
+            "HOME" => Some("/home/op".to_owned()),
             _ => None,
         };
         let s = Settings::resolve(&serve_args(&["--config", path, "--listen", "127.0.0.1:3333"]), env).unwrap();
@@ -371,7 +372,8 @@ mod tests {
             ("plugins = \"p\"\n[limits]\nmemroy = 1\n", "memroy"),
         ] {
             let file = config(text);
-            let err = Settings::resolve(&serve_args(&["--config", file.path().to_str().unwrap()]), |_| None)
+            let home = |k: &str| (k == "HOME").then(|| "/home/op".to_owned());
+            let err = Settings::resolve(&serve_args(&["--config", file.path().to_str().unwrap()]), home)
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(needle), "{text:?}: {err}");

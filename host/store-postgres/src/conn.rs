@@ -359,7 +359,7 @@ impl<C: GenericClient> ReadTx for Conn<'_, C> {
         let rows = self.query(
             &format!(
                 "SELECT d.id, d.subscription_id, d.attempts, d.last_error, {EVENT_COLUMNS} FROM deliveries d \
-                 JOIN events e ON e.seq = d.event_seq WHERE d.status = 'dead' AND e.environment_id = $1 ORDER BY d.id"
+                 JOIN events e ON e.key = d.event_key WHERE d.status = 'dead' AND e.environment_id = $1 ORDER BY d.id"
             ),
             &[&env],
         )?;
@@ -651,6 +651,40 @@ impl<C: GenericClient> Tx for Conn<'_, C> {
         Ok(n == 1)
     }
 
+    fn write_records_messages(
+        &mut self,
+        sheet_id: &str,
+        records: &[(i64, Option<String>, bool)],
+        now: Millis,
+    ) -> Result<Option<i64>> {
+        if records.is_empty() {
+            return Ok(None);
+        }
+        let key = self.sheet_key(sheet_id)?;
+        // One statement for the page: a record named twice keeps its last messages, as the
+        // updates one by one would leave it.
+        let mut last: HashMap<i64, usize> = HashMap::with_capacity(records.len());
+        for (i, (rowid, _, _)) in records.iter().enumerate() {
+            last.insert(*rowid, i);
+        }
+        let mut order: Vec<usize> = last.values().copied().collect();
+        order.sort_unstable();
+        let ids: Vec<i64> = order.iter().map(|&i| records[i].0).collect();
+        let messages: Vec<Option<&str>> = order.iter().map(|&i| records[i].1.as_deref()).collect();
+        let errors: Vec<bool> = order.iter().map(|&i| records[i].2).collect();
+        let rows = self.query(
+            "UPDATE records r SET messages = u.messages, has_error = u.has_error, updated_at = $5 \
+             FROM unnest($2::bigint[], $3::text[], $4::bool[]) AS u(id, messages, has_error) \
+             WHERE r.id = u.id AND r.sheet_key = $1 RETURNING r.id",
+            &[&key, &ids, &messages, &errors, &now],
+        )?;
+        if rows.len() == ids.len() {
+            return Ok(None);
+        }
+        let updated: std::collections::HashSet<i64> = rows.iter().map(|r| get(r, 0)).collect::<Result<_>>()?;
+        Ok(records.iter().map(|r| r.0).find(|id| !updated.contains(id)))
+    }
+
     fn write_record(&mut self, rowid: i64, record: &EncodedRecord, now: Millis) -> Result<()> {
         self.execute(
             "UPDATE records SET vals = $2, messages = $3, has_error = $4, updated_at = $5 WHERE id = $1",
@@ -833,16 +867,13 @@ impl<C: GenericClient> Tx for Conn<'_, C> {
     }
 
     fn insert_event(&mut self, event: &Event) -> Result<i64> {
-        let env = event.environment_id();
-        // Held to the end of the transaction: an environment's events get their sequence
-        // numbers in commit order, so a reader following the stream never skips one.
-        self.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(&format!("events:{env}"))])?;
+        // Returns the event's key; its sequence number is given at commit (see the schema).
         let row = self.query_one(
             "INSERT INTO events (id, environment_id, topic, job_id, context, payload, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING seq",
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING key",
             &[
                 &event.id,
-                &env,
+                &event.environment_id(),
                 &event.topic,
                 &event.job_id(),
                 &event.context.to_string(),
@@ -853,14 +884,14 @@ impl<C: GenericClient> Tx for Conn<'_, C> {
         get(&row, 0)
     }
 
-    fn insert_deliveries(&mut self, event_seq: i64, subscriptions: &[&str], due_at: Millis) -> Result<()> {
+    fn insert_deliveries(&mut self, event_key: i64, subscriptions: &[&str], due_at: Millis) -> Result<()> {
         if subscriptions.is_empty() {
             return Ok(());
         }
         self.execute(
-            "INSERT INTO deliveries (event_seq, subscription_id, status, attempts, due_at) \
+            "INSERT INTO deliveries (event_key, subscription_id, status, attempts, due_at) \
              SELECT $1, s, 'pending', 0, $3 FROM unnest($2::text[]) s",
-            &[&event_seq, &subscriptions, &due_at],
+            &[&event_key, &subscriptions, &due_at],
         )?;
         self.new_deliveries += subscriptions.len();
         Ok(())
@@ -885,8 +916,9 @@ impl<C: GenericClient> Tx for Conn<'_, C> {
         let rows = self.query(
             &format!(
                 "SELECT d.id, d.subscription_id, d.attempts, d.last_error, {EVENT_COLUMNS} \
-                 FROM deliveries d JOIN events e ON e.seq = d.event_seq \
+                 FROM deliveries d JOIN events e ON e.key = d.event_key \
                  WHERE d.status IN ('pending', 'leased') AND d.due_at <= $1 AND d.subscription_id = ANY($2) \
+                   AND e.seq IS NOT NULL \
                  ORDER BY d.due_at, d.id LIMIT $3 FOR UPDATE OF d SKIP LOCKED"
             ),
             &[&now, &subscriptions, &i64::from(limit)],

@@ -19,9 +19,10 @@
 //!   `due_deliveries` uses `FOR UPDATE SKIP LOCKED`, so hosts leasing at once never wait on
 //!   each other. Because every part's end locks its parent first, the counts read for
 //!   `job:parts-completed` are exact and it fires once across hosts.
-//! * **Event order**: an environment's events are written under a transaction-scoped advisory
-//!   lock of that environment, so their sequence numbers are in commit order and a reader that
-//!   follows an environment's stream by sequence never skips an event committed late.
+//! * **Event order**: an event's sequence number is given at commit, by a deferred trigger
+//!   that holds one counter row's lock from there to the end of the commit, so sequence
+//!   numbers follow commit order and a reader following a stream by sequence never skips an
+//!   event committed late; only the last moment of each commit waits for another's.
 //! * **Wake-ups**: `LISTEN`/`NOTIFY` as a hint, coalesced to at most a few per second per
 //!   channel, with a poll every [`PgOptions::poll_interval`] behind it.
 //! * **Not exclusive**: other hosts may be alive; their leases are reclaimed only when their
@@ -132,7 +133,14 @@ impl Shared {
 
     /// A new connection with this backend's settings; `again` when it replaces a lost one.
     pub fn connect(&self, again: bool) -> Result<postgres::Client> {
-        match self.config.connect(postgres::NoTls) {
+        // Custom plans only: a generic plan cached while the tables were small (a fresh
+        // database, statistics not yet gathered) would stay, e.g. scanning a whole
+        // environment's jobs for a lookup by primary key.
+        let connected = self.config.connect(postgres::NoTls).and_then(|mut c| {
+            c.batch_execute("SET plan_cache_mode = force_custom_plan")?;
+            Ok(c)
+        });
+        match connected {
             Ok(c) => {
                 if let Ok(mut h) = self.health.lock() {
                     h.error = None;

@@ -79,8 +79,13 @@ CREATE TABLE job_predecessors (
     PRIMARY KEY (job_id, predecessor_id)
 );
 CREATE INDEX job_predecessors_rev ON job_predecessors (predecessor_id);
+-- `key` is an event's handle, taken at insert (deliveries point at it). `seq` is its place in
+-- the stream, given at commit by the trigger below, so that sequence numbers follow commit
+-- order: a reader following an environment by `seq` never passes an event that commits late.
 CREATE TABLE events (
-    seq BIGSERIAL PRIMARY KEY,
+    key BIGSERIAL PRIMARY KEY,
+    seq BIGINT,
+    tx xid8 NOT NULL DEFAULT pg_current_xact_id(),
     id TEXT NOT NULL UNIQUE,
     environment_id TEXT NOT NULL,
     topic TEXT NOT NULL,
@@ -89,8 +94,32 @@ CREATE TABLE events (
     payload TEXT NOT NULL,
     created_at BIGINT NOT NULL
 );
+CREATE UNIQUE INDEX events_seq ON events (seq);
 CREATE INDEX events_env ON events (environment_id, seq);
 CREATE INDEX events_job ON events (job_id) WHERE job_id IS NOT NULL;
+CREATE INDEX events_unordered ON events (tx) WHERE seq IS NULL;
+CREATE TABLE event_order (last BIGINT NOT NULL);
+INSERT INTO event_order VALUES (0);
+-- At commit: number this transaction's events after every event committed before. The row
+-- lock on event_order is held from here to the end of the commit, so only the last moment of
+-- each commit that wrote events waits for another's.
+CREATE FUNCTION jobhost_order_events() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    n BIGINT;
+    base BIGINT;
+BEGIN
+    SELECT count(*) INTO n FROM events WHERE tx = pg_current_xact_id() AND seq IS NULL;
+    IF n > 0 THEN
+        UPDATE event_order SET last = last + n RETURNING last - n INTO base;
+        UPDATE events e SET seq = base + o.rn
+          FROM (SELECT key, row_number() OVER (ORDER BY key) AS rn FROM events
+                 WHERE tx = pg_current_xact_id() AND seq IS NULL) o
+         WHERE e.key = o.key;
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER events_in_commit_order AFTER INSERT ON events
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION jobhost_order_events();
 CREATE TABLE subscriptions (
     id TEXT PRIMARY KEY,
     environment_id TEXT NOT NULL,
@@ -103,7 +132,7 @@ CREATE TABLE subscriptions (
 -- when a lease expires; NULL once finished. `attempts` and `lease_owner` are the fence.
 CREATE TABLE deliveries (
     id BIGSERIAL PRIMARY KEY,
-    event_seq BIGINT NOT NULL,
+    event_key BIGINT NOT NULL,
     subscription_id TEXT NOT NULL,
     status TEXT NOT NULL,
     attempts BIGINT NOT NULL,
@@ -112,7 +141,9 @@ CREATE TABLE deliveries (
     last_error TEXT,
     finished_at BIGINT
 );
-CREATE INDEX deliveries_due ON deliveries (due_at, id) WHERE status IN ('pending', 'leased');
+-- Per subscription, in due order: a lease reads the first rows of its subscription's range
+-- instead of sorting every due delivery.
+CREATE INDEX deliveries_due ON deliveries (subscription_id, due_at, id) WHERE status IN ('pending', 'leased');
 CREATE INDEX deliveries_dead ON deliveries (subscription_id) WHERE status = 'dead';
 CREATE INDEX deliveries_leased ON deliveries (lease_owner) WHERE status = 'leased';
 CREATE TABLE executions (

@@ -157,3 +157,57 @@ async fn two_hosts_racing_three_parents_of_200_parts_fire_parts_completed_once_e
         assert_eq!(fired[0].payload["parts"]["completed"], 200);
     }
 }
+
+/// Sequence numbers follow commit order: an event whose transaction began first but commits
+/// last comes after the events a reader has already passed, never behind its cursor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_committed_late_is_never_behind_a_readers_cursor() {
+    use jobhost_engine::model::{Environment, Event, new_id};
+    use std::sync::Mutex;
+    let url = jobhost_test_postgres::server().fresh_database();
+    let a = Arc::new(PgBackend::open(PgOptions::new(url.clone())).unwrap());
+    let b = Arc::new(PgBackend::open(PgOptions::new(url)).unwrap());
+    let (ea, eb) = (engine(&a, test_config()), engine(&b, test_config()));
+    let env = Environment { id: new_id("env"), name: "order".into(), created_at: 0 };
+    let stored = env.clone();
+    ea.store().write(move |tx| tx.insert_environment(&stored)).await.unwrap();
+    let event = |topic: &str| Event {
+        id: new_id("evt"),
+        seq: 0,
+        topic: topic.into(),
+        context: serde_json::json!({ "environmentId": env.id }),
+        payload: serde_json::json!({}),
+        created_at: 0,
+    };
+
+    // A's transaction writes its event first and stays open until told to commit.
+    let (inserted_tx, inserted) = tokio::sync::oneshot::channel::<()>();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (inserted_tx, released) = (Mutex::new(Some(inserted_tx)), Mutex::new(released));
+    let early = event("early");
+    let slow = tokio::spawn(async move {
+        ea.store()
+            .write(move |tx| {
+                tx.insert_event(&early)?;
+                if let Some(t) = inserted_tx.lock().unwrap().take() {
+                    let _ = t.send(());
+                }
+                let _ = released.lock().unwrap().recv();
+                Ok(())
+            })
+            .await
+    });
+    inserted.await.unwrap();
+    // B's event commits meanwhile, and a reader passes it.
+    let late = event("late");
+    eb.store().write(move |tx| tx.insert_event(&late).map(drop)).await.unwrap();
+    let env_b = eb.env(&env.id);
+    let seen = env_b.events(0, 100).await.unwrap();
+    assert_eq!(seen.iter().map(|e| e.topic.as_str()).collect::<Vec<_>>(), ["late"]);
+    let cursor = seen[0].seq;
+
+    release.send(()).unwrap();
+    slow.await.unwrap().unwrap();
+    let after = env_b.events(cursor, 100).await.unwrap();
+    assert_eq!(after.iter().map(|e| e.topic.as_str()).collect::<Vec<_>>(), ["early"], "not skipped");
+}

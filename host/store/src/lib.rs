@@ -326,6 +326,23 @@ pub trait Tx: ReadTx {
         has_error: bool,
         now: Millis,
     ) -> Result<bool>;
+    /// Replaces the messages of many records of a sheet, in order (a record named twice ends
+    /// with its last messages): `(rowid, messages, has_error)`. Returns the first rowid not in
+    /// the sheet (the caller then discards the write). A backend with round trips to a server
+    /// overrides this with one statement.
+    fn write_records_messages(
+        &mut self,
+        sheet_id: &str,
+        records: &[(i64, Option<String>, bool)],
+        now: Millis,
+    ) -> Result<Option<i64>> {
+        for (rowid, messages, has_error) in records {
+            if !self.write_record_messages(sheet_id, *rowid, messages.as_deref(), *has_error, now)? {
+                return Ok(Some(*rowid));
+            }
+        }
+        Ok(None)
+    }
     /// Overwrites a record's values and messages.
     fn write_record(&mut self, rowid: i64, record: &EncodedRecord, now: Millis) -> Result<()>;
     /// Deletes records of a sheet by rowid and closes the gaps in the sheet's dense order, so
@@ -351,10 +368,12 @@ pub trait Tx: ReadTx {
     /// Jobs the watchdog or scheduler must act on now (not locked: the watchdog locks each
     /// one and re-checks it).
     fn overdue_jobs(&mut self, overdue: Overdue, limit: u32) -> Result<Vec<Job>>;
-    /// Stores an event; returns its sequence number. Fan-out is the engine's: see
-    /// [`Tx::insert_deliveries`].
+    /// Stores an event; returns the key [`Tx::insert_deliveries`] takes. Its sequence number
+    /// (the stream's cursor) follows commit order: a backend may give it at commit, and
+    /// readers never see an event without one. Fan-out is the engine's.
     fn insert_event(&mut self, event: &Event) -> Result<i64>;
-    /// Stores a pending delivery of event `event_seq` to each subscription, due at `due_at`.
+    /// Stores a pending delivery of the event `event_seq` (the key [`Tx::insert_event`]
+    /// returned) to each subscription, due at `due_at`.
     /// A backend signals [`Notifications::deliveries`] once the transaction commits.
     fn insert_deliveries(&mut self, event_seq: i64, subscriptions: &[&str], due_at: Millis) -> Result<()>;
     /// Adds or replaces a subscription; `active: false` stops new fan-out (pending deliveries

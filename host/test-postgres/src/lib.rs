@@ -54,8 +54,8 @@ impl Server {
         Self::start(false)
     }
 
-    /// Starts a new throwaway cluster with PostgreSQL's default durability (`fsync = on`),
-    /// for benchmarks.
+    /// Starts a new throwaway cluster with PostgreSQL's default durability (`fsync = on`), for
+    /// benchmarks. Both kinds load `pg_stat_statements` when the server has it.
     pub fn start_durable() -> Result<Self, String> {
         Self::start(true)
     }
@@ -91,6 +91,10 @@ impl Server {
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=400 -c shared_buffers=128MB",
             socket.display()
         );
+        if bin.join("../lib/pg_stat_statements.so").exists() {
+            // Benchmarks count the statements per job.
+            options.push_str(" -c shared_preload_libraries=pg_stat_statements");
+        }
         if !durable {
             options.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
         }
@@ -114,8 +118,10 @@ impl Server {
             pid = std::process::id(),
             dir = dir.display()
         );
-        Command::new("sh")
-            .args(["-c", &script])
+        // In a session of its own: a job control that kills this process's group (a shell
+        // ending a job, a CI step timing out) must not take the reaper with it.
+        Command::new("setsid")
+            .args(["sh", "-c", &script])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -280,9 +286,19 @@ fn remove_abandoned(root: &Path) {
         if Path::new("/proc").join(pid).exists() {
             continue;
         }
-        if entry.path().join("data/postmaster.pid").exists() {
-            // Its server may still run: its reaper removes it; nothing to gain by racing it.
-            continue;
+        if entry.path().join("data/postmaster.pid").exists()
+            && let Some(bin) = find_bin()
+        {
+            // Its process and its reaper are gone, its server may not be: stop it first.
+            let pg_ctl = bin.join("pg_ctl");
+            let mut stop = if is_root() {
+                let mut c = Command::new("runuser");
+                c.args(["-u", "postgres", "--"]).arg(pg_ctl);
+                c
+            } else {
+                Command::new(pg_ctl)
+            };
+            let _ = run(stop.arg("-D").arg(entry.path().join("data")).args(["-m", "immediate", "stop"]));
         }
         let _ = std::fs::remove_dir_all(entry.path());
     }

@@ -1,0 +1,271 @@
+//! The fleet against the single host, same run, same machine: `cargo bench -p jobhost --bench
+//! fleet` (full sizes) or `cargo test -p jobhost --bench fleet` (a quick smoke run).
+//!
+//! A PostgreSQL server with its default durability (`fsync = on`) is started for the run
+//! (`jobhost-test-postgres`); SQLite runs with `synchronous = FULL`. "N hosts" are N engines
+//! in this process, each with a backend (connections) and a WebAssembly runtime of its own, as
+//! N processes would have — on 2 cores they share the CPU with each other and with the
+//! database, so these rows say what the database work costs, not what N machines would give.
+//!
+//! - **lifecycle**: create → ready → ack → complete of N jobs by a WASM listener, 64 creators
+//!   spread over the hosts. Beside jobs/s: PostgreSQL's transactions and statements per job
+//!   (`pg_stat_database.xact_commit`, `pg_stat_statements.calls`), which do not depend on the
+//!   machine.
+//! - **scenario**: the seeds' scenario (N records, N/1000 parts) through the WASM plugin.
+//! - **insert**: N records into a sheet in calls of 100,000 (PostgreSQL: binary `COPY`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jobhost::model::{JobStatus, JobType, NewJob};
+use jobhost::runtime::{Runtime, RuntimeConfig};
+use jobhost::store::postgres::{PgBackend, PgOptions};
+use jobhost::{Engine, EngineConfig, Env, scenario};
+use jobhost_test_plugins as artifacts;
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let only = |name: &str| {
+        let named: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+        named.is_empty() || named.iter().any(|a| a == name)
+    };
+    let (lifecycles, records) = if full { (20_000, 1_000_000) } else { (200, 3_000) };
+    // `--no-fsync`: the same server without syncing to disk, to see what durability costs.
+    let server = if std::env::args().any(|a| a == "--no-fsync") {
+        jobhost_test_postgres::Server::start_throwaway()
+    } else {
+        jobhost_test_postgres::Server::start_durable()
+    }
+    .expect("start PostgreSQL");
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    println!("jobhost fleet benchmarks ({} mode)", if full { "full" } else { "quick" });
+    rt.block_on(async {
+        if only("lifecycle") {
+            lifecycle(&server, lifecycles).await;
+        }
+        if only("scenario") {
+            scenario_rows(&server, records).await;
+        }
+        if only("insert") {
+            insert(&server, records).await;
+        }
+    });
+}
+
+fn config() -> EngineConfig {
+    EngineConfig { ack_timeout: None, stale_timeout: None, ..EngineConfig::single_environment(256) }
+}
+
+fn runtime() -> Arc<Runtime> {
+    let limits = jobhost::runtime::Limits { max_instances: 256, ..Default::default() };
+    Runtime::new(RuntimeConfig { cache_dir: None, limits, ..RuntimeConfig::default() }).unwrap()
+}
+
+/// Where a row runs: SQLite, or PostgreSQL with this many hosts.
+#[derive(Clone, Copy)]
+enum Store {
+    Sqlite,
+    Postgres(usize),
+}
+
+impl Store {
+    fn name(self) -> String {
+        match self {
+            Store::Sqlite => "SQLite, 1 host".into(),
+            Store::Postgres(n) => format!("PostgreSQL, {n} host{}", if n > 1 { "s" } else { "" }),
+        }
+    }
+}
+
+/// The hosts of a row, on a fresh store; the first made the environment. The temporary
+/// directory lives as long as they do.
+struct Fleet {
+    engines: Vec<Engine>,
+    envs: Vec<Env>,
+    database: Option<String>,
+    _dir: tempfile::TempDir,
+}
+
+async fn fleet(server: &jobhost_test_postgres::Server, store: Store) -> Fleet {
+    let dir = tempfile::tempdir().unwrap();
+    let (engines, database) = match store {
+        Store::Sqlite => (vec![jobhost::open_engine(dir.path(), config()).unwrap()], None),
+        Store::Postgres(n) => {
+            let url = server.fresh_database();
+            let mut engines = Vec::new();
+            for _ in 0..n {
+                let options = PgOptions::new(url.clone());
+                let backend = tokio::task::spawn_blocking(move || PgBackend::open(options)).await.unwrap().unwrap();
+                engines.push(Engine::with_backend(Arc::new(backend), config()));
+            }
+            (engines, Some(url))
+        }
+    };
+    let e = engines[0].environment_named("bench").await.unwrap();
+    let envs = engines.iter().map(|en| en.env(&e.id)).collect();
+    Fleet { engines, envs, database, _dir: dir }
+}
+
+/// Runs `sql` against `url` off the runtime; returns the first column of the first row.
+async fn scalar(url: &str, sql: &str) -> i64 {
+    let (url, sql) = (url.to_owned(), sql.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        c.query_one(&sql, &[]).unwrap().get::<_, i64>(0)
+    })
+    .await
+    .unwrap()
+}
+
+/// PostgreSQL's counts of committed transactions and of statements in `url`'s database.
+async fn database_work(url: &str) -> (i64, i64) {
+    let commits = scalar(url, "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()").await;
+    let statements = scalar(
+        url,
+        "SELECT COALESCE(SUM(calls), 0)::bigint FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
+         WHERE d.datname = current_database()",
+    )
+    .await;
+    (commits, statements)
+}
+
+/// Polls the store until `done` deliveries are finished (a measurement, not a test). Every
+/// 50 ms: the count scans the deliveries, and looking more often would load the database it
+/// measures (at 20,000 jobs, the slack is under 1%).
+async fn until_done(engine: &Engine, done: u64) {
+    while engine.delivery_stats().await.unwrap().done < done {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn lifecycle(server: &jobhost_test_postgres::Server, n: usize) {
+    println!("{:<44} {:>12} {:>12} {:>14}", "lifecycle, WASM listener", "jobs/s", "vs SQLite", "txns / stmts per job");
+    let mut baseline = None;
+    for store in [Store::Sqlite, Store::Postgres(1), Store::Postgres(2), Store::Postgres(3)] {
+        let f = fleet(server, store).await;
+        if let Some(url) = &f.database {
+            // Extension per database; the statistics are the server's, filtered by database.
+            let url = url.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+                c.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").unwrap();
+            })
+            .await
+            .unwrap();
+        }
+        let mut running = Vec::new();
+        for (engine, env) in f.engines.iter().zip(&f.envs) {
+            let rt = runtime();
+            let plugin = Arc::new(rt.load(std::path::Path::new(artifacts::TEST_NOOP)).await.unwrap());
+            running.push(engine.run(vec![rt.listener(plugin, env.id())]).await.unwrap());
+        }
+        let before = match &f.database {
+            Some(url) => Some(database_work(url).await),
+            None => None,
+        };
+        let t = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for c in 0..64 {
+            let env = f.envs[c % f.envs.len()].clone();
+            tasks.spawn(async move {
+                for _ in (c..n).step_by(64) {
+                    env.create_job(NewJob::new(JobType::Space, "lifecycle")).await.unwrap();
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        until_done(&f.engines[0], n as u64).await;
+        let rate = n as f64 / t.elapsed().as_secs_f64();
+        for r in &running {
+            r.shutdown().await;
+        }
+        let done =
+            f.envs[0].jobs(0, u32::MAX).await.unwrap().iter().filter(|j| j.status == JobStatus::Complete).count();
+        assert_eq!(done, n);
+        let Fleet { engines, envs, database, _dir } = f;
+        drop((running, envs, engines));
+        // A session reports its counts when it ends: with the hosts' connections closed, the
+        // server's statistics hold all of their work.
+        let work = match (&database, before) {
+            (Some(url), Some((c0, s0))) => {
+                let (c1, s1) = database_work(url).await;
+                format!("{:.2} / {:.1}", (c1 - c0) as f64 / n as f64, (s1 - s0) as f64 / n as f64)
+            }
+            _ => String::new(),
+        };
+        let base = *baseline.get_or_insert(rate);
+        println!("{:<44} {:>10.0} /s {:>11.2}x {:>14}", store.name(), rate, rate / base, work);
+    }
+}
+
+/// The seeds' scenario through the WASM plugin on every host; the time from the job's creation
+/// to its end.
+async fn scenario_once(server: &jobhost_test_postgres::Server, store: Store, n: u64) -> Duration {
+    let f = fleet(server, store).await;
+    let mut running = Vec::new();
+    for (engine, env) in f.engines.iter().zip(&f.envs) {
+        let rt = runtime();
+        let plugin = Arc::new(rt.load(std::path::Path::new(artifacts::SUBMIT_LARGE_SHEET)).await.unwrap());
+        running.push(engine.run(vec![rt.listener(plugin, env.id())]).await.unwrap());
+    }
+    let env = &f.envs[0];
+    let sheet = env.create_sheet("people").await.unwrap();
+    let mut invalid = 0;
+    for start in (0..n).step_by(100_000) {
+        let (rows, bad) = scenario::sample_range(start..(start + 100_000).min(n));
+        invalid += bad;
+        env.insert_records(&sheet.id, rows).await.unwrap();
+    }
+    let t = Instant::now();
+    let job = env.create_job(NewJob::sheet(scenario::OPERATION, &sheet.id)).await.unwrap();
+    let job = loop {
+        let j = env.job(&job.id).await.unwrap();
+        if j.status.is_terminal() {
+            break j;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let took = t.elapsed();
+    for r in &running {
+        r.shutdown().await;
+    }
+    assert_eq!(job.status, JobStatus::Complete, "{}", job.outcome);
+    assert_eq!(env.record_counts(&sheet.id).await.unwrap().error, invalid);
+    assert_eq!(job.outcome["parts"]["completed"], serde_json::Value::from(n.div_ceil(1000)));
+    took
+}
+
+async fn scenario_rows(server: &jobhost_test_postgres::Server, n: u64) {
+    println!(
+        "{:<44} {:>12} {:>12}",
+        format!("scenario, {n} records / {} parts", n.div_ceil(1000)),
+        "time",
+        "vs SQLite"
+    );
+    let mut baseline = None;
+    for store in [Store::Sqlite, Store::Postgres(1), Store::Postgres(3)] {
+        let took = scenario_once(server, store, n).await.as_secs_f64();
+        let base = *baseline.get_or_insert(took);
+        println!("{:<44} {:>10.2} s {:>11.2}x", store.name(), took, took / base);
+    }
+}
+
+async fn insert(server: &jobhost_test_postgres::Server, n: u64) {
+    println!("{:<44} {:>12} {:>12}", format!("insert {n} records, 100,000 per call"), "records/s", "vs SQLite");
+    let mut baseline = None;
+    for store in [Store::Sqlite, Store::Postgres(1)] {
+        let f = fleet(server, store).await;
+        let env = &f.envs[0];
+        let sheet = env.create_sheet("people").await.unwrap();
+        let batches: Vec<_> =
+            (0..n).step_by(100_000).map(|s| scenario::sample_range(s..(s + 100_000).min(n)).0).collect();
+        let t = Instant::now();
+        for rows in batches {
+            env.insert_records(&sheet.id, rows).await.unwrap();
+        }
+        let rate = n as f64 / t.elapsed().as_secs_f64();
+        assert_eq!(env.record_counts(&sheet.id).await.unwrap().total, n);
+        let base = *baseline.get_or_insert(rate);
+        println!("{:<44} {:>10.0} /s {:>11.2}x", store.name(), rate, rate / base);
+    }
+}
