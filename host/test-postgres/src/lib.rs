@@ -73,15 +73,6 @@ impl Server {
         if root_user {
             run(Command::new("chown").arg("-R").arg("postgres:postgres").arg(&dir))?;
         }
-        let as_postgres = |program: &Path| {
-            if root_user {
-                let mut c = Command::new("runuser");
-                c.args(["-u", "postgres", "--"]).arg(program);
-                c
-            } else {
-                Command::new(program)
-            }
-        };
         run(as_postgres(&bin.join("initdb"))
             .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync", "--no-instructions", "-D"])
             .arg(&data))?;
@@ -187,14 +178,7 @@ impl Server {
         let (Some(bin), Some(dir)) = (&self.bin, &self.dir) else {
             return Err("only a throwaway cluster can be stopped".into());
         };
-        let pg_ctl = bin.join("pg_ctl");
-        let mut c = if is_root() {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(pg_ctl);
-            c
-        } else {
-            Command::new(pg_ctl)
-        };
+        let mut c = as_postgres(&bin.join("pg_ctl"));
         c.arg("-D").arg(dir.join("data")).args(args);
         run(&mut c)
     }
@@ -250,6 +234,17 @@ fn find_bin() -> Option<PathBuf> {
     found.pop().map(|(_, bin)| bin)
 }
 
+/// `program` run as the `postgres` user when we are root (PostgreSQL refuses to run as root).
+fn as_postgres(program: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
 fn is_root() -> bool {
     Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
 }
@@ -290,15 +285,11 @@ fn remove_abandoned(root: &Path) {
             && let Some(bin) = find_bin()
         {
             // Its process and its reaper are gone, its server may not be: stop it first.
-            let pg_ctl = bin.join("pg_ctl");
-            let mut stop = if is_root() {
-                let mut c = Command::new("runuser");
-                c.args(["-u", "postgres", "--"]).arg(pg_ctl);
-                c
-            } else {
-                Command::new(pg_ctl)
-            };
-            let _ = run(stop.arg("-D").arg(entry.path().join("data")).args(["-m", "immediate", "stop"]));
+            let _ = run(as_postgres(&bin.join("pg_ctl")).arg("-D").arg(entry.path().join("data")).args([
+                "-m",
+                "immediate",
+                "stop",
+            ]));
         }
         let _ = std::fs::remove_dir_all(entry.path());
     }
