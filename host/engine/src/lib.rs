@@ -611,7 +611,11 @@ impl Env {
     async fn transition(&self, id: &str, call: Call) -> Result<Job> {
         let id = id.to_owned();
         self.write(move |tx, ctx| {
-            let job = rules::load(tx, ctx, &id)?;
+            // Only what can end a part (and so change its parent's counts) locks the parent.
+            let job = match call {
+                Call::Execute | Call::Ack(_) | Call::AcknowledgeOutcome => rules::load_alone(tx, ctx, &id)?,
+                _ => rules::load(tx, ctx, &id)?,
+            };
             match call.clone() {
                 Call::Execute => rules::execute(tx, ctx, job),
                 Call::Ack(a) => rules::ack(tx, ctx, job, a),

@@ -87,6 +87,12 @@ pub fn load(tx: &mut dyn Tx, ctx: &Ctx, id: &str) -> Result<Job> {
     tx.job_for_update(&ctx.env, id)?.ok_or_else(|| Error::not_found("job", id))
 }
 
+/// A job of the context's environment, locked without its parent (for a transition that
+/// cannot end a part), or not-found.
+pub fn load_alone(tx: &mut dyn Tx, ctx: &Ctx, id: &str) -> Result<Job> {
+    tx.job_for_update_alone(&ctx.env, id)?.ok_or_else(|| Error::not_found("job", id))
+}
+
 impl Ctx {
     /// Stores `event` and a pending delivery of it for every subscription it matches.
     pub fn write_event(&self, tx: &mut dyn Tx, event: &crate::model::Event) -> Result<()> {

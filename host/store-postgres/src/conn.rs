@@ -26,11 +26,14 @@ pub(crate) type Statements = HashMap<String, Statement>;
 pub(crate) struct Session {
     pub client: Client,
     pub statements: Statements,
+    /// This connection's shard of every loop-guard chain (see `charge_chain`): a connection's
+    /// batches then contend with another connection's only when they drew the same shard.
+    pub shard: i64,
 }
 
 impl Session {
     pub fn new(client: Client) -> Self {
-        Self { client, statements: HashMap::new() }
+        Self { client, statements: HashMap::new(), shard: fastrand::i64(0..CHAIN_SHARDS) }
     }
 }
 
@@ -40,6 +43,7 @@ type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
 pub(crate) struct Conn<'a, C: GenericClient> {
     c: &'a mut C,
     statements: &'a mut Statements,
+    shard: i64,
     /// Deliveries made due by this write, for the wake-up after its commit.
     pub new_deliveries: usize,
     /// The last sheet id → key looked up (keys never change).
@@ -47,8 +51,8 @@ pub(crate) struct Conn<'a, C: GenericClient> {
 }
 
 impl<'a, C: GenericClient> Conn<'a, C> {
-    pub fn new(c: &'a mut C, statements: &'a mut Statements) -> Self {
-        Self { c, statements, new_deliveries: 0, sheet: None }
+    pub fn new(c: &'a mut C, statements: &'a mut Statements, shard: i64) -> Self {
+        Self { c, statements, shard, new_deliveries: 0, sheet: None }
     }
 
     fn prepare(&mut self, sql: &str) -> Result<Statement> {
@@ -238,6 +242,9 @@ fn environment_from_row(r: &Row) -> Result<Environment> {
 fn token_from_row(r: &Row) -> Result<ApiToken> {
     Ok(ApiToken { id: get(r, 0)?, environment_id: get(r, 1)?, name: get(r, 2)?, created_at: get(r, 3)? })
 }
+
+/// Rows a loop-guard chain's count is spread over.
+const CHAIN_SHARDS: i64 = 64;
 
 /// An advisory-lock key for a name (FNV-1a).
 fn lock_key(name: &str) -> i64 {
@@ -551,11 +558,20 @@ impl<C: GenericClient> Tx for Conn<'_, C> {
     }
 
     fn charge_chain(&mut self, chain: &str, events: u64, now: Millis) -> Result<u64> {
+        // A chain's count is kept in shards, one per connection: the parts of one split all
+        // charge one chain, and a single row would queue every part's transaction on it (a
+        // random shard per charge would not do: a batch of many writes touches them all). The
+        // total is this shard after the charge plus the others as committed, so under
+        // concurrent writers the guard may pass its limit by what is not yet committed.
+        let shard = self.shard;
         let row = self.query_one(
-            "INSERT INTO chains (id, events, updated_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (id) DO UPDATE SET events = chains.events + EXCLUDED.events, updated_at = EXCLUDED.updated_at \
-             RETURNING events",
-            &[&chain, &(events.min(i64::MAX as u64) as i64), &now],
+            "WITH charged AS ( \
+                 INSERT INTO chains (id, shard, events, updated_at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (id, shard) DO UPDATE SET events = chains.events + EXCLUDED.events, \
+                 updated_at = EXCLUDED.updated_at RETURNING events) \
+             SELECT (SELECT events FROM charged) \
+                  + COALESCE((SELECT SUM(events) FROM chains WHERE id = $1 AND shard <> $2), 0)::bigint",
+            &[&chain, &shard, &(events.min(i64::MAX as u64) as i64), &now],
         )?;
         Ok(get::<i64>(&row, 0)?.max(0) as u64)
     }
@@ -777,6 +793,10 @@ impl<C: GenericClient> Tx for Conn<'_, C> {
         if let Some(parent_id) = get::<Option<&str>>(&parent, 0)? {
             self.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", &[&parent_id])?;
         }
+        Ok(self.jobs_where("WHERE id = $1 AND environment_id = $2 FOR UPDATE", &[&id, &env])?.pop())
+    }
+
+    fn job_for_update_alone(&mut self, env: &str, id: &str) -> Result<Option<Job>> {
         Ok(self.jobs_where("WHERE id = $1 AND environment_id = $2 FOR UPDATE", &[&id, &env])?.pop())
     }
 

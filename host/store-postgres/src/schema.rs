@@ -166,7 +166,14 @@ CREATE TABLE executions (
 );
 CREATE INDEX executions_env ON executions (environment_id, id);
 CREATE INDEX executions_job ON executions (job_id) WHERE job_id IS NOT NULL;
-CREATE TABLE chains (id TEXT PRIMARY KEY, events BIGINT NOT NULL, updated_at BIGINT NOT NULL);
+-- The loop guard's count per chain, in shards (see `charge_chain`).
+CREATE TABLE chains (
+    id TEXT NOT NULL,
+    shard BIGINT NOT NULL,
+    events BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (id, shard)
+);
 CREATE TABLE secrets (
     environment_id TEXT NOT NULL,
     name TEXT NOT NULL,

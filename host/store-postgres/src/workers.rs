@@ -96,7 +96,8 @@ pub(crate) fn writer_loop(shared: &Shared, rx: &Mutex<Receiver<WriteOp>>, max_ba
 }
 
 fn run_batch(shared: &Shared, session: &mut Session, batch: &mut Vec<WriteOp>) -> Result<()> {
-    let Session { client, statements } = session;
+    let Session { client, statements, shard } = session;
+    let shard = *shard;
     let mut tx = client.transaction().map_err(db_error)?;
     let mut replies = Vec::with_capacity(batch.len());
     let mut new_deliveries = 0usize;
@@ -108,7 +109,7 @@ fn run_batch(shared: &Shared, session: &mut Session, batch: &mut Vec<WriteOp>) -
         let op = match tx.savepoint("op") {
             Ok(mut savepoint) => {
                 let (outcome, added) = {
-                    let mut conn = Conn::new(&mut savepoint, statements);
+                    let mut conn = Conn::new(&mut savepoint, statements, shard);
                     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| op(&mut conn)));
                     (outcome, conn.new_deliveries)
                 };
@@ -142,7 +143,7 @@ fn run_batch(shared: &Shared, session: &mut Session, batch: &mut Vec<WriteOp>) -
         };
         // The transaction is unusable (lost connection, or aborted): the write runs against
         // it, meets the failure, and its caller sees it (retryable); nothing is committed.
-        let mut conn = Conn::new(&mut tx, statements);
+        let mut conn = Conn::new(&mut tx, statements, shard);
         if let Ok((_, reply)) = std::panic::catch_unwind(AssertUnwindSafe(|| op(&mut conn))) {
             replies.push(reply);
         }
@@ -192,11 +193,12 @@ pub(crate) fn reader_loop(shared: &Shared, rx: &Mutex<Receiver<ReadOp>>) {
             }
         };
         // A read does not wait long for the database: dropping it fails its caller.
-        let Some(Session { client, statements }) = ensure_session(shared, &mut session, &mut lost_before, Some(3))
+        let Some(Session { client, statements, shard }) =
+            ensure_session(shared, &mut session, &mut lost_before, Some(3))
         else {
             continue;
         };
-        let mut conn = Conn::new(client, statements);
+        let mut conn = Conn::new(client, statements, *shard);
         if std::panic::catch_unwind(AssertUnwindSafe(|| op(&mut conn))).is_err() {
             tracing::error!("a read panicked");
         }

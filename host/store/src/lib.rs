@@ -354,6 +354,12 @@ pub trait Tx: ReadTx {
     /// UPDATE`); a part's parent is locked first. This is the one lock order of the engine:
     /// a parent before its parts, parts by part index.
     fn job_for_update(&mut self, env: &str, id: &str) -> Result<Option<Job>>;
+    /// A job locked for this transaction without its parent: for a transition that cannot end
+    /// a part (an ack, an execute, an outcome acknowledgement), so parts of one parent do not
+    /// queue on the parent for those. The default locks the parent too.
+    fn job_for_update_alone(&mut self, env: &str, id: &str) -> Result<Option<Job>> {
+        self.job_for_update(env, id)
+    }
     /// Overwrites a job's mutable fields. The job must have been locked by this transaction.
     fn update_job(&mut self, job: &Job) -> Result<()>;
     /// Counts a parent's parts by status (the parent is locked by the caller).
