@@ -167,6 +167,20 @@ async fn the_seeds_scenario_runs_entirely_over_the_api() {
     assert_eq!(parts[0]["partIndex"], 3);
     let page = server.ok("GET", &format!("/v1/sheets/{sheet_id}/records?pageSize=10&pageNumber=1"), &token, None).await;
     assert_eq!(page["records"].as_array().unwrap().len(), 10);
+    // The last delivery's execution record is written when that delivery ends, just after
+    // the parent it completed: wait (re-checking at every commit) until all seven are stored.
+    let engine = server._host.engine.clone();
+    let all_recorded = engine.wait_for(|| {
+        let engine = engine.clone();
+        async move {
+            let (_, executions) = engine.store_metrics().await?;
+            Ok(executions.iter().any(|(outcome, n, _)| outcome == "ok" && *n == 7).then_some(()))
+        }
+    });
+    tokio::time::timeout(std::time::Duration::from_secs(30), all_recorded)
+        .await
+        .expect("7 ok plugin deliveries recorded within 30 s")
+        .unwrap();
     let metrics = server.http.get(format!("{}/metrics", server.base)).send().await.unwrap().text().await.unwrap();
     for line in [
         "jobhost_jobs{status=\"complete\"} 6",

@@ -206,26 +206,23 @@ impl Plugins {
         }
     }
 
-    /// Records a deployment in the fleet's store.
+    /// Records a deployment in the fleet's store: plugin `name` is the component `digest` from
+    /// now on (`None`: deleted), storing `new_blob` under it first when given.
     async fn record(
         &self,
         engine: &Engine,
         env: &str,
         name: &str,
-        bytes: Option<Arc<[u8]>>,
+        digest: Option<String>,
+        new_blob: Option<Arc<[u8]>>,
     ) -> Result<(), PluginError> {
         let (env, name, now) = (env.to_owned(), name.to_owned(), engine.now());
         engine
             .store()
             .write(move |tx| {
-                let digest = match &bytes {
-                    Some(b) => {
-                        let digest = jobhost_core::model::sha256_hex(b, 32);
-                        tx.put_plugin_blob(&digest, b, now)?;
-                        Some(digest)
-                    }
-                    None => None,
-                };
+                if let (Some(digest), Some(bytes)) = (&digest, &new_blob) {
+                    tx.put_plugin_blob(digest, bytes, now)?;
+                }
                 tx.insert_deployment(&env, &name, digest.as_deref(), now)
             })
             .await
@@ -313,16 +310,11 @@ impl Plugins {
         // Validate first: the manifest beside the target path applies, as it will after the swap.
         self.runtime.load_bytes(&path, bytes.clone()).await.map_err(|e| PluginError::Invalid(e.to_string()))?;
         if let Some(engine) = self.fleet.get() {
-            self.record(engine, environment_id, name, Some(bytes.into())).await?;
+            let digest = jobhost_core::model::sha256_hex(&bytes, 32);
+            self.record(engine, environment_id, name, Some(digest), Some(bytes.into())).await?;
             return self.converge(engine, environment_id, name).await;
         }
-        publish(host.dir(), name, &bytes)
-            .map_err(|e| PluginError::Io(format!("cannot write {}: {e}", path.display())))?;
-        let event = host.sync(name).await;
-        match &event {
-            ReloadEvent::Failed { reason, .. } => Err(PluginError::Invalid(reason.clone())),
-            _ => Ok(event),
-        }
+        self.apply(&host, name, Some(&bytes)).await
     }
 
     /// Puts a kept version back (the newest other one without `to`) and loads it.
@@ -349,8 +341,8 @@ impl Plugins {
                     None => format!("plugin {name} has no other deployed version to roll back to"),
                 }));
             };
-            let bytes: Arc<[u8]> = blob(engine, &target).await?.into();
-            self.record(engine, environment_id, name, Some(bytes)).await?;
+            // The component is stored already: the deployment names it; converging fetches it.
+            self.record(engine, environment_id, name, Some(target), None).await?;
             return self.converge(engine, environment_id, name).await;
         }
         let host = self.existing(environment_id, name).await?;
@@ -366,7 +358,7 @@ impl Plugins {
             if history.last().is_none_or(|d| d.version.is_none()) {
                 return Err(PluginError::NotFound(format!("no plugin {name} in this environment")));
             }
-            self.record(engine, environment_id, name, None).await?;
+            self.record(engine, environment_id, name, None, None).await?;
             return self.converge(engine, environment_id, name).await;
         }
         let host = self.existing(environment_id, name).await?;

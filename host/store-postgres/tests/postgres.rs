@@ -12,6 +12,11 @@ use jobhost_store::Backend;
 use jobhost_store_postgres::{PgBackend, PgOptions, SCHEMA_VERSION};
 use jobhost_test_postgres::Server;
 
+/// `f`, or a failure naming `what` after 30 s.
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(30), f).await.unwrap_or_else(|_| panic!("{what} within 30 s"))
+}
+
 fn engine(backend: &Arc<PgBackend>, config: EngineConfig) -> Engine {
     Engine::with_backend(backend.clone(), config)
 }
@@ -63,7 +68,7 @@ async fn a_commit_on_one_host_wakes_another_through_notify_not_its_poll() {
     );
     let (ea, eb) = (engine(&a, test_config()), engine(&b, test_config()));
     // From here on nothing but a notification wakes B's waiters (B commits nothing).
-    b.until_listening().await;
+    within("B listening", b.until_listening()).await;
     let e = ea.create_environment("notify").await.unwrap();
     let (env_a, env_b) = (ea.env(&e.id), eb.env(&e.id));
     let job = env_a.create_job(NewJob::new(JobType::File, "work")).await.unwrap();
@@ -72,7 +77,7 @@ async fn a_commit_on_one_host_wakes_another_through_notify_not_its_poll() {
     assert_eq!(env_b.job(&job.id).await.unwrap().status, JobStatus::Ready);
     env_a.ack(&job.id, Ack::default()).await.unwrap();
     // Only A's NOTIFY can end this wait.
-    commits.changed().await.unwrap();
+    within("A's NOTIFY waking B", commits.changed()).await.unwrap();
     assert_eq!(env_b.job(&job.id).await.unwrap().status, JobStatus::Executing);
 }
 
@@ -111,7 +116,10 @@ async fn a_database_restarted_under_a_running_host_costs_time_not_data() {
     .await
     .unwrap()
     .expect("restart the server");
-    let during = pending.await.unwrap().expect("the write made while the database was down lands");
+    let during = within("the write made while the database was down", pending)
+        .await
+        .unwrap()
+        .expect("the write made while the database was down lands");
 
     let jobs = env.jobs(0, 10).await.unwrap();
     let names: Vec<_> = jobs.iter().map(|j| j.operation.as_str()).collect();
@@ -197,7 +205,7 @@ async fn an_event_committed_late_is_never_behind_a_readers_cursor() {
             })
             .await
     });
-    inserted.await.unwrap();
+    within("A's event inserted", inserted).await.unwrap();
     // B's event commits meanwhile, and a reader passes it.
     let late = event("late");
     eb.store().write(move |tx| tx.insert_event(&late).map(drop)).await.unwrap();
@@ -207,7 +215,7 @@ async fn an_event_committed_late_is_never_behind_a_readers_cursor() {
     let cursor = seen[0].seq;
 
     release.send(()).unwrap();
-    slow.await.unwrap().unwrap();
+    within("A's commit", slow).await.unwrap().unwrap();
     let after = env_b.events(cursor, 100).await.unwrap();
     assert_eq!(after.iter().map(|e| e.topic.as_str()).collect::<Vec<_>>(), ["early"], "not skipped");
 }
