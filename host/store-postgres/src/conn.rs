@@ -106,6 +106,23 @@ impl<'a, C: GenericClient> Conn<'a, C> {
         }
     }
 
+    /// Moves a sheet's record counts by `total` and `errors`, in this connection's shard: the
+    /// parts of one job write back into one sheet at once, and a single row per sheet would queue
+    /// their transactions on it. The counts are the sum over the shards.
+    fn add_record_counts(&mut self, sheet_key: i64, total: i64, errors: i64) -> Result<()> {
+        if total == 0 && errors == 0 {
+            return Ok(());
+        }
+        let shard = self.shard;
+        self.execute(
+            "INSERT INTO record_counts (sheet_key, shard, total, errors) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (sheet_key, shard) DO UPDATE \
+             SET total = record_counts.total + EXCLUDED.total, errors = record_counts.errors + EXCLUDED.errors",
+            &[&sheet_key, &shard, &total, &errors],
+        )?;
+        Ok(())
+    }
+
     /// Changes the subscriptions' version, which every host's routing cache checks.
     fn bump_subscriptions(&mut self) -> Result<()> {
         // Random, not a counter: a version written by a transaction that was rolled back must
@@ -305,11 +322,12 @@ impl<C: GenericClient> ReadTx for Conn<'_, C> {
     fn record_counts(&mut self, sheet_id: &str) -> Result<RecordCounts> {
         let key = self.sheet_key(sheet_id)?;
         let row = self.query_one(
-            "SELECT COUNT(*), COUNT(*) FILTER (WHERE has_error) FROM records WHERE sheet_key = $1",
+            "SELECT COALESCE(SUM(total), 0)::bigint, COALESCE(SUM(errors), 0)::bigint FROM record_counts \
+             WHERE sheet_key = $1",
             &[&key],
         )?;
-        let (total, error) = (get::<i64>(&row, 0)? as u64, get::<i64>(&row, 1)? as u64);
-        Ok(RecordCounts { total, valid: total - error, error })
+        let (total, error) = (get::<i64>(&row, 0)?.max(0) as u64, get::<i64>(&row, 1)?.max(0) as u64);
+        Ok(RecordCounts { total, valid: total.saturating_sub(error), error })
     }
 
     fn record_rows(&mut self, sheet_id: &str, offset: u64, limit: u32) -> Result<Vec<RawRecord>> {
@@ -628,19 +646,25 @@ impl<C: GenericClient> Tx for Conn<'_, C> {
             sink,
             &[Type::INT8, Type::INT8, Type::TEXT, Type::TEXT, Type::TEXT, Type::BOOL, Type::INT8],
         );
-        let mut n = 0u64;
+        let (mut n, mut errors) = (0i64, 0i64);
         for (ord, r) in (first..).zip(records) {
             writer.write(&[&key, &ord, &r.values, &r.messages, &r.metadata, &r.has_error, &now]).db()?;
             n += 1;
+            errors += i64::from(r.has_error);
         }
         writer.finish().db()?;
-        Ok(n)
+        self.add_record_counts(key, n, errors)?;
+        Ok(n as u64)
     }
 
     fn stored_record(&mut self, sheet_id: &str, rowid: i64) -> Result<Option<StoredRecord>> {
         let key = self.sheet_key(sheet_id)?;
-        let Some(row) =
-            self.query_opt("SELECT vals, messages FROM records WHERE id = $1 AND sheet_key = $2", &[&rowid, &key])?
+        // Locked: the caller merges into these values, and a concurrent merge must wait for
+        // this one rather than overwrite it.
+        let Some(row) = self.query_opt(
+            "SELECT vals, messages FROM records WHERE id = $1 AND sheet_key = $2 FOR UPDATE",
+            &[&rowid, &key],
+        )?
         else {
             return Ok(None);
         };
@@ -659,12 +683,8 @@ impl<C: GenericClient> Tx for Conn<'_, C> {
         has_error: bool,
         now: Millis,
     ) -> Result<bool> {
-        let key = self.sheet_key(sheet_id)?;
-        let n = self.execute(
-            "UPDATE records SET messages = $3, has_error = $4, updated_at = $5 WHERE id = $1 AND sheet_key = $2",
-            &[&rowid, &key, &messages, &has_error, &now],
-        )?;
-        Ok(n == 1)
+        let missing = self.write_records_messages(sheet_id, &[(rowid, messages.map(str::to_owned), has_error)], now)?;
+        Ok(missing.is_none())
     }
 
     fn write_records_messages(
@@ -688,11 +708,20 @@ impl<C: GenericClient> Tx for Conn<'_, C> {
         let ids: Vec<i64> = order.iter().map(|&i| records[i].0).collect();
         let messages: Vec<Option<&str>> = order.iter().map(|&i| records[i].1.as_deref()).collect();
         let errors: Vec<bool> = order.iter().map(|&i| records[i].2).collect();
+        let shard = self.shard;
+        // The rows are locked as they are read (`old`), so `old` holds the versions the update
+        // replaces even under concurrent writers, and the error count moves by the difference.
         let rows = self.query(
-            "UPDATE records r SET messages = u.messages, has_error = u.has_error, updated_at = $5 \
-             FROM unnest($2::bigint[], $3::text[], $4::bool[]) AS u(id, messages, has_error) \
-             WHERE r.id = u.id AND r.sheet_key = $1 RETURNING r.id",
-            &[&key, &ids, &messages, &errors, &now],
+            "WITH old AS (SELECT id, has_error FROM records WHERE sheet_key = $1 AND id = ANY($2) FOR UPDATE), \
+             upd AS (UPDATE records r SET messages = u.messages, has_error = u.has_error, updated_at = $5 \
+                 FROM unnest($2::bigint[], $3::text[], $4::bool[]) AS u(id, messages, has_error), old \
+                 WHERE r.id = u.id AND old.id = u.id AND r.sheet_key = $1 \
+                 RETURNING r.id, r.has_error::int - old.has_error::int AS d), \
+             counted AS (INSERT INTO record_counts (sheet_key, shard, total, errors) \
+                 SELECT $1, $6, 0, SUM(d) FROM upd HAVING SUM(d) <> 0 \
+                 ON CONFLICT (sheet_key, shard) DO UPDATE SET errors = record_counts.errors + EXCLUDED.errors) \
+             SELECT id FROM upd",
+            &[&key, &ids, &messages, &errors, &now, &shard],
         )?;
         if rows.len() == ids.len() {
             return Ok(None);
@@ -702,9 +731,16 @@ impl<C: GenericClient> Tx for Conn<'_, C> {
     }
 
     fn write_record(&mut self, rowid: i64, record: &EncodedRecord, now: Millis) -> Result<()> {
+        let shard = self.shard;
+        // As in `write_records_messages`: the replaced version is read locked.
         self.execute(
-            "UPDATE records SET vals = $2, messages = $3, has_error = $4, updated_at = $5 WHERE id = $1",
-            &[&rowid, &record.values, &record.messages, &record.has_error, &now],
+            "WITH old AS (SELECT id, sheet_key, has_error FROM records WHERE id = $1 FOR UPDATE), \
+             upd AS (UPDATE records r SET vals = $2, messages = $3, has_error = $4, updated_at = $5 FROM old \
+                 WHERE r.id = old.id RETURNING old.sheet_key, r.has_error::int - old.has_error::int AS d) \
+             INSERT INTO record_counts (sheet_key, shard, total, errors) \
+                 SELECT sheet_key, $6, 0, d FROM upd WHERE d <> 0 \
+                 ON CONFLICT (sheet_key, shard) DO UPDATE SET errors = record_counts.errors + EXCLUDED.errors",
+            &[&rowid, &record.values, &record.messages, &record.has_error, &now, &shard],
         )?;
         Ok(())
     }
@@ -718,7 +754,10 @@ impl<C: GenericClient> Tx for Conn<'_, C> {
         }
         let mut ords: Vec<i64> = found.into_values().collect();
         ords.sort_unstable();
-        self.execute("DELETE FROM records WHERE sheet_key = $1 AND ord = ANY($2)", &[&key, &ords])?;
+        let deleted = self
+            .query("DELETE FROM records WHERE sheet_key = $1 AND ord = ANY($2) RETURNING has_error", &[&key, &ords])?;
+        let errors = deleted.iter().map(|r| get::<bool>(r, 0).map(i64::from)).sum::<Result<i64>>()?;
+        self.add_record_counts(key, -(deleted.len() as i64), -errors)?;
         // Each run of survivors between two deleted positions moves down by the number of
         // deletions before it. The unique index on (sheet_key, ord) is checked row by row, so
         // a run moved in place could collide with itself: park each run at its new place

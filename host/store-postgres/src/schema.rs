@@ -213,6 +213,19 @@ CREATE TABLE plugin_deployments (
 );
 CREATE INDEX plugin_deployments_plugin ON plugin_deployments (environment_id, name, seq);
 "#,
+    r#"
+-- Each sheet's record counts, kept by the statements that change them, in shards as the loop
+-- guard's chains are (see `add_record_counts`): reading them never scans the sheet's records.
+CREATE TABLE record_counts (
+    sheet_key BIGINT NOT NULL,
+    shard BIGINT NOT NULL,
+    total BIGINT NOT NULL,
+    errors BIGINT NOT NULL,
+    PRIMARY KEY (sheet_key, shard)
+);
+INSERT INTO record_counts (sheet_key, shard, total, errors)
+    SELECT sheet_key, 0, COUNT(*), COUNT(*) FILTER (WHERE has_error) FROM records GROUP BY sheet_key;
+"#,
 ];
 
 /// The schema version this build knows.

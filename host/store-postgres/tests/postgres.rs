@@ -219,3 +219,91 @@ async fn an_event_committed_late_is_never_behind_a_readers_cursor() {
     let after = env_b.events(cursor, 100).await.unwrap();
     assert_eq!(after.iter().map(|e| e.topic.as_str()).collect::<Vec<_>>(), ["early"], "not skipped");
 }
+
+/// Counts come from the counts the writes keep, exact under two hosts updating overlapping
+/// records at once (deadlocks among them retried), and answer while the records table is
+/// locked against every reader: they never scan a sheet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn record_counts_stay_exact_across_hosts_and_never_read_the_records() {
+    use jobhost_engine::model::{Message, RecordUpdate};
+    let url = jobhost_test_postgres::server().fresh_database();
+    let a = Arc::new(PgBackend::open(PgOptions::new(url.clone())).unwrap());
+    let b = Arc::new(PgBackend::open(PgOptions::new(url.clone())).unwrap());
+    let (ea, eb) = (engine(&a, test_config()), engine(&b, test_config()));
+    let e = ea.create_environment("counts").await.unwrap();
+    let (env_a, env_b) = (ea.env(&e.id), eb.env(&e.id));
+    let sheet = env_a.create_sheet("s").await.unwrap();
+    let (rows, _) = jobhost_engine::scenario::sample_records(6_000);
+    env_a.insert_records(&sheet.id, rows).await.unwrap();
+    let mut ids = Vec::new();
+    for n in 1..=3 {
+        ids.extend(env_b.records(&sheet.id, 2_000, n).await.unwrap().records.into_iter().map(|r| r.id));
+    }
+    assert_eq!(ids.len(), 6_000);
+
+    // Rounds of pages written by both hosts at once over the same records: some rows flip to
+    // an error, some back, some keep theirs; each host marks a different pattern.
+    let update = |id: &str, error: bool| RecordUpdate {
+        id: id.to_owned(),
+        messages: Some(if error { vec![Message::error("email", "bad")] } else { vec![] }),
+        ..Default::default()
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for round in 0..6usize {
+        for (host, env) in [(0usize, &env_a), (1, &env_b)] {
+            let page: Vec<RecordUpdate> = ids[round * 500..round * 500 + 3_000]
+                .iter()
+                .enumerate()
+                .map(|(i, id)| update(id, (i + round + host) % (2 + host) == 0))
+                .collect();
+            let (env, sheet) = (env.clone(), sheet.id.clone());
+            tasks.spawn(async move { env.update_records(&sheet, page).await });
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap().expect("every page is written");
+    }
+    // Deletions change both counts, some of them of records with an error.
+    let gone: Vec<String> = ids.iter().step_by(7).take(300).cloned().collect();
+    assert_eq!(env_b.delete_records(&sheet.id, gone).await.unwrap(), 300);
+
+    let truth = {
+        let (url, sheet) = (url.clone(), sheet.id.clone());
+        std::thread::spawn(move || {
+            let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            let row = c
+                .query_one(
+                    "SELECT COUNT(*), COUNT(*) FILTER (WHERE has_error) FROM records \
+                     WHERE sheet_key = (SELECT key FROM sheets WHERE id = $1)",
+                    &[&sheet],
+                )
+                .unwrap();
+            (row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64)
+        })
+        .join()
+        .unwrap()
+    };
+    assert_eq!(truth.0, 5_700);
+    assert!(truth.1 > 0 && truth.1 < truth.0, "{truth:?}");
+    for env in [&env_a, &env_b] {
+        let c = env.record_counts(&sheet.id).await.unwrap();
+        assert_eq!((c.total, c.error, c.valid), (truth.0, truth.1, truth.0 - truth.1));
+    }
+
+    // A transaction holds the records table against every reader while the counts are asked.
+    let (locked_tx, locked) = std::sync::mpsc::channel::<()>();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let mut tx = c.transaction().unwrap();
+        tx.batch_execute("LOCK TABLE records IN ACCESS EXCLUSIVE MODE").unwrap();
+        locked_tx.send(()).unwrap();
+        released.recv().unwrap();
+        tx.rollback().unwrap();
+    });
+    tokio::task::spawn_blocking(move || locked.recv()).await.unwrap().unwrap();
+    let c = within("counts while the records are locked", env_a.record_counts(&sheet.id)).await.unwrap();
+    assert_eq!((c.total, c.error), truth);
+    release.send(()).unwrap();
+    holder.join().unwrap();
+}
