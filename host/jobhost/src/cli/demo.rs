@@ -131,6 +131,7 @@ pub(super) async fn finish(
     started: Instant,
 ) -> anyhow::Result<ExitCode> {
     let job = watch_progress(engine, state, host.json).await?;
+    settle(engine, host.json).await?;
     running.shutdown().await;
     let env = engine.env(&state.environment_id);
     let parts = env.parts(&job.id).await?;
@@ -173,6 +174,36 @@ pub(super) async fn finish(
         println!("took {:.2} s", started.elapsed().as_secs_f64());
     }
     Ok(if job.status == JobStatus::Complete { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// How long the host keeps delivering after the job ended, for deliveries still due.
+const SETTLE_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Lets the deliveries still due run before the host stops: those the job's end caused, and
+/// the redelivery of one whose work finished just before a restart (its listener sees the repeat
+/// and ends it). Bounded, because a listener that keeps failing retries on its own schedule; what
+/// is left then stays stored for the next start.
+async fn settle(engine: &Engine, quiet: bool) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + SETTLE_FOR;
+    let mut commits = engine.store().backend().notifications().commits;
+    loop {
+        commits.borrow_and_update();
+        let stats = engine.delivery_stats().await?;
+        if stats.pending + stats.leased == 0 {
+            return Ok(());
+        }
+        let Ok(changed) = tokio::time::timeout_at(deadline, commits.changed()).await else {
+            if !quiet {
+                eprintln!(
+                    "{} deliveries still pending after {} s; they run when a host next starts on this data",
+                    stats.pending + stats.leased,
+                    SETTLE_FOR.as_secs()
+                );
+            }
+            return Ok(());
+        };
+        changed.context("the store closed")?;
+    }
 }
 
 /// Shows progress until the parent job is terminal, and returns it: progress bars on a
