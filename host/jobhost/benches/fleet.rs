@@ -92,6 +92,14 @@ async fn fleet(server: &jobhost_test_postgres::Server, store: Store) -> Fleet {
         Store::Sqlite => (vec![jobhost::open_engine(dir.path(), config()).unwrap()], None),
         Store::Postgres(n) => {
             let url = server.fresh_database();
+            // Extension per database; the statistics are the server's, filtered by database.
+            let admin = url.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut c = postgres::Client::connect(&admin, postgres::NoTls).unwrap();
+                c.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").unwrap();
+            })
+            .await
+            .unwrap();
             let mut engines = Vec::new();
             for _ in 0..n {
                 let options = PgOptions::new(url.clone());
@@ -129,6 +137,65 @@ async fn database_work(url: &str) -> (i64, i64) {
     (commits, statements)
 }
 
+/// CPU seconds of process `pid` from `/proc` (user + system; with its reaped children's too
+/// when `children`).
+fn process_cpu(pid: &str, children: bool) -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    let ticks = *TICKS.get_or_init(|| {
+        let out = std::process::Command::new("getconf").arg("CLK_TCK").output().expect("getconf CLK_TCK");
+        String::from_utf8_lossy(&out.stdout).trim().parse().expect("CLK_TCK is a number")
+    });
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // Fields after the command name (which may hold spaces): state is the 3rd field overall.
+    let Some((_, rest)) = stat.rsplit_once(')') else { return 0.0 };
+    let f: Vec<f64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0.0)).collect();
+    let (utime, stime, cutime, cstime) = (f[11], f[12], f[13], f[14]);
+    (utime + stime + if children { cutime + cstime } else { 0.0 }) / ticks
+}
+
+/// CPU seconds the server has used: its postmaster, every live process it started, and those
+/// that have ended (their time is added to the postmaster's when it reaps them).
+fn server_cpu(server: &jobhost_test_postgres::Server) -> f64 {
+    let Some(postmaster) = server.postmaster_pid() else { return 0.0 };
+    let postmaster = postmaster.to_string();
+    let mut total = process_cpu(&postmaster, true);
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let parent = std::fs::read_to_string(format!("/proc/{name}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1).map(str::to_owned)));
+        if parent.as_deref() == Some(postmaster.as_str()) {
+            total += process_cpu(&name, false);
+        }
+    }
+    total
+}
+
+/// `--statements`: the statements of a row that took the most time, per job or part (where to
+/// cut).
+async fn statements(url: &str, n: usize) {
+    let url = url.to_owned();
+    let rows = tokio::task::spawn_blocking(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        c.query(
+            "SELECT calls, total_exec_time, left(regexp_replace(query, '\\s+', ' ', 'g'), 160) \
+             FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
+             WHERE d.datname = current_database() ORDER BY total_exec_time DESC LIMIT 12",
+            &[],
+        )
+        .unwrap()
+    })
+    .await
+    .unwrap();
+    for r in rows {
+        let (calls, ms, query): (i64, f64, String) = (r.get(0), r.get(1), r.get(2));
+        println!("    {:>6.2}/job {:>7.3} ms/job  {query}", calls as f64 / n as f64, ms / n as f64);
+    }
+}
+
 /// Polls the store until `done` deliveries are finished (a measurement, not a test). Every
 /// 50 ms: the count scans the deliveries, and looking more often would load the database it
 /// measures (at 20,000 jobs, the slack is under 1%).
@@ -139,20 +206,13 @@ async fn until_done(engine: &Engine, done: u64) {
 }
 
 async fn lifecycle(server: &jobhost_test_postgres::Server, n: usize) {
-    println!("{:<44} {:>12} {:>12} {:>14}", "lifecycle, WASM listener", "jobs/s", "vs SQLite", "txns / stmts per job");
+    println!(
+        "{:<44} {:>12} {:>12} {:>14} {:>17}",
+        "lifecycle, WASM listener", "jobs/s", "vs SQLite", "txns / stmts per job", "CPU per job: hosts / database"
+    );
     let mut baseline = None;
     for store in [Store::Sqlite, Store::Postgres(1), Store::Postgres(2), Store::Postgres(3)] {
         let f = fleet(server, store).await;
-        if let Some(url) = &f.database {
-            // Extension per database; the statistics are the server's, filtered by database.
-            let url = url.clone();
-            tokio::task::spawn_blocking(move || {
-                let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-                c.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").unwrap();
-            })
-            .await
-            .unwrap();
-        }
         let mut running = Vec::new();
         for (engine, env) in f.engines.iter().zip(&f.envs) {
             let rt = runtime();
@@ -163,6 +223,7 @@ async fn lifecycle(server: &jobhost_test_postgres::Server, n: usize) {
             Some(url) => Some(database_work(url).await),
             None => None,
         };
+        let cpu_before = (process_cpu("self", false), server_cpu(server));
         let t = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         for c in 0..64 {
@@ -176,6 +237,12 @@ async fn lifecycle(server: &jobhost_test_postgres::Server, n: usize) {
         while tasks.join_next().await.is_some() {}
         until_done(&f.engines[0], n as u64).await;
         let rate = n as f64 / t.elapsed().as_secs_f64();
+        // Per job, in µs: the hosts (this process) and the database server (0 for SQLite).
+        let cpu = (
+            (process_cpu("self", false) - cpu_before.0) * 1e6 / n as f64,
+            (server_cpu(server) - cpu_before.1) * 1e6 / n as f64,
+        );
+        let cpu = if f.database.is_some() { cpu } else { (cpu.0, 0.0) };
         for r in &running {
             r.shutdown().await;
         }
@@ -194,7 +261,18 @@ async fn lifecycle(server: &jobhost_test_postgres::Server, n: usize) {
             _ => String::new(),
         };
         let base = *baseline.get_or_insert(rate);
-        println!("{:<44} {:>10.0} /s {:>11.2}x {:>14}", store.name(), rate, rate / base, work);
+        println!(
+            "{:<44} {:>10.0} /s {:>11.2}x {:>14} {:>8.0} / {:.0} µs",
+            store.name(),
+            rate,
+            rate / base,
+            work,
+            cpu.0,
+            cpu.1
+        );
+        if let Some(url) = database.filter(|_| std::env::args().any(|a| a == "--statements")) {
+            statements(&url, n).await;
+        }
     }
 }
 
@@ -232,6 +310,9 @@ async fn scenario_once(server: &jobhost_test_postgres::Server, store: Store, n: 
     assert_eq!(job.status, JobStatus::Complete, "{}", job.outcome);
     assert_eq!(env.record_counts(&sheet.id).await.unwrap().error, invalid);
     assert_eq!(job.outcome["parts"]["completed"], serde_json::Value::from(n.div_ceil(1000)));
+    if let Some(url) = f.database.as_ref().filter(|_| std::env::args().any(|a| a == "--statements")) {
+        statements(url, n.div_ceil(1000) as usize).await;
+    }
     took
 }
 

@@ -1,4 +1,5 @@
-//! The backend's threads: writers (group commit with a savepoint per write), readers, and the
+//! The backend's threads: writers (group commit; a savepoint per write only once a write in
+//! the batch failed), readers, and the
 //! notifier (`LISTEN`/`NOTIFY` plus the poll behind it). Each owns its connection and makes a
 //! new one, with backoff, when it is lost.
 
@@ -61,6 +62,7 @@ pub(crate) fn writer_loop(shared: &Shared, rx: &Mutex<Receiver<WriteOp>>, max_ba
     let mut session = None;
     let mut lost_before = false;
     let mut batch: Vec<WriteOp> = Vec::with_capacity(max_batch);
+    let mut careful = 0u32;
     loop {
         if batch.is_empty() {
             let Ok(rx) = rx.lock() else { return };
@@ -81,7 +83,7 @@ pub(crate) fn writer_loop(shared: &Shared, rx: &Mutex<Receiver<WriteOp>>, max_ba
             batch.clear();
             continue;
         };
-        let result = run_batch(shared, s, &mut batch);
+        let result = run_batch(shared, s, &mut batch, &mut careful);
         if s.client.is_closed() {
             shared.lost("the connection to PostgreSQL was lost");
         }
@@ -95,35 +97,70 @@ pub(crate) fn writer_loop(shared: &Shared, rx: &Mutex<Receiver<WriteOp>>, max_ba
     }
 }
 
-fn run_batch(shared: &Shared, session: &mut Session, batch: &mut Vec<WriteOp>) -> Result<()> {
-    let Session { client, statements, shard } = session;
-    let shard = *shard;
-    let mut tx = client.transaction().map_err(db_error)?;
-    let mut replies = Vec::with_capacity(batch.len());
+/// After a batch in which a write failed, this many batches run with a savepoint per write from
+/// the start, so a stream of failing writes does not make every batch run twice.
+const CAREFUL_BATCHES: u32 = 16;
+
+/// Runs a batch in one transaction. First without savepoints: a savepoint per write costs two
+/// round trips and a subtransaction, and writes rarely fail. If one does (it asks to discard its
+/// changes, fails in the database, or panics), the transaction is rolled back and the batch runs
+/// again with a savepoint per write, so the failing write is undone alone. `Err` when `BEGIN`
+/// failed: nothing ran to completion and the batch is still whole.
+fn run_batch(shared: &Shared, session: &mut Session, batch: &mut Vec<WriteOp>, careful: &mut u32) -> Result<()> {
+    if *careful > 0 {
+        *careful -= 1;
+        return run_careful(shared, session, batch);
+    }
+    let shard = session.shard;
+    let mut tx = session.client.transaction().map_err(db_error)?;
+    let mut new_deliveries = 0usize;
+    let mut kept_all = true;
+    for op in batch.iter_mut() {
+        let mut conn = Conn::new(&mut tx, &mut session.statements, shard);
+        let kept = std::panic::catch_unwind(AssertUnwindSafe(|| (op.run)(&mut conn))).unwrap_or_else(|_| {
+            tracing::error!("a write panicked; its changes are rolled back");
+            false
+        });
+        new_deliveries += conn.new_deliveries;
+        if !kept {
+            kept_all = false;
+            break;
+        }
+    }
+    if !kept_all {
+        // A failed rollback means a lost connection, which the careful run's `BEGIN` reports.
+        let _ = tx.rollback();
+        *careful = CAREFUL_BATCHES;
+        return run_careful(shared, session, batch);
+    }
+    let committed = commit(tx);
+    finish(shared, batch.drain(..).map(|op| op.reply), committed, new_deliveries);
+    Ok(())
+}
+
+/// Runs a batch with a savepoint per write: a write that fails is rolled back to its
+/// savepoint, and the others commit.
+fn run_careful(shared: &Shared, session: &mut Session, batch: &mut Vec<WriteOp>) -> Result<()> {
+    let shard = session.shard;
+    let mut tx = session.client.transaction().map_err(db_error)?;
     let mut new_deliveries = 0usize;
     // A failure outside every write's savepoint leaves the transaction aborted, and `COMMIT`
     // of an aborted transaction rolls back without an error: such a batch is rolled back and
     // every write in it is told to run again.
     let mut broken: Option<postgres::Error> = None;
-    for op in batch.drain(..) {
-        let op = match tx.savepoint("op") {
+    for op in batch.iter_mut() {
+        let opened = match tx.savepoint("op") {
             Ok(mut savepoint) => {
-                let (outcome, added) = {
-                    let mut conn = Conn::new(&mut savepoint, statements, shard);
-                    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| op(&mut conn)));
-                    (outcome, conn.new_deliveries)
+                let (kept, added) = {
+                    let mut conn = Conn::new(&mut savepoint, &mut session.statements, shard);
+                    let kept =
+                        std::panic::catch_unwind(AssertUnwindSafe(|| (op.run)(&mut conn))).unwrap_or_else(|_| {
+                            tracing::error!("a write panicked; its changes were rolled back");
+                            false
+                        });
+                    (kept, conn.new_deliveries)
                 };
-                let keep = match outcome {
-                    Ok((keep, reply)) => {
-                        replies.push(reply);
-                        keep
-                    }
-                    Err(_) => {
-                        tracing::error!("a write panicked; its changes were rolled back");
-                        false
-                    }
-                };
-                let end = if keep {
+                let end = if kept {
                     new_deliveries += added;
                     savepoint.commit()
                 } else {
@@ -135,38 +172,49 @@ fn run_batch(shared: &Shared, session: &mut Session, batch: &mut Vec<WriteOp>) -
                 }
                 continue;
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot open a savepoint");
-                broken.get_or_insert(e);
-                op
-            }
+            Err(e) => e,
         };
+        tracing::warn!(error = %opened, "cannot open a savepoint");
+        broken.get_or_insert(opened);
         // The transaction is unusable (lost connection, or aborted): the write runs against
-        // it, meets the failure, and its caller sees it (retryable); nothing is committed.
-        let mut conn = Conn::new(&mut tx, statements, shard);
-        if let Ok((_, reply)) = std::panic::catch_unwind(AssertUnwindSafe(|| op(&mut conn))) {
-            replies.push(reply);
-        }
+        // it, meets the failure, and its caller sees it (retryable).
+        let mut conn = Conn::new(&mut tx, &mut session.statements, shard);
+        let _ = std::panic::catch_unwind(AssertUnwindSafe(|| (op.run)(&mut conn)));
     }
-    let committed: Result<()> = if let Some(e) = broken {
+    let committed = if let Some(e) = broken {
         let _ = tx.rollback();
         Err(Error::Store(
             StoreError::caused_by("a PostgreSQL write transaction failed; nothing of it was kept", e).retryable(true),
         ))
     } else {
-        tx.commit().map_err(|e| {
-            if e.is_closed() || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>()) {
-                // The server may have committed before the connection went: running the writes
-                // again could apply them twice, so this one is not retryable.
-                Error::Store(StoreError::caused_by(
-                    "the connection to PostgreSQL was lost during COMMIT; the write may or may not have been applied",
-                    e,
-                ))
-            } else {
-                db_error(e)
-            }
-        })
+        commit(tx)
     };
+    finish(shared, batch.drain(..).map(|op| op.reply), committed, new_deliveries);
+    Ok(())
+}
+
+fn commit(tx: postgres::Transaction<'_>) -> Result<()> {
+    tx.commit().map_err(|e| {
+        if e.is_closed() || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>()) {
+            // The server may have committed before the connection went: running the writes
+            // again could apply them twice, so this one is not retryable.
+            Error::Store(StoreError::caused_by(
+                "the connection to PostgreSQL was lost during COMMIT; the write may or may not have been applied",
+                e,
+            ))
+        } else {
+            db_error(e)
+        }
+    })
+}
+
+/// Tells every write of a batch how its transaction ended, and wakes whoever waits on commits.
+fn finish(
+    shared: &Shared,
+    replies: impl Iterator<Item = jobhost_store::Reply>,
+    committed: Result<()>,
+    new_deliveries: usize,
+) {
     for reply in replies {
         reply(committed.clone());
     }
@@ -177,7 +225,6 @@ fn run_batch(shared: &Shared, session: &mut Session, batch: &mut Vec<WriteOp>) -
         }
         shared.notify_commits.store(true, Ordering::SeqCst);
     }
-    Ok(())
 }
 
 /// Runs reads, each on its own connection's autocommit statements.

@@ -446,26 +446,22 @@ fn writer_loop(
         }
         let mut replies = Vec::with_capacity(batch.len());
         let mut new_deliveries = 0usize;
-        for op in batch.drain(..) {
+        for mut op in batch.drain(..) {
             if let Err(e) = run(&conn, "SAVEPOINT op") {
                 tracing::error!(error = %e, "cannot open a savepoint");
+                (op.reply)(Err(Error::Store(StoreError::caused_by("cannot open a savepoint", e))));
                 continue;
             }
             let (outcome, added) = {
                 let mut tx = Conn::writer(&conn, &mut version);
-                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| op(&mut tx)));
+                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| (op.run)(&mut tx)));
                 (outcome, tx.new_deliveries)
             };
-            let keep = match outcome {
-                Ok((keep, reply)) => {
-                    replies.push(reply);
-                    keep
-                }
-                Err(_) => {
-                    tracing::error!("a write panicked; its changes were rolled back");
-                    false
-                }
-            };
+            let keep = outcome.unwrap_or_else(|_| {
+                tracing::error!("a write panicked; its changes were rolled back");
+                false
+            });
+            replies.push(op.reply);
             let end = if keep {
                 new_deliveries += added;
                 run(&conn, "RELEASE op")

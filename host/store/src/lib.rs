@@ -430,10 +430,22 @@ pub trait Tx: ReadTx {
     fn remove_host(&mut self, id: &str) -> Result<()>;
 }
 
-/// A boxed write closure: runs once, in a transaction, on the store's writer; returns whether
-/// to keep its changes and a reply to send once the transaction's fate is known. A write that
-/// must be retried is submitted again by [`Store::write`], as a fresh closure.
-pub type WriteOp = Box<dyn FnOnce(&mut dyn Tx) -> (bool, Reply) + Send>;
+/// A write submitted to a backend.
+///
+/// `run` applies it inside the backend's transaction and says whether to keep its changes. A
+/// backend may run it more than once before replying (after rolling back what an earlier run
+/// did, e.g. when it ran a batch without savepoints and another write in it failed); the last
+/// run is the one that counts. `reply` is called once, with the fate of the transaction that
+/// last run was in. A write that must be retried after that is submitted again by
+/// [`Store::write`].
+pub struct WriteOp {
+    /// Applies the write; `true` keeps its changes.
+    pub run: WriteRun,
+    /// Told the commit's result (or why the write never committed).
+    pub reply: Reply,
+}
+/// The body of a [`WriteOp`]: may run more than once; `true` keeps its changes.
+pub type WriteRun = Box<dyn FnMut(&mut dyn Tx) -> bool + Send>;
 /// A boxed read closure.
 pub type ReadOp = Box<dyn FnOnce(&mut dyn ReadTx) + Send>;
 /// Called with the commit result after the batch a write was in has committed (or failed).
@@ -514,14 +526,22 @@ impl Store {
             attempt += 1;
             let (tx, rx) = tokio::sync::oneshot::channel();
             let g = f.clone();
-            self.backend.submit_write(Box::new(move |t: &mut dyn Tx| {
-                let result = g(t);
-                let keep = result.is_ok();
-                let reply: Reply = Box::new(move |commit: Result<()>| {
+            // The last run's result, for the reply.
+            let slot: Arc<std::sync::Mutex<Option<Result<T>>>> = Arc::default();
+            let last = slot.clone();
+            self.backend.submit_write(WriteOp {
+                run: Box::new(move |t: &mut dyn Tx| {
+                    let result = g(t);
+                    let keep = result.is_ok();
+                    *last.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+                    keep
+                }),
+                reply: Box::new(move |commit: Result<()>| {
+                    let result = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    let result = result.unwrap_or_else(|| Err(Error::store("the write failed before it returned")));
                     let _ = tx.send(commit.and(result));
-                });
-                (keep, reply)
-            }));
+                }),
+            });
             let result = rx.await.unwrap_or_else(|_| Err(Error::store("the store's writer stopped")));
             match result {
                 Err(e) if e.is_retryable() && attempt < WRITE_ATTEMPTS => {

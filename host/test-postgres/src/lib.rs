@@ -138,6 +138,13 @@ impl Server {
         self.port
     }
 
+    /// The process id of a throwaway cluster's postmaster, while it runs (for benchmarks that
+    /// measure the server's CPU time).
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        let pid = std::fs::read_to_string(self.dir.as_ref()?.join("data/postmaster.pid")).ok()?;
+        pid.lines().next()?.trim().parse().ok()
+    }
+
     /// A new, empty database; returns its URL.
     ///
     /// # Panics

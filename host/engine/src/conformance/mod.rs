@@ -282,6 +282,12 @@ macro_rules! conformance_suite {
         $crate::__conformance_case!(
             $open, $again,
             primitives,
+            a_refused_write_among_many_leaves_each_other_applied_once,
+            [tokio::test]
+        );
+        $crate::__conformance_case!(
+            $open, $again,
+            primitives,
             a_retryable_failure_runs_the_write_again_and_applies_it_once,
             [tokio::test]
         );

@@ -10,9 +10,7 @@ use serde_json::{Value, json};
 use super::TestHost;
 use crate::error::{Error, StoreError};
 use crate::model::{Environment, Event, JobStatus, JobType, Millis, NewJob, Sheet, new_id};
-use crate::store::{
-    Backend, DeliveryEnd, Fence, HostRecord, Notifications, ReadOp, Reply, Store, Subscription, Tx, WriteOp,
-};
+use crate::store::{Backend, DeliveryEnd, Fence, HostRecord, Notifications, ReadOp, Store, Subscription, Tx, WriteOp};
 
 /// An environment, a subscription to every event of it, and one event with a pending delivery:
 /// the delivery's id.
@@ -99,13 +97,16 @@ impl Backend for Flaky {
         if n % (self.fail + 1) == self.fail {
             return self.inner.submit_write(op);
         }
-        self.inner.submit_write(Box::new(move |tx: &mut dyn Tx| {
-            let (_, reply) = op(tx);
-            let failed: Reply = Box::new(move |_| {
+        let WriteOp { mut run, reply } = op;
+        self.inner.submit_write(WriteOp {
+            run: Box::new(move |tx: &mut dyn Tx| {
+                run(tx);
+                false
+            }),
+            reply: Box::new(move |_| {
                 reply(Err(Error::Store(StoreError::new("could not serialize access").retryable(true))))
-            });
-            (false, failed)
-        }));
+            }),
+        });
     }
 
     fn submit_read(&self, op: ReadOp) {
@@ -118,6 +119,50 @@ impl Backend for Flaky {
 
     fn exclusive(&self) -> bool {
         self.inner.exclusive()
+    }
+}
+
+/// Many writes at once, one of them refused in the middle: whatever a backend does to undo the
+/// refused one (a savepoint, or rolling back the batch and running the others again), every
+/// other write is applied exactly once.
+pub async fn a_refused_write_among_many_leaves_each_other_applied_once() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let store = host.engine.store().clone();
+    let mut writes = tokio::task::JoinSet::new();
+    for i in 0..24usize {
+        let (store, env_id) = (store.clone(), env.id().to_owned());
+        writes.spawn(async move {
+            let r = store
+                .write(move |tx| {
+                    // An insert of a fixed id: applying it twice would fail on the key.
+                    tx.insert_sheet(&Sheet {
+                        id: format!("sh_many_{i}"),
+                        environment_id: env_id.clone(),
+                        name: format!("n{i}"),
+                        workbook_id: None,
+                        created_at: 1,
+                    })?;
+                    if i == 11 {
+                        return Err(Error::invalid("refused after writing"));
+                    }
+                    Ok(())
+                })
+                .await;
+            (i, r)
+        });
+    }
+    let mut results: Vec<_> = writes.join_all().await;
+    results.sort_by_key(|(i, _)| *i);
+    for (i, r) in &results {
+        let i = *i;
+        if i == 11 {
+            assert!(matches!(r, Err(Error::Invalid(_))), "{r:?}");
+            assert_eq!(env.sheet("sh_many_11").await.unwrap_err().kind(), crate::ErrorKind::NotFound);
+        } else {
+            assert!(r.is_ok(), "write {i}: {r:?}");
+            assert_eq!(env.sheet(&format!("sh_many_{i}")).await.unwrap().name, format!("n{i}"));
+        }
     }
 }
 
