@@ -388,11 +388,16 @@ pub(crate) fn http(addr: &str, method: &str, path: &str, token: &str, body: Opti
 /// Follows the event stream from the start until an event's `data` line contains every needle.
 pub(crate) fn wait_event(addr: &str, token: &str, needles: &[&str]) {
     use std::io::{BufRead, Write};
+    const DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
     let mut stream = std::net::TcpStream::connect(addr).expect("connect to the API");
+    // A stream that goes quiet fails the read; one that keeps talking meets the deadline.
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let started = std::time::Instant::now();
     write!(stream, "GET /v1/events/stream?since=0 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n")
         .unwrap();
     for line in std::io::BufReader::new(stream).lines() {
-        let line = line.expect("read the event stream");
+        let line = line.unwrap_or_else(|e| panic!("no event with {needles:?} on the stream within {DEADLINE:?}: {e}"));
+        assert!(started.elapsed() < DEADLINE, "no event with {needles:?} on the stream within {DEADLINE:?}");
         if line.starts_with("data: ") && needles.iter().all(|n| line.contains(n)) {
             return;
         }

@@ -181,6 +181,8 @@ fn three_hosts_share_one_database_and_run_the_seeds_scenario_once() {
 
     let addrs: Vec<&str> = hosts.iter().map(|h| h.addr.as_str()).collect();
     let (job_id, invalid) = start_scenario(&addrs, &token, PARTS);
+    // Created through B, on A's event stream.
+    wait_event(&hosts[0].addr, &token, &["\"job:created\"", &format!("\"jobId\":\"{job_id}\"")]);
     wait_event(&hosts[2].addr, &token, &["\"job:completed\"", &format!("\"jobId\":\"{job_id}\""), "\"isPart\":false"]);
     check_scenario(&hosts[1].addr, &token, &job_id, PARTS, invalid);
     for h in &hosts {

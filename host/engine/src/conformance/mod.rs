@@ -266,6 +266,12 @@ macro_rules! conformance_suite {
             the_background_watchdog_runs_without_being_called,
             [tokio::test(start_paused = true)]
         );
+        $crate::__conformance_case!(
+            $open, $again,
+            rules,
+            watchdogs_of_many_hosts_sweeping_at_once_change_each_job_once,
+            [tokio::test(start_paused = true)]
+        );
         $crate::__conformance_case!($open, $again, rules, secrets_are_scoped_to_their_environment_and_validated, [tokio::test]);
         $crate::__conformance_case!(
             $open, $again,

@@ -888,6 +888,34 @@ pub async fn watchdog_fails_unacked_and_stale_jobs_and_promotes_scheduled_ones()
     assert_eq!(events_of(&env, &stale.id, "job:failed").await.len(), 1);
 }
 
+/// Three hosts' watchdogs sweep at once: each scheduled job becomes ready once and each
+/// unacknowledged job fails once, however the sweeps interleave (no leader needed).
+pub async fn watchdogs_of_many_hosts_sweeping_at_once_change_each_job_once() {
+    let host = TestHost::with_config(watchdog_config());
+    let (b, c) = (host.second_host(watchdog_config()), host.second_host(watchdog_config()));
+    let env = host.env().await;
+    let mut scheduled = Vec::new();
+    let mut unacked = Vec::new();
+    for _ in 0..8 {
+        let later = NewJob { run_at: Some(env.engine().now() + 90_000), ..NewJob::new(JobType::Space, "later") };
+        scheduled.push(env.create_job(later).await.unwrap().id);
+        unacked.push(job_in(&env, JobStatus::Ready).await.id);
+    }
+    tokio::time::advance(Duration::from_secs(91)).await;
+    let (ra, rb, rc) = tokio::join!(host.engine.sweep(), b.sweep(), c.sweep());
+    let reports = [ra.unwrap(), rb.unwrap(), rc.unwrap()];
+    assert_eq!(reports.iter().map(|r| r.promoted).sum::<u64>(), 8, "{reports:?}");
+    assert_eq!(reports.iter().map(|r| r.unacked).sum::<u64>(), 8, "{reports:?}");
+    for id in &scheduled {
+        assert_eq!(env.job(id).await.unwrap().status, JobStatus::Ready);
+        assert_eq!(events_of(&env, id, "job:ready").await.len(), 1, "job {id} made ready once");
+    }
+    for id in &unacked {
+        assert_eq!(env.job(id).await.unwrap().status, JobStatus::Failed);
+        assert_eq!(events_of(&env, id, "job:failed").await.len(), 1, "job {id} failed once");
+    }
+}
+
 pub async fn a_split_parent_is_not_stale_while_parts_run_and_abandoned_parts_still_complete_it() {
     let host = TestHost::with_config(watchdog_config());
     let env = host.env().await;
