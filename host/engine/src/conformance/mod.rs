@@ -123,6 +123,7 @@ impl Default for TestHost {
 
 /// Waits until job `id` is terminal and returns it.
 pub async fn until_terminal(env: &Env, id: &str) -> Job {
+    let _deadline = Deadline::new("a job reaching a terminal status");
     let (env2, id) = (env.clone(), id.to_owned());
     env.engine()
         .wait_for(move || {
@@ -135,6 +136,7 @@ pub async fn until_terminal(env: &Env, id: &str) -> Job {
 
 /// Waits until job `id` has `status`.
 pub async fn until_status(env: &Env, id: &str, status: JobStatus) -> Job {
+    let _deadline = Deadline::new("a job reaching a status");
     let (env2, id) = (env.clone(), id.to_owned());
     env.engine()
         .wait_for(move || {
@@ -143,6 +145,32 @@ pub async fn until_status(env: &Env, id: &str, status: JobStatus) -> Job {
         })
         .await
         .expect("wait for a job status")
+}
+
+/// How long, in wall-clock time, a case may wait for something to happen.
+const REAL_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Ends the test process if the wait it guards has not ended within [`REAL_DEADLINE`] of wall
+/// time, so a case that would wait forever fails instead of hanging the suite. Wall time, not
+/// tokio's: many cases run on a paused clock, where a tokio timeout fires whenever the
+/// runtime idles while a backend thread works.
+pub struct Deadline {
+    // Dropped with the guard, which tells the watching thread the wait ended.
+    _ended: std::sync::mpsc::Sender<()>,
+}
+
+impl Deadline {
+    /// Starts the deadline for `what`; dropping the guard ends it.
+    pub fn new(what: &'static str) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(REAL_DEADLINE) {
+                eprintln!("conformance: {what} did not happen within {REAL_DEADLINE:?}; aborting the test process");
+                std::process::abort();
+            }
+        });
+        Self { _ended: tx }
+    }
 }
 
 /// Every event of the environment, oldest first.

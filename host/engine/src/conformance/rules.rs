@@ -416,6 +416,7 @@ pub async fn sequential_parts_run_strictly_one_after_another() {
     let ranks: Vec<u8> = parts.iter().map(rank).collect();
     assert!(ranks.is_sorted() && ranks.iter().filter(|r| **r == 1).count() <= 1, "{parts:?}");
     assert!(parts.iter().all(|p| rank(p) != 2 || p.status == JobStatus::Waiting), "{parts:?}");
+    let _deadline = super::Deadline::new("a wait in a conformance case");
     let pc = host
         .engine
         .wait_for(|| {
@@ -503,6 +504,7 @@ pub async fn seeds_scenario_with_failed_and_canceled_parts_fails_the_parent() {
     let job = s.env.create_job(NewJob::sheet(scenario::OPERATION, &s.sheet)).await.unwrap();
     // Wait until the eight handled parts ended, then cancel the two the listener leaves alone.
     let engine = s.host.engine.clone();
+    let _deadline = super::Deadline::new("a wait in a conformance case");
     let parts = engine
         .wait_for(|| {
             let (env, id) = (s.env.clone(), job.id.clone());
@@ -558,6 +560,7 @@ pub async fn exhausted_deliveries_are_dead_lettered_with_the_reason() {
     let listener = Listener::new("broken", env.id()).on("job:ready", |_| async { Err("cannot parse input".into()) });
     let running = host.engine.run(vec![listener]).await.unwrap();
     let job = job_in(&env, JobStatus::Ready).await;
+    let _deadline = super::Deadline::new("a wait in a conformance case");
     let dead = host
         .engine
         .wait_for(|| {
@@ -643,6 +646,7 @@ pub async fn listeners_only_see_their_environment_and_their_filter() {
     b.split(&pb.id, Split::count(1)).await.unwrap();
     let part = a.parts(&pa.id).await.unwrap().remove(0);
     a.complete(&part.id, Outcome::default()).await.unwrap();
+    let _deadline = super::Deadline::new("a wait in a conformance case");
     host.engine
         .wait_for(|| {
             let s = seen.clone();
@@ -981,6 +985,7 @@ pub async fn a_native_listener_that_retriggers_itself_is_stopped_by_the_loop_gua
     });
     let running = host.engine.run(vec![listener]).await.unwrap();
     let first = env.create_job(NewJob::new(JobType::Space, "echo")).await.unwrap();
+    let _deadline = super::Deadline::new("a wait in a conformance case");
     let dead = host
         .engine
         .wait_for(|| {
