@@ -119,6 +119,9 @@ pub(crate) struct Shared {
     pub health: Mutex<Health>,
     /// Whether the notifier is listening for the other hosts' notifications.
     pub listening: tokio::sync::watch::Sender<bool>,
+    /// The database's schema version when the notifier's poll found it newer than this build
+    /// knows (0 otherwise): a newer jobhost migrated it, and this host stops writing.
+    pub newer_schema: std::sync::atomic::AtomicI64,
 }
 
 impl Shared {
@@ -153,6 +156,17 @@ impl Shared {
                 Err(db_error(e))
             }
         }
+    }
+
+    /// Why this host no longer writes, once a newer jobhost migrated the database.
+    pub fn refusal(&self) -> Option<String> {
+        let newer = self.newer_schema.load(Ordering::SeqCst);
+        (newer > 0).then(|| {
+            format!(
+                "the database was migrated to jobhost schema version {newer} by a newer jobhost; this host knows \
+                 version {SCHEMA_VERSION} and no longer writes: stop it and start the new version"
+            )
+        })
     }
 
     /// Records that a connection was lost or could not be made.
@@ -216,6 +230,7 @@ impl PgBackend {
             poll_interval: options.poll_interval.max(Duration::from_millis(10)),
             health: Mutex::new(Health::default()),
             listening: tokio::sync::watch::Sender::new(false),
+            newer_schema: std::sync::atomic::AtomicI64::new(0),
         });
         let (writes, write_rx) = std::sync::mpsc::channel::<WriteOp>();
         let (reads, read_rx) = std::sync::mpsc::channel::<ReadOp>();
@@ -301,6 +316,10 @@ impl Backend for PgBackend {
     }
 
     fn health(&self) -> Health {
-        self.shared.health.lock().map(|h| h.clone()).unwrap_or_default()
+        let mut health = self.shared.health.lock().map(|h| h.clone()).unwrap_or_default();
+        if let Some(refusal) = self.shared.refusal() {
+            health.error = Some(refusal);
+        }
+        health
     }
 }

@@ -77,6 +77,12 @@ pub(crate) fn writer_loop(shared: &Shared, rx: &Mutex<Receiver<WriteOp>>, max_ba
                 }
             }
         }
+        if let Some(refusal) = shared.refusal() {
+            for op in batch.drain(..) {
+                (op.reply)(Err(Error::store(refusal.clone())));
+            }
+            continue;
+        }
         // Writes wait while the database is unreachable (they are not lost, and not yet
         // run); only a backend that is stopping drops them, which fails their callers.
         let Some(s) = ensure_session(shared, &mut session, &mut lost_before, None) else {
@@ -94,6 +100,23 @@ pub(crate) fn writer_loop(shared: &Shared, rx: &Mutex<Receiver<WriteOp>>, max_ba
             session = None;
             lost_before = true;
         }
+    }
+}
+
+/// Notes a schema newer than this build knows: a newer jobhost migrated the database while
+/// this host ran, and this host's writes could break what the new schema keeps (e.g. counts
+/// kept by the writes), so its writers refuse from then on.
+fn check_schema(shared: &Shared, c: &mut postgres::Client) {
+    if let Ok(row) = c.query_one("SELECT version FROM jobhost_schema", &[])
+        && let Ok(version) = row.try_get::<_, i64>(0)
+        && version > crate::SCHEMA_VERSION
+        && shared.newer_schema.swap(version, Ordering::SeqCst) != version
+    {
+        tracing::error!(
+            version,
+            known = crate::SCHEMA_VERSION,
+            "a newer jobhost migrated the database; this host no longer writes"
+        );
     }
 }
 
@@ -271,6 +294,9 @@ pub(crate) fn notifier_loop(shared: &Shared) {
             // The poll: whatever a lost notification hid is found within the interval.
             shared.wake(true);
             next_poll = now + shared.poll_interval;
+            if let Some(c) = client.as_mut().filter(|c| !c.is_closed()) {
+                check_schema(shared, c);
+            }
         }
         let c = match client.as_mut() {
             Some(c) if !c.is_closed() => c,

@@ -307,3 +307,35 @@ async fn record_counts_stay_exact_across_hosts_and_never_read_the_records() {
     release.send(()).unwrap();
     holder.join().unwrap();
 }
+
+/// A newer jobhost migrates the database while this host runs: within a poll this host says so
+/// in its health (so `/readyz` fails) and refuses writes with a reason, instead of writing
+/// what the new schema no longer expects. Reads still answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_stops_writing_once_a_newer_jobhost_migrated_the_database() {
+    let url = jobhost_test_postgres::server().fresh_database();
+    let backend = Arc::new(
+        PgBackend::open(PgOptions { poll_interval: Duration::from_millis(50), ..PgOptions::new(url.clone()) }).unwrap(),
+    );
+    let engine = engine(&backend, test_config());
+    let e = engine.create_environment("upgrade").await.unwrap();
+    let env = engine.env(&e.id);
+    let before = env.create_job(NewJob::new(JobType::File, "before")).await.unwrap();
+    sql(&url, &format!("UPDATE jobhost_schema SET version = {}", SCHEMA_VERSION + 1));
+
+    // The poll wakes commit waiters each interval; the check runs with it.
+    let mut commits = backend.notifications().commits;
+    within("the host noticing the newer schema", async {
+        while backend.health().error.is_none() {
+            commits.changed().await.unwrap();
+        }
+    })
+    .await;
+    let error = backend.health().error.unwrap();
+    assert!(error.contains(&format!("schema version {}", SCHEMA_VERSION + 1)), "{error}");
+    let refused = env.create_job(NewJob::new(JobType::File, "after")).await.unwrap_err();
+    assert!(refused.to_string().contains("no longer writes"), "{refused}");
+    assert!(!refused.is_retryable());
+    assert_eq!(env.job(&before.id).await.unwrap().operation, "before", "reads still answer");
+    assert_eq!(env.jobs(0, 10).await.unwrap().len(), 1, "the refused write left nothing");
+}
