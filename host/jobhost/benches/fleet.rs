@@ -13,6 +13,8 @@
 //!   machine.
 //! - **scenario**: the seeds' scenario (N records, N/1000 parts) through the WASM plugin.
 //! - **insert**: N records into a sheet in calls of 100,000 (PostgreSQL: binary `COPY`).
+//! - **deploy**: two `jobhost serve` processes on one database; a plugin version deployed
+//!   through A, and the time until B lists it, against the time A took to answer the deploy.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -48,6 +50,9 @@ fn main() {
         }
         if only("insert") {
             insert(&server, records).await;
+        }
+        if only("deploy") {
+            deploy(&server, if full { 20 } else { 3 }).await;
         }
     });
 }
@@ -349,4 +354,132 @@ async fn insert(server: &jobhost_test_postgres::Server, n: u64) {
         let base = *baseline.get_or_insert(rate);
         println!("{:<44} {:>10.0} /s {:>11.2}x", store.name(), rate, rate / base);
     }
+}
+
+/// A `jobhost serve` of the deploy row, stopped when dropped.
+struct Serve {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(dir: &std::path::Path, name: &str, store: &str) -> Serve {
+    use std::io::BufRead;
+    std::fs::create_dir_all(dir.join(format!("{name}-plugins"))).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_jobhost"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--store", store])
+        .arg("--plugins")
+        .arg(dir.join(format!("{name}-plugins")))
+        .arg("--data")
+        .arg(dir.join(format!("{name}-data")))
+        .env("XDG_CACHE_HOME", dir.join(format!("{name}-cache")))
+        .env("JOBHOST_ADMIN_TOKEN", "bench-admin")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start jobhost serve");
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let (mut addr, mut seen) = (String::new(), Vec::new());
+    for line in lines.by_ref() {
+        let line = line.expect("read the host's log");
+        seen.push(line.clone());
+        if let Some(a) = line.split("listening on http://").nth(1) {
+            addr = a.trim().to_owned();
+        }
+        if line.contains("serving ") {
+            break;
+        }
+    }
+    assert!(!addr.is_empty(), "jobhost serve ended before listening:\n{}", seen.join("\n"));
+    // Keep draining the log so the host never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Serve { child, addr }
+}
+
+async fn deploy(server: &jobhost_test_postgres::Server, n: usize) {
+    use serde_json::Value;
+    println!("{:<44} {:>12} {:>12}", format!("deploy through A, served by B ({n} deploys)"), "median", "max");
+    let dir = tempfile::tempdir().unwrap();
+    let store = server.fresh_database();
+    let (a, b) = (serve(dir.path(), "a", &store), serve(dir.path(), "b", &store));
+    let http = reqwest::Client::new();
+    let envs: Value = http
+        .get(format!("http://{}/v1/environments", a.addr))
+        .bearer_auth("bench-admin")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let env_id = envs["data"][0]["id"].as_str().unwrap();
+    let token: Value = http
+        .post(format!("http://{}/v1/environments/{env_id}/tokens", a.addr))
+        .bearer_auth("bench-admin")
+        .json(&serde_json::json!({"name": "bench"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = token["data"]["token"].as_str().unwrap().to_owned();
+    let component = std::fs::read(artifacts::TEST_NOOP).unwrap();
+    let (mut answered, mut served) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        // A custom section makes each deploy a new version of the same plugin.
+        let mut bytes = component.clone();
+        bytes.extend_from_slice(&[0, 5, 4]);
+        bytes.extend_from_slice(&(i as u32).to_le_bytes());
+        let t = Instant::now();
+        let body: Value = http
+            .put(format!("http://{}/v1/plugins/noop", a.addr))
+            .bearer_auth(&token)
+            .header("content-type", "application/wasm")
+            .body(bytes)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        answered.push(t.elapsed());
+        let version = body["data"]["version"].as_str().unwrap_or_else(|| panic!("deploy refused: {body}")).to_owned();
+        // Asking B every 2 ms (a measurement, not a test): what B's API lists is what it serves.
+        loop {
+            let listed: Value = http
+                .get(format!("http://{}/v1/plugins", b.addr))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if listed["data"][0]["version"] == version.as_str() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        served.push(t.elapsed());
+    }
+    let stats = |v: &mut Vec<Duration>| {
+        v.sort();
+        (v[v.len() / 2].as_secs_f64() * 1e3, v[v.len() - 1].as_secs_f64() * 1e3)
+    };
+    let (a_med, a_max) = stats(&mut answered);
+    let (b_med, b_max) = stats(&mut served);
+    println!("{:<44} {:>9.1} ms {:>9.1} ms", "A answers the deploy", a_med, a_max);
+    println!(
+        "{:<44} {:>9.1} ms {:>9.1} ms  ({:.2}x A's median)",
+        "B serves it (from the deploy's start)",
+        b_med,
+        b_max,
+        b_med / a_med
+    );
 }
