@@ -89,6 +89,18 @@ pub fn sample_records(n: u64) -> (Vec<NewRecord>, u64) {
     sample_range(0..n)
 }
 
+/// Inserts the first `n` records of the deterministic sample into a sheet, in calls of
+/// 100,000 (a large sheet without holding it all in memory). Returns how many are invalid.
+pub async fn insert_sample(env: &Env, sheet_id: &str, n: u64) -> crate::Result<u64> {
+    let mut invalid = 0;
+    for start in (0..n).step_by(100_000) {
+        let (rows, bad) = sample_range(start..(start + 100_000).min(n));
+        invalid += bad;
+        env.insert_records(sheet_id, rows).await?;
+    }
+    Ok(invalid)
+}
+
 /// Records `range` of the deterministic sample (so a large sheet can be made in chunks).
 pub fn sample_range(range: std::ops::Range<u64>) -> (Vec<NewRecord>, u64) {
     let mut invalid = 0;

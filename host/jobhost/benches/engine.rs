@@ -348,12 +348,7 @@ async fn scenario_run(s: &Sizes) {
     let env = engine.env(engine.create_environment("bench").await.unwrap().id);
     let running = engine.run(scenario::listeners(env.id(), scenario::Options::default())).await.unwrap();
     let sheet = env.create_sheet("people").await.unwrap();
-    let mut invalid = 0;
-    for start in (0..n).step_by(100_000) {
-        let (rows, bad) = scenario::sample_range(start..(start + 100_000).min(n));
-        invalid += bad;
-        env.insert_records(&sheet.id, rows).await.unwrap();
-    }
+    let invalid = scenario::insert_sample(&env, &sheet.id, n).await.unwrap();
     // Peak RSS from here on is the scenario's, not the earlier benchmarks' or the sample data's.
     reset_peak_rss();
     let rss_before = rss_mib("VmRSS:");

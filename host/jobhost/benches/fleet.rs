@@ -91,6 +91,19 @@ struct Fleet {
     _dir: tempfile::TempDir,
 }
 
+impl Fleet {
+    /// Every host runs the plugin at `path` as its listener, each with a runtime of its own.
+    async fn run_plugin(&self, path: &str) -> Vec<jobhost::delivery::Running> {
+        let mut running = Vec::new();
+        for (engine, env) in self.engines.iter().zip(&self.envs) {
+            let rt = runtime();
+            let plugin = Arc::new(rt.load(std::path::Path::new(path)).await.unwrap());
+            running.push(engine.run(vec![rt.listener(plugin, env.id())]).await.unwrap());
+        }
+        running
+    }
+}
+
 async fn fleet(server: &jobhost_test_postgres::Server, store: Store) -> Fleet {
     let dir = tempfile::tempdir().unwrap();
     let (engines, database) = match store {
@@ -218,12 +231,7 @@ async fn lifecycle(server: &jobhost_test_postgres::Server, n: usize) {
     let mut baseline = None;
     for store in [Store::Sqlite, Store::Postgres(1), Store::Postgres(2), Store::Postgres(3)] {
         let f = fleet(server, store).await;
-        let mut running = Vec::new();
-        for (engine, env) in f.engines.iter().zip(&f.envs) {
-            let rt = runtime();
-            let plugin = Arc::new(rt.load(std::path::Path::new(artifacts::TEST_NOOP)).await.unwrap());
-            running.push(engine.run(vec![rt.listener(plugin, env.id())]).await.unwrap());
-        }
+        let running = f.run_plugin(artifacts::TEST_NOOP).await;
         let before = match &f.database {
             Some(url) => Some(database_work(url).await),
             None => None,
@@ -285,20 +293,10 @@ async fn lifecycle(server: &jobhost_test_postgres::Server, n: usize) {
 /// to its end.
 async fn scenario_once(server: &jobhost_test_postgres::Server, store: Store, n: u64) -> Duration {
     let f = fleet(server, store).await;
-    let mut running = Vec::new();
-    for (engine, env) in f.engines.iter().zip(&f.envs) {
-        let rt = runtime();
-        let plugin = Arc::new(rt.load(std::path::Path::new(artifacts::SUBMIT_LARGE_SHEET)).await.unwrap());
-        running.push(engine.run(vec![rt.listener(plugin, env.id())]).await.unwrap());
-    }
+    let running = f.run_plugin(artifacts::SUBMIT_LARGE_SHEET).await;
     let env = &f.envs[0];
     let sheet = env.create_sheet("people").await.unwrap();
-    let mut invalid = 0;
-    for start in (0..n).step_by(100_000) {
-        let (rows, bad) = scenario::sample_range(start..(start + 100_000).min(n));
-        invalid += bad;
-        env.insert_records(&sheet.id, rows).await.unwrap();
-    }
+    let invalid = scenario::insert_sample(env, &sheet.id, n).await.unwrap();
     let t = Instant::now();
     let job = env.create_job(NewJob::sheet(scenario::OPERATION, &sheet.id)).await.unwrap();
     let job = loop {

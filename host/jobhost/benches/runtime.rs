@@ -224,12 +224,7 @@ async fn scenario_with(n: u64, plugin: Option<(std::sync::Arc<Runtime>, std::pat
     };
     let running = engine.run(listeners).await.unwrap();
     let sheet = env.create_sheet("people").await.unwrap();
-    let mut invalid = 0;
-    for start in (0..n).step_by(100_000) {
-        let (rows, bad) = scenario::sample_range(start..(start + 100_000).min(n));
-        invalid += bad;
-        env.insert_records(&sheet.id, rows).await.unwrap();
-    }
+    let invalid = scenario::insert_sample(&env, &sheet.id, n).await.unwrap();
     let t = Instant::now();
     let job = env.create_job(NewJob::sheet(scenario::OPERATION, &sheet.id)).await.unwrap();
     let job = wait_terminal(&engine, &env, &job.id).await;
@@ -516,9 +511,7 @@ async fn concurrency(n: u64) {
     let plugin = std::sync::Arc::new(rt.load(std::path::Path::new(artifacts::SUBMIT_LARGE_SHEET)).await.unwrap());
     let running = engine.run(vec![rt.listener(plugin, env.id())]).await.unwrap();
     let sheet = env.create_sheet("people").await.unwrap();
-    for start in (0..n).step_by(100_000) {
-        env.insert_records(&sheet.id, scenario::sample_range(start..(start + 100_000).min(n)).0).await.unwrap();
-    }
+    scenario::insert_sample(&env, &sheet.id, n).await.unwrap();
     // Peak RSS from here on is the run's (writing 5 to clear_refs resets VmHWM).
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let before = rss_mib("VmRSS:");

@@ -738,18 +738,18 @@ impl<C: GenericClient> Tx for Conn<'_, C> {
     }
 
     fn write_record(&mut self, rowid: i64, record: &EncodedRecord, now: Millis) -> Result<()> {
-        let shard = self.shard;
         // As in `write_records_messages`: the replaced version is read locked.
+        let Some(old) =
+            self.query_opt("SELECT sheet_key, has_error FROM records WHERE id = $1 FOR UPDATE", &[&rowid])?
+        else {
+            return Ok(());
+        };
         self.execute(
-            "WITH old AS (SELECT id, sheet_key, has_error FROM records WHERE id = $1 FOR UPDATE), \
-             upd AS (UPDATE records r SET vals = $2, messages = $3, has_error = $4, updated_at = $5 FROM old \
-                 WHERE r.id = old.id RETURNING old.sheet_key, r.has_error::int - old.has_error::int AS d) \
-             INSERT INTO record_counts (sheet_key, shard, total, errors) \
-                 SELECT sheet_key, $6, 0, d FROM upd WHERE d <> 0 \
-                 ON CONFLICT (sheet_key, shard) DO UPDATE SET errors = record_counts.errors + EXCLUDED.errors",
-            &[&rowid, &record.values, &record.messages, &record.has_error, &now, &shard],
+            "UPDATE records SET vals = $2, messages = $3, has_error = $4, updated_at = $5 WHERE id = $1",
+            &[&rowid, &record.values, &record.messages, &record.has_error, &now],
         )?;
-        Ok(())
+        let was_error = i64::from(get::<bool>(&old, 1)?);
+        self.add_record_counts(get(&old, 0)?, 0, i64::from(record.has_error) - was_error)
     }
 
     fn delete_records(&mut self, sheet_id: &str, rowids: &[i64]) -> Result<Option<i64>> {

@@ -14,7 +14,9 @@ use postgres::fallible_iterator::FallibleIterator;
 use jobhost_core::error::{Error, Result, StoreError};
 use jobhost_store::{ReadOp, WriteOp};
 
-use crate::conn::{Conn, Session};
+use postgres::GenericClient;
+
+use crate::conn::{Conn, Session, Statements};
 use crate::{Shared, db_error};
 
 const DELIVERIES: &str = "jobhost_deliveries";
@@ -139,12 +141,8 @@ fn run_batch(shared: &Shared, session: &mut Session, batch: &mut Vec<WriteOp>, c
     let mut new_deliveries = 0usize;
     let mut kept_all = true;
     for op in batch.iter_mut() {
-        let mut conn = Conn::new(&mut tx, &mut session.statements, shard);
-        let kept = std::panic::catch_unwind(AssertUnwindSafe(|| (op.run)(&mut conn))).unwrap_or_else(|_| {
-            tracing::error!("a write panicked; its changes are rolled back");
-            false
-        });
-        new_deliveries += conn.new_deliveries;
+        let (kept, added) = run_op(op, &mut tx, &mut session.statements, shard);
+        new_deliveries += added;
         if !kept {
             kept_all = false;
             break;
@@ -161,6 +159,22 @@ fn run_batch(shared: &Shared, session: &mut Session, batch: &mut Vec<WriteOp>, c
     Ok(())
 }
 
+/// Runs one write; returns whether it keeps its changes (a panic counts as discarding them:
+/// the caller rolls them back) and how many deliveries it made.
+fn run_op<C: GenericClient>(
+    op: &mut WriteOp,
+    client: &mut C,
+    statements: &mut Statements,
+    shard: i64,
+) -> (bool, usize) {
+    let mut conn = Conn::new(client, statements, shard);
+    let kept = std::panic::catch_unwind(AssertUnwindSafe(|| (op.run)(&mut conn))).unwrap_or_else(|_| {
+        tracing::error!("a write panicked; its changes are rolled back");
+        false
+    });
+    (kept, conn.new_deliveries)
+}
+
 /// Runs a batch with a savepoint per write: a write that fails is rolled back to its
 /// savepoint, and the others commit.
 fn run_careful(shared: &Shared, session: &mut Session, batch: &mut Vec<WriteOp>) -> Result<()> {
@@ -174,15 +188,7 @@ fn run_careful(shared: &Shared, session: &mut Session, batch: &mut Vec<WriteOp>)
     for op in batch.iter_mut() {
         let opened = match tx.savepoint("op") {
             Ok(mut savepoint) => {
-                let (kept, added) = {
-                    let mut conn = Conn::new(&mut savepoint, &mut session.statements, shard);
-                    let kept =
-                        std::panic::catch_unwind(AssertUnwindSafe(|| (op.run)(&mut conn))).unwrap_or_else(|_| {
-                            tracing::error!("a write panicked; its changes were rolled back");
-                            false
-                        });
-                    (kept, conn.new_deliveries)
-                };
+                let (kept, added) = run_op(op, &mut savepoint, &mut session.statements, shard);
                 let end = if kept {
                     new_deliveries += added;
                     savepoint.commit()
@@ -201,8 +207,7 @@ fn run_careful(shared: &Shared, session: &mut Session, batch: &mut Vec<WriteOp>)
         broken.get_or_insert(opened);
         // The transaction is unusable (lost connection, or aborted): the write runs against
         // it, meets the failure, and its caller sees it (retryable).
-        let mut conn = Conn::new(&mut tx, &mut session.statements, shard);
-        let _ = std::panic::catch_unwind(AssertUnwindSafe(|| (op.run)(&mut conn)));
+        run_op(op, &mut tx, &mut session.statements, shard);
     }
     let committed = if let Some(e) = broken {
         let _ = tx.rollback();

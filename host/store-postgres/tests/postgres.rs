@@ -21,6 +21,15 @@ fn engine(backend: &Arc<PgBackend>, config: EngineConfig) -> Engine {
     Engine::with_backend(backend.clone(), config)
 }
 
+/// Two hosts on one fresh database, each with a backend (connections) of its own, as two
+/// processes would have; and the database's URL.
+fn two_hosts() -> (String, Engine, Engine) {
+    let url = jobhost_test_postgres::server().fresh_database();
+    let host = || engine(&Arc::new(PgBackend::open(PgOptions::new(url.clone())).unwrap()), test_config());
+    let (a, b) = (host(), host());
+    (url, a, b)
+}
+
 /// Runs blocking client work off the test's runtime.
 fn sql(url: &str, statements: &str) {
     let (url, statements) = (url.to_owned(), statements.to_owned());
@@ -132,11 +141,7 @@ async fn a_database_restarted_under_a_running_host_costs_time_not_data() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hosts_racing_three_parents_of_200_parts_fire_parts_completed_once_each() {
     use jobhost_engine::model::{Outcome, Split};
-    let url = jobhost_test_postgres::server().fresh_database();
-    // Two processes' worth: each host its own backend (its own connections).
-    let a = Arc::new(PgBackend::open(PgOptions::new(url.clone())).unwrap());
-    let b = Arc::new(PgBackend::open(PgOptions::new(url)).unwrap());
-    let (ea, eb) = (engine(&a, test_config()), engine(&b, test_config()));
+    let (_, ea, eb) = two_hosts();
     let e = ea.create_environment("race").await.unwrap();
     let (env_a, env_b) = (ea.env(&e.id), eb.env(&e.id));
     let mut parents = Vec::new();
@@ -172,10 +177,7 @@ async fn two_hosts_racing_three_parents_of_200_parts_fire_parts_completed_once_e
 async fn an_event_committed_late_is_never_behind_a_readers_cursor() {
     use jobhost_engine::model::{Environment, Event, new_id};
     use std::sync::Mutex;
-    let url = jobhost_test_postgres::server().fresh_database();
-    let a = Arc::new(PgBackend::open(PgOptions::new(url.clone())).unwrap());
-    let b = Arc::new(PgBackend::open(PgOptions::new(url)).unwrap());
-    let (ea, eb) = (engine(&a, test_config()), engine(&b, test_config()));
+    let (_, ea, eb) = two_hosts();
     let env = Environment { id: new_id("env"), name: "order".into(), created_at: 0 };
     let stored = env.clone();
     ea.store().write(move |tx| tx.insert_environment(&stored)).await.unwrap();
@@ -226,10 +228,7 @@ async fn an_event_committed_late_is_never_behind_a_readers_cursor() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn record_counts_stay_exact_across_hosts_and_never_read_the_records() {
     use jobhost_engine::model::{Message, RecordUpdate};
-    let url = jobhost_test_postgres::server().fresh_database();
-    let a = Arc::new(PgBackend::open(PgOptions::new(url.clone())).unwrap());
-    let b = Arc::new(PgBackend::open(PgOptions::new(url.clone())).unwrap());
-    let (ea, eb) = (engine(&a, test_config()), engine(&b, test_config()));
+    let (url, ea, eb) = two_hosts();
     let e = ea.create_environment("counts").await.unwrap();
     let (env_a, env_b) = (ea.env(&e.id), eb.env(&e.id));
     let sheet = env_a.create_sheet("s").await.unwrap();

@@ -170,14 +170,12 @@ pub async fn routing_sees_subscriptions_written_by_another_host() {
     // Written through the first host, which must see the second host's subscription.
     let job = env.create_job(NewJob::new(JobType::File, "after")).await.unwrap();
     let engine = host.engine.clone();
-    let _deadline = super::Deadline::new("a wait in a conformance case");
-    engine
-        .wait_for(|| {
-            let (seen, id) = (seen.clone(), job.id.clone());
-            async move { Ok(seen.lock().unwrap().contains(&id).then_some(())) }
-        })
-        .await
-        .unwrap();
+    super::wait_for(&engine, "the listener on the second host seeing the job", || {
+        let (seen, id) = (seen.clone(), job.id.clone());
+        async move { Ok(seen.lock().unwrap().contains(&id).then_some(())) }
+    })
+    .await
+    .unwrap();
     running.shutdown().await;
     assert_eq!(seen.lock().unwrap().len(), 1, "the job from before the subscription is not delivered");
 }

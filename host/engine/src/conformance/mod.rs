@@ -123,28 +123,24 @@ impl Default for TestHost {
 
 /// Waits until job `id` is terminal and returns it.
 pub async fn until_terminal(env: &Env, id: &str) -> Job {
-    let _deadline = Deadline::new("a job reaching a terminal status");
     let (env2, id) = (env.clone(), id.to_owned());
-    env.engine()
-        .wait_for(move || {
-            let (env, id) = (env2.clone(), id.clone());
-            async move { Ok(Some(env.job(&id).await?).filter(|j| j.status.is_terminal())) }
-        })
-        .await
-        .expect("wait for a terminal job")
+    wait_for(env.engine(), "a job reaching a terminal status", move || {
+        let (env, id) = (env2.clone(), id.clone());
+        async move { Ok(Some(env.job(&id).await?).filter(|j| j.status.is_terminal())) }
+    })
+    .await
+    .expect("wait for a terminal job")
 }
 
 /// Waits until job `id` has `status`.
 pub async fn until_status(env: &Env, id: &str, status: JobStatus) -> Job {
-    let _deadline = Deadline::new("a job reaching a status");
     let (env2, id) = (env.clone(), id.to_owned());
-    env.engine()
-        .wait_for(move || {
-            let (env, id) = (env2.clone(), id.clone());
-            async move { Ok(Some(env.job(&id).await?).filter(|j| j.status == status)) }
-        })
-        .await
-        .expect("wait for a job status")
+    wait_for(env.engine(), "a job reaching a status", move || {
+        let (env, id) = (env2.clone(), id.clone());
+        async move { Ok(Some(env.job(&id).await?).filter(|j| j.status == status)) }
+    })
+    .await
+    .expect("wait for a job status")
 }
 
 /// How long, in wall-clock time, a case may wait for something to happen.
@@ -171,6 +167,17 @@ impl Deadline {
         });
         Self { _ended: tx }
     }
+}
+
+/// [`Engine::wait_for`] under a [`Deadline`] naming `what`: every wait of the suite goes
+/// through here.
+pub async fn wait_for<T, F, Fut>(engine: &Engine, what: &'static str, check: F) -> crate::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = crate::Result<Option<T>>>,
+{
+    let _deadline = Deadline::new(what);
+    engine.wait_for(check).await
 }
 
 /// Every event of the environment, oldest first.

@@ -416,15 +416,12 @@ pub async fn sequential_parts_run_strictly_one_after_another() {
     let ranks: Vec<u8> = parts.iter().map(rank).collect();
     assert!(ranks.is_sorted() && ranks.iter().filter(|r| **r == 1).count() <= 1, "{parts:?}");
     assert!(parts.iter().all(|p| rank(p) != 2 || p.status == JobStatus::Waiting), "{parts:?}");
-    let _deadline = super::Deadline::new("a wait in a conformance case");
-    let pc = host
-        .engine
-        .wait_for(|| {
-            let (env, id) = (env.clone(), parent.id.clone());
-            async move { Ok(events_of(&env, &id, "job:parts-completed").await.into_iter().next()) }
-        })
-        .await
-        .unwrap();
+    let pc = super::wait_for(&host.engine, "job:parts-completed of the parent", || {
+        let (env, id) = (env.clone(), parent.id.clone());
+        async move { Ok(events_of(&env, &id, "job:parts-completed").await.into_iter().next()) }
+    })
+    .await
+    .unwrap();
     running.shutdown().await;
     assert_eq!(pc.payload["parts"], json!({"total": 5, "completed": 4, "failed": 1, "canceled": 0}));
     let expected: Vec<(u64, &str)> = (0..5).flat_map(|p| [(p, "start"), (p, "end")]).collect();
@@ -504,17 +501,15 @@ pub async fn seeds_scenario_with_failed_and_canceled_parts_fails_the_parent() {
     let job = s.env.create_job(NewJob::sheet(scenario::OPERATION, &s.sheet)).await.unwrap();
     // Wait until the eight handled parts ended, then cancel the two the listener leaves alone.
     let engine = s.host.engine.clone();
-    let _deadline = super::Deadline::new("a wait in a conformance case");
-    let parts = engine
-        .wait_for(|| {
-            let (env, id) = (s.env.clone(), job.id.clone());
-            async move {
-                let parts = env.parts(&id).await?;
-                Ok((parts.len() == 10 && parts.iter().filter(|p| p.status.is_terminal()).count() == 8).then_some(parts))
-            }
-        })
-        .await
-        .unwrap();
+    let parts = super::wait_for(&engine, "the eight handled parts ending", || {
+        let (env, id) = (s.env.clone(), job.id.clone());
+        async move {
+            let parts = env.parts(&id).await?;
+            Ok((parts.len() == 10 && parts.iter().filter(|p| p.status.is_terminal()).count() == 8).then_some(parts))
+        }
+    })
+    .await
+    .unwrap();
     for p in parts.iter().filter(|p| !p.status.is_terminal()) {
         assert_eq!(p.status, JobStatus::Ready);
         s.env.cancel(&p.id, Some("operator".into())).await.unwrap();
@@ -560,15 +555,12 @@ pub async fn exhausted_deliveries_are_dead_lettered_with_the_reason() {
     let listener = Listener::new("broken", env.id()).on("job:ready", |_| async { Err("cannot parse input".into()) });
     let running = host.engine.run(vec![listener]).await.unwrap();
     let job = job_in(&env, JobStatus::Ready).await;
-    let _deadline = super::Deadline::new("a wait in a conformance case");
-    let dead = host
-        .engine
-        .wait_for(|| {
-            let env = env.clone();
-            async move { Ok(Some(env.dead_letters().await?).filter(|d| !d.is_empty())) }
-        })
-        .await
-        .unwrap();
+    let dead = super::wait_for(&host.engine, "a dead letter", || {
+        let env = env.clone();
+        async move { Ok(Some(env.dead_letters().await?).filter(|d| !d.is_empty())) }
+    })
+    .await
+    .unwrap();
     running.shutdown().await;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].attempts, 3);
@@ -646,14 +638,12 @@ pub async fn listeners_only_see_their_environment_and_their_filter() {
     b.split(&pb.id, Split::count(1)).await.unwrap();
     let part = a.parts(&pa.id).await.unwrap().remove(0);
     a.complete(&part.id, Outcome::default()).await.unwrap();
-    let _deadline = super::Deadline::new("a wait in a conformance case");
-    host.engine
-        .wait_for(|| {
-            let s = seen.clone();
-            async move { Ok((s.lock().unwrap().len() == 3).then_some(())) }
-        })
-        .await
-        .unwrap();
+    super::wait_for(&host.engine, "three events seen by the listener", || {
+        let s = seen.clone();
+        async move { Ok((s.lock().unwrap().len() == 3).then_some(())) }
+    })
+    .await
+    .unwrap();
     running.shutdown().await;
     let got = seen.lock().unwrap().clone();
     let want: HashSet<String> =
@@ -985,15 +975,12 @@ pub async fn a_native_listener_that_retriggers_itself_is_stopped_by_the_loop_gua
     });
     let running = host.engine.run(vec![listener]).await.unwrap();
     let first = env.create_job(NewJob::new(JobType::Space, "echo")).await.unwrap();
-    let _deadline = super::Deadline::new("a wait in a conformance case");
-    let dead = host
-        .engine
-        .wait_for(|| {
-            let env = env.clone();
-            async move { Ok(env.dead_letters().await?.into_iter().next()) }
-        })
-        .await
-        .unwrap();
+    let dead = super::wait_for(&host.engine, "a dead letter from the loop guard", || {
+        let env = env.clone();
+        async move { Ok(env.dead_letters().await?.into_iter().next()) }
+    })
+    .await
+    .unwrap();
     running.shutdown().await;
     assert!(dead.last_error.contains("loop guard: this call would write events at depth 6"), "{}", dead.last_error);
     let echoes: Vec<Job> = env.jobs(0, 100).await.unwrap().into_iter().filter(|j| j.operation == "echo").collect();
