@@ -531,6 +531,9 @@ impl Store {
             let last = slot.clone();
             self.backend.submit_write(WriteOp {
                 run: Box::new(move |t: &mut dyn Tx| {
+                    // An earlier run's result must not outlive this run (if this one panics, no
+                    // result is the truth).
+                    *last.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     let result = g(t);
                     let keep = result.is_ok();
                     *last.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);

@@ -332,6 +332,7 @@ macro_rules! conformance_suite {
             a_retryable_failure_runs_the_write_again_and_applies_it_once,
             [tokio::test]
         );
+        $crate::__conformance_case!($open, $again, primitives, a_write_is_answered_by_its_last_run, [tokio::test]);
         $crate::__conformance_case!($open, $again, primitives, leases_are_fenced_by_owner_and_attempt, [tokio::test]);
         $crate::__conformance_case!(
             $open, $again,

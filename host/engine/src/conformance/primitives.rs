@@ -187,6 +187,58 @@ pub async fn a_retryable_failure_runs_the_write_again_and_applies_it_once() {
     assert_eq!(env.jobs(0, 100).await.unwrap().len(), 1, "nothing of the failed attempts was kept");
 }
 
+/// A backend that runs every write twice (as one that undoes a run and runs it again would),
+/// the second run's panic caught and counted as discarding it.
+struct RunTwice {
+    inner: Arc<dyn Backend>,
+}
+
+impl Backend for RunTwice {
+    fn submit_write(&self, op: WriteOp) {
+        let WriteOp { mut run, reply } = op;
+        self.inner.submit_write(WriteOp {
+            run: Box::new(move |tx: &mut dyn Tx| {
+                run(tx);
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(tx))).unwrap_or(false)
+            }),
+            reply,
+        });
+    }
+
+    fn submit_read(&self, op: ReadOp) {
+        self.inner.submit_read(op)
+    }
+
+    fn notifications(&self) -> Notifications {
+        self.inner.notifications()
+    }
+
+    fn exclusive(&self) -> bool {
+        self.inner.exclusive()
+    }
+}
+
+/// A write whose first run succeeded and whose last run panicked did not happen: its caller
+/// hears so, not the first run's result.
+pub async fn a_write_is_answered_by_its_last_run() {
+    let host = TestHost::new();
+    let store = Store::new(Arc::new(RunTwice { inner: host.engine.store().backend().clone() }));
+    let runs = Arc::new(AtomicU32::new(0));
+    let counted = runs.clone();
+    let result = store
+        .write(move |_| {
+            // Every second run fails: the backend may run the pair again, its last run fails.
+            if counted.fetch_add(1, Ordering::SeqCst) % 2 == 1 {
+                panic!("the second run fails");
+            }
+            Ok(())
+        })
+        .await;
+    let runs = runs.load(Ordering::SeqCst);
+    assert!(runs >= 2 && runs.is_multiple_of(2), "{runs} runs");
+    assert!(result.is_err(), "{result:?}");
+}
+
 pub async fn leases_are_fenced_by_owner_and_attempt() {
     let host = TestHost::new();
     let store = host.engine.store().clone();
