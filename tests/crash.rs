@@ -50,6 +50,8 @@ fn run_host(dir: &std::path::Path, kill_at: KillAt) -> (bool, Option<i32>, Vec<S
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn the child host");
+    // The deadline of every wait below: a child that hangs is killed, and the test fails.
+    crate::cli::kill_after(child.id(), 300);
     let stderr = BufReader::new(child.stderr.take().unwrap());
     let mut lines = Vec::new();
     let mut killed = false;
