@@ -401,6 +401,8 @@ async fn the_openapi_document_describes_every_route() {
         ("/v1/events", &["get"]),
         ("/v1/events/stream", &["get"]),
         ("/v1/executions", &["get"]),
+        ("/v1/dead-letters", &["get"]),
+        ("/v1/dead-letters/{id}/retry", &["post"]),
         ("/healthz", &["get"]),
         ("/readyz", &["get"]),
         ("/metrics", &["get"]),
@@ -418,7 +420,7 @@ async fn the_openapi_document_describes_every_route() {
             assert!(paths.get(path).and_then(|p| p.get(*m)).is_some(), "{m} {path} is documented");
         }
     }
-    assert_eq!(paths.len(), 26, "and nothing else: {:?}", paths.keys().collect::<Vec<_>>());
+    assert_eq!(paths.len(), 28, "and nothing else: {:?}", paths.keys().collect::<Vec<_>>());
     let schemas = doc["components"]["schemas"].as_object().unwrap();
     for s in ["Job", "NewJob", "Event", "Sheet", "RecordPage", "ErrorBody"] {
         assert!(schemas.contains_key(s), "schema {s}");

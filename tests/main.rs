@@ -10,6 +10,7 @@ mod support;
 
 mod api;
 mod cli;
+mod console;
 mod crash;
 mod fleet;
 mod languages;

@@ -6,10 +6,12 @@
 //!   is answered 404, so ids do not leak); the admin token manages environments and tokens.
 //! - [`error`]: every error is `{"error": {"code", "message"}}` with the status its kind means.
 //! - [`routes`]: the handlers, one per route, each a thin call into [`Env`](jobhost_engine::Env).
+//! - [`console`]: the operator console (HTML pages under `/console`, signed in with a token).
 //! - [`openapi`]: the OpenAPI document, generated from the handlers' annotations and the
 //!   model's schemas, served at `/openapi.json`.
 
 pub mod auth;
+pub mod console;
 pub mod error;
 pub mod openapi;
 pub mod plugins;
@@ -75,11 +77,15 @@ pub fn router(state: ApiState) -> Router {
         .route("/events", get(list_events))
         .route("/events/stream", get(stream_events))
         .route("/executions", get(list_executions))
+        .route("/dead-letters", get(list_dead_letters))
+        .route("/dead-letters/{id}/retry", post(retry_dead_letter))
         .route("/plugins", get(list_plugins))
         .route("/plugins/{name}", axum::routing::put(deploy_plugin).delete(delete_plugin))
         .route("/plugins/{name}/rollback", post(rollback_plugin));
     Router::new()
         .nest("/v1", v1)
+        .nest_service("/console", console::router(state.clone()))
+        .route("/", get(|| async { axum::response::Redirect::to("/console/") }))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

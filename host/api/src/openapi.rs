@@ -31,7 +31,7 @@ impl Modify for Bearer {
         routes::delete_records,
         routes::create_job, routes::list_jobs, routes::get_job, routes::execute_job, routes::ack_job, routes::complete_job,
         routes::fail_job, routes::cancel_job, routes::retry_job, routes::split_job, routes::acknowledge_outcome,
-        routes::list_events, routes::stream_events, routes::list_executions,
+        routes::list_events, routes::stream_events, routes::list_executions, routes::list_dead_letters, routes::retry_dead_letter,
         routes::list_plugins, routes::deploy_plugin, routes::rollback_plugin, routes::delete_plugin,
     ),
     tags(

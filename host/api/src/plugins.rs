@@ -302,6 +302,14 @@ impl Plugins {
         })
     }
 
+    /// The environment's plugins whose newest file did not load, with the reason.
+    pub async fn load_errors(&self, environment_id: &str) -> Result<Vec<crate::reload::LoadError>, PluginError> {
+        Ok(match self.host(environment_id, false).await? {
+            Some(h) => h.load_errors(),
+            None => Vec::new(),
+        })
+    }
+
     /// Validates `bytes` as plugin `name` and, when it loads, publishes and loads it.
     pub async fn deploy(&self, environment_id: &str, name: &str, bytes: Vec<u8>) -> Result<ReloadEvent, PluginError> {
         check_name(name)?;

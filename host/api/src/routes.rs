@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures_util::stream::Stream;
+use futures_util::stream::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -18,8 +18,8 @@ use super::auth::{Admin, Tenant};
 use super::error::{ApiError, ErrorBody, Json, JsonObject, Path, Query};
 use crate::filter::TopicPattern;
 use crate::model::{
-    Ack, ApiToken, Environment, Event, Execution, Job, NewJob, NewRecord, Outcome, RecordCounts, RecordPage,
-    RecordUpdate, Sheet, Split,
+    Ack, ApiToken, DeadLetter, Environment, Event, Execution, Job, NewJob, NewRecord, Outcome, RecordCounts,
+    RecordPage, RecordUpdate, Sheet, Split,
 };
 use crate::reload::{PluginInfo, ReloadEvent};
 
@@ -552,22 +552,37 @@ pub async fn stream_events(
     Query(q): Query<EventsQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let pattern = topic_pattern(q.topic.as_deref())?;
-    let commits = state.engine.store().backend().notifications().commits;
-    let start = (t.env, pattern, since(q.since)?, commits, std::collections::VecDeque::<Event>::new());
-    let stream = futures_util::stream::unfold(start, |(env, pattern, mut cursor, mut commits, mut queue)| async move {
+    let stream = event_stream(&state.engine, t.env, since(q.since)?).filter_map(move |e| {
+        let sse = pattern.as_ref().is_none_or(|p| p.matches(&e.topic)).then(|| {
+            Ok(SseEvent::default()
+                .event(e.topic.clone())
+                .id(e.seq.to_string())
+                .data(serde_json::to_string(&e).unwrap_or_default()))
+        });
+        std::future::ready(sse)
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// Every event of `env` after `cursor`, as soon as it is stored: read in batches, then woken by
+/// the store's commits (the stream ends when the store closes).
+pub fn event_stream(
+    engine: &jobhost_engine::Engine,
+    env: jobhost_engine::Env,
+    cursor: i64,
+) -> impl Stream<Item = Event> + use<> {
+    let commits = engine.store().backend().notifications().commits;
+    let start = (env, cursor, commits, std::collections::VecDeque::<Event>::new());
+    futures_util::stream::unfold(start, |(env, mut cursor, mut commits, mut queue)| async move {
         loop {
             if let Some(e) = queue.pop_front() {
-                let sse = SseEvent::default()
-                    .event(e.topic.clone())
-                    .id(e.seq.to_string())
-                    .data(serde_json::to_string(&e).unwrap_or_default());
-                return Some((Ok(sse), (env, pattern, cursor, commits, queue)));
+                return Some((e, (env, cursor, commits, queue)));
             }
             commits.borrow_and_update();
             match env.events(cursor, 500).await {
                 Ok(batch) if !batch.is_empty() => {
                     cursor = batch.last().map_or(cursor, |e| e.seq);
-                    queue.extend(batch.into_iter().filter(|e| pattern.as_ref().is_none_or(|p| p.matches(&e.topic))));
+                    queue.extend(batch);
                     continue;
                 }
                 Ok(_) => {}
@@ -576,8 +591,7 @@ pub async fn stream_events(
             // Nothing new: wait for the next commit (the store closing ends the stream).
             commits.changed().await.ok()?;
         }
-    });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+    })
 }
 
 /// Execution records of plugin deliveries (optionally of one job's events), oldest first.
@@ -586,6 +600,23 @@ pub async fn stream_events(
 pub async fn list_executions(t: Tenant, Query(q): Query<ExecutionsQuery>) -> Answer<Vec<Execution>> {
     let (limit, _) = page(q.limit, None, 100, MAX_LIST)?;
     ok(t.env.executions(q.job_id.as_deref(), limit).await?)
+}
+
+/// Deliveries that used up their attempts, oldest first, with the last error.
+#[utoipa::path(get, path = "/v1/dead-letters", tag = "events", security(("bearer" = [])),
+    responses((status = 200, body = Data<Vec<DeadLetter>>), (status = 401, body = ErrorBody)))]
+pub async fn list_dead_letters(t: Tenant) -> Answer<Vec<DeadLetter>> {
+    ok(t.env.dead_letters().await?)
+}
+
+/// Gives a dead letter a new round of attempts, due now: its listener gets the event again.
+#[utoipa::path(post, path = "/v1/dead-letters/{id}/retry", tag = "events",
+    params(("id" = i64, Path, description = "delivery id")), security(("bearer" = [])),
+    responses((status = 204, description = "due again"), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+pub async fn retry_dead_letter(t: Tenant, Path(id): Path<i64>) -> Result<StatusCode, ApiError> {
+    t.env.redeliver(id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 // ---- plugins ----

@@ -138,6 +138,18 @@ string_enum! {
 }
 
 impl JobStatus {
+    /// Every status, in lifecycle order.
+    pub const ALL: [JobStatus; 8] = [
+        Self::Created,
+        Self::Scheduled,
+        Self::Waiting,
+        Self::Ready,
+        Self::Executing,
+        Self::Complete,
+        Self::Failed,
+        Self::Canceled,
+    ];
+
     /// Terminal statuses never change again (except `failed` → `ready` by an explicit retry).
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Complete | Self::Failed | Self::Canceled)

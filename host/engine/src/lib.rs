@@ -297,6 +297,12 @@ impl Engine {
         self.inner.store.read(move |r| r.token(&hash)).await
     }
 
+    /// The API token whose SHA-256 is `hash` (what a console session keeps instead of the token).
+    pub async fn token_by_hash(&self, hash: &str) -> Result<Option<crate::model::ApiToken>> {
+        let hash = hash.to_owned();
+        self.inner.store.read(move |r| r.token(&hash)).await
+    }
+
     /// The API tokens of an environment.
     pub async fn tokens(&self, environment_id: &str) -> Result<Vec<crate::model::ApiToken>> {
         let env = environment_id.to_owned();
@@ -489,6 +495,11 @@ impl Env {
         .await
     }
 
+    /// Sheets of the environment, newest first.
+    pub async fn sheets(&self, offset: u64, limit: u32) -> Result<Vec<Sheet>> {
+        self.read(move |r, env| r.sheets(env, offset, limit)).await
+    }
+
     /// A sheet by id.
     pub async fn sheet(&self, id: &str) -> Result<Sheet> {
         let id = id.to_owned();
@@ -596,6 +607,33 @@ impl Env {
     /// Jobs of the environment, oldest first (`offset`/`limit` paging).
     pub async fn jobs(&self, offset: u64, limit: u32) -> Result<Vec<Job>> {
         self.read(move |r, env| r.jobs(env, None, offset, limit)).await
+    }
+
+    /// Jobs that match `query`, newest first (a parent's parts by index), `offset`/`limit`
+    /// paging. A `query.parent` of another environment (or none) is not found.
+    pub async fn find_jobs(&self, query: crate::store::JobQuery, offset: u64, limit: u32) -> Result<Vec<Job>> {
+        self.read(move |r, env| {
+            if let Some(parent) = &query.parent {
+                r.job(env, parent)?.ok_or_else(|| Error::not_found("job", parent))?;
+            }
+            r.find_jobs(env, &query, offset, limit)
+        })
+        .await
+    }
+
+    /// How many jobs match `query` (whatever their status), per status.
+    pub async fn count_jobs(&self, query: crate::store::JobQuery) -> Result<Vec<(crate::model::JobStatus, u64)>> {
+        self.read(move |r, env| r.count_jobs(env, &query)).await
+    }
+
+    /// The statuses of a job's parts, by part index.
+    pub async fn part_statuses(&self, id: &str) -> Result<Vec<crate::model::JobStatus>> {
+        let id = id.to_owned();
+        self.read(move |r, env| {
+            r.job(env, &id)?.ok_or_else(|| Error::not_found("job", &id))?;
+            r.part_statuses(env, &id)
+        })
+        .await
     }
 
     /// The parts of a job, by part index.
@@ -735,6 +773,11 @@ impl Env {
         self.read(move |r, env| r.events(env, after_seq, limit)).await
     }
 
+    /// The `seq` of the environment's newest event (0 when there is none yet).
+    pub async fn last_event_seq(&self) -> Result<i64> {
+        self.read(|r, env| r.last_event_seq(env)).await
+    }
+
     /// Every event of one job, oldest first.
     pub async fn job_events(&self, job_id: &str) -> Result<Vec<Event>> {
         let job_id = job_id.to_owned();
@@ -757,6 +800,19 @@ impl Env {
         self.read(|r, env| r.dead_letters(env)).await
     }
 
+    /// Gives a dead letter a new round of attempts, due now: its listener gets the event
+    /// again. Not found when it is not (or no longer) a dead letter of this environment.
+    pub async fn redeliver(&self, delivery_id: i64) -> Result<()> {
+        self.write(move |tx, ctx| {
+            if tx.redeliver_dead(&ctx.env, delivery_id, ctx.now)? {
+                Ok(())
+            } else {
+                Err(Error::not_found("dead letter", delivery_id.to_string()))
+            }
+        })
+        .await
+    }
+
     /// Builds an event's context for a custom event emitter (used by listener tests).
     pub fn context(&self, job_id: Option<&str>) -> Value {
         serde_json::json!({ "environmentId": &*self.env, "jobId": job_id, "actorId": &*self.actor })
@@ -769,7 +825,8 @@ pub fn token_hash(token: &str) -> String {
 }
 
 /// `n` random bytes from the OS, hex.
-fn random_hex(n: usize) -> std::io::Result<String> {
+/// `n` bytes from the operating system's random source, in hex: tokens and session ids.
+pub fn random_hex(n: usize) -> std::io::Result<String> {
     use std::io::Read;
     let mut bytes = vec![0u8; n];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;

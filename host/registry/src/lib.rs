@@ -170,7 +170,21 @@ pub struct PluginHost {
     plugins: Mutex<HashMap<String, Entry>>,
     /// Content that failed to load, per plugin (the last few): not compiled again.
     failed: Mutex<HashMap<String, Vec<String>>>,
+    /// Why the newest file of a plugin did not load, until a version loads or the file goes.
+    load_errors: std::sync::Mutex<HashMap<String, LoadError>>,
     events: broadcast::Sender<ReloadEvent>,
+}
+
+/// A plugin file that did not load: the previous version (if any) keeps serving.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadError {
+    /// Plugin name.
+    pub name: String,
+    /// The content that failed, when it could be read.
+    pub version: Option<String>,
+    /// Why.
+    pub reason: String,
 }
 
 impl std::fmt::Debug for PluginHost {
@@ -218,6 +232,7 @@ impl PluginHost {
             keep: KEEP_VERSIONS,
             plugins: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
+            load_errors: std::sync::Mutex::new(HashMap::new()),
             events,
         });
         let loaded = host.scan().await;
@@ -298,8 +313,31 @@ impl PluginHost {
             ReloadEvent::Failed { .. } => ReloadOutcome::Failed,
             ReloadEvent::Removed { .. } => ReloadOutcome::Removed,
         });
+        if let Ok(mut errors) = self.load_errors.lock() {
+            match &event {
+                ReloadEvent::Failed { reason, .. } if reason == ALREADY_FAILED => {}
+                ReloadEvent::Failed { name, version, reason } => {
+                    errors.insert(
+                        name.clone(),
+                        LoadError { name: name.clone(), version: version.clone(), reason: reason.clone() },
+                    );
+                }
+                ReloadEvent::Loaded { name, .. } | ReloadEvent::Removed { name, .. } => {
+                    errors.remove(name);
+                }
+                ReloadEvent::Unchanged { .. } => {}
+            }
+        }
         let _ = self.events.send(event.clone());
         event
+    }
+
+    /// Plugins whose newest file did not load, by name, with the reason.
+    pub fn load_errors(&self) -> Vec<LoadError> {
+        let mut out: Vec<LoadError> =
+            self.load_errors.lock().map(|e| e.values().cloned().collect()).unwrap_or_default();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
     }
 
     /// One sync, in its steps: read → validate → swap → resubscribe. Each step that refuses

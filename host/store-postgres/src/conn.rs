@@ -12,8 +12,8 @@ use jobhost_core::model::{
     ApiToken, DeadLetter, Environment, Event, Execution, Job, JobStatus, Millis, RecordCounts, Sheet, UnknownValue,
 };
 use jobhost_store::{
-    DeliveryEnd, DeliveryStats, Deployment, DueDelivery, EncodedRecord, Fence, HostRecord, Overdue, PartStatusCounts,
-    RawRecord, ReadTx, StoredRecord, Subscription, Tx,
+    DeliveryEnd, DeliveryStats, Deployment, DueDelivery, EncodedRecord, Fence, HostRecord, JobQuery, Overdue,
+    PartStatusCounts, QueryValue, RawRecord, ReadTx, StoredRecord, Subscription, Tx,
 };
 
 use crate::Db;
@@ -140,6 +140,23 @@ impl<'a, C: GenericClient> Conn<'a, C> {
         let rows = self.query(&format!("SELECT {JOB_COLUMNS} FROM jobs {sql_tail}"), params)?;
         rows.iter().map(job_from_row).collect()
     }
+}
+
+fn sql_value(value: &QueryValue) -> &(dyn ToSql + Sync) {
+    match value {
+        QueryValue::Text(t) => t,
+        QueryValue::Int(i) => i,
+    }
+}
+
+fn sheet_from_row(r: &Row) -> Result<Sheet> {
+    Ok(Sheet {
+        id: get(r, 0)?,
+        environment_id: get(r, 1)?,
+        name: get(r, 2)?,
+        workbook_id: get(r, 3)?,
+        created_at: get(r, 4)?,
+    })
 }
 
 fn get<'r, T: postgres::types::FromSql<'r>>(row: &'r Row, i: usize) -> Result<T> {
@@ -307,16 +324,59 @@ impl<C: GenericClient> ReadTx for Conn<'_, C> {
             "SELECT id, environment_id, name, workbook_id, created_at FROM sheets WHERE id = $1 AND environment_id = $2",
             &[&id, &env],
         )?;
-        row.map(|r| {
-            Ok(Sheet {
-                id: get(&r, 0)?,
-                environment_id: get(&r, 1)?,
-                name: get(&r, 2)?,
-                workbook_id: get(&r, 3)?,
-                created_at: get(&r, 4)?,
-            })
-        })
-        .transpose()
+        row.map(|r| sheet_from_row(&r)).transpose()
+    }
+
+    fn sheets(&mut self, env: &str, offset: u64, limit: u32) -> Result<Vec<Sheet>> {
+        let rows = self.query(
+            "SELECT id, environment_id, name, workbook_id, created_at FROM sheets WHERE environment_id = $1 \
+             ORDER BY key DESC LIMIT $2 OFFSET $3",
+            &[&env, &i64::from(limit), &(offset as i64)],
+        )?;
+        rows.iter().map(sheet_from_row).collect()
+    }
+
+    fn last_event_seq(&mut self, env: &str) -> Result<i64> {
+        let row =
+            self.query_one("SELECT COALESCE(MAX(seq), 0)::bigint FROM events WHERE environment_id = $1", &[&env])?;
+        get(&row, 0)
+    }
+
+    fn find_jobs(&mut self, env: &str, query: &JobQuery, offset: u64, limit: u32) -> Result<Vec<Job>> {
+        let (conditions, values) = query.conditions(|n| format!("${n}"));
+        // `jobs_env (environment_id, seq)` read backwards: newest first without a sort.
+        let order = if query.parent.is_some() { "part_index" } else { "seq DESC" };
+        let n = values.len();
+        let (limit, offset) = (i64::from(limit), offset as i64);
+        let mut bound: Vec<&(dyn ToSql + Sync)> = vec![&env];
+        bound.extend(values.iter().map(sql_value));
+        bound.push(&limit);
+        bound.push(&offset);
+        self.jobs_where(
+            &format!("WHERE environment_id = $1{conditions} ORDER BY {order} LIMIT ${} OFFSET ${}", n + 2, n + 3),
+            &bound,
+        )
+    }
+
+    fn count_jobs(&mut self, env: &str, query: &JobQuery) -> Result<Vec<(JobStatus, u64)>> {
+        let (conditions, values) = query.any_status().conditions(|n| format!("${n}"));
+        let mut bound: Vec<&(dyn ToSql + Sync)> = vec![&env];
+        bound.extend(values.iter().map(sql_value));
+        let rows = self.query(
+            &format!(
+                "SELECT status, COUNT(*) FROM jobs WHERE environment_id = $1{conditions} GROUP BY status ORDER BY status"
+            ),
+            &bound,
+        )?;
+        rows.iter().map(|r| Ok((parse_enum(get::<&str>(r, 0)?)?, get::<i64>(r, 1)? as u64))).collect()
+    }
+
+    fn part_statuses(&mut self, env: &str, parent: &str) -> Result<Vec<JobStatus>> {
+        let rows = self.query(
+            "SELECT status FROM jobs WHERE parent_id = $1 AND environment_id = $2 ORDER BY part_index",
+            &[&parent, &env],
+        )?;
+        rows.iter().map(|r| parse_enum(get::<&str>(r, 0)?)).collect()
     }
 
     fn record_counts(&mut self, sheet_id: &str) -> Result<RecordCounts> {
@@ -1055,6 +1115,16 @@ impl<C: GenericClient> Tx for Conn<'_, C> {
             "UPDATE deliveries SET status = 'pending', attempts = attempts - 1, due_at = $3, lease_owner = NULL \
              WHERE id = $1 AND status = 'leased' AND attempts = $2 AND lease_owner = $4",
             &[&id, &i64::from(fence.attempt), &now, &fence.owner],
+        )?;
+        self.new_deliveries += n as usize;
+        Ok(n == 1)
+    }
+
+    fn redeliver_dead(&mut self, env: &str, delivery_id: i64, now: Millis) -> Result<bool> {
+        let n = self.execute(
+            "UPDATE deliveries d SET status = 'pending', attempts = 0, due_at = $3, lease_owner = NULL, finished_at = NULL \
+             FROM events e WHERE d.id = $1 AND d.status = 'dead' AND e.key = d.event_key AND e.environment_id = $2",
+            &[&delivery_id, &env, &now],
         )?;
         self.new_deliveries += n as usize;
         Ok(n == 1)

@@ -31,8 +31,8 @@ use jobhost_core::model::{
     ApiToken, DeadLetter, Environment, Event, Execution, Job, JobStatus, Millis, RecordCounts, Sheet, UnknownValue,
 };
 use jobhost_store::{
-    Backend, DeliveryEnd, DeliveryStats, DueDelivery, EncodedRecord, Fence, HostRecord, Notifications, Overdue,
-    PartStatusCounts, RawRecord, ReadOp, ReadTx, StoredRecord, Subscription, Tx, WriteOp,
+    Backend, DeliveryEnd, DeliveryStats, DueDelivery, EncodedRecord, Fence, HostRecord, JobQuery, Notifications,
+    Overdue, PartStatusCounts, QueryValue, RawRecord, ReadOp, ReadTx, StoredRecord, Subscription, Tx, WriteOp,
 };
 
 /// A SQLite failure as the store's error: busy and locked databases may clear on a retry.
@@ -559,6 +559,13 @@ const JOB_COLUMNS: &str = "id, environment_id, kind, operation, source, status, 
     stale_timeout_ms, attempt, created_at, updated_at, started_at, finished_at, outcome_acknowledged_at, ready_at, \
     last_activity_at, split_at, parts_completed_at";
 
+fn sql_value(value: &QueryValue) -> &dyn rusqlite::ToSql {
+    match value {
+        QueryValue::Text(t) => t,
+        QueryValue::Int(i) => i,
+    }
+}
+
 fn job_from_row(r: &Row<'_>) -> rusqlite::Result<Job> {
     let json = |i: usize| -> rusqlite::Result<Value> {
         let t: Option<String> = r.get(i)?;
@@ -739,6 +746,79 @@ impl ReadTx for Conn<'_> {
                 .prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE environment_id = ?1 AND ?2 IS NULL ORDER BY rowid LIMIT ?3 OFFSET ?4")).db()?,
         };
         let rows = stmt.query_map(params![env, parent, limit, offset as i64], job_from_row).db()?;
+        rows.collect::<rusqlite::Result<_>>().db()
+    }
+
+    fn last_event_seq(&mut self, env: &str) -> Result<i64> {
+        self.conn
+            .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM events WHERE environment_id = ?1")
+            .db()?
+            .query_row([env], |r| r.get(0))
+            .db()
+    }
+
+    fn find_jobs(&mut self, env: &str, query: &JobQuery, offset: u64, limit: u32) -> Result<Vec<Job>> {
+        let (conditions, values) = query.conditions(|n| format!("?{n}"));
+        // Newest first is rowid order backwards: `jobs_env` holds the rowid, so no sort.
+        let order = if query.parent.is_some() { "part_index" } else { "rowid DESC" };
+        let n = values.len();
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE environment_id = ?1{conditions} ORDER BY {order} LIMIT ?{} OFFSET ?{}",
+            n + 2,
+            n + 3
+        );
+        let mut stmt = self.conn.prepare_cached(&sql).db()?;
+        let mut bound: Vec<&dyn rusqlite::ToSql> = vec![&env];
+        bound.extend(values.iter().map(sql_value));
+        let (limit, offset) = (i64::from(limit), offset as i64);
+        bound.push(&limit);
+        bound.push(&offset);
+        let rows = stmt.query_map(bound.as_slice(), job_from_row).db()?;
+        rows.collect::<rusqlite::Result<_>>().db()
+    }
+
+    fn count_jobs(&mut self, env: &str, query: &JobQuery) -> Result<Vec<(JobStatus, u64)>> {
+        let (conditions, values) = query.any_status().conditions(|n| format!("?{n}"));
+        let sql = format!(
+            "SELECT status, COUNT(*) FROM jobs WHERE environment_id = ?1{conditions} GROUP BY status ORDER BY status"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql).db()?;
+        let mut bound: Vec<&dyn rusqlite::ToSql> = vec![&env];
+        bound.extend(values.iter().map(sql_value));
+        let rows = stmt
+            .query_map(bound.as_slice(), |r| Ok((parse_enum(&r.get::<_, String>(0)?)?, r.get::<_, i64>(1)? as u64)))
+            .db()?;
+        rows.collect::<rusqlite::Result<_>>().db()
+    }
+
+    fn part_statuses(&mut self, env: &str, parent: &str) -> Result<Vec<JobStatus>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT status FROM jobs WHERE parent_id = ?1 AND environment_id = ?2 ORDER BY part_index")
+            .db()?;
+        let rows = stmt.query_map([parent, env], |r| parse_enum(&r.get::<_, String>(0)?)).db()?;
+        rows.collect::<rusqlite::Result<_>>().db()
+    }
+
+    fn sheets(&mut self, env: &str, offset: u64, limit: u32) -> Result<Vec<Sheet>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, environment_id, name, workbook_id, created_at FROM sheets WHERE environment_id = ?1 \
+                 ORDER BY rowid DESC LIMIT ?2 OFFSET ?3",
+            )
+            .db()?;
+        let rows = stmt
+            .query_map(params![env, limit, offset as i64], |r| {
+                Ok(Sheet {
+                    id: r.get(0)?,
+                    environment_id: r.get(1)?,
+                    name: r.get(2)?,
+                    workbook_id: r.get(3)?,
+                    created_at: r.get(4)?,
+                })
+            })
+            .db()?;
         rows.collect::<rusqlite::Result<_>>().db()
     }
 
@@ -1453,6 +1533,21 @@ impl Tx for Conn<'_> {
             )
             .db()?
             .execute(params![id, fence.attempt, now, fence.owner])
+            .db()?;
+        self.new_deliveries += n;
+        Ok(n == 1)
+    }
+
+    fn redeliver_dead(&mut self, env: &str, delivery_id: i64, now: Millis) -> Result<bool> {
+        let n = self
+            .conn
+            .prepare_cached(
+                "UPDATE deliveries SET status = 'pending', attempts = 0, due_at = ?3, lease_owner = NULL, \
+                 finished_at = NULL WHERE id = ?1 AND status = 'dead' \
+                 AND event_seq IN (SELECT seq FROM events WHERE environment_id = ?2)",
+            )
+            .db()?
+            .execute(params![delivery_id, env, now])
             .db()?;
         self.new_deliveries += n;
         Ok(n == 1)

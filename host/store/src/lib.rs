@@ -31,7 +31,7 @@ use tokio::sync::Notify;
 
 use jobhost_core::error::{Error, Result};
 use jobhost_core::model::{
-    ApiToken, DeadLetter, Environment, Event, Execution, Job, JobStatus, Message, Millis, RecordCounts, Sheet,
+    ApiToken, DeadLetter, Environment, Event, Execution, Job, JobStatus, JobType, Message, Millis, RecordCounts, Sheet,
 };
 
 /// A subscription as stored: who wants which events of one environment.
@@ -212,8 +212,20 @@ pub trait ReadTx {
     fn job(&mut self, env: &str, id: &str) -> Result<Option<Job>>;
     /// Jobs of an environment, optionally only the parts of `parent`, oldest first.
     fn jobs(&mut self, env: &str, parent: Option<&str>, offset: u64, limit: u32) -> Result<Vec<Job>>;
+    /// Jobs of an environment that match `query`: newest first, or by part index when
+    /// `query.parent` is set.
+    fn find_jobs(&mut self, env: &str, query: &JobQuery, offset: u64, limit: u32) -> Result<Vec<Job>>;
+    /// How many jobs match `query` (its `statuses` ignored), per status, in status order.
+    fn count_jobs(&mut self, env: &str, query: &JobQuery) -> Result<Vec<(JobStatus, u64)>>;
+    /// The statuses of a job's parts, by part index (a part grid reads 10,000 in one go).
+    fn part_statuses(&mut self, env: &str, parent: &str) -> Result<Vec<JobStatus>>;
+    /// Sheets of an environment, newest first.
+    fn sheets(&mut self, env: &str, offset: u64, limit: u32) -> Result<Vec<Sheet>>;
     /// Events of an environment after the cursor `after_seq`, oldest first.
     fn events(&mut self, env: &str, after_seq: i64, limit: u32) -> Result<Vec<Event>>;
+    /// The `seq` of the environment's newest event (0 when it has none): where a stream that
+    /// wants only what happens from now on starts.
+    fn last_event_seq(&mut self, env: &str) -> Result<i64>;
     /// Events of one job, oldest first.
     fn job_events(&mut self, env: &str, job_id: &str) -> Result<Vec<Event>>;
     /// Dead-lettered deliveries of an environment.
@@ -277,6 +289,80 @@ pub struct Deployment {
 
 fn no_plugins() -> Error {
     Error::store("this store does not keep plugins (plugins are files in the host's plugins directory)")
+}
+
+/// Which jobs a listing shows; every field left empty matches every job.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobQuery {
+    /// Any of these statuses (none: any status).
+    pub statuses: Vec<JobStatus>,
+    /// Of this type.
+    pub kind: Option<JobType>,
+    /// With this operation.
+    pub operation: Option<String>,
+    /// Parts of this job only.
+    pub parent: Option<String>,
+    /// Jobs that are not parts only (ignored with `parent`).
+    pub top_level: bool,
+    /// Created at or after this.
+    pub created_from: Option<Millis>,
+    /// Created before this.
+    pub created_before: Option<Millis>,
+}
+
+/// A value bound to a [`JobQuery`]'s condition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueryValue {
+    /// Text.
+    Text(String),
+    /// An integer.
+    Int(i64),
+}
+
+impl JobQuery {
+    /// The conditions after `environment_id = <first parameter>`, each starting with ` AND `,
+    /// and the values they bind in order. `placeholder(n)` writes the n-th parameter (1-based;
+    /// the environment is 1) in the backend's syntax. Columns are the `jobs` table's:
+    /// `status`, `kind`, `operation`, `parent_id`, `created_at`.
+    pub fn conditions(&self, placeholder: impl Fn(usize) -> String) -> (String, Vec<QueryValue>) {
+        let mut sql = String::new();
+        let mut values = Vec::new();
+        let mut bind = |sql: &mut String, value: QueryValue| {
+            values.push(value);
+            sql.push_str(&placeholder(values.len() + 1));
+        };
+        if !self.statuses.is_empty() {
+            sql.push_str(" AND status IN (");
+            for (i, status) in self.statuses.iter().enumerate() {
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                bind(&mut sql, QueryValue::Text(status.as_str().to_owned()));
+            }
+            sql.push(')');
+        }
+        let mut equal = |sql: &mut String, column: &str, value: Option<QueryValue>| {
+            if let Some(value) = value {
+                sql.push_str(" AND ");
+                sql.push_str(column);
+                bind(sql, value);
+            }
+        };
+        equal(&mut sql, "kind = ", self.kind.map(|k| QueryValue::Text(k.as_str().to_owned())));
+        equal(&mut sql, "operation = ", self.operation.clone().map(QueryValue::Text));
+        equal(&mut sql, "parent_id = ", self.parent.clone().map(QueryValue::Text));
+        if self.top_level && self.parent.is_none() {
+            sql.push_str(" AND parent_id IS NULL");
+        }
+        equal(&mut sql, "created_at >= ", self.created_from.map(QueryValue::Int));
+        equal(&mut sql, "created_at < ", self.created_before.map(QueryValue::Int));
+        (sql, values)
+    }
+
+    /// This query without its status filter (what [`ReadTx::count_jobs`] counts).
+    pub fn any_status(&self) -> Self {
+        Self { statuses: Vec::new(), ..self.clone() }
+    }
 }
 
 /// One stored record row.
@@ -408,6 +494,9 @@ pub trait Tx: ReadTx {
     /// Hands a leased delivery back: pending and due now, its attempt not counted. Only while
     /// the fence's lease is current.
     fn release_delivery(&mut self, delivery_id: i64, fence: &Fence, now: Millis) -> Result<bool>;
+    /// Gives a dead-lettered delivery of an environment's event a new round of attempts, due
+    /// now; false when there is no such dead letter (already retried, or another environment's).
+    fn redeliver_dead(&mut self, env: &str, delivery_id: i64, now: Millis) -> Result<bool>;
     /// Makes due now every leased delivery whose owner is not in `live` (those hosts are
     /// gone); returns how many.
     fn reclaim_leases_except(&mut self, live: &[String], now: Millis) -> Result<u64>;

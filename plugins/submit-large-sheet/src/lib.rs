@@ -96,6 +96,7 @@ fn part_ready(event: &Event) -> Result<()> {
     if let Some(parent) = job.parent_id() {
         let input = jobs::get(parent)?.input()?;
         if input["failParts"].as_array().is_some_and(|l| l.iter().any(|p| p.as_u64() == Some(u64::from(part)))) {
+            log::warn(&format!("part {part} is listed in the parent's failParts: failing it on purpose"));
             tolerate_repeat(jobs::fail(job_id, Outcome::message(format!("part {part} failed on purpose"))))?;
             return Ok(());
         }

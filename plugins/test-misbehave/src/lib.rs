@@ -3,9 +3,13 @@
 //! fails its first attempt with an error and completes the job on the next,
 //! `space:print` writes to stdout and stderr and logs before completing the job,
 //! `space:bomb` allocates 1 GiB (memory limit), `space:sleep` sleeps for an hour through WASI
-//! clocks (blocked in a host call: only the wall-clock limit stops it).
+//! clocks (blocked in a host call: only the wall-clock limit stops it), `sheet:xss` writes
+//! markup and script into everything the console shows — its logs, a record of its sheet
+//! (a value and an error message), the job's info and outcome — and fails the job: the
+//! console must show all of it as text.
 
-use jobhost_plugin_sdk::jobs::{self, Outcome};
+use jobhost_plugin_sdk::jobs::{self, Ack, Outcome};
+use jobhost_plugin_sdk::records::{self, CellValue, Message, MessageKind, NewRecord};
 use jobhost_plugin_sdk::{Event, Listener, Result, json, log};
 
 fn listener() -> Listener {
@@ -40,6 +44,7 @@ fn listener() -> Listener {
                 Err("woke up".into())
             })
         })
+        .filter(json!({ "job": "sheet:xss" }), |l| l.on("job:ready", xss))
         .filter(json!({ "job": "space:print" }), |l| {
             l.on("job:ready", |event: &Event| -> Result<()> {
                 println!("to stdout");
@@ -52,3 +57,34 @@ fn listener() -> Listener {
 }
 
 jobhost_plugin_sdk::export!(listener);
+
+/// What a hostile plugin would write: a script element, an image whose error handler runs
+/// script, and a `javascript:` link. Each sets `document.title` when it runs, which the
+/// console's tests check never happens.
+const PAYLOADS: [&str; 3] = [
+    "<script>document.title='XSS-script'</script>",
+    "<img src=x onerror=\"document.title='XSS-img'\">",
+    "<a href=\"javascript:document.title='XSS-link'\">click</a>",
+];
+
+fn xss(event: &Event) -> Result<()> {
+    let job_id = event.job_id()?;
+    let all = PAYLOADS.join(" ");
+    println!("stdout {all}");
+    log::warn(&format!("log {all}"));
+    let sheet = event.sheet_id()?;
+    let field = |name: &str, text: &str| jobhost_plugin_sdk::records::FieldValue {
+        field: name.to_owned(),
+        value: CellValue::Text(text.to_owned()),
+    };
+    records::insert(
+        sheet,
+        &[NewRecord {
+            values: vec![field("name", PAYLOADS[0]), field("email", PAYLOADS[1])],
+            messages: vec![Message { field: Some("email".into()), kind: MessageKind::Error, text: PAYLOADS[2].to_owned() }],
+        }],
+    )?;
+    jobs::ack(job_id, Ack::progress(format!("info {all}"), 50))?;
+    jobs::fail(job_id, Outcome { outcome: json!({ "message": all, "html": PAYLOADS }), info: Some(format!("failed {all}")) })?;
+    Ok(())
+}

@@ -260,6 +260,13 @@ macro_rules! conformance_suite {
             exhausted_deliveries_are_dead_lettered_with_the_reason,
             [tokio::test]
         );
+        $crate::__conformance_case!($open, $again, rules, a_retried_dead_letter_is_delivered_again_once, [tokio::test]);
+        $crate::__conformance_case!(
+            $open, $again,
+            rules,
+            listings_filter_count_and_page_within_an_environment,
+            [tokio::test]
+        );
         $crate::__conformance_case!(
             $open, $again,
             rules,

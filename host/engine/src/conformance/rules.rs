@@ -42,16 +42,7 @@ const CALLS: [CallKind; 8] = [
     CallKind::Split,
 ];
 
-const STATUSES: [JobStatus; 8] = [
-    JobStatus::Created,
-    JobStatus::Scheduled,
-    JobStatus::Waiting,
-    JobStatus::Ready,
-    JobStatus::Executing,
-    JobStatus::Complete,
-    JobStatus::Failed,
-    JobStatus::Canceled,
-];
+const STATUSES: [JobStatus; 8] = JobStatus::ALL;
 
 /// `docs/job-model.md`'s table: the status a call leads to from a status, or `None` if refused,
 /// and the topics the call writes.
@@ -549,24 +540,140 @@ pub async fn a_failing_handler_is_retried_then_succeeds() {
     assert!(env.dead_letters().await.unwrap().is_empty());
 }
 
+async fn until_dead_letter(host: &TestHost, env: &Env) -> Vec<crate::model::DeadLetter> {
+    super::wait_for(&host.engine, "a dead letter", || {
+        let env = env.clone();
+        async move { Ok(Some(env.dead_letters().await?).filter(|d| !d.is_empty())) }
+    })
+    .await
+    .unwrap()
+}
+
 pub async fn exhausted_deliveries_are_dead_lettered_with_the_reason() {
     let host = TestHost::with_config(EngineConfig { max_attempts: 3, ..test_config() });
     let env = host.env().await;
     let listener = Listener::new("broken", env.id()).on("job:ready", |_| async { Err("cannot parse input".into()) });
     let running = host.engine.run(vec![listener]).await.unwrap();
     let job = job_in(&env, JobStatus::Ready).await;
-    let dead = super::wait_for(&host.engine, "a dead letter", || {
-        let env = env.clone();
-        async move { Ok(Some(env.dead_letters().await?).filter(|d| !d.is_empty())) }
-    })
-    .await
-    .unwrap();
+    let dead = until_dead_letter(&host, &env).await;
     running.shutdown().await;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].attempts, 3);
     assert_eq!(dead[0].event.job_id(), Some(job.id.as_str()));
     assert_eq!(dead[0].subscription_id, format!("{}/broken#0", env.id()));
     assert!(dead[0].last_error.contains("cannot parse input"));
+}
+
+pub async fn a_retried_dead_letter_is_delivered_again_once() {
+    let host = TestHost::with_config(EngineConfig { max_attempts: 2, ..test_config() });
+    let env = host.env().await;
+    let other = host.env().await;
+    let fixed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = fixed.clone();
+    let listener = Listener::new("fixable", env.id()).on("job:ready", move |event| {
+        let fixed = seen.load(std::sync::atomic::Ordering::SeqCst);
+        async move {
+            if !fixed {
+                return Err("not yet".into());
+            }
+            event.api.complete(event.job_id()?, Outcome::message("after the retry")).await?;
+            Ok(())
+        }
+    });
+    let running = host.engine.run(vec![listener]).await.unwrap();
+    let job = job_in(&env, JobStatus::Ready).await;
+    let dead = until_dead_letter(&host, &env).await;
+    let id = dead[0].delivery_id;
+    // Another environment cannot reach it; an id that is no dead letter is not found.
+    assert_eq!(other.redeliver(id).await.unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(env.redeliver(id + 1_000).await.unwrap_err().kind(), ErrorKind::NotFound);
+    fixed.store(true, std::sync::atomic::Ordering::SeqCst);
+    env.redeliver(id).await.unwrap();
+    let job = until_terminal(&env, &job.id).await;
+    running.shutdown().await;
+    assert_eq!((job.status, job.outcome), (JobStatus::Complete, json!({"message": "after the retry"})));
+    assert!(env.dead_letters().await.unwrap().is_empty());
+    // Retried once: a second retry finds no dead letter.
+    assert_eq!(env.redeliver(id).await.unwrap_err().kind(), ErrorKind::NotFound);
+}
+
+pub async fn listings_filter_count_and_page_within_an_environment() {
+    use crate::store::JobQuery;
+    let host = TestHost::new();
+    let env = host.env().await;
+    let other = host.env().await;
+    other.create_job(NewJob::new(JobType::Space, "work")).await.unwrap();
+    let mut made = Vec::new();
+    for i in 0..5 {
+        let op = if i % 2 == 0 { "even" } else { "odd" };
+        made.push(env.create_job(NewJob::new(JobType::File, op)).await.unwrap());
+    }
+    env.create_job(NewJob::new(JobType::Space, "even").trigger(Trigger::Manual)).await.unwrap();
+    let parent = made[4].clone();
+    env.ack(&parent.id, Ack::default()).await.unwrap();
+    env.split(&parent.id, Split::count(4)).await.unwrap();
+    let parts = env.parts(&parent.id).await.unwrap();
+    env.ack(&parts[1].id, Ack::default()).await.unwrap();
+    env.fail(&parts[1].id, Outcome::message("no")).await.unwrap();
+    env.cancel(&parts[3].id, None).await.unwrap();
+
+    let ids = |jobs: Vec<Job>| jobs.into_iter().map(|j| j.id).collect::<Vec<_>>();
+    // Newest first: the manual job, the four parts (made by the split), then made[4..0].
+    let all = ids(env.find_jobs(JobQuery::default(), 0, 100).await.unwrap());
+    assert_eq!(all.len(), 10, "{all:?}");
+    assert_eq!(all[6..], [made[3].id.clone(), made[2].id.clone(), made[1].id.clone(), made[0].id.clone()]);
+    assert_eq!(ids(env.find_jobs(JobQuery::default(), 7, 2).await.unwrap()), [made[2].id.clone(), made[1].id.clone()]);
+    // Parts carry their parent's type and operation; `top_level` leaves them out.
+    let file_even = JobQuery { kind: Some(JobType::File), operation: Some("even".into()), ..JobQuery::default() };
+    assert_eq!(env.find_jobs(file_even.clone(), 0, 100).await.unwrap().len(), 7);
+    let file_even = JobQuery { top_level: true, ..file_even };
+    assert_eq!(
+        ids(env.find_jobs(file_even.clone(), 0, 100).await.unwrap()),
+        [made[4].id.clone(), made[2].id.clone(), made[0].id.clone()]
+    );
+    let created = JobQuery { statuses: vec![JobStatus::Created], ..JobQuery::default() };
+    assert_eq!(env.find_jobs(created, 0, 100).await.unwrap()[0].operation, "even");
+    // Time range: nothing before the first job, everything from it on.
+    let from = JobQuery { created_from: Some(made[0].created_at), ..JobQuery::default() };
+    assert_eq!(env.find_jobs(from, 0, 100).await.unwrap().len(), 10);
+    let before = JobQuery { created_before: Some(made[0].created_at), ..JobQuery::default() };
+    assert!(env.find_jobs(before, 0, 100).await.unwrap().is_empty());
+    // A parent's parts come by index; their counts ignore the status filter.
+    let of_parent = JobQuery { parent: Some(parent.id.clone()), ..JobQuery::default() };
+    assert_eq!(ids(env.find_jobs(of_parent.clone(), 0, 100).await.unwrap()), ids(parts.clone()));
+    let failed_parts = JobQuery { statuses: vec![JobStatus::Failed, JobStatus::Canceled], ..of_parent.clone() };
+    assert_eq!(
+        ids(env.find_jobs(failed_parts.clone(), 0, 100).await.unwrap()),
+        [parts[1].id.clone(), parts[3].id.clone()]
+    );
+    assert_eq!(
+        env.count_jobs(failed_parts).await.unwrap(),
+        [(JobStatus::Canceled, 1), (JobStatus::Failed, 1), (JobStatus::Ready, 2)]
+    );
+    assert_eq!(
+        env.part_statuses(&parent.id).await.unwrap(),
+        [JobStatus::Ready, JobStatus::Failed, JobStatus::Ready, JobStatus::Canceled]
+    );
+    let counts: u64 = env.count_jobs(JobQuery::default()).await.unwrap().iter().map(|(_, n)| n).sum();
+    assert_eq!(counts, 10);
+    assert_eq!(env.count_jobs(file_even).await.unwrap(), [(JobStatus::Executing, 1), (JobStatus::Ready, 2)]);
+    // Another environment's parent is not found; its jobs are not counted here.
+    assert_eq!(other.part_statuses(&parent.id).await.unwrap_err().kind(), ErrorKind::NotFound);
+    let theirs = JobQuery { parent: Some(parent.id.clone()), ..JobQuery::default() };
+    assert_eq!(other.find_jobs(theirs, 0, 10).await.unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(other.count_jobs(JobQuery::default()).await.unwrap(), [(JobStatus::Ready, 1)]);
+    // The newest event's seq: the last one listed.
+    let last = super::all_events(&env).await.last().map(|e| e.seq).unwrap();
+    assert_eq!(env.last_event_seq().await.unwrap(), last);
+    let fresh = host.env().await;
+    assert_eq!(fresh.last_event_seq().await.unwrap(), 0);
+    // Sheets, newest first, this environment's only.
+    let a = env.create_sheet("a").await.unwrap();
+    let b = env.create_sheet("b").await.unwrap();
+    other.create_sheet("theirs").await.unwrap();
+    let sheets: Vec<_> = env.sheets(0, 10).await.unwrap().into_iter().map(|s| s.id).collect();
+    assert_eq!(sheets, [b.id.clone(), a.id.clone()]);
+    assert_eq!(env.sheets(1, 10).await.unwrap()[0].id, a.id);
 }
 
 pub async fn a_handler_that_outlives_its_lease_gets_the_event_again() {

@@ -85,6 +85,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let api = crate::api::router(crate::api::ApiState { engine: engine.clone(), admin_token, plugins: Some(registry) });
     let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
     eprintln!("listening on http://{}", listener.local_addr()?);
+    eprintln!("console: http://{}/console/ (sign in with a token)", listener.local_addr()?);
     let server = tokio::spawn(crate::api::serve(listener, api, async move {
         let _ = api_stopped.await;
     }));
