@@ -217,6 +217,26 @@ fn console_sessions_refuse_cross_site_requests_and_keep_environments_apart() {
     let page = request(addr, "GET", &format!("/console/jobs/{id}"), &c, "");
     assert!(page.body.contains("class=\"flash error\"") && page.body.contains("canceled"), "{}", page.body);
 
+    // Retry needs a failed job: refused in words; acknowledging the outcome is allowed once.
+    assert_eq!(request(addr, "POST", &format!("/console/jobs/{id}/retry"), &c, &format!("csrf={csrf}")).status, 303);
+    let page = request(addr, "GET", &format!("/console/jobs/{id}"), &c, "");
+    assert!(page.body.contains("retry needs failed"), "{}", page.body);
+    request(addr, "POST", &format!("/console/jobs/{id}/acknowledge"), &c, &format!("csrf={csrf}"));
+    let page = request(addr, "GET", &format!("/console/jobs/{id}"), &c, "");
+    assert!(page.body.contains("Acknowledged the outcome of"), "{}", page.body);
+    assert!(s.api("GET", &format!("/v1/jobs/{id}"), None)["outcomeAcknowledgedAt"].is_i64());
+    assert!(!page.body.contains("/acknowledge\""), "the button is gone once acknowledged");
+
+    // A plugin file that does not load is shown with the reason; the others keep serving.
+    std::fs::write(s.dir.path().join("plugins/broken.wasm"), b"not a component").unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let shown = rt.block_on(until("the load error on the plugins page", Duration::from_secs(60), || async {
+        let page = request(addr, "GET", "/console/plugins", &c, "");
+        Ok(page.body.contains("Did not load").then_some(page.body))
+    }));
+    let shown = shown.unwrap();
+    assert!(shown.contains("<strong>broken</strong>") && shown.contains("id=\"plugin-misbehave\""), "{shown}");
+
     // Filters that mean nothing are refused in words.
     let bad = request(addr, "GET", "/console/jobs?from=yesterday", &c, "");
     assert_eq!(bad.status, 400);
@@ -230,7 +250,6 @@ fn console_sessions_refuse_cross_site_requests_and_keep_environments_apart() {
 
     // The trapped job's delivery, once dead, is listed with its error and can be retried.
     let trapped = trapped["id"].as_str().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let dead = rt.block_on(until("a dead letter", Duration::from_secs(300), || async {
         let dead = s.api("GET", "/v1/dead-letters", None);
         Ok(dead.as_array().filter(|d| !d.is_empty()).map(|d| d[0].clone()))
