@@ -81,10 +81,17 @@ fn xss(event: &Event) -> Result<()> {
         sheet,
         &[NewRecord {
             values: vec![field("name", PAYLOADS[0]), field("email", PAYLOADS[1])],
-            messages: vec![Message { field: Some("email".into()), kind: MessageKind::Error, text: PAYLOADS[2].to_owned() }],
+            messages: vec![Message {
+                field: Some("email".into()),
+                kind: MessageKind::Error,
+                text: PAYLOADS[2].to_owned(),
+            }],
         }],
     )?;
     jobs::ack(job_id, Ack::progress(format!("info {all}"), 50))?;
-    jobs::fail(job_id, Outcome { outcome: json!({ "message": all, "html": PAYLOADS }), info: Some(format!("failed {all}")) })?;
+    jobs::fail(
+        job_id,
+        Outcome { outcome: json!({ "message": all, "html": PAYLOADS }), info: Some(format!("failed {all}")) },
+    )?;
     Ok(())
 }
