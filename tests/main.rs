@@ -14,6 +14,7 @@ mod console;
 mod crash;
 mod fleet;
 mod languages;
+mod outbound;
 mod reload;
 mod runtime;
 mod sandbox;

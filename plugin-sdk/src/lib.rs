@@ -28,6 +28,7 @@
 //! - [`Listener`], [`Event`]: routes and what a handler receives.
 //! - [`jobs`], [`records`], [`sheets`], [`log`]: the host calls, scoped by the host to the
 //!   event's environment; [`config`]: configuration values and secrets the operator granted.
+//! - [`http`]: outbound HTTP to the hosts the manifest grants (`wasi:http`).
 //! - [`Error`]: every host call returns `Result<_, Error>`; a handler returning an error fails
 //!   the delivery (which the host retries).
 //! - [`export!`]: makes a `fn() -> Listener` the plugin's entry point.
@@ -53,6 +54,7 @@ pub mod bindings {
 use bindings::jobhost::plugin::types as wit;
 
 pub mod config;
+pub mod http;
 pub mod jobs;
 pub mod log;
 pub mod records;

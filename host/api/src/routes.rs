@@ -269,6 +269,37 @@ pub async fn metrics(State(state): State<ApiState>) -> Result<Response, ApiError
         for (result, n) in stats.reloads() {
             let _ = writeln!(out, "jobhost_plugin_reloads_total{{result=\"{result}\"}} {n}");
         }
+        let http = stats.http();
+        let _ = writeln!(
+            out,
+            "# HELP jobhost_plugin_http_requests_total Plugins' outbound HTTP requests by plugin, origin and result \
+             (ok, denied, limit, timeout, error).\n# TYPE jobhost_plugin_http_requests_total counter"
+        );
+        let label = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+        for (plugin, origin, result, c) in &http {
+            let _ = writeln!(
+                out,
+                "jobhost_plugin_http_requests_total{{plugin=\"{}\",origin=\"{}\",result=\"{result}\"}} {}",
+                label(plugin),
+                label(origin),
+                c.requests
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP jobhost_plugin_http_bytes_total Body bytes of plugins' outbound HTTP requests, sent and received.\n\
+             # TYPE jobhost_plugin_http_bytes_total counter"
+        );
+        for (plugin, origin, result, c) in &http {
+            for (direction, n) in [("sent", c.sent), ("received", c.received)] {
+                let _ = writeln!(
+                    out,
+                    "jobhost_plugin_http_bytes_total{{plugin=\"{}\",origin=\"{}\",result=\"{result}\",direction=\"{direction}\"}} {n}",
+                    label(plugin),
+                    label(origin)
+                );
+            }
+        }
     }
     Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }

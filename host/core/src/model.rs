@@ -740,6 +740,32 @@ pub struct Execution {
     pub peak_memory: u64,
     /// stdout, stderr and `log` lines, capped.
     pub logs: String,
+    /// The plugin's outbound HTTP requests, in the order they were made (granted or refused).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http: Vec<HttpCall>,
+}
+
+/// One outbound HTTP request of a delivery: where it went and how it ended — never its
+/// headers, its body or its query string.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpCall {
+    /// `GET`, `POST`, …
+    pub method: String,
+    /// `scheme://host:port`.
+    pub origin: String,
+    /// The path, without its query string.
+    pub path: String,
+    /// The response's status, when one came.
+    pub status: Option<u16>,
+    /// Request body bytes sent.
+    pub sent_bytes: u64,
+    /// Response body bytes received (up to the limit).
+    pub received_bytes: u64,
+    /// From the request to the end of its response body (or its refusal), in microseconds.
+    pub duration_us: i64,
+    /// Why it was refused or cut: not granted, a denied address, a limit, a timeout.
+    pub error: Option<String>,
 }
 
 /// Largest secret value, in bytes.

@@ -220,6 +220,9 @@ struct JobScope {
 /// limits, its logs, and the environment API it acts through.
 pub struct HostState {
     wasi: WasiCtx,
+    http: wasmtime_wasi_http::WasiHttpCtx,
+    /// The `wasi:http` hooks: grants, address checks, limits, the record of requests.
+    outbound: crate::outbound::Outbound,
     table: ResourceTable,
     limiter: Limiter,
     cpu: CpuMeter,
@@ -239,7 +242,13 @@ pub struct HostState {
 }
 
 impl HostState {
-    fn new(manifest: Arc<Manifest>, env: Option<Env>, plugin: &str, event_id: &str) -> wasmtime::Result<Self> {
+    fn new(
+        manifest: Arc<Manifest>,
+        env: Option<Env>,
+        plugin: &str,
+        event_id: &str,
+        shared: Option<crate::outbound::Shared>,
+    ) -> wasmtime::Result<Self> {
         let limits = &manifest.limits;
         let logs = Arc::new(Mutex::new(LogBuf { text: String::new(), limit: limits.max_log_bytes, truncated: false }));
         // The builder starts with nothing: no preopened directories, no environment variables,
@@ -256,8 +265,23 @@ impl HostState {
                 })?;
             }
         }
+        let note_logs = logs.clone();
+        let note: crate::outbound::Note = Arc::new(move |line: &str| {
+            if let Ok(mut l) = note_logs.lock() {
+                l.push(&format!("{line}\n"));
+            }
+        });
+        let outbound = crate::outbound::Outbound::new(
+            Arc::from(plugin),
+            manifest.grants.outbound().into(),
+            limits.http.clone(),
+            shared.filter(|_| env.is_some()),
+            note,
+        );
         Ok(Self {
             wasi: wasi.build(),
+            http: wasmtime_wasi_http::WasiHttpCtx::new(),
+            outbound,
             table: ResourceTable::new(),
             limiter: Limiter {
                 memory_limit: limits.memory,
@@ -290,7 +314,7 @@ impl HostState {
 
     pub(super) fn for_load(manifest: Arc<Manifest>) -> Self {
         // Nothing is granted at load, so nothing can fail.
-        Self::new(manifest, None, "loading", "-").unwrap_or_else(|_| unreachable!("no grants at load"))
+        Self::new(manifest, None, "loading", "-", None).unwrap_or_else(|_| unreachable!("no grants at load"))
     }
 
     pub(super) fn for_event(
@@ -298,9 +322,10 @@ impl HostState {
         env: Env,
         plugin: &str,
         event: &crate::model::Event,
+        shared: crate::outbound::Shared,
     ) -> wasmtime::Result<Self> {
         let env = env.as_actor(format!("plugin:{plugin}"));
-        let mut state = Self::new(manifest, Some(env), plugin, &event.id)?;
+        let mut state = Self::new(manifest, Some(env), plugin, &event.id, Some(shared))?;
         state.scope.job = event.job_id().map(str::to_owned);
         state.scope.parent = event.payload.get("parentId").and_then(Value::as_str).map(str::to_owned);
         Ok(state)
@@ -422,6 +447,11 @@ impl HostState {
         self.limiter.memory_peak
     }
 
+    /// The delivery's outbound HTTP requests.
+    pub(super) fn http_calls(&self) -> Vec<crate::model::HttpCall> {
+        self.outbound.calls()
+    }
+
     pub(super) fn take_logs(&self) -> String {
         self.logs.lock().map(|mut l| std::mem::take(&mut l.text)).unwrap_or_default()
     }
@@ -432,6 +462,12 @@ impl HostState {
             message: "host calls are not allowed while the plugin lists its subscriptions".into(),
             job_status: None,
         })
+    }
+}
+
+impl wasmtime_wasi_http::WasiHttpView for HostState {
+    fn http(&mut self) -> wasmtime_wasi_http::WasiHttpCtxView<'_> {
+        wasmtime_wasi_http::WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.outbound }
     }
 }
 

@@ -21,6 +21,7 @@ mod convert;
 mod host;
 pub mod incremental;
 pub mod limits;
+pub mod outbound;
 
 pub(crate) use jobhost_engine::{Env, error, filter, listener, model, store};
 
@@ -158,6 +159,8 @@ pub struct Plugin {
     /// Its limits, capabilities and configuration.
     pub manifest: Arc<Manifest>,
     pre: bindings::PluginPre<HostState>,
+    /// Slots for its outbound HTTP requests in flight (`http_in_flight`).
+    http_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Plugin {
@@ -169,6 +172,7 @@ impl Plugin {
             version: self.version.clone(),
             path: self.path.clone(),
             routes: self.routes.clone(),
+            http_slots: Arc::new(tokio::sync::Semaphore::new(manifest.limits.http.max_in_flight)),
             manifest: Arc::new(manifest),
             pre: self.pre.clone(),
         }
@@ -232,6 +236,8 @@ pub struct RuntimeStats {
     instances: AtomicU64,
     /// Loaded, unchanged, failed, removed.
     reloads: [AtomicU64; 4],
+    /// Plugins' outbound HTTP requests.
+    http: Arc<outbound::HttpStats>,
 }
 
 /// What one reload of a plugin did, as [`RuntimeStats::reloads`] counts it.
@@ -256,6 +262,11 @@ impl RuntimeStats {
     /// Delivery instances created since start.
     pub fn instances_total(&self) -> u64 {
         self.instances.load(Ordering::Relaxed)
+    }
+
+    /// Plugins' outbound HTTP requests: `(plugin, origin, result)` and their counts.
+    pub fn http(&self) -> Vec<(String, String, &'static str, outbound::HttpCount)> {
+        self.http.snapshot()
     }
 
     /// Reload outcomes since start, by kind: `loaded`, `unchanged`, `failed`, `removed`.
@@ -391,6 +402,8 @@ impl Runtime {
         )))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(RuntimeError::wasm("cannot link WASI"))?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+            .map_err(RuntimeError::wasm("cannot link wasi:http"))?;
         bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(RuntimeError::wasm("cannot link the host's imports"))?;
         // Without the ticker no guest would ever be interrupted: no CPU limit, no time limit.
@@ -475,7 +488,8 @@ impl Runtime {
             compiled.map_err(|e| LoadError::Compile { path: PathBuf::new(), reason: e.to_string() })??;
         let routes =
             self.read_routes(&pre).await.map_err(|reason| LoadError::Subscriptions { path: path.clone(), reason })?;
-        Ok(Plugin { name, version, path, routes, manifest: Arc::new(manifest), pre })
+        let http_slots = Arc::new(tokio::sync::Semaphore::new(manifest.limits.http.max_in_flight));
+        Ok(Plugin { name, version, path, routes, manifest: Arc::new(manifest), pre, http_slots })
     }
 
     #[allow(clippy::type_complexity)]
@@ -642,7 +656,8 @@ impl Runtime {
         let event = convert::event(&ctx.event, ctx.attempt);
         let limits = &plugin.manifest.limits;
         let _in_use = self.stats.enter();
-        let state = HostState::for_event(plugin.manifest.clone(), ctx.api.clone(), &plugin.name, &ctx.event);
+        let shared = outbound::Shared { in_flight: plugin.http_slots.clone(), stats: self.stats.http.clone() };
+        let state = HostState::for_event(plugin.manifest.clone(), ctx.api.clone(), &plugin.name, &ctx.event, shared);
         let (mut store, setup) = match state {
             Ok(state) => (self.store(state, limits.fuel), None),
             // A granted directory that cannot be opened: the delivery fails and says why.
@@ -703,6 +718,7 @@ impl Runtime {
             error,
             peak_memory: state.peak_memory() as u64,
             logs: state.take_logs(),
+            http: state.http_calls(),
         }
     }
 

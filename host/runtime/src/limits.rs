@@ -12,12 +12,20 @@
 //! wall_ms = 10000            # wall-clock time per delivery, host calls included
 //! fuel = 500_000_000         # optional; the host must run with fuel metering on
 //! max_instances = 8          # deliveries of this plugin running at once
+//! http_connect_ms = 5000     # outbound HTTP: resolve and connect (and TLS)
+//! http_first_byte_ms = 10000 #   request sent → response head
+//! http_total_ms = 30000      #   request sent → end of the response body
+//! http_response_bytes = 16777216
+//! http_request_bytes = 16777216
+//! http_requests = 100        #   per delivery
+//! http_in_flight = 16        #   of the plugin at once, all its deliveries
 //!
 //! [grants]
 //! dirs = [{ host = "/srv/reference", guest = "/reference" }]   # read-only
 //! env = { TZ = "UTC" }
 //! secrets = ["API_TOKEN"]    # environment secrets it may read
 //! any_job = false            # act only on the event's job family (the default)
+//! allowed_outbound_hosts = ["https://api.example.com", "https://*.example.org:*"]
 //!
 //! [config]
 //! endpoint = "https://example.invalid/hook"
@@ -59,6 +67,41 @@ pub struct Limits {
     pub max_outcome_bytes: usize,
     /// Deliveries of this plugin running at once (per environment).
     pub max_instances: usize,
+    /// Outbound HTTP (only for hosts granted in `allowed_outbound_hosts`).
+    pub http: HttpLimits,
+}
+
+/// Limits of a plugin's outbound HTTP requests.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HttpLimits {
+    /// To resolve, connect (and finish TLS).
+    pub connect: Duration,
+    /// From sending the request to the response's head.
+    pub first_byte: Duration,
+    /// From sending the request to the end of the response body.
+    pub total: Duration,
+    /// Response body bytes; past them the body is cut with an error.
+    pub max_response_bytes: u64,
+    /// Request body bytes; past them the request fails.
+    pub max_request_bytes: u64,
+    /// Requests per delivery.
+    pub max_requests: u32,
+    /// The plugin's requests in flight at once, all its deliveries together.
+    pub max_in_flight: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(5),
+            first_byte: Duration::from_secs(10),
+            total: Duration::from_secs(30),
+            max_response_bytes: 16 << 20,
+            max_request_bytes: 16 << 20,
+            max_requests: 100,
+            max_in_flight: 16,
+        }
+    }
 }
 
 impl Default for Limits {
@@ -76,6 +119,7 @@ impl Default for Limits {
             max_log_bytes: 64 << 10,
             max_outcome_bytes: 64 << 10,
             max_instances: 64,
+            http: HttpLimits::default(),
         }
     }
 }
@@ -107,6 +151,17 @@ pub struct Grants {
     /// only the event's job, its parent and its parts.
     #[serde(default)]
     pub any_job: bool,
+    /// Where the plugin may send HTTP requests: `scheme://host[:port]` each (see
+    /// [`Grant`](crate::outbound::Grant)); none by default.
+    #[serde(default)]
+    pub allowed_outbound_hosts: Vec<String>,
+}
+
+impl Grants {
+    /// The parsed `allowed_outbound_hosts` (checked when the manifest was parsed).
+    pub fn outbound(&self) -> Vec<crate::outbound::Grant> {
+        self.allowed_outbound_hosts.iter().filter_map(|g| crate::outbound::Grant::parse(g).ok()).collect()
+    }
 }
 
 /// A plugin's limits, capabilities and configuration.
@@ -136,6 +191,13 @@ struct LimitsFile {
     max_log_bytes: Option<u64>,
     max_outcome_bytes: Option<u64>,
     max_instances: Option<u64>,
+    http_connect_ms: Option<u64>,
+    http_first_byte_ms: Option<u64>,
+    http_total_ms: Option<u64>,
+    http_response_bytes: Option<u64>,
+    http_request_bytes: Option<u64>,
+    http_requests: Option<u32>,
+    http_in_flight: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -226,6 +288,28 @@ impl LimitsFile {
         if let Some(v) = l.max_instances {
             limits.max_instances = range("max_instances", v, 1, 100_000)? as usize;
         }
+        let ms = |key: &str, v: u64| range(key, v, 1, 3_600_000).map(Duration::from_millis);
+        if let Some(v) = l.http_connect_ms {
+            limits.http.connect = ms("http_connect_ms", v)?;
+        }
+        if let Some(v) = l.http_first_byte_ms {
+            limits.http.first_byte = ms("http_first_byte_ms", v)?;
+        }
+        if let Some(v) = l.http_total_ms {
+            limits.http.total = ms("http_total_ms", v)?;
+        }
+        if let Some(v) = l.http_response_bytes {
+            limits.http.max_response_bytes = range("http_response_bytes", v, 0, 1 << 30)?;
+        }
+        if let Some(v) = l.http_request_bytes {
+            limits.http.max_request_bytes = range("http_request_bytes", v, 0, 1 << 30)?;
+        }
+        if let Some(v) = l.http_requests {
+            limits.http.max_requests = range("http_requests", v, 1, 100_000)?;
+        }
+        if let Some(v) = l.http_in_flight {
+            limits.http.max_in_flight = range("http_in_flight", v, 1, 10_000)? as usize;
+        }
         Ok(limits)
     }
 }
@@ -252,6 +336,9 @@ impl Manifest {
         }
         for s in &file.grants.secrets {
             crate::model::validate_secret_name(s).map_err(|e| format!("[grants] secrets: {e}"))?;
+        }
+        for g in &file.grants.allowed_outbound_hosts {
+            crate::outbound::Grant::parse(g).map_err(|e| format!("[grants] allowed_outbound_hosts: {e}"))?;
         }
         for k in file.grants.env.keys() {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
@@ -335,6 +422,11 @@ mod tests {
             ("[grants]\nsecrets = [\"bad name\"]\n", "secrets"),
             ("[grants]\nnetwork = true\n", "network"),
             ("[config]\nport = 8080\n", "expected a string"),
+            (
+                "[grants]\nallowed_outbound_hosts = [\"api.example.com\"]\n",
+                "allowed_outbound_hosts: `api.example.com` has no scheme",
+            ),
+            ("[limits]\nhttp_requests = 0\n", "http_requests = 0 is out of range"),
         ];
         for (text, needle) in cases {
             let e = Manifest::parse(text, &base, CEIL).unwrap_err();

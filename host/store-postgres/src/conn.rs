@@ -246,7 +246,7 @@ fn event_from_row(r: &Row, at: usize) -> Result<Event> {
 }
 
 const EXECUTION_COLUMNS: &str = "id, environment_id, plugin, plugin_version, route, event_id, topic, job_id, attempt, \
-    started_at, duration_us, cpu_us, outcome, error, peak_memory, logs";
+    started_at, duration_us, cpu_us, outcome, error, peak_memory, logs, http";
 
 fn execution_from_row(r: &Row) -> Result<Execution> {
     Ok(Execution {
@@ -266,6 +266,10 @@ fn execution_from_row(r: &Row) -> Result<Execution> {
         error: get(r, 13)?,
         peak_memory: get::<i64>(r, 14)?.max(0) as u64,
         logs: get(r, 15)?,
+        http: match get::<Option<&str>>(r, 16)? {
+            Some(text) => serde_json::from_str(text).map_err(|e| bad_value(format!("an execution's http: {e}")))?,
+            None => Vec::new(),
+        },
     })
 }
 
@@ -600,8 +604,8 @@ impl<C: GenericClient> Tx for Conn<'_, C> {
     fn insert_execution(&mut self, e: &Execution) -> Result<i64> {
         let row = self.query_one(
             "INSERT INTO executions (environment_id, plugin, plugin_version, route, event_id, topic, job_id, attempt, \
-             started_at, duration_us, cpu_us, outcome, error, peak_memory, logs) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) RETURNING id",
+             started_at, duration_us, cpu_us, outcome, error, peak_memory, logs, http) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) RETURNING id",
             &[
                 &e.environment_id,
                 &e.plugin,
@@ -618,6 +622,7 @@ impl<C: GenericClient> Tx for Conn<'_, C> {
                 &e.error,
                 &(e.peak_memory.min(i64::MAX as u64) as i64),
                 &e.logs,
+                &(!e.http.is_empty()).then(|| serde_json::to_string(&e.http)).transpose()?,
             ],
         )?;
         get(&row, 0)

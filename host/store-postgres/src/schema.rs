@@ -226,6 +226,10 @@ CREATE TABLE record_counts (
 INSERT INTO record_counts (sheet_key, shard, total, errors)
     SELECT sheet_key, 0, COUNT(*), COUNT(*) FILTER (WHERE has_error) FROM records GROUP BY sheet_key;
 "#,
+    r#"
+-- A delivery's outbound HTTP requests (JSON), beside its logs.
+ALTER TABLE executions ADD COLUMN http TEXT;
+"#,
 ];
 
 /// The schema version this build knows.

@@ -399,6 +399,10 @@ CREATE TABLE hosts (
 );
 DELETE FROM meta WHERE key = 'host_id';
 "#,
+    r#"
+-- A delivery's outbound HTTP requests (JSON), beside its logs.
+ALTER TABLE executions ADD COLUMN http TEXT;
+"#,
 ];
 
 fn migrate(conn: &Connection) -> Result<()> {
@@ -635,7 +639,7 @@ fn status_list(statuses: &[JobStatus]) -> String {
 }
 
 const EXECUTION_COLUMNS: &str = "id, environment_id, plugin, plugin_version, route, event_id, topic, job_id, attempt, \
-    started_at, duration_us, cpu_us, outcome, error, peak_memory, logs";
+    started_at, duration_us, cpu_us, outcome, error, peak_memory, logs, http";
 
 fn execution_from_row(r: &Row<'_>) -> rusqlite::Result<Execution> {
     Ok(Execution {
@@ -655,6 +659,11 @@ fn execution_from_row(r: &Row<'_>) -> rusqlite::Result<Execution> {
         error: r.get(13)?,
         peak_memory: r.get::<_, i64>(14)? as u64,
         logs: r.get(15)?,
+        http: match r.get::<_, Option<String>>(16)? {
+            Some(text) => serde_json::from_str(&text)
+                .map_err(|e| rusqlite::Error::FromSqlConversionFailure(16, rusqlite::types::Type::Text, Box::new(e)))?,
+            None => Vec::new(),
+        },
     })
 }
 
@@ -1080,7 +1089,7 @@ impl Tx for Conn<'_> {
     fn insert_execution(&mut self, e: &Execution) -> Result<i64> {
         self.conn
             .prepare_cached(&format!(
-                "INSERT INTO executions ({EXECUTION_COLUMNS}) VALUES (NULL, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+                "INSERT INTO executions ({EXECUTION_COLUMNS}) VALUES (NULL, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
             )).db()?
             .execute(params![
                 e.environment_id,
@@ -1097,7 +1106,8 @@ impl Tx for Conn<'_> {
                 e.outcome.as_str(),
                 e.error,
                 e.peak_memory as i64,
-                e.logs
+                e.logs,
+                (!e.http.is_empty()).then(|| serde_json::to_string(&e.http)).transpose()?,
             ]).db()?;
         Ok(self.conn.last_insert_rowid())
     }
