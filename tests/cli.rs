@@ -393,9 +393,15 @@ pub(crate) fn wait_event(addr: &str, token: &str, needles: &[&str]) {
     // A stream that goes quiet fails the read; one that keeps talking meets the deadline.
     stream.set_read_timeout(Some(DEADLINE)).unwrap();
     let started = std::time::Instant::now();
-    write!(stream, "GET /v1/events/stream?since=0 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n")
+    write!(stream, "GET /v1/events/stream?since=0 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n")
         .unwrap();
-    for line in std::io::BufReader::new(stream).lines() {
+    let mut lines = std::io::BufReader::new(stream).lines();
+    let status = lines.next().and_then(Result::ok).unwrap_or_default();
+    if !status.starts_with("HTTP/1.1 200") {
+        let rest: Vec<String> = lines.map_while(Result::ok).collect();
+        panic!("the event stream was refused: {status}\n{}", rest.join("\n"));
+    }
+    for line in lines {
         let line = line.unwrap_or_else(|e| panic!("no event with {needles:?} on the stream within {DEADLINE:?}: {e}"));
         assert!(started.elapsed() < DEADLINE, "no event with {needles:?} on the stream within {DEADLINE:?}");
         if line.starts_with("data: ") && needles.iter().all(|n| line.contains(n)) {

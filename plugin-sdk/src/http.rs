@@ -118,6 +118,12 @@ fn split_url(url: &str) -> Result<(Scheme, &str, &str)> {
     Ok((scheme, authority, if path.is_empty() { "/" } else { path }))
 }
 
+/// The first line of a host error's text, at most 300 characters: the reason, without any
+/// detail the host appends below it.
+fn first_line(text: &str) -> String {
+    text.lines().next().unwrap_or_default().chars().take(300).collect()
+}
+
 fn failed(what: &str, url: &str, detail: impl std::fmt::Debug) -> Error {
     Error::msg(format!("HTTP {what} of {url} failed: {detail:?} (the delivery's log says why a request was refused)"))
 }
@@ -215,7 +221,7 @@ impl Request {
                         return Err(failed(
                             "response body",
                             url,
-                            code.map_or_else(|| e.to_debug_string(), |c| format!("{c:?}")),
+                            code.map_or_else(|| first_line(&e.to_debug_string()), |c| format!("{c:?}")),
                         ));
                     }
                 }

@@ -399,6 +399,11 @@ fn serve(dir: &std::path::Path, name: &str, store: &str) -> Serve {
     Serve { child, addr }
 }
 
+/// Sends a request and reads its JSON answer.
+async fn answer(request: reqwest::RequestBuilder) -> serde_json::Value {
+    request.send().await.unwrap().json().await.unwrap()
+}
+
 async fn deploy(server: &jobhost_test_postgres::Server, n: usize) {
     use serde_json::Value;
     println!("{:<44} {:>12} {:>12}", format!("deploy through A, served by B ({n} deploys)"), "median", "max");
@@ -406,26 +411,14 @@ async fn deploy(server: &jobhost_test_postgres::Server, n: usize) {
     let store = server.fresh_database();
     let (a, b) = (serve(dir.path(), "a", &store), serve(dir.path(), "b", &store));
     let http = reqwest::Client::new();
-    let envs: Value = http
-        .get(format!("http://{}/v1/environments", a.addr))
-        .bearer_auth("bench-admin")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let envs: Value = answer(http.get(format!("http://{}/v1/environments", a.addr)).bearer_auth("bench-admin")).await;
     let env_id = envs["data"][0]["id"].as_str().unwrap();
-    let token: Value = http
-        .post(format!("http://{}/v1/environments/{env_id}/tokens", a.addr))
-        .bearer_auth("bench-admin")
-        .json(&serde_json::json!({"name": "bench"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let token: Value = answer(
+        http.post(format!("http://{}/v1/environments/{env_id}/tokens", a.addr))
+            .bearer_auth("bench-admin")
+            .json(&serde_json::json!({"name": "bench"})),
+    )
+    .await;
     let token = token["data"]["token"].as_str().unwrap().to_owned();
     let component = std::fs::read(artifacts::TEST_NOOP).unwrap();
     let (mut answered, mut served) = (Vec::new(), Vec::new());
@@ -435,30 +428,18 @@ async fn deploy(server: &jobhost_test_postgres::Server, n: usize) {
         bytes.extend_from_slice(&[0, 5, 4]);
         bytes.extend_from_slice(&(i as u32).to_le_bytes());
         let t = Instant::now();
-        let body: Value = http
-            .put(format!("http://{}/v1/plugins/noop", a.addr))
-            .bearer_auth(&token)
-            .header("content-type", "application/wasm")
-            .body(bytes)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body: Value = answer(
+            http.put(format!("http://{}/v1/plugins/noop", a.addr))
+                .bearer_auth(&token)
+                .header("content-type", "application/wasm")
+                .body(bytes),
+        )
+        .await;
         answered.push(t.elapsed());
         let version = body["data"]["version"].as_str().unwrap_or_else(|| panic!("deploy refused: {body}")).to_owned();
         // Asking B every 2 ms (a measurement, not a test): what B's API lists is what it serves.
         loop {
-            let listed: Value = http
-                .get(format!("http://{}/v1/plugins", b.addr))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let listed: Value = answer(http.get(format!("http://{}/v1/plugins", b.addr)).bearer_auth(&token)).await;
             if listed["data"][0]["version"] == version.as_str() {
                 break;
             }

@@ -273,7 +273,7 @@ impl HostState {
         });
         let outbound = crate::outbound::Outbound::new(
             Arc::from(plugin),
-            manifest.grants.outbound().into(),
+            manifest.outbound.clone(),
             limits.http.clone(),
             shared.filter(|_| env.is_some()),
             note,

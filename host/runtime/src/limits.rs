@@ -33,6 +33,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -157,13 +158,6 @@ pub struct Grants {
     pub allowed_outbound_hosts: Vec<String>,
 }
 
-impl Grants {
-    /// The parsed `allowed_outbound_hosts` (checked when the manifest was parsed).
-    pub fn outbound(&self) -> Vec<crate::outbound::Grant> {
-        self.allowed_outbound_hosts.iter().filter_map(|g| crate::outbound::Grant::parse(g).ok()).collect()
-    }
-}
-
 /// A plugin's limits, capabilities and configuration.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Manifest {
@@ -173,6 +167,9 @@ pub struct Manifest {
     pub grants: Grants,
     /// Values the plugin reads through `config.get`.
     pub config: BTreeMap<String, String>,
+    /// `grants.allowed_outbound_hosts`, parsed once with the manifest (every delivery uses them).
+    #[serde(skip)]
+    pub outbound: Arc<[crate::outbound::Grant]>,
 }
 
 /// The `[limits]` table as written; absent keys keep the host's defaults.
@@ -337,15 +334,18 @@ impl Manifest {
         for s in &file.grants.secrets {
             crate::model::validate_secret_name(s).map_err(|e| format!("[grants] secrets: {e}"))?;
         }
-        for g in &file.grants.allowed_outbound_hosts {
-            crate::outbound::Grant::parse(g).map_err(|e| format!("[grants] allowed_outbound_hosts: {e}"))?;
-        }
+        let outbound = file
+            .grants
+            .allowed_outbound_hosts
+            .iter()
+            .map(|g| crate::outbound::Grant::parse(g).map_err(|e| format!("[grants] allowed_outbound_hosts: {e}")))
+            .collect::<Result<Arc<[_]>, _>>()?;
         for k in file.grants.env.keys() {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
                 return Err(format!("[grants] env: `{k}` is not a variable name").into());
             }
         }
-        Ok(Self { limits, grants: file.grants, config: file.config })
+        Ok(Self { limits, grants: file.grants, config: file.config, outbound })
     }
 
     /// The text of `NAME.toml` beside a component; `None` when there is none.

@@ -288,8 +288,9 @@ impl Outbound {
     }
 }
 
-/// A refusal or failure: the guest's error code and the words for the record and the log.
-struct Failed(HttpError, String);
+/// A refusal or failure: the guest's error code, the words for the record and the log, and
+/// the result it is counted as (`denied`, `limit`, `timeout`, `error`).
+struct Failed(HttpError, String, &'static str);
 
 /// One request's entry in the record, updated as its response arrives.
 #[derive(Clone)]
@@ -369,8 +370,8 @@ impl WasiHttpHooks for Outbound {
             stats: self.shared.as_ref().map(|s| s.stats.clone()),
         };
         let note = self.note.clone();
-        let fail = move |entry: &Entry, failed: Failed, result: &'static str| {
-            let Failed(code, words) = failed;
+        let fail = move |entry: &Entry, failed: Failed| {
+            let Failed(code, words, result) = failed;
             entry.update(|c| c.error = Some(words.clone()));
             entry.end(result);
             note(&format!("[jobhost] {result}: {method} {origin}: {words}"));
@@ -384,8 +385,7 @@ impl WasiHttpHooks for Outbound {
             );
             return Box::new(std::future::ready(fail(
                 &entry,
-                Failed(HttpError::ConnectionLimitReached, words),
-                "limit",
+                Failed(HttpError::ConnectionLimitReached, words, "limit"),
             )));
         }
         let Some(grant) = self.grants.iter().find(|g| g.matches(https, &host, port)).cloned() else {
@@ -393,11 +393,11 @@ impl WasiHttpHooks for Outbound {
                 "{} is not granted: add it to allowed_outbound_hosts in [grants] of the plugin's manifest",
                 entry.origin
             );
-            return Box::new(std::future::ready(fail(&entry, Failed(HttpError::HttpRequestDenied, words), "denied")));
+            return Box::new(std::future::ready(fail(&entry, Failed(HttpError::HttpRequestDenied, words, "denied"))));
         };
         let Some(shared) = self.shared.clone() else {
             let words = "no requests while the plugin loads".to_owned();
-            return Box::new(std::future::ready(fail(&entry, Failed(HttpError::HttpRequestDenied, words), "denied")));
+            return Box::new(std::future::ready(fail(&entry, Failed(HttpError::HttpRequestDenied, words, "denied"))));
         };
         // Timeouts the guest asked for may be shorter than the manifest's, never longer.
         let shorter = |mine: Duration, theirs: Option<Duration>| theirs.map_or(mine, |t| t.min(mine));
@@ -410,7 +410,7 @@ impl WasiHttpHooks for Outbound {
                     .await;
             match sent {
                 Ok(response) => Ok((response, Box::new(async { Ok(()) }) as Box<dyn Future<Output = _> + Send>)),
-                Err((failed, result)) => fail(&entry, failed, result),
+                Err(failed) => fail(&entry, failed),
             }
         })
     }
@@ -442,15 +442,14 @@ async fn send(
     first_byte: Duration,
     deadline: tokio::time::Instant,
     entry: &Entry,
-) -> Result<http::Response<WasiBody>, (Failed, &'static str)> {
-    let failed = |code: HttpError, words: String, result: &'static str| (Failed(code, words), result);
+) -> Result<http::Response<WasiBody>, Failed> {
     let connect_by = (tokio::time::Instant::now() + connect).min(deadline);
     let permit = tokio::time::timeout_at(connect_by, shared.in_flight.clone().acquire_owned())
         .await
         .ok()
         .and_then(Result::ok)
         .ok_or_else(|| {
-            failed(
+            Failed(
                 HttpError::ConnectionLimitReached,
                 format!(
                     "{} of the plugin's requests were in flight for the whole connect timeout \
@@ -466,23 +465,23 @@ async fn send(
         Err(_) => match tokio::time::timeout_at(connect_by, tokio::net::lookup_host((host, port))).await {
             Ok(Ok(found)) => found.collect(),
             Ok(Err(e)) => {
-                return Err(failed(
+                return Err(Failed(
                     HttpError::DnsError { rcode: None, info_code: None },
                     format!("{host} does not resolve: {e}"),
                     "error",
                 ));
             }
-            Err(_) => return Err(failed(HttpError::DnsTimeout, format!("resolving {host} timed out"), "error")),
+            Err(_) => return Err(Failed(HttpError::DnsTimeout, format!("resolving {host} timed out"), "error")),
         },
     };
     if addresses.is_empty() {
-        return Err(failed(HttpError::DestinationNotFound, format!("{host} has no address"), "error"));
+        return Err(Failed(HttpError::DestinationNotFound, format!("{host} has no address"), "error"));
     }
     for a in &addresses {
         if let Some(range) = denied_range(a.ip())
             && !grant.names(a.ip())
         {
-            return Err(failed(
+            return Err(Failed(
                 HttpError::DestinationIpProhibited,
                 format!("{host} resolves to {}, {range}: refused unless a grant names that address itself", a.ip()),
                 "denied",
@@ -499,21 +498,21 @@ async fn send(
             }
             Ok(Err(e)) => last = format!("{a}: {e}"),
             Err(_) => {
-                return Err(failed(HttpError::ConnectionTimeout, format!("connecting to {a} timed out"), "error"));
+                return Err(Failed(HttpError::ConnectionTimeout, format!("connecting to {a} timed out"), "error"));
             }
         }
     }
-    let tcp = tcp.ok_or_else(|| failed(HttpError::ConnectionRefused, format!("cannot connect: {last}"), "error"))?;
+    let tcp = tcp.ok_or_else(|| Failed(HttpError::ConnectionRefused, format!("cannot connect: {last}"), "error"))?;
     let _ = tcp.set_nodelay(true);
     let stream: Box<dyn Stream> = if https {
         let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| {
-            failed(HttpError::TlsProtocolError, format!("{host} is not a TLS server name: {e}"), "error")
+            Failed(HttpError::TlsProtocolError, format!("{host} is not a TLS server name: {e}"), "error")
         })?;
         let tls = tokio_rustls::TlsConnector::from(tls());
         match tokio::time::timeout_at(connect_by, tls.connect(name, tcp)).await {
             Ok(Ok(s)) => Box::new(s),
-            Ok(Err(e)) => return Err(failed(HttpError::TlsCertificateError, format!("TLS with {host}: {e}"), "error")),
-            Err(_) => return Err(failed(HttpError::ConnectionTimeout, format!("TLS with {host} timed out"), "error")),
+            Ok(Err(e)) => return Err(Failed(HttpError::TlsCertificateError, format!("TLS with {host}: {e}"), "error")),
+            Err(_) => return Err(Failed(HttpError::ConnectionTimeout, format!("TLS with {host} timed out"), "error")),
         }
     } else {
         Box::new(tcp)
@@ -521,7 +520,7 @@ async fn send(
     let (mut sender, connection) =
         match hyper::client::conn::http1::handshake(wasmtime_wasi_http::io::TokioIo::new(stream)).await {
             Ok(pair) => pair,
-            Err(e) => return Err(failed(HttpError::HttpProtocolError, format!("HTTP handshake: {e}"), "error")),
+            Err(e) => return Err(Failed(HttpError::HttpProtocolError, format!("HTTP handshake: {e}"), "error")),
         };
     tokio::spawn(async move {
         if let Err(e) = connection.await {
@@ -531,7 +530,7 @@ async fn send(
     // The request line in origin form (the path and query), as to a server, not a proxy.
     let path = request.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
     *request.uri_mut() =
-        http::Uri::try_from(path).map_err(|e| failed(HttpError::HttpRequestUriInvalid, e.to_string(), "error"))?;
+        http::Uri::try_from(path).map_err(|e| Failed(HttpError::HttpRequestUriInvalid, e.to_string(), "error"))?;
     let request = request.map(|body| Counted::request(body, limits.max_request_bytes, entry.clone()).boxed_unsync());
     let head_by = (tokio::time::Instant::now() + first_byte).min(deadline);
     let response = match tokio::time::timeout_at(head_by, sender.send_request(request)).await {
@@ -539,12 +538,12 @@ async fn send(
         Ok(Err(e)) => {
             let too_big = entry.calls.lock().ok().and_then(|c| c.get(entry.index).and_then(|c| c.error.clone()));
             return Err(match too_big {
-                Some(words) => failed(HttpError::HttpRequestBodySize(Some(limits.max_request_bytes)), words, "limit"),
-                None => failed(HttpError::HttpProtocolError, format!("the request failed: {e}"), "error"),
+                Some(words) => Failed(HttpError::HttpRequestBodySize(Some(limits.max_request_bytes)), words, "limit"),
+                None => Failed(HttpError::HttpProtocolError, format!("the request failed: {e}"), "error"),
             });
         }
         Err(_) => {
-            return Err(failed(
+            return Err(Failed(
                 HttpError::ConnectionReadTimeout,
                 format!("no response within {} ms (http_first_byte_ms or the total time)", first_byte.as_millis()),
                 "timeout",

@@ -29,11 +29,13 @@ pub(crate) struct Session {
     /// This connection's shard of every loop-guard chain (see `charge_chain`): a connection's
     /// batches then contend with another connection's only when they drew the same shard.
     pub shard: i64,
+    /// `Shared::outages` when this connection was made or last checked.
+    pub outages_seen: u64,
 }
 
 impl Session {
-    pub fn new(client: Client) -> Self {
-        Self { client, statements: HashMap::new(), shard: fastrand::i64(0..CHAIN_SHARDS) }
+    pub fn new(client: Client, outages_seen: u64) -> Self {
+        Self { client, statements: HashMap::new(), shard: fastrand::i64(0..CHAIN_SHARDS), outages_seen }
     }
 }
 

@@ -117,6 +117,9 @@ pub(crate) struct Shared {
     pub instance: String,
     pub poll_interval: Duration,
     pub health: Mutex<Health>,
+    /// Counts the losses any thread saw: a connection older than the last one is checked
+    /// before it is used.
+    pub outages: std::sync::atomic::AtomicU64,
     /// Whether the notifier is listening for the other hosts' notifications.
     pub listening: tokio::sync::watch::Sender<bool>,
     /// The database's schema version when the notifier's poll found it newer than this build
@@ -171,6 +174,7 @@ impl Shared {
 
     /// Records that a connection was lost or could not be made.
     pub fn lost(&self, error: &str) {
+        self.outages.fetch_add(1, Ordering::SeqCst);
         if let Ok(mut h) = self.health.lock() {
             h.error = Some(error.to_owned());
         }
@@ -229,6 +233,7 @@ impl PgBackend {
             instance: format!("{:016x}", fastrand::u64(..)),
             poll_interval: options.poll_interval.max(Duration::from_millis(10)),
             health: Mutex::new(Health::default()),
+            outages: std::sync::atomic::AtomicU64::new(0),
             listening: tokio::sync::watch::Sender::new(false),
             newer_schema: std::sync::atomic::AtomicI64::new(0),
         });

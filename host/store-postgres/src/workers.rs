@@ -36,15 +36,21 @@ fn ensure_session<'s>(
     let mut backoff = Duration::from_millis(50);
     let mut failed = 0;
     loop {
-        if session.as_ref().is_some_and(|s| !s.client.is_closed()) {
-            return session.as_mut();
+        let outages = shared.outages.load(Ordering::SeqCst);
+        if let Some(s) = session.as_mut().filter(|s| !s.client.is_closed()) {
+            // A connection made before an outage another thread saw (the server restarted)
+            // looks open until it is used: check it first, so no read fails on it.
+            if s.outages_seen == outages || s.client.is_valid(Duration::from_secs(2)).is_ok() {
+                s.outages_seen = outages;
+                return session.as_mut();
+            }
         }
         if session.take().is_some() {
             *lost_before = true;
             shared.lost("the connection to PostgreSQL was closed");
         }
         match shared.connect(*lost_before) {
-            Ok(client) => *session = Some(Session::new(client)),
+            Ok(client) => *session = Some(Session::new(client, shared.outages.load(Ordering::SeqCst))),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot connect to PostgreSQL; trying again");
                 *lost_before = true;
@@ -268,7 +274,7 @@ pub(crate) fn reader_loop(shared: &Shared, rx: &Mutex<Receiver<ReadOp>>) {
             }
         };
         // A read does not wait long for the database: dropping it fails its caller.
-        let Some(Session { client, statements, shard }) =
+        let Some(Session { client, statements, shard, .. }) =
             ensure_session(shared, &mut session, &mut lost_before, Some(3))
         else {
             continue;

@@ -55,8 +55,9 @@ fn error_page(viewer: &Viewer, status: StatusCode, title: &str, text: String) ->
 }
 
 fn engine_error(viewer: &Viewer, e: jobhost_engine::Error) -> Refused {
-    let status = crate::error::ApiError::from(e.clone()).status;
-    error_page(viewer, status, if status == StatusCode::NOT_FOUND { "Not found" } else { "Refused" }, e.to_string())
+    let e = crate::error::ApiError::from(e);
+    let title = if e.status == StatusCode::NOT_FOUND { "Not found" } else { "Refused" };
+    error_page(viewer, e.status, title, e.message)
 }
 
 /// After an action: back to `to`, with a message.
@@ -894,6 +895,24 @@ pub struct RollbackForm {
     to: Option<String>,
 }
 
+/// Runs a rollback or delete of a plugin and goes back to the plugins page with what it did.
+async fn plugin_action<F, Fut>(state: &ConsoleState, viewer: &Viewer, csrf: &str, refused: &str, act: F) -> Page
+where
+    F: FnOnce(std::sync::Arc<crate::plugins::Plugins>, String) -> Fut,
+    Fut: std::future::Future<Output = Result<crate::reload::ReloadEvent, crate::plugins::PluginError>>,
+{
+    viewer.check_csrf(csrf)?;
+    let env = viewer.env()?.id().to_owned();
+    let Some(registry) = state.api.plugins.clone() else {
+        return Ok(Redirect::to("/console/plugins").into_response());
+    };
+    let words = match act(registry, env).await {
+        Ok(event) => reload_words(&event),
+        Err(e) => Err(format!("{refused}: {e}")),
+    };
+    Ok(done(state, viewer, "/console/plugins", words))
+}
+
 /// Puts a kept version of a plugin back.
 pub async fn rollback_plugin(
     State(state): State<ConsoleState>,
@@ -901,17 +920,11 @@ pub async fn rollback_plugin(
     Path(name): Path<String>,
     Form(form): Form<RollbackForm>,
 ) -> Page {
-    viewer.check_csrf(&form.csrf)?;
-    let env = viewer.env()?;
-    let Some(registry) = state.api.plugins.as_deref() else {
-        return Ok(Redirect::to("/console/plugins").into_response());
-    };
-    let result = registry.rollback(env.id(), &name, given(&form.to)).await;
-    let words = match result {
-        Ok(event) => reload_words(&event),
-        Err(e) => Err(format!("Not rolled back: {e}")),
-    };
-    Ok(done(&state, &viewer, "/console/plugins", words))
+    let to = given(&form.to).map(str::to_owned);
+    plugin_action(&state, &viewer, &form.csrf, "Not rolled back", |registry, env| async move {
+        registry.rollback(&env, &name, to.as_deref()).await
+    })
+    .await
 }
 
 /// Unloads and deletes a plugin.
@@ -921,16 +934,10 @@ pub async fn delete_plugin(
     Path(name): Path<String>,
     Form(form): Form<CsrfForm>,
 ) -> Page {
-    viewer.check_csrf(&form.csrf)?;
-    let env = viewer.env()?;
-    let Some(registry) = state.api.plugins.as_deref() else {
-        return Ok(Redirect::to("/console/plugins").into_response());
-    };
-    let words = match registry.delete(env.id(), &name).await {
-        Ok(event) => reload_words(&event),
-        Err(e) => Err(format!("Not deleted: {e}")),
-    };
-    Ok(done(&state, &viewer, "/console/plugins", words))
+    plugin_action(&state, &viewer, &form.csrf, "Not deleted", |registry, env| async move {
+        registry.delete(&env, &name).await
+    })
+    .await
 }
 
 // ---- admin ----

@@ -161,7 +161,13 @@ impl Deadline {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         std::thread::spawn(move || {
             if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(REAL_DEADLINE) {
-                eprintln!("conformance: {what} did not happen within {REAL_DEADLINE:?}; aborting the test process");
+                // Straight to the process's stderr: the test harness captures `eprintln!`,
+                // and its capture is lost with the abort.
+                use std::io::Write as _;
+                let _ = writeln!(
+                    std::io::stderr().lock(),
+                    "conformance: {what} did not happen within {REAL_DEADLINE:?}; aborting the test process"
+                );
                 std::process::abort();
             }
         });

@@ -83,30 +83,16 @@ pub async fn a_refused_write_keeps_nothing_and_leaves_the_writes_beside_it() {
     assert_eq!(env.sheet("sh_kept").await.unwrap().name, "kept");
 }
 
-/// A backend that fails the first `fail` attempts of every write with a retryable error after
-/// running it (and throws its changes away): what a serialization failure looks like.
-struct Flaky {
+/// A backend whose writes go through `change` (which submits each to the real backend, altered
+/// as a case needs) and whose reads and notifications are the real backend's.
+struct Intercept<F> {
     inner: Arc<dyn Backend>,
-    fail: u32,
-    attempts: AtomicU32,
+    change: F,
 }
 
-impl Backend for Flaky {
+impl<F: Fn(&dyn Backend, WriteOp) + Send + Sync + 'static> Backend for Intercept<F> {
     fn submit_write(&self, op: WriteOp) {
-        let n = self.attempts.fetch_add(1, Ordering::SeqCst);
-        if n % (self.fail + 1) == self.fail {
-            return self.inner.submit_write(op);
-        }
-        let WriteOp { mut run, reply } = op;
-        self.inner.submit_write(WriteOp {
-            run: Box::new(move |tx: &mut dyn Tx| {
-                run(tx);
-                false
-            }),
-            reply: Box::new(move |_| {
-                reply(Err(Error::Store(StoreError::new("could not serialize access").retryable(true))))
-            }),
-        });
+        (self.change)(&*self.inner, op)
     }
 
     fn submit_read(&self, op: ReadOp) {
@@ -120,6 +106,34 @@ impl Backend for Flaky {
     fn exclusive(&self) -> bool {
         self.inner.exclusive()
     }
+}
+
+/// A backend that fails the first `fail` attempts of every write with a retryable error after
+/// running it (and throws its changes away): what a serialization failure looks like. Also
+/// returns the count of attempts.
+fn flaky(inner: Arc<dyn Backend>, fail: u32) -> (Arc<dyn Backend>, Arc<AtomicU32>) {
+    let attempts = Arc::new(AtomicU32::new(0));
+    let counted = attempts.clone();
+    let backend = Arc::new(Intercept {
+        inner,
+        change: move |inner: &dyn Backend, op: WriteOp| {
+            let n = counted.fetch_add(1, Ordering::SeqCst);
+            if n % (fail + 1) == fail {
+                return inner.submit_write(op);
+            }
+            let WriteOp { mut run, reply } = op;
+            inner.submit_write(WriteOp {
+                run: Box::new(move |tx: &mut dyn Tx| {
+                    run(tx);
+                    false
+                }),
+                reply: Box::new(move |_| {
+                    reply(Err(Error::Store(StoreError::new("could not serialize access").retryable(true))))
+                }),
+            });
+        },
+    });
+    (backend, attempts)
 }
 
 /// Many writes at once, one of them refused in the middle: whatever a backend does to undo the
@@ -169,18 +183,17 @@ pub async fn a_refused_write_among_many_leaves_each_other_applied_once() {
 pub async fn a_retryable_failure_runs_the_write_again_and_applies_it_once() {
     let host = TestHost::new();
     let env = host.env().await;
-    let flaky = Arc::new(Flaky { inner: host.engine.store().backend().clone(), fail: 2, attempts: AtomicU32::new(0) });
-    let engine = crate::Engine::with_backend(flaky.clone(), super::test_config());
+    let (backend, attempts) = flaky(host.engine.store().backend().clone(), 2);
+    let engine = crate::Engine::with_backend(backend, super::test_config());
     let job = engine.env(env.id()).create_job(NewJob::new(JobType::File, "parse")).await.expect("retried to success");
-    assert_eq!(flaky.attempts.load(Ordering::SeqCst), 3, "two failed attempts, then the one that counts");
+    assert_eq!(attempts.load(Ordering::SeqCst), 3, "two failed attempts, then the one that counts");
     let jobs = env.jobs(0, 100).await.unwrap();
     assert_eq!(jobs.len(), 1, "applied once: {jobs:?}");
     assert_eq!(jobs[0].id, job.id);
     let topics: Vec<String> = env.events(0, 100).await.unwrap().into_iter().map(|e| e.topic).collect();
     assert_eq!(topics, ["job:created", "job:ready"], "the events of one run, not three");
     // A failure that outlasts every attempt reaches the caller as what it is.
-    let hopeless =
-        Arc::new(Flaky { inner: host.engine.store().backend().clone(), fail: 100, attempts: AtomicU32::new(0) });
+    let (hopeless, _) = flaky(host.engine.store().backend().clone(), 100);
     let engine = crate::Engine::with_backend(hopeless, super::test_config());
     let err = engine.env(env.id()).create_job(NewJob::new(JobType::File, "parse")).await.unwrap_err();
     assert!(err.is_retryable() && err.kind() == crate::ErrorKind::Internal, "{err:?}");
@@ -189,40 +202,27 @@ pub async fn a_retryable_failure_runs_the_write_again_and_applies_it_once() {
 
 /// A backend that runs every write twice (as one that undoes a run and runs it again would),
 /// the second run's panic caught and counted as discarding it.
-struct RunTwice {
-    inner: Arc<dyn Backend>,
-}
-
-impl Backend for RunTwice {
-    fn submit_write(&self, op: WriteOp) {
-        let WriteOp { mut run, reply } = op;
-        self.inner.submit_write(WriteOp {
-            run: Box::new(move |tx: &mut dyn Tx| {
-                run(tx);
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(tx))).unwrap_or(false)
-            }),
-            reply,
-        });
-    }
-
-    fn submit_read(&self, op: ReadOp) {
-        self.inner.submit_read(op)
-    }
-
-    fn notifications(&self) -> Notifications {
-        self.inner.notifications()
-    }
-
-    fn exclusive(&self) -> bool {
-        self.inner.exclusive()
-    }
+fn run_twice(inner: Arc<dyn Backend>) -> Arc<dyn Backend> {
+    Arc::new(Intercept {
+        inner,
+        change: |inner: &dyn Backend, op: WriteOp| {
+            let WriteOp { mut run, reply } = op;
+            inner.submit_write(WriteOp {
+                run: Box::new(move |tx: &mut dyn Tx| {
+                    run(tx);
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(tx))).unwrap_or(false)
+                }),
+                reply,
+            });
+        },
+    })
 }
 
 /// A write whose first run succeeded and whose last run panicked did not happen: its caller
 /// hears so, not the first run's result.
 pub async fn a_write_is_answered_by_its_last_run() {
     let host = TestHost::new();
-    let store = Store::new(Arc::new(RunTwice { inner: host.engine.store().backend().clone() }));
+    let store = Store::new(run_twice(host.engine.store().backend().clone()));
     let runs = Arc::new(AtomicU32::new(0));
     let counted = runs.clone();
     let result = store

@@ -9,11 +9,11 @@
   const SECTION_MS = 1000;
   const GRID_MS = 250;
 
+  // One listener for every form with a confirmation, also those a refresh brings in.
   function confirmForms() {
-    document.querySelectorAll("form[data-confirm]").forEach(function (form) {
-      form.addEventListener("submit", function (e) {
-        if (!window.confirm(form.dataset.confirm)) e.preventDefault();
-      });
+    document.addEventListener("submit", function (e) {
+      const form = e.target;
+      if (form.dataset && form.dataset.confirm && !window.confirm(form.dataset.confirm)) e.preventDefault();
     });
   }
 
@@ -43,25 +43,17 @@
         if (r.status === 401) { window.location.reload(); return; }
         if (!r.ok) throw new Error(r.status);
         return r.text().then(function (html) {
-          // Keep open log panels open across the refresh.
-          const open = new Set();
-          section.querySelectorAll("details[open]").forEach(function (d) {
+          // Log panels keep the state the reader gave them across the refresh.
+          const state = new Map();
+          section.querySelectorAll("details").forEach(function (d) {
             const owner = d.closest("[id]");
-            if (owner) open.add(owner.id);
-          });
-          const closed = new Set();
-          section.querySelectorAll("details:not([open])").forEach(function (d) {
-            const owner = d.closest("[id]");
-            if (owner) closed.add(owner.id);
+            if (owner) state.set(owner.id, d.open);
           });
           section.innerHTML = html;
           section.querySelectorAll("details").forEach(function (d) {
             const owner = d.closest("[id]");
-            if (!owner) return;
-            if (open.has(owner.id)) d.open = true;
-            if (closed.has(owner.id)) d.open = false;
+            if (owner && state.has(owner.id)) d.open = state.get(owner.id);
           });
-          confirmForms();
         });
       });
     });
