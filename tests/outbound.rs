@@ -401,3 +401,66 @@ async fn the_enrich_example_flags_addresses_through_the_service_it_ships() {
     assert_eq!(calls.len(), 3, "{calls:?}");
     assert!(calls.iter().all(|c| c.status == Some(200) && c.path == "/verify" && c.method == "POST"));
 }
+
+/// A TLS server on loopback with a self-signed certificate (tests/fixtures, for 127.0.0.1):
+/// tells how each handshake ended.
+async fn self_signed_tls() -> (u16, tokio::sync::mpsc::UnboundedReceiver<Result<(), String>>) {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
+    let cert = CertificateDer::from_pem_file(format!("{fixtures}/self-signed.crt")).unwrap();
+    let key = PrivateKeyDer::from_pem_file(format!("{fixtures}/self-signed.key")).unwrap();
+    let config =
+        tokio_rustls::rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(vec![cert], key).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let _ = tx.send(acceptor.accept(tcp).await.map(drop).map_err(|e| e.to_string()));
+        }
+    });
+    (port, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_checks_the_certificate_and_a_self_signed_server_is_refused() {
+    let (port, mut handshakes) = self_signed_tls().await;
+    let host = TestHost::with_config(EngineConfig { max_attempts: 1, ..test_config() });
+    let env = host.env().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("http.wasm");
+    std::fs::copy(artifacts::TEST_HTTP, &path).unwrap();
+    // Granted by address, so loopback is allowed: only the certificate stands in the way.
+    let manifest = format!("[grants]\nallowed_outbound_hosts = [\"https://127.0.0.1:{port}\"]\n");
+    std::fs::write(dir.path().join("http.toml"), manifest).unwrap();
+    let rt = Runtime::new(test_runtime_config()).unwrap();
+    let plugin = Arc::new(rt.load(&path).await.unwrap_or_else(|e| panic!("{e}")));
+    let running = host.engine.run(vec![rt.listener(plugin, env.id())]).await.unwrap();
+
+    let requests = json!([{ "url": format!("https://127.0.0.1:{port}/hello") }]);
+    let new = NewJob { input: json!({ "requests": requests }), ..NewJob::new(JobType::Space, "http") };
+    let job = env.create_job(new).await.unwrap();
+    let job = until_terminal(&env, &job.id).await;
+    assert_eq!(job.status, JobStatus::Complete, "{job:?}");
+    let result = &job.outcome["results"][0];
+    assert!(result["error"].as_str().is_some_and(|e| e.contains("TlsCertificateError")), "{result}");
+    // The record is stored as the delivery ends, just after the job.
+    let (e, id) = (env.clone(), job.id.clone());
+    let execution = jobhost_engine::conformance::wait_for(&host.engine, "the delivery's record", move || {
+        let (e, id) = (e.clone(), id.clone());
+        async move { Ok(e.executions(Some(&id), 10).await?.into_iter().next()) }
+    })
+    .await
+    .unwrap();
+    let call = call(&execution, "/hello");
+    let why = call.error.as_deref().unwrap_or_else(|| panic!("{call:?}"));
+    assert!(why.contains("certificate"), "{why}");
+    assert_eq!(call.status, None);
+    // The client broke the handshake off: no request reached the server.
+    let handshake = tokio::time::timeout(Duration::from_secs(60), handshakes.recv()).await.expect("a handshake");
+    assert!(handshake.as_ref().is_some_and(Result::is_err), "{handshake:?}");
+    assert!(handshakes.try_recv().is_err(), "one connection only");
+    running.shutdown().await;
+}
