@@ -18,7 +18,7 @@ fn repo() -> &'static Path {
 }
 
 /// Builds `plugins/<dir>`; the tools and builds live in this build's target directory.
-fn built(dir: &str) -> PathBuf {
+pub(crate) fn built(dir: &str) -> PathBuf {
     let tools = Path::new(env!("CARGO_TARGET_TMPDIR")).join("tools");
     jobhost::build::build_in(&repo().join("plugins").join(dir), &tools)
         .unwrap_or_else(|e| panic!("build plugins/{dir}: {e:#}"))
@@ -26,7 +26,7 @@ fn built(dir: &str) -> PathBuf {
 
 /// One runtime for the whole file, with a compilation cache in the target directory: a large
 /// component is compiled once per content, not once per test.
-fn runtime() -> Arc<Runtime> {
+pub(crate) fn runtime() -> Arc<Runtime> {
     static RT: OnceLock<Arc<Runtime>> = OnceLock::new();
     RT.get_or_init(|| {
         let mut config = RuntimeConfig {

@@ -464,3 +464,36 @@ async fn https_checks_the_certificate_and_a_self_signed_server_is_refused() {
     assert!(handshakes.try_recv().is_err(), "one connection only");
     running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn javascript_fetch_reaches_granted_hosts_and_is_refused_elsewhere() {
+    let server = Server::start().await;
+    let host = TestHost::with_config(EngineConfig { max_attempts: 1, ..test_config() });
+    let env = host.env().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fetch.wasm");
+    std::fs::copy(crate::languages::built("js/test-fetch"), &path).unwrap();
+    let manifest = format!("[grants]\nallowed_outbound_hosts = [\"http://127.0.0.1:{}\"]\n", server.port);
+    std::fs::write(dir.path().join("fetch.toml"), manifest).unwrap();
+    let rt = crate::languages::runtime();
+    let plugin = Arc::new(rt.load(&path).await.unwrap_or_else(|e| panic!("{e}")));
+    let running = host.engine.run(vec![rt.listener(plugin, env.id())]).await.unwrap();
+
+    let urls = json!([server.url("/hello"), server.url("/chunked"), "http://10.1.2.3/latest"]);
+    let new = NewJob { input: json!({ "urls": urls }), ..NewJob::new(JobType::Space, "fetch") };
+    let job = env.create_job(new).await.unwrap();
+    let (e, id) = (env.clone(), job.id.clone());
+    let execution = jobhost_engine::conformance::wait_for(&host.engine, "the delivery's record", move || {
+        let (e, id) = (e.clone(), id.clone());
+        async move { Ok(e.executions(Some(&id), 10).await?.into_iter().next()) }
+    })
+    .await
+    .unwrap();
+    let job = env.job(&job.id).await.unwrap();
+    assert_eq!(job.status, JobStatus::Complete, "{job:?}\n{execution:?}");
+    let results = &job.outcome["results"];
+    assert_eq!(results[0], json!({"status": 200, "body": "hello"}), "{results}");
+    assert_eq!(results[1], json!({"status": 200, "body": "part0;part1;part2;part3;part4;"}), "{results}");
+    assert!(results[2]["error"].as_str().is_some(), "{results}");
+    running.shutdown().await;
+}

@@ -17,6 +17,7 @@
 //   }
 //
 // Host calls are synchronous underneath; `await` on them is allowed (and costs a microtask).
+// `fetch` reaches the hosts the plugin's manifest grants (`allowed_outbound_hosts`).
 // A refused call throws `HostError` (`kind`: not-found, conflict, invalid, denied, limit,
 // internal). An exception a handler lets escape, or a rejected promise, fails the delivery
 // (it is retried) with the error's message and stack in the delivery's log.
@@ -272,9 +273,11 @@ export const exported = {
       throw describe(e);
     }
     if (out && typeof out.then === "function") {
-      // The promise settles when the engine runs its pending jobs, after this returns.
+      // Returned, so componentize-js runs the event loop (microtasks and I/O such as `fetch`)
+      // until it settles; the outcome goes through `settle`, so a promise the loop cannot
+      // settle is reported as such rather than taken for success.
       defer();
-      out.then(
+      return out.then(
         () => settle(undefined),
         (e) => settle(describe(e)),
       );

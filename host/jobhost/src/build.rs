@@ -362,7 +362,7 @@ fn build_js(src: &Path, tools: &Path) -> anyhow::Result<PathBuf> {
         .and_then(|()| {
             run(Command::new(bin.join("componentize-js"))
                 .current_dir(stage)
-                .args(["__bundle.js", "--wit", "wit", "-n", "plugin", "-d", "http", "-d", "fetch-event", "-o"])
+                .args(["__bundle.js", "--wit", "wit", "-n", "plugin", "-d", "fetch-event", "-o"])
                 .arg(&tmp))
         })
         .map_err(|e| {

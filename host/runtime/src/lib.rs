@@ -695,7 +695,18 @@ impl Runtime {
                 }
                 (ExecutionOutcome::Error, Some(message))
             }
-            Ok(Err(trap)) => attribute(&trap, state, limits),
+            Ok(Err(trap)) => match (attribute(&trap, state, limits), state.deferred()) {
+                // JavaScript's event loop stops the guest when it runs out of work with the
+                // handler's promise pending: that is the handler's failure, not a crash.
+                ((ExecutionOutcome::Trap, why), Some(None)) => (
+                    ExecutionOutcome::Error,
+                    Some(format!(
+                        "the handler's promise never settled (the guest's event loop ran out of work with it pending: {})",
+                        why.unwrap_or_default()
+                    )),
+                ),
+                (attributed, _) => attributed,
+            },
             Err(_) => (
                 ExecutionOutcome::Timeout,
                 Some(format!("wall-clock limit {} s exceeded (host calls included)", limits.wall.as_secs_f64())),
