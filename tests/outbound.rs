@@ -137,13 +137,7 @@ impl Arena {
         let job = self.attacker.create_job(new).await.unwrap();
         // The delivery's record is stored as the delivery ends: wait for it rather than for the
         // job, so a delivery that fails (and leaves the job open) fails the test with its reason.
-        let (env, id) = (self.attacker.clone(), job.id.clone());
-        let execution = jobhost_engine::conformance::wait_for(&self.host.engine, "the delivery's record", move || {
-            let (env, id) = (env.clone(), id.clone());
-            async move { Ok(env.executions(Some(&id), 10).await?.into_iter().next()) }
-        })
-        .await
-        .unwrap();
+        let execution = record_of(&self.host, &self.attacker, &job.id).await;
         let job = self.attacker.job(&job.id).await.unwrap();
         assert_eq!(job.status, JobStatus::Complete, "{job:?}\n{execution:?}");
         (job.outcome["results"].as_array().unwrap().clone(), execution)
@@ -168,6 +162,18 @@ impl Arena {
         self.running.shutdown().await;
         drop(self.host);
     }
+}
+
+/// The record of the first delivery for job `id`, once it is stored (as the delivery ends,
+/// just after what the handler did to the job).
+async fn record_of(host: &TestHost, env: &Env, id: &str) -> Execution {
+    let (env, id) = (env.clone(), id.to_owned());
+    jobhost_engine::conformance::wait_for(&host.engine, "the delivery's record", move || {
+        let (env, id) = (env.clone(), id.clone());
+        async move { Ok(env.executions(Some(&id), 10).await?.into_iter().next()) }
+    })
+    .await
+    .unwrap()
 }
 
 fn call<'a>(e: &'a Execution, path: &str) -> &'a HttpCall {
@@ -446,14 +452,7 @@ async fn https_checks_the_certificate_and_a_self_signed_server_is_refused() {
     assert_eq!(job.status, JobStatus::Complete, "{job:?}");
     let result = &job.outcome["results"][0];
     assert!(result["error"].as_str().is_some_and(|e| e.contains("TlsCertificateError")), "{result}");
-    // The record is stored as the delivery ends, just after the job.
-    let (e, id) = (env.clone(), job.id.clone());
-    let execution = jobhost_engine::conformance::wait_for(&host.engine, "the delivery's record", move || {
-        let (e, id) = (e.clone(), id.clone());
-        async move { Ok(e.executions(Some(&id), 10).await?.into_iter().next()) }
-    })
-    .await
-    .unwrap();
+    let execution = record_of(&host, &env, &job.id).await;
     let call = call(&execution, "/hello");
     let why = call.error.as_deref().unwrap_or_else(|| panic!("{call:?}"));
     assert!(why.contains("certificate"), "{why}");
@@ -482,13 +481,7 @@ async fn javascript_fetch_reaches_granted_hosts_and_is_refused_elsewhere() {
     let urls = json!([server.url("/hello"), server.url("/chunked"), "http://10.1.2.3/latest"]);
     let new = NewJob { input: json!({ "urls": urls }), ..NewJob::new(JobType::Space, "fetch") };
     let job = env.create_job(new).await.unwrap();
-    let (e, id) = (env.clone(), job.id.clone());
-    let execution = jobhost_engine::conformance::wait_for(&host.engine, "the delivery's record", move || {
-        let (e, id) = (e.clone(), id.clone());
-        async move { Ok(e.executions(Some(&id), 10).await?.into_iter().next()) }
-    })
-    .await
-    .unwrap();
+    let execution = record_of(&host, &env, &job.id).await;
     let job = env.job(&job.id).await.unwrap();
     assert_eq!(job.status, JobStatus::Complete, "{job:?}\n{execution:?}");
     let results = &job.outcome["results"];
