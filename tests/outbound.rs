@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::support::{TestHost, test_config, test_runtime_config, until_terminal};
 use jobhost::model::{Execution, HttpCall, JobStatus, JobType, NewJob};
-use jobhost::runtime::{Runtime, RuntimeConfig};
+use jobhost::runtime::{Plugin, Runtime, RuntimeConfig};
 use jobhost::{EngineConfig, Env};
 use jobhost_test_plugins as artifacts;
 
@@ -113,18 +113,14 @@ impl Arena {
         let server = Server::start().await;
         let host = TestHost::with_config(EngineConfig { max_attempts: 1, ..test_config() });
         let (attacker, victim) = (host.env().await, host.env().await);
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("http.wasm");
-        std::fs::copy(artifacts::TEST_HTTP, &path).unwrap();
         let manifest = format!(
             "[limits]\nwall_ms = 20000\nhttp_first_byte_ms = 1000\nhttp_total_ms = 3000\n\
              http_response_bytes = 1048576\nhttp_request_bytes = 65536\nhttp_requests = 50\n\n\
              [grants]\nallowed_outbound_hosts = [\"http://127.0.0.1:{port}\", \"http://localhost:{port}\"]\n",
             port = server.port
         );
-        std::fs::write(dir.path().join("http.toml"), manifest).unwrap();
         let rt = Runtime::new(RuntimeConfig { max_instances: 64, ..test_runtime_config() }).unwrap();
-        let plugin = Arc::new(rt.load(&path).await.unwrap_or_else(|e| panic!("{e}")));
+        let (plugin, dir) = with_manifest(&rt, artifacts::TEST_HTTP.as_ref(), "http", &manifest).await;
         let noop = Arc::new(rt.load(std::path::Path::new(artifacts::TEST_NOOP)).await.unwrap());
         let running =
             host.engine.run(vec![rt.listener(plugin, attacker.id()), rt.listener(noop, victim.id())]).await.unwrap();
@@ -162,6 +158,21 @@ impl Arena {
         self.running.shutdown().await;
         drop(self.host);
     }
+}
+
+/// Component `from` loaded by `rt` as plugin `name` with `manifest` beside it (the directory
+/// must outlive the plugin's deliveries).
+async fn with_manifest(
+    rt: &Arc<Runtime>,
+    from: &std::path::Path,
+    name: &str,
+    manifest: &str,
+) -> (Arc<Plugin>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(format!("{name}.wasm"));
+    std::fs::copy(from, &path).unwrap();
+    std::fs::write(dir.path().join(format!("{name}.toml")), manifest).unwrap();
+    (Arc::new(rt.load(&path).await.unwrap_or_else(|e| panic!("{e}"))), dir)
 }
 
 /// The record of the first delivery for job `id`, once it is stored (as the delivery ends,
@@ -435,14 +446,10 @@ async fn https_checks_the_certificate_and_a_self_signed_server_is_refused() {
     let (port, mut handshakes) = self_signed_tls().await;
     let host = TestHost::with_config(EngineConfig { max_attempts: 1, ..test_config() });
     let env = host.env().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("http.wasm");
-    std::fs::copy(artifacts::TEST_HTTP, &path).unwrap();
     // Granted by address, so loopback is allowed: only the certificate stands in the way.
     let manifest = format!("[grants]\nallowed_outbound_hosts = [\"https://127.0.0.1:{port}\"]\n");
-    std::fs::write(dir.path().join("http.toml"), manifest).unwrap();
     let rt = Runtime::new(test_runtime_config()).unwrap();
-    let plugin = Arc::new(rt.load(&path).await.unwrap_or_else(|e| panic!("{e}")));
+    let (plugin, _dir) = with_manifest(&rt, artifacts::TEST_HTTP.as_ref(), "http", &manifest).await;
     let running = host.engine.run(vec![rt.listener(plugin, env.id())]).await.unwrap();
 
     let requests = json!([{ "url": format!("https://127.0.0.1:{port}/hello") }]);
@@ -469,13 +476,9 @@ async fn javascript_fetch_reaches_granted_hosts_and_is_refused_elsewhere() {
     let server = Server::start().await;
     let host = TestHost::with_config(EngineConfig { max_attempts: 1, ..test_config() });
     let env = host.env().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("fetch.wasm");
-    std::fs::copy(crate::languages::built("js/test-fetch"), &path).unwrap();
     let manifest = format!("[grants]\nallowed_outbound_hosts = [\"http://127.0.0.1:{}\"]\n", server.port);
-    std::fs::write(dir.path().join("fetch.toml"), manifest).unwrap();
     let rt = crate::languages::runtime();
-    let plugin = Arc::new(rt.load(&path).await.unwrap_or_else(|e| panic!("{e}")));
+    let (plugin, _dir) = with_manifest(&rt, &crate::languages::built("js/test-fetch"), "fetch", &manifest).await;
     let running = host.engine.run(vec![rt.listener(plugin, env.id())]).await.unwrap();
 
     let urls = json!([server.url("/hello"), server.url("/chunked"), "http://10.1.2.3/latest"]);
