@@ -334,13 +334,13 @@ async fn a_delivery_makes_at_most_its_requests_and_the_rest_are_refused() {
 
 /// The example's verification service (`plugins/enrich-emails/verify-service.py`) on a free
 /// loopback port, stopped when dropped.
-struct VerifyService {
+pub(crate) struct VerifyService {
     child: std::process::Child,
-    port: u16,
+    pub(crate) port: u16,
 }
 
 impl VerifyService {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         use std::io::BufRead;
         let script =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../plugins/enrich-emails/verify-service.py");
@@ -367,21 +367,28 @@ impl Drop for VerifyService {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_enrich_example_flags_addresses_through_the_service_it_ships() {
+    enrich_example(std::path::Path::new(artifacts::ENRICH_EMAILS), "enrich-emails").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_javascript_enrich_example_does_the_same_with_fetch() {
+    enrich_example(&crate::languages::built("js/enrich-emails"), "js/enrich-emails").await;
+}
+
+/// The enrich example (`component`, its manifest in `plugins/{source}`) against the service it
+/// ships: two addresses in five flagged with a warning, one request per part.
+async fn enrich_example(component: &std::path::Path, source: &str) {
     let service = VerifyService::start();
     let host = TestHost::new();
     let env = host.env().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("enrich-emails.wasm");
-    std::fs::copy(artifacts::ENRICH_EMAILS, &path).unwrap();
     // The shipped manifest, pointed at this test's port.
     let manifest = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../plugins/enrich-emails/enrich-emails.toml"),
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../plugins/{source}/enrich-emails.toml")),
     )
     .unwrap()
     .replace("8787", &service.port.to_string());
-    std::fs::write(dir.path().join("enrich-emails.toml"), manifest).unwrap();
-    let rt = Runtime::new(test_runtime_config()).unwrap();
-    let plugin = Arc::new(rt.load(&path).await.unwrap_or_else(|e| panic!("{e}")));
+    let rt = crate::languages::runtime();
+    let (plugin, _dir) = with_manifest(&rt, component, "enrich-emails", &manifest).await;
     let running = host.engine.run(vec![rt.listener(plugin, env.id())]).await.unwrap();
 
     let sheet = env.create_sheet("people").await.unwrap();
@@ -401,6 +408,7 @@ async fn the_enrich_example_flags_addresses_through_the_service_it_ships() {
     running.shutdown().await;
     assert_eq!(job.status, JobStatus::Complete, "{job:?}");
     assert_eq!(job.outcome["parts"]["completed"], 3);
+    assert_eq!((&job.outcome["checked"], &job.outcome["flagged"]), (&json!(2500), &json!(1000)), "{job:?}");
     let page = env.records(&sheet.id, 2500, 1).await.unwrap();
     let flagged: Vec<_> = page.records.iter().filter(|r| !r.values["email"].messages.is_empty()).collect();
     assert_eq!(flagged.len(), 1000, "two addresses in five are flagged");
@@ -471,25 +479,113 @@ async fn https_checks_the_certificate_and_a_self_signed_server_is_refused() {
     running.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn javascript_fetch_reaches_granted_hosts_and_is_refused_elsewhere() {
+/// A plugin in another language (`plugins/{dir}`, built from source) making the granted and
+/// refused requests through that language's client: what it sees (`refusals`: what the client
+/// says of the two refused requests), and what the record says.
+async fn a_guest_language_reaches_granted_hosts_and_is_refused_elsewhere(dir: &str, refusals: [&str; 2]) {
     let server = Server::start().await;
     let host = TestHost::with_config(EngineConfig { max_attempts: 1, ..test_config() });
     let env = host.env().await;
-    let manifest = format!("[grants]\nallowed_outbound_hosts = [\"http://127.0.0.1:{}\"]\n", server.port);
+    let port = server.port;
+    let manifest =
+        format!("[grants]\nallowed_outbound_hosts = [\"http://127.0.0.1:{port}\", \"http://localhost:{port}\"]\n");
     let rt = crate::languages::runtime();
-    let (plugin, _dir) = with_manifest(&rt, &crate::languages::built("js/test-fetch"), "fetch", &manifest).await;
+    let (plugin, _dir) = with_manifest(&rt, &crate::languages::built(dir), "fetch", &manifest).await;
     let running = host.engine.run(vec![rt.listener(plugin, env.id())]).await.unwrap();
 
-    let urls = json!([server.url("/hello"), server.url("/chunked"), "http://10.1.2.3/latest"]);
-    let new = NewJob { input: json!({ "urls": urls }), ..NewJob::new(JobType::Space, "fetch") };
+    let requests = json!([
+        { "url": server.url("/hello") },
+        { "method": "POST", "url": server.url("/echo"), "body": "payload", "headers": { "x-tag": "t" } },
+        { "url": server.url("/chunked") },
+        // Not granted, and a granted name that resolves to a loopback address.
+        { "url": "http://10.1.2.3/latest" },
+        { "url": format!("http://localhost:{port}/hello") },
+    ]);
+    let new = NewJob { input: json!({ "requests": requests }), ..NewJob::new(JobType::Space, "fetch") };
     let job = env.create_job(new).await.unwrap();
-    let execution = record_of(&host, &env, &job.id).await;
+    let exec = record_of(&host, &env, &job.id).await;
     let job = env.job(&job.id).await.unwrap();
-    assert_eq!(job.status, JobStatus::Complete, "{job:?}\n{execution:?}");
+    assert_eq!(job.status, JobStatus::Complete, "{job:?}\n{exec:?}");
     let results = &job.outcome["results"];
-    assert_eq!(results[0], json!({"status": 200, "body": "hello"}), "{results}");
-    assert_eq!(results[1], json!({"status": 200, "body": "part0;part1;part2;part3;part4;"}), "{results}");
-    assert!(results[2]["error"].as_str().is_some(), "{results}");
+    assert_eq!(results[0], json!({"status": 200, "body": "hello", "header": "yes"}), "{results}");
+    assert_eq!(results[1], json!({"status": 201, "body": "t:payload", "header": null}), "{results}");
+    assert_eq!(results[2], json!({"status": 200, "body": "part0;part1;part2;part3;part4;", "header": null}));
+    for (refused, says) in [&results[3], &results[4]].into_iter().zip(refusals) {
+        assert!(refused["error"].as_str().is_some_and(|e| e.contains(says)), "{says}: {results}");
+    }
+    // The host's record attributes each request, the refusals with their reasons.
+    assert_eq!(exec.http.len(), 5, "{:?}", exec.http);
+    let echo = call(&exec, "/echo");
+    assert_eq!((echo.method.as_str(), echo.status, echo.sent_bytes, echo.received_bytes), ("POST", Some(201), 7, 9));
+    assert_eq!(call(&exec, "/chunked").received_bytes, 30);
+    let by_origin =
+        |o: &str| exec.http.iter().find(|c| c.origin == o).unwrap_or_else(|| panic!("{o}: {:?}", exec.http));
+    assert!(by_origin("http://10.1.2.3:80").error.as_deref().unwrap().contains("is not granted"));
+    let named = by_origin(&format!("http://localhost:{port}")).error.as_deref().unwrap();
+    assert!(named.contains("resolves to") && named.contains("loopback"), "{named}");
+    // Whatever the client says, the delivery's log has the host's reason.
+    assert!(exec.logs.contains("[jobhost] denied: GET http://10.1.2.3:80"), "{}", exec.logs);
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn javascript_fetch_reaches_granted_hosts_and_is_refused_elsewhere() {
+    // fetch reports every failure as the standard's one TypeError.
+    let network = "TypeError: NetworkError";
+    a_guest_language_reaches_granted_hosts_and_is_refused_elsewhere("js/test-fetch", [network, network]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdk_client_reaches_granted_hosts_and_is_refused_elsewhere() {
+    let refusals = ["HttpRequestDenied", "DestinationIpProhibited"];
+    a_guest_language_reaches_granted_hosts_and_is_refused_elsewhere("python/test-fetch", refusals).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_added_or_removed_in_the_manifest_applies_without_a_restart() {
+    use jobhost::reload::{PluginHost, ReloadEvent};
+    let server = Server::start().await;
+    let host = TestHost::with_config(EngineConfig { max_attempts: 1, ..test_config() });
+    let env = host.env().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(artifacts::TEST_HTTP, dir.path().join("http.wasm")).unwrap();
+    let running = Arc::new(host.engine.run(vec![]).await.unwrap());
+    let (plugins, _) =
+        PluginHost::start(crate::support::test_runtime(), running.clone(), env.id(), dir.path()).await.unwrap();
+    let mut reloads = plugins.subscribe();
+    let _watch = plugins.watch(Duration::from_millis(20)).unwrap();
+    let hello = async || {
+        let input = json!({ "requests": [{ "url": server.url("/hello") }] });
+        let job = env.create_job(NewJob { input, ..NewJob::new(JobType::Space, "http") }).await.unwrap();
+        let exec = record_of(&host, &env, &job.id).await;
+        (env.job(&job.id).await.unwrap().outcome["results"][0].clone(), exec)
+    };
+    let mut manifest_applied = async |text: Option<String>| {
+        let path = dir.path().join("http.toml");
+        match text {
+            Some(text) => {
+                std::fs::write(dir.path().join(".http.toml.tmp"), text).unwrap();
+                std::fs::rename(dir.path().join(".http.toml.tmp"), &path).unwrap();
+            }
+            None => std::fs::remove_file(&path).unwrap(),
+        }
+        // A safety net against a hang, not a synchronisation: the wait is on the reload event.
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while !matches!(reloads.recv().await.unwrap(), ReloadEvent::Loaded { name, .. } if name == "http") {}
+        })
+        .await
+        .expect("the manifest reloads within 60 s");
+    };
+
+    let (refused, exec) = hello().await;
+    assert!(refused["error"].as_str().unwrap().contains("HttpRequestDenied"), "{refused}");
+    assert!(exec.http[0].error.as_deref().unwrap().contains("is not granted"), "{:?}", exec.http);
+    let origin = format!("http://127.0.0.1:{}", server.port);
+    manifest_applied(Some(format!("[grants]\nallowed_outbound_hosts = [\"{origin}\"]\n"))).await;
+    let (answered, _) = hello().await;
+    assert_eq!(answered["status"], 200, "{answered}");
+    manifest_applied(None).await;
+    let (refused, _) = hello().await;
+    assert!(refused["error"].as_str().unwrap().contains("HttpRequestDenied"), "a removed grant is gone: {refused}");
     running.shutdown().await;
 }

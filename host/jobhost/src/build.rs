@@ -24,6 +24,15 @@ use sha2::{Digest, Sha256};
 pub const WIT: &str = include_str!("../../../wit/jobhost.wit");
 /// The Python listener SDK (`jobhost_listener`).
 pub const PYTHON_SDK: &str = include_str!("../../../plugin-sdk/python/jobhost_listener/__init__.py");
+/// The world Python plugins are built against (`python-plugin`: the plugin world and
+/// `wasi:http`) and the parts of `wasi:http`, `wasi:io` and `wasi:clocks` the SDK's `http`
+/// client uses, as (path under the build's `wit/`, text).
+pub const PYTHON_WIT: &[(&str, &str)] = &[
+    ("python.wit", include_str!("../../../plugin-sdk/python/wit/python.wit")),
+    ("deps/http.wit", include_str!("../../../plugin-sdk/python/wit/deps/http.wit")),
+    ("deps/io.wit", include_str!("../../../plugin-sdk/python/wit/deps/io.wit")),
+    ("deps/clocks.wit", include_str!("../../../plugin-sdk/python/wit/deps/clocks.wit")),
+];
 /// componentize-py, from PyPI, exactly this version.
 pub const COMPONENTIZE_PY: &str = "0.25.1";
 /// The JavaScript listener SDK (`jobhost-listener`).
@@ -294,10 +303,14 @@ pub fn python_author_paths(text: &str, src: &Path) -> String {
 fn build_python(src: &Path, tools: &Path) -> anyhow::Result<PathBuf> {
     let recipe = format!("componentize-py {COMPONENTIZE_PY}");
     let tool = || python_tool(tools, "componentize-py", COMPONENTIZE_PY, "componentize-py");
-    cached_build(src, "src", tools, &recipe, PYTHON_SDK, tool, |componentize, stage, out| {
-        std::fs::create_dir_all(stage.join("wit"))?;
+    let sdk: String = std::iter::once(PYTHON_SDK).chain(PYTHON_WIT.iter().map(|(_, text)| *text)).collect();
+    cached_build(src, "src", tools, &recipe, &sdk, tool, |componentize, stage, out| {
+        std::fs::create_dir_all(stage.join("wit/deps"))?;
         std::fs::create_dir_all(stage.join("jobhost_listener"))?;
         std::fs::write(stage.join("wit/jobhost.wit"), WIT)?;
+        for (path, text) in PYTHON_WIT {
+            std::fs::write(stage.join("wit").join(path), text)?;
+        }
         std::fs::write(stage.join("jobhost_listener/__init__.py"), PYTHON_SDK)?;
         // A copy of the sources: the builder writes bytecode caches beside what it compiles.
         copy_sources(src, &stage.join("src"))?;
@@ -306,7 +319,7 @@ fn build_python(src: &Path, tools: &Path) -> anyhow::Result<PathBuf> {
             .env("RUST_BACKTRACE", "0")
             .arg("-d")
             .arg(stage.join("wit"))
-            .args(["-w", "plugin", "componentize", "app", "-p"])
+            .args(["-w", "python-plugin", "componentize", "app", "-p"])
             .arg(stage.join("src"))
             .arg("-p")
             .arg(stage)

@@ -12,6 +12,11 @@ host calls (componentize-py looks for it in the module it builds)::
             ...
         jobs.complete(event.job_id, outcome={"message": "done"})
 
+``http`` calls out to the hosts the manifest grants (``[grants] allowed_outbound_hosts``)::
+
+    answer = http.post(config.get("verify_url"), json={"emails": emails})
+    flagged = answer.json()["flagged"] if answer.status == 200 else []
+
 A host call that the host refuses raises ``HostError`` (``kind``: ``not-found``, ``conflict``,
 ``invalid``, ``denied``, ``limit``, ``internal``). An exception a handler lets escape fails the
 delivery (it is retried) with the exception and its traceback in the delivery's log.
@@ -28,7 +33,12 @@ from wit_world.imports import config as _config
 from wit_world.imports import jobs as _jobs
 from wit_world.imports import log as _log
 from wit_world.imports import records as _records
-from wit_world.imports import types as _t
+from wit_world.imports import jobhost_plugin_types as _t
+from wit_world.imports import outgoing_handler as _outgoing
+from wit_world.imports import streams as _streams
+from wit_world.imports import wasi_http_types as _h
+
+_json_dumps = json.dumps  # `http.request` takes a `json` keyword
 
 __all__ = [
     "Listener",
@@ -41,6 +51,9 @@ __all__ = [
     "records",
     "log",
     "config",
+    "http",
+    "HttpError",
+    "Response",
 ]
 
 _KINDS = {
@@ -315,6 +328,201 @@ class config:
         """A secret of the environment that the manifest grants; ``HostError`` ``denied``
         when it does not."""
         return _call(_config.secret, name)
+
+
+# ---- outbound HTTP ----
+
+
+class HttpError(Exception):
+    """A request that did not get a response: refused by the host (not granted, a denied
+    address, a limit — the delivery's log says which), or failed on the way (timeout, a body
+    cut at its limit, a refused connection)."""
+
+
+class Response:
+    """A response, its body read in full: ``status``, ``headers`` (a list of ``(name,
+    value)``), ``body`` (bytes)."""
+
+    def __init__(self, status: int, headers: list, body: bytes):
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def header(self, name: str) -> Optional[str]:
+        """The first value of a header (names compare without case), or ``None``."""
+        name = name.lower()
+        return next((v for k, v in self.headers if k.lower() == name), None)
+
+    def text(self) -> str:
+        """The body as text (invalid UTF-8 replaced)."""
+        return self.body.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        """The body as JSON."""
+        return json.loads(self.body)
+
+
+_METHODS = {
+    "GET": _h.Method_Get,
+    "HEAD": _h.Method_Head,
+    "POST": _h.Method_Post,
+    "PUT": _h.Method_Put,
+    "DELETE": _h.Method_Delete,
+    "OPTIONS": _h.Method_Options,
+    "PATCH": _h.Method_Patch,
+}
+
+
+def _code(value) -> str:
+    """An ``error-code`` by its name as the Rust SDK spells it (``HttpRequestDenied``), with
+    its detail when it has one."""
+    name = type(value).__name__.split("_", 1)[-1]
+    detail = getattr(value, "value", None)
+    return name if detail is None else f"{name}({detail!r})"
+
+
+def _failed(what: str, url: str, detail: str) -> HttpError:
+    return HttpError(f"HTTP {what} of {url} failed: {detail} (the delivery's log says why a request was refused)")
+
+
+def _split_url(url: str):
+    scheme, sep, rest = url.partition("://")
+    cut = min([i for i in (rest.find("/"), rest.find("?")) if i >= 0], default=len(rest))
+    authority, path = rest[:cut], rest[cut:] or "/"
+    if not sep or scheme.lower() not in ("http", "https") or not authority:
+        raise HttpError(f"`{url}` is not an http:// or https:// URL")
+    return (_h.Scheme_Https() if scheme.lower() == "https" else _h.Scheme_Http()), authority, path
+
+
+def _stream_failure(value) -> str:
+    """Why a body stream failed: the HTTP error code when the host gave one, else the first
+    line of the host's text."""
+    if isinstance(value, _streams.StreamError_Closed):
+        return "the stream closed"
+    if isinstance(value, _streams.StreamError_LastOperationFailed):
+        code = _h.http_error_code(value.value)
+        return _code(code) if code is not None else value.value.to_debug_string().split("\n")[0][:300]
+    return _code(value)
+
+
+def _await(pending, url: str):
+    """The response's head, once it arrives (the host bounds the wait)."""
+    while (got := pending.get()) is None:
+        with pending.subscribe() as ready:
+            ready.block()
+    if isinstance(got, Err):  # taken before: only a second `get` sees this
+        raise _failed("request", url, "the response was already taken")
+    if isinstance(got.value, Err):
+        raise _failed("request", url, _code(got.value.value))
+    return got.value.value
+
+
+def _read_all(response, url: str) -> bytes:
+    chunks = []
+    # Children before parents: the host refuses to drop a body whose stream is still open.
+    with response.consume() as body, body.stream() as stream:
+        while True:
+            try:
+                chunks.append(stream.blocking_read(64 << 10))
+            except Err as e:
+                if isinstance(e.value, _streams.StreamError_Closed):
+                    break
+                raise _failed("response body", url, _stream_failure(e.value)) from None
+    return b"".join(chunks)
+
+
+class http:
+    """Outbound HTTP over ``wasi:http``, to the hosts the manifest grants.
+
+    ``http.get(url)``, ``http.post(url, json=...)`` and the others send one request and read
+    the whole response; a request that gets no response raises ``HttpError``. Redirects are
+    returned as they are (a 3xx ``Response``): following one is a new request, checked the
+    same way. Secrets go in headers the plugin sets from ``config.secret``.
+    """
+
+    @staticmethod
+    def request(
+        method: str,
+        url: str,
+        *,
+        headers: Optional[dict] = None,
+        body: Union[bytes, str, None] = None,
+        json: Any = None,
+        timeout_ms: Optional[int] = None,
+    ) -> Response:
+        """Sends ``method url`` with ``headers``, and ``body`` (bytes or text) or ``json``;
+        ``timeout_ms`` bounds connecting and the wait for the response's head (the manifest's
+        limits still apply when they are shorter)."""
+        scheme, authority, path = _split_url(url)
+        fields = [(k, str(v).encode()) for k, v in (headers or {}).items()]
+        if json is not None:
+            body = _json_dumps(json)
+            if not any(k.lower() == "content-type" for k, _ in fields):
+                fields.append(("content-type", b"application/json"))
+        data = body.encode() if isinstance(body, str) else (body or b"")
+        if data and not any(k.lower() == "content-length" for k, _ in fields):
+            fields.append(("content-length", str(len(data)).encode()))
+        try:
+            head = _h.Fields.from_list(fields)
+        except Err as e:
+            raise _failed("header", url, _code(e.value)) from None
+        request = _h.OutgoingRequest(head)
+        make = _METHODS.get(method.upper())
+        for what, setter, value in (
+            ("method", request.set_method, make() if make else _h.Method_Other(method)),
+            ("scheme", request.set_scheme, scheme),
+            ("authority", request.set_authority, authority),
+            ("path", request.set_path_with_query, path),
+        ):
+            try:
+                setter(value)
+            except Err:
+                raise _failed("request", url, f"invalid {what}") from None
+        out_body = request.body()
+        options = None
+        if timeout_ms is not None:
+            options = _h.RequestOptions()
+            options.set_connect_timeout(timeout_ms * 1_000_000)
+            options.set_first_byte_timeout(timeout_ms * 1_000_000)
+        try:
+            pending = _outgoing.handle(request, options)
+        except Err as e:
+            out_body.__exit__(None, None, None)
+            raise _failed("request", url, _code(e.value)) from None
+        with pending:
+            # The body goes after the request: the host streams it to the server.
+            try:
+                with out_body.write() as stream:
+                    for i in range(0, len(data), 4096):
+                        stream.blocking_write_and_flush(data[i : i + 4096])
+                _h.OutgoingBody.finish(out_body, None)
+            except Err as e:
+                raise _failed("request body", url, _stream_failure(e.value)) from None
+            with _await(pending, url) as response:
+                status = response.status()
+                with response.headers() as h:
+                    got = [(k, v.decode("utf-8", "replace")) for k, v in h.entries()]
+                return Response(status, got, _read_all(response, url))
+
+    @staticmethod
+    def get(url: str, **kwargs: Any) -> Response:
+        """A ``GET`` of ``url`` (keywords as for ``request``)."""
+        return http.request("GET", url, **kwargs)
+
+    @staticmethod
+    def post(url: str, **kwargs: Any) -> Response:
+        """A ``POST`` to ``url``."""
+        return http.request("POST", url, **kwargs)
+
+    @staticmethod
+    def put(url: str, **kwargs: Any) -> Response:
+        """A ``PUT`` to ``url``."""
+        return http.request("PUT", url, **kwargs)
+
+    @staticmethod
+    def delete(url: str, **kwargs: Any) -> Response:
+        """A ``DELETE`` of ``url``."""
+        return http.request("DELETE", url, **kwargs)
 
 
 # ---- events and the listener ----

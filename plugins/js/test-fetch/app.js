@@ -1,5 +1,6 @@
-// A JavaScript listener that calls out with `fetch` (wasi:http underneath): each job's input
-// names the URLs; the outcome says what each answered, or why it could not.
+// A JavaScript listener that calls out with `fetch` (wasi:http underneath): the job's input
+// lists the requests (`{url, method?, body?, headers?}`); the outcome says what each answered,
+// or why it got no answer. The twin of `plugins/python/test-fetch`.
 
 import { api } from "jobhost-listener";
 
@@ -8,10 +9,10 @@ export default function (listener) {
     l.on("job:ready", async (event) => {
       const job = await api.jobs.get(event.jobId);
       const results = [];
-      for (const url of job.input.urls) {
+      for (const r of job.input.requests) {
         try {
-          const res = await fetch(url, { method: "GET" });
-          results.push({ status: res.status, body: await res.text() });
+          const res = await fetch(r.url, { method: r.method ?? "GET", body: r.body, headers: r.headers });
+          results.push({ status: res.status, body: await res.text(), header: res.headers.get("x-test") });
         } catch (e) {
           results.push({ error: String(e) });
         }
