@@ -26,6 +26,11 @@ def reason(email):
     return None
 
 
+class Server(ThreadingHTTPServer):
+    # Room for a burst of connections (one per part, many parts at once); the default is 5.
+    request_queue_size = 128
+
+
 class Verify(BaseHTTPRequestHandler):
     def do_POST(self):
         if self.path != "/verify":
@@ -45,6 +50,6 @@ class Verify(BaseHTTPRequestHandler):
 
 
 if __name__ == "__main__":
-    server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1]) if len(sys.argv) > 1 else 8787), Verify)
+    server = Server(("127.0.0.1", int(sys.argv[1]) if len(sys.argv) > 1 else 8787), Verify)
     print(f"listening on {server.server_address[1]}", flush=True)
     server.serve_forever()

@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use super::{Reaped, kill_after, stderr};
 
@@ -50,29 +50,12 @@ impl Author {
         self.dir.path().join(self.name)
     }
 
-    /// The binary with the tools, builds and compiled plugins cached in this build's target
-    /// directory (shared by the tests, never with anything outside the build).
     fn command(&self) -> Command {
-        let target = Path::new(env!("CARGO_TARGET_TMPDIR"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_jobhost"));
-        cmd.env("JOBHOST_TOOLS", target.join("tools"))
-            .env("XDG_CACHE_HOME", target.join("authoring-cache"))
-            .env("CARGO_TARGET_DIR", repo().join("target/wasm-plugins"));
-        cmd
+        command()
     }
 
-    /// Runs the binary to its end; one that hangs is killed after 10 minutes, so the test
-    /// fails with what it printed instead of hanging the suite.
     fn jobhost(&self, args: &[&str]) -> Output {
-        let child = self
-            .command()
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run jobhost");
-        kill_after(child.id(), 600);
-        child.wait_with_output().expect("wait for jobhost")
+        jobhost(args)
     }
 
     fn edit(&self, from: &str, to: &str) {
@@ -107,6 +90,30 @@ impl Author {
         args.extend_from_slice(extra);
         self.jobhost(&args)
     }
+}
+
+/// The binary with the tools, builds and compiled plugins cached in this build's target
+/// directory (shared by the tests, never with anything outside the build).
+fn command() -> Command {
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_jobhost"));
+    cmd.env("JOBHOST_TOOLS", target.join("tools"))
+        .env("XDG_CACHE_HOME", target.join("authoring-cache"))
+        .env("CARGO_TARGET_DIR", repo().join("target/wasm-plugins"));
+    cmd
+}
+
+/// Runs the binary to its end; one that hangs is killed after 10 minutes, so the test fails
+/// with what it printed instead of hanging the suite.
+fn jobhost(args: &[&str]) -> Output {
+    let child = command()
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run jobhost");
+    kill_after(child.id(), 600);
+    child.wait_with_output().expect("wait for jobhost")
 }
 
 fn repo() -> &'static Path {
@@ -346,4 +353,40 @@ fn dev_reports_a_run_that_does_not_end_with_its_failed_deliveries_and_runs_the_f
     assert!(fixed.contains("job complete") && fixed.contains(&format!("{INVALID} invalid")), "{fixed}");
     assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
     assert_eq!(child.wait().unwrap().code(), Some(0), "{}", lines.seen.join("\n"));
+}
+
+/// The README's way to try the enrich example: its service on loopback, then `jobhost run
+/// --plugin-src` on the example's sources, whose manifest (the grant and the service's URL) is
+/// published with the component.
+#[test]
+fn jobhost_run_shows_the_enrich_example_against_the_service_it_ships() {
+    let service = crate::outbound::VerifyService::start();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("enrich-emails");
+    std::fs::create_dir(&src).unwrap();
+    let example = repo().join("plugins/js/enrich-emails");
+    std::fs::copy(example.join("app.js"), src.join("app.js")).unwrap();
+    let manifest = std::fs::read_to_string(example.join("enrich-emails.toml")).unwrap();
+    std::fs::write(src.join("enrich-emails.toml"), manifest.replace("8787", &service.port.to_string())).unwrap();
+    let data = dir.path().join("data");
+    let sample = example.join("sample.csv");
+    let out = jobhost(&[
+        "run",
+        "--plugin-src",
+        src.to_str().unwrap(),
+        "--records",
+        sample.to_str().unwrap(),
+        "--job",
+        "sheet:enrichEmails",
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["job"]["status"], "complete", "{summary}");
+    assert_eq!(summary["job"]["outcome"]["message"], "12 addresses checked, 5 flagged", "{summary}");
+    // Warnings leave the records valid.
+    assert_eq!((&summary["records"]["total"], &summary["records"]["error"]), (&json!(12), &json!(0)), "{summary}");
+    assert!(data.join("plugins/enrich-emails.toml").is_file(), "the manifest is published beside the component");
 }

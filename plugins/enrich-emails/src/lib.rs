@@ -1,8 +1,8 @@
 //! Enriches a sheet's email addresses through a verification service, over outbound HTTP.
 //!
 //! - Parent (`{job: "sheet:enrichEmails", isPart: false}`): on `job:ready` split into one part
-//!   per 1,000 records; on `job:parts-completed` complete the parent with the counts (or fail
-//!   it when a part failed).
+//!   per 1,000 records; on `job:parts-completed` complete the parent with how many addresses
+//!   its parts checked and flagged (or fail it when a part failed).
 //! - Part: read its page, send the page's addresses in **one** `POST` to the service
 //!   (`verify_url` in the manifest's `[config]`, granted in `allowed_outbound_hosts`), and
 //!   write a `warn` message on the `email` cell of every record the service flags, keeping the
@@ -52,9 +52,20 @@ fn parent_done(event: &Event) -> Result<()> {
     let job_id = event.job_id()?;
     let parts = &event.payload()["parts"];
     let failed = parts["failed"].as_u64().unwrap_or(0) + parts["canceled"].as_u64().unwrap_or(0);
+    // The parts' own outcomes say what each checked and flagged.
+    let (mut checked, mut flagged) = (0, 0);
+    for part in jobs::list_parts(job_id)? {
+        let outcome = part.outcome()?;
+        checked += outcome["checked"].as_u64().unwrap_or(0);
+        flagged += outcome["flagged"].as_u64().unwrap_or(0);
+    }
+    let mut message = format!("{checked} addresses checked, {flagged} flagged");
+    if failed > 0 {
+        message.push_str(&format!("; {failed} of {} parts did not finish", parts["total"]));
+    }
     let outcome = Outcome {
-        outcome: json!({ "message": format!("{} parts checked, {failed} did not finish", parts["total"]), "parts": parts }),
-        info: None,
+        outcome: json!({ "message": message, "checked": checked, "flagged": flagged, "parts": parts }),
+        info: Some(message),
     };
     if failed > 0 {
         tolerate_repeat(jobs::fail(job_id, outcome))?;
@@ -99,8 +110,10 @@ fn part_ready(event: &Event) -> Result<()> {
     if !updates.is_empty() {
         records::update(event.sheet_id()?, &updates)?;
     }
-    let message = format!("checked {} addresses, {} flagged", emails.len(), updates.len());
+    let flagged_here = page.records().filter(|r| r.str("email").is_some_and(|e| flagged.contains_key(e))).count();
+    let message = format!("checked {} addresses, {flagged_here} flagged", emails.len());
     log::info(&message);
-    tolerate_repeat(jobs::complete(job_id, Outcome { outcome: json!({ "message": message }), info: Some(message) }))?;
+    let outcome = json!({ "message": message, "checked": emails.len(), "flagged": flagged_here });
+    tolerate_repeat(jobs::complete(job_id, Outcome { outcome, info: Some(message) }))?;
     Ok(())
 }

@@ -225,7 +225,7 @@ async fn build_and_publish(src: &Path, plugins: &Path) -> bool {
     let started = Instant::now();
     let from = src.to_owned();
     let built = tokio::task::spawn_blocking(move || build::build(&from)).await.map_err(anyhow::Error::from);
-    match built.and_then(|r| r).and_then(|wasm| super::publish(&wasm, plugins)) {
+    match built.and_then(|r| r).and_then(|wasm| super::publish(src, &wasm, plugins)) {
         Ok(name) => {
             eprintln!("built {name} in {:.2} s", started.elapsed().as_secs_f64());
             true

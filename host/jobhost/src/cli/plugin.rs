@@ -123,9 +123,29 @@ pub(super) fn new_plugin(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Copies a component into a plugins directory the atomic way (write, then rename).
-pub(crate) fn publish(component: &Path, plugins: &Path) -> anyhow::Result<String> {
+/// Copies a component built from `src` into a plugins directory the atomic way (write, then
+/// rename), with the manifest the sources carry when there is one (limits and grants:
+/// `src/NAME.toml`, NAME the component's or the directory's name — a Rust crate
+/// `enrich-emails` builds `enrich_emails.wasm`): whoever runs sources locally is their
+/// operator. The manifest goes first, so the reload that sees the new component sees its
+/// manifest too. A manifest already in the directory stays when the sources have none (an
+/// operator may have written it).
+pub(crate) fn publish(src: &Path, component: &Path, plugins: &Path) -> anyhow::Result<String> {
     let name = component.file_stem().and_then(|s| s.to_str()).context("component file name")?.to_owned();
+    let src = src.canonicalize().unwrap_or_else(|_| src.to_owned());
+    let dir_name = src.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    // (`Cargo.toml` is never one, whatever the directory is called.)
+    let manifest = [name.as_str(), dir_name]
+        .iter()
+        .filter(|n| **n != "Cargo")
+        .map(|n| src.join(format!("{n}.toml")))
+        .find(|p| p.is_file());
+    if let Some(manifest) = manifest {
+        let tmp = plugins.join(format!(".{name}.toml.tmp"));
+        std::fs::copy(&manifest, &tmp)
+            .and_then(|_| std::fs::rename(&tmp, plugins.join(format!("{name}.toml"))))
+            .with_context(|| format!("cannot publish the manifest {}", manifest.display()))?;
+    }
     let tmp = plugins.join(format!(".{name}.wasm.tmp"));
     std::fs::copy(component, &tmp).and_then(|_| std::fs::rename(&tmp, plugins.join(format!("{name}.wasm"))))?;
     Ok(name)

@@ -23,7 +23,7 @@ pub(super) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             for src in &args.plugin_src {
                 let from = src.clone();
                 let built = tokio::task::spawn_blocking(move || crate::build::build(&from)).await??;
-                publish(&built, &p)?;
+                publish(src, &built, &p)?;
             }
             p
         }
