@@ -6,8 +6,9 @@
 // checked and flagged (fail it when a part failed). Part: read its page, POST the page's
 // addresses in one request to the service (`verify_url` in the manifest's [config], granted in
 // allowed_outbound_hosts), and write a `warn` message on the email cell of each record the
-// service flags, keeping its other messages. The service answers {"flagged": [{"email", "reason"}, …]}; verify-service.py in
-// plugins/enrich-emails is a small one to try it with.
+// service flags, keeping its other messages. The service answers
+// {"flagged": [{"email", "reason"}, …]}; plugins/enrich-emails/verify-service.py is a small
+// one to try it with.
 
 import { api, HostError, log, tolerateRepeat } from "jobhost-listener";
 

@@ -150,3 +150,50 @@ pub(crate) fn publish(src: &Path, component: &Path, plugins: &Path) -> anyhow::R
     std::fs::copy(component, &tmp).and_then(|_| std::fs::rename(&tmp, plugins.join(format!("{name}.wasm"))))?;
     Ok(name)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A source directory `name` holding `files`, a plugins directory, and a built component.
+    fn setup(name: &str, files: &[&str]) -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let root = tempfile::tempdir().unwrap();
+        let src = root.path().join(name);
+        let plugins = root.path().join("plugins");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::create_dir_all(&plugins).unwrap();
+        for f in files {
+            std::fs::write(src.join(f), format!("# {f}\n")).unwrap();
+        }
+        (root, src, plugins)
+    }
+
+    #[test]
+    fn the_manifest_beside_the_sources_is_published_by_either_name() {
+        // A Rust crate `enrich-emails` builds `enrich_emails.wasm`; its manifest is named after the directory.
+        let (root, src, plugins) = setup("enrich-emails", &["Cargo.toml", "enrich-emails.toml"]);
+        let wasm = root.path().join("enrich_emails.wasm");
+        std::fs::write(&wasm, b"component").unwrap();
+        assert_eq!(publish(&src, &wasm, &plugins).unwrap(), "enrich_emails");
+        assert_eq!(std::fs::read_to_string(plugins.join("enrich_emails.toml")).unwrap(), "# enrich-emails.toml\n");
+        assert_eq!(std::fs::read(plugins.join("enrich_emails.wasm")).unwrap(), b"component");
+
+        // Named after the component, it wins.
+        std::fs::write(src.join("enrich_emails.toml"), "# by component\n").unwrap();
+        publish(&src, &wasm, &plugins).unwrap();
+        assert_eq!(std::fs::read_to_string(plugins.join("enrich_emails.toml")).unwrap(), "# by component\n");
+    }
+
+    #[test]
+    fn without_a_manifest_in_the_sources_the_directory_keeps_its_own_and_cargo_toml_is_never_one() {
+        let (root, src, plugins) = setup("Cargo", &["Cargo.toml"]);
+        let wasm = root.path().join("cargo_plugin.wasm");
+        std::fs::write(&wasm, b"component").unwrap();
+        std::fs::write(plugins.join("cargo_plugin.toml"), "# the operator's\n").unwrap();
+        publish(&src, &wasm, &plugins).unwrap();
+        assert_eq!(std::fs::read_to_string(plugins.join("cargo_plugin.toml")).unwrap(), "# the operator's\n");
+        assert!(!plugins.join("Cargo.toml").exists());
+        let entries = std::fs::read_dir(&plugins).unwrap().count();
+        assert_eq!(entries, 2, "the component and the operator's manifest, no temporary files");
+    }
+}
