@@ -253,11 +253,13 @@ async fn a_large_component_is_compiled_once_then_loaded_from_the_cache() {
     let config = RuntimeConfig { cache_dir: Some(cache.path().join("wasmtime")), ..RuntimeConfig::default() };
     let cold = Runtime::new(config.clone()).unwrap();
     cold.load(&component).await.unwrap();
+    assert_eq!(cold.stats().component_loads(), (0, 1));
     let entries = crate::support::compiled_entries(cache.path());
-    assert!(!entries.is_empty(), "the compiled component was cached");
-    // A restarted host: a new runtime on the same cache loads without compiling again.
+    assert_eq!(entries.len(), 1, "the compiled component was cached");
+    // A restarted host: a new runtime on the same cache maps it without compiling again.
     let warm = Runtime::new(config).unwrap();
     let plugin = warm.load(&component).await.unwrap();
     assert_eq!(plugin.routes[0].topic, "bench:noop");
+    assert_eq!(warm.stats().component_loads(), (1, 0), "mapped, not compiled");
     assert_eq!(crate::support::compiled_entries(cache.path()), entries, "nothing new was compiled");
 }

@@ -231,12 +231,79 @@ async fn compiled_plugins_go_to_the_compilation_cache() {
     };
     let rt = jobhost::runtime::Runtime::new(config.clone()).unwrap();
     load(&rt, artifacts::TEST_NOOP).await;
+    assert_eq!(rt.stats().component_loads(), (0, 1), "compiled");
     let entries = compiled_entries(cache.path());
-    assert!(!entries.is_empty(), "nothing was cached");
-    // A second runtime (a restarted host) loads from the cache: no new compiled entry.
+    assert_eq!(entries.len(), 1, "one artifact: {entries:?}");
+    // A second runtime (a restarted host) maps the artifact: nothing compiled, nothing new.
     let again = jobhost::runtime::Runtime::new(config).unwrap();
-    load(&again, artifacts::TEST_NOOP).await;
+    let plugin = load(&again, artifacts::TEST_NOOP).await;
+    assert_eq!(again.stats().component_loads(), (1, 0), "mapped from the cache");
     assert_eq!(compiled_entries(cache.path()), entries);
+    // And it works like the compiled one.
+    let host = TestHost::new();
+    let env = host.env().await;
+    let running = host.engine.run(vec![again.listener(plugin, env.id())]).await.unwrap();
+    let job = env.create_job(NewJob::new(JobType::Space, "work")).await.unwrap();
+    assert_eq!(until_terminal(&env, &job.id).await.status, JobStatus::Complete);
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_damaged_artifact_is_compiled_again_and_replaced() {
+    let cache = tempfile::tempdir().unwrap();
+    let config = jobhost::runtime::RuntimeConfig {
+        cache_dir: Some(cache.path().to_owned()),
+        ..crate::support::test_runtime_config()
+    };
+    load(&jobhost::runtime::Runtime::new(config.clone()).unwrap(), artifacts::TEST_NOOP).await;
+    let artifact = compiled_entries(cache.path()).remove(0);
+    let whole = std::fs::read(&artifact).unwrap();
+    // Truncated, as a writer that crashed without the rename could never leave it, but a disk might.
+    std::fs::write(&artifact, &whole[..whole.len() / 2]).unwrap();
+    let rt = jobhost::runtime::Runtime::new(config.clone()).unwrap();
+    load(&rt, artifacts::TEST_NOOP).await;
+    assert_eq!(rt.stats().component_loads(), (0, 1), "compiled again");
+    assert_eq!(std::fs::read(&artifact).unwrap().len(), whole.len(), "and replaced whole");
+    let rt = jobhost::runtime::Runtime::new(config).unwrap();
+    load(&rt, artifacts::TEST_NOOP).await;
+    assert_eq!(rt.stats().component_loads(), (1, 0), "mapped again");
+}
+
+#[tokio::test]
+async fn the_compilation_cache_keeps_to_its_budget_least_recently_used_first() {
+    let cache = tempfile::tempdir().unwrap();
+    let config = jobhost::runtime::RuntimeConfig {
+        cache_dir: Some(cache.path().to_owned()),
+        // Room for one artifact of these: each write trims the others.
+        cache_max_bytes: 1,
+        ..crate::support::test_runtime_config()
+    };
+    let rt = jobhost::runtime::Runtime::new(config.clone()).unwrap();
+    load(&rt, artifacts::TEST_NOOP).await;
+    let noop = compiled_entries(cache.path());
+    load(&rt, artifacts::SUBMIT_LARGE_SHEET).await;
+    let sheet = compiled_entries(cache.path());
+    assert_eq!(sheet.len(), 1, "over budget, only the newest stays: {sheet:?}");
+    assert_ne!(sheet, noop);
+    // Plugins loaded before keep working: a removed artifact stays mapped while in use.
+    assert_eq!(rt.stats().component_loads(), (0, 2));
+}
+
+#[tokio::test]
+async fn a_cache_that_cannot_be_written_costs_a_compile_never_a_load() {
+    let cache = tempfile::tempdir().unwrap();
+    let config = jobhost::runtime::RuntimeConfig {
+        cache_dir: Some(cache.path().to_owned()),
+        ..crate::support::test_runtime_config()
+    };
+    let rt = jobhost::runtime::Runtime::new(config).unwrap();
+    // The engine's directory replaced by a file: nothing can be written under it.
+    let dir = std::fs::read_dir(cache.path().join("components")).unwrap().next().unwrap().unwrap().path();
+    std::fs::remove_dir(&dir).unwrap();
+    std::fs::write(&dir, b"not a directory").unwrap();
+    let plugin = load(&rt, artifacts::TEST_NOOP).await;
+    assert!(!plugin.routes.is_empty());
+    assert_eq!(rt.stats().component_loads(), (0, 1));
 }
 
 #[tokio::test]

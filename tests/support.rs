@@ -136,13 +136,9 @@ pub fn wat_listener(job: &str, imports: &str, body: &str) -> String {
     )
 }
 
-/// Compiled artifacts in a wasmtime cache directory, leaving out the usage statistics
-/// (`*.stats`) and in-progress files (`*.wip-*`) its worker thread writes in the background.
+/// The precompiled artifacts (`*.cwasm`) in a compilation cache directory.
 pub fn compiled_entries(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    walk(dir)
-        .into_iter()
-        .filter(|p| p.extension().and_then(|e| e.to_str()).is_none_or(|e| e != "stats" && !e.starts_with("wip-")))
-        .collect()
+    walk(dir).into_iter().filter(|p| p.extension().is_some_and(|e| e == "cwasm")).collect()
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -20,6 +20,9 @@
 //!   1,000 deliveries and instances allowed): wall time and the growth of peak RSS.
 //! - **scenario**: the seeds' scenario (N records, N/1000 parts) with the WASM plugin vs the
 //!   same listeners compiled into the host.
+//! - **load**: loading a large component (the Python `test-noop`, ~19 MB) from the
+//!   compilation cache a previous start filled, median of fresh runtimes (their start not
+//!   timed), vs compiling it; and the part of a load that reads and hashes the file.
 //! - **languages**: per-event cost (fresh instance + trivial call + drop) and the seeds'
 //!   scenario with the Python, JavaScript and C plugins (`plugins/python|js|c/`, built by
 //!   `jobhost::build`) against the Rust plugin, in the same run.
@@ -59,6 +62,9 @@ fn main() {
         }
         if only("scenario") {
             scenario_wasm_vs_native(scenario_records).await;
+        }
+        if only("load") {
+            load_cached(if full { 20 } else { 3 }).await;
         }
         if only("languages") {
             languages(dispatches / 10, scenario_records).await;
@@ -248,6 +254,57 @@ async fn scenario_wasm_vs_native(n: u64) {
     );
 }
 
+/// A host start with a large component: mapped from the compilation cache vs compiled.
+async fn load_cached(rounds: usize) {
+    let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = jobhost::build::build_in(&repo.join("plugins/python/test-noop"), &tmp.join("tools")).unwrap();
+    let size = std::fs::metadata(&python).unwrap().len();
+    let cache = tempfile::tempdir().unwrap();
+    let fresh = || {
+        let config = RuntimeConfig { cache_dir: Some(cache.path().to_owned()), ..RuntimeConfig::default() };
+        Runtime::new(config).unwrap()
+    };
+    let rt = fresh();
+    let t = Instant::now();
+    rt.load(&python).await.unwrap();
+    let cold = t.elapsed();
+    assert_eq!(rt.stats().component_loads(), (0, 1), "compiled");
+    let (mut warm, mut hashing) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let rt = fresh();
+        let t = Instant::now();
+        let plugin = rt.load(&python).await.unwrap();
+        warm.push(t.elapsed());
+        assert_eq!(rt.stats().component_loads(), (1, 0), "mapped");
+        assert_eq!(plugin.routes[0].topic, "bench:noop");
+        let t = Instant::now();
+        let bytes = std::fs::read(&python).unwrap();
+        assert_eq!(jobhost::runtime::version_of(&bytes), plugin.version);
+        hashing.push(t.elapsed());
+    }
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (warm, hashing) = (median(warm), median(hashing));
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "{:<50} {:>11.1} ms {:>11.1} ms {:>7.3}x",
+        format!("load Python ({} MB): cached vs compiling", size >> 20),
+        ms(warm),
+        ms(cold),
+        ms(warm) / ms(cold)
+    );
+    println!(
+        "{:<50} {:>11.1} ms {:>11.1} ms {:>7.3}x",
+        "  of a cached load: read + hash the file",
+        ms(hashing),
+        ms(warm),
+        ms(hashing) / ms(warm)
+    );
+}
+
 /// Python, JavaScript and C against Rust, same host, same run. Their components are built (and
 /// cached by content) by `jobhost::build`, and compiled once into a compilation cache in the
 /// target directory, as a host with its default cache would.
@@ -264,27 +321,6 @@ async fn languages(events: usize, n: u64) {
     let route = |p: &jobhost::runtime::Plugin| p.routes.iter().position(|r| r.topic == "bench:noop").unwrap() as u32;
     let rust_route = route(&rust);
     let rust_time = scenario_with(n, Some((rt.clone(), artifacts::SUBMIT_LARGE_SHEET.into()))).await;
-    // A host start with a large component: compiling it (empty cache) vs loading it from the
-    // compilation cache a previous start filled.
-    let cache = tempfile::tempdir().unwrap();
-    let fresh = || {
-        let config = RuntimeConfig { cache_dir: Some(cache.path().to_owned()), ..RuntimeConfig::default() };
-        Runtime::new(config).unwrap()
-    };
-    let python = build("python/test-noop");
-    let t = Instant::now();
-    fresh().load(&python).await.unwrap();
-    let cold = t.elapsed();
-    let t = Instant::now();
-    fresh().load(&python).await.unwrap();
-    let warm = t.elapsed();
-    println!(
-        "{:<50} {:>10.1} ms {:>10.1} ms {:>7.3}x",
-        "load the Python component: cached vs compiling",
-        warm.as_secs_f64() * 1e3,
-        cold.as_secs_f64() * 1e3,
-        warm.as_secs_f64() / cold.as_secs_f64()
-    );
     for (language, dir) in [("Python", "python"), ("JavaScript", "js"), ("C", "c")] {
         let guest = rt.load(&build(&format!("{dir}/test-noop"))).await.unwrap();
         let guest_route = route(&guest);

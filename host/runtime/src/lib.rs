@@ -3,7 +3,8 @@
 //! - [`Runtime`] fixes jobhost's wasmtime choices in one place: the component model, async
 //!   host calls, epoch interruption (a 10 ms ticker thread), the pooling allocator (a clear
 //!   startup error if it cannot reserve its pool — never a silent fallback) and the
-//!   compilation cache (a restart does not recompile).
+//!   compilation cache ([`compiled`]: a restart maps what it compiled before, it does not
+//!   recompile).
 //! - [`Plugin`] is one loaded component: compiled once, type-checked against the `plugin` world
 //!   and pre-instantiated once (`InstancePre`), with the subscriptions it declared at load.
 //! - [`Runtime::listener`] turns a plugin into a [`Listener`], so
@@ -17,6 +18,7 @@
 //!   environment and within the plugin's limits; `convert` maps engine types to WIT types.
 
 mod bindings;
+pub mod compiled;
 mod convert;
 mod host;
 pub mod incremental;
@@ -31,9 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{
-    Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, UpdateDeadline,
-};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, UpdateDeadline};
 
 use crate::filter::Selector;
 use crate::listener::{End, EventCtx, Handled, Listener};
@@ -53,8 +53,10 @@ pub struct RuntimeConfig {
     pub max_instances: u32,
     /// Meter fuel, so manifests may set a `fuel` limit. Off by default: it slows every guest.
     pub fuel: bool,
-    /// Compilation cache directory; `None` disables the cache.
+    /// Compilation cache directory (see [`compiled`]); `None` disables the cache.
     pub cache_dir: Option<PathBuf>,
+    /// Bytes the compilation cache may hold; past it, the least recently used artifacts go.
+    pub cache_max_bytes: u64,
     /// Bytes of Cranelift's incremental cache in memory (see [`incremental`]), which makes a
     /// new version of a large plugin compile only the functions that changed; `None` turns
     /// it off.
@@ -69,10 +71,15 @@ impl Default for RuntimeConfig {
             max_instances: 256,
             fuel: false,
             cache_dir: default_cache_dir(),
+            cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
             incremental_cache: Some(DEFAULT_INCREMENTAL_CACHE),
         }
     }
 }
+
+/// The default budget of the compilation cache on disk: a few hundred versions of compiled
+/// Rust plugins, or dozens of Python and JavaScript ones (~50–90 MB each).
+pub const DEFAULT_CACHE_MAX_BYTES: u64 = 4 << 30;
 
 /// The default size of the incremental compilation cache: enough for the code of a few
 /// versions of an interpreted guest.
@@ -226,6 +233,7 @@ pub struct Runtime {
     config: RuntimeConfig,
     stats: RuntimeStats,
     incremental: Option<Arc<incremental::IncrementalCache>>,
+    compiled: Option<compiled::CompiledCache>,
     _ticker: EpochTicker,
 }
 
@@ -238,6 +246,8 @@ pub struct RuntimeStats {
     reloads: [AtomicU64; 4],
     /// Plugins' outbound HTTP requests.
     http: Arc<outbound::HttpStats>,
+    /// Components mapped from the compilation cache, and compiled.
+    loads: [AtomicU64; 2],
 }
 
 /// What one reload of a plugin did, as [`RuntimeStats::reloads`] counts it.
@@ -278,6 +288,15 @@ impl RuntimeStats {
     /// Counts what a reload did.
     pub fn count_reload(&self, outcome: ReloadOutcome) {
         self.reloads[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Components loaded since start: `(mapped from the compilation cache, compiled)`.
+    pub fn component_loads(&self) -> (u64, u64) {
+        (self.loads[0].load(Ordering::Relaxed), self.loads[1].load(Ordering::Relaxed))
+    }
+
+    fn count_load(&self, origin: compiled::Origin) {
+        self.loads[usize::from(origin == compiled::Origin::Compiled)].fetch_add(1, Ordering::Relaxed);
     }
 
     fn enter(&self) -> InUse<'_> {
@@ -381,15 +400,6 @@ impl Runtime {
             .table_keep_resident(KEEP_RESIDENT / 16)
             .async_stack_keep_resident(KEEP_RESIDENT / 16);
         wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        if let Some(dir) = &config.cache_dir {
-            std::fs::create_dir_all(dir)
-                .map_err(RuntimeError::io(format!("cannot create the compilation cache {}", dir.display())))?;
-            let mut cc = CacheConfig::new();
-            cc.with_directory(dir);
-            let cache = Cache::new(cc)
-                .map_err(RuntimeError::wasm(format!("cannot use the compilation cache {}", dir.display())))?;
-            wasm.cache(Some(cache));
-        }
         let incremental = config.incremental_cache.map(|bytes| Arc::new(incremental::IncrementalCache::new(bytes)));
         if let Some(store) = &incremental {
             wasm.enable_incremental_compilation(store.clone())
@@ -400,6 +410,13 @@ impl Runtime {
              (lower max_instances or memory_limit, or raise the process's virtual memory limit)",
             config.max_memory >> 20
         )))?;
+        let compiled = match &config.cache_dir {
+            Some(dir) => Some(
+                compiled::CompiledCache::open(dir, &engine, config.cache_max_bytes)
+                    .map_err(RuntimeError::io(format!("cannot use the compilation cache {}", dir.display())))?,
+            ),
+            None => None,
+        };
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(RuntimeError::wasm("cannot link WASI"))?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
@@ -409,7 +426,15 @@ impl Runtime {
         // Without the ticker no guest would ever be interrupted: no CPU limit, no time limit.
         let ticker = EpochTicker::start(engine.clone())
             .map_err(RuntimeError::io("cannot start the epoch ticker that enforces CPU and time limits"))?;
-        Ok(Arc::new(Self { engine, linker, config, stats: RuntimeStats::default(), incremental, _ticker: ticker }))
+        Ok(Arc::new(Self {
+            engine,
+            linker,
+            config,
+            stats: RuntimeStats::default(),
+            incremental,
+            compiled,
+            _ticker: ticker,
+        }))
     }
 
     /// The settings.
@@ -498,9 +523,15 @@ impl Runtime {
         path: &Path,
         bytes: &[u8],
     ) -> Result<(String, String, PathBuf, bindings::PluginPre<HostState>), LoadError> {
-        let version = version_of(bytes);
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|e| LoadError::Compile { path: path.to_path_buf(), reason: format!("{e:#}") })?;
+        let digest = crate::model::sha256_hex(bytes, 32);
+        let version = digest[..VERSION_HEX].to_owned();
+        let compiled = match &self.compiled {
+            Some(cache) => cache.component(&self.engine, &digest, bytes),
+            None => Component::new(&self.engine, bytes).map(|c| (c, compiled::Origin::Compiled)),
+        };
+        let (component, origin) =
+            compiled.map_err(|e| LoadError::Compile { path: path.to_path_buf(), reason: format!("{e:#}") })?;
+        self.stats.count_load(origin);
         let pre = self
             .linker
             .instantiate_pre(&component)
@@ -751,8 +782,11 @@ impl Runtime {
 
 /// A plugin's version: the first 16 hex digits of the SHA-256 of its file.
 pub fn version_of(bytes: &[u8]) -> String {
-    crate::model::sha256_hex(bytes, 8)
+    crate::model::sha256_hex(bytes, VERSION_HEX / 2)
 }
+
+/// Hex digits of a version: the first 8 bytes of the content's SHA-256.
+const VERSION_HEX: usize = 16;
 
 /// Names the limit behind a trap: memory, table, CPU, fuel, stack, or the trap itself.
 fn attribute(trap: &wasmtime::Error, state: &HostState, limits: &Limits) -> (ExecutionOutcome, Option<String>) {
