@@ -43,9 +43,11 @@ pub enum Origin {
 pub(crate) struct CompiledCache {
     dir: PathBuf,
     budget: u64,
-    /// Distinguishes this process's temporary files from another writer's.
-    writes: AtomicU64,
 }
+
+/// Numbers this process's temporary files: with the process id, no two writers — two
+/// runtimes of one process on one directory included — ever share one.
+static WRITES: AtomicU64 = AtomicU64::new(0);
 
 impl CompiledCache {
     /// The cache under `root` for `engine`'s settings, trimmed to `budget` bytes.
@@ -55,7 +57,7 @@ impl CompiledCache {
         engine.precompile_compatibility_hash().hash(&mut h);
         let dir = root.join("components").join(format!("{:016x}", h.finish()));
         std::fs::create_dir_all(&dir)?;
-        Ok(Self { dir, budget, writes: AtomicU64::new(0) })
+        Ok(Self { dir, budget })
     }
 
     /// The component whose bytes hash to `digest` (hex SHA-256): mapped from its artifact, or
@@ -97,7 +99,7 @@ impl CompiledCache {
 
     fn store(&self, path: &Path, component: &Component) -> wasmtime::Result<()> {
         let bytes = component.serialize()?;
-        let n = self.writes.fetch_add(1, Ordering::Relaxed);
+        let n = WRITES.fetch_add(1, Ordering::Relaxed);
         let tmp = self.dir.join(format!(".{}-{n}.tmp", std::process::id()));
         std::fs::write(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, path)).inspect_err(|_| {
             let _ = std::fs::remove_file(&tmp);
