@@ -36,7 +36,7 @@ use tokio::sync::{Mutex, broadcast};
 
 use jobhost_engine::Running;
 use jobhost_runtime as runtime;
-use jobhost_runtime::{Plugin, PluginSlot, ReloadOutcome, Route, Runtime, version_of};
+use jobhost_runtime::{ComponentBytes, Plugin, PluginSlot, ReloadOutcome, Route, Runtime, version_of};
 
 /// A failure of the registry outside a reload (a reload reports its own as an event).
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +122,7 @@ pub struct PluginInfo {
 /// A plugin file as read from the directory.
 struct PluginFile {
     path: PathBuf,
-    bytes: Vec<u8>,
+    bytes: ComponentBytes,
     version: String,
     manifest_text: Option<String>,
     /// Component and manifest together: what a failure is remembered by.
@@ -362,7 +362,7 @@ impl PluginHost {
             }
         };
         if current.as_ref().is_none_or(|c| c.version != file.version)
-            && let Err(e) = self.remember(name, &file.version, &file.bytes)
+            && let Err(e) = self.remember(name, &file.version, file.bytes.bytes())
         {
             // A manifest-only change has its component in the history already.
             tracing::warn!(plugin = name, error = %e, "cannot keep this version for rollback");
@@ -381,7 +381,9 @@ impl PluginHost {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Refused::Unreadable(format!("cannot read {}: {e}", path.display()))),
         };
-        let version = version_of(&bytes);
+        // Hashed once, here: the version and the compilation cache's key both come from it.
+        let bytes = ComponentBytes::new(bytes);
+        let version = bytes.version().to_owned();
         let manifest_text = crate::runtime::Manifest::read_text(&path).map_err(|e| Refused::Invalid(e.0))?;
         // What failed is remembered by component and manifest together.
         let content =

@@ -499,14 +499,15 @@ impl Runtime {
         self.load_with(path, bytes, manifest).await
     }
 
-    /// Loads a plugin from bytes with the given manifest.
+    /// Loads a plugin from bytes (hashed once: give [`ComponentBytes`] when they are hashed
+    /// already) with the given manifest.
     pub async fn load_with(
         self: &Arc<Self>,
         path: &Path,
-        bytes: Vec<u8>,
+        bytes: impl Into<ComponentBytes>,
         manifest: Manifest,
     ) -> Result<Plugin, LoadError> {
-        let path = path.to_path_buf();
+        let (path, bytes) = (path.to_path_buf(), bytes.into());
         let rt = self.clone();
         let compiled = tokio::task::spawn_blocking(move || rt.compile(&path, &bytes)).await;
         let (name, version, path, pre) =
@@ -521,13 +522,12 @@ impl Runtime {
     fn compile(
         &self,
         path: &Path,
-        bytes: &[u8],
+        bytes: &ComponentBytes,
     ) -> Result<(String, String, PathBuf, bindings::PluginPre<HostState>), LoadError> {
-        let digest = crate::model::sha256_hex(bytes, 32);
-        let version = digest[..VERSION_HEX].to_owned();
+        let version = bytes.version().to_owned();
         let compiled = match &self.compiled {
-            Some(cache) => cache.component(&self.engine, &digest, bytes),
-            None => Component::new(&self.engine, bytes).map(|c| (c, compiled::Origin::Compiled)),
+            Some(cache) => cache.component(&self.engine, &bytes.digest, bytes.bytes()),
+            None => Component::new(&self.engine, bytes.bytes()).map(|c| (c, compiled::Origin::Compiled)),
         };
         let (component, origin) =
             compiled.map_err(|e| LoadError::Compile { path: path.to_path_buf(), reason: format!("{e:#}") })?;
@@ -787,6 +787,39 @@ pub fn version_of(bytes: &[u8]) -> String {
 
 /// Hex digits of a version: the first 8 bytes of the content's SHA-256.
 const VERSION_HEX: usize = 16;
+
+/// A component's bytes and their whole SHA-256, computed once: a load needs both the version
+/// (its prefix) and the compilation cache's key, and an 18 MB component takes ~12 ms to hash.
+/// Cloning shares the bytes.
+#[derive(Debug, Clone)]
+pub struct ComponentBytes {
+    bytes: Arc<Vec<u8>>,
+    digest: Arc<str>,
+}
+
+impl ComponentBytes {
+    /// Hashes `bytes`.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        let digest = crate::model::sha256_hex(&bytes, 32).into();
+        Self { bytes: Arc::new(bytes), digest }
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The plugin version they make (as [`version_of`]).
+    pub fn version(&self) -> &str {
+        &self.digest[..VERSION_HEX]
+    }
+}
+
+impl From<Vec<u8>> for ComponentBytes {
+    fn from(bytes: Vec<u8>) -> Self {
+        Self::new(bytes)
+    }
+}
 
 /// Names the limit behind a trap: memory, table, CPU, fuel, stack, or the trap itself.
 fn attribute(trap: &wasmtime::Error, state: &HostState, limits: &Limits) -> (ExecutionOutcome, Option<String>) {
