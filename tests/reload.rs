@@ -226,7 +226,8 @@ async fn bad_versions_are_reported_and_the_last_good_one_keeps_serving() {
     r.running.shutdown().await;
 }
 
-/// How many times each version was loaded: every successful load adds one history entry.
+/// How many times each version was loaded: every successful load of a version that is not
+/// already the newest kept one adds one history entry.
 fn loads_of(dir: &Path, version: &str) -> usize {
     jobhost::reload::history(dir, "noop").unwrap().iter().filter(|e| e.version == version).count()
 }
@@ -275,6 +276,28 @@ async fn delete_unloads_and_the_pending_events_wait_for_the_plugin_to_return() {
     publish(r.dir.path(), "noop", &r.v1.clone());
     assert!(matches!(r.next("noop").await, ReloadEvent::Loaded { .. }));
     assert_eq!(r.handled_by(&job).await, version_of(&r.v1));
+    r.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn restarts_keep_the_rollback_history_as_it_was() {
+    let mut r = reloading().await;
+    let v2 = variant(&r.v1, "v2");
+    publish(r.dir.path(), "noop", &v2);
+    r.loaded(&version_of(&v2)).await;
+    let kept = || -> Vec<String> {
+        jobhost::reload::history(r.dir.path(), "noop").unwrap().into_iter().map(|e| e.version).collect()
+    };
+    let before = kept();
+    assert_eq!(before, [version_of(&v2), version_of(&r.v1)]);
+    // More host starts on the directory than versions are kept: each loads v2 again.
+    for _ in 0..8 {
+        let (plugins, _) =
+            PluginHost::start(test_runtime(), r.running.clone(), r.env.id(), r.dir.path()).await.unwrap();
+        assert_eq!(plugins.plugins().await[0].version, version_of(&v2));
+    }
+    assert_eq!(kept(), before, "nothing pushed out, nothing repeated");
+    assert_eq!(jobhost::reload::rollback(r.dir.path(), "noop", None).unwrap(), version_of(&r.v1));
     r.running.shutdown().await;
 }
 

@@ -489,6 +489,11 @@ impl PluginHost {
 
     /// Copies a loaded version into the history and trims it to the newest `keep`.
     fn remember(&self, name: &str, version: &str, bytes: &[u8]) -> std::io::Result<()> {
+        // The newest kept version already (a host start loads what it ran before): keeping it
+        // again would push an older version out of the rollback window.
+        if history(&self.dir, name)?.first().is_some_and(|newest| newest.version == version) {
+            return Ok(());
+        }
         let dir = history_dir(&self.dir, name);
         std::fs::create_dir_all(&dir)?;
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
