@@ -222,13 +222,15 @@ async fn routes_are_read_at_load_and_versions_are_content_hashes() {
     assert_ne!(load(&rt, artifacts::TEST_NOOP).await.version, plugin.version);
 }
 
+/// The tests' runtime settings with a compilation cache in `dir`.
+fn cached_in(dir: &std::path::Path) -> jobhost::runtime::RuntimeConfig {
+    jobhost::runtime::RuntimeConfig { cache_dir: Some(dir.to_owned()), ..crate::support::test_runtime_config() }
+}
+
 #[tokio::test]
 async fn compiled_plugins_go_to_the_compilation_cache() {
     let cache = tempfile::tempdir().unwrap();
-    let config = jobhost::runtime::RuntimeConfig {
-        cache_dir: Some(cache.path().join("wasmtime")),
-        ..crate::support::test_runtime_config()
-    };
+    let config = cached_in(&cache.path().join("wasmtime"));
     let rt = jobhost::runtime::Runtime::new(config.clone()).unwrap();
     load(&rt, artifacts::TEST_NOOP).await;
     assert_eq!(rt.stats().component_loads(), (0, 1), "compiled");
@@ -251,10 +253,7 @@ async fn compiled_plugins_go_to_the_compilation_cache() {
 #[tokio::test]
 async fn a_damaged_artifact_is_compiled_again_and_replaced() {
     let cache = tempfile::tempdir().unwrap();
-    let config = jobhost::runtime::RuntimeConfig {
-        cache_dir: Some(cache.path().to_owned()),
-        ..crate::support::test_runtime_config()
-    };
+    let config = cached_in(cache.path());
     load(&jobhost::runtime::Runtime::new(config.clone()).unwrap(), artifacts::TEST_NOOP).await;
     let artifact = compiled_entries(cache.path()).remove(0);
     let whole = std::fs::read(&artifact).unwrap();
@@ -272,12 +271,8 @@ async fn a_damaged_artifact_is_compiled_again_and_replaced() {
 #[tokio::test]
 async fn the_compilation_cache_keeps_to_its_budget_least_recently_used_first() {
     let cache = tempfile::tempdir().unwrap();
-    let config = jobhost::runtime::RuntimeConfig {
-        cache_dir: Some(cache.path().to_owned()),
-        // Room for one artifact of these: each write trims the others.
-        cache_max_bytes: 1,
-        ..crate::support::test_runtime_config()
-    };
+    // Room for one artifact of these: each write trims the others.
+    let config = jobhost::runtime::RuntimeConfig { cache_max_bytes: 1, ..cached_in(cache.path()) };
     let rt = jobhost::runtime::Runtime::new(config.clone()).unwrap();
     load(&rt, artifacts::TEST_NOOP).await;
     let noop = compiled_entries(cache.path());
@@ -292,10 +287,7 @@ async fn the_compilation_cache_keeps_to_its_budget_least_recently_used_first() {
 #[tokio::test]
 async fn a_cache_that_cannot_be_written_costs_a_compile_never_a_load() {
     let cache = tempfile::tempdir().unwrap();
-    let config = jobhost::runtime::RuntimeConfig {
-        cache_dir: Some(cache.path().to_owned()),
-        ..crate::support::test_runtime_config()
-    };
+    let config = cached_in(cache.path());
     let rt = jobhost::runtime::Runtime::new(config).unwrap();
     // The engine's directory replaced by a file: nothing can be written under it.
     let dir = std::fs::read_dir(cache.path().join("components")).unwrap().next().unwrap().unwrap().path();

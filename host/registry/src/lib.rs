@@ -123,7 +123,6 @@ pub struct PluginInfo {
 struct PluginFile {
     path: PathBuf,
     bytes: ComponentBytes,
-    version: String,
     manifest_text: Option<String>,
     /// Component and manifest together: what a failure is remembered by.
     content: String,
@@ -353,23 +352,27 @@ impl PluginHost {
         let current = plugins.get(name).map(|e| e.slot.get());
         let plugin = match self.validate(name, &file, current.as_deref()).await {
             Ok(Some(plugin)) => plugin,
-            Ok(None) => return ReloadEvent::Unchanged { name: name.to_owned(), version: file.version },
+            Ok(None) => {
+                return ReloadEvent::Unchanged { name: name.to_owned(), version: file.bytes.version().to_owned() };
+            }
             Err(refused) => {
                 if !matches!(refused, Refused::AlreadyFailed) {
                     self.remember_failure(name, file.content.clone()).await;
                 }
-                return refused.event(name, Some(file.version));
+                return refused.event(name, Some(file.bytes.version().to_owned()));
             }
         };
-        if current.as_ref().is_none_or(|c| c.version != file.version)
-            && let Err(e) = self.remember(name, &file.version, file.bytes.bytes())
+        if current.as_ref().is_none_or(|c| c.version != file.bytes.version())
+            && let Err(e) = self.remember(name, file.bytes.version(), file.bytes.bytes())
         {
             // A manifest-only change has its component in the history already.
             tracing::warn!(plugin = name, error = %e, "cannot keep this version for rollback");
         }
         match self.swap_and_resubscribe(&mut plugins, name, plugin).await {
-            Ok(previous) => ReloadEvent::Loaded { name: name.to_owned(), version: file.version, previous },
-            Err(refused) => refused.event(name, Some(file.version)),
+            Ok(previous) => {
+                ReloadEvent::Loaded { name: name.to_owned(), version: file.bytes.version().to_owned(), previous }
+            }
+            Err(refused) => refused.event(name, Some(file.bytes.version().to_owned())),
         }
     }
 
@@ -383,12 +386,14 @@ impl PluginHost {
         };
         // Hashed once, here: the version and the compilation cache's key both come from it.
         let bytes = ComponentBytes::new(bytes);
-        let version = bytes.version().to_owned();
         let manifest_text = crate::runtime::Manifest::read_text(&path).map_err(|e| Refused::Invalid(e.0))?;
         // What failed is remembered by component and manifest together.
-        let content =
-            format!("{version}/{}", manifest_text.as_deref().map_or_else(String::new, |t| version_of(t.as_bytes())));
-        Ok(Some(PluginFile { path, bytes, version, manifest_text, content }))
+        let content = format!(
+            "{}/{}",
+            bytes.version(),
+            manifest_text.as_deref().map_or_else(String::new, |t| version_of(t.as_bytes()))
+        );
+        Ok(Some(PluginFile { path, bytes, manifest_text, content }))
     }
 
     /// Step 2: the new version, compiled and type-checked against the contract; `None` when
@@ -407,9 +412,9 @@ impl PluginHost {
             .parse_manifest(&file.path, file.manifest_text.as_deref())
             .map_err(|e| Refused::Invalid(e.0))?;
         match current {
-            Some(c) if c.version == file.version && *c.manifest == manifest => Ok(None),
+            Some(c) if c.version == file.bytes.version() && *c.manifest == manifest => Ok(None),
             // Only the manifest changed: same compiled component, new limits and grants.
-            Some(c) if c.version == file.version => Ok(Some(Arc::new(c.with_manifest(manifest)))),
+            Some(c) if c.version == file.bytes.version() => Ok(Some(Arc::new(c.with_manifest(manifest)))),
             _ => self
                 .runtime
                 .load_with(&file.path, file.bytes.clone(), manifest)

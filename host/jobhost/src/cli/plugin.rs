@@ -140,14 +140,16 @@ pub(crate) fn publish(src: &Path, component: &Path, plugins: &Path) -> anyhow::R
         .filter(|n| **n != "Cargo")
         .map(|n| src.join(format!("{n}.toml")))
         .find(|p| p.is_file());
+    // Written elsewhere in the directory, then renamed: the watcher never sees half a file.
+    let place = |from: &Path, file: String| {
+        let tmp = plugins.join(format!(".{file}.tmp"));
+        std::fs::copy(from, &tmp).and_then(|_| std::fs::rename(&tmp, plugins.join(&file)))
+    };
     if let Some(manifest) = manifest {
-        let tmp = plugins.join(format!(".{name}.toml.tmp"));
-        std::fs::copy(&manifest, &tmp)
-            .and_then(|_| std::fs::rename(&tmp, plugins.join(format!("{name}.toml"))))
+        place(&manifest, format!("{name}.toml"))
             .with_context(|| format!("cannot publish the manifest {}", manifest.display()))?;
     }
-    let tmp = plugins.join(format!(".{name}.wasm.tmp"));
-    std::fs::copy(component, &tmp).and_then(|_| std::fs::rename(&tmp, plugins.join(format!("{name}.wasm"))))?;
+    place(component, format!("{name}.wasm"))?;
     Ok(name)
 }
 
