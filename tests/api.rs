@@ -194,6 +194,19 @@ async fn the_seeds_scenario_runs_entirely_over_the_api() {
     ] {
         assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
     }
+    // The writers' counts: the same figures the backend gives, many writes per transaction.
+    let counter = |name: &str| -> u64 {
+        let line = metrics.lines().find(|l| l.split(' ').next() == Some(name));
+        line.and_then(|l| l.split(' ').nth(1)?.parse().ok()).unwrap_or_else(|| panic!("{name} in:\n{metrics}"))
+    };
+    let (writes, transactions, rows) = (
+        counter("jobhost_store_writes_total"),
+        counter("jobhost_store_transactions_total"),
+        counter("jobhost_store_rows_written_total"),
+    );
+    assert!(transactions >= 1 && writes >= transactions && rows > 0, "{writes} {transactions} {rows}");
+    let now = engine.store().backend().write_stats();
+    assert!(now.writes >= writes && now.transactions >= transactions, "{now:?}");
     let execs = server.ok("GET", &format!("/v1/executions?jobId={job_id}"), &token, None).await;
     assert!(execs.as_array().unwrap().iter().all(|e| e["outcome"] == "ok" && e["plugin"] == "submit"));
     server.stop().await;

@@ -208,6 +208,25 @@ pub async fn metrics(State(state): State<ApiState>) -> Result<Response, ApiError
         u8::from(health.error.is_none() && stats.is_ok()),
         health.reconnects
     );
+    // Counted by this host's writers in memory: how writes group into transactions.
+    let written = state.engine.store().backend().write_stats();
+    let _ = writeln!(
+        out,
+        "# HELP jobhost_store_writes_total Writes this host committed.\n# TYPE jobhost_store_writes_total counter\n\
+         jobhost_store_writes_total {}\n\
+         # HELP jobhost_store_transactions_total Transactions this host committed (a group commit carries many writes).\n\
+         # TYPE jobhost_store_transactions_total counter\njobhost_store_transactions_total {}\n\
+         # HELP jobhost_store_careful_batches_total Write batches run again with a savepoint per write because one write in them failed.\n\
+         # TYPE jobhost_store_careful_batches_total counter\njobhost_store_careful_batches_total {}",
+        written.writes, written.transactions, written.careful_batches
+    );
+    if let Some(rows) = written.rows {
+        let _ = writeln!(
+            out,
+            "# HELP jobhost_store_rows_written_total Rows inserted, updated or deleted by this host's transactions.\n\
+             # TYPE jobhost_store_rows_written_total counter\njobhost_store_rows_written_total {rows}"
+        );
+    }
     let ((jobs, executions), deliveries) = match stats {
         Ok(s) => s,
         Err(_) => return Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()),

@@ -469,23 +469,33 @@ async fn reload(rounds: u32) {
 
 async fn lifecycle(n: usize) {
     let mut rates = Vec::new();
+    let mut writes = Vec::new();
     for wasm in [true, false] {
         let (_dir, engine, env) = host().await;
+        // Handlers that have ended, counted in memory: the wait below runs after every commit,
+        // and a store query there would compete with the writes it measures.
+        let ended = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let rt = runtime();
         let listener = if wasm {
-            let rt = runtime();
             let plugin = std::sync::Arc::new(rt.load(std::path::Path::new(artifacts::TEST_NOOP)).await.unwrap());
             rt.listener(plugin, env.id())
         } else {
-            Listener::new("native", env.id()).filter(json!({"job": "space:lifecycle"}), |l| {
-                l.on("job:ready", |event| async move {
-                    let id = event.job_id()?.to_owned();
-                    event.api.ack(&id, Default::default()).await?;
-                    event.api.complete(&id, Outcome::default()).await?;
-                    Ok(())
+            let ended = ended.clone();
+            Listener::new("native", env.id()).filter(json!({"job": "space:lifecycle"}), move |l| {
+                l.on("job:ready", move |event| {
+                    let ended = ended.clone();
+                    async move {
+                        let id = event.job_id()?.to_owned();
+                        event.api.ack(&id, Default::default()).await?;
+                        event.api.complete(&id, Outcome::default()).await?;
+                        ended.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        Ok(())
+                    }
                 })
             })
         };
         let running = engine.run(vec![listener]).await.unwrap();
+        let before = engine.store().backend().write_stats();
         let t = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         for c in 0..64 {
@@ -499,15 +509,23 @@ async fn lifecycle(n: usize) {
         while tasks.join_next().await.is_some() {}
         engine
             .wait_for(|| {
-                let engine = engine.clone();
-                async move { Ok((engine.delivery_stats().await?.done as usize >= n).then_some(())) }
+                let done = if wasm {
+                    let stats = rt.stats();
+                    stats.instances_total() as usize >= n && stats.instances_in_use() == 0
+                } else {
+                    ended.load(std::sync::atomic::Ordering::Relaxed) >= n
+                };
+                async move { Ok(done.then_some(())) }
             })
             .await
             .unwrap();
         rates.push(n as f64 / t.elapsed().as_secs_f64());
         running.shutdown().await;
+        let after = engine.store().backend().write_stats();
+        writes.push(after.since(&before, n));
         let done = env.jobs(0, u32::MAX).await.unwrap().iter().filter(|j| j.status == JobStatus::Complete).count();
         assert_eq!(done, n);
+        assert_eq!(engine.delivery_stats().await.unwrap().done as usize, n);
     }
     println!(
         "{:<50} {:>10.0} /s {:>10.0} /s {:>7.2}x",
@@ -516,6 +534,9 @@ async fn lifecycle(n: usize) {
         rates[1],
         rates[0] / rates[1]
     );
+    for (who, w) in ["WASM", "native"].iter().zip(&writes) {
+        println!("  per lifecycle, {who:<6}: {w}");
+    }
 }
 
 fn rss_mib(key: &str) -> f64 {

@@ -41,7 +41,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use jobhost_core::error::{Error, Result, StoreError};
-use jobhost_store::{Backend, Health, Notifications, ReadOp, WriteOp};
+use jobhost_store::{Backend, Health, Notifications, ReadOp, WriteOp, WriteStats};
 
 pub use schema::SCHEMA_VERSION;
 
@@ -125,6 +125,8 @@ pub(crate) struct Shared {
     /// The database's schema version when the notifier's poll found it newer than this build
     /// knows (0 otherwise): a newer jobhost migrated it, and this host stops writing.
     pub newer_schema: std::sync::atomic::AtomicI64,
+    /// Writes committed, transactions committed, batches run again with savepoints.
+    pub written: [std::sync::atomic::AtomicU64; 3],
 }
 
 impl Shared {
@@ -236,6 +238,7 @@ impl PgBackend {
             outages: std::sync::atomic::AtomicU64::new(0),
             listening: tokio::sync::watch::Sender::new(false),
             newer_schema: std::sync::atomic::AtomicI64::new(0),
+            written: Default::default(),
         });
         let (writes, write_rx) = std::sync::mpsc::channel::<WriteOp>();
         let (reads, read_rx) = std::sync::mpsc::channel::<ReadOp>();
@@ -318,6 +321,16 @@ impl Backend for PgBackend {
 
     fn exclusive(&self) -> bool {
         false
+    }
+
+    fn write_stats(&self) -> WriteStats {
+        let [writes, transactions, careful] = &self.shared.written;
+        WriteStats {
+            writes: writes.load(Ordering::Relaxed),
+            transactions: transactions.load(Ordering::Relaxed),
+            rows: None,
+            careful_batches: careful.load(Ordering::Relaxed),
+        }
     }
 
     fn health(&self) -> Health {

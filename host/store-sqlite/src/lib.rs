@@ -1,10 +1,10 @@
 //! The embedded default backend: SQLite in WAL mode.
 //!
 //! * **One writer thread** owns the only write connection. Write closures queue on a channel;
-//!   the thread takes every queued closure (up to `max_batch`), runs each inside its own
-//!   `SAVEPOINT` within one `BEGIN IMMEDIATE` transaction, and commits once — group commit.
-//!   A closure that returns an error is rolled back to its savepoint, so a refused call changes
-//!   nothing while the rest of the batch commits. Replies are sent only after `COMMIT`, so an
+//!   the thread takes every queued closure (up to `max_batch`), runs them all within one
+//!   `BEGIN IMMEDIATE` transaction, and commits once — group commit. When a closure returns
+//!   an error the transaction is rolled back and the batch runs again with a `SAVEPOINT` per
+//!   closure, so a refused call changes nothing while the rest of the batch commits. Replies are sent only after `COMMIT`, so an
 //!   acknowledged write is durable (with `synchronous = FULL`, also across power loss).
 //! * **Readers** are a small pool of read-only connections used from `spawn_blocking`; WAL lets
 //!   them read committed data while the writer works.
@@ -18,6 +18,7 @@
 use std::fs::File;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -33,6 +34,7 @@ use jobhost_core::model::{
 use jobhost_store::{
     Backend, DeliveryEnd, DeliveryStats, DueDelivery, EncodedRecord, Fence, HostRecord, JobQuery, Notifications,
     Overdue, PartStatusCounts, QueryValue, RawRecord, ReadOp, ReadTx, StoredRecord, Subscription, Tx, WriteOp,
+    WriteStats,
 };
 
 /// A SQLite failure as the store's error: busy and locked databases may clear on a retry.
@@ -88,6 +90,7 @@ pub struct SqliteBackend {
     signal: Arc<Notify>,
     commits: tokio::sync::watch::Receiver<u64>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    stats: Arc<Counters>,
     // Held for the backend's lifetime: the OS releases it when the process dies, even by SIGKILL.
     _lock: File,
 }
@@ -126,9 +129,11 @@ impl SqliteBackend {
         let writer_signal = signal.clone();
         let (commits_tx, commits) = tokio::sync::watch::channel(0u64);
         let max_batch = options.max_batch.max(1);
+        let stats = Arc::new(Counters::default());
+        let counted = stats.clone();
         let writer = std::thread::Builder::new()
             .name("jobhost-store-writer".into())
-            .spawn(move || writer_loop(conn, rx, writer_signal, commits_tx, max_batch))
+            .spawn(move || writer_loop(conn, rx, writer_signal, commits_tx, max_batch, counted))
             .map_err(|e| StoreError::caused_by("cannot start the store writer thread", e))?;
 
         Ok(Self {
@@ -137,6 +142,7 @@ impl SqliteBackend {
             signal,
             commits,
             writer: Mutex::new(Some(writer)),
+            stats,
             _lock: lock,
         })
     }
@@ -190,6 +196,16 @@ impl Backend for SqliteBackend {
 
     fn notifications(&self) -> Notifications {
         Notifications { deliveries: self.signal.clone(), commits: self.commits.clone() }
+    }
+
+    fn write_stats(&self) -> WriteStats {
+        let s = &self.stats;
+        WriteStats {
+            writes: s.writes.load(Ordering::Relaxed),
+            transactions: s.transactions.load(Ordering::Relaxed),
+            rows: Some(s.rows.load(Ordering::Relaxed)),
+            careful_batches: s.careful_batches.load(Ordering::Relaxed),
+        }
     }
 
     fn exclusive(&self) -> bool {
@@ -428,12 +444,10 @@ fn writer_loop(
     signal: Arc<Notify>,
     commits: tokio::sync::watch::Sender<u64>,
     max_batch: usize,
+    stats: Arc<Counters>,
 ) {
     let mut batch: Vec<WriteOp> = Vec::with_capacity(max_batch);
-    // The subscriptions' version as the writer last read it. Only this process writes the
-    // store, so it stays true until a write changes a subscription (which forgets it) or a
-    // commit fails; every event written reads it, and this saves a query each time.
-    let mut version: Option<u64> = None;
+    let mut writer = Writer { conn: &conn, version: None, careful: 0, stats, changes_at_begin: 0 };
     while let Ok(first) = rx.recv() {
         batch.push(first);
         while batch.len() < max_batch {
@@ -442,50 +456,17 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        if let Err(e) = run(&conn, "BEGIN IMMEDIATE") {
+        let Some((committed, new_deliveries)) = writer.run_batch(&mut batch) else {
             // Dropping the ops makes each caller see an error; nothing was changed.
-            tracing::error!(error = %e, "cannot begin a write transaction");
             batch.clear();
             continue;
-        }
-        let mut replies = Vec::with_capacity(batch.len());
-        let mut new_deliveries = 0usize;
-        for mut op in batch.drain(..) {
-            if let Err(e) = run(&conn, "SAVEPOINT op") {
-                tracing::error!(error = %e, "cannot open a savepoint");
-                (op.reply)(Err(Error::Store(StoreError::caused_by("cannot open a savepoint", e))));
-                continue;
-            }
-            let (outcome, added) = {
-                let mut tx = Conn::writer(&conn, &mut version);
-                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| (op.run)(&mut tx)));
-                (outcome, tx.new_deliveries)
-            };
-            let keep = outcome.unwrap_or_else(|_| {
-                tracing::error!("a write panicked; its changes were rolled back");
-                false
-            });
-            replies.push(op.reply);
-            let end = if keep {
-                new_deliveries += added;
-                run(&conn, "RELEASE op")
-            } else {
-                // It may have read a version it wrote itself, which the rollback undoes.
-                version = None;
-                run(&conn, "ROLLBACK TO op").and_then(|_| run(&conn, "RELEASE op"))
-            };
-            if let Err(e) = end {
-                tracing::error!(error = %e, "cannot end a savepoint");
-            }
-        }
-        let committed = run(&conn, "COMMIT").db();
-        if committed.is_err() {
-            let _ = conn.execute_batch("ROLLBACK");
-            version = None;
-        }
+        };
         let notify = committed.is_ok() && new_deliveries > 0;
-        for reply in replies {
-            reply(committed.clone());
+        if committed.is_ok() {
+            writer.stats.writes.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        }
+        for op in batch.drain(..) {
+            (op.reply)(committed.clone());
         }
         if notify {
             signal.notify_waiters();
@@ -494,6 +475,141 @@ fn writer_loop(
         if committed.is_ok() {
             commits.send_modify(|n| *n += 1);
         }
+    }
+}
+
+/// After a batch in which a write failed, this many batches run with a savepoint per write from
+/// the start, so a stream of failing writes does not make every batch run twice.
+const CAREFUL_BATCHES: u32 = 16;
+
+/// The writer thread's connection and what it remembers between batches.
+struct Writer<'c> {
+    conn: &'c Connection,
+    /// The subscriptions' version as the writer last read it. Only this process writes the
+    /// store, so it stays true until a write changes a subscription (which forgets it) or a
+    /// transaction is rolled back; every event written reads it, and this saves a query each time.
+    version: Option<u64>,
+    /// Batches still to run with a savepoint per write (see [`CAREFUL_BATCHES`]).
+    careful: u32,
+    stats: Arc<Counters>,
+    /// The connection's row-change count when the current transaction began.
+    changes_at_begin: u64,
+}
+
+/// The writer's counts, read by [`Backend::write_stats`] without a query.
+#[derive(Debug, Default)]
+struct Counters {
+    writes: AtomicU64,
+    transactions: AtomicU64,
+    rows: AtomicU64,
+    careful_batches: AtomicU64,
+}
+
+impl Writer<'_> {
+    /// Runs a batch in one transaction and commits it: the commit's result and how many
+    /// deliveries the kept writes made. `None` when no transaction could begin.
+    ///
+    /// First without savepoints: a savepoint per write journals every page the write touches
+    /// a second time (a large share of the writer's time), and writes rarely fail. If one does
+    /// (it asks to discard its changes, or panics), the transaction is rolled back and the batch
+    /// runs again with a savepoint per write, so the failing write is undone alone. Writes may
+    /// run more than once ([`WriteRun`](jobhost_store::WriteRun)); only the last run's result
+    /// is replied.
+    fn run_batch(&mut self, batch: &mut [WriteOp]) -> Option<(Result<()>, usize)> {
+        if self.careful == 0 {
+            self.begin()?;
+            let mut new_deliveries = 0usize;
+            let mut kept_all = true;
+            for op in batch.iter_mut() {
+                let (kept, added) = self.run_op(op);
+                if !kept {
+                    kept_all = false;
+                    break;
+                }
+                new_deliveries += added;
+            }
+            if kept_all {
+                return Some((self.commit(), new_deliveries));
+            }
+            self.rollback();
+            self.careful = CAREFUL_BATCHES;
+            self.stats.careful_batches.fetch_add(1, Ordering::Relaxed);
+        }
+        self.careful -= 1;
+        self.begin()?;
+        let mut new_deliveries = 0usize;
+        for op in batch.iter_mut() {
+            if let Err(e) = run(self.conn, "SAVEPOINT op") {
+                tracing::error!(error = %e, "cannot open a savepoint");
+                // Without a savepoint the write cannot be undone alone: the whole batch is
+                // rolled back and every caller sees an error (retryable).
+                self.rollback();
+                return Some((
+                    Err(Error::Store(StoreError::caused_by("cannot open a savepoint", e).retryable(true))),
+                    0,
+                ));
+            }
+            let (kept, added) = self.run_op(op);
+            let end = if kept {
+                new_deliveries += added;
+                run(self.conn, "RELEASE op")
+            } else {
+                // It may have read a version it wrote itself, which the rollback undoes.
+                self.version = None;
+                run(self.conn, "ROLLBACK TO op").and_then(|_| run(self.conn, "RELEASE op"))
+            };
+            if let Err(e) = end {
+                tracing::error!(error = %e, "cannot end a savepoint");
+                self.rollback();
+                return Some((
+                    Err(Error::Store(StoreError::caused_by("cannot end a savepoint", e).retryable(true))),
+                    0,
+                ));
+            }
+        }
+        Some((self.commit(), new_deliveries))
+    }
+
+    /// Runs one write; returns whether it keeps its changes (a panic counts as discarding them)
+    /// and how many deliveries it made.
+    fn run_op(&mut self, op: &mut WriteOp) -> (bool, usize) {
+        let mut tx = Conn::writer(self.conn, &mut self.version);
+        let kept = std::panic::catch_unwind(AssertUnwindSafe(|| (op.run)(&mut tx))).unwrap_or_else(|_| {
+            tracing::error!("a write panicked; its changes are rolled back");
+            false
+        });
+        (kept, tx.new_deliveries)
+    }
+
+    fn begin(&mut self) -> Option<()> {
+        match run(self.conn, "BEGIN IMMEDIATE") {
+            Ok(()) => {
+                self.changes_at_begin = self.conn.total_changes();
+                Some(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot begin a write transaction");
+                None
+            }
+        }
+    }
+
+    fn commit(&mut self) -> Result<()> {
+        let rows = self.conn.total_changes().saturating_sub(self.changes_at_begin);
+        let committed = run(self.conn, "COMMIT").db();
+        if committed.is_err() {
+            self.rollback();
+        } else {
+            self.stats.transactions.fetch_add(1, Ordering::Relaxed);
+            self.stats.rows.fetch_add(rows, Ordering::Relaxed);
+        }
+        committed
+    }
+
+    fn rollback(&mut self) {
+        let _ = self.conn.execute_batch("ROLLBACK");
+        // It may have read a version it wrote itself, which the rollback undoes.
+        self.version = None;
     }
 }
 

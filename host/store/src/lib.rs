@@ -549,6 +549,37 @@ pub struct Health {
     pub reconnects: u64,
 }
 
+/// What a backend's writers have done since it opened: how writes turn into transactions
+/// and rows. Counted by the writer itself, so reading them costs no query.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Writes ([`WriteOp`]s) committed.
+    pub writes: u64,
+    /// Transactions committed (a group commit carries many writes).
+    pub transactions: u64,
+    /// Rows inserted, updated or deleted by committed transactions (`None`: not counted).
+    pub rows: Option<u64>,
+    /// Batches run a second time, one savepoint per write, because a write in them failed.
+    pub careful_batches: u64,
+}
+
+impl WriteStats {
+    /// The work done between `earlier` and `self`, per `units` units of work (e.g. per job
+    /// lifecycle), as `writes, transactions, rows` (each with two decimals).
+    pub fn since(&self, earlier: &WriteStats, units: usize) -> String {
+        let per = |a: u64, b: u64| (a.saturating_sub(b)) as f64 / units.max(1) as f64;
+        let rows = match (self.rows, earlier.rows) {
+            (Some(a), Some(b)) => format!("{:.2}", per(a, b)),
+            _ => "-".into(),
+        };
+        format!(
+            "{:.2} writes, {:.3} transactions, {rows} rows",
+            per(self.writes, earlier.writes),
+            per(self.transactions, earlier.transactions)
+        )
+    }
+}
+
 /// What a backend tells the engine without being asked. Both are hints that let waiters
 /// skip polling: a lost or coalesced signal only delays work until the next poll.
 #[derive(Debug, Clone)]
@@ -575,6 +606,10 @@ pub trait Backend: Send + Sync + 'static {
     /// Whether the storage is reachable right now (an embedded store always is).
     fn health(&self) -> Health {
         Health::default()
+    }
+    /// What the backend's writers have done since it opened.
+    fn write_stats(&self) -> WriteStats {
+        WriteStats::default()
     }
 }
 

@@ -143,6 +143,7 @@ pub async fn a_refused_write_among_many_leaves_each_other_applied_once() {
     let host = TestHost::new();
     let env = host.env().await;
     let store = host.engine.store().clone();
+    let before = store.backend().write_stats();
     let mut writes = tokio::task::JoinSet::new();
     for i in 0..24usize {
         let (store, env_id) = (store.clone(), env.id().to_owned());
@@ -177,6 +178,17 @@ pub async fn a_refused_write_among_many_leaves_each_other_applied_once() {
             assert!(r.is_ok(), "write {i}: {r:?}");
             assert_eq!(env.sheet(&format!("sh_many_{i}")).await.unwrap().name, format!("n{i}"));
         }
+    }
+    // The writers' own counts: every write answered in a committed transaction, at least one
+    // transaction for them and none per write more than there were writes, and the refused
+    // write sent its batch through the careful path.
+    let after = store.backend().write_stats();
+    let (writes, transactions) = (after.writes - before.writes, after.transactions - before.transactions);
+    assert!(writes >= 24, "{before:?} → {after:?}");
+    assert!(transactions >= 1 && transactions <= writes, "{before:?} → {after:?}");
+    assert!(after.careful_batches > before.careful_batches, "{before:?} → {after:?}");
+    if let (Some(a), Some(b)) = (after.rows, before.rows) {
+        assert!(a - b >= 23, "23 sheets inserted and kept: {before:?} → {after:?}");
     }
 }
 
