@@ -1,6 +1,7 @@
 //! WebAssembly listeners: the seeds' scenario through the example plugin, routing, and
 //! plugins that trap, loop, fail or do not load.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::{TestHost, compiled_entries, events_of, load, test_config, test_runtime, until_terminal};
@@ -222,9 +223,59 @@ async fn routes_are_read_at_load_and_versions_are_content_hashes() {
     assert_ne!(load(&rt, artifacts::TEST_NOOP).await.version, plugin.version);
 }
 
+/// Runs one job through `plugin` on a fresh host and checks it completes.
+async fn completes_a_job(rt: &Arc<jobhost::runtime::Runtime>, plugin: Arc<jobhost::runtime::Plugin>) {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let running = host.engine.run(vec![rt.listener(plugin, env.id())]).await.unwrap();
+    let job = env.create_job(NewJob::new(JobType::Space, "work")).await.unwrap();
+    assert_eq!(until_terminal(&env, &job.id).await.status, JobStatus::Complete);
+    running.shutdown().await;
+}
+
 /// The tests' runtime settings with a compilation cache in `dir`.
 fn cached_in(dir: &std::path::Path) -> jobhost::runtime::RuntimeConfig {
     jobhost::runtime::RuntimeConfig { cache_dir: Some(dir.to_owned()), ..crate::support::test_runtime_config() }
+}
+
+/// Waits (on the clock, at most the settling time) until a file's last change is far enough
+/// in the past that a digest taken now is trusted at the next start.
+fn settled(path: &std::path::Path) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).unwrap();
+    let changed = std::time::UNIX_EPOCH
+        + std::time::Duration::new(meta.ctime() as u64, meta.ctime_nsec() as u32)
+        + std::time::Duration::from_millis(1001);
+    if let Ok(left) = changed.duration_since(std::time::SystemTime::now()) {
+        std::thread::sleep(left);
+    }
+}
+
+#[tokio::test]
+async fn a_restart_maps_an_unchanged_plugin_without_reading_it_and_reads_a_rewritten_one() {
+    let cache = tempfile::tempdir().unwrap();
+    let plugins = tempfile::tempdir().unwrap();
+    let file = plugins.path().join("p.wasm");
+    std::fs::copy(artifacts::TEST_NOOP, &file).unwrap();
+    settled(&file);
+    let config = cached_in(cache.path());
+    let first = jobhost::runtime::Runtime::new(config.clone()).unwrap();
+    let version = load(&first, file.to_str().unwrap()).await.version.clone();
+    assert_eq!(first.stats().component_reads(), (1, 0), "read and hashed once");
+    // A restart: known by the file's identity, mapped, never read.
+    let again = jobhost::runtime::Runtime::new(config.clone()).unwrap();
+    let plugin = load(&again, file.to_str().unwrap()).await;
+    assert_eq!(again.stats().component_reads(), (0, 1), "known unread");
+    assert_eq!(again.stats().component_loads(), (1, 0), "mapped");
+    assert_eq!(plugin.version, version);
+    completes_a_job(&again, plugin).await;
+    // The same path rewritten in place with another component: read, hashed, its own version.
+    std::fs::write(&file, std::fs::read(artifacts::TEST_MISBEHAVE).unwrap()).unwrap();
+    let third = jobhost::runtime::Runtime::new(config).unwrap();
+    let other = load(&third, file.to_str().unwrap()).await;
+    assert_eq!(third.stats().component_reads(), (1, 0), "a changed file is read");
+    assert_ne!(other.version, version);
+    assert_eq!(other.version, jobhost::runtime::version_of(&std::fs::read(artifacts::TEST_MISBEHAVE).unwrap()));
 }
 
 #[tokio::test]
@@ -242,12 +293,7 @@ async fn compiled_plugins_go_to_the_compilation_cache() {
     assert_eq!(again.stats().component_loads(), (1, 0), "mapped from the cache");
     assert_eq!(compiled_entries(cache.path()), entries);
     // And it works like the compiled one.
-    let host = TestHost::new();
-    let env = host.env().await;
-    let running = host.engine.run(vec![again.listener(plugin, env.id())]).await.unwrap();
-    let job = env.create_job(NewJob::new(JobType::Space, "work")).await.unwrap();
-    assert_eq!(until_terminal(&env, &job.id).await.status, JobStatus::Complete);
-    running.shutdown().await;
+    completes_a_job(&again, plugin).await;
 }
 
 #[tokio::test]

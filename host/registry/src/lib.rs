@@ -363,7 +363,7 @@ impl PluginHost {
             }
         };
         if current.as_ref().is_none_or(|c| c.version != file.bytes.version())
-            && let Err(e) = self.remember(name, file.bytes.version(), file.bytes.bytes())
+            && let Err(e) = self.remember(name, file.bytes.version(), &file.bytes)
         {
             // A manifest-only change has its component in the history already.
             tracing::warn!(plugin = name, error = %e, "cannot keep this version for rollback");
@@ -379,13 +379,13 @@ impl PluginHost {
     /// Step 1: the plugin's file and manifest; `None` when the file is gone.
     fn read(&self, name: &str) -> Result<Option<PluginFile>, Refused> {
         let path = self.dir.join(format!("{name}.wasm"));
-        let bytes = match std::fs::read(&path) {
+        // Hashed once, here (or known by the file's identity, unread): the version and the
+        // compilation cache's key both come from it.
+        let bytes = match self.runtime.read_component(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Refused::Unreadable(format!("cannot read {}: {e}", path.display()))),
         };
-        // Hashed once, here: the version and the compilation cache's key both come from it.
-        let bytes = ComponentBytes::new(bytes);
         let manifest_text = crate::runtime::Manifest::read_text(&path).map_err(|e| Refused::Invalid(e.0))?;
         // What failed is remembered by component and manifest together.
         let content = format!(
@@ -493,7 +493,7 @@ impl PluginHost {
     }
 
     /// Copies a loaded version into the history and trims it to the newest `keep`.
-    fn remember(&self, name: &str, version: &str, bytes: &[u8]) -> std::io::Result<()> {
+    fn remember(&self, name: &str, version: &str, bytes: &ComponentBytes) -> std::io::Result<()> {
         // The newest kept version already (a host start loads what it ran before): keeping it
         // again would push an older version out of the rollback window.
         if history(&self.dir, name)?.first().is_some_and(|newest| newest.version == version) {
@@ -504,7 +504,7 @@ impl PluginHost {
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
         let file = dir.join(format!("{stamp:015}-{version}.wasm"));
         let tmp = dir.join(format!(".{stamp:015}-{version}.tmp"));
-        std::fs::write(&tmp, bytes)?;
+        std::fs::write(&tmp, &bytes.bytes()?[..])?;
         std::fs::rename(&tmp, &file)?;
         let entries = history(&self.dir, name)?;
         for old in entries.iter().skip(self.keep) {

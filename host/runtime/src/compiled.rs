@@ -15,6 +15,8 @@
 //! - **Self-healing**: an artifact that does not deserialize (truncated, from a crashed
 //!   writer, edited) is compiled again and replaced; a cache that cannot be written (read-only,
 //!   disk full) costs a compile, never a load.
+//! - **Digests by file identity**: the digest memo (`digests.rs`) remembers each file's digest, so a
+//!   restart maps an unchanged plugin's artifact without reading or hashing the plugin.
 //! - **Bounded**: after each write the directory is trimmed to its budget, least recently
 //!   used first (a load touches its artifact's modification time).
 //!
@@ -43,6 +45,9 @@ pub enum Origin {
 pub(crate) struct CompiledCache {
     dir: PathBuf,
     budget: u64,
+    /// Digests of component files by identity (`DIR/components/digests`), shared by every
+    /// engine setting: a file's content does not depend on them.
+    pub(crate) digests: crate::digests::DigestMemo,
 }
 
 /// Numbers this process's temporary files: with the process id, no two writers — two
@@ -57,18 +62,18 @@ impl CompiledCache {
         engine.precompile_compatibility_hash().hash(&mut h);
         let dir = root.join("components").join(format!("{:016x}", h.finish()));
         std::fs::create_dir_all(&dir)?;
-        Ok(Self { dir, budget })
+        let digests = crate::digests::DigestMemo::open(root.join("components").join("digests"));
+        Ok(Self { dir, budget, digests })
     }
 
-    /// The component whose bytes hash to `digest` (hex SHA-256): mapped from its artifact, or
-    /// compiled and stored.
+    /// The component: mapped from its artifact, or compiled and stored. Its bytes are read
+    /// only to compile (a mapped load needs nothing but the digest).
     pub(crate) fn component(
         &self,
         engine: &Engine,
-        digest: &str,
-        bytes: &[u8],
+        bytes: &crate::ComponentBytes,
     ) -> wasmtime::Result<(Component, Origin)> {
-        let path = self.dir.join(format!("{digest}.cwasm"));
+        let path = self.dir.join(format!("{}.cwasm", bytes.digest()));
         if path.is_file() {
             // SAFETY: the artifact is this cache's own, written by `Component::serialize` for an
             // engine with these exact settings (the directory name) and renamed into place
@@ -90,7 +95,7 @@ impl CompiledCache {
                 }
             }
         }
-        let component = Component::new(engine, bytes)?;
+        let component = Component::new(engine, &bytes.bytes()?[..])?;
         if let Err(e) = self.store(&path, &component) {
             tracing::warn!(artifact = %path.display(), error = %e, "cannot store the compiled component; the next load compiles again");
         }

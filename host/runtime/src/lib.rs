@@ -20,6 +20,7 @@
 mod bindings;
 pub mod compiled;
 mod convert;
+mod digests;
 mod host;
 pub mod incremental;
 pub mod limits;
@@ -248,6 +249,8 @@ pub struct RuntimeStats {
     http: Arc<outbound::HttpStats>,
     /// Components mapped from the compilation cache, and compiled.
     loads: [AtomicU64; 2],
+    /// Component files read and hashed, and known by identity without a read.
+    reads: [AtomicU64; 2],
 }
 
 /// What one reload of a plugin did, as [`RuntimeStats::reloads`] counts it.
@@ -293,6 +296,11 @@ impl RuntimeStats {
     /// Components loaded since start: `(mapped from the compilation cache, compiled)`.
     pub fn component_loads(&self) -> (u64, u64) {
         (self.loads[0].load(Ordering::Relaxed), self.loads[1].load(Ordering::Relaxed))
+    }
+
+    /// Component files identified since start: `(read and hashed, known unread by identity)`.
+    pub fn component_reads(&self) -> (u64, u64) {
+        (self.reads[0].load(Ordering::Relaxed), self.reads[1].load(Ordering::Relaxed))
     }
 
     fn count_load(&self, origin: compiled::Origin) {
@@ -488,8 +496,31 @@ impl Runtime {
     /// Loads a plugin file and its manifest: read, hash, compile (off the async runtime;
     /// cached), type-check against the world, and read its subscriptions.
     pub async fn load(self: &Arc<Self>, path: &Path) -> Result<Plugin, LoadError> {
-        let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.to_path_buf(), source })?;
-        self.load_bytes(path, bytes).await
+        let bytes = self.read_component(path).map_err(|source| LoadError::Read { path: path.to_path_buf(), source })?;
+        let manifest = self.manifest_for(path)?;
+        self.load_with(path, bytes, manifest).await
+    }
+
+    /// A component file's digest, and its bytes when they had to be read for it. With a
+    /// compilation cache, a file unchanged since it was last hashed (same device, inode,
+    /// size and times, settled before it was hashed; see `digests.rs`) is neither read nor hashed.
+    pub fn read_component(&self, path: &Path) -> std::io::Result<ComponentBytes> {
+        let Some(memo) = self.compiled.as_ref().map(|c| &c.digests) else {
+            let bytes = std::fs::read(path).map(ComponentBytes::new)?;
+            self.stats.reads[0].fetch_add(1, Ordering::Relaxed);
+            return Ok(bytes);
+        };
+        let before = std::fs::metadata(path)?;
+        if let Some(digest) = memo.lookup(&before) {
+            self.stats.reads[1].fetch_add(1, Ordering::Relaxed);
+            return Ok(ComponentBytes { digest: digest.into(), source: Source::File(path.into()) });
+        }
+        let bytes = ComponentBytes::new(std::fs::read(path)?);
+        self.stats.reads[0].fetch_add(1, Ordering::Relaxed);
+        if let Ok(after) = std::fs::metadata(path) {
+            memo.remember(&before, &after, bytes.digest());
+        }
+        Ok(bytes)
     }
 
     /// Loads a plugin from bytes already read from `path` (so a file that changes again
@@ -526,8 +557,12 @@ impl Runtime {
     ) -> Result<(String, String, PathBuf, bindings::PluginPre<HostState>), LoadError> {
         let version = bytes.version().to_owned();
         let compiled = match &self.compiled {
-            Some(cache) => cache.component(&self.engine, &bytes.digest, bytes.bytes()),
-            None => Component::new(&self.engine, bytes.bytes()).map(|c| (c, compiled::Origin::Compiled)),
+            Some(cache) => cache.component(&self.engine, bytes),
+            None => bytes
+                .bytes()
+                .map_err(wasmtime::Error::from)
+                .and_then(|b| Component::new(&self.engine, &b[..]))
+                .map(|c| (c, compiled::Origin::Compiled)),
         };
         let (component, origin) =
             compiled.map_err(|e| LoadError::Compile { path: path.to_path_buf(), reason: format!("{e:#}") })?;
@@ -788,30 +823,56 @@ pub fn version_of(bytes: &[u8]) -> String {
 /// Hex digits of a version: the first 8 bytes of the content's SHA-256.
 const VERSION_HEX: usize = 16;
 
-/// A component's bytes and their whole SHA-256, computed once: a load needs both the version
-/// (its prefix) and the compilation cache's key, and an 18 MB component takes ~12 ms to hash.
-/// Cloning shares the bytes.
+/// A component's whole SHA-256 and where its bytes are: a load needs the digest (the version
+/// is its prefix, the compilation cache's key is all of it), and the bytes only to compile or
+/// to keep a copy. Hashed once; a file whose digest was remembered by identity is not read at
+/// all until its bytes are needed ([`Runtime::read_component`]). Cloning shares the bytes.
 #[derive(Debug, Clone)]
 pub struct ComponentBytes {
-    bytes: Arc<Vec<u8>>,
     digest: Arc<str>,
+    source: Source,
+}
+
+#[derive(Debug, Clone)]
+enum Source {
+    Bytes(Arc<Vec<u8>>),
+    /// A file not read yet, whose digest is known.
+    File(Arc<Path>),
 }
 
 impl ComponentBytes {
     /// Hashes `bytes`.
     pub fn new(bytes: Vec<u8>) -> Self {
         let digest = crate::model::sha256_hex(&bytes, 32).into();
-        Self { bytes: Arc::new(bytes), digest }
+        Self { digest, source: Source::Bytes(Arc::new(bytes)) }
     }
 
-    /// The bytes.
-    pub fn bytes(&self) -> &[u8] {
-        &self.bytes
+    /// The bytes: those given, or the file read now. A file whose content no longer has the
+    /// digest (changed since it was identified) is an error, never another version's bytes.
+    pub fn bytes(&self) -> std::io::Result<Arc<Vec<u8>>> {
+        match &self.source {
+            Source::Bytes(b) => Ok(b.clone()),
+            Source::File(path) => {
+                let bytes = std::fs::read(path)?;
+                if crate::model::sha256_hex(&bytes, 32) != *self.digest {
+                    return Err(std::io::Error::other(format!(
+                        "{} changed while it was being loaded; it is loaded again when it settles",
+                        path.display()
+                    )));
+                }
+                Ok(Arc::new(bytes))
+            }
+        }
     }
 
     /// The plugin version they make (as [`version_of`]).
     pub fn version(&self) -> &str {
         &self.digest[..VERSION_HEX]
+    }
+
+    /// The whole SHA-256, in hex.
+    pub fn digest(&self) -> &str {
+        &self.digest
     }
 }
 
