@@ -115,7 +115,7 @@ impl DigestMemo {
             }
         }
         let text: String = entries.iter().map(|(id, r)| line(id, r)).collect();
-        drop(entries);
+        // Written under the lock: two threads of one process share the temporary name.
         if let Err(e) = write_whole(&self.file, &text) {
             tracing::debug!(memo = %self.file.display(), error = %e, "cannot write the digest memo; the next start hashes again");
         }

@@ -948,3 +948,21 @@ impl Drop for EpochTicker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_known_file_whose_bytes_no_longer_have_its_digest_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.wasm");
+        std::fs::write(&path, b"first").unwrap();
+        let known = ComponentBytes::new(b"first".to_vec());
+        let unread = ComponentBytes { digest: known.digest.clone(), source: Source::File(path.as_path().into()) };
+        assert_eq!(*unread.bytes().unwrap(), b"first");
+        std::fs::write(&path, b"second").unwrap();
+        let err = unread.bytes().unwrap_err();
+        assert!(err.to_string().contains("changed while it was being loaded"), "{err}");
+    }
+}
