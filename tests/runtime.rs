@@ -241,12 +241,8 @@ fn cached_in(dir: &std::path::Path) -> jobhost::runtime::RuntimeConfig {
 /// Waits (on the clock, at most the settling time) until a file's last change is far enough
 /// in the past that a digest taken now is trusted at the next start.
 fn settled(path: &std::path::Path) {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).unwrap();
-    let changed = std::time::UNIX_EPOCH
-        + std::time::Duration::new(meta.ctime() as u64, meta.ctime_nsec() as u32)
-        + std::time::Duration::from_millis(1001);
-    if let Ok(left) = changed.duration_since(std::time::SystemTime::now()) {
+    let from = jobhost::runtime::digest_trusted_from(path).unwrap().expect("a Unix change time");
+    if let Ok(left) = from.duration_since(std::time::SystemTime::now()) {
         std::thread::sleep(left);
     }
 }

@@ -272,15 +272,9 @@ async fn load_cached(rounds: usize) {
     assert_eq!(rt.stats().component_loads(), (0, 1), "compiled");
     // A digest is trusted only when the file last changed ≥ 1 s before it was hashed: let the
     // clock pass that point (a just-built file), so every round after the first can use it.
-    {
-        use std::os::unix::fs::MetadataExt;
-        let meta = std::fs::metadata(&python).unwrap();
-        let settled = std::time::UNIX_EPOCH
-            + Duration::new(meta.ctime() as u64, meta.ctime_nsec() as u32)
-            + Duration::from_millis(1001);
-        if let Ok(left) = settled.duration_since(std::time::SystemTime::now()) {
-            std::thread::sleep(left);
-        }
+    let settled = jobhost::runtime::digest_trusted_from(&python).unwrap().expect("a Unix change time");
+    if let Ok(left) = settled.duration_since(std::time::SystemTime::now()) {
+        std::thread::sleep(left);
     }
     let (mut warm, mut hashing, mut unread) = (Vec::new(), Vec::new(), 0);
     for _ in 0..rounds {

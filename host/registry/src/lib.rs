@@ -363,7 +363,7 @@ impl PluginHost {
             }
         };
         if current.as_ref().is_none_or(|c| c.version != file.bytes.version())
-            && let Err(e) = self.remember(name, file.bytes.version(), &file.bytes)
+            && let Err(e) = self.remember(name, &file.bytes)
         {
             // A manifest-only change has its component in the history already.
             tracing::warn!(plugin = name, error = %e, "cannot keep this version for rollback");
@@ -493,7 +493,8 @@ impl PluginHost {
     }
 
     /// Copies a loaded version into the history and trims it to the newest `keep`.
-    fn remember(&self, name: &str, version: &str, bytes: &ComponentBytes) -> std::io::Result<()> {
+    fn remember(&self, name: &str, bytes: &ComponentBytes) -> std::io::Result<()> {
+        let version = bytes.version();
         // The newest kept version already (a host start loads what it ran before): keeping it
         // again would push an older version out of the rollback window.
         if history(&self.dir, name)?.first().is_some_and(|newest| newest.version == version) {

@@ -56,6 +56,12 @@ impl Identity {
     }
 }
 
+/// From when a digest of `meta`'s file is trusted: its last change plus [`SETTLED`].
+pub(crate) fn trusted_from(meta: &std::fs::Metadata) -> Option<SystemTime> {
+    let ns = Identity::of(meta)?.ctime_ns + SETTLED.as_nanos() as i128;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_nanos(u64::try_from(ns).ok()?))
+}
+
 #[derive(Debug, Clone)]
 struct Remembered {
     digest: String,

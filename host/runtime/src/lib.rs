@@ -815,6 +815,13 @@ impl Runtime {
     }
 }
 
+/// From when a digest taken of the file at `path` is trusted at the next start (known unread
+/// by [`Runtime::read_component`]): the file's last change plus a settling time. `None` where
+/// files have no change time (not Unix).
+pub fn digest_trusted_from(path: &Path) -> std::io::Result<Option<std::time::SystemTime>> {
+    Ok(digests::trusted_from(&std::fs::metadata(path)?))
+}
+
 /// A plugin's version: the first 16 hex digits of the SHA-256 of its file.
 pub fn version_of(bytes: &[u8]) -> String {
     crate::model::sha256_hex(bytes, VERSION_HEX / 2)

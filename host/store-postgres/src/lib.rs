@@ -125,8 +125,8 @@ pub(crate) struct Shared {
     /// The database's schema version when the notifier's poll found it newer than this build
     /// knows (0 otherwise): a newer jobhost migrated it, and this host stops writing.
     pub newer_schema: std::sync::atomic::AtomicI64,
-    /// Writes committed, transactions committed, batches run again with savepoints.
-    pub written: [std::sync::atomic::AtomicU64; 3],
+    /// What the writers committed (rows are not counted here).
+    pub written: jobhost_store::WriteCounters,
 }
 
 impl Shared {
@@ -324,13 +324,7 @@ impl Backend for PgBackend {
     }
 
     fn write_stats(&self) -> WriteStats {
-        let [writes, transactions, careful] = &self.shared.written;
-        WriteStats {
-            writes: writes.load(Ordering::Relaxed),
-            transactions: transactions.load(Ordering::Relaxed),
-            rows: None,
-            careful_batches: careful.load(Ordering::Relaxed),
-        }
+        self.shared.written.stats(false)
     }
 
     fn health(&self) -> Health {

@@ -158,7 +158,7 @@ fn run_batch(shared: &Shared, session: &mut Session, batch: &mut Vec<WriteOp>, c
         // A failed rollback means a lost connection, which the careful run's `BEGIN` reports.
         let _ = tx.rollback();
         *careful = CAREFUL_BATCHES;
-        shared.written[2].fetch_add(1, Ordering::Relaxed);
+        shared.written.careful();
         return run_careful(shared, session, batch);
     }
     let committed = commit(tx);
@@ -256,8 +256,7 @@ fn finish(
         writes += 1;
     }
     if committed.is_ok() {
-        shared.written[0].fetch_add(writes, Ordering::Relaxed);
-        shared.written[1].fetch_add(1, Ordering::Relaxed);
+        shared.written.committed(writes, 0);
         shared.wake(new_deliveries > 0);
         if new_deliveries > 0 {
             shared.notify_deliveries.store(true, Ordering::SeqCst);

@@ -4,8 +4,8 @@
 //!   the thread takes every queued closure (up to `max_batch`), runs them all within one
 //!   `BEGIN IMMEDIATE` transaction, and commits once — group commit. When a closure returns
 //!   an error the transaction is rolled back and the batch runs again with a `SAVEPOINT` per
-//!   closure, so a refused call changes nothing while the rest of the batch commits. Replies are sent only after `COMMIT`, so an
-//!   acknowledged write is durable (with `synchronous = FULL`, also across power loss).
+//!   closure, so a refused call changes nothing while the rest of the batch commits. Replies
+//!   are sent only after `COMMIT`, so an acknowledged write is durable (with `synchronous = FULL`, also across power loss).
 //! * **Readers** are a small pool of read-only connections used from `spawn_blocking`; WAL lets
 //!   them read committed data while the writer works.
 //! * A **lock file** in the data directory keeps a second process from opening the same store:
@@ -18,7 +18,6 @@
 use std::fs::File;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -33,8 +32,8 @@ use jobhost_core::model::{
 };
 use jobhost_store::{
     Backend, DeliveryEnd, DeliveryStats, DueDelivery, EncodedRecord, Fence, HostRecord, JobQuery, Notifications,
-    Overdue, PartStatusCounts, QueryValue, RawRecord, ReadOp, ReadTx, StoredRecord, Subscription, Tx, WriteOp,
-    WriteStats,
+    Overdue, PartStatusCounts, QueryValue, RawRecord, ReadOp, ReadTx, StoredRecord, Subscription, Tx, WriteCounters,
+    WriteOp, WriteStats,
 };
 
 /// A SQLite failure as the store's error: busy and locked databases may clear on a retry.
@@ -90,7 +89,7 @@ pub struct SqliteBackend {
     signal: Arc<Notify>,
     commits: tokio::sync::watch::Receiver<u64>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    stats: Arc<Counters>,
+    stats: Arc<WriteCounters>,
     // Held for the backend's lifetime: the OS releases it when the process dies, even by SIGKILL.
     _lock: File,
 }
@@ -129,7 +128,7 @@ impl SqliteBackend {
         let writer_signal = signal.clone();
         let (commits_tx, commits) = tokio::sync::watch::channel(0u64);
         let max_batch = options.max_batch.max(1);
-        let stats = Arc::new(Counters::default());
+        let stats = Arc::new(WriteCounters::default());
         let counted = stats.clone();
         let writer = std::thread::Builder::new()
             .name("jobhost-store-writer".into())
@@ -199,13 +198,7 @@ impl Backend for SqliteBackend {
     }
 
     fn write_stats(&self) -> WriteStats {
-        let s = &self.stats;
-        WriteStats {
-            writes: s.writes.load(Ordering::Relaxed),
-            transactions: s.transactions.load(Ordering::Relaxed),
-            rows: Some(s.rows.load(Ordering::Relaxed)),
-            careful_batches: s.careful_batches.load(Ordering::Relaxed),
-        }
+        self.stats.stats(true)
     }
 
     fn exclusive(&self) -> bool {
@@ -444,7 +437,7 @@ fn writer_loop(
     signal: Arc<Notify>,
     commits: tokio::sync::watch::Sender<u64>,
     max_batch: usize,
-    stats: Arc<Counters>,
+    stats: Arc<WriteCounters>,
 ) {
     let mut batch: Vec<WriteOp> = Vec::with_capacity(max_batch);
     let mut writer = Writer { conn: &conn, version: None, careful: 0, stats, changes_at_begin: 0 };
@@ -462,9 +455,6 @@ fn writer_loop(
             continue;
         };
         let notify = committed.is_ok() && new_deliveries > 0;
-        if committed.is_ok() {
-            writer.stats.writes.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        }
         for op in batch.drain(..) {
             (op.reply)(committed.clone());
         }
@@ -491,18 +481,9 @@ struct Writer<'c> {
     version: Option<u64>,
     /// Batches still to run with a savepoint per write (see [`CAREFUL_BATCHES`]).
     careful: u32,
-    stats: Arc<Counters>,
+    stats: Arc<WriteCounters>,
     /// The connection's row-change count when the current transaction began.
     changes_at_begin: u64,
-}
-
-/// The writer's counts, read by [`Backend::write_stats`] without a query.
-#[derive(Debug, Default)]
-struct Counters {
-    writes: AtomicU64,
-    transactions: AtomicU64,
-    rows: AtomicU64,
-    careful_batches: AtomicU64,
 }
 
 impl Writer<'_> {
@@ -529,11 +510,11 @@ impl Writer<'_> {
                 new_deliveries += added;
             }
             if kept_all {
-                return Some((self.commit(), new_deliveries));
+                return Some((self.commit(batch.len()), new_deliveries));
             }
             self.rollback();
             self.careful = CAREFUL_BATCHES;
-            self.stats.careful_batches.fetch_add(1, Ordering::Relaxed);
+            self.stats.careful();
         }
         self.careful -= 1;
         self.begin()?;
@@ -567,7 +548,7 @@ impl Writer<'_> {
                 ));
             }
         }
-        Some((self.commit(), new_deliveries))
+        Some((self.commit(batch.len()), new_deliveries))
     }
 
     /// Runs one write; returns whether it keeps its changes (a panic counts as discarding them)
@@ -594,14 +575,14 @@ impl Writer<'_> {
         }
     }
 
-    fn commit(&mut self) -> Result<()> {
+    /// Commits the transaction of a batch of `writes` writes, counting it.
+    fn commit(&mut self, writes: usize) -> Result<()> {
         let rows = self.conn.total_changes().saturating_sub(self.changes_at_begin);
         let committed = run(self.conn, "COMMIT").db();
         if committed.is_err() {
             self.rollback();
         } else {
-            self.stats.transactions.fetch_add(1, Ordering::Relaxed);
-            self.stats.rows.fetch_add(rows, Ordering::Relaxed);
+            self.stats.committed(writes, rows);
         }
         committed
     }

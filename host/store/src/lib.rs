@@ -580,6 +580,41 @@ impl WriteStats {
     }
 }
 
+/// The counts behind [`WriteStats`], kept by a backend's writer threads as they commit.
+#[derive(Debug, Default)]
+pub struct WriteCounters {
+    writes: std::sync::atomic::AtomicU64,
+    transactions: std::sync::atomic::AtomicU64,
+    rows: std::sync::atomic::AtomicU64,
+    careful_batches: std::sync::atomic::AtomicU64,
+}
+
+impl WriteCounters {
+    /// Counts a committed transaction of `writes` writes that changed `rows` rows.
+    pub fn committed(&self, writes: usize, rows: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.writes.fetch_add(writes as u64, Relaxed);
+        self.transactions.fetch_add(1, Relaxed);
+        self.rows.fetch_add(rows, Relaxed);
+    }
+
+    /// Counts a batch run again with a savepoint per write.
+    pub fn careful(&self) {
+        self.careful_batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The counts so far; `rows_counted` says whether the backend counts rows.
+    pub fn stats(&self, rows_counted: bool) -> WriteStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        WriteStats {
+            writes: self.writes.load(Relaxed),
+            transactions: self.transactions.load(Relaxed),
+            rows: rows_counted.then(|| self.rows.load(Relaxed)),
+            careful_batches: self.careful_batches.load(Relaxed),
+        }
+    }
+}
+
 /// What a backend tells the engine without being asked. Both are hints that let waiters
 /// skip polling: a lost or coalesced signal only delays work until the next poll.
 #[derive(Debug, Clone)]
