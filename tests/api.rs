@@ -205,6 +205,10 @@ async fn the_seeds_scenario_runs_entirely_over_the_api() {
         counter("jobhost_store_rows_written_total"),
     );
     assert!(transactions >= 1 && writes >= transactions && rows > 0, "{writes} {transactions} {rows}");
+    // Each of the five parts read its records through pages.
+    let pages = counter("jobhost_plugin_record_pages_total{read=\"asked\"}")
+        + counter("jobhost_plugin_record_pages_total{read=\"ahead\"}");
+    assert!(pages >= 5, "{pages} pages in:\n{metrics}");
     let now = engine.store().backend().write_stats();
     assert!(now.writes >= writes && now.transactions >= transactions, "{now:?}");
     let execs = server.ok("GET", &format!("/v1/executions?jobId={job_id}"), &token, None).await;

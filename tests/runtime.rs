@@ -84,6 +84,43 @@ async fn a_failing_part_fails_the_parent() {
     assert_eq!(failed, [1, 3]);
 }
 
+/// A guest paging through a sheet gets every page after the first read ahead (while it worked
+/// on the page before); a guest that writes between pages gets each page read when it asks,
+/// and so sees its own writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_are_read_ahead_for_a_reader_and_a_writer_between_pages_sees_its_writes() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let rt = test_runtime();
+    let plugin = load(&rt, artifacts::TEST_NOOP).await;
+    let running = host.engine.run(vec![rt.listener(plugin, env.id())]).await.unwrap();
+    let sheet = env.create_sheet("pages").await.unwrap();
+    // Five full pages of 100 and a sixth of 7.
+    env.insert_records(&sheet.id, scenario::sample_records(507).0).await.unwrap();
+    let run = |operation: &'static str| {
+        let (env, sheet) = (env.clone(), sheet.id.clone());
+        async move {
+            let new = NewJob { input: json!({"pageSize": 100}), ..NewJob::sheet(operation, &sheet) };
+            let job = env.create_job(new).await.unwrap();
+            let job = until_terminal(&env, &job.id).await;
+            assert_eq!(job.status, JobStatus::Complete, "{operation}: {}", job.outcome);
+            job.outcome
+        }
+    };
+
+    let outcome = run("page").await;
+    assert_eq!(outcome["records"], json!(507));
+    // Page 1 is read when asked; pages 2–6 were read ahead; page 6 is short, so the empty
+    // page 7 that ends the loop is read when asked.
+    assert_eq!(rt.stats().pages(), (2, 5));
+
+    // Before each next page the guest marks its first record and checks the mark is there.
+    let outcome = run("page-own-writes").await;
+    assert_eq!(outcome["checked"], json!(5));
+    assert_eq!(rt.stats().pages(), (2 + 6, 5), "a write between pages discards the page read ahead");
+    running.shutdown().await;
+}
+
 /// A host with the well-behaved and the misbehaving plugin, in two environments.
 async fn hostile_host(max_attempts: u32) -> (TestHost, jobhost::Env, jobhost::Env, jobhost::delivery::Running) {
     let host =

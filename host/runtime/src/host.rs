@@ -136,6 +136,9 @@ pub(super) struct CpuMeter {
     /// a result is lowered into guest memory) would cost two clock reads per string of a page.
     depth: u32,
     in_host: bool,
+    /// Calls the guest made to the host (the outermost ones), counted so a page read ahead
+    /// is used only by the very next call.
+    host_calls: u64,
 }
 
 const NOT_IN_WASM: u64 = u64::MAX;
@@ -165,6 +168,7 @@ impl CpuMeter {
             }
             CallingHost if self.depth == 1 && !self.in_host => {
                 self.in_host = true;
+                self.host_calls += 1;
                 self.leave();
             }
             ReturningFromHost if self.depth == 1 && self.in_host => {
@@ -239,6 +243,45 @@ pub struct HostState {
     /// `completion`: the handler's outcome comes by `settle` (`Some(None)`: deferred, not
     /// yet settled; `Some(Some(outcome))`: settled).
     deferred: Option<Option<Result<(), String>>>,
+    /// The page after the one the guest was last given, being read meanwhile.
+    read_ahead: Option<ReadAhead>,
+    pages: Arc<PageCounts>,
+}
+
+/// Record pages given to guests, by how they were read.
+#[derive(Debug, Default)]
+pub(super) struct PageCounts {
+    asked: AtomicU64,
+    ahead: AtomicU64,
+}
+
+impl PageCounts {
+    pub(super) fn get(&self) -> (u64, u64) {
+        (self.asked.load(Ordering::Relaxed), self.ahead.load(Ordering::Relaxed))
+    }
+}
+
+/// A page read while the guest works on the previous one, so the host's half of paging (the
+/// store read and the conversion) runs on another core beside the guest's half.
+///
+/// It is used only when the guest's very next host call asks for exactly that page. Any other
+/// call in between — a write, a log line, an outbound request, a clock read — discards it,
+/// so a guest always sees its own writes and anything a call of its could have caused. What
+/// it can miss is only a write by someone else in the short span between reading ahead and
+/// asking, which is the page it would have got had it asked that much sooner.
+struct ReadAhead {
+    sheet_id: String,
+    page_size: u32,
+    page_number: u32,
+    /// The guest's host-call count when this was started (by the call for the page before).
+    after_call: u64,
+    task: tokio::task::JoinHandle<crate::error::Result<wit::RecordPage>>,
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 impl HostState {
@@ -299,6 +342,7 @@ impl HostState {
                 exceeded: false,
                 depth: 0,
                 in_host: false,
+                host_calls: 0,
             },
             logs,
             env,
@@ -308,8 +352,16 @@ impl HostState {
             records_written: 0,
             refused: None,
             deferred: None,
+            read_ahead: None,
+            pages: Arc::default(),
             manifest,
         })
+    }
+
+    /// Counts the pages this instance gives its guest into the runtime's `counts`.
+    pub(super) fn counting_pages(mut self, counts: Arc<PageCounts>) -> Self {
+        self.pages = counts;
+        self
     }
 
     pub(super) fn for_load(manifest: Arc<Manifest>) -> Self {
@@ -581,8 +633,37 @@ impl records::Host for HostState {
         if page_size > max {
             return Err(self.limit(format!("page size {page_size}; the plugin's max_page_size is {max}")));
         }
-        let rows = self.env()?.record_rows(&sheet_id, page_size, page_number).await.map_err(convert::error)?;
-        convert::page(rows).map_err(convert::error)
+        let call = self.cpu.host_calls;
+        let ahead = self.read_ahead.take().filter(|a| {
+            a.after_call + 1 == call
+                && a.sheet_id == sheet_id
+                && a.page_size == page_size
+                && a.page_number == page_number
+        });
+        // A failed read ahead is read again now, so an error is always the present one.
+        let page = match ahead {
+            Some(mut a) => (&mut a.task).await.ok().and_then(Result::ok),
+            None => None,
+        };
+        let page = match page {
+            Some(page) => {
+                self.pages.ahead.fetch_add(1, Ordering::Relaxed);
+                page
+            }
+            None => {
+                let rows = self.env()?.record_rows(&sheet_id, page_size, page_number).await.map_err(convert::error)?;
+                self.pages.asked.fetch_add(1, Ordering::Relaxed);
+                convert::page(rows).map_err(convert::error)?
+            }
+        };
+        // A short page is the last one: nothing to read ahead.
+        if page.rows.len() == page_size as usize && page_number < u32::MAX {
+            let env = self.env()?.clone();
+            let (sheet, next) = (sheet_id.clone(), page_number + 1);
+            let task = tokio::spawn(async move { convert::page(env.record_rows(&sheet, page_size, next).await?) });
+            self.read_ahead = Some(ReadAhead { sheet_id, page_size, page_number: next, after_call: call, task });
+        }
+        Ok(page)
     }
 
     async fn update(&mut self, sheet_id: String, updates: Vec<wit::RecordUpdate>) -> R<u64> {

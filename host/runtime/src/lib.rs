@@ -251,6 +251,8 @@ pub struct RuntimeStats {
     loads: [AtomicU64; 2],
     /// Component files read and hashed, and known by identity without a read.
     reads: [AtomicU64; 2],
+    /// Record pages given to guests: read when asked, and read ahead.
+    pages: Arc<host::PageCounts>,
 }
 
 /// What one reload of a plugin did, as [`RuntimeStats::reloads`] counts it.
@@ -301,6 +303,12 @@ impl RuntimeStats {
     /// Component files identified since start: `(read and hashed, known unread by identity)`.
     pub fn component_reads(&self) -> (u64, u64) {
         (self.reads[0].load(Ordering::Relaxed), self.reads[1].load(Ordering::Relaxed))
+    }
+
+    /// Record pages given to guests since start: `(read when asked, read ahead while the
+    /// guest worked on the page before)`.
+    pub fn pages(&self) -> (u64, u64) {
+        self.pages.get()
     }
 
     fn count_load(&self, origin: compiled::Origin) {
@@ -723,7 +731,8 @@ impl Runtime {
         let limits = &plugin.manifest.limits;
         let _in_use = self.stats.enter();
         let shared = outbound::Shared { in_flight: plugin.http_slots.clone(), stats: self.stats.http.clone() };
-        let state = HostState::for_event(plugin.manifest.clone(), ctx.api.clone(), &plugin.name, &ctx.event, shared);
+        let state = HostState::for_event(plugin.manifest.clone(), ctx.api.clone(), &plugin.name, &ctx.event, shared)
+            .map(|s| s.counting_pages(self.stats.pages.clone()));
         let (mut store, setup) = match state {
             Ok(state) => (self.store(state, limits.fuel), None),
             // A granted directory that cannot be opened: the delivery fails and says why.

@@ -2,9 +2,12 @@
 //! completes `space:lifecycle` jobs (the lifecycle benchmark), and returns at once for
 //! `bench:noop` events (the trivial handler that the dispatch-overhead benchmark measures). `sheet:page` jobs page through their whole sheet in
 //! pages of `input.pageSize` and complete with the number of records and cells seen.
+//! `sheet:page-own-writes` jobs page the same way but, before asking for each next page, mark
+//! its first record (`mark` = the page number); they fail if a page does not show the mark —
+//! a guest must see its own writes even when the host reads pages ahead.
 
 use jobhost_plugin_sdk::jobs::{self, Outcome};
-use jobhost_plugin_sdk::{CellValue, Event, Listener, Result, json};
+use jobhost_plugin_sdk::{CellValue, Error, Event, Listener, Result, json, records};
 
 fn listener() -> Listener {
     Listener::new()
@@ -43,6 +46,37 @@ fn listener() -> Listener {
                     event.job_id()?,
                     Outcome { outcome: json!({ "records": records, "cells": cells }), info: None },
                 )?;
+                Ok(())
+            })
+        })
+        .filter(json!({ "job": "sheet:page-own-writes" }), |l| {
+            l.on("job:ready", |event: &Event| -> Result<()> {
+                let size = jobs::get(event.job_id()?)?.input()?["pageSize"].as_u64().unwrap_or(1000) as u32;
+                let total = records::counts(event.sheet_id()?)?.total;
+                let mut checked = 0u64;
+                let mut page = event.data(size, 1)?;
+                for n in 2.. {
+                    let Some(last) = page.records().last().map(|r| r.id()) else { break };
+                    if (n as u64 - 1) * u64::from(size) >= total {
+                        break;
+                    }
+                    // Records inserted in one call have consecutive ids: `last + 1` opens page n.
+                    let mark = records::FieldValue { field: "mark".into(), value: CellValue::Integer(n) };
+                    records::update(
+                        event.sheet_id()?,
+                        &[records::Update { id: last + 1, values: vec![mark], messages: None }],
+                    )?;
+                    page = event.data(size, n as u32)?;
+                    let first = page.records().next().ok_or_else(|| Error::msg(format!("page {n} is empty")))?;
+                    if first.get("mark").and_then(CellValue::as_i64) != Some(n) {
+                        return Err(Error::msg(format!(
+                            "page {n} does not show the mark just written on record {}",
+                            last + 1
+                        )));
+                    }
+                    checked += 1;
+                }
+                jobs::complete(event.job_id()?, Outcome { outcome: json!({ "checked": checked }), info: None })?;
                 Ok(())
             })
         })
