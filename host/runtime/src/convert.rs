@@ -82,21 +82,6 @@ pub fn event(e: &Event, attempt: u32) -> wit::Event {
     }
 }
 
-#[cfg(test)]
-fn value_to_wit(v: Value) -> wit::Value {
-    match v {
-        Value::Null => wit::Value::Null,
-        Value::Bool(b) => wit::Value::Boolean(b),
-        Value::Number(n) => match n.as_i64() {
-            Some(i) => wit::Value::Integer(i),
-            None => wit::Value::Float(n.as_f64().unwrap_or(f64::NAN)),
-        },
-        Value::String(s) => wit::Value::Text(s),
-        // Lists and objects are rare in cells; they cross as their JSON text.
-        other => wit::Value::Text(other.to_string()),
-    }
-}
-
 pub fn value_from_wit(v: wit::Value) -> Value {
     match v {
         wit::Value::Null => Value::Null,
@@ -300,6 +285,20 @@ mod tests {
     use serde_json::{Map, Value, json};
 
     use super::*;
+
+    fn value_to_wit(v: Value) -> wit::Value {
+        match v {
+            Value::Null => wit::Value::Null,
+            Value::Bool(b) => wit::Value::Boolean(b),
+            Value::Number(n) => match n.as_i64() {
+                Some(i) => wit::Value::Integer(i),
+                None => wit::Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            Value::String(s) => wit::Value::Text(s),
+            // Lists and objects are rare in cells; they cross as their JSON text.
+            other => wit::Value::Text(other.to_string()),
+        }
+    }
 
     /// The page as the host built it before the one-pass reader: each row through a
     /// `serde_json::Map`. The reader must give exactly this.

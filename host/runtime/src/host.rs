@@ -641,11 +641,11 @@ impl records::Host for HostState {
                 && a.page_number == page_number
         });
         // A failed read ahead is read again now, so an error is always the present one.
-        let page = match ahead {
+        let ready = match ahead {
             Some(mut a) => (&mut a.task).await.ok().and_then(Result::ok),
             None => None,
         };
-        let page = match page {
+        let page = match ready {
             Some(page) => {
                 self.pages.ahead.fetch_add(1, Ordering::Relaxed);
                 page
