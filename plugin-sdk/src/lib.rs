@@ -61,7 +61,7 @@ pub mod records;
 pub mod sheets;
 
 pub use jobs::{Job, JobStatus};
-pub use records::{CellValue, Page, RecordRef};
+pub use records::{Cell, CellValue, Page, RecordRef};
 
 /// What went wrong: a host call that was refused, or a handler's own failure.
 #[derive(Debug, Clone, PartialEq)]

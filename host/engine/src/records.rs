@@ -137,11 +137,34 @@ pub(super) fn decode_rows(rows: Vec<RawRecord>) -> Result<Vec<Record>> {
     rows.into_iter().map(decode).collect()
 }
 
+/// A stored row's values read straight into cells: no `serde_json::Map` built and walked
+/// again per record (that map was most of the time of a page read).
+struct StoredCells(BTreeMap<String, Cell>);
+
+impl<'de> serde::Deserialize<'de> for StoredCells {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = StoredCells;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a stored record: a JSON object of cell values")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<StoredCells, A::Error> {
+                let mut cells = BTreeMap::new();
+                // A repeated key keeps its last value, as a map would.
+                while let Some((key, value)) = map.next_entry::<String, Value>()? {
+                    cells.insert(key, Cell { value, valid: true, messages: Vec::new() });
+                }
+                Ok(StoredCells(cells))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 fn decode(raw: RawRecord) -> Result<Record> {
-    let values: Map<String, Value> = serde_json::from_str(&raw.values)?;
+    let StoredCells(mut cells) = serde_json::from_str(&raw.values)?;
     let messages: Vec<Message> = raw.messages.map(|m| serde_json::from_str(&m)).transpose()?.unwrap_or_default();
-    let mut cells: BTreeMap<String, Cell> =
-        values.into_iter().map(|(k, value)| (k, Cell { value, valid: true, messages: Vec::new() })).collect();
     let mut record_messages = Vec::new();
     let valid = !messages.iter().any(|m| m.kind == MessageType::Error);
     for m in messages {
@@ -167,4 +190,57 @@ fn decode(raw: RawRecord) -> Result<Record> {
         messages: record_messages,
         metadata: raw.metadata.map(|m| serde_json::from_str(&m)).transpose()?.unwrap_or(Value::Null),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// The record as decoded before the one-pass reader: through a `serde_json::Map`.
+    fn decode_via_map(raw: RawRecord) -> Record {
+        let values: Map<String, Value> = serde_json::from_str(&raw.values).unwrap();
+        let mut record = decode(RawRecord { values: "{}".into(), ..raw }).unwrap();
+        for (k, value) in values {
+            record
+                .values
+                .entry(k)
+                .or_insert_with(|| Cell { value: Value::Null, valid: true, messages: Vec::new() })
+                .value = value;
+        }
+        record
+    }
+
+    fn raw(values: &str, messages: Option<Value>) -> RawRecord {
+        RawRecord { rowid: 9, values: values.into(), messages: messages.map(|m| m.to_string()), metadata: None }
+    }
+
+    #[test]
+    fn a_stored_row_decodes_to_the_record_the_map_gave() {
+        let rows = [
+            r#"{"b":"2","a":1,"c":null}"#,
+            r#"{"tab\tkey":"x\"y","é":"漢🦀","nested":{"z":[1,null,{"q":true}]},"big":18446744073709551615,"min":-9223372036854775808,"f":1.5e300}"#,
+            r#"{}"#,
+        ];
+        let messages = json!([
+            {"type": "error", "message": "bad", "field": "a"},
+            {"type": "warn", "message": "odd", "field": "missing"},
+            {"type": "info", "message": "whole record"}
+        ]);
+        for values in rows {
+            for m in [None, Some(messages.clone())] {
+                assert_eq!(decode(raw(values, m.clone())).unwrap(), decode_via_map(raw(values, m)), "{values}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_repeated_key_keeps_its_last_value_and_a_row_that_is_not_an_object_is_an_error() {
+        let r = decode(raw(r#"{"a":1,"a":2}"#, None)).unwrap();
+        assert_eq!(r.values["a"].value, json!(2));
+        for bad in ["[1]", "3", r#"{"a":"#, r#"{"a":1} x"#] {
+            assert!(decode(raw(bad, None)).is_err(), "{bad}");
+        }
+    }
 }

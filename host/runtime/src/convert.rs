@@ -1,5 +1,6 @@
 //! Engine types ↔ WIT types.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use serde::Deserialize;
@@ -120,17 +121,15 @@ pub fn page(rows: Vec<RawRecord>) -> Result<wit::RecordPage, Error> {
     let mut out = Vec::with_capacity(rows.len());
     for raw in rows {
         let mut values = vec![wit::Value::Null; columns.fields.len()];
-        let mut de = serde_json::Deserializer::from_str(&raw.values);
-        serde::de::DeserializeSeed::deserialize(RowSeed { columns: &mut columns, values: &mut values }, &mut de)?;
-        de.end()?;
-        let messages: Vec<Message> = raw.messages.map(|m| serde_json::from_str(&m)).transpose()?.unwrap_or_default();
-        let valid = !messages.iter().any(|m| m.kind == MessageType::Error);
-        out.push(wit::Row {
-            id: raw.rowid as u64,
-            values,
-            messages: messages.into_iter().map(message_to_wit).collect(),
-            valid,
-        });
+        read_row(&raw.values, &mut columns, |i, cell| {
+            if i >= values.len() {
+                values.resize(i + 1, wit::Value::Null);
+            }
+            values[i] = cell.into_value();
+            Ok(())
+        })?;
+        let (messages, valid) = messages(raw.messages)?;
+        out.push(wit::Row { id: raw.rowid as u64, values, messages, valid });
     }
     // Rows made before a field was first seen are shorter; pad them so every row has one
     // value per field.
@@ -138,6 +137,77 @@ pub fn page(rows: Vec<RawRecord>) -> Result<wit::RecordPage, Error> {
         row.values.resize(columns.fields.len(), wit::Value::Null);
     }
     Ok(wit::RecordPage { fields: columns.fields, rows: out })
+}
+
+/// Stored rows straight to a packed page: every text cell appended to the page's one
+/// `text`, so neither the host nor the guest allocates per cell.
+pub fn packed_page(rows: Vec<RawRecord>) -> Result<wit::PackedPage, Error> {
+    let mut columns = Columns::default();
+    // The text is never longer than the rows' JSON: one allocation, no regrowth.
+    let mut text = String::with_capacity(rows.iter().map(|r| r.values.len()).sum());
+    // Each row's cells, `widths[i]` long: the number of fields known when row `i` was read.
+    let mut cells = Vec::new();
+    let mut widths = Vec::with_capacity(rows.len());
+    let mut out = Vec::with_capacity(rows.len());
+    let count = rows.len();
+    for raw in rows {
+        if out.len() == 1 {
+            // Rows of a sheet are mostly as wide as the first.
+            cells.reserve(cells.len() * (count - 1));
+        }
+        let start = cells.len();
+        cells.resize(start + columns.fields.len(), wit::Cell::Null);
+        read_row(&raw.values, &mut columns, |i, cell| {
+            if start + i >= cells.len() {
+                cells.resize(start + i + 1, wit::Cell::Null);
+            }
+            cells[start + i] = cell.into_packed(&mut text)?;
+            Ok(())
+        })?;
+        widths.push(cells.len() - start);
+        let (messages, valid) = messages(raw.messages)?;
+        out.push(wit::PackedRow { id: raw.rowid as u64, messages, valid });
+    }
+    // Rows read before a field was first seen are narrower: spread them to the page's width.
+    let n = columns.fields.len();
+    if widths.iter().any(|&w| w != n) {
+        let mut wide = Vec::with_capacity(n * widths.len());
+        let mut at = 0;
+        for w in widths {
+            wide.extend_from_slice(&cells[at..at + w]);
+            wide.resize(wide.len() + n - w, wit::Cell::Null);
+            at += w;
+        }
+        cells = wide;
+    }
+    Ok(wit::PackedPage { fields: columns.fields, rows: out, cells, text })
+}
+
+/// A stored row's messages as WIT messages, and whether none is an error.
+fn messages(stored: Option<String>) -> Result<(Vec<wit::Message>, bool), Error> {
+    let messages: Vec<Message> = stored.map(|m| serde_json::from_str(&m)).transpose()?.unwrap_or_default();
+    let valid = !messages.iter().any(|m| m.kind == MessageType::Error);
+    Ok((messages.into_iter().map(message_to_wit).collect(), valid))
+}
+
+/// Reads one stored row (a JSON object) in one pass, calling `put(column, cell)` for each
+/// key and growing `columns` with keys not seen before.
+fn read_row<'de>(
+    json: &'de str,
+    columns: &mut Columns,
+    put: impl FnMut(usize, Cell<'de>) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let mut de = serde_json::Deserializer::from_str(json);
+    let mut put = put;
+    let mut failed = None;
+    let seed = RowSeed { columns, put: &mut put, failed: &mut failed };
+    let read = serde::de::DeserializeSeed::deserialize(seed, &mut de);
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    read?;
+    de.end()?;
+    Ok(())
 }
 
 /// The page's field names in first-seen order.
@@ -163,13 +233,15 @@ impl Columns {
     }
 }
 
-/// Reads one stored row (a JSON object) into `values`, growing `columns` with new keys.
-struct RowSeed<'a> {
+/// Reads one stored row, handing each cell to `put`. An error of `put` (not a JSON error)
+/// is kept in `failed` so that it reaches the caller as itself.
+struct RowSeed<'a, F> {
     columns: &'a mut Columns,
-    values: &'a mut Vec<wit::Value>,
+    put: &'a mut F,
+    failed: &'a mut Option<Error>,
 }
 
-impl<'de> serde::de::DeserializeSeed<'de> for RowSeed<'_> {
+impl<'de, F: FnMut(usize, Cell<'de>) -> Result<(), Error>> serde::de::DeserializeSeed<'de> for RowSeed<'_, F> {
     type Value = ();
 
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
@@ -177,7 +249,7 @@ impl<'de> serde::de::DeserializeSeed<'de> for RowSeed<'_> {
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for RowSeed<'_> {
+impl<'de, F: FnMut(usize, Cell<'de>) -> Result<(), Error>> serde::de::Visitor<'de> for RowSeed<'_, F> {
     type Value = ();
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
@@ -189,17 +261,18 @@ impl<'de> serde::de::Visitor<'de> for RowSeed<'_> {
         while let Some(key) = map.next_key::<Key<'de>>()? {
             let i = self.columns.column(&key.0, next);
             next = i + 1;
-            if i >= self.values.len() {
-                self.values.resize(i + 1, wit::Value::Null);
+            if let Err(e) = (self.put)(i, map.next_value::<Cell<'de>>()?) {
+                let message = e.to_string();
+                *self.failed = Some(e);
+                return Err(serde::de::Error::custom(message));
             }
-            self.values[i] = map.next_value::<Cell>()?.0;
         }
         Ok(())
     }
 }
 
 /// A key, borrowed from the row's text unless it holds escapes.
-struct Key<'de>(std::borrow::Cow<'de, str>);
+struct Key<'de>(Cow<'de, str>);
 
 impl<'de> serde::Deserialize<'de> for Key<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -223,49 +296,90 @@ impl<'de> serde::Deserialize<'de> for Key<'de> {
     }
 }
 
-/// A cell read straight into its WIT value, as `value_to_wit` maps a JSON value.
-struct Cell(wit::Value);
+/// One stored cell, its text borrowed from the row unless it holds escapes. Lists and
+/// objects are rare in cells; they cross as their JSON text.
+enum Cell<'de> {
+    Null,
+    Boolean(bool),
+    Integer(i64),
+    Float(f64),
+    Text(Cow<'de, str>),
+}
 
-impl<'de> serde::Deserialize<'de> for Cell {
+impl Cell<'_> {
+    fn into_value(self) -> wit::Value {
+        match self {
+            Cell::Null => wit::Value::Null,
+            Cell::Boolean(b) => wit::Value::Boolean(b),
+            Cell::Integer(i) => wit::Value::Integer(i),
+            Cell::Float(f) => wit::Value::Float(f),
+            Cell::Text(s) => wit::Value::Text(s.into_owned()),
+        }
+    }
+
+    /// The packed cell, its text appended to `text`.
+    fn into_packed(self, text: &mut String) -> Result<wit::Cell, Error> {
+        Ok(match self {
+            Cell::Null => wit::Cell::Null,
+            Cell::Boolean(b) => wit::Cell::Boolean(b),
+            Cell::Integer(i) => wit::Cell::Integer(i),
+            Cell::Float(f) => wit::Cell::Float(f),
+            Cell::Text(s) => {
+                // Spans are u32 offsets, so a page's text stops at 4 GiB (far past what a
+                // guest's memory limit lets it receive).
+                let span = match (u32::try_from(text.len()), u32::try_from(s.len())) {
+                    (Ok(start), Ok(len)) if start.checked_add(len).is_some() => wit::TextSpan { start, len },
+                    _ => return Err(Error::Invalid("the page's text passes 4 GiB; ask for a smaller page".into())),
+                };
+                text.push_str(&s);
+                wit::Cell::Text(span)
+            }
+        })
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Cell<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Cell;
+            type Value = Cell<'de>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a cell value")
             }
-            fn visit_unit<E>(self) -> Result<Cell, E> {
-                Ok(Cell(wit::Value::Null))
+            fn visit_unit<E>(self) -> Result<Cell<'de>, E> {
+                Ok(Cell::Null)
             }
-            fn visit_none<E>(self) -> Result<Cell, E> {
-                Ok(Cell(wit::Value::Null))
+            fn visit_none<E>(self) -> Result<Cell<'de>, E> {
+                Ok(Cell::Null)
             }
-            fn visit_bool<E>(self, b: bool) -> Result<Cell, E> {
-                Ok(Cell(wit::Value::Boolean(b)))
+            fn visit_bool<E>(self, b: bool) -> Result<Cell<'de>, E> {
+                Ok(Cell::Boolean(b))
             }
-            fn visit_i64<E>(self, i: i64) -> Result<Cell, E> {
-                Ok(Cell(wit::Value::Integer(i)))
+            fn visit_i64<E>(self, i: i64) -> Result<Cell<'de>, E> {
+                Ok(Cell::Integer(i))
             }
-            fn visit_u64<E>(self, u: u64) -> Result<Cell, E> {
-                Ok(Cell(i64::try_from(u).map_or(wit::Value::Float(u as f64), wit::Value::Integer)))
+            fn visit_u64<E>(self, u: u64) -> Result<Cell<'de>, E> {
+                Ok(i64::try_from(u).map_or(Cell::Float(u as f64), Cell::Integer))
             }
-            fn visit_f64<E>(self, f: f64) -> Result<Cell, E> {
-                Ok(Cell(wit::Value::Float(f)))
+            fn visit_f64<E>(self, f: f64) -> Result<Cell<'de>, E> {
+                Ok(Cell::Float(f))
             }
-            fn visit_str<E>(self, s: &str) -> Result<Cell, E> {
-                Ok(Cell(wit::Value::Text(s.to_owned())))
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Cell<'de>, E> {
+                Ok(Cell::Text(s.into()))
             }
-            fn visit_string<E>(self, s: String) -> Result<Cell, E> {
-                Ok(Cell(wit::Value::Text(s)))
+            fn visit_str<E>(self, s: &str) -> Result<Cell<'de>, E> {
+                Ok(Cell::Text(s.to_owned().into()))
             }
-            // Lists and objects are rare in cells; they cross as their JSON text.
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Cell, A::Error> {
+            fn visit_string<E>(self, s: String) -> Result<Cell<'de>, E> {
+                Ok(Cell::Text(s.into()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Cell<'de>, A::Error> {
                 let v = Value::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
-                Ok(Cell(wit::Value::Text(v.to_string())))
+                Ok(Cell::Text(v.to_string().into()))
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Cell, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Cell<'de>, A::Error> {
                 let v = Value::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
-                Ok(Cell(wit::Value::Text(v.to_string())))
+                Ok(Cell::Text(v.to_string().into()))
             }
         }
         d.deserialize_any(V)
@@ -386,10 +500,55 @@ mod tests {
                     raw(i as i64 + 1, &Value::Object(values))
                 })
                 .collect();
-            let want = page_via_map(rows.clone());
-            let got = page(rows).unwrap();
-            assert_eq!(format!("{got:?}"), format!("{want:?}"), "case {case}");
+            let want = format!("{:?}", page_via_map(rows.clone()));
+            assert_eq!(format!("{:?}", page(rows.clone()).unwrap()), want, "case {case}");
+            assert_eq!(format!("{:?}", unpack(packed_page(rows).unwrap())), want, "case {case}, packed");
         }
+    }
+
+    /// A packed page spelled out as rows of values, every span checked against the text.
+    fn unpack(p: wit::PackedPage) -> wit::RecordPage {
+        let width = p.fields.len();
+        assert_eq!(p.cells.len(), p.rows.len() * width, "one cell per row and field");
+        let rows = p
+            .rows
+            .into_iter()
+            .enumerate()
+            .map(|(i, row)| wit::Row {
+                id: row.id,
+                values: p.cells[i * width..(i + 1) * width]
+                    .iter()
+                    .map(|c| match *c {
+                        wit::Cell::Null => wit::Value::Null,
+                        wit::Cell::Boolean(b) => wit::Value::Boolean(b),
+                        wit::Cell::Integer(n) => wit::Value::Integer(n),
+                        wit::Cell::Float(f) => wit::Value::Float(f),
+                        wit::Cell::Text(span) => {
+                            let start = span.start as usize;
+                            wit::Value::Text(p.text.get(start..start + span.len as usize).unwrap().to_owned())
+                        }
+                    })
+                    .collect(),
+                messages: row.messages,
+                valid: row.valid,
+            })
+            .collect();
+        wit::RecordPage { fields: p.fields, rows }
+    }
+
+    #[test]
+    fn a_packed_page_keeps_each_rows_messages_and_validity() {
+        let mut rows = vec![raw(1, &json!({"a": "x"})), raw(2, &json!({"b": 2})), raw(3, &json!({}))];
+        rows[0].messages = Some(json!([{"type": "warn", "message": "check", "field": "a"}]).to_string());
+        rows[1].messages = Some(json!([{"type": "error", "message": "bad", "field": "b"}]).to_string());
+        let p = packed_page(rows).unwrap();
+        assert_eq!(p.fields, ["a", "b"]);
+        assert_eq!(p.cells.len(), 6, "the first row, read before `b` was seen, is widened");
+        assert!(matches!(p.cells[1], wit::Cell::Null));
+        assert_eq!(p.rows.iter().map(|r| r.valid).collect::<Vec<_>>(), [true, false, true]);
+        assert_eq!(p.rows[0].messages[0].text, "check");
+        assert!(matches!(p.rows[1].messages[0].kind, wit::MessageKind::Error));
+        assert_eq!(p.text, "x");
     }
 
     #[test]
@@ -411,7 +570,8 @@ mod tests {
     fn a_stored_row_that_is_not_an_object_is_an_error_not_a_page() {
         for bad in ["[1,2]", "{\"a\":1} trailing", "{\"a\":", "3"] {
             let rows = vec![RawRecord { rowid: 1, values: bad.into(), messages: None, metadata: None }];
-            assert!(page(rows).is_err(), "{bad}");
+            assert!(page(rows.clone()).is_err(), "{bad}");
+            assert!(packed_page(rows).is_err(), "{bad}, packed");
         }
     }
 }

@@ -19,6 +19,7 @@ use super::convert;
 use super::limits::Manifest;
 use crate::Env;
 use crate::model::{Ack, JobType, NewJob, NewRecord, Outcome, Split, SplitParts, Trigger};
+use crate::store::RawRecord;
 
 /// Logs of one delivery, capped; shared by stdout, stderr and the `log` import.
 #[derive(Debug)]
@@ -275,7 +276,9 @@ struct ReadAhead {
     page_number: u32,
     /// The guest's host-call count when this was started (by the call for the page before).
     after_call: u64,
-    task: tokio::task::JoinHandle<crate::error::Result<wit::RecordPage>>,
+    /// The page in the shape the call asked for (`wit::RecordPage` or `wit::PackedPage`); a
+    /// call that asks for the other shape reads its page again.
+    task: tokio::task::JoinHandle<crate::error::Result<Box<dyn std::any::Any + Send>>>,
 }
 
 impl Drop for ReadAhead {
@@ -622,13 +625,18 @@ impl jobs::Host for HostState {
     }
 }
 
-impl records::Host for HostState {
-    async fn counts(&mut self, sheet_id: String) -> R<wit::RecordCounts> {
-        let c = self.env()?.record_counts(&sheet_id).await.map_err(convert::error)?;
-        Ok(wit::RecordCounts { total: c.total, valid: c.valid, error: c.error })
-    }
-
-    async fn page(&mut self, sheet_id: String, page_size: u32, page_number: u32) -> R<wit::RecordPage> {
+impl HostState {
+    /// A page of records in the shape `shape` builds: the one read ahead when it is exactly
+    /// this page and this is the guest's very next host call, else read now. A full page
+    /// starts the read of the next one.
+    async fn read_page<P: Send + 'static>(
+        &mut self,
+        sheet_id: String,
+        page_size: u32,
+        page_number: u32,
+        shape: fn(Vec<RawRecord>) -> crate::error::Result<P>,
+        len: fn(&P) -> usize,
+    ) -> R<P> {
         let max = self.manifest.limits.max_page_size;
         if page_size > max {
             return Err(self.limit(format!("page size {page_size}; the plugin's max_page_size is {max}")));
@@ -642,28 +650,46 @@ impl records::Host for HostState {
         });
         // A failed read ahead is read again now, so an error is always the present one.
         let ready = match ahead {
-            Some(mut a) => (&mut a.task).await.ok().and_then(Result::ok),
+            Some(mut a) => (&mut a.task).await.ok().and_then(Result::ok).and_then(|p| p.downcast::<P>().ok()),
             None => None,
         };
         let page = match ready {
             Some(page) => {
                 self.pages.ahead.fetch_add(1, Ordering::Relaxed);
-                page
+                *page
             }
             None => {
                 let rows = self.env()?.record_rows(&sheet_id, page_size, page_number).await.map_err(convert::error)?;
                 self.pages.asked.fetch_add(1, Ordering::Relaxed);
-                convert::page(rows).map_err(convert::error)?
+                shape(rows).map_err(convert::error)?
             }
         };
         // A short page is the last one: nothing to read ahead.
-        if page.rows.len() == page_size as usize && page_number < u32::MAX {
+        if len(&page) == page_size as usize && page_number < u32::MAX {
             let env = self.env()?.clone();
             let (sheet, next) = (sheet_id.clone(), page_number + 1);
-            let task = tokio::spawn(async move { convert::page(env.record_rows(&sheet, page_size, next).await?) });
+            let task = tokio::spawn(async move {
+                let page = shape(env.record_rows(&sheet, page_size, next).await?)?;
+                Ok(Box::new(page) as Box<dyn std::any::Any + Send>)
+            });
             self.read_ahead = Some(ReadAhead { sheet_id, page_size, page_number: next, after_call: call, task });
         }
         Ok(page)
+    }
+}
+
+impl records::Host for HostState {
+    async fn counts(&mut self, sheet_id: String) -> R<wit::RecordCounts> {
+        let c = self.env()?.record_counts(&sheet_id).await.map_err(convert::error)?;
+        Ok(wit::RecordCounts { total: c.total, valid: c.valid, error: c.error })
+    }
+
+    async fn page(&mut self, sheet_id: String, page_size: u32, page_number: u32) -> R<wit::RecordPage> {
+        self.read_page(sheet_id, page_size, page_number, convert::page, |p| p.rows.len()).await
+    }
+
+    async fn page_packed(&mut self, sheet_id: String, page_size: u32, page_number: u32) -> R<wit::PackedPage> {
+        self.read_page(sheet_id, page_size, page_number, convert::packed_page, |p| p.rows.len()).await
     }
 
     async fn update(&mut self, sheet_id: String, updates: Vec<wit::RecordUpdate>) -> R<u64> {

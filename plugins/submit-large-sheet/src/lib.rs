@@ -16,7 +16,7 @@
 //! Every handler tolerates a repeated delivery: work already done is recognised and skipped.
 
 use jobhost_plugin_sdk::jobs::{self, Ack, Outcome, Split};
-use jobhost_plugin_sdk::records::{self, CellValue, Message, RecordRef, Update};
+use jobhost_plugin_sdk::records::{self, Cell, Message, RecordRef, Update};
 use jobhost_plugin_sdk::{Event, Listener, Result, json, log, tolerate_repeat};
 
 const JOB: &str = "sheet:submitLargeSheet";
@@ -134,7 +134,7 @@ fn same_messages(current: &[Message], wanted: &[Message]) -> bool {
 fn validate(record: &RecordRef<'_>) -> Vec<Message> {
     let mut errors = Vec::new();
     for field in ["firstName", "lastName", "email"] {
-        if record.get(field).is_none_or(CellValue::is_blank) {
+        if record.get(field).is_none_or(Cell::is_blank) {
             errors.push(records::error_message(field, format!("{field} is required")));
         }
     }
@@ -153,13 +153,13 @@ fn validate(record: &RecordRef<'_>) -> Vec<Message> {
     errors
 }
 
-fn show(v: &CellValue) -> String {
+fn show(v: Cell<'_>) -> String {
     match v {
-        CellValue::Null => "null".into(),
-        CellValue::Boolean(b) => b.to_string(),
-        CellValue::Integer(i) => i.to_string(),
-        CellValue::Float(f) => f.to_string(),
-        CellValue::Text(s) => format!("\"{s}\""),
+        Cell::Null => "null".into(),
+        Cell::Boolean(b) => b.to_string(),
+        Cell::Integer(i) => i.to_string(),
+        Cell::Float(f) => f.to_string(),
+        Cell::Text(s) => format!("\"{s}\""),
     }
 }
 

@@ -7,7 +7,7 @@
 //! a guest must see its own writes even when the host reads pages ahead.
 
 use jobhost_plugin_sdk::jobs::{self, Outcome};
-use jobhost_plugin_sdk::{CellValue, Error, Event, Listener, Result, json, records};
+use jobhost_plugin_sdk::{Cell, CellValue, Error, Event, Listener, Result, json, records};
 
 fn listener() -> Listener {
     Listener::new()
@@ -37,10 +37,7 @@ fn listener() -> Listener {
                         break;
                     }
                     records += page.len() as u64;
-                    cells += page
-                        .records()
-                        .map(|r| r.values().iter().filter(|v| !matches!(v, CellValue::Null)).count() as u64)
-                        .sum::<u64>();
+                    cells += page.records().map(|r| r.values().filter(|v| !v.is_null()).count() as u64).sum::<u64>();
                 }
                 jobs::complete(
                     event.job_id()?,
@@ -68,7 +65,7 @@ fn listener() -> Listener {
                     )?;
                     page = event.data(size, n as u32)?;
                     let first = page.records().next().ok_or_else(|| Error::msg(format!("page {n} is empty")))?;
-                    if first.get("mark").and_then(CellValue::as_i64) != Some(n) {
+                    if first.get("mark").and_then(Cell::as_i64) != Some(n) {
                         return Err(Error::msg(format!(
                             "page {n} does not show the mark just written on record {}",
                             last + 1
