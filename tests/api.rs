@@ -209,6 +209,8 @@ async fn the_seeds_scenario_runs_entirely_over_the_api() {
     let pages = counter("jobhost_plugin_record_pages_total{read=\"asked\"}")
         + counter("jobhost_plugin_record_pages_total{read=\"ahead\"}");
     assert!(pages >= 5, "{pages} pages in:\n{metrics}");
+    // A part reads one page: nothing is read ahead for it, so nothing is discarded.
+    assert_eq!(counter("jobhost_plugin_record_pages_discarded_total"), 0, "{metrics}");
     let now = engine.store().backend().write_stats();
     assert!(now.writes >= writes && now.transactions >= transactions, "{now:?}");
     let execs = server.ok("GET", &format!("/v1/executions?jobId={job_id}"), &token, None).await;

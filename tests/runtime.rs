@@ -11,7 +11,11 @@ use jobhost::scenario;
 use jobhost_test_plugins as artifacts;
 use serde_json::json;
 
-async fn seeds(records: u64, input: serde_json::Value) -> (TestHost, jobhost::Env, jobhost::model::Job, String, u64) {
+/// The seeds' scenario through the Rust plugin; also the runtime's record pages `(asked, ahead)`.
+async fn seeds(
+    records: u64,
+    input: serde_json::Value,
+) -> (TestHost, jobhost::Env, jobhost::model::Job, String, u64, jobhost::runtime::PageStats) {
     let host = TestHost::new();
     let env = host.env().await;
     let rt = test_runtime();
@@ -23,13 +27,15 @@ async fn seeds(records: u64, input: serde_json::Value) -> (TestHost, jobhost::En
     let job = env.create_job(NewJob { input, ..NewJob::sheet(scenario::OPERATION, &sheet.id) }).await.unwrap();
     let job = until_terminal(&env, &job.id).await;
     running.shutdown().await;
-    (host, env, job, sheet.id, invalid)
+    (host, env, job, sheet.id, invalid, rt.stats().pages())
 }
 
 #[tokio::test]
 async fn seeds_scenario_through_the_wasm_plugin() {
-    let (_host, env, job, sheet, invalid) = seeds(10_000, serde_json::Value::Null).await;
+    let (_host, env, job, sheet, invalid, pages) = seeds(10_000, serde_json::Value::Null).await;
     assert_eq!(job.status, JobStatus::Complete, "{}", job.outcome);
+    // Each part reads its one page and writes: nothing is read ahead for a single page.
+    assert_eq!((pages.asked, pages.ahead, pages.discarded), (10, 0, 0));
     let parts = env.parts(&job.id).await.unwrap();
     assert_eq!(parts.len(), 10);
     assert!(parts.iter().all(|p| p.status == JobStatus::Complete));
@@ -70,7 +76,7 @@ async fn seeds_scenario_through_the_wasm_plugin() {
 
 #[tokio::test]
 async fn a_failing_part_fails_the_parent() {
-    let (_host, env, job, _, _) = seeds(5_000, json!({"failParts": [1, 3]})).await;
+    let (_host, env, job, _, _, _) = seeds(5_000, json!({"failParts": [1, 3]})).await;
     assert_eq!(job.status, JobStatus::Failed);
     assert_eq!(job.outcome["parts"], json!({"total": 5, "completed": 3, "failed": 2, "canceled": 0}));
     let failed: Vec<u32> = env
@@ -110,14 +116,19 @@ async fn pages_are_read_ahead_for_a_reader_and_a_writer_between_pages_sees_its_w
 
     let outcome = run("page").await;
     assert_eq!(outcome["records"], json!(507));
-    // Page 1 is read when asked; pages 2–6 were read ahead; page 6 is short, so the empty
-    // page 7 that ends the loop is read when asked.
-    assert_eq!(rt.stats().pages(), (2, 5));
+    // Pages 1 and 2 are read when asked (page 2 shows the guest reads the sheet through);
+    // pages 3–6 were read ahead; page 6 is short, so the empty page 7 that ends the loop is
+    // read when asked.
+    let pages = rt.stats().pages();
+    assert_eq!((pages.asked, pages.ahead, pages.discarded), (3, 4, 0));
 
     // Before each next page the guest marks its first record and checks the mark is there.
     let outcome = run("page-own-writes").await;
     assert_eq!(outcome["checked"], json!(5));
-    assert_eq!(rt.stats().pages(), (2 + 6, 5), "a write between pages discards the page read ahead");
+    // Pages 3–6 are read ahead (the guest asked for 1 then 2) and each is discarded by the
+    // write before the guest asks for it.
+    let pages = rt.stats().pages();
+    assert_eq!((pages.asked, pages.ahead, pages.discarded), (3 + 6, 4, 4), "a write discards the page read ahead");
     running.shutdown().await;
 }
 

@@ -288,13 +288,16 @@ pub async fn metrics(State(state): State<ApiState>) -> Result<Response, ApiError
         for (result, n) in stats.reloads() {
             let _ = writeln!(out, "jobhost_plugin_reloads_total{{result=\"{result}\"}} {n}");
         }
-        let (asked, ahead) = stats.pages();
+        let jobhost_runtime::PageStats { asked, ahead, discarded } = stats.pages();
         let _ = writeln!(
             out,
             "# HELP jobhost_plugin_record_pages_total Record pages given to plugins, by how they were read: when \
              asked, or ahead while the plugin worked on the page before.\n# TYPE jobhost_plugin_record_pages_total counter\n\
              jobhost_plugin_record_pages_total{{read=\"asked\"}} {asked}\n\
-             jobhost_plugin_record_pages_total{{read=\"ahead\"}} {ahead}"
+             jobhost_plugin_record_pages_total{{read=\"ahead\"}} {ahead}\n\
+             # HELP jobhost_plugin_record_pages_discarded_total Record pages read ahead that no plugin asked for.\n\
+             # TYPE jobhost_plugin_record_pages_discarded_total counter\n\
+             jobhost_plugin_record_pages_discarded_total {discarded}"
         );
         let http = stats.http();
         let _ = writeln!(

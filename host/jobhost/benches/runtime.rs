@@ -18,6 +18,10 @@
 //!   plugins loaded and subscribed) with a warm compilation cache vs a cold one.
 //! - **concurrency**: the seeds' scenario with every part in flight at once (1,000 parts,
 //!   1,000 deliveries and instances allowed): wall time and the growth of peak RSS.
+//! - **parts**: the seeds' scenario with 10,000 parts (10M records) at a CLI host's defaults
+//!   (the engine's in-flight cap, as many instance slots): wall time and peak RSS growth.
+//! - **plugins**: 100 plugins (each its own component) loaded, run once and subscribed, then
+//!   idle: RSS per plugin, against the host's RSS before loading them.
 //! - **scenario**: the seeds' scenario (N records, N/1000 parts) with the WASM plugin vs the
 //!   same listeners compiled into the host.
 //! - **load**: loading a large component (the Python `test-noop`, ~19 MB) from the
@@ -71,6 +75,12 @@ fn main() {
         }
         if only("concurrency") {
             concurrency(if full { 1_000_000 } else { 5_000 }).await;
+        }
+        if only("parts") {
+            many_parts(if full { 10_000_000 } else { 5_000 }).await;
+        }
+        if only("plugins") {
+            many_plugins(if full { 100 } else { 3 }).await;
         }
     });
 }
@@ -560,26 +570,36 @@ fn rss_mib(key: &str) -> f64 {
 }
 
 async fn concurrency(n: u64) {
+    let parts = n.div_ceil(1000) as usize;
+    let config = EngineConfig { ack_timeout: None, stale_timeout: None, ..EngineConfig::single_environment(parts) };
+    let runtime = RuntimeConfig { max_instances: parts as u32, ..RuntimeConfig::default() };
+    parts_in_flight(n, config, runtime, format!("{parts} parts all in flight (WASM, {n} records)")).await;
+}
+
+/// The seeds' scenario with `n / 1000` parts at a CLI host's defaults (the engine's default
+/// in-flight cap, one instance slot per delivery in flight): the parts wait as deliveries,
+/// not as instances, so peak RSS should not grow with the number of parts.
+async fn many_parts(n: u64) {
+    let config = EngineConfig::default();
+    let slots = config.max_in_flight;
+    let label = format!("{} parts, {slots} in flight (WASM, {n} records)", n.div_ceil(1000));
+    parts_in_flight(n, config, RuntimeConfig::default(), label).await;
+}
+
+/// The seeds' scenario through the WASM plugin on `config` and `runtime` (each plugin may use
+/// every instance slot): wall time and the growth of peak RSS while the job runs.
+async fn parts_in_flight(n: u64, config: EngineConfig, runtime: RuntimeConfig, label: String) {
     let parts = n.div_ceil(1000);
     let dir = tempfile::tempdir().unwrap();
-    let engine = jobhost::open_engine(
-        dir.path(),
-        EngineConfig { ack_timeout: None, stale_timeout: None, ..EngineConfig::single_environment(parts as usize) },
-    )
-    .unwrap();
+    let slots = config.max_in_flight;
+    let engine = jobhost::open_engine(dir.path(), config).unwrap();
     let env = engine.env(engine.create_environment("bench").await.unwrap().id);
-    let limits = jobhost::runtime::Limits { max_instances: parts as usize, ..Default::default() };
-    let rt = Runtime::new(RuntimeConfig {
-        cache_dir: None,
-        max_instances: parts as u32,
-        limits,
-        ..RuntimeConfig::default()
-    })
-    .unwrap();
+    let limits = jobhost::runtime::Limits { max_instances: slots, ..runtime.limits.clone() };
+    let rt = Runtime::new(RuntimeConfig { cache_dir: None, limits, ..runtime }).unwrap();
     let plugin = std::sync::Arc::new(rt.load(std::path::Path::new(artifacts::SUBMIT_LARGE_SHEET)).await.unwrap());
     let running = engine.run(vec![rt.listener(plugin, env.id())]).await.unwrap();
     let sheet = env.create_sheet("people").await.unwrap();
-    scenario::insert_sample(&env, &sheet.id, n).await.unwrap();
+    let invalid = scenario::insert_sample(&env, &sheet.id, n).await.unwrap();
     // Peak RSS from here on is the run's (writing 5 to clear_refs resets VmHWM).
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let before = rss_mib("VmRSS:");
@@ -589,12 +609,55 @@ async fn concurrency(n: u64) {
     let took = t.elapsed();
     running.shutdown().await;
     assert_eq!(job.status, JobStatus::Complete, "{}", job.outcome);
+    assert_eq!(job.outcome["parts"]["completed"], Value::from(parts));
+    assert_eq!(env.record_counts(&sheet.id).await.unwrap().error, invalid);
     let peak = rss_mib("VmHWM:");
     println!(
         "{:<50} {:>11.2} s   {:.0} parts/s, RSS {before:.0} MiB before, peak {peak:.0} MiB (+{:.0})",
-        format!("{parts} parts all in flight (WASM, {n} records)"),
+        label,
         took.as_secs_f64(),
         parts as f64 / took.as_secs_f64(),
         peak - before
+    );
+}
+
+/// A host with `n` plugins loaded and subscribed, idle: RSS per plugin. Each plugin is
+/// `test-noop` with its own custom section, so each is its own component, compiled and
+/// mapped on its own, as `n` different plugins would be. Baseline: the host before loading.
+async fn many_plugins(n: u32) {
+    let (_dir, engine, env) = host().await;
+    let rt = runtime();
+    let bytes = std::fs::read(artifacts::TEST_NOOP).unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let paths: Vec<_> = (0..n)
+        .map(|i| {
+            let path = files.path().join(format!("noop-{i}.wasm"));
+            std::fs::write(&path, variant(&bytes, i)).unwrap();
+            path
+        })
+        .collect();
+    let ctx = noop_event(&env);
+    let before = rss_mib("VmRSS:");
+    let mut listeners = Vec::new();
+    let mut versions = std::collections::HashSet::new();
+    for path in &paths {
+        let plugin = std::sync::Arc::new(rt.load(path).await.unwrap());
+        // One event each: the plugin's code has run (its pages are in), as on a host that
+        // has seen traffic and gone idle.
+        let route = plugin.routes.iter().position(|r| r.topic == "bench:noop").unwrap() as u32;
+        assert!(rt.execute(&plugin, route, &ctx).await.error.is_none());
+        versions.insert(plugin.version.clone());
+        listeners.push(rt.listener(plugin, env.id()));
+    }
+    assert_eq!(versions.len(), n as usize, "every plugin is its own component");
+    let running = engine.run(listeners).await.unwrap();
+    let after = rss_mib("VmRSS:");
+    running.shutdown().await;
+    println!(
+        "{:<50} {:>10.2} MiB {:>10.0} MiB {:>7}",
+        format!("{n} plugins loaded, idle (RSS per plugin)"),
+        (after - before) / f64::from(n),
+        before,
+        "",
     );
 }

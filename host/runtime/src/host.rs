@@ -246,20 +246,40 @@ pub struct HostState {
     deferred: Option<Option<Result<(), String>>>,
     /// The page after the one the guest was last given, being read meanwhile.
     read_ahead: Option<ReadAhead>,
+    /// The last page the guest asked for (sheet, size, number): reading ahead starts only
+    /// when the guest asks for the page after it, i.e. is reading a sheet through.
+    last_page: Option<(String, u32, u32)>,
     pages: Arc<PageCounts>,
 }
 
-/// Record pages given to guests, by how they were read.
+/// Record pages given to guests, by how they were read, and pages read ahead for nothing.
 #[derive(Debug, Default)]
 pub(super) struct PageCounts {
     asked: AtomicU64,
     ahead: AtomicU64,
+    discarded: AtomicU64,
 }
 
 impl PageCounts {
-    pub(super) fn get(&self) -> (u64, u64) {
-        (self.asked.load(Ordering::Relaxed), self.ahead.load(Ordering::Relaxed))
+    pub(super) fn get(&self) -> PageStats {
+        PageStats {
+            asked: self.asked.load(Ordering::Relaxed),
+            ahead: self.ahead.load(Ordering::Relaxed),
+            discarded: self.discarded.load(Ordering::Relaxed),
+        }
     }
+}
+
+/// Record pages since start (see [`crate::RuntimeStats::pages`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PageStats {
+    /// Pages given to guests, read when the guest asked.
+    pub asked: u64,
+    /// Pages given to guests, read ahead while the guest worked on the page before.
+    pub ahead: u64,
+    /// Pages read ahead that no guest asked for (its next call was another one, or the
+    /// delivery ended): store reads spent for nothing.
+    pub discarded: u64,
 }
 
 /// A page read while the guest works on the previous one, so the host's half of paging (the
@@ -279,11 +299,17 @@ struct ReadAhead {
     /// The page in the shape the call asked for (`wit::RecordPage` or `wit::PackedPage`); a
     /// call that asks for the other shape reads its page again.
     task: tokio::task::JoinHandle<crate::error::Result<Box<dyn std::any::Any + Send>>>,
+    /// Counts the page as discarded when it is dropped unused.
+    counts: Arc<PageCounts>,
+    used: bool,
 }
 
 impl Drop for ReadAhead {
     fn drop(&mut self) {
         self.task.abort();
+        if !self.used {
+            self.counts.discarded.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -356,6 +382,7 @@ impl HostState {
             refused: None,
             deferred: None,
             read_ahead: None,
+            last_page: None,
             pages: Arc::default(),
             manifest,
         })
@@ -627,8 +654,8 @@ impl jobs::Host for HostState {
 
 impl HostState {
     /// A page of records in the shape `shape` builds: the one read ahead when it is exactly
-    /// this page and this is the guest's very next host call, else read now. A full page
-    /// starts the read of the next one.
+    /// this page and this is the guest's very next host call, else read now. A full page that
+    /// follows the one asked for before starts the read of the next one.
     async fn read_page<P: Send + 'static>(
         &mut self,
         sheet_id: String,
@@ -650,7 +677,11 @@ impl HostState {
         });
         // A failed read ahead is read again now, so an error is always the present one.
         let ready = match ahead {
-            Some(mut a) => (&mut a.task).await.ok().and_then(Result::ok).and_then(|p| p.downcast::<P>().ok()),
+            Some(mut a) => {
+                let page = (&mut a.task).await.ok().and_then(Result::ok).and_then(|p| p.downcast::<P>().ok());
+                a.used = page.is_some();
+                page
+            }
             None => None,
         };
         let page = match ready {
@@ -664,15 +695,23 @@ impl HostState {
                 shape(rows).map_err(convert::error)?
             }
         };
-        // A short page is the last one: nothing to read ahead.
-        if len(&page) == page_size as usize && page_number < u32::MAX {
+        // Read ahead only for a guest reading page after page: most guests (a part of a
+        // split job) read one page and write, and a page read ahead for them would be a
+        // second read of the store wasted. A short page is the last one.
+        let sequential = self
+            .last_page
+            .replace((sheet_id.clone(), page_size, page_number))
+            .is_some_and(|(s, z, n)| s == sheet_id && z == page_size && n.checked_add(1) == Some(page_number));
+        if sequential && len(&page) == page_size as usize && page_number < u32::MAX {
             let env = self.env()?.clone();
             let (sheet, next) = (sheet_id.clone(), page_number + 1);
             let task = tokio::spawn(async move {
                 let page = shape(env.record_rows(&sheet, page_size, next).await?)?;
                 Ok(Box::new(page) as Box<dyn std::any::Any + Send>)
             });
-            self.read_ahead = Some(ReadAhead { sheet_id, page_size, page_number: next, after_call: call, task });
+            let counts = self.pages.clone();
+            self.read_ahead =
+                Some(ReadAhead { sheet_id, page_size, page_number: next, after_call: call, task, counts, used: false });
         }
         Ok(page)
     }

@@ -40,7 +40,7 @@ use crate::filter::Selector;
 use crate::listener::{End, EventCtx, Handled, Listener};
 use crate::model::{Execution, ExecutionOutcome};
 
-pub use host::HostState;
+pub use host::{HostState, PageStats};
 pub use limits::{Ceiling, DirGrant, Grants, Limits, Manifest, ManifestError};
 
 /// Settings of the runtime. Defaults are safe for untrusted plugins.
@@ -305,9 +305,9 @@ impl RuntimeStats {
         (self.reads[0].load(Ordering::Relaxed), self.reads[1].load(Ordering::Relaxed))
     }
 
-    /// Record pages given to guests since start: `(read when asked, read ahead while the
-    /// guest worked on the page before)`.
-    pub fn pages(&self) -> (u64, u64) {
+    /// Record pages since start: given to guests when asked or read ahead, and read ahead
+    /// for nothing.
+    pub fn pages(&self) -> PageStats {
         self.pages.get()
     }
 
