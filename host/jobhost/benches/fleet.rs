@@ -25,6 +25,10 @@ use jobhost::store::postgres::{PgBackend, PgOptions};
 use jobhost::{Engine, EngineConfig, Env, scenario};
 use jobhost_test_plugins as artifacts;
 
+#[path = "support/serve.rs"]
+mod support;
+use support::{answer, environment_token, serve};
+
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let only = |name: &str| {
@@ -354,72 +358,14 @@ async fn insert(server: &jobhost_test_postgres::Server, n: u64) {
     }
 }
 
-/// A `jobhost serve` of the deploy row, stopped when dropped.
-struct Serve {
-    child: std::process::Child,
-    addr: String,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(dir: &std::path::Path, name: &str, store: &str) -> Serve {
-    use std::io::BufRead;
-    std::fs::create_dir_all(dir.join(format!("{name}-plugins"))).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_jobhost"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--store", store])
-        .arg("--plugins")
-        .arg(dir.join(format!("{name}-plugins")))
-        .arg("--data")
-        .arg(dir.join(format!("{name}-data")))
-        .env("XDG_CACHE_HOME", dir.join(format!("{name}-cache")))
-        .env("JOBHOST_ADMIN_TOKEN", "bench-admin")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start jobhost serve");
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let (mut addr, mut seen) = (String::new(), Vec::new());
-    for line in lines.by_ref() {
-        let line = line.expect("read the host's log");
-        seen.push(line.clone());
-        if let Some(a) = line.split("listening on http://").nth(1) {
-            addr = a.trim().to_owned();
-        }
-        if line.contains("serving ") {
-            break;
-        }
-    }
-    assert!(!addr.is_empty(), "jobhost serve ended before listening:\n{}", seen.join("\n"));
-    // Keep draining the log so the host never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Serve { child, addr }
-}
-
-/// Sends a request and reads its JSON answer.
-async fn answer(request: reqwest::RequestBuilder) -> serde_json::Value {
-    request.send().await.unwrap().json().await.unwrap()
-}
-
 async fn deploy(server: &jobhost_test_postgres::Server, n: usize) {
     use serde_json::Value;
     println!("{:<44} {:>12} {:>12}", format!("deploy through A, served by B ({n} deploys)"), "median", "max");
     let dir = tempfile::tempdir().unwrap();
     let store = server.fresh_database();
-    let (a, b) = (serve(dir.path(), "a", &store), serve(dir.path(), "b", &store));
+    let (a, b) = (serve(dir.path(), "a", &["--store", &store]), serve(dir.path(), "b", &["--store", &store]));
     let http = reqwest::Client::new();
-    let envs: Value = answer(http.get(format!("http://{}/v1/environments", a.addr)).bearer_auth("bench-admin")).await;
-    let env_id = envs["data"][0]["id"].as_str().unwrap();
-    let token: Value = answer(
-        http.post(format!("http://{}/v1/environments/{env_id}/tokens", a.addr))
-            .bearer_auth("bench-admin")
-            .json(&serde_json::json!({"name": "bench"})),
-    )
-    .await;
-    let token = token["data"]["token"].as_str().unwrap().to_owned();
+    let (_, token) = environment_token(&http, &a.addr).await;
     let component = std::fs::read(artifacts::TEST_NOOP).unwrap();
     let (mut answered, mut served) = (Vec::new(), Vec::new());
     for i in 0..n {

@@ -36,9 +36,13 @@ use std::time::{Duration, Instant};
 use jobhost::listener::{EventCtx, Listener};
 use jobhost::model::{Event, JobStatus, NewJob, NewRecord, Outcome};
 use jobhost::runtime::{Runtime, RuntimeConfig};
-use jobhost::{Engine, EngineConfig, Env, scenario};
+use jobhost::{EngineConfig, Env, scenario};
 use jobhost_test_plugins as artifacts;
-use serde_json::{Value, json};
+
+#[path = "support/inprocess.rs"]
+mod inprocess;
+use inprocess::{host, run_scenario_job, runtime, scenario_with, wait_terminal};
+use serde_json::json;
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
@@ -83,23 +87,6 @@ fn main() {
             many_plugins(if full { 100 } else { 3 }).await;
         }
     });
-}
-
-fn config() -> EngineConfig {
-    EngineConfig { ack_timeout: None, stale_timeout: None, ..EngineConfig::single_environment(256) }
-}
-
-fn runtime() -> std::sync::Arc<Runtime> {
-    // One plugin may use every slot, as the CLI allows with `--concurrency`.
-    let limits = jobhost::runtime::Limits { max_instances: 256, ..Default::default() };
-    Runtime::new(RuntimeConfig { cache_dir: None, limits, ..RuntimeConfig::default() }).unwrap()
-}
-
-async fn host() -> (tempfile::TempDir, Engine, Env) {
-    let dir = tempfile::tempdir().unwrap();
-    let engine = jobhost::open_engine(dir.path(), config()).unwrap();
-    let env = engine.env(engine.create_environment("bench").await.unwrap().id);
-    (dir, engine, env)
 }
 
 /// A `bench:noop` event of `env`, as a delivery would carry it.
@@ -213,43 +200,9 @@ async fn paging(n: u64) {
     );
 }
 
-async fn wait_terminal(engine: &Engine, env: &Env, id: &str) -> jobhost::model::Job {
-    engine
-        .wait_for(|| {
-            let (env, id) = (env.clone(), id.to_owned());
-            async move { Ok(Some(env.job(&id).await?).filter(|j| j.status.is_terminal())) }
-        })
-        .await
-        .unwrap()
-}
-
 async fn scenario_once(n: u64, wasm: bool) -> Duration {
     let plugin = wasm.then(|| (runtime(), std::path::PathBuf::from(artifacts::SUBMIT_LARGE_SHEET)));
     scenario_with(n, plugin).await
-}
-
-/// The seeds' scenario through the plugin at `plugin` (on that runtime), or natively.
-async fn scenario_with(n: u64, plugin: Option<(std::sync::Arc<Runtime>, std::path::PathBuf)>) -> Duration {
-    let (_dir, engine, env) = host().await;
-    let listeners = match plugin {
-        Some((rt, path)) => {
-            let plugin = std::sync::Arc::new(rt.load(&path).await.unwrap());
-            vec![rt.listener(plugin, env.id())]
-        }
-        None => scenario::listeners(env.id(), scenario::Options::default()),
-    };
-    let running = engine.run(listeners).await.unwrap();
-    let sheet = env.create_sheet("people").await.unwrap();
-    let invalid = scenario::insert_sample(&env, &sheet.id, n).await.unwrap();
-    let t = Instant::now();
-    let job = env.create_job(NewJob::sheet(scenario::OPERATION, &sheet.id)).await.unwrap();
-    let job = wait_terminal(&engine, &env, &job.id).await;
-    let took = t.elapsed();
-    running.shutdown().await;
-    assert_eq!(job.status, JobStatus::Complete, "{}", job.outcome);
-    assert_eq!(env.record_counts(&sheet.id).await.unwrap().error, invalid);
-    assert_eq!(job.outcome["parts"]["completed"], Value::from(n.div_ceil(1000)));
-    took
 }
 
 async fn scenario_wasm_vs_native(n: u64) {
@@ -603,14 +556,8 @@ async fn parts_in_flight(n: u64, config: EngineConfig, runtime: RuntimeConfig, l
     // Peak RSS from here on is the run's (writing 5 to clear_refs resets VmHWM).
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let before = rss_mib("VmRSS:");
-    let t = Instant::now();
-    let job = env.create_job(NewJob::sheet(scenario::OPERATION, &sheet.id)).await.unwrap();
-    let job = wait_terminal(&engine, &env, &job.id).await;
-    let took = t.elapsed();
+    let took = run_scenario_job(&engine, &env, &sheet.id, n, invalid).await;
     running.shutdown().await;
-    assert_eq!(job.status, JobStatus::Complete, "{}", job.outcome);
-    assert_eq!(job.outcome["parts"]["completed"], Value::from(parts));
-    assert_eq!(env.record_counts(&sheet.id).await.unwrap().error, invalid);
     let peak = rss_mib("VmHWM:");
     println!(
         "{:<50} {:>11.2} s   {:.0} parts/s, RSS {before:.0} MiB before, peak {peak:.0} MiB (+{:.0})",

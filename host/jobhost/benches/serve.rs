@@ -1,0 +1,125 @@
+//! The seeds' scenario as users run it, against the in-process benchmark in the same run:
+//! `cargo bench -p jobhost --bench serve` (full sizes) or `cargo test -p jobhost --bench serve`
+//! (a quick smoke run that checks the answers, nothing about time).
+//!
+//! - **scenario through `jobhost serve`**: a `jobhost serve` process on SQLite (its defaults:
+//!   `--concurrency 64`), the `submit-large-sheet` plugin in its plugins directory; the
+//!   records imported over the API (pages of 10,000, not timed), the job created with
+//!   `POST /v1/jobs`, and the time until the parent's `job:completed` arrives on
+//!   `/v1/events/stream`. The same with `--concurrency 256`, the in-process host's cap.
+//!   Baseline: the in-process scenario of `--bench runtime -- scenario` (engine and runtime
+//!   in the benchmark's process, completion seen by the engine's wait), alternating rounds.
+
+use std::time::{Duration, Instant};
+
+use jobhost::scenario;
+use jobhost_test_plugins as artifacts;
+use serde_json::{Value, json};
+
+#[path = "support/inprocess.rs"]
+#[allow(dead_code)]
+mod inprocess;
+#[path = "support/serve.rs"]
+mod support;
+use support::{answer, environment_token, serve};
+
+/// No single wait of the benchmark takes longer; a stuck run fails instead of hanging.
+const DEADLINE: Duration = Duration::from_secs(600);
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let (sizes, rounds): (&[u64], usize) = if full { (&[100_000, 1_000_000], 3) } else { (&[3_000], 1) };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    println!("jobhost serve benchmarks ({} mode)", if full { "full" } else { "quick" });
+    println!("{:<58} {:>10} {:>10} {:>8}", "benchmark (median time)", "jobhost", "baseline", "ratio");
+    rt.block_on(async {
+        for &n in sizes {
+            let (mut served, mut wide, mut inproc) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                served.push(through_serve(n, &[]).await);
+                inproc.push(inprocess::scenario_with(n, Some(wasm())).await);
+                wide.push(through_serve(n, &["--concurrency", "256"]).await);
+            }
+            let base = median(&mut inproc);
+            for (label, times) in [("", &mut served), (", --concurrency 256", &mut wide)] {
+                let t = median(times);
+                println!(
+                    "{:<58} {:>8.2} s {:>8.2} s {:>7.2}x",
+                    format!("scenario {n} records through serve{label}"),
+                    t,
+                    base,
+                    t / base
+                );
+            }
+        }
+    });
+}
+
+fn wasm() -> (std::sync::Arc<jobhost::runtime::Runtime>, std::path::PathBuf) {
+    (inprocess::runtime(), artifacts::SUBMIT_LARGE_SHEET.into())
+}
+
+fn median(v: &mut [Duration]) -> f64 {
+    v.sort();
+    v[v.len() / 2].as_secs_f64()
+}
+
+/// One run of the scenario through a fresh `jobhost serve` with `args`: the time from the
+/// job's `POST` to its `job:completed` on the event stream.
+async fn through_serve(n: u64, args: &[&str]) -> Duration {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("s-plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::copy(artifacts::SUBMIT_LARGE_SHEET, plugins.join("submit.wasm")).unwrap();
+    let s = serve(dir.path(), "s", args);
+    let http = reqwest::Client::new();
+    let (_, token) = environment_token(&http, &s.addr).await;
+    let base = format!("http://{}/v1", s.addr);
+    let sheet = answer(http.post(format!("{base}/sheets")).bearer_auth(&token).json(&json!({"name": "people"}))).await;
+    let sheet = sheet["data"]["id"].as_str().unwrap().to_owned();
+    let mut invalid = 0;
+    for start in (0..n).step_by(10_000) {
+        let (rows, bad) = scenario::sample_range(start..(start + 10_000).min(n));
+        invalid += bad;
+        let resp =
+            http.post(format!("{base}/sheets/{sheet}/records")).bearer_auth(&token).json(&rows).send().await.unwrap();
+        assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+    }
+
+    // Follow the stream before the job exists, so its completion cannot be missed.
+    let mut stream =
+        http.get(format!("{base}/events/stream?since=0&topic=job:completed")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(stream.status(), 200);
+    let t = Instant::now();
+    let job = answer(
+        http.post(format!("{base}/jobs"))
+            .bearer_auth(&token)
+            .json(&json!({"type": "sheet", "operation": scenario::OPERATION, "source": sheet})),
+    )
+    .await;
+    let id = job["data"]["id"].as_str().unwrap_or_else(|| panic!("job refused: {job}")).to_owned();
+    let needle = format!("\"jobId\":\"{id}\"");
+    let mut text = String::new();
+    loop {
+        let chunk = tokio::time::timeout(DEADLINE, stream.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("no job:completed for {id} within {DEADLINE:?}"))
+            .unwrap()
+            .unwrap_or_else(|| panic!("the event stream ended before job:completed for {id}"));
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        if text.lines().any(|l| l.starts_with("data:") && l.contains(&needle)) {
+            break;
+        }
+        // Keep only the unfinished last line.
+        let keep = text.rfind('\n').map_or(0, |i| i + 1);
+        text.drain(..keep);
+    }
+    let took = t.elapsed();
+
+    let job = answer(http.get(format!("{base}/jobs/{id}")).bearer_auth(&token)).await;
+    assert_eq!(job["data"]["status"], "complete", "{job}");
+    assert_eq!(job["data"]["outcome"]["parts"]["completed"], Value::from(n.div_ceil(1000)), "{job}");
+    let counts = answer(http.get(format!("{base}/sheets/{sheet}/counts")).bearer_auth(&token)).await;
+    assert_eq!(counts["data"]["error"], Value::from(invalid), "{counts}");
+    took
+}
