@@ -21,7 +21,6 @@ use jobhost_test_plugins as artifacts;
 use serde_json::{Value, json};
 
 #[path = "support/inprocess.rs"]
-#[allow(dead_code)]
 mod inprocess;
 #[path = "support/serve.rs"]
 mod support;

@@ -195,10 +195,9 @@ fn messages(stored: Option<String>) -> Result<(Vec<wit::Message>, bool), Error> 
 fn read_row<'de>(
     json: &'de str,
     columns: &mut Columns,
-    put: impl FnMut(usize, Cell<'de>) -> Result<(), Error>,
+    mut put: impl FnMut(usize, Cell<'de>) -> Result<(), Error>,
 ) -> Result<(), Error> {
     let mut de = serde_json::Deserializer::from_str(json);
-    let mut put = put;
     let mut failed = None;
     let seed = RowSeed { columns, put: &mut put, failed: &mut failed };
     let read = serde::de::DeserializeSeed::deserialize(seed, &mut de);
