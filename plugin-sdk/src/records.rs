@@ -144,8 +144,9 @@ impl From<Cell<'_>> for CellValue {
     }
 }
 
-/// A page of records, as the host packs it: the field names once, every cell in one list and
-/// every text in one string, so a page crosses into the guest in a handful of allocations.
+/// A page of records, as the host packs it: the field names once, every cell 9 bytes of one
+/// buffer and every text in one string, so a page crosses into the guest in a handful of
+/// allocations and is read in place.
 pub struct Page {
     raw: wit::PackedPage,
 }
@@ -174,34 +175,43 @@ impl Page {
 
     /// The records, in the sheet's stable order.
     pub fn records(&self) -> impl ExactSizeIterator<Item = RecordRef<'_>> {
-        let width = self.raw.fields.len();
+        let row_bytes = self.raw.fields.len() * CELL;
         self.raw.rows.iter().enumerate().map(move |(i, row)| RecordRef {
             page: self,
             row,
-            cells: &self.raw.cells[i * width..(i + 1) * width],
+            cells: &self.raw.cells[i * row_bytes..(i + 1) * row_bytes],
         })
     }
 
-    fn cell(&self, c: &wit::Cell) -> Cell<'_> {
-        match *c {
-            wit::Cell::Null => Cell::Null,
-            wit::Cell::Boolean(b) => Cell::Boolean(b),
-            wit::Cell::Integer(i) => Cell::Integer(i),
-            wit::Cell::Float(f) => Cell::Float(f),
-            wit::Cell::Text(span) => {
-                let start = span.start as usize;
-                Cell::Text(&self.raw.text[start..start + span.len as usize])
+    /// Decodes one cell's 9 bytes (the layout is `packed-page`'s in the WIT).
+    fn cell(&self, c: &[u8]) -> Cell<'_> {
+        let mut value = [0; 8];
+        value.copy_from_slice(&c[1..CELL]);
+        let value = u64::from_le_bytes(value);
+        match c[0] {
+            1 => Cell::Boolean(value != 0),
+            2 => Cell::Integer(value as i64),
+            3 => Cell::Float(f64::from_bits(value)),
+            4 => {
+                let (start, len) = ((value & 0xffff_ffff) as usize, (value >> 32) as usize);
+                Cell::Text(&self.raw.text[start..start + len])
             }
+            // 0 is null; a kind this SDK does not know (from a newer host) reads as null too.
+            _ => Cell::Null,
         }
     }
 }
+
+/// Bytes of one cell of a packed page.
+const CELL: usize = 9;
 
 /// One record of a [`Page`].
 #[derive(Clone, Copy)]
 pub struct RecordRef<'a> {
     page: &'a Page,
     row: &'a wit::PackedRow,
-    cells: &'a [wit::Cell],
+    /// The record's cells, `CELL` bytes each.
+    cells: &'a [u8],
 }
 
 impl<'a> RecordRef<'a> {
@@ -213,13 +223,13 @@ impl<'a> RecordRef<'a> {
     /// The value of `field` (`None` when the sheet has no such field on this page).
     pub fn get(&self, field: &str) -> Option<Cell<'a>> {
         let page = self.page;
-        page.position(field).map(|i| page.cell(&self.cells[i]))
+        page.position(field).map(|i| page.cell(&self.cells[i * CELL..(i + 1) * CELL]))
     }
 
     /// The values, in the order of [`Page::fields`].
     pub fn values(&self) -> impl ExactSizeIterator<Item = Cell<'a>> + 'a {
         let page = self.page;
-        self.cells.iter().map(move |c| page.cell(c))
+        self.cells.chunks_exact(CELL).map(move |c| page.cell(c))
     }
 
     /// The text of `field`, when it is text.
@@ -285,7 +295,68 @@ pub fn insert(sheet_id: &str, records: &[NewRecord]) -> Result<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::Cell;
+    use super::{Cell, Page, wit};
+
+    /// A page as a host packs it: `cells` 9 bytes each, texts in `text`.
+    fn page(fields: &[&str], ids: &[u64], cells: &[[u8; 9]], text: &str) -> Page {
+        let rows = ids.iter().map(|&id| wit::PackedRow { id, messages: Vec::new(), valid: true }).collect();
+        Page {
+            raw: wit::PackedPage {
+                fields: fields.iter().map(|f| f.to_string()).collect(),
+                rows,
+                cells: cells.concat(),
+                text: text.into(),
+            },
+        }
+    }
+
+    fn cell(kind: u8, value: u64) -> [u8; 9] {
+        let mut c = [kind; 9];
+        c[1..].copy_from_slice(&value.to_le_bytes());
+        c
+    }
+
+    #[test]
+    fn a_packed_page_reads_every_kind_of_cell_in_place() {
+        let text = "Adaé漢";
+        let p = page(
+            &["name", "age", "score", "ok", "none"],
+            &[7, 8],
+            &[
+                cell(4, 3 << 32),                     // "Ada"
+                cell(2, (-4i64) as u64),              // -4
+                cell(3, 2.5f64.to_bits()),            // 2.5
+                cell(1, 1),                           // true
+                cell(0, 0),                           // null
+                cell(4, 3 | (5 << 32)),               // "é漢"
+                cell(2, i64::MAX as u64),             // i64::MAX
+                cell(3, f64::NEG_INFINITY.to_bits()), // -inf
+                cell(1, 0),                           // false
+                cell(9, 1),                           // a kind from a newer host: null
+            ],
+            text,
+        );
+        let records: Vec<_> = p.records().collect();
+        assert_eq!(records.iter().map(|r| r.id()).collect::<Vec<_>>(), [7, 8]);
+        let values = |i: usize| records[i].values().collect::<Vec<_>>();
+        assert_eq!(
+            values(0),
+            [Cell::Text("Ada"), Cell::Integer(-4), Cell::Float(2.5), Cell::Boolean(true), Cell::Null]
+        );
+        assert_eq!(
+            values(1),
+            [
+                Cell::Text("é漢"),
+                Cell::Integer(i64::MAX),
+                Cell::Float(f64::NEG_INFINITY),
+                Cell::Boolean(false),
+                Cell::Null
+            ]
+        );
+        assert_eq!(records[1].str("name"), Some("é漢"));
+        assert_eq!(records[0].get("score"), Some(Cell::Float(2.5)));
+        assert_eq!(records[0].get("missing"), None);
+    }
 
     #[test]
     fn a_cell_reads_as_the_type_asked_for_when_it_holds_one() {

@@ -139,8 +139,14 @@ pub fn page(rows: Vec<RawRecord>) -> Result<wit::RecordPage, Error> {
     Ok(wit::RecordPage { fields: columns.fields, rows: out })
 }
 
-/// Stored rows straight to a packed page: every text cell appended to the page's one
-/// `text`, so neither the host nor the guest allocates per cell.
+/// Bytes of one cell of a packed page (see `packed-page` in the WIT): a kind byte and 8
+/// bytes of value.
+pub const PACKED_CELL: usize = 9;
+type PackedCell = [u8; PACKED_CELL];
+
+/// Stored rows straight to a packed page: every cell 9 bytes of one buffer and every text
+/// appended to the page's one `text`, so neither the host nor the guest allocates per cell,
+/// and both buffers cross into the guest as one copy each.
 pub fn packed_page(rows: Vec<RawRecord>) -> Result<wit::PackedPage, Error> {
     let mut columns = Columns::default();
     // The text is never longer than the rows' JSON: one allocation, no regrowth.
@@ -156,10 +162,10 @@ pub fn packed_page(rows: Vec<RawRecord>) -> Result<wit::PackedPage, Error> {
             cells.reserve(cells.len() * (count - 1));
         }
         let start = cells.len();
-        cells.resize(start + columns.fields.len(), wit::Cell::Null);
+        cells.resize(start + columns.fields.len(), [0; PACKED_CELL]);
         read_row(&raw.values, &mut columns, |i, cell| {
             if start + i >= cells.len() {
-                cells.resize(start + i + 1, wit::Cell::Null);
+                cells.resize(start + i + 1, [0; PACKED_CELL]);
             }
             cells[start + i] = cell.into_packed(&mut text)?;
             Ok(())
@@ -175,12 +181,12 @@ pub fn packed_page(rows: Vec<RawRecord>) -> Result<wit::PackedPage, Error> {
         let mut at = 0;
         for w in widths {
             wide.extend_from_slice(&cells[at..at + w]);
-            wide.resize(wide.len() + n - w, wit::Cell::Null);
+            wide.resize(wide.len() + n - w, [0; PACKED_CELL]);
             at += w;
         }
         cells = wide;
     }
-    Ok(wit::PackedPage { fields: columns.fields, rows: out, cells, text })
+    Ok(wit::PackedPage { fields: columns.fields, rows: out, cells: cells.into_flattened(), text })
 }
 
 /// A stored row's messages as WIT messages, and whether none is an error.
@@ -317,23 +323,26 @@ impl Cell<'_> {
     }
 
     /// The packed cell, its text appended to `text`.
-    fn into_packed(self, text: &mut String) -> Result<wit::Cell, Error> {
-        Ok(match self {
-            Cell::Null => wit::Cell::Null,
-            Cell::Boolean(b) => wit::Cell::Boolean(b),
-            Cell::Integer(i) => wit::Cell::Integer(i),
-            Cell::Float(f) => wit::Cell::Float(f),
+    fn into_packed(self, text: &mut String) -> Result<PackedCell, Error> {
+        let (kind, value) = match self {
+            Cell::Null => (0, [0; 8]),
+            Cell::Boolean(b) => (1, u64::from(b).to_le_bytes()),
+            Cell::Integer(i) => (2, i.to_le_bytes()),
+            Cell::Float(f) => (3, f.to_bits().to_le_bytes()),
             Cell::Text(s) => {
                 // Spans are u32 offsets, so a page's text stops at 4 GiB (far past what a
                 // guest's memory limit lets it receive).
-                let span = match (u32::try_from(text.len()), u32::try_from(s.len())) {
-                    (Ok(start), Ok(len)) if start.checked_add(len).is_some() => wit::TextSpan { start, len },
+                let (start, len) = match (u32::try_from(text.len()), u32::try_from(s.len())) {
+                    (Ok(start), Ok(len)) if start.checked_add(len).is_some() => (start, len),
                     _ => return Err(Error::Invalid("the page's text passes 4 GiB; ask for a smaller page".into())),
                 };
                 text.push_str(&s);
-                wit::Cell::Text(span)
+                (4, (u64::from(start) | u64::from(len) << 32).to_le_bytes())
             }
-        })
+        };
+        let mut cell = [kind; PACKED_CELL];
+        cell[1..].copy_from_slice(&value);
+        Ok(cell)
     }
 }
 
@@ -505,29 +514,30 @@ mod tests {
         }
     }
 
-    /// A packed page spelled out as rows of values, every span checked against the text.
+    /// A packed page spelled out as rows of values, every cell decoded as the WIT says and
+    /// every span checked against the text.
     fn unpack(p: wit::PackedPage) -> wit::RecordPage {
         let width = p.fields.len();
-        assert_eq!(p.cells.len(), p.rows.len() * width, "one cell per row and field");
+        assert_eq!(p.cells.len(), p.rows.len() * width * 9, "9 bytes per row and field");
+        let cell = |c: &[u8]| {
+            let word = |at: usize| u32::from_le_bytes(c[at..at + 4].try_into().unwrap());
+            let value = u64::from(word(1)) | u64::from(word(5)) << 32;
+            match c[0] {
+                0 => wit::Value::Null,
+                1 => wit::Value::Boolean(value == 1),
+                2 => wit::Value::Integer(value as i64),
+                3 => wit::Value::Float(f64::from_bits(value)),
+                4 => wit::Value::Text(p.text.get(word(1) as usize..(word(1) + word(5)) as usize).unwrap().to_owned()),
+                kind => panic!("cell kind {kind}"),
+            }
+        };
         let rows = p
             .rows
             .into_iter()
             .enumerate()
             .map(|(i, row)| wit::Row {
                 id: row.id,
-                values: p.cells[i * width..(i + 1) * width]
-                    .iter()
-                    .map(|c| match *c {
-                        wit::Cell::Null => wit::Value::Null,
-                        wit::Cell::Boolean(b) => wit::Value::Boolean(b),
-                        wit::Cell::Integer(n) => wit::Value::Integer(n),
-                        wit::Cell::Float(f) => wit::Value::Float(f),
-                        wit::Cell::Text(span) => {
-                            let start = span.start as usize;
-                            wit::Value::Text(p.text.get(start..start + span.len as usize).unwrap().to_owned())
-                        }
-                    })
-                    .collect(),
+                values: p.cells[i * width * 9..(i + 1) * width * 9].chunks(9).map(cell).collect(),
                 messages: row.messages,
                 valid: row.valid,
             })
@@ -542,8 +552,10 @@ mod tests {
         rows[1].messages = Some(json!([{"type": "error", "message": "bad", "field": "b"}]).to_string());
         let p = packed_page(rows).unwrap();
         assert_eq!(p.fields, ["a", "b"]);
-        assert_eq!(p.cells.len(), 6, "the first row, read before `b` was seen, is widened");
-        assert!(matches!(p.cells[1], wit::Cell::Null));
+        assert_eq!(p.cells.len(), 6 * 9, "the first row, read before `b` was seen, is widened");
+        assert_eq!(p.cells[9..18], [0; 9], "with a null");
+        assert_eq!(p.cells[..9], [4, 0, 0, 0, 0, 1, 0, 0, 0], "text at 0, 1 byte long");
+        assert_eq!(p.cells[27..36], [2, 2, 0, 0, 0, 0, 0, 0, 0], "the integer 2");
         assert_eq!(p.rows.iter().map(|r| r.valid).collect::<Vec<_>>(), [true, false, true]);
         assert_eq!(p.rows[0].messages[0].text, "check");
         assert!(matches!(p.rows[1].messages[0].kind, wit::MessageKind::Error));
