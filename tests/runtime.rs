@@ -90,9 +90,9 @@ async fn a_failing_part_fails_the_parent() {
     assert_eq!(failed, [1, 3]);
 }
 
-/// A guest paging through a sheet gets every page after the first read ahead (while it worked
-/// on the page before); a guest that writes between pages gets each page read when it asks,
-/// and so sees its own writes.
+/// A guest paging through a sheet gets every page after the second read ahead (while it
+/// worked on the page before; the second shows it reads the sheet through); a guest that
+/// writes between pages gets each page read when it asks, and so sees its own writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_are_read_ahead_for_a_reader_and_a_writer_between_pages_sees_its_writes() {
     let host = TestHost::new();

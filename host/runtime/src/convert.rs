@@ -141,7 +141,7 @@ pub fn page(rows: Vec<RawRecord>) -> Result<wit::RecordPage, Error> {
 
 /// Bytes of one cell of a packed page (see `packed-page` in the WIT): a kind byte and 8
 /// bytes of value.
-pub const PACKED_CELL: usize = 9;
+const PACKED_CELL: usize = 9;
 type PackedCell = [u8; PACKED_CELL];
 
 /// Stored rows straight to a packed page: every cell 9 bytes of one buffer and every text

@@ -8,7 +8,7 @@ use jobhost::runtime::{Runtime, RuntimeConfig};
 use jobhost::{Engine, EngineConfig, Env, scenario};
 use serde_json::Value;
 
-pub fn config() -> EngineConfig {
+fn config() -> EngineConfig {
     EngineConfig { ack_timeout: None, stale_timeout: None, ..EngineConfig::single_environment(256) }
 }
 
