@@ -29,7 +29,10 @@
 //!   timed), vs compiling it; and the part of a load that reads and hashes the file.
 //! - **languages**: per-event cost (fresh instance + trivial call + drop) and the seeds'
 //!   scenario with the Python, JavaScript and C plugins (`plugins/python|js|c/`, built by
-//!   `jobhost::build`) against the Rust plugin, in the same run.
+//!   `jobhost::build`) against the Rust plugin, in the same run; and the Python and JavaScript
+//!   listeners' scenario against the same code run natively (CPython, Node.js) on the
+//!   in-memory host of `benches/native/`.
+//! - **events**: the per-event half of `languages` alone.
 
 use std::time::{Duration, Instant};
 
@@ -75,7 +78,9 @@ fn main() {
             load_cached(if full { 20 } else { 3 }).await;
         }
         if only("languages") {
-            languages(dispatches / 10, scenario_records).await;
+            languages(dispatches / 10, Some(scenario_records)).await;
+        } else if only("events") {
+            languages(dispatches / 10, None).await;
         }
         if only("concurrency") {
             concurrency(if full { 1_000_000 } else { 5_000 }).await;
@@ -282,7 +287,7 @@ async fn load_cached(rounds: usize) {
 /// Python, JavaScript and C against Rust, same host, same run. Their components are built (and
 /// cached by content) by `jobhost::build`, and compiled once into a compilation cache in the
 /// target directory, as a host with its default cache would.
-async fn languages(events: usize, n: u64) {
+async fn languages(events: usize, n: Option<u64>) {
     let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let build = |dir: &str| jobhost::build::build_in(&repo.join("plugins").join(dir), &tmp.join("tools")).unwrap();
@@ -294,7 +299,10 @@ async fn languages(events: usize, n: u64) {
     let rust = rt.load(std::path::Path::new(artifacts::TEST_NOOP)).await.unwrap();
     let route = |p: &jobhost::runtime::Plugin| p.routes.iter().position(|r| r.topic == "bench:noop").unwrap() as u32;
     let rust_route = route(&rust);
-    let rust_time = scenario_with(n, Some((rt.clone(), artifacts::SUBMIT_LARGE_SHEET.into()))).await;
+    let rust_time = match n {
+        Some(n) => scenario_with(n, Some((rt.clone(), artifacts::SUBMIT_LARGE_SHEET.into()))).await,
+        None => Duration::ZERO,
+    };
     for (language, dir) in [("Python", "python"), ("JavaScript", "js"), ("C", "c")] {
         let guest = rt.load(&build(&format!("{dir}/test-noop"))).await.unwrap();
         let guest_route = route(&guest);
@@ -324,6 +332,7 @@ async fn languages(events: usize, n: u64) {
             per(ours),
             per(theirs) / per(ours)
         );
+        let Some(n) = n else { continue };
         let time = scenario_with(n, Some((rt.clone(), build(&format!("{dir}/submit-large-sheet"))))).await;
         println!(
             "{:<50} {:>11.2} s {:>11.2} s {:>7.2}x",
@@ -332,7 +341,53 @@ async fn languages(events: usize, n: u64) {
             rust_time.as_secs_f64(),
             time.as_secs_f64() / rust_time.as_secs_f64()
         );
+        let native = match dir {
+            "python" => ["python3", "host.py", "plugin-sdk/python", "plugins/python/submit-large-sheet"],
+            "js" => ["node", "host.mjs", "plugin-sdk/js/jobhost-listener.js", "plugins/js/submit-large-sheet/app.js"],
+            _ => continue,
+        };
+        let native_time = tokio::task::spawn_blocking(move || native_scenario(native, n)).await.unwrap();
+        println!(
+            "{:<50} {:>11.2} s {:>11.2} s {:>7.2}x",
+            format!("scenario {n}, {language}: WASM in jobhost vs {}", native[0]),
+            time.as_secs_f64(),
+            native_time.as_secs_f64(),
+            time.as_secs_f64() / native_time.as_secs_f64()
+        );
     }
+}
+
+/// The seeds' scenario's listener code run natively — `[interpreter, host script, SDK, app]`,
+/// the script under `benches/native/` — on that script's in-memory host, over the same `n`
+/// sample records: the time from the job's creation to its end, checked like the WASM run's.
+fn native_scenario([interpreter, script, sdk, app]: [&str; 4], n: u64) -> Duration {
+    use std::io::Write;
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let records = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("native-records-{n}.jsonl"));
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&records).unwrap());
+    let mut invalid = 0;
+    for start in (0..n).step_by(100_000) {
+        let (rows, bad) = scenario::sample_range(start..(start + 100_000).min(n));
+        invalid += bad;
+        for row in rows {
+            serde_json::to_writer(&mut out, &row.values).unwrap();
+            out.write_all(b"\n").unwrap();
+        }
+    }
+    out.into_inner().unwrap().sync_all().unwrap();
+    let run = std::process::Command::new(interpreter)
+        .arg(repo.join("host/jobhost/benches/native").join(script))
+        .args([repo.join(sdk), repo.join(app), records.clone()])
+        .output()
+        .unwrap_or_else(|e| panic!("running {interpreter}: {e}"));
+    std::fs::remove_file(&records).unwrap();
+    assert!(run.status.success(), "{interpreter} {script}: {}", String::from_utf8_lossy(&run.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(answer["status"], "complete", "{answer}");
+    assert_eq!(answer["records"]["total"], n, "{answer}");
+    assert_eq!(answer["records"]["error"], invalid, "{answer}");
+    assert_eq!(answer["outcome"]["parts"]["completed"], n.div_ceil(1000), "{answer}");
+    Duration::from_secs_f64(answer["seconds"].as_f64().unwrap())
 }
 
 /// The same component with a custom section appended: same behaviour, another version.
