@@ -213,6 +213,8 @@ app.default(listener);
 // ---- the run -----------------------------------------------------------------------------
 
 const routes = exported.subscriptions().map((s) => ({ topic: s.topic, filter: s.filter === undefined ? {} : JSON.parse(s.filter) }));
+// A route's topic (exact, `prefix:*` or `**`) and exact values of the event's context keys: what
+// the seeds' listeners use, not jobhost's whole filter language (globs, nested keys).
 const matches = (route, e) =>
   (route.topic === e.topic || route.topic === "**" || (route.topic.endsWith(":*") && e.topic.startsWith(route.topic.slice(0, -1)))) &&
   Object.entries(route.filter).every(([k, v]) => e.context[k] === v);

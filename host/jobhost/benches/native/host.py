@@ -297,6 +297,8 @@ def install(host):
 
 
 def matches(topic, flt, event_topic, context):
+    """A route's topic (exact, `prefix:*` or `**`) and exact values of the event's context keys:
+    what the seeds' listeners use, not jobhost's whole filter language (globs, nested keys)."""
     if topic not in (event_topic, "**") and not (topic.endswith(":*") and event_topic.startswith(topic[:-1])):
         return False
     return all(context.get(k) == v for k, v in (flt or {}).items())
