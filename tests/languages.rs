@@ -179,7 +179,19 @@ async fn a_python_exception_fails_the_delivery_with_its_message() {
     assert!(error.contains("ValueError: bad input in {'row': 7}"), "{error}");
     assert!(error.contains("Traceback") && error.contains("app.py"), "the traceback names the line: {error}");
     assert!(e.logs.contains("raising now"), "{}", e.logs);
-    assert_eq!(env.job(&job.id).await.unwrap().info.as_deref().map(|i| i.contains("ValueError")), Some(true));
+    // The host notes the failure on the job. A retry's `ack` (5 ms later here) sets its own info
+    // again, so wait for the note rather than read it once: after the last attempt it stays.
+    let noted = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        env.engine().wait_for(|| {
+            let (env, id) = (env.clone(), job.id.clone());
+            async move { Ok(env.job(&id).await?.info.filter(|i| i.contains("ValueError"))) }
+        }),
+    )
+    .await
+    .expect("the job's info never noted the ValueError")
+    .unwrap();
+    assert!(noted.contains("failed on job:ready (attempt "), "{noted}");
 
     let e = failed(refused.id.clone()).await;
     let error = e.error.clone().unwrap_or_default();
