@@ -303,6 +303,8 @@ async fn languages(events: usize, n: Option<u64>) {
         Some(n) => scenario_with(n, Some((rt.clone(), artifacts::SUBMIT_LARGE_SHEET.into()))).await,
         None => Duration::ZERO,
     };
+    // The native runs' copy of the sample, written once for both interpreters.
+    let native_records = n.map(|n| write_sample(n, tmp));
     for (language, dir) in [("Python", "python"), ("JavaScript", "js"), ("C", "c")] {
         let guest = rt.load(&build(&format!("{dir}/test-noop"))).await.unwrap();
         let guest_route = route(&guest);
@@ -346,7 +348,10 @@ async fn languages(events: usize, n: Option<u64>) {
             "js" => ["node", "host.mjs", "plugin-sdk/js/jobhost-listener.js", "plugins/js/submit-large-sheet/app.js"],
             _ => continue,
         };
-        let native_time = tokio::task::spawn_blocking(move || native_scenario(native, n)).await.unwrap();
+        let (records, invalid) = native_records.clone().unwrap();
+        let repo = repo.clone();
+        let native_time =
+            tokio::task::spawn_blocking(move || native_scenario(&repo, native, &records, n, invalid)).await.unwrap();
         println!(
             "{:<50} {:>11.2} s {:>11.2} s {:>7.2}x",
             format!("scenario {n}, {language}: WASM in jobhost vs {}", native[0]),
@@ -355,16 +360,17 @@ async fn languages(events: usize, n: Option<u64>) {
             time.as_secs_f64() / native_time.as_secs_f64()
         );
     }
+    if let Some((records, _)) = native_records {
+        std::fs::remove_file(records).unwrap();
+    }
 }
 
-/// The seeds' scenario's listener code run natively — `[interpreter, host script, SDK, app]`,
-/// the script under `benches/native/` — on that script's in-memory host, over the same `n`
-/// sample records: the time from the job's creation to its end, checked like the WASM run's.
-fn native_scenario([interpreter, script, sdk, app]: [&str; 4], n: u64) -> Duration {
+/// Writes the `n` sample records as JSON lines to `native-records-{n}.jsonl` in `dir`; returns
+/// the file and how many of the records break a rule.
+fn write_sample(n: u64, dir: &std::path::Path) -> (std::path::PathBuf, u64) {
     use std::io::Write;
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let records = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("native-records-{n}.jsonl"));
-    let mut out = std::io::BufWriter::new(std::fs::File::create(&records).unwrap());
+    let path = dir.join(format!("native-records-{n}.jsonl"));
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
     let mut invalid = 0;
     for start in (0..n).step_by(100_000) {
         let (rows, bad) = scenario::sample_range(start..(start + 100_000).min(n));
@@ -374,13 +380,26 @@ fn native_scenario([interpreter, script, sdk, app]: [&str; 4], n: u64) -> Durati
             out.write_all(b"\n").unwrap();
         }
     }
-    out.into_inner().unwrap().sync_all().unwrap();
+    out.flush().unwrap();
+    (path, invalid)
+}
+
+/// The seeds' scenario's listener code run natively — `[interpreter, host script, SDK, app]`,
+/// the script under `benches/native/` — on that script's in-memory host, over the `n` sample
+/// records in `records` (`invalid` of them breaking a rule): the time from the job's creation
+/// to its end, checked like the WASM run's.
+fn native_scenario(
+    repo: &std::path::Path,
+    [interpreter, script, sdk, app]: [&str; 4],
+    records: &std::path::Path,
+    n: u64,
+    invalid: u64,
+) -> Duration {
     let run = std::process::Command::new(interpreter)
         .arg(repo.join("host/jobhost/benches/native").join(script))
-        .args([repo.join(sdk), repo.join(app), records.clone()])
+        .args([repo.join(sdk), repo.join(app), records.to_owned()])
         .output()
         .unwrap_or_else(|e| panic!("running {interpreter}: {e}"));
-    std::fs::remove_file(&records).unwrap();
     assert!(run.status.success(), "{interpreter} {script}: {}", String::from_utf8_lossy(&run.stderr));
     let answer: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
     assert_eq!(answer["status"], "complete", "{answer}");
