@@ -39,17 +39,25 @@ impl TopicPattern {
 
     /// Whether `topic` matches.
     pub fn matches(&self, topic: &str) -> bool {
-        let topic: Vec<&str> = topic.split(':').collect();
-        match_segments(&self.segments, &topic)
+        // Runs for every subscription on every event the writer stores: no allocation.
+        match_segments(&self.segments, topic.split(':'))
     }
 }
 
-fn match_segments(pattern: &[String], topic: &[&str]) -> bool {
+fn match_segments(pattern: &[String], mut topic: std::str::Split<'_, char>) -> bool {
     match pattern.split_first() {
-        None => topic.is_empty(),
-        Some((first, rest)) if first == "**" => (0..=topic.len()).any(|skip| match_segments(rest, &topic[skip..])),
-        Some((first, rest)) => match topic.split_first() {
-            Some((t, trest)) => glob(first, t) && match_segments(rest, trest),
+        None => topic.next().is_none(),
+        // `**` swallows none, one, … or all of the remaining segments.
+        Some((first, rest)) if first == "**" => loop {
+            if match_segments(rest, topic.clone()) {
+                return true;
+            }
+            if topic.next().is_none() {
+                return false;
+            }
+        },
+        Some((first, rest)) => match topic.next() {
+            Some(t) => glob(first, t) && match_segments(rest, topic),
             None => false,
         },
     }
@@ -57,28 +65,32 @@ fn match_segments(pattern: &[String], topic: &[&str]) -> bool {
 
 /// Matches `text` against a glob where `*` is any run of characters and `?` one character.
 pub fn glob(pattern: &str, text: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let t: Vec<char> = text.chars().collect();
-    // Iterative matcher with single backtrack point: linear in practice, no recursion blowup.
+    // Iterative matcher with one backtrack point (the last `*`): linear in practice, no
+    // recursion. Positions are byte offsets on char boundaries, so nothing is collected.
+    let next = |s: &str, at: usize| s[at..].chars().next();
     let (mut pi, mut ti) = (0, 0);
     let (mut star, mut mark) = (None, 0);
-    while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some(pi);
-            mark = ti;
-            pi += 1;
-        } else if let Some(s) = star {
-            pi = s + 1;
-            mark += 1;
-            ti = mark;
-        } else {
-            return false;
+    while let Some(tc) = next(text, ti) {
+        match next(pattern, pi) {
+            // `*` first: a `*` in the pattern is a wildcard even where the text has a `*`.
+            Some('*') => {
+                star = Some(pi);
+                mark = ti;
+                pi += 1;
+            }
+            Some(pc) if pc == '?' || pc == tc => {
+                pi += pc.len_utf8();
+                ti += tc.len_utf8();
+            }
+            _ => {
+                let Some(s) = star else { return false };
+                pi = s + 1;
+                mark += next(text, mark).map_or(1, char::len_utf8);
+                ti = mark;
+            }
         }
     }
-    p[pi..].iter().all(|&c| c == '*')
+    pattern[pi..].chars().all(|c| c == '*')
 }
 
 /// A compiled filter.
@@ -251,6 +263,14 @@ mod tests {
             ("", "", true),
             ("*", "", true),
             ("?", "", false),
+            // A `*` in the text is still only text: the pattern's `*` stays a wildcard.
+            ("a*", "a*b", true),
+            ("*b", "**b", true),
+            ("a?c", "a*c", true),
+            ("é?", "éé", true),
+            ("?", "é", true),
+            ("*é", "aéé", true),
+            ("a*é", "aé!", false),
         ];
         for (p, t, want) in table {
             assert_eq!(glob(p, t), want, "{p} vs {t}");

@@ -47,6 +47,10 @@ mod inprocess;
 use inprocess::{host, run_scenario_job, runtime, scenario_with, wait_terminal};
 use serde_json::json;
 
+// The same allocator as the `jobhost` binary, so the rows measure what users run.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let only = |name: &str| {
