@@ -29,6 +29,10 @@ struct Sizes {
     records: u64,
 }
 
+// The same allocator as the `jobhost` binary, so the rows measure what users run.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let sizes = if full {

@@ -151,6 +151,10 @@ async fn language(label: &str, language: Language, source: &str, edits: usize, t
     );
 }
 
+// The same allocator as the `jobhost` binary, so the rows measure what users run.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let named: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();

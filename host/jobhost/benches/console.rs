@@ -25,6 +25,10 @@ use jobhost_test_browser::Locator;
 
 const ADMIN: &str = "bench-admin";
 
+// The same allocator as the `jobhost` binary, so the rows measure what users run.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let (parts, rate, requests) = if full { (10_000u32, 1_000u32, 50) } else { (300, 300, 5) };

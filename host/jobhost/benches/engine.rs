@@ -36,6 +36,10 @@ struct Sizes {
     scenario_records: u64,
 }
 
+// The same allocator as the `jobhost` binary, so the rows measure what users run.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let sizes = if full {

@@ -29,6 +29,10 @@ use jobhost_test_plugins as artifacts;
 mod support;
 use support::{answer, environment_token, serve};
 
+// The same allocator as the `jobhost` binary, so the rows measure what users run.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let only = |name: &str| {

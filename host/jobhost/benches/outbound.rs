@@ -24,6 +24,10 @@ use jobhost::{EngineConfig, scenario};
 use jobhost_test_plugins as artifacts;
 use serde_json::json;
 
+// The same allocator as the `jobhost` binary, so the rows measure what users run.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let (gets, records) = if full { (2_000u32, 100_000u64) } else { (20, 3_000) };

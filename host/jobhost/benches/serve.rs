@@ -29,6 +29,10 @@ use support::{answer, environment_token, serve};
 /// No single wait of the benchmark takes longer; a stuck run fails instead of hanging.
 const DEADLINE: Duration = Duration::from_secs(600);
 
+// The same allocator as the `jobhost` binary, so the rows measure what users run.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let only = |name: &str| {
