@@ -557,3 +557,109 @@ async fn the_api_behaves_as_its_openapi_document_says() {
     conforms(&server, ADMIN, &["--include-tag", "admin"]).await;
     server.stop().await;
 }
+
+/// `GET /v1/events` with `since`, `limit` and `topic`: the events, `Next-Since` and `Events-More`.
+async fn events_page(
+    server: &Server,
+    token: &str,
+    since: i64,
+    limit: u32,
+    topic: Option<&str>,
+) -> (Vec<Value>, i64, bool) {
+    let mut url = format!("{}/v1/events?since={since}&limit={limit}", server.base);
+    if let Some(t) = topic {
+        url.push_str(&format!("&topic={t}"));
+    }
+    let resp = server.http.get(url).bearer_auth(token).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let header = |name: &str| resp.headers()[name].to_str().unwrap().to_owned();
+    let (next, more) = (header("next-since").parse().unwrap(), header("events-more").parse().unwrap());
+    let body: Value = resp.json().await.unwrap();
+    (body["data"].as_array().unwrap().clone(), next, more)
+}
+
+/// A filtered listing pages through every match, wherever it lies: the filter is applied to the
+/// log, not inside one window of it, and `Next-Since`/`Events-More` say where to go on. Checked
+/// against the unfiltered log as the model, for several patterns and page sizes.
+#[tokio::test]
+async fn a_filtered_event_listing_returns_every_match_across_its_pages() {
+    let server = Server::start().await;
+    let (env_id, token) = server.tenant("listing").await;
+    let env = server._host.engine.env(&env_id);
+    let creates =
+        (0..600).map(|i| {
+            let env = env.clone();
+            async move {
+                env.create_job(jobhost::model::NewJob::new(jobhost::model::JobType::File, format!("fill{i}"))).await
+            }
+        });
+    for created in futures_util::future::join_all(creates).await {
+        created.unwrap();
+    }
+    let sheet = env.create_sheet("late").await.unwrap();
+    env.insert_records(&sheet.id, scenario::sample_records(1).0).await.unwrap();
+
+    // The model: the whole log, unfiltered.
+    let mut log: Vec<(i64, String)> = Vec::new();
+    loop {
+        let (page, next, more) = events_page(&server, &token, log.last().map_or(0, |e| e.0), 1000, None).await;
+        log.extend(page.iter().map(|e| (e["seq"].as_i64().unwrap(), e["topic"].as_str().unwrap().to_owned())));
+        assert_eq!(next, log.last().unwrap().0);
+        if !more && page.len() < 1000 {
+            break;
+        }
+        assert!(log.len() < 10_000, "the unfiltered listing does not end");
+    }
+    let late = log.iter().position(|e| e.1 == "records:created").expect("the records event is in the log");
+    assert!(late >= 1000, "the only records:created event lies past the first 1,000 events (at {late})");
+
+    // The case the filter used to miss: one page, the one match, and the end of the log.
+    let (page, next, more) = events_page(&server, &token, 0, 1000, Some("records:created")).await;
+    assert_eq!(page.len(), 1, "{page:?}");
+    assert_eq!(page[0]["seq"].as_i64().unwrap(), log[late].0);
+    assert_eq!((next, more), (log.last().unwrap().0, false));
+
+    for pattern in ["job:*", "job:created", "records:*", "**", "nothing:here"] {
+        let p = jobhost::filter::TopicPattern::parse(pattern).unwrap();
+        let want: Vec<i64> = log.iter().filter(|e| p.matches(&e.1)).map(|e| e.0).collect();
+        // A page of one only where matches are sparse: on a dense pattern it is a request per event.
+        let limits: &[u32] = if want.len() < 10 { &[1, 7, 1000] } else { &[7, 1000] };
+        for &limit in limits {
+            let (mut got, mut since, mut pages) = (Vec::new(), 0, 0);
+            loop {
+                let (page, next, more) = events_page(&server, &token, since, limit, Some(pattern)).await;
+                assert!(page.len() <= limit as usize);
+                got.extend(page.iter().map(|e| e["seq"].as_i64().unwrap()));
+                assert!(next >= since, "{pattern}: the cursor went back from {since} to {next}");
+                since = next;
+                pages += 1;
+                assert!(pages <= want.len() + 2, "{pattern}, limit {limit}: paging does not end");
+                if !more {
+                    break;
+                }
+            }
+            assert_eq!(got, want, "{pattern}, limit {limit}");
+        }
+    }
+
+    // A scan budget smaller than the gap to the match: pages come back empty with the cursor
+    // advanced by the budget until the match, and nothing is skipped.
+    let p = jobhost::filter::TopicPattern::parse("records:created").unwrap();
+    let (mut since, mut calls, mut found) = (0, 0, Vec::new());
+    loop {
+        let scan = jobhost::api::routes::scan_events(&env, since, 1000, Some(&p), 250).await.unwrap();
+        calls += 1;
+        found.extend(scan.events.iter().map(|e| e.seq));
+        if scan.events.is_empty() && scan.more {
+            assert_eq!(scan.next_since, log[calls * 250 - 1].0, "a budget-stopped scan names the last event it read");
+        }
+        since = scan.next_since;
+        if !scan.more {
+            break;
+        }
+        assert!(calls <= log.len() / 250 + 2, "budgeted scanning does not end");
+    }
+    assert_eq!(found, vec![log[late].0]);
+    assert_eq!(calls, log.len().div_ceil(250) + usize::from(log.len().is_multiple_of(250)));
+    server.stop().await;
+}

@@ -592,14 +592,78 @@ fn topic_pattern(topic: Option<&str>) -> Result<Option<TopicPattern>, ApiError> 
     topic.map(|t| TopicPattern::parse(t).map_err(ApiError::from)).transpose()
 }
 
-/// Events after a cursor, oldest first; pass the last `seq` as `since` for the next page.
+/// Events scanned at most per `GET /v1/events` with a `topic`: a sparse filter over a long log
+/// answers within a bounded time and says where it stopped (`Next-Since`).
+pub const EVENTS_SCAN_BUDGET: usize = 100_000;
+
+/// Events after a cursor, oldest first. With `topic`, the store is read past the first batch
+/// until the page is full, the log ends, or [`EVENTS_SCAN_BUDGET`] events were scanned, so a
+/// match beyond the first `limit` events is found. Every answer carries `Next-Since`, the
+/// cursor for the next page (the last event scanned), and `Events-More`: `false` when the
+/// scan reached the end of the log, `true` when the page filled or the budget stopped it.
 #[utoipa::path(get, path = "/v1/events", tag = "events", params(EventsQuery), security(("bearer" = [])),
-    responses((status = 200, body = Data<Vec<Event>>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
-pub async fn list_events(t: Tenant, Query(q): Query<EventsQuery>) -> Answer<Vec<Event>> {
+    responses((status = 200, body = Data<Vec<Event>>, headers(
+            ("Next-Since" = i64, description = "pass as `since` for the next page: the last event scanned"),
+            ("Events-More" = bool, description = "false when the scan reached the end of the log"))),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+pub async fn list_events(t: Tenant, Query(q): Query<EventsQuery>) -> Result<Response, ApiError> {
     let (limit, _) = page(q.limit, None, 100, MAX_LIST)?;
     let pattern = topic_pattern(q.topic.as_deref())?;
-    let events = t.env.events(since(q.since)?, limit).await?;
-    ok(events.into_iter().filter(|e| pattern.as_ref().is_none_or(|p| p.matches(&e.topic))).collect())
+    let scan = scan_events(&t.env, since(q.since)?, limit, pattern.as_ref(), EVENTS_SCAN_BUDGET).await?;
+    let headers = [("next-since", scan.next_since.to_string()), ("events-more", scan.more.to_string())];
+    Ok((headers, axum::Json(Data { data: scan.events })).into_response())
+}
+
+/// A page of [`scan_events`].
+#[derive(Debug)]
+pub struct EventScan {
+    /// Up to `limit` matching events, oldest first.
+    pub events: Vec<Event>,
+    /// The last event scanned: the cursor for the next page.
+    pub next_since: i64,
+    /// False when the scan reached the end of the log.
+    pub more: bool,
+}
+
+/// The events after `since` whose topic matches `pattern` (all without one): read in batches
+/// until `limit` matched, the log ended, or `budget` events were scanned.
+pub async fn scan_events(
+    env: &jobhost_engine::Env,
+    since: i64,
+    limit: u32,
+    pattern: Option<&TopicPattern>,
+    budget: usize,
+) -> jobhost_engine::Result<EventScan> {
+    let (mut cursor, mut events, mut scanned) = (since, Vec::new(), 0usize);
+    // The first read is `limit` events: without a pattern that is the page, and a dense match
+    // needs little more. Each further read doubles, up to a page's most, so a sparse match
+    // costs few reads.
+    let mut batch = limit.min(budget.max(1) as u32);
+    let more = loop {
+        let read = env.events(cursor, batch).await?;
+        let got = read.len();
+        for e in read {
+            cursor = e.seq;
+            scanned += 1;
+            if pattern.is_none_or(|p| p.matches(&e.topic)) {
+                events.push(e);
+                if events.len() == limit as usize {
+                    break;
+                }
+            }
+            if scanned >= budget {
+                break;
+            }
+        }
+        if events.len() == limit as usize || scanned >= budget {
+            break true;
+        }
+        if got < batch as usize {
+            break false;
+        }
+        batch = (batch * 2).min(MAX_LIST).min((budget - scanned) as u32);
+    };
+    Ok(EventScan { events, next_since: cursor, more })
 }
 
 /// A live stream of events (Server-Sent Events): every event after `since` whose topic matches
