@@ -83,6 +83,39 @@ fn run_json_on_a_small_csv() {
     assert_eq!(s["deadLetters"], 0);
 }
 
+/// A listener that acks its job and returns without ending it: `run` says at once which job
+/// waits and why (even with `--json`), and after `--stale-timeout` the watchdog fails the job
+/// and `run` exits 1 with the reason, instead of sitting silent for the 15 minutes of `serve`.
+#[test]
+fn run_names_an_abandoned_job_and_ends_at_the_stale_timeout() {
+    let f = Fixture::new();
+    std::fs::copy(jobhost_test_plugins::TEST_MISBEHAVE, f.dir.path().join("plugins/test-misbehave.wasm")).unwrap();
+    let records = f.write("one.jsonl", r#"{"name":"Ada"}"#);
+    let args = ["run", "--plugins", &f.path("plugins"), "--records", &records, "--job", "sheet:abandon"];
+    let out = f.run(&[&args[..], &["--stale-timeout", "1", "--json"]].concat());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("waiting: no delivery is pending or in flight, and 1 job(s) of this run have not ended"),
+        "{err}"
+    );
+    assert!(
+        err.contains("sheet:abandon (info: started, then left): executing: a listener acked it and returned"),
+        "{err}"
+    );
+    assert!(err.contains("the watchdog fails it after 1 s without activity"), "{err}");
+    let s = json_out(&out);
+    assert_eq!(s["job"]["status"], "failed", "{s}");
+    assert_eq!(s["job"]["outcome"]["heading"], "Stale", "{s}");
+    let message = s["job"]["outcome"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("no ack or progress on job") && message.ends_with("for 1 s"), "{s}");
+    for bad in ["0", "soon", "86401"] {
+        let out = f.run(&[&args[..], &["--stale-timeout", bad]].concat());
+        assert_eq!(out.status.code(), Some(2), "--stale-timeout {bad}: {}", stderr(&out));
+        assert!(stderr(&out).contains("--stale-timeout"), "{}", stderr(&out));
+    }
+}
+
 #[test]
 fn run_reads_jsonl_and_a_failed_job_exits_1() {
     let f = Fixture::new();

@@ -6,7 +6,8 @@
 //! clocks (blocked in a host call: only the wall-clock limit stops it), `sheet:xss` writes
 //! markup and script into everything the console shows — its logs, a record of its sheet
 //! (a value and an error message), the job's info and outcome — and fails the job: the
-//! console must show all of it as text.
+//! console must show all of it as text. `sheet:abandon` acks its job and returns without
+//! ending it (the job waits for the watchdog).
 
 use jobhost_plugin_sdk::jobs::{self, Ack, Outcome};
 use jobhost_plugin_sdk::records::{self, CellValue, Message, MessageKind, NewRecord};
@@ -45,6 +46,12 @@ fn listener() -> Listener {
             })
         })
         .filter(json!({ "job": "sheet:xss" }), |l| l.on("job:ready", xss))
+        .filter(json!({ "job": "sheet:abandon" }), |l| {
+            l.on("job:ready", |event: &Event| -> Result<()> {
+                jobs::ack(event.job_id()?, Ack::progress("started, then left", 10))?;
+                Ok(())
+            })
+        })
         .filter(json!({ "job": "space:print" }), |l| {
             l.on("job:ready", |event: &Event| -> Result<()> {
                 println!("to stdout");

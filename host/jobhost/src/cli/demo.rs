@@ -223,6 +223,7 @@ pub(super) async fn watch_progress(engine: &Engine, state: &RunState, quiet: boo
     }
     let mut commits = engine.store().backend().notifications().commits;
     let (mut cursor, mut parts_total, mut parts_ended, mut last_printed) = (0i64, 0u64, 0u64, u64::MAX);
+    let (mut next_check, mut stalled) = (tokio::time::Instant::now() + STALL_CHECK, None::<String>);
     loop {
         commits.borrow_and_update();
         loop {
@@ -267,8 +268,69 @@ pub(super) async fn watch_progress(engine: &Engine, state: &RunState, quiet: boo
             }
             return Ok(job);
         }
-        commits.changed().await.context("the store closed")?;
+        // Once a second at most (counting deliveries scans their table): is anything still
+        // due or running that could move the job? If not, say which jobs wait and why.
+        let woke = tokio::time::timeout_at(next_check, commits.changed()).await;
+        if let Ok(changed) = woke {
+            changed.context("the store closed")?;
+        }
+        if tokio::time::Instant::now() >= next_check {
+            next_check = tokio::time::Instant::now() + STALL_CHECK;
+            let note = stall_note(engine, &env, &job).await?;
+            if let Some(note) = &note
+                && stalled.as_ref() != Some(note)
+            {
+                // Even with `--json`: stdout stays the summary, and a silent wait is the problem.
+                multi.suspend(|| eprintln!("{note}"));
+            }
+            stalled = note;
+        }
     }
+}
+
+/// How often [`watch_progress`] checks whether the job can still move.
+const STALL_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// When no delivery is pending or in flight, the jobs of this run that are not ended (the
+/// parent, then its parts) and why they wait; `None` while deliveries remain.
+async fn stall_note(engine: &Engine, env: &crate::Env, parent: &Job) -> anyhow::Result<Option<String>> {
+    let stats = engine.delivery_stats().await?;
+    if stats.pending + stats.leased > 0 {
+        return Ok(None);
+    }
+    let parts = env.parts(&parent.id).await?;
+    let open: Vec<&Job> = std::iter::once(parent).chain(parts.iter()).filter(|j| !j.status.is_terminal()).collect();
+    let config = engine.config();
+    let limit = |t: Option<std::time::Duration>| {
+        t.map_or("never (no timeout set)".to_owned(), |d| format!("after {} s", d.as_secs()))
+    };
+    let mut lines = vec![format!(
+        "waiting: no delivery is pending or in flight, and {} job(s) of this run have not ended:",
+        open.len()
+    )];
+    for j in open.iter().take(5) {
+        let why = match j.status {
+            JobStatus::Executing if j.id == parent.id && parts.iter().any(|p| !p.status.is_terminal()) => {
+                "executing: waiting for its parts (below)".to_owned()
+            }
+            JobStatus::Executing => format!(
+                "executing: a listener acked it and returned without completing or failing it; \
+                 the watchdog fails it {} without activity",
+                limit(config.stale_timeout)
+            ),
+            JobStatus::Ready => format!(
+                "ready: no listener acked it; the watchdog fails it {} unacknowledged",
+                limit(config.ack_timeout)
+            ),
+            other => format!("{other}"),
+        };
+        let info = j.info.as_deref().map(|i| format!(" (info: {i})")).unwrap_or_default();
+        lines.push(format!("  job {} {}{info}: {why}", j.id, j.job_name()));
+    }
+    if open.len() > 5 {
+        lines.push(format!("  … and {} more", open.len() - 5));
+    }
+    Ok(Some(lines.join("\n")))
 }
 
 /// Runs the demo from a test's child process (see `tests/crash.rs`).

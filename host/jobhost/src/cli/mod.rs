@@ -306,6 +306,11 @@ pub struct RunArgs {
     /// The job's input, JSON.
     #[arg(long)]
     pub input: Option<String>,
+    /// Seconds a job may sit executing without activity, or ready without an ack, before the
+    /// watchdog fails it (a listener that returned without ending its job); `serve` uses
+    /// 15 min and 5 min.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub stale_timeout: u64,
     /// Host options.
     #[command(flatten)]
     pub host: HostArgs,

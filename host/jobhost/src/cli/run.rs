@@ -29,7 +29,12 @@ pub(super) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let runtime = Runtime::new(runtime_config(&args.host))?;
-    let engine = open_engine(&dir.path, &args.host, Some(&runtime))?;
+    let stale = std::time::Duration::from_secs(args.stale_timeout);
+    let engine = open_engine_with(&dir.path, &args.host, Some(&runtime), |c| EngineConfig {
+        stale_timeout: Some(stale),
+        ack_timeout: Some(stale),
+        ..c
+    })?;
     let environment = engine.create_environment("run").await?;
     let running = Arc::new(engine.run(Vec::new()).await?);
     let (plugins, _watch) = start_plugins(&runtime, &running, &environment.id, &plugins_dir, args.host.json).await?;
