@@ -225,6 +225,40 @@ async fn a_failed_attempt_is_retried_and_output_is_captured() {
     }
 }
 
+/// A handler that acks its job and returns without ending it succeeds, and its execution
+/// record says the job was left executing; one that ends its job gets no such note.
+#[tokio::test]
+async fn an_execution_record_says_when_the_handler_left_its_job_executing() {
+    let (host, env, _good, running) = hostile_host(1).await;
+    let sheet = env.create_sheet("left").await.unwrap();
+    let left = NewJob { source: Some(sheet.id.clone()), ..NewJob::new(JobType::Sheet, "abandon") };
+    let left = env.create_job(left).await.unwrap();
+    let print = env.create_job(NewJob::new(JobType::Space, "print")).await.unwrap();
+    until_terminal(&env, &print.id).await;
+    let ran = |job: String| {
+        let env = env.clone();
+        move || {
+            let (env, job) = (env.clone(), job.clone());
+            async move {
+                let execs = env.executions(Some(&job), 100).await?;
+                Ok(execs.into_iter().find(|e| e.plugin == "test_misbehave" && e.topic == "job:ready"))
+            }
+        }
+    };
+    let deadline = Duration::from_secs(60);
+    let left_exec = tokio::time::timeout(deadline, host.engine.wait_for(ran(left.id.clone())))
+        .await
+        .expect("the abandon handler's execution record within 60 s")
+        .unwrap();
+    running.shutdown().await;
+    assert_eq!((left_exec.outcome, left_exec.error.as_deref()), (ExecutionOutcome::Ok, None));
+    let note = format!("[jobhost] the handler returned but job {} is still executing", left.id);
+    assert!(left_exec.logs.contains(&note), "{:?}", left_exec.logs);
+    assert_eq!(env.job(&left.id).await.unwrap().status, JobStatus::Executing);
+    let print_exec = ran(print.id.clone())().await.unwrap().expect("the print handler ran");
+    assert!(!print_exec.logs.contains("[jobhost]"), "{:?}", print_exec.logs);
+}
+
 #[tokio::test]
 async fn plugins_that_cannot_load_are_reported_and_the_rest_still_load() {
     let dir = tempfile::tempdir().unwrap();

@@ -239,6 +239,9 @@ pub struct HostState {
     manifest: Arc<Manifest>,
     scope: JobScope,
     records_written: u64,
+    /// Jobs this delivery acked and did not end, in call order: checked when the handler
+    /// returns, so an execution record can say a job was left executing.
+    acked_open: Vec<String>,
     /// The first limit or rule a host call refused, for the execution record.
     refused: Option<String>,
     /// `completion`: the handler's outcome comes by `settle` (`Some(None)`: deferred, not
@@ -379,6 +382,7 @@ impl HostState {
             event_id: Arc::from(event_id),
             scope: JobScope::default(),
             records_written: 0,
+            acked_open: Vec::new(),
             refused: None,
             deferred: None,
             read_ahead: None,
@@ -534,6 +538,29 @@ impl HostState {
         self.outbound.calls()
     }
 
+    /// After the handler returned: each job it acked and left executing without parts (a
+    /// split job waits for its parts, and anything may end a job later, so this is a note in
+    /// the logs, not a failure). Read from the store, so a job another writer ended is not named.
+    pub(super) fn jobs_left_open(&self) -> impl std::future::Future<Output = ()> + Send + use<> {
+        // Owned pieces: the store state itself is not `Send` across the reads.
+        let (env, ids, logs) = (self.env.clone(), self.acked_open.clone(), self.logs.clone());
+        async move {
+            let Some(env) = env else { return };
+            for id in ids {
+                if let Ok(job) = env.job(&id).await
+                    && job.status == crate::model::JobStatus::Executing
+                    && job.split_at.is_none()
+                    && let Ok(mut logs) = logs.lock()
+                {
+                    logs.push(&format!(
+                        "[jobhost] the handler returned but job {id} is still executing: nothing ends it unless a \
+                         later event's listener does; the watchdog fails it after the stale timeout\n"
+                    ));
+                }
+            }
+        }
+    }
+
     pub(super) fn take_logs(&self) -> String {
         self.logs.lock().map(|mut l| std::mem::take(&mut l.text)).unwrap_or_default()
     }
@@ -579,7 +606,11 @@ impl jobs::Host for HostState {
         self.check_size("info", info.as_deref())?;
         self.may_move(&id).await?;
         let ack = Ack { info, progress, estimated_completion_at: eta };
-        self.env()?.ack(&id, ack).await.map(convert::job).map_err(convert::error)
+        let job = self.env()?.ack(&id, ack).await.map(convert::job).map_err(convert::error)?;
+        if !self.acked_open.contains(&id) {
+            self.acked_open.push(id);
+        }
+        Ok(job)
     }
 
     async fn complete(&mut self, id: String, outcome: Option<String>, info: Option<String>) -> R<wit::Job> {
@@ -587,7 +618,9 @@ impl jobs::Host for HostState {
         self.check_size("info", info.as_deref())?;
         self.may_move(&id).await?;
         let o = Outcome { outcome: json_arg("outcome", outcome)?, info };
-        self.env()?.complete(&id, o).await.map(convert::job).map_err(convert::error)
+        let job = self.env()?.complete(&id, o).await.map(convert::job).map_err(convert::error)?;
+        self.acked_open.retain(|j| *j != id);
+        Ok(job)
     }
 
     async fn fail(&mut self, id: String, outcome: Option<String>, info: Option<String>) -> R<wit::Job> {
@@ -595,7 +628,9 @@ impl jobs::Host for HostState {
         self.check_size("info", info.as_deref())?;
         self.may_move(&id).await?;
         let o = Outcome { outcome: json_arg("outcome", outcome)?, info };
-        self.env()?.fail(&id, o).await.map(convert::job).map_err(convert::error)
+        let job = self.env()?.fail(&id, o).await.map(convert::job).map_err(convert::error)?;
+        self.acked_open.retain(|j| *j != id);
+        Ok(job)
     }
 
     async fn cancel(&mut self, id: String, info: Option<String>) -> R<wit::Job> {

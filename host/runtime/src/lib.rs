@@ -747,6 +747,10 @@ impl Runtime {
         };
         let result = tokio::time::timeout(limits.wall, call).await;
         let duration = started.elapsed();
+        if let Ok(Ok(Ok(()))) = &result {
+            let note = store.data().jobs_left_open();
+            note.await;
+        }
         let state = store.data();
         // A handler that finished after `handle` returned (`completion`) ends as it settled.
         let result = match (result, state.deferred()) {
