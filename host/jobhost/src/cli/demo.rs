@@ -301,8 +301,10 @@ async fn stall_note(engine: &Engine, env: &crate::Env, parent: &Job) -> anyhow::
     let parts = env.parts(&parent.id).await?;
     let open: Vec<&Job> = std::iter::once(parent).chain(parts.iter()).filter(|j| !j.status.is_terminal()).collect();
     let config = engine.config();
-    let limit = |t: Option<std::time::Duration>| {
-        t.map_or("never (no timeout set)".to_owned(), |d| format!("after {} s", d.as_secs()))
+    // "the watchdog fails it after 60 s without activity", or says it never will.
+    let limit = |t: Option<std::time::Duration>, what: &str| match t {
+        Some(d) => format!("the watchdog fails it after {} s {what}", d.as_secs()),
+        None => "no timeout is set, so nothing fails it".to_owned(),
     };
     let mut lines = vec![format!(
         "waiting: no delivery is pending or in flight, and {} job(s) of this run have not ended:",
@@ -314,14 +316,10 @@ async fn stall_note(engine: &Engine, env: &crate::Env, parent: &Job) -> anyhow::
                 "executing: waiting for its parts (below)".to_owned()
             }
             JobStatus::Executing => format!(
-                "executing: a listener acked it and returned without completing or failing it; \
-                 the watchdog fails it {} without activity",
-                limit(config.stale_timeout)
+                "executing: a listener acked it and returned without completing or failing it; {}",
+                limit(config.stale_timeout, "without activity")
             ),
-            JobStatus::Ready => format!(
-                "ready: no listener acked it; the watchdog fails it {} unacknowledged",
-                limit(config.ack_timeout)
-            ),
+            JobStatus::Ready => format!("ready: no listener acked it; {}", limit(config.ack_timeout, "unacknowledged")),
             other => format!("{other}"),
         };
         let info = j.info.as_deref().map(|i| format!(" (info: {i})")).unwrap_or_default();
