@@ -21,6 +21,11 @@ use crate::model::NewRecord;
 /// 32 MiB per request, and a record must fit in one with room for its neighbours.
 pub const MAX_RECORD_BYTES: usize = 16 << 20;
 
+/// The error for a record over [`MAX_RECORD_BYTES`], after `place` ("f.jsonl line 3:").
+fn too_long(place: String) -> anyhow::Error {
+    anyhow::anyhow!("{place} longer than {} MiB, the most a record may be", MAX_RECORD_BYTES >> 20)
+}
+
 /// Reads all records of a file.
 pub fn read_records(path: &Path) -> anyhow::Result<Vec<NewRecord>> {
     RecordReader::open(path)?.collect()
@@ -122,8 +127,8 @@ impl Lines {
     /// The next line and its number; `None` at the end of the file.
     fn next_line(&mut self, path: &Path) -> Option<(u64, anyhow::Result<String>)> {
         self.buf.clear();
-        // One byte past the limit tells a line at the limit from one over it, without ever
-        // holding more than that of a runaway line.
+        // Room for a line at the limit and its `\r\n`: a read that fills it without reaching a
+        // newline is a line over the limit, and no more than this of it is ever held.
         let limit = MAX_RECORD_BYTES as u64 + 2;
         let read = (&mut self.source).take(limit).read_until(b'\n', &mut self.buf);
         self.at += 1;
@@ -144,10 +149,7 @@ impl Lines {
         }
         // Cut off by `take` (no newline at the limit) or over it: a runaway line ends the read.
         if line.len() > MAX_RECORD_BYTES || (!ended && self.buf.len() as u64 == limit) {
-            let mib = MAX_RECORD_BYTES >> 20;
-            let error =
-                anyhow::anyhow!("{} line {at}: longer than {mib} MiB, the most a record may be", path.display());
-            return Some((at, Err(error)));
+            return Some((at, Err(too_long(format!("{} line {at}:", path.display())))));
         }
         Some((
             at,
@@ -251,12 +253,7 @@ impl Iterator for RecordReader {
                 if let Ok(row) = &row
                     && row.as_slice().len() > MAX_RECORD_BYTES
                 {
-                    let mib = MAX_RECORD_BYTES >> 20;
-                    let at = self.at;
-                    return Some(Err(anyhow::anyhow!(
-                        "{}: record {at} is longer than {mib} MiB, the most a record may be",
-                        self.path.display()
-                    )));
+                    return Some(Err(too_long(format!("{}: record {} is", self.path.display(), self.at))));
                 }
                 Some(row.with_context(|| format!("{}: bad CSV at record {}", self.path.display(), self.at)).map(
                     |row| {
