@@ -24,6 +24,8 @@ max_split_parts = 1000
 max_page_size = 500
 max_records_per_write = 1000
 max_records_per_delivery = 5000
+max_jobs_per_delivery = 25
+max_events_per_delivery = 30
 max_instances = 4
 
 [grants]
@@ -298,6 +300,72 @@ async fn writing_a_billion_records_stops_at_the_write_limits() {
         "{error}"
     );
     assert_eq!(arena.attacker.record_counts(&sheet.id).await.unwrap().total, 5000, "exactly the budget was written");
+    arena.stop().await;
+}
+
+/// An arena whose host would retry a failed delivery twice.
+async fn retrying_arena() -> Arena {
+    Arena::with(Some(HOSTILE), EngineConfig { max_attempts: 3, ..test_config() }).await
+}
+
+/// Runs attack `op` with `input` until its delivery is dead-lettered; returns the job, its one
+/// execution record and its dead letter.
+async fn storm(arena: &Arena, op: &str, input: Value) -> (Job, Execution, jobhost::model::DeadLetter) {
+    let job = arena.start(op, input).await;
+    let env = arena.attacker.clone();
+    let dead = arena
+        .host
+        .engine
+        .wait_for(move || {
+            let env = env.clone();
+            async move { Ok(env.dead_letters().await?.into_iter().next()) }
+        })
+        .await
+        .unwrap();
+    arena.witness().await;
+    let runs: Vec<Execution> = arena
+        .attacker
+        .executions(Some(&job.id), 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.topic == "job:ready")
+        .collect();
+    assert_eq!(runs.len(), 1, "one attempt only, though two retries were left: {runs:?}");
+    let exec = runs.into_iter().next().unwrap();
+    (job, exec, dead)
+}
+
+#[tokio::test]
+async fn a_job_storm_stops_at_the_delivery_budget_and_is_not_retried() {
+    let arena = retrying_arena().await;
+    let (job, exec, dead) = storm(&arena, "create-storm", Value::Null).await;
+    let budget = "25 jobs created in this delivery and 1 more asked; the plugin's max_jobs_per_delivery is 25";
+    assert!(exec.logs.contains("[hostile] created 25 jobs, then Limit"), "{}", exec.logs);
+    assert!(exec.logs.contains(&format!("[jobhost] limit: {budget}")), "{}", exec.logs);
+    assert_eq!(exec.outcome, ExecutionOutcome::Error);
+    assert!(exec.error.as_deref().unwrap().contains(budget), "{:?}", exec.error);
+    assert_eq!(dead.attempts, 1);
+    assert!(dead.last_error.contains(budget) && dead.last_error.contains("not retried"), "{}", dead.last_error);
+    let idle = arena.attacker.jobs(0, 1000).await.unwrap().into_iter().filter(|j| j.operation == "idle").count();
+    assert_eq!(idle, 25, "exactly the budget was created");
+    assert!(arena.attacker.job(&job.id).await.unwrap().info.unwrap().contains("max_jobs_per_delivery"));
+    arena.stop().await;
+}
+
+#[tokio::test]
+async fn an_event_storm_stops_at_the_delivery_budget_writes_nothing_more_and_is_not_retried() {
+    let arena = retrying_arena().await;
+    let sheet = arena.attacker.create_sheet("storm").await.unwrap().id;
+    let (_, exec, dead) = storm(&arena, "event-storm", json!({ "sheetId": sheet })).await;
+    let budget =
+        "this call would write 1 events after the 30 this delivery wrote; the plugin's max_events_per_delivery is 30";
+    assert!(exec.logs.contains("[hostile] inserted 30 records, then Limit"), "{}", exec.logs);
+    assert!(exec.logs.contains(&format!("[jobhost] limit: {budget}")), "{}", exec.logs);
+    assert!(exec.error.as_deref().unwrap().contains(budget), "{:?}", exec.error);
+    assert_eq!(dead.attempts, 1);
+    assert!(dead.last_error.contains("not retried"), "{}", dead.last_error);
+    assert_eq!(arena.attacker.record_counts(&sheet).await.unwrap().total, 30, "the refused call wrote nothing");
     arena.stop().await;
 }
 

@@ -632,6 +632,10 @@ async fn handle(engine: &Engine, entry: Option<RouteEntry>, d: Leased) {
             tracing::warn!(delivery = id, subscription = %d.subscription_id, topic = %d.event.topic, attempt = fence.attempt, error = %e, "delivery failed");
             Some(policy.after_failure(fence.attempt, e, now))
         }
+        End::FailedForGood(error) => {
+            tracing::warn!(delivery = id, subscription = %d.subscription_id, topic = %d.event.topic, attempt = fence.attempt, error = %error, "delivery dead-lettered without a retry");
+            Some(crate::store::DeliveryEnd::Dead { error })
+        }
     };
     let written = engine
         .store()

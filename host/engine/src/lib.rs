@@ -317,7 +317,13 @@ impl Engine {
 
     /// The API of one environment, acting as `system`.
     pub fn env(&self, environment_id: impl Into<String>) -> Env {
-        Env { engine: self.clone(), env: Arc::from(environment_id.into()), actor: Arc::from("system"), cause: None }
+        Env {
+            engine: self.clone(),
+            env: Arc::from(environment_id.into()),
+            actor: Arc::from("system"),
+            cause: None,
+            budget: None,
+        }
     }
 
     /// What `/metrics` reports about the store: jobs per status, and plugin deliveries per
@@ -344,6 +350,40 @@ pub struct Env {
     env: Arc<str>,
     actor: Arc<str>,
     cause: Option<Arc<rules::Cause>>,
+    budget: Option<Arc<EventBudget>>,
+}
+
+/// The events one delivery's calls may write, all calls together ([`Env::with_event_budget`]).
+///
+/// A call whose events would pass the budget is refused with [`Error::Limit`] inside its
+/// transaction, so it writes nothing; the events of calls that committed are counted.
+#[derive(Debug)]
+pub struct EventBudget {
+    max: u64,
+    used: std::sync::atomic::AtomicU64,
+    refused: std::sync::atomic::AtomicBool,
+}
+
+impl EventBudget {
+    /// A budget of `max` events.
+    pub fn new(max: u64) -> Self {
+        Self { max, used: Default::default(), refused: Default::default() }
+    }
+
+    /// Events written so far by calls that committed.
+    pub fn used(&self) -> u64 {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The budget.
+    pub fn max(&self) -> u64 {
+        self.max
+    }
+
+    /// Whether a call was refused for passing it.
+    pub fn refused(&self) -> bool {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl std::fmt::Debug for Env {
@@ -375,6 +415,12 @@ impl Env {
     /// ([`EngineConfig::max_chain_depth`], [`EngineConfig::max_chain_events`]) applies.
     pub fn caused_by(&self, event: &Event) -> Env {
         Env { cause: Some(Arc::new(rules::Cause::of(event))), ..self.clone() }
+    }
+
+    /// The same environment, actor and cause, with every write charged to `budget`: a call
+    /// whose events would pass it is refused with a `limit` error and changes nothing.
+    pub fn with_event_budget(&self, budget: Arc<EventBudget>) -> Env {
+        Env { budget: Some(budget), ..self.clone() }
     }
 
     /// The environment id.
@@ -412,6 +458,9 @@ impl Env {
         let known = self.engine.inner.known_environments.read().is_ok_and(|k| k.contains(&self.env));
         let config = &self.engine.inner.config;
         let (max_depth, max_events) = (config.max_chain_depth, config.max_chain_events);
+        let budget = self.budget.clone();
+        let (budget_used, budget_max) = budget.as_ref().map_or((0, u64::MAX), |b| (b.used(), b.max));
+        let charged = budget.clone();
         if let Some(cause) = &self.cause
             && cause.depth > max_depth
         {
@@ -440,6 +489,13 @@ impl Env {
                 }
                 let out = f(tx, &ctx)?;
                 let emitted = ctx.emitted.get();
+                if let Some(b) = charged.as_ref().filter(|_| budget_used.saturating_add(emitted) > budget_max) {
+                    b.refused.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return Err(Error::Limit(format!(
+                        "this call would write {emitted} events after the {budget_used} this delivery wrote; \
+                         the plugin's max_events_per_delivery is {budget_max}"
+                    )));
+                }
                 if let Some(cause) = &ctx.cause
                     && emitted > 0
                 {
@@ -452,9 +508,15 @@ impl Env {
                         )));
                     }
                 }
-                Ok(out)
+                Ok((out, emitted))
             })
             .await;
+        let written = written.map(|(out, emitted)| {
+            if let Some(b) = &budget {
+                b.used.fetch_add(emitted, std::sync::atomic::Ordering::Relaxed);
+            }
+            out
+        });
         // Committed, so the environment it found is committed too.
         if !known
             && written.is_ok()

@@ -50,6 +50,9 @@ pub enum End {
     Done,
     /// Failed with this message; retried with backoff, dead-lettered after the last attempt.
     Failed(String),
+    /// Failed in a way a retry would only repeat (a plugin that ran into a per-delivery
+    /// budget): dead-lettered with this message at once, whatever attempts are left.
+    FailedForGood(String),
     /// Handed back untouched: pending again without spending an attempt, for a subscriber
     /// that can take it (a plugin's new version no longer has the route it was leased for).
     Released(String),

@@ -239,6 +239,13 @@ pub struct HostState {
     manifest: Arc<Manifest>,
     scope: JobScope,
     records_written: u64,
+    /// Jobs created in this delivery (`create`, and each part of a `split`).
+    jobs_created: u64,
+    /// Events written by this delivery's calls, charged by the engine inside each write.
+    events: Arc<jobhost_engine::EventBudget>,
+    /// Whether a host call was refused for a per-delivery budget (jobs or events): a failed
+    /// delivery is then not retried, since a retry would only repeat the storm.
+    over_budget: bool,
     /// Jobs this delivery acked and did not end, in call order: checked when the handler
     /// returns, so an execution record can say a job was left executing.
     acked_open: Vec<String>,
@@ -382,6 +389,9 @@ impl HostState {
             event_id: Arc::from(event_id),
             scope: JobScope::default(),
             records_written: 0,
+            jobs_created: 0,
+            events: Arc::new(jobhost_engine::EventBudget::new(limits.max_events_per_delivery)),
+            over_budget: false,
             acked_open: Vec::new(),
             refused: None,
             deferred: None,
@@ -412,6 +422,7 @@ impl HostState {
     ) -> wasmtime::Result<Self> {
         let env = env.as_actor(format!("plugin:{plugin}"));
         let mut state = Self::new(manifest, Some(env), plugin, &event.id, Some(shared))?;
+        state.env = state.env.take().map(|e| e.with_event_budget(state.events.clone()));
         state.scope.job = event.job_id().map(str::to_owned);
         state.scope.parent = event.payload.get("parentId").and_then(Value::as_str).map(str::to_owned);
         Ok(state)
@@ -420,6 +431,36 @@ impl HostState {
     /// The limit or rule a host call refused first, if any.
     pub(super) fn refused(&self) -> Option<&str> {
         self.refused.as_deref()
+    }
+
+    /// Whether a host call was refused for a per-delivery budget of jobs or events.
+    pub(super) fn over_budget(&self) -> bool {
+        self.over_budget
+    }
+
+    /// An engine error as the guest's error. A limit the engine enforces (the delivery's
+    /// event budget, the loop guard) is noted and attributed like the host's own refusals.
+    fn engine_error(&mut self, e: crate::error::Error) -> wit::Error {
+        let crate::error::Error::Limit(why) = &e else { return convert::error(e) };
+        self.over_budget |= self.events.refused();
+        if let Ok(mut logs) = self.logs.lock() {
+            logs.push(&format!("[jobhost] limit: {why}\n"));
+        }
+        self.refused.get_or_insert_with(|| e.to_string());
+        convert::error(e)
+    }
+
+    /// Charges `n` new jobs to the delivery's budget, before the call that creates them.
+    fn charge_jobs(&mut self, n: u64) -> R<()> {
+        let max = self.manifest.limits.max_jobs_per_delivery;
+        if self.jobs_created.saturating_add(n) > max {
+            self.over_budget = true;
+            let done = self.jobs_created;
+            return Err(self.limit(format!(
+                "{done} jobs created in this delivery and {n} more asked; the plugin's max_jobs_per_delivery is {max}"
+            )));
+        }
+        Ok(())
     }
 
     /// `completion`: `None` when the handler did not defer; `Some(None)` when it deferred
@@ -606,7 +647,7 @@ impl jobs::Host for HostState {
         self.check_size("info", info.as_deref())?;
         self.may_move(&id).await?;
         let ack = Ack { info, progress, estimated_completion_at: eta };
-        let job = self.env()?.ack(&id, ack).await.map(convert::job).map_err(convert::error)?;
+        let job = self.env()?.ack(&id, ack).await.map(convert::job).map_err(|e| self.engine_error(e))?;
         if !self.acked_open.contains(&id) {
             self.acked_open.push(id);
         }
@@ -618,7 +659,7 @@ impl jobs::Host for HostState {
         self.check_size("info", info.as_deref())?;
         self.may_move(&id).await?;
         let o = Outcome { outcome: json_arg("outcome", outcome)?, info };
-        let job = self.env()?.complete(&id, o).await.map(convert::job).map_err(convert::error)?;
+        let job = self.env()?.complete(&id, o).await.map(convert::job).map_err(|e| self.engine_error(e))?;
         self.acked_open.retain(|j| *j != id);
         Ok(job)
     }
@@ -628,7 +669,7 @@ impl jobs::Host for HostState {
         self.check_size("info", info.as_deref())?;
         self.may_move(&id).await?;
         let o = Outcome { outcome: json_arg("outcome", outcome)?, info };
-        let job = self.env()?.fail(&id, o).await.map(convert::job).map_err(convert::error)?;
+        let job = self.env()?.fail(&id, o).await.map(convert::job).map_err(|e| self.engine_error(e))?;
         self.acked_open.retain(|j| *j != id);
         Ok(job)
     }
@@ -636,7 +677,7 @@ impl jobs::Host for HostState {
     async fn cancel(&mut self, id: String, info: Option<String>) -> R<wit::Job> {
         self.check_size("info", info.as_deref())?;
         self.may_move(&id).await?;
-        self.env()?.cancel(&id, info).await.map(convert::job).map_err(convert::error)
+        self.env()?.cancel(&id, info).await.map(convert::job).map_err(|e| self.engine_error(e))
     }
 
     async fn split(&mut self, id: String, parts: jobs::SplitParts, run_in_parallel: bool) -> R<u32> {
@@ -658,6 +699,7 @@ impl jobs::Host for HostState {
             }
         }
         self.may_move(&id).await?;
+        self.charge_jobs(n as u64)?;
         let parts = match parts {
             jobs::SplitParts::Count(n) => SplitParts::Count(n),
             jobs::SplitParts::Data(list) => {
@@ -665,7 +707,9 @@ impl jobs::Host for HostState {
             }
         };
         let split = Split { parts, run_in_parallel: Some(run_in_parallel) };
-        self.env()?.split(&id, split).await.map(|r| r.parts).map_err(convert::error)
+        let parts = self.env()?.split(&id, split).await.map(|r| r.parts).map_err(|e| self.engine_error(e))?;
+        self.jobs_created += u64::from(parts);
+        Ok(parts)
     }
 
     async fn create(&mut self, job: jobs::NewJob) -> R<wit::Job> {
@@ -677,7 +721,9 @@ impl jobs::Host for HostState {
             trigger: Some(if job.manual { Trigger::Manual } else { Trigger::Immediate }),
             ..NewJob::new(kind, job.operation)
         };
-        let created = self.env()?.create_job(new).await.map_err(convert::error)?;
+        self.charge_jobs(1)?;
+        let created = self.env()?.create_job(new).await.map_err(|e| self.engine_error(e))?;
+        self.jobs_created += 1;
         self.scope.created.push(created.id.clone());
         Ok(convert::job(created))
     }
@@ -769,7 +815,7 @@ impl records::Host for HostState {
     async fn update(&mut self, sheet_id: String, updates: Vec<wit::RecordUpdate>) -> R<u64> {
         self.charge_records(updates.len())?;
         let updates = updates.into_iter().map(convert::update).collect();
-        self.env()?.update_records(&sheet_id, updates).await.map_err(convert::error)
+        self.env()?.update_records(&sheet_id, updates).await.map_err(|e| self.engine_error(e))
     }
 
     async fn insert(&mut self, sheet_id: String, new: Vec<wit::NewRecord>) -> R<u64> {
@@ -782,7 +828,7 @@ impl records::Host for HostState {
                 metadata: Value::Null,
             })
             .collect();
-        self.env()?.insert_records(&sheet_id, records).await.map_err(convert::error)
+        self.env()?.insert_records(&sheet_id, records).await.map_err(|e| self.engine_error(e))
     }
 }
 

@@ -705,9 +705,13 @@ impl Runtime {
     /// delivery ended with its execution record, which the delivery loop stores in the write
     /// that ends the delivery.
     pub async fn invoke(&self, plugin: &Plugin, route: u32, ctx: EventCtx) -> Handled {
-        let execution = self.execute(plugin, route, &ctx).await;
+        let (execution, over_budget) = self.run(plugin, route, &ctx).await;
         let end = match &execution.error {
             None => End::Done,
+            // A retry would create the same jobs and events again, up to the budget each time.
+            Some(e) if over_budget => End::FailedForGood(format!(
+                "{e} (not retried: the delivery ran into a per-delivery budget, and a retry would repeat what it did)"
+            )),
             Some(e) => End::Failed(e.clone()),
         };
         if let (Some(e), Some(job)) = (&execution.error, ctx.event.job_id()) {
@@ -725,6 +729,11 @@ impl Runtime {
     /// Runs route `route` of `plugin` for one delivery in a fresh `Store` and instance, under
     /// the limits, and describes how it went. Stores nothing.
     pub async fn execute(&self, plugin: &Plugin, route: u32, ctx: &EventCtx) -> Execution {
+        self.run(plugin, route, ctx).await.0
+    }
+
+    /// [`Runtime::execute`], and whether a host call was refused for a per-delivery budget.
+    async fn run(&self, plugin: &Plugin, route: u32, ctx: &EventCtx) -> (Execution, bool) {
         let started_at = ctx.api.engine().now();
         let started = Instant::now();
         let event = convert::event(&ctx.event, ctx.attempt);
@@ -791,7 +800,7 @@ impl Runtime {
                 Some(format!("wall-clock limit {} s exceeded (host calls included)", limits.wall.as_secs_f64())),
             ),
         };
-        Execution {
+        let execution = Execution {
             id: 0,
             environment_id: ctx.api.id().to_owned(),
             plugin: plugin.name.clone(),
@@ -809,7 +818,8 @@ impl Runtime {
             peak_memory: state.peak_memory() as u64,
             logs: state.take_logs(),
             http: state.http_calls(),
-        }
+        };
+        (execution, state.over_budget())
     }
 
     /// The benchmarks' baseline: the same engine and pre-instantiated component, a fresh

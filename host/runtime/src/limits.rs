@@ -12,6 +12,8 @@
 //! wall_ms = 10000            # wall-clock time per delivery, host calls included
 //! fuel = 500_000_000         # optional; the host must run with fuel metering on
 //! max_instances = 8          # deliveries of this plugin running at once
+//! max_jobs_per_delivery = 10000    # jobs created (`create`, and each part of a `split`)
+//! max_events_per_delivery = 50000  # events written by the delivery's calls, all together
 //! http_connect_ms = 5000     # outbound HTTP: resolve and connect (and TLS)
 //! http_first_byte_ms = 10000 #   request sent → response head
 //! http_total_ms = 30000      #   request sent → end of the response body
@@ -61,6 +63,13 @@ pub struct Limits {
     pub max_records_per_write: usize,
     /// Records inserted or updated in one delivery, all calls together.
     pub max_records_per_delivery: u64,
+    /// Jobs one delivery may create: one per `jobs.create`, one per part of a `jobs.split`.
+    /// A delivery that fails after running into it is dead-lettered, not retried (a retry
+    /// would create them again).
+    pub max_jobs_per_delivery: u64,
+    /// Events one delivery's calls may write, all together (each job call writes one or
+    /// more; a split writes two per ready part). Dead-lettered like `max_jobs_per_delivery`.
+    pub max_events_per_delivery: u64,
     /// Bytes of stdout, stderr and `log` kept per delivery; the rest is cut with a note.
     pub max_log_bytes: usize,
     /// Bytes of an outcome, info or input JSON the plugin passes to a job call, and of the
@@ -117,6 +126,9 @@ impl Default for Limits {
             max_page_size: MAX_PAGE_SIZE,
             max_records_per_write: 10_000,
             max_records_per_delivery: 1_000_000,
+            // One split at `max_split_parts` fits, with its events (created and ready per part).
+            max_jobs_per_delivery: 10_000,
+            max_events_per_delivery: 50_000,
             max_log_bytes: 64 << 10,
             max_outcome_bytes: 64 << 10,
             max_instances: 64,
@@ -185,6 +197,8 @@ struct LimitsFile {
     max_page_size: Option<u32>,
     max_records_per_write: Option<u64>,
     max_records_per_delivery: Option<u64>,
+    max_jobs_per_delivery: Option<u64>,
+    max_events_per_delivery: Option<u64>,
     max_log_bytes: Option<u64>,
     max_outcome_bytes: Option<u64>,
     max_instances: Option<u64>,
@@ -275,6 +289,12 @@ impl LimitsFile {
         }
         if let Some(v) = l.max_records_per_delivery {
             limits.max_records_per_delivery = range("max_records_per_delivery", v, 1, 1_000_000_000)?;
+        }
+        if let Some(v) = l.max_jobs_per_delivery {
+            limits.max_jobs_per_delivery = range("max_jobs_per_delivery", v, 1, 1_000_000)?;
+        }
+        if let Some(v) = l.max_events_per_delivery {
+            limits.max_events_per_delivery = range("max_events_per_delivery", v, 1, 10_000_000)?;
         }
         if let Some(v) = l.max_log_bytes {
             limits.max_log_bytes = range("max_log_bytes", v, 0, 64 << 20)? as usize;
@@ -390,7 +410,7 @@ mod tests {
         let base = Limits::default();
         assert_eq!(Manifest::parse("", &base, CEIL).unwrap().limits, base);
         let m = Manifest::parse(
-            "[limits]\nmemory_mib = 16\ncpu_ms = 250\nmax_instances = 2\n[grants]\nsecrets = [\"API_KEY\"]\nenv = { TZ = \"UTC\" }\n[config]\nurl = \"x\"\n",
+            "[limits]\nmemory_mib = 16\ncpu_ms = 250\nmax_instances = 2\nmax_jobs_per_delivery = 7\nmax_events_per_delivery = 9\n[grants]\nsecrets = [\"API_KEY\"]\nenv = { TZ = \"UTC\" }\n[config]\nurl = \"x\"\n",
             &base,
             CEIL,
         )
@@ -398,6 +418,7 @@ mod tests {
         assert_eq!(m.limits.memory, 16 << 20);
         assert_eq!(m.limits.cpu, Duration::from_millis(250));
         assert_eq!(m.limits.max_instances, 2);
+        assert_eq!((m.limits.max_jobs_per_delivery, m.limits.max_events_per_delivery), (7, 9));
         assert_eq!(m.limits.wall, base.wall);
         assert_eq!(m.grants.secrets, ["API_KEY"]);
         assert_eq!(m.grants.env["TZ"], "UTC");
@@ -427,6 +448,8 @@ mod tests {
                 "allowed_outbound_hosts: `api.example.com` has no scheme",
             ),
             ("[limits]\nhttp_requests = 0\n", "http_requests = 0 is out of range"),
+            ("[limits]\nmax_jobs_per_delivery = 0\n", "max_jobs_per_delivery = 0 is out of range 1..=1000000"),
+            ("[limits]\nmax_events_per_delivery = 20000000\n", "max_events_per_delivery = 20000000 is out of range"),
         ];
         for (text, needle) in cases {
             let e = Manifest::parse(text, &base, CEIL).unwrap_err();

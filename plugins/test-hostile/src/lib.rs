@@ -14,6 +14,10 @@
 //! - `write-huge`: writes 10⁹ records into `input.sheetId`, in calls as large as allowed.
 //! - `retrigger`: creates another `space:retrigger` job for every one it sees.
 //! - `fanout`: creates two `space:fanout` jobs for every one it sees.
+//! - `create-storm`: creates manual `space:idle` jobs until a call is refused, logs how many,
+//!   and fails with the refusal.
+//! - `event-storm`: inserts one record per call into `input.sheetId` until a call is refused
+//!   (each call writes one event), logs how many, and fails with the refusal.
 //! - `twice`: completes its job twice.
 //! - `other-job`: completes `input.jobId`, a job of its environment it was not dispatched for.
 //! - `granted`: reads what its manifest grants: a config value, a secret, an env var, a file.
@@ -149,6 +153,33 @@ fn attack(event: &Event, op: &str) -> Result<()> {
             jobs::complete(id, Outcome::message("passed it on twice"))?;
             Ok(())
         }
+        "create-storm" => {
+            let mut created: u64 = 0;
+            let refused = loop {
+                match jobs::create("space", "idle", None, None, true) {
+                    Ok(_) => created += 1,
+                    Err(e) => break e,
+                }
+            };
+            log::info(&format!("[hostile] created {created} jobs, then {:?}", refused.kind()));
+            Err(refused)
+        }
+        "event-storm" => {
+            let sheet = input(event)?["sheetId"].as_str().unwrap_or_default().to_owned();
+            let rec = NewRecord {
+                values: vec![FieldValue { field: "n".into(), value: records::CellValue::Integer(1) }],
+                messages: vec![],
+            };
+            let mut written: u64 = 0;
+            let refused = loop {
+                match records::insert(&sheet, std::slice::from_ref(&rec)) {
+                    Ok(n) => written += n,
+                    Err(e) => break e,
+                }
+            };
+            log::info(&format!("[hostile] inserted {written} records, then {:?}", refused.kind()));
+            Err(refused)
+        }
         "twice" => {
             let first = kind(jobs::complete(id, Outcome::message("first")));
             let second = jobs::complete(id, Outcome::message("second"));
@@ -193,6 +224,8 @@ const ATTACKS: &[&str] = &[
     "write-huge",
     "retrigger",
     "fanout",
+    "create-storm",
+    "event-storm",
     "twice",
     "other-job",
     "granted",

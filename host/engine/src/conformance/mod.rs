@@ -329,6 +329,12 @@ macro_rules! conformance_suite {
         );
         $crate::__conformance_case!(
             $open, $again,
+            rules,
+            an_event_budget_refuses_the_call_that_would_pass_it_and_that_call_writes_nothing,
+            [tokio::test]
+        );
+        $crate::__conformance_case!(
+            $open, $again,
             primitives,
             a_refused_write_keeps_nothing_and_leaves_the_writes_beside_it,
             [tokio::test]

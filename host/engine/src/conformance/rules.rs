@@ -1099,3 +1099,42 @@ pub async fn a_native_listener_that_retriggers_itself_is_stopped_by_the_loop_gua
     assert_eq!(last.context["chainId"], json!(root.id));
     assert_eq!(last.context["depth"], json!(5));
 }
+
+pub async fn an_event_budget_refuses_the_call_that_would_pass_it_and_that_call_writes_nothing() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let sheet = env.create_sheet("s").await.unwrap();
+    let parent = executing_parent(&env).await;
+    let budget = Arc::new(crate::EventBudget::new(6));
+    let charged = env.with_event_budget(budget.clone());
+    let before = all_events(&env).await.len();
+    for _ in 0..3 {
+        charged.insert_records(&sheet.id, scenario::sample_records(2).0).await.unwrap();
+    }
+    assert_eq!((budget.used(), budget.refused()), (3, false));
+    // Each part writes `job:created` (the first also `job:ready`), the parent its own: 4 > 3 left.
+    let refused = charged.split(&parent.id, Split { parts: SplitParts::Count(2), run_in_parallel: None }).await;
+    let e = refused.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Limit);
+    assert!(
+        e.to_string().contains(
+            "this call would write 4 events after the 3 this delivery wrote; the plugin's max_events_per_delivery is 6"
+        ),
+        "{e}"
+    );
+    assert!(budget.refused());
+    assert_eq!(budget.used(), 3, "a refused call is not charged");
+    assert!(env.parts(&parent.id).await.unwrap().is_empty(), "the refused split made no part");
+    assert_eq!(env.job(&parent.id).await.unwrap().status, JobStatus::Executing);
+    assert_eq!(all_events(&env).await.len(), before + 3, "only the committed calls' events");
+    // What fits still goes through, up to the budget exactly.
+    for _ in 0..3 {
+        charged.insert_records(&sheet.id, scenario::sample_records(1).0).await.unwrap();
+    }
+    assert_eq!(budget.used(), 6);
+    let over = charged.insert_records(&sheet.id, scenario::sample_records(1).0).await.unwrap_err();
+    assert_eq!(over.kind(), ErrorKind::Limit);
+    assert_eq!(env.record_counts(&sheet.id).await.unwrap().total, 9);
+    // The same environment without the budget is not limited.
+    env.insert_records(&sheet.id, scenario::sample_records(1).0).await.unwrap();
+}
