@@ -15,6 +15,8 @@
 //! - [`rules`]: every rule of `docs/job-model.md`, through the engine: the lifecycle table,
 //!   parts and `job:parts-completed`, records, deliveries (retries, dead letters, leases),
 //!   environments, secrets, the watchdog, the loop guard, the seeds' scenario.
+//! - [`lifecycle`]: generated sequences of creates and calls over several jobs and parts,
+//!   checked after every step against a model of the job model (proptest, shrunk on failure).
 //! - [`concurrency`]: what a backend gets wrong when it is right only because it has one
 //!   writer — tasks racing the parts of several parents to their end (exactly one
 //!   `job:parts-completed` each), two engines (two hosts) leasing from one store (no delivery
@@ -24,6 +26,7 @@
 //! hosts would each have their own connection pool passes the same cases with one pool each.
 
 pub mod concurrency;
+pub mod lifecycle;
 pub mod primitives;
 pub mod rules;
 
@@ -325,6 +328,12 @@ macro_rules! conformance_suite {
             $open, $again,
             rules,
             a_native_listener_that_retriggers_itself_is_stopped_by_the_loop_guard,
+            [tokio::test]
+        );
+        $crate::__conformance_case!(
+            $open, $again,
+            lifecycle,
+            generated_call_sequences_leave_the_store_and_its_events_as_the_model_says,
             [tokio::test]
         );
         $crate::__conformance_case!(
