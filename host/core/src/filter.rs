@@ -8,7 +8,8 @@
 //!   every flattened key equal to it or ending with `.` + it, so `job` matches `payload.job`
 //!   but not `context.jobId`. All filter keys must match (AND); a list of values means any one
 //!   of them (OR); a string value is a glob (`*`, `?`) over string values; any other value
-//!   compares exactly (numbers by value, so `1` equals `1.0`). A key that matches nothing in
+//!   compares exactly (numbers by value, so `1` equals `1.0`; two integers exactly, however
+//!   large, so `9007199254740993` is not `9007199254740992`). A key that matches nothing in
 //!   the event fails the filter.
 
 use serde_json::{Map, Value};
@@ -163,9 +164,18 @@ impl Filter {
 fn value_matches(wanted: &Value, actual: &Value) -> bool {
     match (wanted, actual) {
         (Value::String(p), Value::String(a)) => glob(p, a),
-        (Value::Number(w), Value::Number(a)) => w.as_f64() == a.as_f64(),
+        // Integers as integers: as f64, two integers past 2^53 apart by less than their
+        // precision would compare equal.
+        (Value::Number(w), Value::Number(a)) => match (integer(w), integer(a)) {
+            (Some(w), Some(a)) => w == a,
+            _ => w.as_f64() == a.as_f64(),
+        },
         (w, a) => w == a,
     }
+}
+
+fn integer(n: &serde_json::Number) -> Option<i128> {
+    n.as_i64().map(i128::from).or_else(|| n.as_u64().map(i128::from))
 }
 
 /// Flattens an event's context and payload into dotted keys with leaf values.
@@ -320,6 +330,113 @@ mod tests {
             [json!([1]), json!("job"), json!({"": 1}), json!({"a..b": 1}), json!({"job": []}), json!({"x": {"y": 1}})]
         {
             assert!(Filter::parse(&bad).is_err(), "{bad} must be refused");
+        }
+    }
+
+    /// Generated inputs against plain reference definitions.
+    mod generated {
+        use proptest::prelude::*;
+        use serde_json::json;
+
+        use super::super::*;
+        use super::event;
+        use crate::generate::json_leaf;
+
+        /// The glob's definition, as dynamic programming over chars: `*` any run, `?` one char.
+        fn glob_reference(p: &[char], t: &[char]) -> bool {
+            let mut m = vec![vec![false; t.len() + 1]; p.len() + 1];
+            m[0][0] = true;
+            for i in 1..=p.len() {
+                for j in 0..=t.len() {
+                    m[i][j] = match p[i - 1] {
+                        '*' => m[i - 1][j] || (j > 0 && m[i][j - 1]),
+                        '?' => j > 0 && m[i - 1][j - 1],
+                        c => j > 0 && t[j - 1] == c && m[i - 1][j - 1],
+                    };
+                }
+            }
+            m[p.len()][t.len()]
+        }
+
+        /// Topic patterns by definition: `**` any run of segments, else a glob per segment.
+        fn topic_reference(p: &[&str], t: &[&str]) -> bool {
+            match p.split_first() {
+                None => t.is_empty(),
+                Some((&"**", rest)) => (0..=t.len()).any(|k| topic_reference(rest, &t[k..])),
+                Some((first, rest)) => t.split_first().is_some_and(|(s, more)| {
+                    glob_reference(&first.chars().collect::<Vec<_>>(), &s.chars().collect::<Vec<_>>())
+                        && topic_reference(rest, more)
+                }),
+            }
+        }
+
+        /// Few distinct characters (some of them multibyte) so that matches are common.
+        fn text(wild: bool) -> impl Strategy<Value = String> {
+            let chars: Vec<char> =
+                if wild { vec!['a', 'b', 'é', '*', '?', '*'] } else { vec!['a', 'b', 'é', '*', '?'] };
+            proptest::collection::vec(proptest::sample::select(chars), 0..10).prop_map(|v| v.into_iter().collect())
+        }
+
+        fn segments(wild: bool) -> impl Strategy<Value = Vec<String>> {
+            let segment = if wild {
+                prop_oneof![1 => Just("**".to_owned()), 4 => text(true).prop_filter("non-empty", |s| !s.is_empty())]
+                    .boxed()
+            } else {
+                text(false).prop_filter("non-empty", |s| !s.is_empty()).boxed()
+            };
+            proptest::collection::vec(segment, 1..5)
+        }
+
+        fn payload() -> impl Strategy<Value = Value> {
+            let key = "[a-zA-Z][a-zA-Z0-9_]{0,6}";
+            let inner = proptest::collection::btree_map(key, json_leaf(), 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect()));
+            proptest::collection::btree_map(key, prop_oneof![3 => json_leaf(), 1 => inner], 1..6)
+                .prop_map(|m| Value::Object(m.into_iter().collect()))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::default() })]
+
+            #[test]
+            fn glob_matches_its_definition(p in text(true), t in text(false)) {
+                let (pc, tc): (Vec<char>, Vec<char>) = (p.chars().collect(), t.chars().collect());
+                prop_assert_eq!(glob(&p, &t), glob_reference(&pc, &tc), "{:?} vs {:?}", p, t);
+            }
+
+            #[test]
+            fn every_text_matches_itself_as_a_glob(t in any::<String>()) {
+                prop_assert!(glob(&t, &t));
+            }
+
+            #[test]
+            fn topic_patterns_match_their_definition(p in segments(true), t in segments(false)) {
+                let pattern = TopicPattern::parse(&p.join(":")).unwrap();
+                let (ps, ts): (Vec<&str>, Vec<&str>) = (p.iter().map(String::as_str).collect(), t.iter().map(String::as_str).collect());
+                prop_assert_eq!(pattern.matches(&t.join(":")), topic_reference(&ps, &ts), "{:?} vs {:?}", p, t);
+            }
+
+            /// Any leaf of an event, named by its full key or by its last segment, with its own
+            /// value, is a filter the event passes.
+            #[test]
+            fn an_event_passes_a_filter_made_of_its_own_leaves(payload in payload(), pick in any::<proptest::sample::Index>(), short in any::<bool>()) {
+                let e = event("job:ready", json!({"environmentId": "env_1"}), payload);
+                let flat = flatten_event(&e);
+                let (key, value) = &flat[pick.index(flat.len())];
+                let name = if short { key.rsplit('.').next().unwrap() } else { key.as_str() };
+                let filter = Filter::parse(&json!({ name: value })).unwrap();
+                prop_assert!(filter.matches(&e), "{} = {} on {}", name, value, e.payload);
+            }
+
+            /// Two different integers never match, however large; equal numbers always do.
+            #[test]
+            fn integers_match_exactly(a in any::<u64>(), d in 1u64..4) {
+                let e = event("job:ready", json!({}), json!({ "n": a }));
+                let other = a.checked_add(d).unwrap_or(a - d);
+                let same = Filter::parse(&json!({ "n": a })).unwrap();
+                prop_assert!(same.matches(&e), "{} did not match itself", a);
+                prop_assert!(!Filter::parse(&json!({ "n": other })).unwrap().matches(&e), "{} matched {}", other, a);
+            }
         }
     }
 }

@@ -9,6 +9,7 @@
 //!   [`StoreError`], which keeps a backend's cause.
 //! - [`filter`]: topic patterns and event filters (what a subscription matches).
 //! - [`clock`]: the engine's clock, driven by tokio time so tests can pause it.
+//! - `generate` (feature `generate`): proptest generators of the JSON values jobhost stores.
 //!
 //! The modules form a chain with no cycle: `model` ← `error` ← `filter`; `clock` needs only
 //! `model`'s `Millis`.
@@ -16,6 +17,8 @@
 pub mod clock;
 pub mod error;
 pub mod filter;
+#[cfg(any(test, feature = "generate"))]
+pub mod generate;
 pub mod model;
 
 pub use error::{Error, ErrorKind, Result, StoreError};

@@ -454,3 +454,69 @@ pub async fn generated_call_sequences_leave_the_store_and_its_events_as_the_mode
     let host = TestHost::new();
     check("the job model", 96, ops(), async |ops: &Vec<Op>| run(&host, ops).await).await;
 }
+
+/// Records as inserted, then an update of each (values merged, `null` clearing a field).
+fn records_and_updates() -> impl Strategy<Value = Vec<(RecordValues, RecordValues)>> {
+    let cells = || jobhost_core::generate::record_values(5);
+    proptest::collection::vec((cells(), cells()), 1..12)
+}
+
+type RecordValues = serde_json::Map<String, serde_json::Value>;
+
+/// What the store gives back for `values`, field by field.
+async fn stored(env: &Env, sheet: &str) -> Result<Vec<RecordValues>, String> {
+    let page = env.records(sheet, 1000, 1).await.map_err(|e| format!("page: {e}"))?;
+    Ok(page.records.into_iter().map(|r| r.values.into_iter().map(|(k, c)| (k, c.value)).collect()).collect())
+}
+
+/// Generated records go into the store and come back equal: every key and value, after the
+/// insert and after an update.
+pub async fn generated_records_come_back_from_the_store_as_written() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    check("record values", 48, records_and_updates(), async |cases: &Vec<(RecordValues, RecordValues)>| {
+        let sheet = env.create_sheet("generated").await.map_err(|e| e.to_string())?.id;
+        let new: Vec<crate::model::NewRecord> = cases
+            .iter()
+            .map(|(values, _)| crate::model::NewRecord { values: values.clone(), ..Default::default() })
+            .collect();
+        env.insert_records(&sheet, new).await.map_err(|e| format!("insert: {e}"))?;
+        let inserted: Vec<RecordValues> = cases.iter().map(|(v, _)| v.clone()).collect();
+        let got = stored(&env, &sheet).await?;
+        if got != inserted {
+            return Err(format!("after the insert: stored {got:?}, written {inserted:?}"));
+        }
+        let ids: Vec<String> =
+            env.records(&sheet, 1000, 1).await.map_err(|e| e.to_string())?.records.into_iter().map(|r| r.id).collect();
+        let updates = ids
+            .iter()
+            .zip(cases)
+            .map(|(id, (_, change))| crate::model::RecordUpdate {
+                id: id.clone(),
+                values: change.clone(),
+                messages: None,
+            })
+            .collect();
+        env.update_records(&sheet, updates).await.map_err(|e| format!("update: {e}"))?;
+        let merged: Vec<RecordValues> = cases
+            .iter()
+            .map(|(before, change)| {
+                let mut m = before.clone();
+                for (k, v) in change {
+                    if v.is_null() {
+                        m.remove(k);
+                    } else {
+                        m.insert(k.clone(), v.clone());
+                    }
+                }
+                m
+            })
+            .collect();
+        let got = stored(&env, &sheet).await?;
+        if got != merged {
+            return Err(format!("after the update: stored {got:?}, expected {merged:?}"));
+        }
+        Ok(())
+    })
+    .await;
+}

@@ -16,7 +16,9 @@
 //!   parts and `job:parts-completed`, records, deliveries (retries, dead letters, leases),
 //!   environments, secrets, the watchdog, the loop guard, the seeds' scenario.
 //! - [`lifecycle`]: generated sequences of creates and calls over several jobs and parts,
-//!   checked after every step against a model of the job model (proptest, shrunk on failure).
+//!   checked after every step against a model of the job model (proptest, shrunk on failure);
+//!   generated records (any unicode, integers at the ends of i64 and u64, floats, nulls,
+//!   nesting) through an insert and an update and back.
 //! - [`concurrency`]: what a backend gets wrong when it is right only because it has one
 //!   writer — tasks racing the parts of several parents to their end (exactly one
 //!   `job:parts-completed` each), two engines (two hosts) leasing from one store (no delivery
@@ -334,6 +336,12 @@ macro_rules! conformance_suite {
             $open, $again,
             lifecycle,
             generated_call_sequences_leave_the_store_and_its_events_as_the_model_says,
+            [tokio::test]
+        );
+        $crate::__conformance_case!(
+            $open, $again,
+            lifecycle,
+            generated_records_come_back_from_the_store_as_written,
             [tokio::test]
         );
         $crate::__conformance_case!(

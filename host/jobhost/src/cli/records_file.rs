@@ -375,4 +375,93 @@ mod tests {
         assert_eq!(format!("{{\"big\": \"{fits}\"}}").len(), MAX_RECORD_BYTES);
         assert_eq!(read_records(&ok).unwrap()[0].values["big"].as_str().unwrap().len(), fits.len());
     }
+
+    /// Files written from generated records by a plain encoder, read back whole.
+    mod generated {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Cells that stress CSV: quotes, commas, both line ends, a lone CR, unicode, empty.
+        fn cell() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<String>(),
+                proptest::collection::vec(
+                    proptest::sample::select(vec!["\"", ",", "\n", "\r\n", "\r", "é", "🦀", " ", "a", ""]),
+                    0..8
+                )
+                .prop_map(|v| v.concat()),
+            ]
+        }
+
+        /// Distinct column names, already trimmed (the reader trims them) and non-empty.
+        fn headers() -> impl Strategy<Value = Vec<String>> {
+            proptest::collection::btree_set(any::<String>().prop_map(|s| s.trim().to_owned()), 1..6).prop_map(|set| {
+                set.into_iter().filter(|h| !h.is_empty() && !h.starts_with('\u{feff}')).collect::<Vec<_>>()
+            })
+        }
+
+        fn quoted(cell: &str) -> String {
+            format!("\"{}\"", cell.replace('"', "\"\""))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
+
+            /// Every cell comes back as written (an empty cell as no value), whatever it holds,
+            /// with either line end and with or without a byte-order mark.
+            #[test]
+            fn csv_cells_come_back_as_written(
+                headers in headers(),
+                rows in proptest::collection::vec(proptest::collection::vec(cell(), 6), 0..8),
+                crlf in any::<bool>(),
+                bom in any::<bool>(),
+            ) {
+                prop_assume!(!headers.is_empty());
+                let end = if crlf { "\r\n" } else { "\n" };
+                let line = |cells: Vec<String>| cells.join(",") + end;
+                let mut text = if bom { "\u{feff}".to_owned() } else { String::new() };
+                text += &line(headers.iter().map(|h| quoted(h)).collect());
+                for row in &rows {
+                    text += &line(row[..headers.len()].iter().map(|c| quoted(c)).collect());
+                }
+                let dir = tempfile::tempdir().unwrap();
+                let path = file(&dir, "gen.csv", text.as_bytes());
+                let got = read_records(&path).map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
+                prop_assert_eq!(check_records(&path).unwrap(), rows.len() as u64);
+                let want: Vec<Map<String, Value>> = rows
+                    .iter()
+                    .map(|row| {
+                        headers.iter().zip(row).filter(|(_, c)| !c.is_empty()).map(|(h, c)| (h.clone(), Value::from(c.as_str()))).collect()
+                    })
+                    .collect();
+                prop_assert_eq!(got.into_iter().map(|r| r.values).collect::<Vec<_>>(), want);
+            }
+
+            /// Every JSON line comes back equal: any unicode in keys and values, integers at the
+            /// ends of i64 and u64, floats, nulls, nesting; blank lines between records are skipped.
+            #[test]
+            fn json_lines_come_back_equal(
+                records in proptest::collection::vec(jobhost_core::generate::record_values(5), 0..8),
+                crlf in any::<bool>(),
+                bom in any::<bool>(),
+                blank in any::<bool>(),
+            ) {
+                let end = if crlf { "\r\n" } else { "\n" };
+                let mut text = if bom { "\u{feff}".to_owned() } else { String::new() };
+                for r in &records {
+                    text += &serde_json::to_string(r).unwrap();
+                    text += end;
+                    if blank {
+                        text += end;
+                    }
+                }
+                let dir = tempfile::tempdir().unwrap();
+                let path = file(&dir, "gen.jsonl", text.as_bytes());
+                let got = read_records(&path).map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
+                prop_assert_eq!(check_records(&path).unwrap(), records.len() as u64);
+                prop_assert_eq!(got.into_iter().map(|r| r.values).collect::<Vec<_>>(), records);
+            }
+        }
+    }
 }
