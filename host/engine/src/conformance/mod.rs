@@ -15,10 +15,12 @@
 //! - [`rules`]: every rule of `docs/job-model.md`, through the engine: the lifecycle table,
 //!   parts and `job:parts-completed`, records, deliveries (retries, dead letters, leases),
 //!   environments, secrets, the watchdog, the loop guard, the seeds' scenario.
-//! - [`lifecycle`]: generated sequences of creates and calls over several jobs and parts,
+//! - [`generated`]: generated sequences of creates and calls over several jobs and parts,
 //!   checked after every step against a model of the job model (proptest, shrunk on failure);
 //!   generated records (any unicode, integers at the ends of i64 and u64, floats, nulls,
-//!   nesting) through an insert and an update and back.
+//!   nesting) through an insert and an update and back; generated job listings (any mix of
+//!   statuses, type, operation, parent, top level and creation window, in pages of 1–7)
+//!   against the jobs that match.
 //! - [`concurrency`]: what a backend gets wrong when it is right only because it has one
 //!   writer — tasks racing the parts of several parents to their end (exactly one
 //!   `job:parts-completed` each), two engines (two hosts) leasing from one store (no delivery
@@ -28,7 +30,7 @@
 //! hosts would each have their own connection pool passes the same cases with one pool each.
 
 pub mod concurrency;
-pub mod lifecycle;
+pub mod generated;
 pub mod primitives;
 pub mod rules;
 
@@ -334,14 +336,20 @@ macro_rules! conformance_suite {
         );
         $crate::__conformance_case!(
             $open, $again,
-            lifecycle,
+            generated,
             generated_call_sequences_leave_the_store_and_its_events_as_the_model_says,
             [tokio::test]
         );
         $crate::__conformance_case!(
             $open, $again,
-            lifecycle,
+            generated,
             generated_records_come_back_from_the_store_as_written,
+            [tokio::test]
+        );
+        $crate::__conformance_case!(
+            $open, $again,
+            generated,
+            generated_job_listings_return_every_match_across_their_pages,
             [tokio::test]
         );
         $crate::__conformance_case!(

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::lifecycle::{Call, perform};
+use super::generated::{Call, perform};
 use super::{TestHost, all_events, events_of, test_config, until_status, until_terminal};
 use crate::error::ErrorKind;
 use crate::listener::Listener;

@@ -520,3 +520,142 @@ pub async fn generated_records_come_back_from_the_store_as_written() {
     })
     .await;
 }
+
+/// How a generated job ends up before the listings are read.
+#[derive(Debug, Clone, Copy)]
+enum Fate {
+    Manual,
+    Ready,
+    Executing,
+    Complete,
+    Failed,
+    Canceled,
+    /// Acked and split into this many parts, the first of which completes.
+    Split(u32),
+}
+
+/// A job to make: type, operation, fate.
+type Spec = (JobType, &'static str, Fate);
+
+fn specs() -> impl Strategy<Value = Vec<Spec>> {
+    let kind = proptest::sample::select(vec![JobType::Space, JobType::File]);
+    let operation = proptest::sample::select(vec!["a", "b", "c"]);
+    let fate = prop_oneof![
+        Just(Fate::Manual),
+        Just(Fate::Ready),
+        Just(Fate::Executing),
+        Just(Fate::Complete),
+        Just(Fate::Failed),
+        Just(Fate::Canceled),
+        (1u32..4).prop_map(Fate::Split),
+    ];
+    proptest::collection::vec((kind, operation, fate), 0..20)
+}
+
+/// A query's shape, resolved against the made jobs: statuses, type, operation, a parent (by
+/// index among the made jobs, if it was split), top level only, a creation-time window (by
+/// index among the jobs' creation times), and the page size to read it with.
+type QuerySpec =
+    (Vec<JobStatus>, Option<JobType>, Option<&'static str>, Option<usize>, bool, (Option<usize>, Option<usize>), u32);
+
+fn queries() -> impl Strategy<Value = Vec<QuerySpec>> {
+    let statuses = proptest::sample::subsequence(JobStatus::ALL.to_vec(), 0..4);
+    let kind = proptest::option::of(proptest::sample::select(vec![JobType::Space, JobType::File, JobType::Sheet]));
+    let operation = proptest::option::of(proptest::sample::select(vec!["a", "b", "c"]));
+    let parent = proptest::option::weighted(0.3, 0usize..40);
+    let window = (proptest::option::weighted(0.3, 0usize..40), proptest::option::weighted(0.3, 0usize..40));
+    proptest::collection::vec((statuses, kind, operation, parent, any::<bool>(), window, 1u32..8), 1..6)
+}
+
+/// Makes the jobs of `specs` on `env`; returns every job made (parts included), oldest first.
+async fn make(env: &Env, specs: &[Spec]) -> crate::Result<Vec<crate::model::Job>> {
+    for &(kind, operation, fate) in specs {
+        let new = NewJob::new(kind, operation);
+        let job = env.create_job(if matches!(fate, Fate::Manual) { new.trigger(Trigger::Manual) } else { new }).await?;
+        let id = job.id.as_str();
+        match fate {
+            Fate::Manual | Fate::Ready => {}
+            Fate::Executing => drop(env.ack(id, Ack::default()).await?),
+            Fate::Complete => drop(env.complete(id, Outcome::default()).await?),
+            Fate::Failed => drop(env.fail(id, Outcome::default()).await?),
+            Fate::Canceled => drop(env.cancel(id, None).await?),
+            Fate::Split(n) => {
+                env.ack(id, Ack::default()).await?;
+                env.split(id, Split { parts: SplitParts::Count(n), run_in_parallel: Some(true) }).await?;
+                let first = env.parts(id).await?.remove(0);
+                env.complete(&first.id, Outcome::default()).await?;
+            }
+        }
+    }
+    env.jobs(0, u32::MAX).await
+}
+
+/// Every filtered listing, read page by page until a short page, returns exactly the jobs
+/// that match, each once, in the documented order; the counts per status agree.
+pub async fn generated_job_listings_return_every_match_across_their_pages() {
+    let host = TestHost::new();
+    let strategy = (specs(), queries());
+    check("job listings", 32, strategy, async |(specs, queries): &(Vec<Spec>, Vec<QuerySpec>)| {
+        let env = host.env().await;
+        let all = make(&env, specs).await.map_err(|e| format!("making the jobs: {e}"))?;
+        let times: Vec<i64> = all.iter().map(|j| j.created_at).collect();
+        let parents: Vec<&crate::model::Job> = all.iter().filter(|j| j.split_at.is_some()).collect();
+        for (statuses, kind, operation, parent, top_level, (from, before), size) in queries {
+            let query = crate::store::JobQuery {
+                statuses: statuses.clone(),
+                kind: *kind,
+                operation: operation.map(str::to_owned),
+                parent: parent.and_then(|p| parents.get(p % parents.len().max(1))).map(|j| j.id.clone()),
+                top_level: *top_level,
+                created_from: from.and_then(|i| times.get(i % times.len().max(1)).copied()),
+                created_before: before.and_then(|i| times.get(i % times.len().max(1)).copied()),
+            };
+            let matches = |j: &&crate::model::Job| {
+                (query.statuses.is_empty() || query.statuses.contains(&j.status))
+                    && query.kind.is_none_or(|k| j.kind == k)
+                    && query.operation.as_deref().is_none_or(|o| j.operation == o)
+                    && match &query.parent {
+                        Some(p) => j.parent_id.as_ref() == Some(p),
+                        None => !query.top_level || !j.is_part,
+                    }
+                    && query.created_from.is_none_or(|t| j.created_at >= t)
+                    && query.created_before.is_none_or(|t| j.created_at < t)
+            };
+            let mut want: Vec<&crate::model::Job> = all.iter().filter(matches).collect();
+            if query.parent.is_some() {
+                want.sort_by_key(|j| j.part_index);
+            } else {
+                want.reverse(); // newest first
+            }
+            let want: Vec<&str> = want.iter().map(|j| j.id.as_str()).collect();
+            let mut got: Vec<String> = Vec::new();
+            for page in 0u64.. {
+                let rows = env
+                    .find_jobs(query.clone(), page * u64::from(*size), *size)
+                    .await
+                    .map_err(|e| format!("{query:?} page {page}: {e}"))?;
+                let short = rows.len() < *size as usize;
+                got.extend(rows.into_iter().map(|j| j.id));
+                if short || page > 100 {
+                    break;
+                }
+            }
+            if got != want {
+                return Err(format!("{query:?} in pages of {size}: listed {got:?}, matching {want:?}"));
+            }
+            let counted: u64 = env
+                .count_jobs(crate::store::JobQuery { statuses: vec![], ..query.clone() })
+                .await
+                .map_err(|e| format!("count: {e}"))?
+                .into_iter()
+                .filter(|(s, _)| query.statuses.is_empty() || query.statuses.contains(s))
+                .map(|(_, n)| n)
+                .sum();
+            if counted != want.len() as u64 {
+                return Err(format!("{query:?}: counted {counted}, matching {}", want.len()));
+            }
+        }
+        Ok(())
+    })
+    .await;
+}
