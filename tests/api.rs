@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::support::{TestHost, test_runtime};
+use crate::support::{TestHost, WaitNamed, test_runtime};
 use futures_util::StreamExt;
 use jobhost::api::plugins::Plugins;
 use jobhost::api::{ApiState, router, serve};
@@ -170,7 +170,7 @@ async fn the_seeds_scenario_runs_entirely_over_the_api() {
     // The last delivery's execution record is written when that delivery ends, just after
     // the parent it completed: wait (re-checking at every commit) until all seven are stored.
     let engine = server._host.engine.clone();
-    let all_recorded = engine.wait_for(|| {
+    let all_recorded = engine.wait_named("the execution records of all seven deliveries", || {
         let engine = engine.clone();
         async move {
             let (_, executions) = engine.store_metrics().await?;

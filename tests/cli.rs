@@ -646,3 +646,26 @@ fn operator_commands_drive_a_running_host_over_the_api() {
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     assert_eq!(child.wait().unwrap().code(), Some(0), "{}", seen.join("\n"));
 }
+
+/// CI's overall deadline stops a run that outlives it and names the test binary and the tests
+/// that had not finished (libtest's "running for over 60 seconds" lines without an end).
+#[test]
+fn the_ci_deadline_names_the_tests_still_running_and_stops_them() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.ci/deadline");
+    let fake = "echo '     Running tests/main.rs (target/debug/deps/integration-0123)'; \
+                echo 'test slow::stuck has been running for over 60 seconds'; \
+                echo 'test slow::done has been running for over 60 seconds'; \
+                echo 'test slow::done ... ok'; \
+                exec sleep 600";
+    let out = Command::new("bash").arg(&script).args(["1", "sh", "-c", fake]).output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(124), "{err}");
+    assert!(err.contains("still running after 1 s"), "{err}");
+    assert!(err.contains("test binary: tests/main.rs (target/debug/deps/integration-0123)"), "{err}");
+    assert!(err.contains("still running: slow::stuck"), "{err}");
+    assert!(!err.contains("still running: slow::done"), "a finished test is not named: {err}");
+    // Within the deadline, the command's own status.
+    let out = Command::new("bash").arg(&script).args(["60", "sh", "-c", "echo fine; exit 3"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "fine\n");
+}

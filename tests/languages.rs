@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::support::{TestHost, events_of, until_terminal};
+use crate::support::{TestHost, WaitNamed, events_of, until_terminal};
 use jobhost::model::{ExecutionOutcome, JobStatus, JobType, NewJob};
 use jobhost::runtime::{Plugin, Runtime, RuntimeConfig};
 use jobhost::scenario;
@@ -117,7 +117,7 @@ async fn first_failures(dir: &str, jobs: &[&str]) -> Vec<jobhost::model::Executi
         let job = env.create_job(NewJob::new(JobType::Space, *op)).await.unwrap();
         let execution = env
             .engine()
-            .wait_for(|| {
+            .wait_named("the job's execution record", || {
                 let (env, job_id) = (env.clone(), job.id.clone());
                 async move {
                     let execs = env.executions(Some(&job_id), 10).await?;
@@ -162,7 +162,7 @@ async fn a_python_exception_fails_the_delivery_with_its_message() {
         let env = env.clone();
         async move {
             env.engine()
-                .wait_for(|| {
+                .wait_named("a failed delivery's execution record", || {
                     let (env, job_id) = (env.clone(), job_id.clone());
                     async move {
                         let execs = env.executions(Some(&job_id), 10).await?;
@@ -183,7 +183,7 @@ async fn a_python_exception_fails_the_delivery_with_its_message() {
     // again, so wait for the note rather than read it once: after the last attempt it stays.
     let noted = tokio::time::timeout(
         std::time::Duration::from_secs(60),
-        env.engine().wait_for(|| {
+        env.engine().wait_named("the failure noted on the job", || {
             let (env, id) = (env.clone(), job.id.clone());
             async move { Ok(env.job(&id).await?.info.filter(|i| i.contains("ValueError"))) }
         }),

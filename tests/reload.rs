@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::support::{TestHost, test_config, test_runtime, until_terminal};
+use crate::support::{TestHost, WaitNamed, test_config, test_runtime, until_terminal};
 use jobhost::model::{ExecutionOutcome, JobStatus, JobType, NewJob};
 use jobhost::reload::{PluginHost, ReloadEvent, Watch};
 use jobhost::runtime::version_of;
@@ -117,7 +117,7 @@ impl Reloading {
         let execs = self
             .host
             .engine
-            .wait_for(move || {
+            .wait_named("the job's execution records", move || {
                 let (env, id) = (env.clone(), id.clone());
                 async move {
                     let ok: Vec<_> = env

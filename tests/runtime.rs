@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::support::{TestHost, compiled_entries, events_of, load, test_config, test_runtime, until_terminal};
+use crate::support::{
+    TestHost, WaitNamed, compiled_entries, events_of, load, test_config, test_runtime, until_terminal,
+};
 use jobhost::EngineConfig;
 use jobhost::model::{ExecutionOutcome, JobStatus, JobType, NewJob};
 use jobhost::scenario;
@@ -155,7 +157,7 @@ async fn hostile_host(max_attempts: u32) -> (TestHost, jobhost::Env, jobhost::En
 async fn dead_letter_for(host: &TestHost, env: &jobhost::Env, job_id: &str) -> jobhost::model::DeadLetter {
     let (env, id) = (env.clone(), job_id.to_owned());
     host.engine
-        .wait_for(move || {
+        .wait_named("the delivery's dead letter", move || {
             let (env, id) = (env.clone(), id.clone());
             async move { Ok(env.dead_letters().await?.into_iter().find(|d| d.event.job_id() == Some(id.as_str()))) }
         })
@@ -246,10 +248,11 @@ async fn an_execution_record_says_when_the_handler_left_its_job_executing() {
         }
     };
     let deadline = Duration::from_secs(60);
-    let left_exec = tokio::time::timeout(deadline, host.engine.wait_for(ran(left.id.clone())))
-        .await
-        .expect("the abandon handler's execution record within 60 s")
-        .unwrap();
+    let left_exec =
+        tokio::time::timeout(deadline, host.engine.wait_named("the left job's execution record", ran(left.id.clone())))
+            .await
+            .expect("the abandon handler's execution record within 60 s")
+            .unwrap();
     running.shutdown().await;
     assert_eq!((left_exec.outcome, left_exec.error.as_deref()), (ExecutionOutcome::Ok, None));
     let note = format!("[jobhost] the handler returned but job {} is still executing", left.id);

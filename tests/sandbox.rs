@@ -5,7 +5,9 @@
 
 use std::sync::Arc;
 
-use crate::support::{TestHost, test_config, test_runtime_config, until_terminal, wat_component, wat_listener};
+use crate::support::{
+    TestHost, WaitNamed, test_config, test_runtime_config, until_terminal, wat_component, wat_listener,
+};
 use jobhost::model::{Execution, ExecutionOutcome, Job, JobStatus, JobType, NewJob};
 use jobhost::runtime::{LoadError, Runtime, RuntimeConfig};
 use jobhost::{EngineConfig, Env, scenario};
@@ -102,7 +104,7 @@ impl Arena {
         let (env, id) = (self.attacker.clone(), job.to_owned());
         self.host
             .engine
-            .wait_for(move || {
+            .wait_named("the first job:ready execution record of the job", move || {
                 let (env, id) = (env.clone(), id.clone());
                 async move { Ok(env.executions(Some(&id), 100).await?.into_iter().find(|e| e.topic == "job:ready")) }
             })
@@ -316,7 +318,7 @@ async fn storm(arena: &Arena, op: &str, input: Value) -> (Job, Execution, jobhos
     let dead = arena
         .host
         .engine
-        .wait_for(move || {
+        .wait_named("the storm's dead letter", move || {
             let env = env.clone();
             async move { Ok(env.dead_letters().await?.into_iter().next()) }
         })
@@ -469,7 +471,7 @@ async fn a_fanning_out_listener_is_stopped_by_the_chain_budget() {
         arena
             .host
             .engine
-            .wait_for(move || {
+            .wait_named("an execution refused by the chain budget", move || {
                 let env = env.clone();
                 async move {
                     Ok(env.executions(None, 10_000).await?.into_iter().find(|e| {
@@ -499,7 +501,7 @@ async fn retrigger_jobs(arena: &Arena, op: &str, n: usize) -> Vec<Job> {
     arena
         .host
         .engine
-        .wait_for(move || {
+        .wait_named("the retriggered jobs", move || {
             let (env, op) = (env.clone(), op.clone());
             async move {
                 let jobs: Vec<Job> = env.jobs(0, 1000).await?.into_iter().filter(|j| j.operation == op).collect();
@@ -663,7 +665,7 @@ async fn fuel_limits_a_plugin_when_the_host_meters_it() {
     let (env2, id) = (env.clone(), job.id.clone());
     let exec = host
         .engine
-        .wait_for(move || {
+        .wait_named("the looping job's execution record", move || {
             let (env, id) = (env2.clone(), id.clone());
             async move { Ok(env.executions(Some(&id), 10).await?.into_iter().next()) }
         })

@@ -9,6 +9,26 @@ use jobhost::{Engine, EngineConfig, Env};
 pub use jobhost_engine::conformance::{events_of, test_config, until_terminal};
 use tempfile::TempDir;
 
+/// [`Engine::wait_for`] under a real-time deadline: a wait that never ends aborts the test
+/// process naming what it waited for (time may be paused, so no tokio timeout would do).
+pub trait WaitNamed {
+    /// Waits until `check` returns `Some`, re-checking after every commit; `what` names it.
+    fn wait_named<T, F, Fut>(&self, what: &'static str, check: F) -> impl Future<Output = jobhost::Result<T>>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = jobhost::Result<Option<T>>>;
+}
+
+impl WaitNamed for Engine {
+    fn wait_named<T, F, Fut>(&self, what: &'static str, check: F) -> impl Future<Output = jobhost::Result<T>>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = jobhost::Result<Option<T>>>,
+    {
+        jobhost_engine::conformance::wait_for(self, what, check)
+    }
+}
+
 /// An engine on a temporary data directory, removed when dropped.
 pub struct TestHost {
     /// The engine.
