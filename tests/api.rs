@@ -267,6 +267,34 @@ async fn every_job_route_does_its_transition_or_refuses_with_the_right_status() 
 }
 
 #[tokio::test]
+async fn a_job_says_over_the_api_what_it_waits_for() {
+    let server = Server::start().await;
+    let (_, token) = server.tenant("acme").await;
+    let (_, other) = server.tenant("else").await;
+    let new = |body: Value| server.ok("POST", "/v1/jobs", &token, Some(body));
+    let waiting = |id: String| {
+        let (server, token) = (&server, token.clone());
+        async move { server.ok("GET", &format!("/v1/jobs/{id}/waiting"), &token, None).await }
+    };
+    let ready = new(json!({"type": "space", "operation": "work"})).await;
+    let id = ready["id"].as_str().unwrap().to_owned();
+    let w = waiting(id.clone()).await;
+    assert!(w["reason"].as_str().unwrap().starts_with("no listener acked it"), "{w}");
+    assert_eq!(w["deliveries"], json!([]), "no listener subscribed, so nothing is delivered");
+    let manual = new(json!({"type": "space", "operation": "work", "trigger": "manual"})).await;
+    let w = waiting(manual["id"].as_str().unwrap().to_owned()).await;
+    assert!(w["reason"].as_str().unwrap().contains("waits for an execute call"), "{w}");
+    server.ok("POST", &format!("/v1/jobs/{id}/ack"), &token, Some(json!({}))).await;
+    server.ok("POST", &format!("/v1/jobs/{id}/split"), &token, Some(json!({"parts": 3}))).await;
+    assert_eq!(waiting(id.clone()).await["reason"], "waiting for its parts: 0 of 3 ended");
+    server.ok("POST", &format!("/v1/jobs/{id}/cancel"), &token, Some(json!({}))).await;
+    assert_eq!(waiting(id.clone()).await, Value::Null, "an ended job waits for nothing");
+    let (status, _) = server.call("GET", &format!("/v1/jobs/{id}/waiting"), &other, None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "another environment's job is not found");
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_token_reaches_only_its_environment_and_admin_routes_need_the_admin_token() {
     let server = Server::start().await;
     let (_, a) = server.tenant("a").await;
@@ -409,6 +437,7 @@ async fn the_openapi_document_describes_every_route() {
         ("/v1/sheets/{id}/records", &["get", "post", "patch", "delete"]),
         ("/v1/jobs", &["post", "get"]),
         ("/v1/jobs/{id}", &["get"]),
+        ("/v1/jobs/{id}/waiting", &["get"]),
         ("/v1/jobs/{id}/execute", &["post"]),
         ("/v1/jobs/{id}/ack", &["post"]),
         ("/v1/jobs/{id}/complete", &["post"]),
@@ -439,7 +468,7 @@ async fn the_openapi_document_describes_every_route() {
             assert!(paths.get(path).and_then(|p| p.get(*m)).is_some(), "{m} {path} is documented");
         }
     }
-    assert_eq!(paths.len(), 28, "and nothing else: {:?}", paths.keys().collect::<Vec<_>>());
+    assert_eq!(paths.len(), 29, "and nothing else: {:?}", paths.keys().collect::<Vec<_>>());
     let schemas = doc["components"]["schemas"].as_object().unwrap();
     for s in ["Job", "NewJob", "Event", "Sheet", "RecordPage", "ErrorBody"] {
         assert!(schemas.contains_key(s), "schema {s}");

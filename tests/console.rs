@@ -200,6 +200,15 @@ fn console_sessions_refuse_cross_site_requests_and_keep_environments_apart() {
     let id = job["id"].as_str().unwrap();
     let cancel = format!("/console/jobs/{id}/cancel");
     let c = [("Cookie", cookie.as_str())];
+    // The page says what an open job waits for.
+    let page = request(addr, "GET", &format!("/console/jobs/{id}"), &c, "");
+    assert!(
+        page.body.contains(
+            "<p id=\"waiting\"><strong>Waiting: </strong>created with trigger manual: it waits for an execute call</p>"
+        ),
+        "{}",
+        page.body
+    );
     assert_eq!(request(addr, "POST", &cancel, &c, "csrf=forged").status, 403);
     let cross = [("Cookie", cookie.as_str()), ("Origin", "http://evil.example")];
     let a = request(addr, "POST", &cancel, &cross, &format!("csrf={csrf}"));
@@ -216,6 +225,7 @@ fn console_sessions_refuse_cross_site_requests_and_keep_environments_apart() {
     request(addr, "POST", &cancel, &c, &format!("csrf={csrf}"));
     let page = request(addr, "GET", &format!("/console/jobs/{id}"), &c, "");
     assert!(page.body.contains("class=\"flash error\"") && page.body.contains("canceled"), "{}", page.body);
+    assert!(!page.body.contains("id=\"waiting\""), "an ended job waits for nothing");
 
     // Retry needs a failed job: refused in words; acknowledging the outcome is allowed once.
     assert_eq!(request(addr, "POST", &format!("/console/jobs/{id}/retry"), &c, &format!("csrf={csrf}")).status, 303);

@@ -66,6 +66,7 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/jobs", post(create_job).get(list_jobs))
         .route("/jobs/{id}", get(get_job))
+        .route("/jobs/{id}/waiting", get(job_waiting))
         .route("/jobs/{id}/execute", post(execute_job))
         .route("/jobs/{id}/ack", post(ack_job))
         .route("/jobs/{id}/complete", post(complete_job))

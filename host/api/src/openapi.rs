@@ -29,7 +29,7 @@ impl Modify for Bearer {
         routes::create_environment, routes::list_environments, routes::create_token, routes::list_tokens, routes::revoke_token,
         routes::create_sheet, routes::get_sheet, routes::sheet_counts, routes::list_records, routes::insert_records, routes::update_records,
         routes::delete_records,
-        routes::create_job, routes::list_jobs, routes::get_job, routes::execute_job, routes::ack_job, routes::complete_job,
+        routes::create_job, routes::list_jobs, routes::get_job, routes::job_waiting, routes::execute_job, routes::ack_job, routes::complete_job,
         routes::fail_job, routes::cancel_job, routes::retry_job, routes::split_job, routes::acknowledge_outcome,
         routes::list_events, routes::stream_events, routes::list_executions, routes::list_dead_letters, routes::retry_dead_letter,
         routes::list_plugins, routes::deploy_plugin, routes::rollback_plugin, routes::delete_plugin,

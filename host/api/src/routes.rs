@@ -19,7 +19,7 @@ use super::error::{ApiError, ErrorBody, Json, JsonObject, Path, Query};
 use crate::filter::TopicPattern;
 use crate::model::{
     Ack, ApiToken, DeadLetter, Environment, Event, Execution, Job, NewJob, NewRecord, Outcome, RecordCounts,
-    RecordPage, RecordUpdate, Sheet, Split,
+    RecordPage, RecordUpdate, Sheet, Split, Waiting,
 };
 use crate::reload::{PluginInfo, ReloadEvent};
 
@@ -520,6 +520,15 @@ pub async fn list_jobs(t: Tenant, Query(q): Query<JobsQuery>) -> Answer<Vec<Job>
     security(("bearer" = [])), responses((status = 200, body = Data<Job>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn get_job(t: Tenant, Path(id): Path<String>) -> Answer<Job> {
     ok(t.env.job(&id).await?)
+}
+
+/// What a job that has not ended waits for: one sentence, and the deliveries of its events
+/// that have not finished (a retried one with its attempts, last error and `dueAt`, when the
+/// next attempt is due). `data` is null once the job has ended.
+#[utoipa::path(get, path = "/v1/jobs/{id}/waiting", tag = "jobs", params(("id" = String, Path, description = "job id")),
+    security(("bearer" = [])), responses((status = 200, body = Data<Option<Waiting>>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn job_waiting(t: Tenant, Path(id): Path<String>) -> Answer<Option<Waiting>> {
+    ok(t.env.waiting(&id).await?)
 }
 
 macro_rules! job_call {

@@ -666,6 +666,55 @@ impl Event {
     }
 }
 
+string_enum! {
+    /// Where a delivery that has not finished is.
+    DeliveryState {
+        /// Waits to be leased: first due, or backing off after a failed attempt.
+        Pending = "pending",
+        /// A host is handling it under a lease.
+        Leased = "leased",
+        /// Its attempts ran out; it waits for an operator's retry.
+        Dead = "dead",
+    }
+}
+
+/// A delivery of one of a job's events to a subscriber that has not finished: what a job
+/// that does not move is waiting on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OpenDelivery {
+    /// Delivery id.
+    pub delivery_id: i64,
+    /// The subscriber (`listener:route`).
+    pub subscription_id: String,
+    /// The event.
+    pub event_id: String,
+    /// Its topic.
+    pub topic: String,
+    /// Pending, leased or dead.
+    pub state: DeliveryState,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// Pending: when the next attempt is due (after a failure, the end of its backoff).
+    /// Leased: when the lease expires. Dead: none.
+    pub due_at: Option<Millis>,
+    /// Leased: the host handling it.
+    pub lease_owner: Option<String>,
+    /// Why the last attempt failed, after a failure.
+    pub last_error: Option<String>,
+}
+
+/// What a job that has not ended waits for (`Env::waiting`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Waiting {
+    /// One sentence: what it waits for and what ends the wait.
+    pub reason: String,
+    /// The deliveries of its events that have not finished, by delivery id: a retried one
+    /// shows its attempts, its last error and when the next attempt is due (`dueAt`).
+    pub deliveries: Vec<OpenDelivery>,
+}
+
 /// What a delivery ended as.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]

@@ -22,6 +22,7 @@
 //!   reclaims the leases of hosts that stopped heartbeating.
 //! - `records`: the record encoding and validation.
 //! - [`scenario`]: the seeds' scenario as native listeners (the demo, tests and benchmarks).
+//! - `waiting`: why a job that has not ended is not moving ([`Env::waiting`]), in words.
 //! - `conformance` (feature `conformance`): the suite every store backend runs.
 
 pub mod delivery;
@@ -30,6 +31,7 @@ mod records;
 pub mod routing;
 pub mod rules;
 pub mod scenario;
+mod waiting;
 pub mod watchdog;
 
 #[cfg(feature = "conformance")]

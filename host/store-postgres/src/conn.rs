@@ -9,7 +9,8 @@ use serde_json::Value;
 
 use jobhost_core::error::{Error, Result, StoreError};
 use jobhost_core::model::{
-    ApiToken, DeadLetter, Environment, Event, Execution, Job, JobStatus, Millis, RecordCounts, Sheet, UnknownValue,
+    ApiToken, DeadLetter, Environment, Event, Execution, Job, JobStatus, Millis, OpenDelivery, RecordCounts, Sheet,
+    UnknownValue,
 };
 use jobhost_store::{
     DeliveryEnd, DeliveryStats, Deployment, DueDelivery, EncodedRecord, Fence, HostRecord, JobQuery, Overdue,
@@ -462,6 +463,37 @@ impl<C: GenericClient> ReadTx for Conn<'_, C> {
                     attempts: u32_of(get(r, 2)?)?,
                     last_error: get::<Option<String>>(r, 3)?.unwrap_or_default(),
                     event: event_from_row(r, 4)?,
+                })
+            })
+            .collect()
+    }
+
+    fn open_deliveries(&mut self, env: &str, job_id: &str) -> Result<Vec<OpenDelivery>> {
+        // Both branches read deliveries through their partial indexes (open, dead), never
+        // the finished ones.
+        let rows = self.query(
+            "SELECT d.id, d.subscription_id, e.id, e.topic, d.status, d.attempts, d.due_at, d.lease_owner, d.last_error \
+             FROM deliveries d JOIN events e ON e.key = d.event_key \
+             WHERE d.status IN ('pending', 'leased') AND e.job_id = $2 AND e.environment_id = $1 \
+             UNION ALL \
+             SELECT d.id, d.subscription_id, e.id, e.topic, d.status, d.attempts, d.due_at, d.lease_owner, d.last_error \
+             FROM deliveries d JOIN events e ON e.key = d.event_key \
+             WHERE d.status = 'dead' AND e.job_id = $2 AND e.environment_id = $1 \
+             ORDER BY 1",
+            &[&env, &job_id],
+        )?;
+        rows.iter()
+            .map(|r| {
+                Ok(OpenDelivery {
+                    delivery_id: get(r, 0)?,
+                    subscription_id: get(r, 1)?,
+                    event_id: get(r, 2)?,
+                    topic: get(r, 3)?,
+                    state: parse_enum(get::<&str>(r, 4)?)?,
+                    attempts: u32_of(get(r, 5)?)?,
+                    due_at: get(r, 6)?,
+                    lease_owner: get(r, 7)?,
+                    last_error: get(r, 8)?,
                 })
             })
             .collect()

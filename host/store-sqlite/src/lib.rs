@@ -28,7 +28,8 @@ use tokio::sync::Notify;
 
 use jobhost_core::error::{Error, Result, StoreError};
 use jobhost_core::model::{
-    ApiToken, DeadLetter, Environment, Event, Execution, Job, JobStatus, Millis, RecordCounts, Sheet, UnknownValue,
+    ApiToken, DeadLetter, Environment, Event, Execution, Job, JobStatus, Millis, OpenDelivery, RecordCounts, Sheet,
+    UnknownValue,
 };
 use jobhost_store::{
     Backend, DeliveryEnd, DeliveryStats, DueDelivery, EncodedRecord, Fence, HostRecord, JobQuery, Notifications,
@@ -81,6 +82,20 @@ impl SqliteOptions {
         Self { dir: dir.into(), synchronous: Synchronous::Full, max_batch: 512 }
     }
 }
+
+/// `open_deliveries`' query (public for the test that reads its plan). Deliveries are read
+/// through their partial indexes (open ones, dead ones; `INDEXED BY`, since without it SQLite
+/// scans the table) in the outer loop (`CROSS JOIN`), each joined to its event by key. Any
+/// other plan scans every delivery, finished ones included (none is indexed by event).
+#[doc(hidden)]
+pub const OPEN_DELIVERIES_SQL: &str = "SELECT d.id, d.subscription_id, e.id, e.topic, d.status, d.attempts, d.due_at, d.lease_owner, d.last_error \
+     FROM deliveries d INDEXED BY deliveries_due CROSS JOIN events e ON e.seq = d.event_seq \
+     WHERE d.status IN ('pending', 'leased') AND e.job_id = ?2 AND e.environment_id = ?1 \
+     UNION ALL \
+     SELECT d.id, d.subscription_id, e.id, e.topic, d.status, d.attempts, d.due_at, d.lease_owner, d.last_error \
+     FROM deliveries d INDEXED BY deliveries_dead CROSS JOIN events e ON e.seq = d.event_seq \
+     WHERE d.status = 'dead' AND e.job_id = ?2 AND e.environment_id = ?1 \
+     ORDER BY 1";
 
 /// The SQLite backend. Dropping it finishes queued writes and joins the writer thread.
 pub struct SqliteBackend {
@@ -970,6 +985,26 @@ impl ReadTx for Conn<'_> {
                     attempts: r.get(2)?,
                     last_error: r.get::<_, Option<String>>(3)?.unwrap_or_default(),
                     event: event_from_row(r, 4)?,
+                })
+            })
+            .db()?;
+        rows.collect::<rusqlite::Result<_>>().db()
+    }
+
+    fn open_deliveries(&mut self, env: &str, job_id: &str) -> Result<Vec<OpenDelivery>> {
+        let mut stmt = self.conn.prepare_cached(OPEN_DELIVERIES_SQL).db()?;
+        let rows = stmt
+            .query_map([env, job_id], |r| {
+                Ok(OpenDelivery {
+                    delivery_id: r.get(0)?,
+                    subscription_id: r.get(1)?,
+                    event_id: r.get(2)?,
+                    topic: r.get(3)?,
+                    state: parse_enum(&r.get::<_, String>(4)?)?,
+                    attempts: r.get(5)?,
+                    due_at: r.get(6)?,
+                    lease_owner: r.get(7)?,
+                    last_error: r.get(8)?,
                 })
             })
             .db()?;

@@ -74,6 +74,27 @@ fn job_writes_build_no_temporary_btree() {
     }
 }
 
+/// What a job waits on is read through the partial indexes of open and dead deliveries, never
+/// by scanning every delivery (finished ones are most of them).
+#[test]
+fn open_deliveries_are_read_through_the_partial_indexes() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(SqliteBackend::open(SqliteOptions::new(dir.path())).unwrap());
+    let conn = rusqlite::Connection::open(SqliteBackend::db_path(dir.path())).unwrap();
+    let plan: Vec<String> = conn
+        .prepare(&format!("EXPLAIN QUERY PLAN {}", jobhost_store_sqlite::OPEN_DELIVERIES_SQL))
+        .unwrap()
+        .query_map(["e", "j"], |r| r.get::<_, String>(3))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let deliveries: Vec<&String> = plan.iter().filter(|l| l.contains(" d ") || l.ends_with(" d")).collect();
+    assert_eq!(deliveries.len(), 2, "{plan:?}");
+    assert!(deliveries[0].contains("USING INDEX deliveries_due"), "{plan:?}");
+    assert!(deliveries[1].contains("USING INDEX deliveries_dead"), "{plan:?}");
+    assert!(plan.iter().any(|l| l.contains("SEARCH e USING INTEGER PRIMARY KEY")), "{plan:?}");
+}
+
 /// A store made before the live-jobs index was respelled (schema 6) opens with its jobs intact
 /// and the index in its new form, still used by the watchdog's query.
 #[tokio::test]

@@ -31,7 +31,8 @@ use tokio::sync::Notify;
 
 use jobhost_core::error::{Error, Result};
 use jobhost_core::model::{
-    ApiToken, DeadLetter, Environment, Event, Execution, Job, JobStatus, JobType, Message, Millis, RecordCounts, Sheet,
+    ApiToken, DeadLetter, Environment, Event, Execution, Job, JobStatus, JobType, Message, Millis, OpenDelivery,
+    RecordCounts, Sheet,
 };
 
 /// A subscription as stored: who wants which events of one environment.
@@ -230,6 +231,9 @@ pub trait ReadTx {
     fn job_events(&mut self, env: &str, job_id: &str) -> Result<Vec<Event>>;
     /// Dead-lettered deliveries of an environment.
     fn dead_letters(&mut self, env: &str) -> Result<Vec<DeadLetter>>;
+    /// The deliveries of a job's events that have not finished (pending, leased or dead),
+    /// by delivery id. Reads the open and the dead deliveries, never the finished ones.
+    fn open_deliveries(&mut self, env: &str, job_id: &str) -> Result<Vec<OpenDelivery>>;
     /// Delivery counts (all environments).
     fn delivery_stats(&mut self) -> Result<DeliveryStats>;
     /// Jobs per status (all environments).

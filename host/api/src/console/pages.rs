@@ -450,8 +450,9 @@ pub async fn job(
 ) -> Page {
     let env = viewer.env()?;
     let job = env.job(&id).await.map_err(|e| engine_error(&viewer, e))?;
-    let (events, executions) = tokio::try_join!(env.job_events(&id), env.executions(Some(&id), u32::MAX))
-        .map_err(|e| engine_error(&viewer, e))?;
+    let (events, executions, waiting) =
+        tokio::try_join!(env.job_events(&id), env.executions(Some(&id), u32::MAX), env.waiting(&id))
+            .map_err(|e| engine_error(&viewer, e))?;
     let shown = executions.len().saturating_sub(EXECUTIONS_SHOWN as usize);
     let live = html! {
         div.actions {
@@ -483,6 +484,29 @@ pub async fn job(
             tr { th { "Estimated completion" } td { (view::maybe_time(job.estimated_completion_at)) } }
             tr { th { "Ended" } td { (view::maybe_time(job.finished_at)) } }
             tr { th { "Outcome acknowledged" } td { (view::maybe_time(job.outcome_acknowledged_at)) } }
+        }
+        @if let Some(w) = &waiting {
+            section.waiting {
+                p #waiting { strong { "Waiting: " } (w.reason) }
+                @if !w.deliveries.is_empty() {
+                    table.deliveries {
+                        thead { tr { th { "Delivery" } th { "Event" } th { "Subscriber" } th { "State" } th { "Attempts" } th { "Next attempt · lease ends" } th { "Last error" } } }
+                        tbody {
+                            @for d in &w.deliveries {
+                                tr {
+                                    td { (d.delivery_id) }
+                                    td { code { (d.topic) } }
+                                    td { code { (d.subscription_id) } }
+                                    td { (d.state) }
+                                    td { (d.attempts) }
+                                    td { (view::maybe_time(d.due_at)) }
+                                    td.info { @match &d.last_error { Some(e) => (e), None => span.none { "—" } } }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
         }
         h2 { "Outcome" } (view::json(&job.outcome))
         h2 { "Timeline" }

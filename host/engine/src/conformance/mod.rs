@@ -355,6 +355,12 @@ macro_rules! conformance_suite {
         $crate::__conformance_case!(
             $open, $again,
             rules,
+            a_waiting_job_says_what_it_waits_for_and_a_retry_shows_its_next_attempt,
+            [tokio::test]
+        );
+        $crate::__conformance_case!(
+            $open, $again,
+            rules,
             an_event_budget_refuses_the_call_that_would_pass_it_and_that_call_writes_nothing,
             [tokio::test]
         );

@@ -1111,3 +1111,69 @@ pub async fn an_event_budget_refuses_the_call_that_would_pass_it_and_that_call_w
     // The same environment without the budget is not limited.
     env.insert_records(&sheet.id, scenario::sample_records(1).0).await.unwrap();
 }
+
+pub async fn a_waiting_job_says_what_it_waits_for_and_a_retry_shows_its_next_attempt() {
+    let backoff = Duration::from_secs(3600);
+    let host = TestHost::with_config(EngineConfig { max_attempts: 2, retry_backoff: backoff, ..test_config() });
+    let env = host.env().await;
+    // No listener yet: a ready job nobody acks, a manual one, a parent waiting for its parts.
+    let idle = job_in(&env, JobStatus::Ready).await;
+    let manual = job_in(&env, JobStatus::Created).await;
+    let parent = executing_parent(&env).await;
+    env.split(&parent.id, Split::count(2)).await.unwrap();
+    let reason = |job: &str| {
+        let (env, job) = (env.clone(), job.to_owned());
+        async move { env.waiting(&job).await.unwrap().expect("an open job waits").reason }
+    };
+    assert!(reason(&idle.id).await.starts_with("no listener acked it"), "{}", reason(&idle.id).await);
+    assert!(reason(&manual.id).await.contains("waits for an execute call"));
+    assert_eq!(reason(&parent.id).await, "waiting for its parts: 0 of 2 ended");
+    let done = job_in(&env, JobStatus::Complete).await;
+    assert_eq!(env.waiting(&done.id).await.unwrap(), None, "an ended job waits for nothing");
+    let other = host.env().await;
+    assert_eq!(other.waiting(&idle.id).await.unwrap_err().kind(), ErrorKind::NotFound);
+
+    // A listener that fails: after its first attempt the delivery backs off for an hour.
+    let listener = Listener::new("broken", env.id())
+        .filter(json!({"job": "space:flaky"}), |l| l.on("job:ready", |_| async { Err("cannot parse input".into()) }));
+    let running = host.engine.run(vec![listener]).await.unwrap();
+    let flaky = env.create_job(NewJob::new(JobType::Space, "flaky")).await.unwrap();
+    let retried = super::wait_for(&host.engine, "the first attempt's failure", || {
+        let (env, id) = (env.clone(), flaky.id.clone());
+        async move {
+            Ok(env.waiting(&id).await?.filter(|w| {
+                w.deliveries.iter().any(|d| d.attempts == 1 && d.state == crate::model::DeliveryState::Pending)
+            }))
+        }
+    })
+    .await
+    .unwrap();
+    let d = &retried.deliveries[0];
+    assert_eq!(retried.deliveries.len(), 1, "{retried:?}");
+    assert_eq!((d.state, d.attempts, d.topic.as_str()), (crate::model::DeliveryState::Pending, 1, "job:ready"));
+    assert_eq!(d.subscription_id, format!("{}/broken#0", env.id()));
+    assert!(d.last_error.as_deref().unwrap().contains("cannot parse input"));
+    let due = d.due_at.unwrap() - host.engine.now();
+    assert!(due > 3_500_000 && due <= 3_600_000, "the next attempt is due an hour after the failure: {due} ms");
+    assert!(
+        retried.reason.starts_with(&format!("attempt 1 of {}/broken#0 on its job:ready event failed: ", env.id()))
+            && retried.reason.contains("cannot parse input")
+            && retried.reason.ends_with("the next attempt is due in 3600 s"),
+        "{}",
+        retried.reason
+    );
+    // The last attempt, an hour on: dead-lettered, and the job says so.
+    tokio::time::pause();
+    tokio::time::advance(backoff).await;
+    tokio::time::resume();
+    until_dead_letter(&host, &env).await;
+    running.shutdown().await;
+    let dead = env.waiting(&flaky.id).await.unwrap().unwrap();
+    assert_eq!(dead.deliveries[0].state, crate::model::DeliveryState::Dead);
+    assert_eq!(dead.deliveries[0].due_at, None);
+    assert!(
+        dead.reason.contains("was dead-lettered for") && dead.reason.contains("after 2 attempts"),
+        "{}",
+        dead.reason
+    );
+}

@@ -300,30 +300,18 @@ async fn stall_note(engine: &Engine, env: &crate::Env, parent: &Job) -> anyhow::
     }
     let parts = env.parts(&parent.id).await?;
     let open: Vec<&Job> = std::iter::once(parent).chain(parts.iter()).filter(|j| !j.status.is_terminal()).collect();
-    let config = engine.config();
-    // "the watchdog fails it after 60 s without activity", or says it never will.
-    let limit = |t: Option<std::time::Duration>, what: &str| match t {
-        Some(d) => format!("the watchdog fails it after {} s {what}", d.as_secs()),
-        None => "no timeout is set, so nothing fails it".to_owned(),
-    };
     let mut lines = vec![format!(
         "waiting: no delivery is pending or in flight, and {} job(s) of this run have not ended:",
         open.len()
     )];
     for j in open.iter().take(5) {
-        let why = match j.status {
-            JobStatus::Executing if j.id == parent.id && parts.iter().any(|p| !p.status.is_terminal()) => {
-                "executing: waiting for its parts (below)".to_owned()
-            }
-            JobStatus::Executing => format!(
-                "executing: a listener acked it and returned without completing or failing it; {}",
-                limit(config.stale_timeout, "without activity")
-            ),
-            JobStatus::Ready => format!("ready: no listener acked it; {}", limit(config.ack_timeout, "unacknowledged")),
-            other => format!("{other}"),
+        // The engine's words, as the API and the console say them.
+        let why = match env.waiting(&j.id).await? {
+            Some(w) => w.reason,
+            None => "it has just ended".to_owned(),
         };
         let info = j.info.as_deref().map(|i| format!(" (info: {i})")).unwrap_or_default();
-        lines.push(format!("  job {} {}{info}: {why}", j.id, j.job_name()));
+        lines.push(format!("  job {} {}{info}: {}: {why}", j.id, j.job_name(), j.status));
     }
     if open.len() > 5 {
         lines.push(format!("  … and {} more", open.len() - 5));
