@@ -186,7 +186,6 @@ async fn a_memory_bomb_hits_the_memory_limit() {
     let (_, exec) = arena.attack("bomb", Value::Null).await;
     assert_eq!(exec.outcome, ExecutionOutcome::Memory);
     assert!(exec.error.as_deref().unwrap().starts_with("memory limit 16 MiB exceeded (trap: "), "{:?}", exec.error);
-    assert!(exec.peak_memory <= 16 << 20, "peak {} stays under the cap", exec.peak_memory);
     arena.stop().await;
 }
 
