@@ -360,7 +360,7 @@ async fn an_event_storm_stops_at_the_delivery_budget_writes_nothing_more_and_is_
     let sheet = arena.attacker.create_sheet("storm").await.unwrap().id;
     let (_, exec, dead) = storm(&arena, "event-storm", json!({ "sheetId": sheet })).await;
     let budget =
-        "this call would write 1 events after the 30 this delivery wrote; the plugin's max_events_per_delivery is 30";
+        "this call would write 1 event after the 30 this delivery wrote; the plugin's max_events_per_delivery is 30";
     assert!(exec.logs.contains("[hostile] inserted 30 records, then Limit"), "{}", exec.logs);
     assert!(exec.logs.contains(&format!("[jobhost] limit: {budget}")), "{}", exec.logs);
     assert!(exec.error.as_deref().unwrap().contains(budget), "{:?}", exec.error);

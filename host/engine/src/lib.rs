@@ -493,8 +493,9 @@ impl Env {
                 let emitted = ctx.emitted.get();
                 if let Some(b) = charged.as_ref().filter(|_| budget_used.saturating_add(emitted) > budget_max) {
                     b.refused.store(true, std::sync::atomic::Ordering::Relaxed);
+                    let events = if emitted == 1 { "1 event" } else { &format!("{emitted} events") };
                     return Err(Error::Limit(format!(
-                        "this call would write {emitted} events after the {budget_used} this delivery wrote; \
+                        "this call would write {events} after the {budget_used} this delivery wrote; \
                          the plugin's max_events_per_delivery is {budget_max}"
                     )));
                 }
