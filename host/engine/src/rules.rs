@@ -412,7 +412,9 @@ pub fn cancel(tx: &mut dyn Tx, ctx: &Ctx, mut job: Job, info: Option<String>) ->
     emit(tx, ctx, &job, "job:updated", None)?;
     // The parent is terminal first, so the parts' own bookkeeping neither promotes a
     // sequential sibling nor emits parts-completed for a parent nobody can finish.
-    for part in tx.parts_in(&job.id, OPEN)? {
+    // A part has no parts (a part cannot be split): no query per part of a large cascade.
+    let parts = if job.is_part { Vec::new() } else { tx.parts_in(&job.id, OPEN)? };
+    for part in parts {
         cancel(tx, ctx, part, Some(format!("canceled with parent job {}", job.id)))?;
     }
     after_terminal(tx, ctx, &job)?;
