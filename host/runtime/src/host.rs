@@ -443,10 +443,7 @@ impl HostState {
     fn engine_error(&mut self, e: crate::error::Error) -> wit::Error {
         let crate::error::Error::Limit(why) = &e else { return convert::error(e) };
         self.over_budget |= self.events.refused();
-        if let Ok(mut logs) = self.logs.lock() {
-            logs.push(&format!("[jobhost] limit: {why}\n"));
-        }
-        self.refused.get_or_insert_with(|| e.to_string());
+        self.note_refusal("limit", why, &e.to_string());
         convert::error(e)
     }
 
@@ -478,11 +475,16 @@ impl HostState {
     /// still says what happened) and returns it as the guest's error.
     fn refuse(&mut self, kind: wit::ErrorKind, message: String) -> wit::Error {
         let tag = if kind == wit::ErrorKind::Limit { "limit" } else { "denied" };
-        if let Ok(mut logs) = self.logs.lock() {
-            logs.push(&format!("[jobhost] {tag}: {message}\n"));
-        }
-        self.refused.get_or_insert_with(|| message.clone());
+        self.note_refusal(tag, &message, &message);
         wit::Error { kind, message, job_status: None }
+    }
+
+    /// Logs `[jobhost] {tag}: {logged}` and keeps `recorded` as the first refusal.
+    fn note_refusal(&mut self, tag: &str, logged: &str, recorded: &str) {
+        if let Ok(mut logs) = self.logs.lock() {
+            logs.push(&format!("[jobhost] {tag}: {logged}\n"));
+        }
+        self.refused.get_or_insert_with(|| recorded.to_owned());
     }
 
     fn limit(&mut self, message: String) -> wit::Error {
