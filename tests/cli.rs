@@ -359,27 +359,56 @@ fn serve_hot_reloads_rolls_back_and_stops_on_sigterm() {
     assert_eq!(child.wait().unwrap().code(), Some(0), "{}", seen.join("\n"));
 }
 
+/// Runs `jobhost secret ARGS --data DATA` with `stdin` and the extra variables `vars`.
+fn secret_cmd(data: &str, args: &[&str], stdin: &str, vars: &[(&str, &str)]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_jobhost"))
+        .arg("secret")
+        .args(args)
+        .args(["--data", data])
+        .env_remove("JOBHOST_SECRET_KEY")
+        .env_remove("JOBHOST_SECRET_KEY_FILE")
+        .envs(vars.iter().copied())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), stdin.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// `jobhost secret new-key PATH`, checked: the file is the owner's only.
+fn new_key(path: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_jobhost")).args(["secret", "new-key", path]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+}
+
 #[test]
 fn secrets_are_set_from_stdin_listed_by_name_and_deleted() {
     let f = Fixture::new();
     let data = f.path("data");
-    let secret = |args: &[&str], stdin: &str| {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_jobhost"))
-            .arg("secret")
-            .args(args)
-            .args(["--data", &data])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        std::io::Write::write_all(&mut child.stdin.take().unwrap(), stdin.as_bytes()).unwrap();
-        child.wait_with_output().unwrap()
-    };
+    let key = f.path("secret.key");
+    new_key(&key);
+    let again = Command::new(env!("CARGO_BIN_EXE_jobhost")).args(["secret", "new-key", &key]).output().unwrap();
+    assert!(!again.status.success() && stderr(&again).contains("cannot create the key file"), "never over a key");
+    let keyed = [("JOBHOST_SECRET_KEY_FILE", key.as_str())];
+    let secret = |args: &[&str], stdin: &str| secret_cmd(&data, args, stdin, &keyed);
+
+    // Without a key nothing is stored, and the error says what to do.
+    let keyless = secret_cmd(&data, &["set", "API_KEY"], "s3cret\n", &[]);
+    assert!(!keyless.status.success());
+    assert!(stderr(&keyless).contains("no secret key") && stderr(&keyless).contains("jobhost secret new-key"));
+    assert!(secret(&["list"], "").stdout.is_empty(), "the refused set stored nothing");
+
     assert!(secret(&["set", "API_KEY"], "s3cret\n").status.success());
     assert!(secret(&["set", "OTHER", "--environment", "staging"], "x").status.success());
-    let list = secret(&["list"], "");
-    assert_eq!(String::from_utf8_lossy(&list.stdout), "API_KEY\n", "names only, of one environment");
+    let list = secret_cmd(&data, &["list"], "", &[]);
+    assert_eq!(String::from_utf8_lossy(&list.stdout), "API_KEY\n", "names only, of one environment, with no key");
     let bad = secret(&["set", "bad name"], "v");
     assert_eq!(bad.status.code(), Some(2));
     assert!(stderr(&bad).contains("is not a secret name"), "{}", stderr(&bad));
@@ -390,12 +419,130 @@ fn secrets_are_set_from_stdin_listed_by_name_and_deleted() {
 
     // The value arrives as given, without the newline.
     assert!(secret(&["set", "API_KEY"], "s3cret\n").status.success());
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let engine = jobhost::open_engine(Path::new(&data), jobhost::EngineConfig::default()).unwrap();
-        let env = engine.env(engine.environment_named("default").await.unwrap().id);
-        assert_eq!(env.secret("API_KEY").await.unwrap(), "s3cret");
-    });
+    let read = |key: &str| {
+        let data = data.clone();
+        let key = jobhost::SecretKey::from_file(Path::new(key)).unwrap();
+        tokio::runtime::Runtime::new().unwrap().block_on(async move {
+            let config = jobhost::EngineConfig { secret_key: Some(key), ..jobhost::EngineConfig::default() };
+            let engine = jobhost::open_engine(Path::new(&data), config).unwrap();
+            let env = engine.env(engine.environment_named("default").await.unwrap().id);
+            env.secret("API_KEY").await
+        })
+    };
+    assert_eq!(read(&key).unwrap(), "s3cret");
+
+    // Rotation: every secret re-sealed with the new key; the old one then names both keys.
+    let new = f.path("new.key");
+    new_key(&new);
+    let rotated = secret(&["rotate-key", "--new-key-file", &new], "");
+    assert!(rotated.status.success(), "{}", stderr(&rotated));
+    assert!(stderr(&rotated).contains("re-sealed 2 secret(s)"), "{}", stderr(&rotated));
+    assert_eq!(read(&new).unwrap(), "s3cret");
+    let old = read(&key).unwrap_err().to_string();
+    assert!(old.contains("was sealed with key"), "{old}");
+    let stale = secret(&["set", "THIRD"], "v");
+    assert!(!stale.status.success() && stderr(&stale).contains("was sealed with key"), "{}", stderr(&stale));
+    // A key file others can read is refused, naming the fix.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let open = secret_cmd(&data, &["set", "THIRD"], "v", &[("JOBHOST_SECRET_KEY_FILE", new.as_str())]);
+        assert!(stderr(&open).contains("can be read by others (mode 0644)"), "{}", stderr(&open));
+    }
+}
+
+/// Every file under `dir`, recursively, with its bytes.
+fn files_under(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push((path.clone(), std::fs::read(&path).unwrap()));
+        }
+    }
+    out
+}
+
+#[test]
+fn no_secret_or_token_is_kept_in_plain_text_in_the_store_files_or_the_logs() {
+    let f = Fixture::new();
+    let plugins = f.path("plugins");
+    std::fs::copy(jobhost_test_plugins::TEST_HOSTILE, f.dir.path().join("plugins/hostile.wasm")).unwrap();
+    std::fs::write(f.dir.path().join("plugins/hostile.toml"), "[grants]\nsecrets = [\"API_KEY\"]\n").unwrap();
+    let (data, key) = (f.path("data"), f.path("secret.key"));
+    new_key(&key);
+    let value = format!("sk-live-{}", jobhost_engine::random_hex(12).unwrap());
+    let set = secret_cmd(&data, &["set", "API_KEY"], &value, &[("JOBHOST_SECRET_KEY_FILE", key.as_str())]);
+    assert!(set.status.success(), "{}", stderr(&set));
+
+    let serve = |key: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_jobhost"));
+        cmd.args(["serve", "--plugins", &plugins, "--data", &data, "--listen", "127.0.0.1:0"])
+            .env("XDG_CACHE_HOME", f.dir.path().join("cache"))
+            .env("JOBHOST_ADMIN_TOKEN", "admin-for-tests")
+            .env_remove("JOBHOST_SECRET_KEY")
+            .env_remove("JOBHOST_SECRET_KEY_FILE");
+        if let Some(key) = key {
+            cmd.args(["--secret-key-file", key]);
+        }
+        cmd
+    };
+    // Without the key the host does not start, and says why.
+    let keyless = serve(None).output().unwrap();
+    assert!(!keyless.status.success());
+    assert!(
+        stderr(&keyless).contains("the store holds 1 secret(s) and this host has no secret key"),
+        "{}",
+        stderr(&keyless)
+    );
+
+    let (mut child, mut lines) = spawn_logged(&mut serve(Some(&key)));
+    let mut log = Vec::new();
+    let listening = wait_line(&mut lines, "listening on http://", &mut log);
+    let addr = listening.rsplit("http://").next().unwrap().trim().to_owned();
+    wait_line(&mut lines, "serving 2 plugin(s)", &mut log);
+    let token = default_environment_token(&addr);
+    let job = serde_json::json!({"type": "space", "operation": "use-secret"});
+    let (status, job) = http(&addr, "POST", "/v1/jobs", &token, Some(&job));
+    assert_eq!(status, 201, "{job}");
+    let job_id = job["data"]["id"].as_str().unwrap().to_owned();
+    wait_event(&addr, &token, &["\"job:completed\"", &job_id]);
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    log.extend(lines.map_while(Result::ok));
+    assert_eq!(child.wait().unwrap().code(), Some(0), "{}", log.join("\n"));
+    // The host stopped cleanly, so its execution records are committed: read them as it wrote them.
+    let execution = {
+        let (data, job_id) = (data.clone(), job_id.clone());
+        tokio::runtime::Runtime::new().unwrap().block_on(async move {
+            let engine = jobhost::open_engine(Path::new(&data), jobhost::EngineConfig::default()).unwrap();
+            let env = engine.env(engine.environment_named("default").await.unwrap().id);
+            env.executions(Some(&job_id), 10).await.unwrap().remove(0)
+        })
+    };
+    assert!(execution.logs.contains("[hostile] printed [secret API_KEY]"), "{}", execution.logs);
+    assert!(execution.logs.contains("[hostile] logged [secret API_KEY]"), "{}", execution.logs);
+
+    let files = files_under(Path::new(&data));
+    let (db, wal): (Vec<_>, Vec<_>) = (
+        files.iter().filter(|(p, _)| p.to_string_lossy().ends_with(".db")).collect(),
+        files.iter().filter(|(p, _)| p.to_string_lossy().ends_with("-wal")).collect(),
+    );
+    assert!(!db.is_empty(), "the scan reads the store: {:?}", files.iter().map(|f| &f.0).collect::<Vec<_>>());
+    let contains = |hay: &[u8], needle: &str| hay.windows(needle.len()).any(|w| w == needle.as_bytes());
+    // The scan finds what is stored in plain: the secret's name and the execution's masked log.
+    let everything: Vec<u8> = db.iter().chain(&wal).flat_map(|(_, b)| b.iter().copied()).collect();
+    assert!(contains(&everything, "API_KEY") && contains(&everything, "[secret API_KEY]"), "the scan sees plain text");
+    let log_text = log.join("\n");
+    for needle in [value.as_str(), token.as_str(), &token["jh_".len()..], "admin-for-tests"] {
+        for (path, bytes) in &files {
+            assert!(!contains(bytes, needle), "{needle} is in {} in plain text", path.display());
+        }
+        assert!(!log_text.contains(needle), "{needle} is in the host's log:\n{log_text}");
+        assert!(!execution.logs.contains(needle), "{needle} is in the execution record: {}", execution.logs);
+    }
 }
 
 /// One HTTP/1.1 request over a fresh connection; returns the status and the JSON body.

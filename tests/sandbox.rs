@@ -437,6 +437,32 @@ async fn granted_config_secrets_env_and_directories_are_visible_and_nothing_more
 }
 
 #[tokio::test]
+async fn a_secret_a_plugin_prints_logs_or_fails_with_is_masked_in_what_the_host_keeps() {
+    let arena = Arena::new(Some(HOSTILE)).await;
+    arena.attacker.set_secret("API_KEY", "tok-7f3a9c").await.unwrap();
+    let job = arena.start("use-secret", serde_json::json!({ "fail": true })).await;
+    let exec = arena.execution(&job.id).await;
+    arena.witness().await;
+    let error = exec.error.clone().unwrap_or_default();
+    for kept in [&exec.logs, &error] {
+        assert!(!kept.contains("tok-7f3a9c"), "{kept}");
+    }
+    assert!(exec.logs.contains("[hostile] printed [secret API_KEY]"), "{}", exec.logs);
+    assert!(exec.logs.contains("WARN [hostile] logged [secret API_KEY]"), "{}", exec.logs);
+    assert!(error.contains("[hostile] failed with [secret API_KEY]"), "{error}");
+    let env = arena.attacker.clone();
+    let dead = (arena.host.engine)
+        .wait_named("the failed delivery's dead letter", move || {
+            let env = env.clone();
+            async move { Ok(env.dead_letters().await?.into_iter().next()) }
+        })
+        .await
+        .unwrap();
+    assert!(dead.last_error.contains("[secret API_KEY]") && !dead.last_error.contains("tok-7f3a9c"), "{dead:?}");
+    arena.stop().await;
+}
+
+#[tokio::test]
 async fn a_self_retriggering_listener_is_stopped_by_the_chain_depth() {
     let arena = Arena::new(Some(HOSTILE)).await;
     let first = arena.start("retrigger", Value::Null).await;

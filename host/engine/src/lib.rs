@@ -22,6 +22,7 @@
 //!   reclaims the leases of hosts that stopped heartbeating.
 //! - `records`: the record encoding and validation.
 //! - [`scenario`]: the seeds' scenario as native listeners (the demo, tests and benchmarks).
+//! - [`secrets`]: environment secrets sealed with the operator's key before they are stored.
 //! - `waiting`: why a job that has not ended is not moving ([`Env::waiting`]), in words.
 //! - `conformance` (feature `conformance`): the suite every store backend runs.
 
@@ -31,6 +32,7 @@ mod records;
 pub mod routing;
 pub mod rules;
 pub mod scenario;
+pub mod secrets;
 mod waiting;
 pub mod watchdog;
 
@@ -42,6 +44,7 @@ pub use jobhost_store as store;
 
 pub use delivery::Running;
 pub use listener::Listener;
+pub use secrets::SecretKey;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -90,6 +93,8 @@ pub struct EngineConfig {
     /// A host whose last heartbeat is older than this is gone: its leases are handed out
     /// again by any other host's watchdog.
     pub host_timeout: Duration,
+    /// The key environment secrets are sealed with (`None`: secrets cannot be stored or read).
+    pub secret_key: Option<SecretKey>,
 }
 
 impl Default for EngineConfig {
@@ -107,6 +112,7 @@ impl Default for EngineConfig {
             max_chain_events: 1_000_000,
             heartbeat_interval: Duration::from_secs(5),
             host_timeout: Duration::from_secs(30),
+            secret_key: None,
         }
     }
 }
@@ -291,6 +297,71 @@ impl Engine {
             })
             .await?;
         Ok((record, token))
+    }
+
+    /// Checks the store's secrets against this host's key before it serves: every sealed
+    /// secret must be sealed with this key, and secrets stored before sealing existed are
+    /// sealed now (in one write). Returns how many were sealed. Without a key, a store that
+    /// holds any secret is refused, with what to do.
+    pub async fn seal_secrets(&self) -> Result<usize> {
+        let (key, now) = (self.inner.config.secret_key.clone(), self.now());
+        self.inner
+            .store
+            .write(move |tx| {
+                let all = tx.all_secrets()?;
+                let Some(key) = &key else {
+                    return match all.first() {
+                        None => Ok(0),
+                        Some(s) => Err(Error::Conflict(format!(
+                            "the store holds {} secret(s) and this host has no secret key; set JOBHOST_SECRET_KEY \
+                             or JOBHOST_SECRET_KEY_FILE (or --secret-key-file){}",
+                            all.len(),
+                            match secrets::sealed_with(&s.value) {
+                                Some(fp) => format!(" to the key with fingerprint {fp}"),
+                                None => ", and they will be sealed with it".into(),
+                            }
+                        ))),
+                    };
+                };
+                let mut sealed = 0;
+                for s in &all {
+                    match secrets::sealed_with(&s.value) {
+                        Some(fp) if fp == key.fingerprint() => {}
+                        Some(fp) => return Err(secrets::wrong_key(&s.name, fp, Some(key))),
+                        None => {
+                            let value = key.seal(&s.environment_id, &s.name, &s.value)?;
+                            tx.put_secret(&s.environment_id, &s.name, Some(&value), now)?;
+                            sealed += 1;
+                        }
+                    }
+                }
+                Ok(sealed)
+            })
+            .await
+    }
+
+    /// Re-seals every secret of every environment with `new` in one write, opening each with
+    /// this host's key; returns how many. Hosts still running with the old key then refuse to
+    /// read secrets (naming both keys) until restarted with the new one.
+    pub async fn rotate_secret_key(&self, new: &SecretKey) -> Result<usize> {
+        let (old, new, now) = (self.inner.config.secret_key.clone(), new.clone(), self.now());
+        self.inner
+            .store
+            .write(move |tx| {
+                let all = tx.all_secrets()?;
+                for s in &all {
+                    let value = secrets::open(old.as_ref(), &s.environment_id, &s.name, &s.value)?;
+                    let value = zeroize::Zeroizing::new(value);
+                    tx.put_secret(
+                        &s.environment_id,
+                        &s.name,
+                        Some(&new.seal(&s.environment_id, &s.name, &value)?),
+                        now,
+                    )?;
+                }
+                Ok(all.len())
+            })
+            .await
     }
 
     /// The token's record, when `token` is a valid API token.
@@ -807,8 +878,10 @@ impl Env {
                 value.len()
             )));
         }
-        let (name, value) = (name.to_owned(), value.to_owned());
-        self.write(move |tx, ctx| tx.put_secret(&ctx.env, &name, Some(&value), ctx.now)).await
+        let key = self.engine.inner.config.secret_key.as_ref().ok_or_else(secrets::no_key)?;
+        let sealed = key.seal(&self.env, name, value)?;
+        let name = name.to_owned();
+        self.write(move |tx, ctx| tx.put_secret(&ctx.env, &name, Some(&sealed), ctx.now)).await
     }
 
     /// Deletes a secret; false when there was none.
@@ -822,8 +895,13 @@ impl Env {
 
     /// A secret's value.
     pub async fn secret(&self, name: &str) -> Result<String> {
+        let key = self.engine.inner.config.secret_key.clone();
         let name = name.to_owned();
-        self.read(move |r, env| r.secret(env, &name)?.ok_or_else(|| Error::not_found("secret", name))).await
+        self.read(move |r, env| {
+            let stored = r.secret(env, &name)?.ok_or_else(|| Error::not_found("secret", &name))?;
+            secrets::open(key.as_ref(), env, &name, &stored)
+        })
+        .await
     }
 
     /// The names of the environment's secrets (never their values), sorted.

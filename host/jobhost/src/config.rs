@@ -13,6 +13,7 @@
 //! environment = "default"
 //! concurrency = 128
 //! admin_token = "…"            # better: JOBHOST_ADMIN_TOKEN
+//! secret_key_file = "/etc/jobhost/secret.key"  # mode 0600; or JOBHOST_SECRET_KEY
 //!
 //! [limits]                     # defaults for plugins without a manifest (a manifest's keys)
 //! memory_mib = 32
@@ -44,6 +45,7 @@ struct File {
     environment: Option<String>,
     concurrency: Option<usize>,
     admin_token: Option<String>,
+    secret_key_file: Option<PathBuf>,
     limits: Option<toml::Table>,
 }
 
@@ -85,6 +87,8 @@ pub struct Settings {
     pub concurrency: usize,
     /// The admin token, if any.
     pub admin_token: Option<String>,
+    /// The key environment secrets are sealed with, if any.
+    pub secret_key: Option<crate::SecretKey>,
     /// Limits of plugins without a manifest.
     pub limits: Limits,
 }
@@ -179,6 +183,7 @@ impl Settings {
             .or(file.environment)
             .unwrap_or_else(|| "default".to_owned());
         let admin_token = var("JOBHOST_ADMIN_TOKEN").or(file.admin_token);
+        let secret_key = secret_key(args.secret_key_file.as_deref(), &var, file.secret_key_file.as_deref())?;
         let base = RuntimeConfig::default();
         let limits = match file.limits {
             None => base.limits.clone(),
@@ -199,7 +204,49 @@ impl Settings {
             bail!("host_timeout_ms must be 600..=3600000, not {host_timeout}");
         }
         let host_timeout = std::time::Duration::from_millis(host_timeout);
-        Ok(Self { listen, data, store, host_timeout, plugins, environment, concurrency, admin_token, limits })
+        Ok(Self {
+            listen,
+            data,
+            store,
+            host_timeout,
+            plugins,
+            environment,
+            concurrency,
+            admin_token,
+            secret_key,
+            limits,
+        })
+    }
+}
+
+/// The secret key, from the first of: `--secret-key-file`, `JOBHOST_SECRET_KEY` (64 hex
+/// digits), `JOBHOST_SECRET_KEY_FILE`, the config file's `secret_key_file`. A key file must be
+/// readable by its owner only.
+pub fn secret_key(
+    flag: Option<&std::path::Path>,
+    var: &impl Fn(&str) -> Option<String>,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<crate::SecretKey>> {
+    let from_file = |p: &std::path::Path| crate::SecretKey::from_file(p).map_err(|e| anyhow::anyhow!(plain(e)));
+    if let Some(p) = flag {
+        return from_file(p).map(Some);
+    }
+    if let Some(text) = var("JOBHOST_SECRET_KEY") {
+        let text = zeroize::Zeroizing::new(text);
+        return crate::SecretKey::parse(&text)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("JOBHOST_SECRET_KEY: {}", plain(e)));
+    }
+    match var("JOBHOST_SECRET_KEY_FILE").map(PathBuf::from).as_deref().or(file) {
+        Some(p) => from_file(p).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn plain(e: crate::Error) -> String {
+    match e {
+        crate::Error::Invalid(m) => m,
+        e => e.to_string(),
     }
 }
 
@@ -254,6 +301,11 @@ pub struct ServeArgs {
     /// [env: JOBHOST_HOST_TIMEOUT_MS] [default: 30000].
     #[arg(long)]
     pub host_timeout_ms: Option<u64>,
+    /// The key file environment secrets are sealed with (mode 0600; make one with
+    /// `jobhost secret new-key`) [env: JOBHOST_SECRET_KEY_FILE, or the key itself in
+    /// JOBHOST_SECRET_KEY].
+    #[arg(long)]
+    pub secret_key_file: Option<PathBuf>,
     /// Host options.
     #[command(flatten)]
     pub host: HostArgs,
@@ -398,5 +450,47 @@ mod tests {
             assert!(err.contains(needle), "{flags:?}: {err}");
             assert!(!err.contains("secret"), "a password never shows in a message: {err}");
         }
+    }
+
+    #[test]
+    fn the_secret_key_comes_from_the_flag_then_the_variables_then_the_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let keys: Vec<_> = (0..3).map(|_| crate::SecretKey::generate().unwrap()).collect();
+        let files: Vec<_> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let p = dir.path().join(format!("key{i}"));
+                std::fs::write(&p, &*k.to_hex()).unwrap();
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+                p
+            })
+            .collect();
+        let inline = crate::SecretKey::generate().unwrap();
+        let hex = inline.to_hex().to_string();
+        let (f0, f1) = (files[1].display().to_string(), hex.clone());
+        let all = |k: &str| match k {
+            "JOBHOST_SECRET_KEY" => Some(f1.clone()),
+            "JOBHOST_SECRET_KEY_FILE" => Some(f0.clone()),
+            _ => None,
+        };
+        let fp = |k: anyhow::Result<Option<crate::SecretKey>>| k.unwrap().map(|k| k.fingerprint().to_owned());
+        let want = |k: &crate::SecretKey| Some(k.fingerprint().to_owned());
+        assert_eq!(fp(secret_key(Some(&files[0]), &all, Some(&files[2]))), want(&keys[0]), "the flag first");
+        assert_eq!(fp(secret_key(None, &all, Some(&files[2]))), want(&inline), "then the key in a variable");
+        let file_var = |k: &str| (k == "JOBHOST_SECRET_KEY_FILE").then(|| f0.clone());
+        assert_eq!(fp(secret_key(None, &file_var, Some(&files[2]))), want(&keys[1]), "then a key file's variable");
+        assert_eq!(fp(secret_key(None, &|_: &str| None, Some(&files[2]))), want(&keys[2]), "then the config file");
+        assert_eq!(fp(secret_key(None, &|_: &str| None, None)), None);
+        let bad = |k: &str| (k == "JOBHOST_SECRET_KEY").then(|| "not-a-key".to_owned());
+        let err = secret_key(None, &bad, None).unwrap_err().to_string();
+        assert!(
+            err.starts_with("JOBHOST_SECRET_KEY: a secret key is 64 hex digits") && !err.contains("invalid input"),
+            "{err}"
+        );
+        let file = config(&format!("plugins = \"p\"\ndata = \"d\"\nsecret_key_file = \"{}\"\n", files[2].display()));
+        let settings = Settings::resolve(&serve_args(&["--config", file.path().to_str().unwrap()]), |_| None).unwrap();
+        assert_eq!(settings.secret_key.map(|k| k.fingerprint().to_owned()), want(&keys[2]));
     }
 }

@@ -27,13 +27,31 @@ struct LogBuf {
     text: String,
     limit: usize,
     truncated: bool,
+    /// Secrets this delivery read, as (name, value): their values are written as
+    /// `[secret NAME]` in what the host keeps of the delivery (logs and error).
+    secrets: Vec<(String, String)>,
 }
 
+/// Secrets shorter than this are not masked: masking a two-letter value would mangle every
+/// log line, and it protects nothing.
+const MASKED_MIN_BYTES: usize = 4;
+
 impl LogBuf {
+    fn mask<'a>(&self, s: &'a str) -> std::borrow::Cow<'a, str> {
+        let mut out = std::borrow::Cow::Borrowed(s);
+        for (name, value) in &self.secrets {
+            if out.contains(value.as_str()) {
+                out = std::borrow::Cow::Owned(out.replace(value.as_str(), &format!("[secret {name}]")));
+            }
+        }
+        out
+    }
+
     fn push(&mut self, s: &str) {
         if self.truncated {
             return;
         }
+        let s = &*self.mask(s);
         let room = self.limit.saturating_sub(self.text.len());
         if s.len() <= room {
             self.text.push_str(s);
@@ -332,7 +350,12 @@ impl HostState {
         shared: Option<crate::outbound::Shared>,
     ) -> wasmtime::Result<Self> {
         let limits = &manifest.limits;
-        let logs = Arc::new(Mutex::new(LogBuf { text: String::new(), limit: limits.max_log_bytes, truncated: false }));
+        let logs = Arc::new(Mutex::new(LogBuf {
+            text: String::new(),
+            limit: limits.max_log_bytes,
+            truncated: false,
+            secrets: Vec::new(),
+        }));
         // The builder starts with nothing: no preopened directories, no environment variables,
         // no arguments, no network; stdin is empty. Only what the manifest grants is added.
         let mut wasi = WasiCtxBuilder::new();
@@ -605,7 +628,22 @@ impl HostState {
     }
 
     pub(super) fn take_logs(&self) -> String {
-        self.logs.lock().map(|mut l| std::mem::take(&mut l.text)).unwrap_or_default()
+        // Masked again as a whole: a secret written in two pieces is masked here.
+        self.logs
+            .lock()
+            .map(|mut l| {
+                let text = std::mem::take(&mut l.text);
+                l.mask(&text).into_owned()
+            })
+            .unwrap_or_default()
+    }
+
+    /// `text` with the values of the secrets this delivery read written as `[secret NAME]`.
+    pub(super) fn mask(&self, text: &str) -> String {
+        match self.logs.lock() {
+            Ok(l) => l.mask(text).into_owned(),
+            Err(_) => text.to_owned(),
+        }
     }
 
     fn env(&self) -> Result<&Env, wit::Error> {
@@ -843,6 +881,7 @@ impl sheets::Host for HostState {
 
 impl log::Host for HostState {
     async fn log(&mut self, level: log::Level, message: String) {
+        let message = self.mask(&message);
         let (plugin, event) = (&*self.plugin, &*self.event_id);
         let tag = match level {
             log::Level::Trace => {
@@ -897,6 +936,13 @@ impl config::Host for HostState {
                 format!("secret `{name}` is not granted to this plugin (list it under [grants] secrets)"),
             ));
         }
-        self.env()?.secret(&name).await.map_err(convert::error)
+        let value = self.env()?.secret(&name).await.map_err(convert::error)?;
+        if value.len() >= MASKED_MIN_BYTES
+            && let Ok(mut logs) = self.logs.lock()
+            && !logs.secrets.iter().any(|(n, _)| *n == name)
+        {
+            logs.secrets.push((name, value.clone()));
+        }
+        Ok(value)
     }
 }

@@ -814,7 +814,7 @@ impl Runtime {
             duration_us: duration.as_micros() as i64,
             cpu_us: state.cpu_used().as_micros() as i64,
             outcome,
-            error,
+            error: error.map(|e| state.mask(&e)),
             peak_memory: state.peak_memory() as u64,
             logs: state.take_logs(),
             http: state.http_calls(),

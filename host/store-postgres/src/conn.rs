@@ -14,7 +14,7 @@ use jobhost_core::model::{
 };
 use jobhost_store::{
     DeliveryEnd, DeliveryStats, Deployment, DueDelivery, EncodedRecord, Fence, HostRecord, JobQuery, Overdue,
-    PartStatusCounts, QueryValue, RawRecord, ReadTx, StoredRecord, Subscription, Tx,
+    PartStatusCounts, QueryValue, RawRecord, ReadTx, StoredRecord, StoredSecret, Subscription, Tx,
 };
 
 use crate::Db;
@@ -597,6 +597,13 @@ impl<C: GenericClient> ReadTx for Conn<'_, C> {
     fn secret_names(&mut self, env: &str) -> Result<Vec<String>> {
         let rows = self.query("SELECT name FROM secrets WHERE environment_id = $1 ORDER BY name", &[&env])?;
         rows.iter().map(|r| get(r, 0)).collect()
+    }
+
+    fn all_secrets(&mut self) -> Result<Vec<StoredSecret>> {
+        let rows = self.query("SELECT environment_id, name, value FROM secrets ORDER BY environment_id, name", &[])?;
+        rows.iter()
+            .map(|r| Ok(StoredSecret { environment_id: get(r, 0)?, name: get(r, 1)?, value: get(r, 2)? }))
+            .collect()
     }
 
     fn deployments(&mut self, after_seq: i64, limit: u32) -> Result<Vec<Deployment>> {

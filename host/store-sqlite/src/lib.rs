@@ -33,8 +33,8 @@ use jobhost_core::model::{
 };
 use jobhost_store::{
     Backend, DeliveryEnd, DeliveryStats, DueDelivery, EncodedRecord, Fence, HostRecord, JobQuery, Notifications,
-    Overdue, PartStatusCounts, QueryValue, RawRecord, ReadOp, ReadTx, StoredRecord, Subscription, Tx, WriteCounters,
-    WriteOp, WriteStats,
+    Overdue, PartStatusCounts, QueryValue, RawRecord, ReadOp, ReadTx, StoredRecord, StoredSecret, Subscription, Tx,
+    WriteCounters, WriteOp, WriteStats,
 };
 
 /// A SQLite failure as the store's error: busy and locked databases may clear on a retry.
@@ -1094,6 +1094,17 @@ impl ReadTx for Conn<'_> {
         let mut stmt =
             self.conn.prepare_cached("SELECT name FROM secrets WHERE environment_id = ?1 ORDER BY name").db()?;
         let rows = stmt.query_map([env], |r| r.get(0)).db()?;
+        rows.collect::<rusqlite::Result<_>>().db()
+    }
+
+    fn all_secrets(&mut self) -> Result<Vec<StoredSecret>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT environment_id, name, value FROM secrets ORDER BY environment_id, name")
+            .db()?;
+        let rows = stmt
+            .query_map([], |r| Ok(StoredSecret { environment_id: r.get(0)?, name: r.get(1)?, value: r.get(2)? }))
+            .db()?;
         rows.collect::<rusqlite::Result<_>>().db()
     }
 

@@ -195,6 +195,17 @@ pub struct Overdue {
     pub stale_ms: Option<i64>,
 }
 
+/// A secret as the store holds it: the value is sealed by the engine before it is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSecret {
+    /// The environment.
+    pub environment_id: String,
+    /// The secret's name.
+    pub name: String,
+    /// The stored (sealed) value.
+    pub value: String,
+}
+
 /// Read primitives. Reads see only committed data.
 pub trait ReadTx {
     /// Execution records of an environment (optionally of one job), oldest first.
@@ -260,6 +271,9 @@ pub trait ReadTx {
     fn secret(&mut self, env: &str, name: &str) -> Result<Option<String>>;
     /// Names of an environment's secrets, sorted.
     fn secret_names(&mut self, env: &str) -> Result<Vec<String>>;
+    /// Every secret of every environment as stored (sealed), by environment and name: for
+    /// sealing and re-sealing them all under a key.
+    fn all_secrets(&mut self) -> Result<Vec<StoredSecret>>;
     /// Plugin deployments after `after_seq`, oldest first (a shared store keeps plugins; an
     /// embedded one leaves them to the plugins directory and refuses).
     fn deployments(&mut self, _after_seq: i64, _limit: u32) -> Result<Vec<Deployment>> {

@@ -21,6 +21,8 @@
 //! - `twice`: completes its job twice.
 //! - `other-job`: completes `input.jobId`, a job of its environment it was not dispatched for.
 //! - `granted`: reads what its manifest grants: a config value, a secret, an env var, a file.
+//! - `use-secret`: reads the secret `API_KEY`, prints it, logs it, then fails with it in the
+//!   message (`input.fail`) or completes its job: the host must keep none of it in plain text.
 
 use jobhost_plugin_sdk::jobs::{self, Outcome, Split};
 use jobhost_plugin_sdk::records::{self, FieldValue, NewRecord};
@@ -210,6 +212,16 @@ fn attack(event: &Event, op: &str) -> Result<()> {
             jobs::complete(id, Outcome { outcome: report, info: None })?;
             Ok(())
         }
+        "use-secret" => {
+            let key = config::secret("API_KEY")?;
+            println!("[hostile] printed {key}");
+            log::warn(&format!("[hostile] logged {key}"));
+            if input(event)?["fail"] == json!(true) {
+                return Err(format!("[hostile] failed with {key}").into());
+            }
+            jobs::complete(id, Outcome::message(format!("used a secret of {} bytes", key.len())))?;
+            Ok(())
+        }
         other => Err(format!("unknown attack {other}").into()),
     }
 }
@@ -229,6 +241,7 @@ const ATTACKS: &[&str] = &[
     "twice",
     "other-job",
     "granted",
+    "use-secret",
 ];
 
 fn listener() -> Listener {

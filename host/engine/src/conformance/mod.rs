@@ -86,8 +86,15 @@ pub fn test_config() -> EngineConfig {
         stale_timeout: None,
         retry_backoff: Duration::from_millis(5),
         lease: Duration::from_secs(60),
+        secret_key: Some(test_key().clone()),
         ..EngineConfig::default()
     }
+}
+
+/// The secret key of [`test_config`]: one per test process.
+pub fn test_key() -> &'static crate::SecretKey {
+    static KEY: OnceLock<crate::SecretKey> = OnceLock::new();
+    KEY.get_or_init(|| crate::SecretKey::generate().expect("a random key"))
 }
 
 impl TestHost {
@@ -328,6 +335,7 @@ macro_rules! conformance_suite {
             [tokio::test(start_paused = true)]
         );
         $crate::__conformance_case!($open, $again, rules, secrets_are_scoped_to_their_environment_and_validated, [tokio::test]);
+        $crate::__conformance_case!($open, $again, rules, secrets_are_sealed_at_rest_and_open_only_with_their_key, [tokio::test]);
         $crate::__conformance_case!(
             $open, $again,
             rules,

@@ -1044,6 +1044,56 @@ pub async fn secrets_are_scoped_to_their_environment_and_validated() {
     assert_eq!(a.secret("API_KEY").await.unwrap_err().kind(), ErrorKind::NotFound);
 }
 
+pub async fn secrets_are_sealed_at_rest_and_open_only_with_their_key() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let stored = |engine: &crate::Engine, name: &'static str| {
+        let (engine, id) = (engine.clone(), env.id().to_owned());
+        async move { engine.store().read(move |r| r.secret(&id, name)).await.unwrap().unwrap() }
+    };
+    env.set_secret("API_KEY", "plain-value-123").await.unwrap();
+    let sealed = stored(&host.engine, "API_KEY").await;
+    assert!(!sealed.contains("plain-value-123"), "{sealed}");
+    assert_eq!(crate::secrets::sealed_with(&sealed), Some(super::test_key().fingerprint()));
+    assert_eq!(env.secret("API_KEY").await.unwrap(), "plain-value-123");
+
+    // A host without a key neither reads nor stores secrets, and says why.
+    let keyless = host.second_host(EngineConfig { secret_key: None, ..test_config() });
+    let err = keyless.env(env.id()).secret("API_KEY").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict);
+    assert!(err.to_string().contains("this host has no secret key"), "{err}");
+    let err = keyless.env(env.id()).set_secret("NEW", "v").await.unwrap_err().to_string();
+    assert!(err.contains("no secret key") && err.contains("jobhost secret new-key"), "{err}");
+    let err = keyless.seal_secrets().await.unwrap_err().to_string();
+    assert!(err.contains("holds 1 secret(s)") && err.contains(super::test_key().fingerprint()), "{err}");
+    assert_eq!(env.secret_names().await.unwrap(), ["API_KEY"], "refused calls change nothing");
+
+    // A value stored before secrets were sealed reads as it is, and is sealed at start.
+    let id = env.id().to_owned();
+    host.engine.store().write(move |tx| tx.put_secret(&id, "OLD", Some("legacy-plain"), 0)).await.unwrap();
+    assert_eq!(env.secret("OLD").await.unwrap(), "legacy-plain");
+    assert_eq!(host.engine.seal_secrets().await.unwrap(), 1);
+    assert!(!stored(&host.engine, "OLD").await.contains("legacy-plain"));
+    assert_eq!(env.secret("OLD").await.unwrap(), "legacy-plain");
+    assert_eq!(host.engine.seal_secrets().await.unwrap(), 0, "nothing left to seal");
+
+    // Rotation re-seals everything; the old key then names both keys instead of opening.
+    let new = crate::SecretKey::generate().unwrap();
+    assert_eq!(host.engine.rotate_secret_key(&new).await.unwrap(), 2);
+    let err = env.secret("API_KEY").await.unwrap_err().to_string();
+    assert!(err.contains(new.fingerprint()) && err.contains(super::test_key().fingerprint()), "{err}");
+    assert!(host.engine.seal_secrets().await.is_err(), "the old key is refused at start");
+    let rotated = host.second_host(EngineConfig { secret_key: Some(new.clone()), ..test_config() });
+    let renv = rotated.env(env.id());
+    assert_eq!(renv.secret("API_KEY").await.unwrap(), "plain-value-123");
+    assert_eq!(renv.secret("OLD").await.unwrap(), "legacy-plain");
+    assert_eq!(rotated.seal_secrets().await.unwrap(), 0);
+    // Rotating from the wrong key writes nothing.
+    let third = crate::SecretKey::generate().unwrap();
+    assert!(host.engine.rotate_secret_key(&third).await.is_err());
+    assert_eq!(renv.secret("API_KEY").await.unwrap(), "plain-value-123");
+}
+
 pub async fn a_native_listener_that_retriggers_itself_is_stopped_by_the_loop_guard() {
     let host = TestHost::with_config(EngineConfig { max_attempts: 1, max_chain_depth: 5, ..test_config() });
     let env = host.env().await;

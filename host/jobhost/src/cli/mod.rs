@@ -126,6 +126,23 @@ pub enum SecretCommand {
         #[command(flatten)]
         at: SecretArgs,
     },
+    /// Write a new random key to a file (created with mode 0600; an existing file is never
+    /// replaced). Give it to hosts with --secret-key-file or JOBHOST_SECRET_KEY_FILE.
+    NewKey {
+        /// The key file to create.
+        path: PathBuf,
+    },
+    /// Re-seal every secret of every environment with a new key, in one write. Stop the hosts
+    /// first and restart them with the new key: a host still on the old key refuses to read
+    /// secrets until then.
+    RotateKey {
+        /// The new key file (made with `jobhost secret new-key`).
+        #[arg(long)]
+        new_key_file: PathBuf,
+        /// Where the secrets are.
+        #[command(flatten)]
+        at: SecretArgs,
+    },
 }
 
 /// Languages `plugin new` writes.
@@ -150,6 +167,10 @@ pub struct SecretArgs {
     /// The environment, by name (created if missing).
     #[arg(long, default_value = "default")]
     pub environment: String,
+    /// The key file secrets are sealed with [env: JOBHOST_SECRET_KEY_FILE, or the key itself in
+    /// JOBHOST_SECRET_KEY].
+    #[arg(long)]
+    pub secret_key_file: Option<PathBuf>,
 }
 
 /// `jobhost plugin …`
@@ -441,8 +462,11 @@ fn engine_config(
     }
     let cap = runtime.map_or(usize::MAX, |r| r.config().max_instances as usize);
     let n = host.concurrency().min(cap);
+    // The key from the environment (`serve` resolves its own, from flags and config too).
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let secret_key = crate::config::secret_key(None, &var, None)?;
     // Every CLI mode serves one environment, so its share is the whole host.
-    Ok(adjust(EngineConfig::single_environment(n)))
+    Ok(adjust(EngineConfig { secret_key, ..EngineConfig::single_environment(n) }))
 }
 
 /// Parses `--job sheet:<operation>`.

@@ -32,9 +32,11 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let dir = DataDir::new(host.data.as_deref())?;
     std::fs::create_dir_all(&dir.path).with_context(|| format!("cannot create {}", dir.path.display()))?;
     let host_timeout = settings.host_timeout;
+    let secret_key = settings.secret_key.clone();
     let timeouts = move |c: EngineConfig| EngineConfig {
         host_timeout,
         heartbeat_interval: (host_timeout / 6).max(std::time::Duration::from_millis(100)),
+        secret_key,
         ..c
     };
     let engine = match &settings.store {
@@ -55,6 +57,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             Engine::with_backend(Arc::new(backend), engine_config(&host, Some(&runtime), timeouts)?)
         }
     };
+    check_secrets(&engine).await?;
     let environment = engine.environment_named(&settings.environment).await?;
     let running = Arc::new(engine.run(Vec::new()).await?);
     let (plugins, watch) = start_plugins(&runtime, &running, &environment.id, &settings.plugins, false).await?;
@@ -132,4 +135,20 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         Err(e) => eprintln!("the API task failed: {e}"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Before serving: the store's secrets open with this host's key (or there are none), and any
+/// stored before sealing existed are sealed now. Says which key seals them.
+pub(super) async fn check_secrets(engine: &Engine) -> anyhow::Result<()> {
+    let sealed = engine.seal_secrets().await.context("cannot serve the store's secrets")?;
+    match &engine.config().secret_key {
+        Some(key) if sealed > 0 => {
+            eprintln!("sealed {sealed} secret(s) stored in plain text before, with key {}", key.fingerprint())
+        }
+        Some(key) => eprintln!("secrets are sealed with key {}", key.fingerprint()),
+        None => eprintln!(
+            "no secret key (JOBHOST_SECRET_KEY or --secret-key-file): secrets cannot be stored, and plugins read none"
+        ),
+    }
+    Ok(())
 }
