@@ -27,7 +27,11 @@ struct Server {
 
 impl Server {
     async fn start() -> Self {
-        let host = TestHost::new();
+        Self::with(crate::support::test_config()).await
+    }
+
+    async fn with(config: jobhost::EngineConfig) -> Self {
+        let host = TestHost::with_config(config);
         let running = Arc::new(host.engine.run(vec![]).await.unwrap());
         let plugins = Plugins::new(test_runtime(), running.clone(), host.dir.path().join("plugins"));
         let state =
@@ -694,5 +698,43 @@ async fn a_filtered_event_listing_returns_every_match_across_its_pages() {
     }
     assert_eq!(found, vec![log[late].0]);
     assert_eq!(calls, log.len().div_ceil(250) + usize::from(log.len().is_multiple_of(250)));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_retention_sweep_deletes_old_history_in_the_background_and_metrics_show_it() {
+    let config = jobhost::EngineConfig {
+        retention: Some(std::time::Duration::from_millis(1)),
+        retention_interval: std::time::Duration::from_millis(100),
+        ..crate::support::test_config()
+    };
+    let server = Server::with(config).await;
+    let (_, token) = server.tenant("kept-briefly").await;
+    let job = server.ok("POST", "/v1/jobs", &token, Some(json!({"type": "space", "operation": "idle"}))).await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    let events = server.ok("GET", "/v1/events?limit=1000", &token, None).await;
+    assert!(!events.as_array().unwrap().is_empty(), "the job's events exist at first: {events}");
+    // No listener: no delivery needs them, so the next sweep deletes them.
+    let engine = server._host.engine.clone();
+    engine
+        .wait_named("the background sweep to delete the job's events", || {
+            let engine = engine.clone();
+            async move { Ok((engine.pruned_total().events >= 2).then_some(())) }
+        })
+        .await
+        .unwrap();
+    let events = server.ok("GET", "/v1/events?limit=1000", &token, None).await;
+    assert_eq!(events, json!([]), "old events are gone");
+    let job = server.ok("GET", &format!("/v1/jobs/{id}"), &token, None).await;
+    assert_eq!(job["status"], "ready", "jobs are never pruned: {job}");
+    let metrics = server.http.get(format!("{}/metrics", server.base)).send().await.unwrap().text().await.unwrap();
+    let value = |name: &str| -> f64 {
+        let line = metrics.lines().find(|l| l.split(' ').next() == Some(name));
+        line.and_then(|l| l.split(' ').nth(1)?.parse().ok()).unwrap_or_else(|| panic!("{name} in:\n{metrics}"))
+    };
+    assert!(value("jobhost_retention_deleted_total{table=\"events\"}") >= 2.0, "{metrics}");
+    assert_eq!(value("jobhost_retention_seconds"), 0.001);
+    assert!(value("jobhost_store_bytes") > 0.0, "{metrics}");
+    assert!(metrics.lines().any(|l| l.starts_with("jobhost_store_rows{table=\"executions\"} ")), "{metrics}");
     server.stop().await;
 }

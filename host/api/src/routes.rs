@@ -195,8 +195,16 @@ pub async fn metrics(State(state): State<ApiState>) -> Result<Response, ApiError
     // The store's reachability first: while the database is away, the rest cannot be read,
     // and this is the line an operator alerts on.
     let health = state.engine.store().backend().health();
+    // Nothing here scans history: open deliveries come from their indexes, sizes from the
+    // store's own bookkeeping, plugin deliveries from this host's counters. Only the jobs
+    // gauge counts a table (jobs are not pruned).
     let stats = async {
-        Ok::<_, jobhost_engine::Error>((state.engine.store_metrics().await?, state.engine.delivery_stats().await?))
+        let engine = &state.engine;
+        Ok::<_, jobhost_engine::Error>((
+            engine.job_status_counts().await?,
+            engine.open_delivery_stats().await?,
+            engine.store_size().await?,
+        ))
     };
     let stats = stats.await;
     let _ = writeln!(
@@ -227,7 +235,22 @@ pub async fn metrics(State(state): State<ApiState>) -> Result<Response, ApiError
              # TYPE jobhost_store_rows_written_total counter\njobhost_store_rows_written_total {rows}"
         );
     }
-    let ((jobs, executions), deliveries) = match stats {
+    let pruned = state.engine.pruned_total();
+    let _ = writeln!(
+        out,
+        "# HELP jobhost_retention_deleted_total Rows of history this host's retention sweeps deleted, by table.\n\
+         # TYPE jobhost_retention_deleted_total counter"
+    );
+    for (table, n) in pruned.by_table() {
+        let _ = writeln!(out, "jobhost_retention_deleted_total{{table=\"{table}\"}} {n}");
+    }
+    let retention = state.engine.config().retention.map_or(0.0, |r| r.as_secs_f64());
+    let _ = writeln!(
+        out,
+        "# HELP jobhost_retention_seconds How long history is kept (0: forever).\n# TYPE jobhost_retention_seconds gauge\n\
+         jobhost_retention_seconds {retention}"
+    );
+    let (jobs, deliveries, size) = match stats {
         Ok(s) => s,
         Err(_) => return Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()),
     };
@@ -239,27 +262,19 @@ pub async fn metrics(State(state): State<ApiState>) -> Result<Response, ApiError
         out,
         "# HELP jobhost_deliveries Deliveries of events to listeners by status.\n# TYPE jobhost_deliveries gauge"
     );
-    for (status, n) in [
-        ("pending", deliveries.pending),
-        ("leased", deliveries.leased),
-        ("done", deliveries.done),
-        ("dead", deliveries.dead),
-    ] {
+    for (status, n) in [("pending", deliveries.pending), ("leased", deliveries.leased), ("dead", deliveries.dead)] {
         let _ = writeln!(out, "jobhost_deliveries{{status=\"{status}\"}} {n}");
     }
     let _ = writeln!(
         out,
-        "# HELP jobhost_plugin_deliveries_total Plugin deliveries by outcome.\n# TYPE jobhost_plugin_deliveries_total counter"
+        "# HELP jobhost_store_bytes Bytes the store takes (SQLite: the database file; PostgreSQL: the database).\n\
+         # TYPE jobhost_store_bytes gauge\njobhost_store_bytes {}\n\
+         # HELP jobhost_store_rows Rows of the history tables (SQLite: the span of keys kept, an upper bound; \
+         PostgreSQL: the planner's estimate).\n# TYPE jobhost_store_rows gauge",
+        size.bytes
     );
-    for (outcome, n, _) in &executions {
-        let _ = writeln!(out, "jobhost_plugin_deliveries_total{{outcome=\"{outcome}\"}} {n}");
-    }
-    let _ = writeln!(
-        out,
-        "# HELP jobhost_plugin_delivery_seconds_total Time spent in plugin deliveries by outcome.\n# TYPE jobhost_plugin_delivery_seconds_total counter"
-    );
-    for (outcome, _, us) in &executions {
-        let _ = writeln!(out, "jobhost_plugin_delivery_seconds_total{{outcome=\"{outcome}\"}} {}", *us as f64 / 1e6);
+    for (table, n) in &size.rows {
+        let _ = writeln!(out, "jobhost_store_rows{{table=\"{table}\"}} {n}");
     }
     if let Some(plugins) = &state.plugins {
         let _ = writeln!(
@@ -269,6 +284,24 @@ pub async fn metrics(State(state): State<ApiState>) -> Result<Response, ApiError
         let _ = writeln!(out, "jobhost_plugins_loaded {}", plugins.loaded_count().await);
         let runtime = plugins.runtime();
         let stats = runtime.stats();
+        let deliveries = stats.deliveries();
+        let _ = writeln!(
+            out,
+            "# HELP jobhost_plugin_deliveries_total Plugin deliveries this host ran, by outcome.\n\
+             # TYPE jobhost_plugin_deliveries_total counter"
+        );
+        for (outcome, n, _) in &deliveries {
+            let _ = writeln!(out, "jobhost_plugin_deliveries_total{{outcome=\"{outcome}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP jobhost_plugin_delivery_seconds_total Time this host spent in plugin deliveries, by outcome.\n\
+             # TYPE jobhost_plugin_delivery_seconds_total counter"
+        );
+        for (outcome, _, us) in &deliveries {
+            let _ =
+                writeln!(out, "jobhost_plugin_delivery_seconds_total{{outcome=\"{outcome}\"}} {}", *us as f64 / 1e6);
+        }
         let _ = writeln!(
             out,
             "# HELP jobhost_instances_in_use Plugin instances running a delivery now.\n# TYPE jobhost_instances_in_use gauge\n\

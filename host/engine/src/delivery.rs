@@ -438,7 +438,8 @@ impl Engine {
         let mut tasks = JoinSet::new();
         tasks.spawn(dispatch_loop(self.clone(), routes.clone(), stop_rx.clone()));
         tasks.spawn(heartbeat_loop(self.clone(), stop_rx.clone()));
-        tasks.spawn(watchdog_loop(self.clone(), stop_rx));
+        tasks.spawn(watchdog_loop(self.clone(), stop_rx.clone()));
+        tasks.spawn(retention_loop(self.clone(), stop_rx));
         Ok(Running { engine: self.clone(), stop, tasks: tokio::sync::Mutex::new(tasks), routes, _here: running_here })
     }
 
@@ -481,18 +482,44 @@ async fn heartbeat_loop(engine: Engine, mut stop: watch::Receiver<bool>) {
     }
 }
 
-async fn watchdog_loop(engine: Engine, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(engine.config().watchdog_interval);
+/// Runs `work` at `first` and every `every` after, until stopped; a failure is logged as
+/// `what` failing and the next tick tries again.
+async fn every<F, Fut, T>(
+    first: tokio::time::Instant,
+    every: std::time::Duration,
+    what: &'static str,
+    mut stop: watch::Receiver<bool>,
+    mut work: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = crate::Result<T>>,
+{
+    let mut tick = tokio::time::interval_at(first, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        if let Err(e) = engine.sweep().await {
-            tracing::error!(error = %e, "watchdog sweep failed");
+        if let Err(e) = work().await {
+            tracing::error!(error = %e, "{what} failed");
         }
     }
+}
+
+async fn watchdog_loop(engine: Engine, stop: watch::Receiver<bool>) {
+    let interval = engine.config().watchdog_interval;
+    every(tokio::time::Instant::now(), interval, "watchdog sweep", stop, || engine.sweep()).await;
+}
+
+async fn retention_loop(engine: Engine, stop: watch::Receiver<bool>) {
+    if engine.config().retention.is_none() {
+        return;
+    }
+    // The first sweep one interval after start: a short run (the CLI, a test) never sweeps.
+    let interval = engine.config().retention_interval;
+    let first = tokio::time::Instant::now() + interval;
+    every(first, interval, "retention sweep", stop, || engine.prune()).await;
 }
 
 /// Most deliveries leased in one transaction.

@@ -22,6 +22,7 @@
 //!   reclaims the leases of hosts that stopped heartbeating.
 //! - `records`: the record encoding and validation.
 //! - [`scenario`]: the seeds' scenario as native listeners (the demo, tests and benchmarks).
+//! - [`retention`]: the sweep that deletes history older than the retention setting.
 //! - [`secrets`]: environment secrets sealed with the operator's key before they are stored.
 //! - `waiting`: why a job that has not ended is not moving ([`Env::waiting`]), in words.
 //! - `conformance` (feature `conformance`): the suite every store backend runs.
@@ -29,6 +30,7 @@
 pub mod delivery;
 pub mod listener;
 mod records;
+pub mod retention;
 pub mod routing;
 pub mod rules;
 pub mod scenario;
@@ -95,6 +97,13 @@ pub struct EngineConfig {
     pub host_timeout: Duration,
     /// The key environment secrets are sealed with (`None`: secrets cannot be stored or read).
     pub secret_key: Option<SecretKey>,
+    /// How long history is kept: events (unless a delivery not done points at one), done
+    /// deliveries, execution records and idle loop-guard chains older than this are deleted
+    /// (see [`retention`]). `None` keeps everything. Jobs, records, sheets and dead letters
+    /// are never pruned.
+    pub retention: Option<Duration>,
+    /// How often the retention sweep runs.
+    pub retention_interval: Duration,
 }
 
 impl Default for EngineConfig {
@@ -113,6 +122,8 @@ impl Default for EngineConfig {
             heartbeat_interval: Duration::from_secs(5),
             host_timeout: Duration::from_secs(30),
             secret_key: None,
+            retention: Some(Duration::from_secs(30 * 24 * 3600)),
+            retention_interval: Duration::from_secs(60),
         }
     }
 }
@@ -157,6 +168,8 @@ struct Inner {
     known_environments: std::sync::RwLock<std::collections::HashSet<Arc<str>>>,
     /// This process as a host of the store: a fresh id per engine, never the database's.
     host: HostRecord,
+    /// Rows the retention sweep of this host deleted, per table.
+    pruned: retention::Counters,
 }
 
 impl std::fmt::Debug for Engine {
@@ -185,6 +198,7 @@ impl Engine {
                 router: Arc::new(Router::default()),
                 known_environments: Default::default(),
                 host,
+                pruned: Default::default(),
             }),
         }
     }
@@ -408,6 +422,35 @@ impl Engine {
     /// Delivery counts across all environments.
     pub async fn delivery_stats(&self) -> Result<DeliveryStats> {
         self.inner.store.read(|r| r.delivery_stats()).await
+    }
+
+    /// Jobs per status (all environments).
+    pub async fn job_status_counts(&self) -> Result<Vec<(String, u64)>> {
+        self.inner.store.read(|r| r.job_status_counts()).await
+    }
+
+    /// Delivery counts of the deliveries not done, read without scanning history (`done` is 0).
+    pub async fn open_delivery_stats(&self) -> Result<DeliveryStats> {
+        self.inner.store.read(|r| r.open_delivery_stats()).await
+    }
+
+    /// The store's size, read without scanning tables.
+    pub async fn store_size(&self) -> Result<crate::store::StoreSize> {
+        self.inner.store.read(|r| r.size()).await
+    }
+
+    /// Runs one retention sweep now (the background task runs it every `retention_interval`):
+    /// deletes the history older than `retention`.
+    pub async fn prune(&self) -> Result<retention::Pruned> {
+        match self.inner.config.retention {
+            Some(keep) => retention::prune(self, self.now() - keep.as_millis() as Millis).await,
+            None => Ok(retention::Pruned::default()),
+        }
+    }
+
+    /// Rows the retention sweeps of this host deleted since it started.
+    pub fn pruned_total(&self) -> retention::Pruned {
+        self.inner.pruned.total()
     }
 
     /// Runs one watchdog sweep now (the background task calls this every `watchdog_interval`).

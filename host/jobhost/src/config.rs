@@ -14,6 +14,7 @@
 //! concurrency = 128
 //! admin_token = "…"            # better: JOBHOST_ADMIN_TOKEN
 //! secret_key_file = "/etc/jobhost/secret.key"  # mode 0600; or JOBHOST_SECRET_KEY
+//! retention_days = 30          # history kept (events, executions, …); 0 keeps everything
 //!
 //! [limits]                     # defaults for plugins without a manifest (a manifest's keys)
 //! memory_mib = 32
@@ -46,6 +47,7 @@ struct File {
     concurrency: Option<usize>,
     admin_token: Option<String>,
     secret_key_file: Option<PathBuf>,
+    retention_days: Option<f64>,
     limits: Option<toml::Table>,
 }
 
@@ -89,6 +91,8 @@ pub struct Settings {
     pub admin_token: Option<String>,
     /// The key environment secrets are sealed with, if any.
     pub secret_key: Option<crate::SecretKey>,
+    /// How long history is kept (`None`: everything is kept).
+    pub retention: Option<std::time::Duration>,
     /// Limits of plugins without a manifest.
     pub limits: Limits,
 }
@@ -204,6 +208,16 @@ impl Settings {
             bail!("host_timeout_ms must be 600..=3600000, not {host_timeout}");
         }
         let host_timeout = std::time::Duration::from_millis(host_timeout);
+        let days = match (args.retention_days, var("JOBHOST_RETENTION_DAYS"), file.retention_days) {
+            (Some(d), _, _) => d,
+            (None, Some(v), _) => v.parse().with_context(|| format!("JOBHOST_RETENTION_DAYS={v} is not a number"))?,
+            (None, None, Some(d)) => d,
+            _ => crate::EngineConfig::default().retention.map_or(0.0, |r| r.as_secs_f64() / 86_400.0),
+        };
+        if !(0.0..=36_500.0).contains(&days) {
+            bail!("retention_days must be 0 (keep everything) to 36500, not {days}");
+        }
+        let retention = (days > 0.0).then(|| std::time::Duration::from_secs_f64(days * 86_400.0));
         Ok(Self {
             listen,
             data,
@@ -214,6 +228,7 @@ impl Settings {
             concurrency,
             admin_token,
             secret_key,
+            retention,
             limits,
         })
     }
@@ -306,6 +321,11 @@ pub struct ServeArgs {
     /// JOBHOST_SECRET_KEY].
     #[arg(long)]
     pub secret_key_file: Option<PathBuf>,
+    /// Days of history kept: older events (but those a delivery not done needs), done
+    /// deliveries, execution records and loop-guard chains are deleted; 0 keeps everything
+    /// [env: JOBHOST_RETENTION_DAYS] [default: 30].
+    #[arg(long)]
+    pub retention_days: Option<f64>,
     /// Host options.
     #[command(flatten)]
     pub host: HostArgs,

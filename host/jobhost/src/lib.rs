@@ -37,7 +37,7 @@
 
 pub use jobhost_api as api;
 pub use jobhost_engine::{Engine, EngineConfig, Env, Error, ErrorKind, Result, SecretKey};
-pub use jobhost_engine::{clock, delivery, error, filter, listener, model, scenario};
+pub use jobhost_engine::{clock, delivery, error, filter, listener, model, retention, scenario};
 pub use jobhost_registry as reload;
 pub use jobhost_runtime as runtime;
 

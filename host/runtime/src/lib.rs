@@ -253,6 +253,8 @@ pub struct RuntimeStats {
     reads: [AtomicU64; 2],
     /// Record pages given to guests: read when asked, and read ahead.
     pages: Arc<host::PageCounts>,
+    /// Deliveries run, by outcome: how many and their time in µs.
+    deliveries: std::sync::Mutex<std::collections::BTreeMap<&'static str, (u64, u64)>>,
 }
 
 /// What one reload of a plugin did, as [`RuntimeStats::reloads`] counts it.
@@ -288,6 +290,20 @@ impl RuntimeStats {
     pub fn reloads(&self) -> [(&'static str, u64); 4] {
         let n = |i: usize| self.reloads[i].load(Ordering::Relaxed);
         [("loaded", n(0)), ("unchanged", n(1)), ("failed", n(2)), ("removed", n(3))]
+    }
+
+    /// Plugin deliveries this host ran since it started, by outcome: count and total time in µs
+    /// (counted in memory: `/metrics` reads no history from the store).
+    pub fn deliveries(&self) -> Vec<(&'static str, u64, u64)> {
+        self.deliveries.lock().map(|d| d.iter().map(|(k, (n, us))| (*k, *n, *us)).collect()).unwrap_or_default()
+    }
+
+    fn count_delivery(&self, outcome: ExecutionOutcome, us: u64) {
+        if let Ok(mut d) = self.deliveries.lock() {
+            let e = d.entry(outcome.as_str()).or_default();
+            e.0 += 1;
+            e.1 += us;
+        }
     }
 
     /// Counts what a reload did.
@@ -800,6 +816,7 @@ impl Runtime {
                 Some(format!("wall-clock limit {} s exceeded (host calls included)", limits.wall.as_secs_f64())),
             ),
         };
+        self.stats.count_delivery(outcome, duration.as_micros() as u64);
         let execution = Execution {
             id: 0,
             environment_id: ctx.api.id().to_owned(),

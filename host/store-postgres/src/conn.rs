@@ -13,8 +13,9 @@ use jobhost_core::model::{
     UnknownValue,
 };
 use jobhost_store::{
-    DeliveryEnd, DeliveryStats, Deployment, DueDelivery, EncodedRecord, Fence, HostRecord, JobQuery, Overdue,
-    PartStatusCounts, QueryValue, RawRecord, ReadTx, StoredRecord, StoredSecret, Subscription, Tx,
+    DeliveryEnd, DeliveryStats, Deployment, DueDelivery, EncodedRecord, Fence, History, HistoryRow, HostRecord,
+    JobQuery, Overdue, PartStatusCounts, QueryValue, RawRecord, ReadTx, StoreSize, StoredRecord, StoredSecret,
+    Subscription, Tx,
 };
 
 use crate::Db;
@@ -514,6 +515,36 @@ impl<C: GenericClient> ReadTx for Conn<'_, C> {
         Ok(stats)
     }
 
+    fn open_delivery_stats(&mut self) -> Result<DeliveryStats> {
+        let mut stats = DeliveryStats::default();
+        // Two queries whose conditions are the partial indexes' own: each reads its index only.
+        for r in self.query(
+            "SELECT status, COUNT(*) FROM deliveries WHERE status IN ('pending', 'leased') GROUP BY status",
+            &[],
+        )? {
+            let n = get::<i64>(&r, 1)? as u64;
+            match get::<&str>(&r, 0)? {
+                "pending" => stats.pending = n,
+                _ => stats.leased = n,
+            }
+        }
+        let dead = self.query_one("SELECT COUNT(*) FROM deliveries WHERE status = 'dead'", &[])?;
+        stats.dead = get::<i64>(&dead, 0)? as u64;
+        Ok(stats)
+    }
+
+    fn size(&mut self) -> Result<StoreSize> {
+        let bytes = self.query_one("SELECT pg_database_size(current_database())", &[])?;
+        let mut size = StoreSize { bytes: get::<i64>(&bytes, 0)?.max(0) as u64, rows: Vec::new() };
+        for table in ["events", "deliveries", "executions"] {
+            // The planner's estimate (kept by autovacuum and ANALYZE); -1 before the first one.
+            let row = self
+                .query_one("SELECT GREATEST(reltuples, 0)::bigint FROM pg_class WHERE oid = $1::regclass", &[&table])?;
+            size.rows.push((table, get::<i64>(&row, 0)?.max(0) as u64));
+        }
+        Ok(size)
+    }
+
     fn job_status_counts(&mut self) -> Result<Vec<(String, u64)>> {
         let rows = self.query("SELECT status, COUNT(*) FROM jobs GROUP BY status ORDER BY status", &[])?;
         rows.iter().map(|r| Ok((get(r, 0)?, get::<i64>(r, 1)? as u64))).collect()
@@ -698,6 +729,76 @@ impl<C: GenericClient> Tx for Conn<'_, C> {
             &[&chain, &shard, &(events.min(i64::MAX as u64) as i64), &now],
         )?;
         Ok(get::<i64>(&row, 0)?.max(0) as u64)
+    }
+
+    fn history(&mut self, table: History, after: i64, limit: u32) -> Result<Vec<HistoryRow>> {
+        let sql = match table {
+            // Only events whose order is given (committed ones are; this transaction's own are not).
+            History::Events => {
+                "SELECT key, created_at, NULL::boolean FROM events WHERE key > $1 AND seq IS NOT NULL ORDER BY key LIMIT $2"
+            }
+            History::Deliveries => {
+                "SELECT id, finished_at, status = 'done' FROM deliveries WHERE id > $1 ORDER BY id LIMIT $2"
+            }
+            History::Executions => {
+                "SELECT id, started_at, NULL::boolean FROM executions WHERE id > $1 ORDER BY id LIMIT $2"
+            }
+        };
+        let mut rows = self
+            .query(sql, &[&after, &i64::from(limit)])?
+            .iter()
+            .map(|r| {
+                let done: Option<bool> = get(r, 2)?;
+                let at: Option<Millis> = get(r, 1)?;
+                Ok(HistoryRow { key: get(r, 0)?, at: if done == Some(false) { None } else { at }, in_use: false })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if let (History::Events, Some(first), Some(last)) = (table, rows.first(), rows.last()) {
+            let (lo, hi) = (first.key, last.key);
+            let mut in_use = std::collections::HashSet::new();
+            for sql in [
+                "SELECT event_key FROM deliveries WHERE status IN ('pending', 'leased') AND event_key BETWEEN $1 AND $2",
+                "SELECT event_key FROM deliveries WHERE status = 'dead' AND event_key BETWEEN $1 AND $2",
+            ] {
+                for r in self.query(sql, &[&lo, &hi])? {
+                    in_use.insert(get::<i64>(&r, 0)?);
+                }
+            }
+            for row in &mut rows {
+                row.in_use = in_use.contains(&row.key);
+            }
+        }
+        Ok(rows)
+    }
+
+    fn delete_history(&mut self, table: History, keys: &[i64]) -> Result<u64> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let sql = match table {
+            History::Events => "DELETE FROM events WHERE key = ANY($1)",
+            History::Deliveries => "DELETE FROM deliveries WHERE id = ANY($1) AND status = 'done'",
+            History::Executions => "DELETE FROM executions WHERE id = ANY($1)",
+        };
+        self.execute(sql, &[&keys])
+    }
+
+    fn prune_chains(&mut self, after: &str, before: Millis, limit: u32) -> Result<(u64, Option<String>)> {
+        let seen = self.query(
+            "SELECT id, MAX(updated_at) FROM chains WHERE id > $1 GROUP BY id ORDER BY id LIMIT $2",
+            &[&after, &i64::from(limit)],
+        )?;
+        let mut old = Vec::new();
+        let mut last = None;
+        for r in &seen {
+            let id: String = get(r, 0)?;
+            if get::<i64>(r, 1)? < before {
+                old.push(id.clone());
+            }
+            last = Some(id);
+        }
+        let n = if old.is_empty() { 0 } else { self.execute("DELETE FROM chains WHERE id = ANY($1)", &[&old])? };
+        Ok((n, if seen.len() < limit as usize { None } else { last }))
     }
 
     fn put_secret(&mut self, env: &str, name: &str, value: Option<&str>, now: Millis) -> Result<()> {

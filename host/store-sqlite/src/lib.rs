@@ -32,9 +32,9 @@ use jobhost_core::model::{
     UnknownValue,
 };
 use jobhost_store::{
-    Backend, DeliveryEnd, DeliveryStats, DueDelivery, EncodedRecord, Fence, HostRecord, JobQuery, Notifications,
-    Overdue, PartStatusCounts, QueryValue, RawRecord, ReadOp, ReadTx, StoredRecord, StoredSecret, Subscription, Tx,
-    WriteCounters, WriteOp, WriteStats,
+    Backend, DeliveryEnd, DeliveryStats, DueDelivery, EncodedRecord, Fence, History, HistoryRow, HostRecord, JobQuery,
+    Notifications, Overdue, PartStatusCounts, QueryValue, RawRecord, ReadOp, ReadTx, StoreSize, StoredRecord,
+    StoredSecret, Subscription, Tx, WriteCounters, WriteOp, WriteStats,
 };
 
 /// A SQLite failure as the store's error: busy and locked databases may clear on a retry.
@@ -1097,6 +1097,50 @@ impl ReadTx for Conn<'_> {
         rows.collect::<rusqlite::Result<_>>().db()
     }
 
+    fn open_delivery_stats(&mut self) -> Result<DeliveryStats> {
+        let mut stats = DeliveryStats::default();
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT status, COUNT(*) FROM deliveries INDEXED BY deliveries_due \
+                 WHERE status IN ('pending', 'leased') GROUP BY status",
+            )
+            .db()?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))).db()?;
+        for row in rows {
+            match row.db()? {
+                (s, n) if s == "pending" => stats.pending = n,
+                (_, n) => stats.leased = n,
+            }
+        }
+        stats.dead = self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM deliveries INDEXED BY deliveries_dead WHERE status = 'dead'")
+            .db()?
+            .query_row([], |r| r.get::<_, i64>(0))
+            .db()? as u64;
+        Ok(stats)
+    }
+
+    fn size(&mut self) -> Result<StoreSize> {
+        let pragma = |conn: &rusqlite::Connection, name: &str| -> Result<u64> {
+            conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0)).db().map(|n| n.max(0) as u64)
+        };
+        let bytes = pragma(self.conn, "page_count")? * pragma(self.conn, "page_size")?;
+        let mut rows = Vec::new();
+        // min and max of an integer primary key are two b-tree descents, not a scan.
+        for (table, key) in [("events", "seq"), ("deliveries", "id"), ("executions", "id")] {
+            let span: i64 = self
+                .conn
+                .prepare_cached(&format!("SELECT COALESCE(MAX({key}) - MIN({key}) + 1, 0) FROM {table}"))
+                .db()?
+                .query_row([], |r| r.get(0))
+                .db()?;
+            rows.push((table, span.max(0) as u64));
+        }
+        Ok(StoreSize { bytes, rows })
+    }
+
     fn all_secrets(&mut self) -> Result<Vec<StoredSecret>> {
         let mut stmt = self
             .conn
@@ -1215,6 +1259,84 @@ impl Tx for Conn<'_> {
             .db()?
             .query_row([chain], |r| r.get::<_, i64>(0))
             .db()? as u64)
+    }
+
+    fn history(&mut self, table: History, after: i64, limit: u32) -> Result<Vec<HistoryRow>> {
+        let sql = match table {
+            History::Events => "SELECT seq, created_at, NULL FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            History::Deliveries => {
+                "SELECT id, finished_at, status = 'done' FROM deliveries WHERE id > ?1 ORDER BY id LIMIT ?2"
+            }
+            History::Executions => "SELECT id, started_at, NULL FROM executions WHERE id > ?1 ORDER BY id LIMIT ?2",
+        };
+        let mut rows: Vec<HistoryRow> = self
+            .conn
+            .prepare_cached(sql)
+            .db()?
+            .query_map(params![after, limit], |r| {
+                let done: Option<bool> = r.get(2)?;
+                let at: Option<Millis> = r.get(1)?;
+                Ok(HistoryRow { key: r.get(0)?, at: if done == Some(false) { None } else { at }, in_use: false })
+            })
+            .db()?
+            .collect::<rusqlite::Result<_>>()
+            .db()?;
+        if let (History::Events, Some(first), Some(last)) = (table, rows.first(), rows.last()) {
+            // Events a delivery not done points at, through the open and dead deliveries'
+            // indexes (the backlog, not the history).
+            let (lo, hi) = (first.key, last.key);
+            let mut in_use = std::collections::HashSet::new();
+            for sql in [
+                "SELECT event_seq FROM deliveries INDEXED BY deliveries_due \
+                 WHERE status IN ('pending', 'leased') AND event_seq BETWEEN ?1 AND ?2",
+                "SELECT event_seq FROM deliveries INDEXED BY deliveries_dead WHERE status = 'dead' AND event_seq BETWEEN ?1 AND ?2",
+            ] {
+                let mut stmt = self.conn.prepare_cached(sql).db()?;
+                for seq in stmt.query_map([lo, hi], |r| r.get::<_, i64>(0)).db()? {
+                    in_use.insert(seq.db()?);
+                }
+            }
+            for row in &mut rows {
+                row.in_use = in_use.contains(&row.key);
+            }
+        }
+        Ok(rows)
+    }
+
+    fn delete_history(&mut self, table: History, keys: &[i64]) -> Result<u64> {
+        // The newest row of a table is never deleted: SQLite would give its rowid to the next
+        // row (ids that an operator may have seen must not come back).
+        let sql = match table {
+            History::Events => "DELETE FROM events WHERE seq = ?1",
+            History::Deliveries => {
+                "DELETE FROM deliveries WHERE id = ?1 AND status = 'done' AND id < (SELECT MAX(id) FROM deliveries)"
+            }
+            History::Executions => "DELETE FROM executions WHERE id = ?1 AND id < (SELECT MAX(id) FROM executions)",
+        };
+        let mut stmt = self.conn.prepare_cached(sql).db()?;
+        let mut n = 0;
+        for key in keys {
+            n += stmt.execute([key]).db()? as u64;
+        }
+        Ok(n)
+    }
+
+    fn prune_chains(&mut self, after: &str, before: Millis, limit: u32) -> Result<(u64, Option<String>)> {
+        let seen: Vec<(String, Millis)> = self
+            .conn
+            .prepare_cached("SELECT id, updated_at FROM chains WHERE id > ?1 ORDER BY id LIMIT ?2")
+            .db()?
+            .query_map(params![after, limit], |r| Ok((r.get(0)?, r.get(1)?)))
+            .db()?
+            .collect::<rusqlite::Result<_>>()
+            .db()?;
+        let mut stmt = self.conn.prepare_cached("DELETE FROM chains WHERE id = ?1").db()?;
+        let mut n = 0;
+        for (id, _) in seen.iter().filter(|(_, at)| *at < before) {
+            n += stmt.execute([id]).db()? as u64;
+        }
+        let next = if seen.len() < limit as usize { None } else { seen.last().map(|(id, _)| id.clone()) };
+        Ok((n, next))
     }
 
     fn put_secret(&mut self, env: &str, name: &str, value: Option<&str>, now: Millis) -> Result<()> {

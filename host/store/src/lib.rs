@@ -195,6 +195,52 @@ pub struct Overdue {
     pub stale_ms: Option<i64>,
 }
 
+/// A table of history that the retention sweep prunes (see [`Tx::history`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum History {
+    /// Events, in the order they were written (SQLite: `seq`; PostgreSQL: `key`).
+    Events,
+    /// Deliveries, by id.
+    Deliveries,
+    /// Execution records, by id.
+    Executions,
+}
+
+impl History {
+    /// The table's name, for metrics and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Events => "events",
+            Self::Deliveries => "deliveries",
+            Self::Executions => "executions",
+        }
+    }
+}
+
+/// One row of a [`History`] table as the retention sweep sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryRow {
+    /// Its key in the table's order (what [`Tx::delete_history`] takes).
+    pub key: i64,
+    /// When it became history: an event's creation, a done delivery's end, an execution's
+    /// start. `None` for a row that is not history yet (a delivery not done).
+    pub at: Option<Millis>,
+    /// An event a delivery not done still points at (pending, leased or dead): kept whatever
+    /// its age, so a dead letter can be retried.
+    pub in_use: bool,
+}
+
+/// How large the store is, for `/metrics`: cheap to read (no table scans).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreSize {
+    /// Bytes the database takes (SQLite: the main file's pages; PostgreSQL: the database).
+    pub bytes: u64,
+    /// Rows per table: SQLite's are exact for the small tables and the span of keys kept for
+    /// events, deliveries and executions (an upper bound); PostgreSQL's are its planner's
+    /// estimates.
+    pub rows: Vec<(&'static str, u64)>,
+}
+
 /// A secret as the store holds it: the value is sealed by the engine before it is written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredSecret {
@@ -247,6 +293,11 @@ pub trait ReadTx {
     fn open_deliveries(&mut self, env: &str, job_id: &str) -> Result<Vec<OpenDelivery>>;
     /// Delivery counts (all environments).
     fn delivery_stats(&mut self) -> Result<DeliveryStats>;
+    /// Delivery counts of the deliveries not done (all environments), read through the open
+    /// and dead deliveries' indexes: `done` is 0. For `/metrics`, which must not scan history.
+    fn open_delivery_stats(&mut self) -> Result<DeliveryStats>;
+    /// The store's size, without scanning tables.
+    fn size(&mut self) -> Result<StoreSize>;
     /// Jobs per status (all environments).
     fn job_status_counts(&mut self) -> Result<Vec<(String, u64)>>;
     /// Plugin deliveries per outcome: count and total duration in µs (all environments).
@@ -406,6 +457,14 @@ pub trait Tx: ReadTx {
     fn delete_token(&mut self, env: &str, id: &str) -> Result<bool>;
     /// Adds `events` to a chain's count (the loop guard); returns the new total.
     fn charge_chain(&mut self, chain: &str, events: u64, now: Millis) -> Result<u64>;
+    /// Up to `limit` rows of `table` with keys above `after`, in key order (oldest first).
+    fn history(&mut self, table: History, after: i64, limit: u32) -> Result<Vec<HistoryRow>>;
+    /// Deletes these rows of `table` (a delivery only if it is done); returns how many went.
+    fn delete_history(&mut self, table: History, keys: &[i64]) -> Result<u64>;
+    /// Deletes up to `limit` loop-guard chains, with ids above `after` in id order, last
+    /// charged before `before`; returns how many went and the last id looked at (`None` at
+    /// the end of the table).
+    fn prune_chains(&mut self, after: &str, before: Millis, limit: u32) -> Result<(u64, Option<String>)>;
     /// Stores a secret, or deletes it with `None` (not-found when there was none).
     fn put_secret(&mut self, env: &str, name: &str, value: Option<&str>, now: Millis) -> Result<()>;
     /// Stores a new environment.

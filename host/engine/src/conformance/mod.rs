@@ -336,6 +336,7 @@ macro_rules! conformance_suite {
         );
         $crate::__conformance_case!($open, $again, rules, secrets_are_scoped_to_their_environment_and_validated, [tokio::test]);
         $crate::__conformance_case!($open, $again, rules, secrets_are_sealed_at_rest_and_open_only_with_their_key, [tokio::test]);
+        $crate::__conformance_case!($open, $again, rules, retention_deletes_old_history_and_keeps_what_is_still_in_use, [tokio::test]);
         $crate::__conformance_case!(
             $open, $again,
             rules,

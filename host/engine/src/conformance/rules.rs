@@ -1094,6 +1094,120 @@ pub async fn secrets_are_sealed_at_rest_and_open_only_with_their_key() {
     assert_eq!(renv.secret("API_KEY").await.unwrap(), "plain-value-123");
 }
 
+pub async fn retention_deletes_old_history_and_keeps_what_is_still_in_use() {
+    use crate::model::{Execution, ExecutionOutcome};
+    let host = TestHost::with_config(EngineConfig { max_attempts: 1, ..test_config() });
+    let env = host.env().await;
+    let fixed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let make = |env: &Env| {
+        let fixed = fixed.clone();
+        Listener::new("worker", env.id()).on("job:ready", move |event| {
+            let fixed = fixed.clone();
+            async move {
+                let job = event.api.job(event.job_id()?).await?;
+                if job.operation == "broken" && !fixed.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err("broken on purpose".into());
+                }
+                event.api.complete(&job.id, Outcome::default()).await?;
+                Ok(())
+            }
+        })
+    };
+    let running = host.engine.run(vec![make(&env)]).await.unwrap();
+    let fine = env.create_job(NewJob::new(JobType::Space, "fine")).await.unwrap();
+    assert_eq!(until_terminal(&env, &fine.id).await.status, JobStatus::Complete);
+    let broken = env.create_job(NewJob::new(JobType::Space, "broken")).await.unwrap();
+    let dead = super::wait_for(&host.engine, "the broken job's dead letter", || {
+        let env = env.clone();
+        async move { Ok(env.dead_letters().await?.into_iter().next()) }
+    })
+    .await
+    .unwrap();
+    running.shutdown().await;
+    // A job whose job:ready waits for its listener: a pending delivery.
+    let waiting = env.create_job(NewJob::new(JobType::Space, "fine")).await.unwrap();
+    assert_eq!(host.engine.open_delivery_stats().await.unwrap().pending, 1);
+    // Execution records: many old ones (more than a sweep's batch), then one newer than the cut.
+    let now = host.engine.now();
+    let env_id = env.id().to_owned();
+    let exec = move |started_at| Execution {
+        id: 0,
+        environment_id: env_id.clone(),
+        plugin: "p".into(),
+        plugin_version: "v".into(),
+        route: 0,
+        event_id: "ev".into(),
+        topic: "job:ready".into(),
+        job_id: None,
+        attempt: 1,
+        started_at,
+        duration_us: 1,
+        cpu_us: 1,
+        outcome: ExecutionOutcome::Ok,
+        error: None,
+        peak_memory: 0,
+        logs: String::new(),
+        http: Vec::new(),
+    };
+    let old_execs = 4500;
+    host.engine
+        .store()
+        .write(move |tx| {
+            for _ in 0..old_execs {
+                tx.insert_execution(&exec(now - 1))?;
+            }
+            tx.insert_execution(&exec(now + 3_600_000))?;
+            tx.charge_chain("chain-old", 3, now - 1)?;
+            tx.charge_chain("chain-new", 3, now + 3_600_000)?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let events_before = super::all_events(&env).await;
+    let (fine_events, broken_events, waiting_events) = [&fine.id, &broken.id, &waiting.id]
+        .map(|id| events_before.iter().filter(|e| e.job_id() == Some(id)).count())
+        .into();
+    assert!(fine_events >= 3 && broken_events >= 2 && waiting_events == 2, "{events_before:?}");
+
+    // Everything up to now is old.
+    let cut = now + 1;
+    let pruned = crate::retention::prune(&host.engine, cut).await.unwrap();
+    let left = super::all_events(&env).await;
+    assert!(left.iter().all(|e| e.job_id() != Some(&fine.id)), "the finished job's events went: {left:?}");
+    let kept: Vec<&str> = left.iter().map(|e| e.topic.as_str()).collect();
+    assert!(left.iter().any(|e| e.id == dead.event.id), "the dead letter's event stays: {kept:?}");
+    assert!(left.iter().any(|e| e.job_id() == Some(&waiting.id)), "a pending delivery's event stays: {kept:?}");
+    assert_eq!(pruned.events as usize, events_before.len() - left.len());
+    assert_eq!(pruned.executions, old_execs);
+    assert_eq!(env.executions(None, 10).await.unwrap().len(), 1, "the newer execution stays");
+    assert!(pruned.chains >= 2, "the idle chains went (ours and the listener's): {pruned:?}");
+    let stats = host.engine.delivery_stats().await.unwrap();
+    assert_eq!((stats.pending, stats.dead, stats.done), (1, 1, 0), "done deliveries went, the others stay");
+    assert_eq!(pruned.deliveries, 1, "the one done delivery: {pruned:?}");
+    let total = host.engine.pruned_total();
+    assert_eq!(total, pruned);
+    // A second sweep finds nothing more.
+    assert_eq!(crate::retention::prune(&host.engine, cut).await.unwrap(), crate::retention::Pruned::default());
+    // Jobs stay; the chain that is still charged keeps its count.
+    assert_eq!(env.job(&fine.id).await.unwrap().status, JobStatus::Complete);
+    let counts = host
+        .engine
+        .store()
+        .write(move |tx| Ok((tx.charge_chain("chain-new", 1, now)?, tx.charge_chain("chain-old", 1, now)?)))
+        .await
+        .unwrap();
+    assert_eq!(counts, (4, 1), "the new chain kept its count, the old one starts again");
+    assert!(env.waiting(&waiting.id).await.unwrap().is_some_and(|w| w.deliveries.len() == 1));
+
+    // The dead letter is still retried after the sweep, and its listener gets the event.
+    fixed.store(true, std::sync::atomic::Ordering::Relaxed);
+    env.redeliver(dead.delivery_id).await.unwrap();
+    let running = host.engine.run(vec![make(&env)]).await.unwrap();
+    assert_eq!(until_terminal(&env, &broken.id).await.status, JobStatus::Complete);
+    assert_eq!(until_terminal(&env, &waiting.id).await.status, JobStatus::Complete);
+    running.shutdown().await;
+}
+
 pub async fn a_native_listener_that_retriggers_itself_is_stopped_by_the_loop_guard() {
     let host = TestHost::with_config(EngineConfig { max_attempts: 1, max_chain_depth: 5, ..test_config() });
     let env = host.env().await;

@@ -32,11 +32,12 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let dir = DataDir::new(host.data.as_deref())?;
     std::fs::create_dir_all(&dir.path).with_context(|| format!("cannot create {}", dir.path.display()))?;
     let host_timeout = settings.host_timeout;
-    let secret_key = settings.secret_key.clone();
+    let (secret_key, retention) = (settings.secret_key.clone(), settings.retention);
     let timeouts = move |c: EngineConfig| EngineConfig {
         host_timeout,
         heartbeat_interval: (host_timeout / 6).max(std::time::Duration::from_millis(100)),
         secret_key,
+        retention,
         ..c
     };
     let engine = match &settings.store {
@@ -58,6 +59,13 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
     };
     check_secrets(&engine).await?;
+    match settings.retention {
+        Some(r) => eprintln!(
+            "history older than {} days is deleted (events, done deliveries, execution records; retention_days)",
+            r.as_secs_f64() / 86_400.0
+        ),
+        None => eprintln!("history is kept forever (retention_days = 0)"),
+    }
     let environment = engine.environment_named(&settings.environment).await?;
     let running = Arc::new(engine.run(Vec::new()).await?);
     let (plugins, watch) = start_plugins(&runtime, &running, &environment.id, &settings.plugins, false).await?;
