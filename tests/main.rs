@@ -12,6 +12,7 @@ mod api;
 mod cli;
 mod console;
 mod crash;
+mod disk;
 mod fleet;
 mod languages;
 mod outbound;

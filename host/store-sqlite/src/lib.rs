@@ -39,9 +39,25 @@ use jobhost_store::{
 
 /// A SQLite failure as the store's error: busy and locked databases may clear on a retry.
 fn db_error(e: rusqlite::Error) -> Error {
+    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+        let dir = WRITER_DIR.with(|d| d.borrow().as_ref().map(|d| format!(" {}", d.display()))).unwrap_or_default();
+        return Error::Store(StoreError::caused_by(
+            format!(
+                "the disk holding the data directory{dir} is full, so this call stored nothing \
+                 (reads still work); free space there and retry"
+            ),
+            e,
+        ));
+    }
     let retryable =
         matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked));
     Error::Store(StoreError::caused_by("SQLite", e).retryable(retryable))
+}
+
+thread_local! {
+    /// The data directory of the store whose writer runs on this thread (each store has a
+    /// writer thread of its own): what a full-disk error names.
+    static WRITER_DIR: std::cell::RefCell<Option<PathBuf>> = const { std::cell::RefCell::new(None) };
 }
 
 /// `.db()?` turns a SQLite result into the store's.
@@ -147,7 +163,13 @@ impl SqliteBackend {
         let counted = stats.clone();
         let writer = std::thread::Builder::new()
             .name("jobhost-store-writer".into())
-            .spawn(move || writer_loop(conn, rx, writer_signal, commits_tx, max_batch, counted))
+            .spawn({
+                let dir = options.dir.clone();
+                move || {
+                    WRITER_DIR.with(|d| *d.borrow_mut() = Some(dir));
+                    writer_loop(conn, rx, writer_signal, commits_tx, max_batch, counted)
+                }
+            })
             .map_err(|e| StoreError::caused_by("cannot start the store writer thread", e))?;
 
         Ok(Self {
