@@ -1150,15 +1150,18 @@ impl ReadTx for Conn<'_> {
         };
         let bytes = pragma(self.conn, "page_count")? * pragma(self.conn, "page_size")?;
         let mut rows = Vec::new();
-        // min and max of an integer primary key are two b-tree descents, not a scan.
+        // MIN and MAX of an integer primary key are a b-tree descent each, but only as queries
+        // of their own: `SELECT MAX(k) - MIN(k)` scans the table.
         for (table, key) in [("events", "seq"), ("deliveries", "id"), ("executions", "id")] {
-            let span: i64 = self
-                .conn
-                .prepare_cached(&format!("SELECT COALESCE(MAX({key}) - MIN({key}) + 1, 0) FROM {table}"))
-                .db()?
-                .query_row([], |r| r.get(0))
-                .db()?;
-            rows.push((table, span.max(0) as u64));
+            let end = |f: &str| -> Result<i64> {
+                self.conn
+                    .prepare_cached(&format!("SELECT COALESCE({f}({key}), 0) FROM {table}"))
+                    .db()?
+                    .query_row([], |r| r.get(0))
+                    .db()
+            };
+            let (max, min) = (end("MAX")?, end("MIN")?);
+            rows.push((table, if max == 0 { 0 } else { (max - min + 1).max(0) as u64 }));
         }
         Ok(StoreSize { bytes, rows })
     }

@@ -116,8 +116,13 @@ pub enum RecordsCommand {
         #[arg(long, default_value_t = 10_000)]
         batch: usize,
         /// Skip this many records at the start of the file (to resume an import).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, conflicts_with = "resume")]
         skip: u64,
+        /// Skip as many records as the sheet already holds: for a sheet that only this file
+        /// fills, the exact place to go on from, even when the host stopped before answering
+        /// the last batch (which it then stored entirely or not at all).
+        #[arg(long)]
+        resume: bool,
         /// The host and token.
         #[command(flatten)]
         remote: Remote,
@@ -272,7 +277,7 @@ fn print_reload(event: &ReloadEvent) {
 
 /// `jobhost records …`
 pub async fn records(cmd: RecordsCommand) -> anyhow::Result<ExitCode> {
-    let RecordsCommand::Import { file, sheet, batch, skip, remote, json } = cmd;
+    let RecordsCommand::Import { file, sheet, batch, skip, resume, remote, json } = cmd;
     if batch == 0 || batch > MAX_PAGE_SIZE as usize {
         bail!("--batch must be 1..={MAX_PAGE_SIZE}, not {batch}");
     }
@@ -284,10 +289,24 @@ pub async fn records(cmd: RecordsCommand) -> anyhow::Result<ExitCode> {
         let file = file.clone();
         tokio::task::spawn_blocking(move || check_records(&file)).await.context("the file check stopped")??
     };
+    let sheet: Sheet = client.get(&format!("/v1/sheets/{sheet}")).await?;
+    let skip = if resume {
+        let counts: crate::model::RecordCounts = client.get(&format!("/v1/sheets/{}/counts", sheet.id)).await?;
+        if counts.total > checked {
+            bail!(
+                "--resume: sheet {} holds {} records, more than {} has ({checked}); it is not this file's alone",
+                sheet.id,
+                counts.total,
+                file.display()
+            );
+        }
+        counts.total
+    } else {
+        skip
+    };
     if skip > checked {
         bail!("--skip {skip} is past the end of {} ({checked} records)", file.display());
     }
-    let sheet: Sheet = client.get(&format!("/v1/sheets/{sheet}")).await?;
     let outcome = import(&client, &file, &sheet.id, batch, skip, checked - skip, progress).await;
     let report = |sent: u64, seconds: f64| {
         json!({ "sheetId": sheet.id, "file": file, "imported": sent, "skipped": skip, "seconds": seconds,
@@ -307,7 +326,8 @@ pub async fn records(cmd: RecordsCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(Stopped { sent, error }) => Err(error.context(format!(
-            "{sent} records of this run were stored ({} of the file with the skipped ones); resume with --skip {}",
+            "{sent} records of this run were acknowledged ({} of the file with the skipped ones); go on with --resume \
+             (or --skip {} when no batch was left unanswered)",
             skip + sent,
             skip + sent
         ))),
@@ -372,7 +392,7 @@ pub async fn import(
         let written: Value = client.post_json_bytes(&path, body).await.map_err(|e| {
             let what = match e {
                 crate::client::ClientError::Api { .. } => "the host refused a batch; nothing of it was stored",
-                _ => "a batch was sent but not answered; it may have been stored: compare the sheet's counts",
+                _ => "a batch was sent but not answered; it was stored entirely or not at all: go on with --resume",
             };
             Stopped { sent, error: anyhow::Error::new(e).context(what) }
         })?;
