@@ -90,7 +90,7 @@ pub async fn prune(engine: &Engine, before: Millis) -> Result<Pruned> {
             let (deleted, last, end) = engine
                 .store()
                 .write(move |tx| {
-                    let rows = tx.history(table, after, BATCH)?;
+                    let rows = tx.history(table, after, before, BATCH)?;
                     let mut end = rows.len() < BATCH as usize;
                     let (mut old, mut last) = (Vec::new(), after);
                     for row in &rows {

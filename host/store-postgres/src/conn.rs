@@ -731,7 +731,7 @@ impl<C: GenericClient> Tx for Conn<'_, C> {
         Ok(get::<i64>(&row, 0)?.max(0) as u64)
     }
 
-    fn history(&mut self, table: History, after: i64, limit: u32) -> Result<Vec<HistoryRow>> {
+    fn history(&mut self, table: History, after: i64, before: Millis, limit: u32) -> Result<Vec<HistoryRow>> {
         let sql = match table {
             // Only events whose order is given (committed ones are; this transaction's own are not).
             History::Events => {
@@ -753,7 +753,9 @@ impl<C: GenericClient> Tx for Conn<'_, C> {
                 Ok(HistoryRow { key: get(r, 0)?, at: if done == Some(false) { None } else { at }, in_use: false })
             })
             .collect::<Result<Vec<_>>>()?;
-        if let (History::Events, Some(first), Some(last)) = (table, rows.first(), rows.last()) {
+        // The old rows at the head of the batch: only they can be deleted.
+        let old = rows.iter().take_while(|r| r.at.is_some_and(|at| at < before)).count();
+        if let (History::Events, Some(first), Some(last)) = (table, rows.first(), rows[..old].last()) {
             let (lo, hi) = (first.key, last.key);
             let mut in_use = std::collections::HashSet::new();
             for sql in [

@@ -1286,7 +1286,7 @@ impl Tx for Conn<'_> {
             .db()? as u64)
     }
 
-    fn history(&mut self, table: History, after: i64, limit: u32) -> Result<Vec<HistoryRow>> {
+    fn history(&mut self, table: History, after: i64, before: Millis, limit: u32) -> Result<Vec<HistoryRow>> {
         let sql = match table {
             History::Events => "SELECT seq, created_at, NULL FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
             History::Deliveries => {
@@ -1306,7 +1306,9 @@ impl Tx for Conn<'_> {
             .db()?
             .collect::<rusqlite::Result<_>>()
             .db()?;
-        if let (History::Events, Some(first), Some(last)) = (table, rows.first(), rows.last()) {
+        // The old rows at the head of the batch: only they can be deleted.
+        let old = rows.iter().take_while(|r| r.at.is_some_and(|at| at < before)).count();
+        if let (History::Events, Some(first), Some(last)) = (table, rows.first(), rows[..old].last()) {
             // Events a delivery not done points at, through the open and dead deliveries'
             // indexes (the backlog, not the history).
             let (lo, hi) = (first.key, last.key);

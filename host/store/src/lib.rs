@@ -458,7 +458,9 @@ pub trait Tx: ReadTx {
     /// Adds `events` to a chain's count (the loop guard); returns the new total.
     fn charge_chain(&mut self, chain: &str, events: u64, now: Millis) -> Result<u64>;
     /// Up to `limit` rows of `table` with keys above `after`, in key order (oldest first).
-    fn history(&mut self, table: History, after: i64, limit: u32) -> Result<Vec<HistoryRow>>;
+    /// `in_use` is only looked up for the events before the first one written at or after
+    /// `before` (where the sweep's walk stops).
+    fn history(&mut self, table: History, after: i64, before: Millis, limit: u32) -> Result<Vec<HistoryRow>>;
     /// Deletes these rows of `table` (a delivery only if it is done); returns how many went.
     fn delete_history(&mut self, table: History, keys: &[i64]) -> Result<u64>;
     /// Deletes up to `limit` loop-guard chains, with ids above `after` in id order, last
