@@ -140,7 +140,7 @@ impl SecretKey {
         }
         let damaged =
             || Error::Conflict(format!("secret {name} is damaged in the store: it does not open with its key"));
-        let body = &stored[SEALED.len() + self.fingerprint.len() + 1..];
+        let body = stored.get(SEALED.len() + self.fingerprint.len() + 1..).unwrap_or_default();
         if !body.len().is_multiple_of(2) || body.len() < 2 * NONCE_LEN {
             return Err(damaged());
         }
@@ -243,6 +243,9 @@ mod tests {
         flipped[last] = if flipped[last] == b'0' { b'1' } else { b'0' };
         let err = key.open("env_a", "API_KEY", &String::from_utf8(flipped).unwrap()).unwrap_err();
         assert!(err.to_string().contains("damaged"), "{err}");
+        for cut in [format!("jhs1:{}", key.fingerprint()), format!("jhs1:{}:00", key.fingerprint())] {
+            assert!(key.open("env_a", "API_KEY", &cut).unwrap_err().to_string().contains("damaged"), "{cut}");
+        }
         assert_eq!(open(None, "env_a", "API_KEY", "written before sealing").unwrap(), "written before sealing");
     }
 
