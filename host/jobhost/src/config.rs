@@ -442,6 +442,8 @@ mod tests {
             ("concurrency = \"many\"\n", "concurrency"),
             ("plugins = \"p\"\n[limits]\nmemory_mib = 100000\n", "memory_mib = 100000 is out of range"),
             ("plugins = \"p\"\n[limits]\nmemroy = 1\n", "memroy"),
+            ("plugins = \"p\"\nretention_days = \"a month\"\n", "retention_days"),
+            ("plugins = \"p\"\nretention_days = -1\n", "retention_days must be 0 (keep everything) to 36500, not -1"),
         ] {
             let file = config(text);
             let home = |k: &str| (k == "HOME").then(|| "/home/op".to_owned());
@@ -455,6 +457,18 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("JOBHOST_LISTEN=nowhere"), "{err}");
+        let err = Settings::resolve(&serve_args(&["--plugins", "p", "--data", "d"]), |k| {
+            (k == "JOBHOST_RETENTION_DAYS").then(|| "forever".to_owned())
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("JOBHOST_RETENTION_DAYS=forever is not a number"), "{err}");
+        let days = |argv: &[&str]| Settings::resolve(&serve_args(argv), |_| None).unwrap().retention;
+        assert_eq!(days(&["--plugins", "p", "--data", "d"]), Some(std::time::Duration::from_secs(30 * 86_400)));
+        assert_eq!(days(&["--plugins", "p", "--data", "d", "--retention-days", "0"]), None, "0 keeps everything");
+        assert_eq!(
+            days(&["--plugins", "p", "--data", "d", "--retention-days", "0.5"]),
+            Some(std::time::Duration::from_secs(43_200))
+        );
         let err = Settings::resolve(&serve_args(&[]), |_| None).unwrap_err();
         assert!(err.to_string().contains("no plugins directory"), "{err}");
         let err = Settings::resolve(&serve_args(&["--plugins", "p"]), |_| None).unwrap_err();
