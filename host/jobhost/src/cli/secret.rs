@@ -3,12 +3,10 @@
 use super::*;
 
 pub(super) async fn secret(cmd: SecretCommand) -> anyhow::Result<ExitCode> {
-    let at = match &cmd {
+    let (at, name) = match &cmd {
         SecretCommand::NewKey { path } => return new_key(path),
-        SecretCommand::Set { at, .. }
-        | SecretCommand::List { at }
-        | SecretCommand::Delete { at, .. }
-        | SecretCommand::RotateKey { at, .. } => at,
+        SecretCommand::Set { at, name } | SecretCommand::Delete { at, name } => (at, name.as_str()),
+        SecretCommand::List { at } | SecretCommand::RotateKey { at, .. } => (at, ""),
     };
     let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let secret_key = crate::config::secret_key(at.secret_key_file.as_deref(), &var, None)?;
@@ -24,7 +22,7 @@ pub(super) async fn secret(cmd: SecretCommand) -> anyhow::Result<ExitCode> {
     }
     let env = engine.env(engine.environment_named(&at.environment).await?.id);
     match &cmd {
-        SecretCommand::Set { name, .. } => {
+        SecretCommand::Set { .. } => {
             let mut value = zeroize::Zeroizing::new(String::new());
             std::io::Read::read_to_string(&mut std::io::stdin(), &mut value)
                 .context("cannot read the value from stdin")?;
@@ -37,7 +35,7 @@ pub(super) async fn secret(cmd: SecretCommand) -> anyhow::Result<ExitCode> {
                 println!("{name}");
             }
         }
-        SecretCommand::Delete { name, .. } => {
+        SecretCommand::Delete { .. } => {
             if !env.delete_secret(name).await? {
                 bail!("environment {} has no secret {name}", at.environment);
             }
@@ -52,7 +50,8 @@ pub(super) async fn secret(cmd: SecretCommand) -> anyhow::Result<ExitCode> {
                 new_key_file.display()
             );
         }
-        SecretCommand::NewKey { .. } => unreachable!("answered above"),
+        // Answered before the store was opened.
+        SecretCommand::NewKey { .. } => {}
     }
     Ok(ExitCode::SUCCESS)
 }
