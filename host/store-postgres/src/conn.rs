@@ -538,8 +538,10 @@ impl<C: GenericClient> ReadTx for Conn<'_, C> {
         let mut size = StoreSize { bytes: get::<i64>(&bytes, 0)?.max(0) as u64, rows: Vec::new() };
         for table in ["events", "deliveries", "executions"] {
             // The planner's estimate (kept by autovacuum and ANALYZE); -1 before the first one.
-            let row = self
-                .query_one("SELECT GREATEST(reltuples, 0)::bigint FROM pg_class WHERE oid = $1::regclass", &[&table])?;
+            let row = self.query_one(
+                "SELECT GREATEST(reltuples, 0)::bigint FROM pg_class WHERE oid = to_regclass($1::text)",
+                &[&table],
+            )?;
             size.rows.push((table, get::<i64>(&row, 0)?.max(0) as u64));
         }
         Ok(size)

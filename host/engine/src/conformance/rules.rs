@@ -1186,6 +1186,11 @@ pub async fn retention_deletes_old_history_and_keeps_what_is_still_in_use() {
     assert_eq!(pruned.deliveries, 1, "the one done delivery: {pruned:?}");
     let total = host.engine.pruned_total();
     assert_eq!(total, pruned);
+    // What /metrics reads: the store's size, without scans, on every backend.
+    let size = host.engine.store_size().await.unwrap();
+    assert!(size.bytes > 0, "{size:?}");
+    let tables: Vec<&str> = size.rows.iter().map(|(t, _)| *t).collect();
+    assert_eq!(tables, ["events", "deliveries", "executions"]);
     // A second sweep finds nothing more.
     assert_eq!(crate::retention::prune(&host.engine, cut).await.unwrap(), crate::retention::Pruned::default());
     // Jobs stay; the chain that is still charged keeps its count.
