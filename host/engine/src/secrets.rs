@@ -92,7 +92,7 @@ impl SecretKey {
             }
         }
         let text = Zeroizing::new(std::fs::read_to_string(path).map_err(unreadable)?);
-        Self::parse(&text).map_err(|e| Error::invalid(format!("the key file {}: {}", path.display(), plain(&e))))
+        Self::parse(&text).map_err(|e| Error::invalid(format!("the key file {}: {}", path.display(), reason(&e))))
     }
 
     /// The key as 64 hex digits, for writing it to a key file.
@@ -194,7 +194,9 @@ pub(crate) fn no_key() -> Error {
     )
 }
 
-fn plain(e: &Error) -> String {
+/// An error's message without the kind's prefix (`invalid input: `), for a message that
+/// names its own source (a key file, a variable).
+pub fn reason(e: &Error) -> String {
     match e {
         Error::Invalid(m) => m.clone(),
         e => e.to_string(),

@@ -242,7 +242,9 @@ pub fn secret_key(
     var: &impl Fn(&str) -> Option<String>,
     file: Option<&std::path::Path>,
 ) -> anyhow::Result<Option<crate::SecretKey>> {
-    let from_file = |p: &std::path::Path| crate::SecretKey::from_file(p).map_err(|e| anyhow::anyhow!(plain(e)));
+    let from_file = |p: &std::path::Path| {
+        crate::SecretKey::from_file(p).map_err(|e| anyhow::anyhow!(jobhost_engine::secrets::reason(&e)))
+    };
     if let Some(p) = flag {
         return from_file(p).map(Some);
     }
@@ -250,18 +252,11 @@ pub fn secret_key(
         let text = zeroize::Zeroizing::new(text);
         return crate::SecretKey::parse(&text)
             .map(Some)
-            .map_err(|e| anyhow::anyhow!("JOBHOST_SECRET_KEY: {}", plain(e)));
+            .map_err(|e| anyhow::anyhow!("JOBHOST_SECRET_KEY: {}", jobhost_engine::secrets::reason(&e)));
     }
     match var("JOBHOST_SECRET_KEY_FILE").map(PathBuf::from).as_deref().or(file) {
         Some(p) => from_file(p).map(Some),
         None => Ok(None),
-    }
-}
-
-fn plain(e: crate::Error) -> String {
-    match e {
-        crate::Error::Invalid(m) => m,
-        e => e.to_string(),
     }
 }
 
