@@ -93,8 +93,9 @@ async fn a_failing_part_fails_the_parent() {
 }
 
 /// A guest paging through a sheet gets every page after the second read ahead (while it
-/// worked on the page before; the second shows it reads the sheet through); a guest that
-/// writes between pages gets each page read when it asks, and so sees its own writes.
+/// worked on the page before; the second shows it reads the sheet through), also when it
+/// reads or logs between pages; a guest that writes between pages gets each page read when
+/// it asks, and so sees its own writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_are_read_ahead_for_a_reader_and_a_writer_between_pages_sees_its_writes() {
     let host = TestHost::new();
@@ -131,6 +132,13 @@ async fn pages_are_read_ahead_for_a_reader_and_a_writer_between_pages_sees_its_w
     // write before the guest asks for it.
     let pages = rt.stats().pages();
     assert_eq!((pages.asked, pages.ahead, pages.discarded), (3 + 6, 4, 4), "a write discards the page read ahead");
+
+    // A count and a log line between pages are reads: the pages read ahead are used.
+    let new = NewJob { input: json!({"pageSize": 100, "readBetween": true}), ..NewJob::sheet("page", &sheet.id) };
+    let job = until_terminal(&env, &env.create_job(new).await.unwrap().id).await;
+    assert_eq!((job.status, &job.outcome["records"]), (JobStatus::Complete, &json!(507)), "{}", job.outcome);
+    let pages = rt.stats().pages();
+    assert_eq!((pages.asked, pages.ahead, pages.discarded), (3 + 6 + 3, 4 + 4, 4), "reads keep the page read ahead");
     running.shutdown().await;
 }
 

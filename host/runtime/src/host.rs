@@ -155,9 +155,6 @@ pub(super) struct CpuMeter {
     /// a result is lowered into guest memory) would cost two clock reads per string of a page.
     depth: u32,
     in_host: bool,
-    /// Calls the guest made to the host (the outermost ones), counted so a page read ahead
-    /// is used only by the very next call.
-    host_calls: u64,
 }
 
 const NOT_IN_WASM: u64 = u64::MAX;
@@ -187,7 +184,6 @@ impl CpuMeter {
             }
             CallingHost if self.depth == 1 && !self.in_host => {
                 self.in_host = true;
-                self.host_calls += 1;
                 self.leave();
             }
             ReturningFromHost if self.depth == 1 && self.in_host => {
@@ -274,6 +270,9 @@ pub struct HostState {
     deferred: Option<Option<Result<(), String>>>,
     /// The page after the one the guest was last given, being read meanwhile.
     read_ahead: Option<ReadAhead>,
+    /// Host calls of this delivery that wrote to the store (job moves, record writes): a page
+    /// read ahead before the latest of them is stale for this guest.
+    writes: u64,
     /// The last page the guest asked for (sheet, size, number): reading ahead starts only
     /// when the guest asks for the page after it, i.e. is reading a sheet through.
     last_page: Option<(String, u32, u32)>,
@@ -313,17 +312,19 @@ pub struct PageStats {
 /// A page read while the guest works on the previous one, so the host's half of paging (the
 /// store read and the conversion) runs on another core beside the guest's half.
 ///
-/// It is used only when the guest's very next host call asks for exactly that page. Any other
-/// call in between — a write, a log line, an outbound request, a clock read — discards it,
-/// so a guest always sees its own writes and anything a call of its could have caused. What
-/// it can miss is only a write by someone else in the short span between reading ahead and
-/// asking, which is the page it would have got had it asked that much sooner.
+/// It is used only when the guest asks for exactly that page next and made no call in between
+/// that writes or reaches outside (a job move, a record write, an outbound request): so a
+/// guest always sees its own writes and anything a call of its could have caused. What it can
+/// miss is only a write by someone else in the short span between reading ahead and asking,
+/// which is the page it would have got had it asked that much sooner. Counting effects, not
+/// host calls, matters: wasmtime's call hook also fires for libcalls (an epoch check, a
+/// `memory.grow`), which on a loaded machine made a page read ahead look stale.
 struct ReadAhead {
     sheet_id: String,
     page_size: u32,
     page_number: u32,
-    /// The guest's host-call count when this was started (by the call for the page before).
-    after_call: u64,
+    /// The delivery's effects (`HostState::effects`) when this was started.
+    effects: u64,
     /// The page in the shape the call asked for (`wit::RecordPage` or `wit::PackedPage`); a
     /// call that asks for the other shape reads its page again.
     task: tokio::task::JoinHandle<crate::error::Result<Box<dyn std::any::Any + Send>>>,
@@ -404,7 +405,6 @@ impl HostState {
                 exceeded: false,
                 depth: 0,
                 in_host: false,
-                host_calls: 0,
             },
             logs,
             env,
@@ -419,6 +419,7 @@ impl HostState {
             refused: None,
             deferred: None,
             read_ahead: None,
+            writes: 0,
             last_page: None,
             pages: Arc::default(),
             manifest,
@@ -686,6 +687,7 @@ impl jobs::Host for HostState {
     async fn ack(&mut self, id: String, info: Option<String>, progress: Option<u8>, eta: Option<i64>) -> R<wit::Job> {
         self.check_size("info", info.as_deref())?;
         self.may_move(&id).await?;
+        self.writes += 1;
         let ack = Ack { info, progress, estimated_completion_at: eta };
         let job = self.env()?.ack(&id, ack).await.map(convert::job).map_err(|e| self.engine_error(e))?;
         if !self.acked_open.contains(&id) {
@@ -698,6 +700,7 @@ impl jobs::Host for HostState {
         self.check_size("outcome", outcome.as_deref())?;
         self.check_size("info", info.as_deref())?;
         self.may_move(&id).await?;
+        self.writes += 1;
         let o = Outcome { outcome: json_arg("outcome", outcome)?, info };
         let job = self.env()?.complete(&id, o).await.map(convert::job).map_err(|e| self.engine_error(e))?;
         self.acked_open.retain(|j| *j != id);
@@ -708,6 +711,7 @@ impl jobs::Host for HostState {
         self.check_size("outcome", outcome.as_deref())?;
         self.check_size("info", info.as_deref())?;
         self.may_move(&id).await?;
+        self.writes += 1;
         let o = Outcome { outcome: json_arg("outcome", outcome)?, info };
         let job = self.env()?.fail(&id, o).await.map(convert::job).map_err(|e| self.engine_error(e))?;
         self.acked_open.retain(|j| *j != id);
@@ -717,6 +721,7 @@ impl jobs::Host for HostState {
     async fn cancel(&mut self, id: String, info: Option<String>) -> R<wit::Job> {
         self.check_size("info", info.as_deref())?;
         self.may_move(&id).await?;
+        self.writes += 1;
         self.env()?.cancel(&id, info).await.map(convert::job).map_err(|e| self.engine_error(e))
     }
 
@@ -739,6 +744,7 @@ impl jobs::Host for HostState {
             }
         }
         self.may_move(&id).await?;
+        self.writes += 1;
         self.charge_jobs(n as u64)?;
         let parts = match parts {
             jobs::SplitParts::Count(n) => SplitParts::Count(n),
@@ -762,6 +768,7 @@ impl jobs::Host for HostState {
             ..NewJob::new(kind, job.operation)
         };
         self.charge_jobs(1)?;
+        self.writes += 1;
         let created = self.env()?.create_job(new).await.map_err(|e| self.engine_error(e))?;
         self.jobs_created += 1;
         self.scope.created.push(created.id.clone());
@@ -774,8 +781,14 @@ impl jobs::Host for HostState {
 }
 
 impl HostState {
+    /// Calls so far that wrote to the store or reached outside: a page read ahead before
+    /// any of them is not used.
+    fn effects(&self) -> u64 {
+        self.writes + u64::from(self.outbound.attempts())
+    }
+
     /// A page of records in the shape `shape` builds: the one read ahead when it is exactly
-    /// this page and this is the guest's very next host call, else read now. A full page that
+    /// this page and nothing since could have changed it for this guest, else read now. A full page that
     /// follows the one asked for before starts the read of the next one.
     async fn read_page<P: Send + 'static>(
         &mut self,
@@ -789,12 +802,9 @@ impl HostState {
         if page_size > max {
             return Err(self.limit(format!("page size {page_size}; the plugin's max_page_size is {max}")));
         }
-        let call = self.cpu.host_calls;
+        let effects = self.effects();
         let ahead = self.read_ahead.take().filter(|a| {
-            a.after_call + 1 == call
-                && a.sheet_id == sheet_id
-                && a.page_size == page_size
-                && a.page_number == page_number
+            a.effects == effects && a.sheet_id == sheet_id && a.page_size == page_size && a.page_number == page_number
         });
         // A failed read ahead is read again now, so an error is always the present one.
         let ready = match ahead {
@@ -832,7 +842,7 @@ impl HostState {
             });
             let counts = self.pages.clone();
             self.read_ahead =
-                Some(ReadAhead { sheet_id, page_size, page_number: next, after_call: call, task, counts, used: false });
+                Some(ReadAhead { sheet_id, page_size, page_number: next, effects, task, counts, used: false });
         }
         Ok(page)
     }
@@ -854,12 +864,14 @@ impl records::Host for HostState {
 
     async fn update(&mut self, sheet_id: String, updates: Vec<wit::RecordUpdate>) -> R<u64> {
         self.charge_records(updates.len())?;
+        self.writes += 1;
         let updates = updates.into_iter().map(convert::update).collect();
         self.env()?.update_records(&sheet_id, updates).await.map_err(|e| self.engine_error(e))
     }
 
     async fn insert(&mut self, sheet_id: String, new: Vec<wit::NewRecord>) -> R<u64> {
         self.charge_records(new.len())?;
+        self.writes += 1;
         let records = new
             .into_iter()
             .map(|r| NewRecord {

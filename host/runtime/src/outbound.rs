@@ -282,6 +282,11 @@ impl Outbound {
         Self { plugin, grants, limits, shared, requests: 0, calls: Arc::default(), note }
     }
 
+    /// Requests the guest has made so far, sent or refused.
+    pub fn attempts(&self) -> u32 {
+        self.requests
+    }
+
     /// The delivery's requests so far.
     pub fn calls(&self) -> Vec<HttpCall> {
         self.calls.lock().map(|c| c.clone()).unwrap_or_default()

@@ -30,11 +30,17 @@ fn listener() -> Listener {
             l.on("job:ready", |event: &Event| -> Result<()> {
                 let job = jobs::get(event.job_id()?)?;
                 let size = job.input()?["pageSize"].as_u64().unwrap_or(1000) as u32;
+                // Reads between pages (a count, a log line) must not cost the page read ahead.
+                let read_between = job.input()?["readBetween"].as_bool().unwrap_or(false);
                 let (mut records, mut cells) = (0u64, 0u64);
                 for n in 1.. {
                     let page = event.data(size, n)?;
                     if page.is_empty() {
                         break;
+                    }
+                    if read_between {
+                        let total = records::counts(event.sheet_id()?)?.total;
+                        jobhost_plugin_sdk::log::info(&format!("page {n} of a sheet of {total}"));
                     }
                     records += page.len() as u64;
                     cells += page.records().map(|r| r.values().filter(|v| !v.is_null()).count() as u64).sum::<u64>();
