@@ -1,7 +1,10 @@
 //! Record encoding: JSON values and messages in, [`Record`]s with derived validity out.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::io::Write as _;
 
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
@@ -162,6 +165,148 @@ impl<'de> serde::Deserialize<'de> for StoredCells {
     }
 }
 
+/// A stored row's key, borrowed from the row's text unless it has escapes.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a field key")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> std::result::Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> std::result::Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A stored row's values as (key, value text) pairs in key order, a repeated key keeping its
+/// last value: the cells of [`decode`] without building a `Value` per cell.
+struct RawCells<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> serde::Deserialize<'de> for RawCells<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawCells<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a stored record: a JSON object of cell values")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<RawCells<'de>, A::Error> {
+                let mut cells: Vec<(Cow<'de, str>, &'de RawValue)> = Vec::with_capacity(map.size_hint().unwrap_or(16));
+                while let Some((Key(key), value)) = map.next_entry::<Key<'de>, &'de RawValue>()? {
+                    cells.push((key, value));
+                }
+                // Rows are written from a sorted map, so this is one pass over sorted keys.
+                if !cells.windows(2).all(|w| w[0].0 < w[1].0) {
+                    cells.sort_by(|a, b| a.0.cmp(&b.0));
+                    let mut kept: Vec<(Cow<'de, str>, &'de RawValue)> = Vec::with_capacity(cells.len());
+                    for (k, v) in cells {
+                        match kept.last_mut() {
+                            Some(last) if last.0 == k => last.1 = v,
+                            _ => kept.push((k, v)),
+                        }
+                    }
+                    cells = kept;
+                }
+                Ok(RawCells(cells))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Appends to `out` the JSON of `{"records": [...], "pageNumber": n, "pageSize": s}` for these
+/// rows: byte for byte what serializing the decoded [`RecordPage`](crate::model::RecordPage)
+/// gives, written straight from the stored text (each value is copied as stored, not parsed
+/// into a `Value` and printed again), which is what an API page costs the host.
+pub(super) fn write_page_json(rows: &[RawRecord], page_number: u32, page_size: u32, out: &mut Vec<u8>) -> Result<()> {
+    out.extend_from_slice(b"{\"records\":[");
+    for (i, row) in rows.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_record_json(row, out)?;
+    }
+    // Writing into a `Vec` cannot fail.
+    let _ = write!(out, "],\"pageNumber\":{page_number},\"pageSize\":{page_size}}}");
+    Ok(())
+}
+
+fn write_messages<'m>(out: &mut Vec<u8>, messages: impl Iterator<Item = &'m Message>) -> Result<()> {
+    out.push(b'[');
+    for (i, m) in messages.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut *out, m)?;
+    }
+    out.push(b']');
+    Ok(())
+}
+
+/// One record as [`decode`] and `serde_json` would write it (see [`write_page_json`]).
+fn write_record_json(raw: &RawRecord, out: &mut Vec<u8>) -> Result<()> {
+    let RawCells(mut cells) = serde_json::from_str(&raw.values)?;
+    let messages: Vec<Message> = raw.messages.as_deref().map(serde_json::from_str).transpose()?.unwrap_or_default();
+    let metadata: Option<&RawValue> = raw.metadata.as_deref().map(serde_json::from_str).transpose()?;
+    // Field messages by field (stable: each field's messages keep their order); a field that
+    // only a message names is a cell with a null value.
+    let mut by_field: Vec<(&str, &Message)> =
+        messages.iter().filter_map(|m| m.field.as_deref().map(|f| (f, m))).collect();
+    by_field.sort_by(|a, b| a.0.cmp(b.0));
+    let null: &RawValue = serde_json::from_str("null")?;
+    let known = cells.len();
+    for (field, _) in &by_field {
+        let named = |cells: &[(Cow<str>, &RawValue)]| cells.binary_search_by(|(k, _)| k.as_ref().cmp(field)).is_ok();
+        if !named(&cells[..known]) && cells[known..].last().is_none_or(|(k, _)| k != field) {
+            cells.push((Cow::Borrowed(field), null));
+        }
+    }
+    if cells.len() > known {
+        cells.sort_by(|a, b| a.0.cmp(&b.0));
+    }
+    let _ = write!(out, "{{\"id\":\"rec_{}\",\"values\":{{", raw.rowid);
+    for (i, (key, value)) in cells.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut *out, key.as_ref())?;
+        out.extend_from_slice(b":{\"value\":");
+        out.extend_from_slice(value.get().as_bytes());
+        let from = by_field.partition_point(|(f, _)| *f < key.as_ref());
+        let to = from + by_field[from..].partition_point(|(f, _)| *f == key.as_ref());
+        let mine = &by_field[from..to];
+        let valid = !mine.iter().any(|(_, m)| m.kind == MessageType::Error);
+        out.extend_from_slice(if valid { b",\"valid\":true,\"messages\":" } else { b",\"valid\":false,\"messages\":" });
+        write_messages(out, mine.iter().map(|(_, m)| *m))?;
+        out.push(b'}');
+    }
+    out.extend_from_slice(b"},\"valid\":");
+    let valid = !messages.iter().any(|m| m.kind == MessageType::Error);
+    out.extend_from_slice(if valid { b"true" } else { b"false" });
+    if messages.iter().any(|m| m.field.is_none()) {
+        out.extend_from_slice(b",\"messages\":");
+        write_messages(out, messages.iter().filter(|m| m.field.is_none()))?;
+    }
+    if let Some(m) = metadata.filter(|m| m.get() != "null") {
+        out.extend_from_slice(b",\"metadata\":");
+        out.extend_from_slice(m.get().as_bytes());
+    }
+    out.push(b'}');
+    Ok(())
+}
+
 fn decode(raw: RawRecord) -> Result<Record> {
     let StoredCells(mut cells) = serde_json::from_str(&raw.values)?;
     let messages: Vec<Message> = raw.messages.map(|m| serde_json::from_str(&m)).transpose()?.unwrap_or_default();
@@ -233,6 +378,82 @@ mod tests {
                 assert_eq!(decode(raw(values, m.clone())).unwrap(), decode_via_map(raw(values, m)), "{values}");
             }
         }
+    }
+
+    /// The JSON written straight from the rows against the JSON of the decoded page: the same
+    /// bytes for rows as the host writes them, the same JSON value for any other row.
+    fn same_json(rows: Vec<RawRecord>, canonical: bool) {
+        let mut direct = Vec::new();
+        write_page_json(&rows, 3, 7, &mut direct).unwrap();
+        let page = crate::model::RecordPage { records: decode_rows(rows).unwrap(), page_number: 3, page_size: 7 };
+        let via_model = serde_json::to_vec(&page).unwrap();
+        if canonical {
+            assert_eq!(String::from_utf8(direct).unwrap(), String::from_utf8(via_model).unwrap());
+        } else {
+            let parse = |b: &[u8]| serde_json::from_slice::<Value>(b).unwrap();
+            assert_eq!(parse(&direct), parse(&via_model));
+        }
+    }
+
+    #[test]
+    fn a_page_written_from_the_rows_is_the_serialized_decoded_page() {
+        let values = [
+            (r#"{"b":"2","a":1,"c":null}"#, true),
+            (
+                r#"{"tab\tkey":"x\"y","é":"漢🦀","nested":{"z":[1,null,{"q":true}],"a":"\u0001"},"big":18446744073709551615,"min":-9223372036854775808,"f":1.5e300,"g":-0.0,"h":0.1}"#,
+                true,
+            ),
+            (r#"{}"#, true),
+            // Not as the host writes rows (unsorted, a repeated key, an escaped key, spaces):
+            // the decoded record's JSON value, though not its bytes.
+            (r#"{ "b" : 1, "a\u0041" : [ 1 , 2 ], "b" : {"y":2,"x":1}, "a" : -0.0 }"#, false),
+        ];
+        let messages = [
+            None,
+            Some(json!([
+                {"type": "error", "message": "bad", "field": "a"},
+                {"type": "warn", "message": "odd", "field": "missing"},
+                {"type": "info", "message": "whole record"},
+                {"type": "info", "message": "again", "field": "a"},
+                {"type": "warn", "message": "twice \"quoted\"", "field": "missing"},
+                {"type": "error", "message": "also missing", "field": "0"}
+            ])),
+            Some(json!([{"type": "warn", "message": "record only"}])),
+        ];
+        let metadata = [None, Some(json!({"from": "upload", "n": [1, 2.5]}))];
+        let mut rows = Vec::new();
+        for (v, canonical) in values {
+            // As `encode` stores a row: the serialized map of the values.
+            let stored = if canonical {
+                let map: Map<String, Value> = serde_json::from_str(v).unwrap();
+                serde_json::to_string(&map).unwrap()
+            } else {
+                v.to_owned()
+            };
+            for m in &messages {
+                for meta in &metadata {
+                    let row = RawRecord { metadata: meta.as_ref().map(Value::to_string), ..raw(&stored, m.clone()) };
+                    rows.push((row, canonical));
+                }
+            }
+        }
+        let all_canonical = rows.iter().filter(|(_, c)| *c).map(|(r, _)| r.clone()).collect();
+        same_json(all_canonical, true);
+        same_json(Vec::new(), true);
+        for (row, canonical) in rows {
+            same_json(vec![row], canonical);
+        }
+    }
+
+    #[test]
+    fn a_row_that_does_not_decode_does_not_write_either() {
+        for bad in ["[1]", "3", r#"{"a":"#, r#"{"a":1} x"#] {
+            assert!(write_page_json(&[raw(bad, None)], 1, 1, &mut Vec::new()).is_err(), "{bad}");
+        }
+        let bad_messages = RawRecord { messages: Some("[{".into()), ..raw("{}", None) };
+        assert!(write_page_json(&[bad_messages], 1, 1, &mut Vec::new()).is_err());
+        let bad_metadata = RawRecord { metadata: Some("{".into()), ..raw("{}", None) };
+        assert!(write_page_json(&[bad_metadata], 1, 1, &mut Vec::new()).is_err());
     }
 
     #[test]

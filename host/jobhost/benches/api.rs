@@ -8,7 +8,8 @@
 //! - **get job**: `GET /v1/jobs/{id}` from 32 concurrent keep-alive clients. Baseline:
 //!   `Env::job` from 32 tasks.
 //! - **records page**: `GET /v1/sheets/{id}/records?pageSize=1000` (10-field records) from 8
-//!   clients. Baseline: `Env::records` for the same pages.
+//!   clients. Baseline: `Env::records` for the same pages, encoded. A second line shows the
+//!   route's own in-process work, `Env::records_json`, against the same baseline.
 //! - **import**: N records uploaded as `POST /v1/sheets/{id}/records` pages of 10,000 from 4
 //!   clients; and the same N from a JSON-lines file through `jobhost records import`'s code
 //!   (check the file, then ordered batches, one in flight). Baseline: one in-process
@@ -136,6 +137,16 @@ async fn get_job(s: &Server, n: usize) {
     row("GET /v1/jobs/{id}, 32 clients (requests/s)", over_http, direct, "/s");
 }
 
+#[derive(serde::Deserialize)]
+struct Data<T> {
+    data: T,
+}
+
+#[derive(serde::Deserialize)]
+struct PageOf {
+    records: Vec<serde::de::IgnoredAny>,
+}
+
 async fn records_page(s: &Server, n: usize) {
     let sheet = s.env.create_sheet("paged").await.unwrap();
     s.env.insert_records(&sheet.id, scenario::sample_records(10_000).0).await.unwrap();
@@ -143,6 +154,7 @@ async fn records_page(s: &Server, n: usize) {
     let base = format!("{}/v1/sheets/{}/records?pageSize=1000&pageNumber=", s.base, sheet.id);
     let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let c = counter.clone();
+    let (http2, token2, base2, c2) = (http.clone(), token.clone(), base.clone(), counter.clone());
     let over_http = rate(n, 8, move || {
         let (http, token, base, c) = (http.clone(), token.clone(), base.clone(), c.clone());
         async move {
@@ -151,6 +163,20 @@ async fn records_page(s: &Server, n: usize) {
             assert_eq!(resp.status(), 200);
             let body: serde_json::Value = resp.json().await.unwrap();
             assert_eq!(body["data"]["records"].as_array().unwrap().len(), 1000);
+        }
+    })
+    .await;
+    // The same requests from a client that checks the whole body is JSON and counts the
+    // records without building them: the client's own parse (a tree of ~60,000 JSON values a
+    // page, on the same two cores) is most of the row above.
+    let light = rate(n, 8, move || {
+        let (http, token, base, c) = (http2.clone(), token2.clone(), base2.clone(), c2.clone());
+        async move {
+            let page = c.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10 + 1;
+            let resp = http.get(format!("{base}{page}")).bearer_auth(&token).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let body: Data<PageOf> = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+            assert_eq!(body.data.records.len(), 1000);
         }
     })
     .await;
@@ -166,6 +192,21 @@ async fn records_page(s: &Server, n: usize) {
     })
     .await;
     row("GET …/records, 1,000 records per page, 8 clients (pages/s)", over_http, direct, "/s");
+    row("  the same, a client that checks and counts without building values", light, direct, "/s");
+    // What the route itself does in-process: the page's JSON written straight from the rows.
+    let (env, id, c) = (s.env.clone(), sheet.id.clone(), counter.clone());
+    let json = rate(n, 8, move || {
+        let (env, id, c) = (env.clone(), id.clone(), c.clone());
+        async move {
+            let page = (c.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10 + 1) as u32;
+            let mut out = Vec::new();
+            env.records_json(&id, 1000, page, &mut out).await.unwrap();
+            assert!(out.len() > 1000 * 10);
+            std::hint::black_box(out);
+        }
+    })
+    .await;
+    row("  in-process: Env::records_json (the route's own work) vs Env::records + encode", json, direct, "/s");
 }
 
 async fn import(s: &Server, n: u64) {

@@ -463,9 +463,20 @@ fn records_and_updates() -> impl Strategy<Value = Vec<(RecordValues, RecordValue
 
 type RecordValues = serde_json::Map<String, serde_json::Value>;
 
-/// What the store gives back for `values`, field by field.
+/// What the store gives back for `values`, field by field. The page's JSON as the API serves
+/// it (written straight from the rows) must be the serialized page, byte for byte.
 async fn stored(env: &Env, sheet: &str) -> Result<Vec<RecordValues>, String> {
     let page = env.records(sheet, 1000, 1).await.map_err(|e| format!("page: {e}"))?;
+    let mut json = Vec::new();
+    env.records_json(sheet, 1000, 1, &mut json).await.map_err(|e| format!("page as JSON: {e}"))?;
+    let serialized = serde_json::to_vec(&page).map_err(|e| e.to_string())?;
+    if json != serialized {
+        return Err(format!(
+            "the page's JSON {} is not the serialized page {}",
+            String::from_utf8_lossy(&json),
+            String::from_utf8_lossy(&serialized)
+        ));
+    }
     Ok(page.records.into_iter().map(|r| r.values.into_iter().map(|(k, c)| (k, c.value)).collect()).collect())
 }
 
