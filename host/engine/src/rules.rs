@@ -414,8 +414,17 @@ pub fn cancel(tx: &mut dyn Tx, ctx: &Ctx, mut job: Job, info: Option<String>) ->
     // sequential sibling nor emits parts-completed for a parent nobody can finish.
     // A part has no parts (a part cannot be split): no query per part of a large cascade.
     let parts = if job.is_part { Vec::new() } else { tx.parts_in(&job.id, OPEN)? };
-    for part in parts {
-        cancel(tx, ctx, part, Some(format!("canceled with parent job {}", job.id)))?;
+    let info = format!("canceled with parent job {}", job.id);
+    for mut part in parts {
+        // `cancel` of the part, without looking its parent up again: it is this job, now
+        // terminal, so the part's parent bookkeeping has nothing to do (a statement per part
+        // saved, a round trip per part on PostgreSQL).
+        part.status = JobStatus::Canceled;
+        part.info = Some(info.clone());
+        part.finished_at = Some(ctx.now);
+        save(tx, ctx, &mut part)?;
+        emit(tx, ctx, &part, "job:updated", None)?;
+        after_dependents(tx, ctx, &part)?;
     }
     after_terminal(tx, ctx, &job)?;
     Ok(job)
@@ -565,6 +574,11 @@ fn after_terminal(tx: &mut dyn Tx, ctx: &Ctx, job: &Job) -> Result<()> {
             }
         }
     }
+    after_dependents(tx, ctx, job)
+}
+
+/// The jobs waiting on `job`, which just became terminal: started, canceled, or left waiting.
+fn after_dependents(tx: &mut dyn Tx, ctx: &Ctx, job: &Job) -> Result<()> {
     for mut dependent in tx.waiting_dependents(&job.id)? {
         match job.status {
             // A canceled predecessor can never complete: the dependent is canceled with it.

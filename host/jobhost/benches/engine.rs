@@ -16,6 +16,9 @@
 //! - **records write-back**: page through the sheet and put an error message on every record,
 //!   1,000 per `update_records` call. Baseline: raw SQLite reading each row and updating its
 //!   messages, 1,000 per transaction.
+//! - **cascade**: cancel a parent with N open parts (one transaction: each part canceled with
+//!   its event). Baseline: splitting the same parent into those N parts (one transaction: each
+//!   part created with its event) in the same run.
 //! - **scenario**: the seeds' scenario with native listeners (N records, N/1000 parts): wall
 //!   time, records/s and peak RSS.
 
@@ -32,6 +35,7 @@ use rusqlite::{Connection, params};
 
 struct Sizes {
     lifecycles: usize,
+    cascade_parts: u32,
     records: u64,
     scenario_records: u64,
 }
@@ -43,24 +47,51 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let sizes = if full {
-        Sizes { lifecycles: 20_000, records: 1_000_000, scenario_records: 1_000_000 }
+        Sizes { lifecycles: 20_000, cascade_parts: 10_000, records: 1_000_000, scenario_records: 1_000_000 }
     } else {
-        Sizes { lifecycles: 300, records: 5_000, scenario_records: 3_000 }
+        Sizes { lifecycles: 300, cascade_parts: 50, records: 5_000, scenario_records: 3_000 }
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     println!("jobhost engine benchmarks ({} mode, {} cores)", if full { "full" } else { "quick" }, num_cpus());
     println!("{:<44} {:>14} {:>14} {:>8}", "benchmark", "jobhost", "baseline", "ratio");
+    // A row name runs that row; no row name runs them all.
+    let rows = ["lifecycle", "records", "cascade", "scenario"];
+    let named: Vec<String> = std::env::args().filter(|a| rows.contains(&a.as_str())).collect();
+    let wants = |row: &str| named.is_empty() || named.iter().any(|a| a == row);
     rt.block_on(async {
-        if std::env::args().any(|a| a == "lifecycle") || !std::env::args().any(|a| a == "records" || a == "scenario") {
+        if wants("lifecycle") {
             lifecycle(&sizes).await;
         }
-        if std::env::args().any(|a| a == "records") || !std::env::args().any(|a| a == "lifecycle" || a == "scenario") {
+        if wants("records") {
             records(&sizes).await;
         }
-        if std::env::args().any(|a| a == "scenario") || !std::env::args().any(|a| a == "lifecycle" || a == "records") {
+        if wants("cascade") {
+            cascade(sizes.cascade_parts).await;
+        }
+        if wants("scenario") {
             scenario_run(&sizes).await;
         }
     });
+}
+
+/// Split a parent into `n` parts, then cancel it: parts/s of each.
+async fn cascade(n: u32) {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path(), Synchronous::Full);
+    let env = engine.env(engine.create_environment("bench").await.unwrap().id);
+    let parent = env.create_job(NewJob::new(JobType::Space, "import")).await.unwrap();
+    env.ack(&parent.id, Ack::default()).await.unwrap();
+    let t = Instant::now();
+    let split = env.split(&parent.id, jobhost::model::Split::count(n)).await.unwrap();
+    let split_rate = f64::from(n) / t.elapsed().as_secs_f64();
+    assert_eq!(split.parts, n);
+    let t = Instant::now();
+    let canceled = env.cancel(&parent.id, None).await.unwrap();
+    let cancel_rate = f64::from(n) / t.elapsed().as_secs_f64();
+    assert_eq!(canceled.status, jobhost::model::JobStatus::Canceled);
+    let statuses = env.part_statuses(&parent.id).await.unwrap();
+    assert!(statuses.len() == n as usize && statuses.iter().all(|s| *s == jobhost::model::JobStatus::Canceled));
+    row(&format!("cancel a parent with {n} open parts (parts/s), vs split"), cancel_rate, split_rate, "/s");
 }
 
 fn num_cpus() -> usize {
