@@ -265,12 +265,11 @@ fn write_record_json(raw: &RawRecord, out: &mut Vec<u8>) -> Result<()> {
     let mut by_field: Vec<(&str, &Message)> =
         messages.iter().filter_map(|m| m.field.as_deref().map(|f| (f, m))).collect();
     by_field.sort_by(|a, b| a.0.cmp(b.0));
-    let null: &RawValue = serde_json::from_str("null")?;
     let known = cells.len();
     for (field, _) in &by_field {
         let named = |cells: &[(Cow<str>, &RawValue)]| cells.binary_search_by(|(k, _)| k.as_ref().cmp(field)).is_ok();
         if !named(&cells[..known]) && cells[known..].last().is_none_or(|(k, _)| k != field) {
-            cells.push((Cow::Borrowed(field), null));
+            cells.push((Cow::Borrowed(field), RawValue::NULL));
         }
     }
     if cells.len() > known {

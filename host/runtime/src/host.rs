@@ -310,8 +310,8 @@ pub struct PageStats {
     pub discarded: u64,
 }
 
-/// A page read while the guest works on the previous one, so the host's half of paging (the
-/// store read and the conversion) runs on another core beside the guest's half.
+/// A page read ahead while the guest works on an earlier one, so the host's half of paging
+/// (the store read and the conversion) runs on the other cores beside the guest's half.
 ///
 /// It is used only when the guest asks for exactly that page next and made no call in between
 /// that writes or reaches outside (a job move, a record write, an outbound request): so a
