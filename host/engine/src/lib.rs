@@ -46,6 +46,7 @@ pub use jobhost_store as store;
 
 pub use delivery::Running;
 pub use listener::Listener;
+pub use records::FieldKey;
 pub use secrets::SecretKey;
 
 use std::sync::Arc;

@@ -165,22 +165,26 @@ impl<'de> serde::Deserialize<'de> for StoredCells {
     }
 }
 
-/// A stored row's key, borrowed from the row's text unless it has escapes.
-struct Key<'a>(Cow<'a, str>);
+/// A stored row's key, borrowed from the row's text unless it has escapes (then owned). The
+/// runtime reads rows with it too.
+pub struct FieldKey<'a>(pub Cow<'a, str>);
 
-impl<'de> serde::Deserialize<'de> for Key<'de> {
+impl<'de> serde::Deserialize<'de> for FieldKey<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         struct V;
         impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Key<'de>;
+            type Value = FieldKey<'de>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a field key")
+                f.write_str("a field name")
             }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> std::result::Result<Key<'de>, E> {
-                Ok(Key(Cow::Borrowed(v)))
+            fn visit_borrowed_str<E>(self, v: &'de str) -> std::result::Result<FieldKey<'de>, E> {
+                Ok(FieldKey(Cow::Borrowed(v)))
             }
-            fn visit_str<E>(self, v: &str) -> std::result::Result<Key<'de>, E> {
-                Ok(Key(Cow::Owned(v.to_owned())))
+            fn visit_str<E>(self, v: &str) -> std::result::Result<FieldKey<'de>, E> {
+                Ok(FieldKey(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> std::result::Result<FieldKey<'de>, E> {
+                Ok(FieldKey(Cow::Owned(v)))
             }
         }
         d.deserialize_str(V)
@@ -204,7 +208,7 @@ impl<'de> serde::Deserialize<'de> for RawCells<'de> {
                 mut map: A,
             ) -> std::result::Result<RawCells<'de>, A::Error> {
                 let mut cells: Vec<(Cow<'de, str>, &'de RawValue)> = Vec::with_capacity(map.size_hint().unwrap_or(16));
-                while let Some((Key(key), value)) = map.next_entry::<Key<'de>, &'de RawValue>()? {
+                while let Some((FieldKey(key), value)) = map.next_entry::<FieldKey<'de>, &'de RawValue>()? {
                     cells.push((key, value));
                 }
                 // Rows are written from a sorted map, so this is one pass over sorted keys.

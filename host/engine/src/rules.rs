@@ -403,13 +403,7 @@ pub fn cancel(tx: &mut dyn Tx, ctx: &Ctx, mut job: Job, info: Option<String>) ->
     if job.status.is_terminal() {
         return Err(refuse(&job, "cancel", "a status that is not terminal"));
     }
-    job.status = JobStatus::Canceled;
-    if info.is_some() {
-        job.info = info;
-    }
-    job.finished_at = Some(ctx.now);
-    save(tx, ctx, &mut job)?;
-    emit(tx, ctx, &job, "job:updated", None)?;
+    set_canceled(tx, ctx, &mut job, info)?;
     // The parent is terminal first, so the parts' own bookkeeping neither promotes a
     // sequential sibling nor emits parts-completed for a parent nobody can finish.
     // A part has no parts (a part cannot be split): no query per part of a large cascade.
@@ -419,15 +413,22 @@ pub fn cancel(tx: &mut dyn Tx, ctx: &Ctx, mut job: Job, info: Option<String>) ->
         // `cancel` of the part, without looking its parent up again: it is this job, now
         // terminal, so the part's parent bookkeeping has nothing to do (a statement per part
         // saved, a round trip per part on PostgreSQL).
-        part.status = JobStatus::Canceled;
-        part.info = Some(info.clone());
-        part.finished_at = Some(ctx.now);
-        save(tx, ctx, &mut part)?;
-        emit(tx, ctx, &part, "job:updated", None)?;
+        set_canceled(tx, ctx, &mut part, Some(info.clone()))?;
         after_dependents(tx, ctx, &part)?;
     }
     after_terminal(tx, ctx, &job)?;
     Ok(job)
+}
+
+/// An open job → `canceled`, saved with its `job:updated` event.
+fn set_canceled(tx: &mut dyn Tx, ctx: &Ctx, job: &mut Job, info: Option<String>) -> Result<()> {
+    job.status = JobStatus::Canceled;
+    if info.is_some() {
+        job.info = info;
+    }
+    job.finished_at = Some(ctx.now);
+    save(tx, ctx, job)?;
+    emit(tx, ctx, job, "job:updated", None)
 }
 
 /// `failed` → `ready` (or `waiting` behind a running sequential sibling), attempt + 1.

@@ -150,18 +150,26 @@ struct PageOf {
 async fn records_page(s: &Server, n: usize) {
     let sheet = s.env.create_sheet("paged").await.unwrap();
     s.env.insert_records(&sheet.id, scenario::sample_records(10_000).0).await.unwrap();
-    let (http, token) = (s.http.clone(), s.token.clone());
     let base = format!("{}/v1/sheets/{}/records?pageSize=1000&pageNumber=", s.base, sheet.id);
     let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let c = counter.clone();
-    let (http2, token2, base2, c2) = (http.clone(), token.clone(), base.clone(), counter.clone());
+    // One `GET` of the next of the ten pages: its body.
+    let get = {
+        let (http, token, c) = (s.http.clone(), s.token.clone(), counter.clone());
+        move || {
+            let (http, token, base, c) = (http.clone(), token.clone(), base.clone(), c.clone());
+            async move {
+                let page = c.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10 + 1;
+                let resp = http.get(format!("{base}{page}")).bearer_auth(&token).send().await.unwrap();
+                assert_eq!(resp.status(), 200);
+                resp.bytes().await.unwrap()
+            }
+        }
+    };
+    let g = get.clone();
     let over_http = rate(n, 8, move || {
-        let (http, token, base, c) = (http.clone(), token.clone(), base.clone(), c.clone());
+        let g = g.clone();
         async move {
-            let page = c.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10 + 1;
-            let resp = http.get(format!("{base}{page}")).bearer_auth(&token).send().await.unwrap();
-            assert_eq!(resp.status(), 200);
-            let body: serde_json::Value = resp.json().await.unwrap();
+            let body: serde_json::Value = serde_json::from_slice(&g().await).unwrap();
             assert_eq!(body["data"]["records"].as_array().unwrap().len(), 1000);
         }
     })
@@ -170,12 +178,9 @@ async fn records_page(s: &Server, n: usize) {
     // records without building them: the client's own parse (a tree of ~60,000 JSON values a
     // page, on the same two cores) is most of the row above.
     let light = rate(n, 8, move || {
-        let (http, token, base, c) = (http2.clone(), token2.clone(), base2.clone(), c2.clone());
+        let get = get.clone();
         async move {
-            let page = c.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10 + 1;
-            let resp = http.get(format!("{base}{page}")).bearer_auth(&token).send().await.unwrap();
-            assert_eq!(resp.status(), 200);
-            let body: Data<PageOf> = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+            let body: Data<PageOf> = serde_json::from_slice(&get().await).unwrap();
             assert_eq!(body.data.records.len(), 1000);
         }
     })

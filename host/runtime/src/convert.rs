@@ -10,6 +10,7 @@ use super::bindings::jobhost::plugin::types as wit;
 use crate::error::Error;
 use crate::model::{Event, Job, JobStatus, Message, MessageType, RecordUpdate};
 use crate::store::RawRecord;
+use jobhost_engine::FieldKey;
 
 pub fn error(e: Error) -> wit::Error {
     let kind = match e.kind() {
@@ -263,7 +264,7 @@ impl<'de, F: FnMut(usize, Cell<'de>) -> Result<(), Error>> serde::de::Visitor<'d
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let mut next = 0;
-        while let Some(key) = map.next_key::<Key<'de>>()? {
+        while let Some(key) = map.next_key::<FieldKey<'de>>()? {
             let i = self.columns.column(&key.0, next);
             next = i + 1;
             if let Err(e) = (self.put)(i, map.next_value::<Cell<'de>>()?) {
@@ -273,31 +274,6 @@ impl<'de, F: FnMut(usize, Cell<'de>) -> Result<(), Error>> serde::de::Visitor<'d
             }
         }
         Ok(())
-    }
-}
-
-/// A key, borrowed from the row's text unless it holds escapes.
-struct Key<'de>(Cow<'de, str>);
-
-impl<'de> serde::Deserialize<'de> for Key<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Key<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a field name")
-            }
-            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Key<'de>, E> {
-                Ok(Key(s.into()))
-            }
-            fn visit_str<E>(self, s: &str) -> Result<Key<'de>, E> {
-                Ok(Key(s.to_owned().into()))
-            }
-            fn visit_string<E>(self, s: String) -> Result<Key<'de>, E> {
-                Ok(Key(s.into()))
-            }
-        }
-        d.deserialize_str(V)
     }
 }
 
