@@ -334,11 +334,24 @@ pub async fn cancel_cascades_to_open_parts_and_suppresses_parts_completed() {
     let parts = env.parts(&parent.id).await.unwrap();
     env.complete(&parts[0].id, Outcome::default()).await.unwrap();
     env.ack(&parts[1].id, Ack::default()).await.unwrap();
+    // A job waiting on a part is canceled with it.
+    let waiting = NewJob { predecessor_ids: vec![parts[2].id.clone()], ..NewJob::new(JobType::Space, "after") };
+    let dependent = env.create_job(waiting).await.unwrap();
+    assert_eq!(dependent.status, JobStatus::Waiting);
     env.cancel(&parent.id, Some("user stopped it".into())).await.unwrap();
     let statuses: Vec<JobStatus> = env.parts(&parent.id).await.unwrap().iter().map(|p| p.status).collect();
     assert_eq!(statuses, [JobStatus::Complete, JobStatus::Canceled, JobStatus::Canceled, JobStatus::Canceled]);
     assert_eq!(env.job(&parent.id).await.unwrap().status, JobStatus::Canceled);
     assert!(events_of(&env, &parent.id, "job:parts-completed").await.is_empty());
+    for part in &parts[1..] {
+        let part = env.job(&part.id).await.unwrap();
+        assert_eq!(part.info.as_deref(), Some(format!("canceled with parent job {}", parent.id).as_str()));
+        assert!(part.finished_at.is_some());
+        assert_eq!(events_of(&env, &part.id, "job:updated").await.last().unwrap().payload["status"], "canceled");
+    }
+    let dependent = env.job(&dependent.id).await.unwrap();
+    assert_eq!(dependent.status, JobStatus::Canceled);
+    assert!(dependent.info.unwrap().contains(&parts[2].id));
 }
 
 pub async fn sequential_parts_run_strictly_one_after_another() {
