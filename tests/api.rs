@@ -209,6 +209,9 @@ async fn the_seeds_scenario_runs_entirely_over_the_api() {
         counter("jobhost_store_rows_written_total"),
     );
     assert!(transactions >= 1 && writes >= transactions && rows > 0, "{writes} {transactions} {rows}");
+    // Every answered write was synced; one sync may cover several transactions.
+    let syncs = counter("jobhost_store_syncs_total");
+    assert!(syncs >= 1 && syncs <= transactions, "{syncs} syncs, {transactions} transactions");
     // Each of the five parts read its records through pages.
     let pages = counter("jobhost_plugin_record_pages_total{read=\"asked\"}")
         + counter("jobhost_plugin_record_pages_total{read=\"ahead\"}");

@@ -235,6 +235,13 @@ pub async fn metrics(State(state): State<ApiState>) -> Result<Response, ApiError
              # TYPE jobhost_store_rows_written_total counter\njobhost_store_rows_written_total {rows}"
         );
     }
+    if let Some(syncs) = written.syncs {
+        let _ = writeln!(
+            out,
+            "# HELP jobhost_store_syncs_total Syncs of the store's log to disk (one makes every commit before it durable).\n\
+             # TYPE jobhost_store_syncs_total counter\njobhost_store_syncs_total {syncs}"
+        );
+    }
     let pruned = state.engine.pruned_total();
     let _ = writeln!(
         out,

@@ -1,11 +1,18 @@
 //! The embedded default backend: SQLite in WAL mode.
 //!
 //! * **One writer thread** owns the only write connection. Write closures queue on a channel;
-//!   the thread takes every queued closure (up to `max_batch`), runs them all within one
-//!   `BEGIN IMMEDIATE` transaction, and commits once — group commit. When a closure returns
+//!   the thread runs them as they arrive within one open `BEGIN IMMEDIATE` transaction and
+//!   commits once nothing more is queued (or, while the sync thread below is busy, once it is
+//!   idle; at most `max_batch` closures either way) — group commit. When a closure returns
 //!   an error the transaction is rolled back and the batch runs again with a `SAVEPOINT` per
 //!   closure, so a refused call changes nothing while the rest of the batch commits. Replies
-//!   are sent only after `COMMIT`, so an acknowledged write is durable (with `synchronous = FULL`, also across power loss).
+//!   are sent only after `COMMIT`, so an acknowledged write survives a crash of the process.
+//! * **A sync thread** makes commits durable across power loss ([`Synchronous::Full`]): the
+//!   writer commits without waiting for the disk (SQLite's WAL `NORMAL`) and hands the batch's
+//!   replies to this thread, which syncs the WAL file once for every batch committed since its
+//!   last sync and only then replies. The writer runs the next batch while the disk syncs. A
+//!   reader may see a commit before the sync that answers its writer; after a power loss such a
+//!   commit may be gone, but never one that was answered.
 //! * **Readers** are a small pool of read-only connections used from `spawn_blocking`; WAL lets
 //!   them read committed data while the writer works.
 //! * A **lock file** in the data directory keeps a second process from opening the same store:
@@ -33,7 +40,7 @@ use jobhost_core::model::{
 };
 use jobhost_store::{
     Backend, DeliveryEnd, DeliveryStats, DueDelivery, EncodedRecord, Fence, History, HistoryRow, HostRecord, JobQuery,
-    Notifications, Overdue, PartStatusCounts, QueryValue, RawRecord, ReadOp, ReadTx, StoreSize, StoredRecord,
+    Notifications, Overdue, PartStatusCounts, QueryValue, RawRecord, ReadOp, ReadTx, Reply, StoreSize, StoredRecord,
     StoredSecret, Subscription, Tx, WriteCounters, WriteOp, WriteStats,
 };
 
@@ -74,7 +81,9 @@ impl<T> Db<T> for rusqlite::Result<T> {
 /// How hard SQLite syncs on commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Synchronous {
-    /// fsync on every commit: nothing acknowledged is lost, even on power loss.
+    /// Every write is on disk before it is acknowledged: nothing acknowledged is lost, even on
+    /// power loss. The WAL is synced after commits by a thread of its own, one sync for every
+    /// commit made since the last one, so the writer never waits for the disk.
     #[default]
     Full,
     /// WAL's `NORMAL`: survives a process crash; the last commits may be lost on power loss.
@@ -115,7 +124,7 @@ pub const OPEN_DELIVERIES_SQL: &str = "SELECT d.id, d.subscription_id, e.id, e.t
 
 /// The SQLite backend. Dropping it finishes queued writes and joins the writer thread.
 pub struct SqliteBackend {
-    writes: Mutex<Option<Sender<WriteOp>>>,
+    writes: Mutex<Option<Sender<ToWriter>>>,
     readers: Arc<ReadPool>,
     signal: Arc<Notify>,
     commits: tokio::sync::watch::Receiver<u64>,
@@ -151,7 +160,7 @@ impl SqliteBackend {
         })?;
 
         let path = options.dir.join(DB_FILE);
-        let conn = open_writer(&path, options.synchronous)?;
+        let conn = open_writer(&path)?;
         migrate(&conn)?;
 
         let (tx, rx) = std::sync::mpsc::channel();
@@ -161,13 +170,31 @@ impl SqliteBackend {
         let max_batch = options.max_batch.max(1);
         let stats = Arc::new(WriteCounters::default());
         let counted = stats.clone();
+        let answer = match options.synchronous {
+            Synchronous::Normal => Answer::AtCommit(commits_tx),
+            Synchronous::Full => {
+                let (to_sync, synced) = std::sync::mpsc::channel();
+                let mut wal = path.clone().into_os_string();
+                wal.push("-wal");
+                let wal = PathBuf::from(wal);
+                let idle = Arc::new(std::sync::atomic::AtomicBool::new(true));
+                let thread = std::thread::Builder::new()
+                    .name("jobhost-store-sync".into())
+                    .spawn({
+                        let (stats, idle, writer) = (stats.clone(), idle.clone(), tx.clone());
+                        move || sync_loop(&wal, synced, writer, &idle, commits_tx, &stats)
+                    })
+                    .map_err(|e| StoreError::caused_by("cannot start the store sync thread", e))?;
+                Answer::AfterSync(SyncThread { to_sync, thread, idle })
+            }
+        };
         let writer = std::thread::Builder::new()
             .name("jobhost-store-writer".into())
             .spawn({
                 let dir = options.dir.clone();
                 move || {
                     WRITER_DIR.with(|d| *d.borrow_mut() = Some(dir));
-                    writer_loop(conn, rx, writer_signal, commits_tx, max_batch, counted)
+                    writer_loop(conn, rx, writer_signal, answer, max_batch, counted)
                 }
             })
             .map_err(|e| StoreError::caused_by("cannot start the store writer thread", e))?;
@@ -191,9 +218,12 @@ impl SqliteBackend {
 
 impl Drop for SqliteBackend {
     fn drop(&mut self) {
-        // Closing the channel lets the writer drain what is queued and exit.
-        if let Ok(mut w) = self.writes.lock() {
-            w.take();
+        // The writer finishes what is queued and exits (the sync thread holds a sender too, so
+        // closing the channel alone would not end it).
+        if let Ok(mut w) = self.writes.lock()
+            && let Some(tx) = w.take()
+        {
+            let _ = tx.send(ToWriter::Stop);
         }
         if let Some(handle) = self.writer.lock().ok().and_then(|mut h| h.take()) {
             let _ = handle.join();
@@ -207,7 +237,7 @@ impl Backend for SqliteBackend {
         if let Ok(guard) = self.writes.lock()
             && let Some(tx) = guard.as_ref()
         {
-            let _ = tx.send(op);
+            let _ = tx.send(ToWriter::Write(op));
         }
     }
 
@@ -270,16 +300,15 @@ impl ReadPool {
     }
 }
 
-fn open_writer(path: &Path, sync: Synchronous) -> Result<Connection> {
+/// The write connection. SQLite never waits for the disk at commit (`NORMAL`: it still syncs
+/// around checkpoints); [`Synchronous::Full`] is the sync thread's job.
+fn open_writer(path: &Path) -> Result<Connection> {
     let conn =
         Connection::open(path).map_err(|e| StoreError::caused_by(format!("cannot open {}", path.display()), e))?;
-    let sync = match sync {
-        Synchronous::Full => "FULL",
-        Synchronous::Normal => "NORMAL",
-    };
-    conn.execute_batch(&format!(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -65536;"
-    )).db()?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -65536;",
+    )
+    .db()?;
     conn.busy_timeout(std::time::Duration::from_secs(10)).db()?;
     conn.set_prepared_statement_cache_capacity(128);
     Ok(conn)
@@ -475,40 +504,159 @@ fn migrate(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
+/// Who answers a committed batch's writers, and when.
+enum Answer {
+    /// The writer, right after `COMMIT` ([`Synchronous::Normal`]).
+    AtCommit(tokio::sync::watch::Sender<u64>),
+    /// The sync thread, once the WAL is on disk ([`Synchronous::Full`]).
+    AfterSync(SyncThread),
+}
+
+/// The sync thread and the writer's view of it.
+struct SyncThread {
+    to_sync: Sender<Vec<Reply>>,
+    thread: JoinHandle<()>,
+    /// Set by the sync thread when it has nothing left to sync.
+    idle: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// What the writer thread is sent.
+enum ToWriter {
+    Write(WriteOp),
+    /// The sync thread finished: a transaction held open for it may commit.
+    Synced,
+    /// The backend is closing: finish what is queued and stop.
+    Stop,
+}
+
+/// The writer thread: runs writes as they arrive in one open transaction and commits it when
+/// nothing more is queued — or, with a sync thread, when that thread is idle. A commit while
+/// the disk is still syncing the previous one would only wait for that sync anyway; holding the
+/// transaction open instead lets the writes that arrive meanwhile run (the CPU's work overlaps
+/// the disk's) and join one commit, so the commit rate follows the disk while the batches grow
+/// with the load. `max_batch` bounds a transaction either way.
 fn writer_loop(
     conn: Connection,
-    rx: Receiver<WriteOp>,
+    rx: Receiver<ToWriter>,
     signal: Arc<Notify>,
-    commits: tokio::sync::watch::Sender<u64>,
+    answer: Answer,
     max_batch: usize,
     stats: Arc<WriteCounters>,
 ) {
     let mut batch: Vec<WriteOp> = Vec::with_capacity(max_batch);
-    let mut writer = Writer { conn: &conn, version: None, careful: 0, stats, changes_at_begin: 0 };
-    while let Ok(first) = rx.recv() {
-        batch.push(first);
-        while batch.len() < max_batch {
+    let mut writer = Writer { conn: &conn, version: None, careful: 0, stats, changes_at_begin: 0, open: None };
+    let sync_busy = || match &answer {
+        Answer::AfterSync(s) => !s.idle.load(std::sync::atomic::Ordering::Acquire),
+        Answer::AtCommit(_) => false,
+    };
+    let mut stopping = false;
+    loop {
+        // Block for the next message while there is nothing to commit, or while the commit
+        // waits for the sync thread; otherwise take only what is already queued.
+        let wait = batch.is_empty() || (sync_busy() && batch.len() < max_batch);
+        let message = if stopping && batch.is_empty() {
             match rx.try_recv() {
-                Ok(op) => batch.push(op),
+                Ok(m) => Some(m),
                 Err(_) => break,
             }
-        }
-        let Some((committed, new_deliveries)) = writer.run_batch(&mut batch) else {
-            // Dropping the ops makes each caller see an error; nothing was changed.
-            batch.clear();
-            continue;
+        } else if wait && !stopping {
+            match rx.recv() {
+                Ok(m) => Some(m),
+                Err(_) => break,
+            }
+        } else {
+            rx.try_recv().ok()
         };
-        let notify = committed.is_ok() && new_deliveries > 0;
-        for op in batch.drain(..) {
-            (op.reply)(committed.clone());
+        match message {
+            Some(ToWriter::Write(op)) => {
+                if let Err(e) = writer.add(&mut batch, op) {
+                    // The transaction was rolled back: nothing of the batch was kept.
+                    for op in batch.drain(..) {
+                        (op.reply)(Err(e.clone()));
+                    }
+                }
+                if batch.len() < max_batch {
+                    continue;
+                }
+            }
+            Some(ToWriter::Synced) => {}
+            Some(ToWriter::Stop) => stopping = true,
+            None => {}
         }
+        if batch.is_empty() || (sync_busy() && batch.len() < max_batch && !stopping) {
+            continue;
+        }
+        let (committed, new_deliveries) = writer.commit(batch.len());
+        let notify = committed.is_ok() && new_deliveries > 0;
+        let replies = batch.drain(..).map(|op| op.reply);
+        match (&answer, &committed) {
+            (Answer::AfterSync(s), Ok(())) => {
+                s.idle.store(false, std::sync::atomic::Ordering::Release);
+                // The sync thread outlives this loop (joined below), so the send cannot fail.
+                let _ = s.to_sync.send(replies.collect());
+            }
+            (answer, _) => {
+                for reply in replies {
+                    reply(committed.clone());
+                }
+                if let (Answer::AtCommit(commits), Ok(())) = (answer, &committed) {
+                    commits.send_modify(|n| *n += 1);
+                }
+            }
+        }
+        // At once, not after the sync: the delivery loop's answer to this is a lease, a write
+        // of a later commit, and a sync makes every earlier commit durable with its own, so
+        // nothing runs on a delivery the disk does not have.
         if notify {
             signal.notify_waiters();
             signal.notify_one();
         }
-        if committed.is_ok() {
-            commits.send_modify(|n| *n += 1);
+    }
+    if let Answer::AfterSync(s) = answer {
+        drop(s.to_sync);
+        let _ = s.thread.join();
+    }
+}
+
+/// Syncs the WAL for every batch committed since the last sync, then answers their writers.
+///
+/// The WAL is written in order, so one `fdatasync` makes every commit before it durable
+/// (what SQLite's `FULL` does at each commit, here once for many). A failed sync stops the
+/// process, as PostgreSQL does: the kernel may have dropped the pages it could not write, so
+/// no later sync can vouch for them, and the commits must not be acknowledged. Recovery at
+/// the next start reads what is on disk.
+fn sync_loop(
+    wal: &Path,
+    batches: Receiver<Vec<Reply>>,
+    writer: Sender<ToWriter>,
+    idle: &std::sync::atomic::AtomicBool,
+    commits: tokio::sync::watch::Sender<u64>,
+    stats: &WriteCounters,
+) {
+    let mut file: Option<File> = None;
+    while let Ok(first) = batches.recv() {
+        let mut waiting = vec![first];
+        waiting.extend(batches.try_iter());
+        // Opened at the first commit, which made sure the WAL exists; the writer's connection
+        // keeps it (the same file) until the store closes.
+        let synced = match &file {
+            Some(f) => f.sync_data(),
+            None => File::open(wal).and_then(|f| f.sync_data().map(|()| file = Some(f))),
+        };
+        if let Err(e) = synced {
+            tracing::error!(error = %e, wal = %wal.display(), "cannot sync the store's log; stopping");
+            eprintln!("jobhost: cannot sync {}: {e}; stopping so that nothing unsynced is acknowledged", wal.display());
+            std::process::abort();
         }
+        stats.synced();
+        // Idle before answering: the writer may commit what it holds as soon as it hears.
+        idle.store(true, std::sync::atomic::Ordering::Release);
+        let _ = writer.send(ToWriter::Synced);
+        let n = waiting.len() as u64;
+        for reply in waiting.into_iter().flatten() {
+            reply(Ok(()));
+        }
+        commits.send_modify(|c| *c += n);
     }
 }
 
@@ -528,71 +676,81 @@ struct Writer<'c> {
     stats: Arc<WriteCounters>,
     /// The connection's row-change count when the current transaction began.
     changes_at_begin: u64,
+    /// The open transaction, if any.
+    open: Option<OpenTx>,
+}
+
+/// A transaction the writer holds open while writes join it.
+struct OpenTx {
+    /// Whether it runs each write in a savepoint of its own.
+    careful: bool,
+    /// Deliveries made by the writes kept so far.
+    new_deliveries: usize,
 }
 
 impl Writer<'_> {
-    /// Runs a batch in one transaction and commits it: the commit's result and how many
-    /// deliveries the kept writes made. `None` when no transaction could begin.
+    /// Runs `op` in the open transaction (beginning one if none) and appends it to `batch`.
     ///
     /// First without savepoints: a savepoint per write journals every page the write touches
     /// a second time (a large share of the writer's time), and writes rarely fail. If one does
     /// (it asks to discard its changes, or panics), the transaction is rolled back and the batch
     /// runs again with a savepoint per write, so the failing write is undone alone. Writes may
     /// run more than once ([`WriteRun`](jobhost_store::WriteRun)); only the last run's result
-    /// is replied.
-    fn run_batch(&mut self, batch: &mut [WriteOp]) -> Option<(Result<()>, usize)> {
-        if self.careful == 0 {
+    /// is replied. An error means the whole transaction was rolled back (`op` is in `batch`).
+    fn add(&mut self, batch: &mut Vec<WriteOp>, op: WriteOp) -> Result<()> {
+        batch.push(op);
+        if self.open.is_none() {
             self.begin()?;
-            let mut new_deliveries = 0usize;
-            let mut kept_all = true;
-            for op in batch.iter_mut() {
-                let (kept, added) = self.run_op(op);
-                if !kept {
-                    kept_all = false;
-                    break;
-                }
-                new_deliveries += added;
-            }
-            if kept_all {
-                return Some((self.commit(batch.len()), new_deliveries));
-            }
-            self.rollback();
-            self.careful = CAREFUL_BATCHES;
-            self.stats.careful();
         }
-        self.careful -= 1;
+        let careful = self.open.as_ref().is_some_and(|t| t.careful);
+        let last = batch.len() - 1;
+        if careful {
+            return self.run_careful(&mut batch[last]);
+        }
+        let (kept, added) = self.run_op(&mut batch[last]);
+        if kept {
+            if let Some(t) = &mut self.open {
+                t.new_deliveries += added;
+            }
+            return Ok(());
+        }
+        // Run the whole batch again, a savepoint per write.
+        self.rollback();
+        self.careful = CAREFUL_BATCHES;
+        self.stats.careful();
         self.begin()?;
-        let mut new_deliveries = 0usize;
         for op in batch.iter_mut() {
-            if let Err(e) = run(self.conn, "SAVEPOINT op") {
-                tracing::error!(error = %e, "cannot open a savepoint");
-                // Without a savepoint the write cannot be undone alone: the whole batch is
-                // rolled back and every caller sees an error (retryable).
-                self.rollback();
-                return Some((
-                    Err(Error::Store(StoreError::caused_by("cannot open a savepoint", e).retryable(true))),
-                    0,
-                ));
-            }
-            let (kept, added) = self.run_op(op);
-            let end = if kept {
-                new_deliveries += added;
-                run(self.conn, "RELEASE op")
-            } else {
-                // It may have read a version it wrote itself, which the rollback undoes.
-                self.version = None;
-                run(self.conn, "ROLLBACK TO op").and_then(|_| run(self.conn, "RELEASE op"))
-            };
-            if let Err(e) = end {
-                tracing::error!(error = %e, "cannot end a savepoint");
-                self.rollback();
-                return Some((
-                    Err(Error::Store(StoreError::caused_by("cannot end a savepoint", e).retryable(true))),
-                    0,
-                ));
-            }
+            self.run_careful(op)?;
         }
-        Some((self.commit(batch.len()), new_deliveries))
+        Ok(())
+    }
+
+    /// Runs `op` in a savepoint of its own, undoing it alone if it discards its changes.
+    fn run_careful(&mut self, op: &mut WriteOp) -> Result<()> {
+        if let Err(e) = run(self.conn, "SAVEPOINT op") {
+            tracing::error!(error = %e, "cannot open a savepoint");
+            // Without a savepoint the write cannot be undone alone: the whole batch is
+            // rolled back and every caller sees an error (retryable).
+            self.rollback();
+            return Err(Error::Store(StoreError::caused_by("cannot open a savepoint", e).retryable(true)));
+        }
+        let (kept, added) = self.run_op(op);
+        let end = if kept {
+            if let Some(t) = &mut self.open {
+                t.new_deliveries += added;
+            }
+            run(self.conn, "RELEASE op")
+        } else {
+            // It may have read a version it wrote itself, which the rollback undoes.
+            self.version = None;
+            run(self.conn, "ROLLBACK TO op").and_then(|_| run(self.conn, "RELEASE op"))
+        };
+        if let Err(e) = end {
+            tracing::error!(error = %e, "cannot end a savepoint");
+            self.rollback();
+            return Err(Error::Store(StoreError::caused_by("cannot end a savepoint", e).retryable(true)));
+        }
+        Ok(())
     }
 
     /// Runs one write; returns whether it keeps its changes (a panic counts as discarding them)
@@ -606,21 +764,25 @@ impl Writer<'_> {
         (kept, tx.new_deliveries)
     }
 
-    fn begin(&mut self) -> Option<()> {
-        match run(self.conn, "BEGIN IMMEDIATE") {
-            Ok(()) => {
-                self.changes_at_begin = self.conn.total_changes();
-                Some(())
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot begin a write transaction");
-                None
-            }
+    fn begin(&mut self) -> Result<()> {
+        if let Err(e) = run(self.conn, "BEGIN IMMEDIATE") {
+            tracing::error!(error = %e, "cannot begin a write transaction");
+            return Err(Error::Store(StoreError::caused_by("cannot begin a write transaction", e).retryable(true)));
         }
+        self.changes_at_begin = self.conn.total_changes();
+        self.open = Some(OpenTx { careful: self.careful > 0, new_deliveries: 0 });
+        Ok(())
     }
 
-    /// Commits the transaction of a batch of `writes` writes, counting it.
-    fn commit(&mut self, writes: usize) -> Result<()> {
+    /// Commits the open transaction of a batch of `writes` writes, counting it: the commit's
+    /// result and how many deliveries the kept writes made.
+    fn commit(&mut self, writes: usize) -> (Result<()>, usize) {
+        let Some(open) = self.open.take() else {
+            return (Err(Error::store("no write transaction is open")), 0);
+        };
+        if open.careful {
+            self.careful = self.careful.saturating_sub(1);
+        }
         let rows = self.conn.total_changes().saturating_sub(self.changes_at_begin);
         let committed = run(self.conn, "COMMIT").db();
         if committed.is_err() {
@@ -628,11 +790,12 @@ impl Writer<'_> {
         } else {
             self.stats.committed(writes, rows);
         }
-        committed
+        (committed, open.new_deliveries)
     }
 
     fn rollback(&mut self) {
         let _ = self.conn.execute_batch("ROLLBACK");
+        self.open = None;
         // It may have read a version it wrote itself, which the rollback undoes.
         self.version = None;
     }

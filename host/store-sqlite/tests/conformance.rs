@@ -140,3 +140,73 @@ async fn a_schema_6_store_migrates_its_live_jobs_index() {
         .unwrap();
     assert!(plan.iter().any(|p| p.contains("jobs_live")), "{plan:?}");
 }
+
+/// Writes `ids` as sheets straight through the backend; the receiver gets each answer.
+fn submit_sheets(
+    backend: &SqliteBackend,
+    ids: std::ops::Range<usize>,
+) -> std::sync::mpsc::Receiver<jobhost_engine::Result<()>> {
+    let (answers, rx) = std::sync::mpsc::channel();
+    for i in ids {
+        let answers = answers.clone();
+        backend.submit_write(jobhost_store::WriteOp {
+            run: Box::new(move |tx| {
+                let sheet = jobhost_engine::model::Sheet {
+                    id: format!("sh_{i}"),
+                    environment_id: "env_sync".into(),
+                    name: format!("n{i}"),
+                    workbook_id: None,
+                    created_at: 1,
+                };
+                tx.insert_sheet(&sheet).is_ok()
+            }),
+            reply: Box::new(move |r| {
+                let _ = answers.send(r);
+            }),
+        });
+    }
+    rx
+}
+
+fn answer(rx: &std::sync::mpsc::Receiver<jobhost_engine::Result<()>>) -> jobhost_engine::Result<()> {
+    rx.recv_timeout(std::time::Duration::from_secs(60)).expect("a write is answered within a minute")
+}
+
+/// `Synchronous::Full` (the default) answers a write only after a sync of the log that came
+/// after its commit; `Normal` answers at commit and never syncs. Writes still queued when the
+/// store closes are committed, synced and answered, and are there after a reopen.
+#[test]
+fn full_answers_a_write_after_its_sync_and_closing_loses_nothing_queued() {
+    use jobhost_store_sqlite::Synchronous;
+    for sync in [Synchronous::Full, Synchronous::Normal] {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SqliteOptions { synchronous: sync, ..SqliteOptions::new(dir.path()) };
+        let backend = SqliteBackend::open(options.clone()).unwrap();
+        // One write at a time: each needs a sync of its own before its answer.
+        for k in 1..=5u64 {
+            answer(&submit_sheets(&backend, k as usize..k as usize + 1)).unwrap();
+            let stats = backend.write_stats();
+            assert_eq!(stats.transactions, k, "{sync:?}: {stats:?}");
+            let syncs = if sync == Synchronous::Full { k } else { 0 };
+            assert_eq!(stats.syncs, Some(syncs), "{sync:?}: the answer to write {k} came before its sync: {stats:?}");
+        }
+        // Many at once: a sync covers every commit before it.
+        let rx = submit_sheets(&backend, 100..400);
+        for _ in 100..400 {
+            answer(&rx).unwrap();
+        }
+        let stats = backend.write_stats();
+        assert_eq!(stats.writes, 305, "{stats:?}");
+        assert!(stats.syncs.unwrap() <= stats.transactions && stats.transactions <= stats.writes, "{stats:?}");
+        // Closed with writes still queued: each is answered, and kept.
+        let rx = submit_sheets(&backend, 1000..1200);
+        drop(backend);
+        for _ in 1000..1200 {
+            answer(&rx).unwrap();
+        }
+        let conn = rusqlite::Connection::open(SqliteBackend::db_path(dir.path())).unwrap();
+        let sheets: i64 =
+            conn.query_row("SELECT COUNT(*) FROM sheets WHERE environment_id = 'env_sync'", [], |r| r.get(0)).unwrap();
+        assert_eq!(sheets, 505, "{sync:?}");
+    }
+}

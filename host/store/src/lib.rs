@@ -640,21 +640,26 @@ pub struct WriteStats {
     pub rows: Option<u64>,
     /// Batches run a second time, one savepoint per write, because a write in them failed.
     pub careful_batches: u64,
+    /// Syncs that made committed transactions durable before their writers were answered
+    /// (one may cover several transactions; `None`: the backend's server syncs, not counted).
+    pub syncs: Option<u64>,
 }
 
 impl WriteStats {
     /// The work done between `earlier` and `self`, per `units` units of work (e.g. per job
-    /// lifecycle), as `writes, transactions, rows` (each with two decimals).
+    /// lifecycle), as `writes, transactions, syncs, rows`.
     pub fn since(&self, earlier: &WriteStats, units: usize) -> String {
         let per = |a: u64, b: u64| (a.saturating_sub(b)) as f64 / units.max(1) as f64;
-        let rows = match (self.rows, earlier.rows) {
-            (Some(a), Some(b)) => format!("{:.2}", per(a, b)),
+        let counted = |a: Option<u64>, b: Option<u64>, places: usize| match (a, b) {
+            (Some(a), Some(b)) => format!("{:.places$}", per(a, b)),
             _ => "-".into(),
         };
         format!(
-            "{:.2} writes, {:.3} transactions, {rows} rows",
+            "{:.2} writes, {:.3} transactions, {} syncs, {} rows",
             per(self.writes, earlier.writes),
-            per(self.transactions, earlier.transactions)
+            per(self.transactions, earlier.transactions),
+            counted(self.syncs, earlier.syncs, 3),
+            counted(self.rows, earlier.rows, 2),
         )
     }
 }
@@ -666,6 +671,7 @@ pub struct WriteCounters {
     transactions: std::sync::atomic::AtomicU64,
     rows: std::sync::atomic::AtomicU64,
     careful_batches: std::sync::atomic::AtomicU64,
+    syncs: std::sync::atomic::AtomicU64,
 }
 
 impl WriteCounters {
@@ -673,7 +679,7 @@ impl WriteCounters {
     pub fn committed(&self, writes: usize, rows: u64) {
         use std::sync::atomic::Ordering::Relaxed;
         self.writes.fetch_add(writes as u64, Relaxed);
-        self.transactions.fetch_add(1, Relaxed);
+        self.transactions.fetch_add(1, std::sync::atomic::Ordering::Release);
         self.rows.fetch_add(rows, Relaxed);
     }
 
@@ -682,14 +688,24 @@ impl WriteCounters {
         self.careful_batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// The counts so far; `rows_counted` says whether the backend counts rows.
-    pub fn stats(&self, rows_counted: bool) -> WriteStats {
-        use std::sync::atomic::Ordering::Relaxed;
+    /// Counts a sync that made committed transactions durable.
+    pub fn synced(&self) {
+        self.syncs.fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The counts so far; `local` says whether the backend writes the storage itself (and so
+    /// counts rows and syncs).
+    pub fn stats(&self, local: bool) -> WriteStats {
+        use std::sync::atomic::Ordering::{Acquire, Relaxed};
+        // Syncs first: a sync is counted after the transactions it covers, so read in this
+        // order the counts never show more syncs than transactions.
+        let syncs = local.then(|| self.syncs.load(Acquire));
         WriteStats {
             writes: self.writes.load(Relaxed),
-            transactions: self.transactions.load(Relaxed),
-            rows: rows_counted.then(|| self.rows.load(Relaxed)),
+            transactions: self.transactions.load(Acquire),
+            rows: local.then(|| self.rows.load(Relaxed)),
             careful_batches: self.careful_batches.load(Relaxed),
+            syncs,
         }
     }
 }
