@@ -485,6 +485,33 @@ ALTER TABLE executions ADD COLUMN http TEXT;
 DROP INDEX jobs_live;
 CREATE INDEX jobs_live ON jobs (status) WHERE status = 'scheduled' OR status = 'ready' OR status = 'executing';
 "#,
+    r#"
+-- Events lose what every insert paid for and nothing read: the unique index on `id` (this store
+-- never looks an event up by id; ids are a millisecond time and 50 random bits) and
+-- AUTOINCREMENT, which updated `sqlite_sequence` on every insert. A seq still never comes back:
+-- a new row's key is one past the largest, and retention keeps the newest event. If retention
+-- had deleted the newest events, a placeholder in no environment (no tenant sees it) keeps the
+-- high-water mark AUTOINCREMENT kept, until a newer event lets retention delete it.
+CREATE TABLE events_v8 (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL,
+    environment_id TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    job_id TEXT,
+    context TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+INSERT INTO events_v8 (seq, id, environment_id, topic, job_id, context, payload, created_at)
+    SELECT seq, id, environment_id, topic, job_id, context, payload, created_at FROM events;
+INSERT INTO events_v8 (seq, id, environment_id, topic, job_id, context, payload, created_at)
+    SELECT s.seq, 'evt_high_water', '', 'jobhost:high-water', NULL, '{}', '{}', 0 FROM sqlite_sequence s
+    WHERE s.name = 'events' AND s.seq > (SELECT COALESCE(MAX(seq), 0) FROM events);
+DROP TABLE events;
+ALTER TABLE events_v8 RENAME TO events;
+CREATE INDEX events_env ON events (environment_id, seq);
+CREATE INDEX events_job ON events (job_id) WHERE job_id IS NOT NULL;
+"#,
 ];
 
 fn migrate(conn: &Connection) -> Result<()> {
@@ -1497,7 +1524,7 @@ impl Tx for Conn<'_> {
         // The newest row of a table is never deleted: SQLite would give its rowid to the next
         // row (ids that an operator may have seen must not come back).
         let sql = match table {
-            History::Events => "DELETE FROM events WHERE seq = ?1",
+            History::Events => "DELETE FROM events WHERE seq = ?1 AND seq < (SELECT MAX(seq) FROM events)",
             History::Deliveries => {
                 "DELETE FROM deliveries WHERE id = ?1 AND status = 'done' AND id < (SELECT MAX(id) FROM deliveries)"
             }

@@ -95,17 +95,20 @@ fn open_deliveries_are_read_through_the_partial_indexes() {
     assert!(plan.iter().any(|l| l.contains("SEARCH e USING INTEGER PRIMARY KEY")), "{plan:?}");
 }
 
+/// A closed store in `dir` with an environment and one job in it: their ids.
+async fn store_with_one_job(dir: &Path) -> (String, String) {
+    let engine = open_engine(dir, test_config()).unwrap();
+    let e = engine.create_environment("old").await.unwrap();
+    let job = engine.env(&e.id).create_job(NewJob::new(JobType::File, "work")).await.unwrap();
+    (e.id, job.id)
+}
+
 /// A store made before the live-jobs index was respelled (schema 6) opens with its jobs intact
 /// and the index in its new form, still used by the watchdog's query.
 #[tokio::test]
 async fn a_schema_6_store_migrates_its_live_jobs_index() {
     let dir = tempfile::tempdir().unwrap();
-    let (env_id, job_id) = {
-        let engine = open_engine(dir.path(), test_config()).unwrap();
-        let e = engine.create_environment("old").await.unwrap();
-        let job = engine.env(&e.id).create_job(NewJob::new(JobType::File, "work")).await.unwrap();
-        (e.id, job.id)
-    };
+    let (env_id, job_id) = store_with_one_job(dir.path()).await;
     let index_sql = |conn: &rusqlite::Connection| -> String {
         conn.query_row("SELECT sql FROM sqlite_master WHERE name = 'jobs_live'", [], |r| r.get(0)).unwrap()
     };
@@ -209,4 +212,81 @@ fn full_answers_a_write_after_its_sync_and_closing_loses_nothing_queued() {
             conn.query_row("SELECT COUNT(*) FROM sheets WHERE environment_id = 'env_sync'", [], |r| r.get(0)).unwrap();
         assert_eq!(sheets, 505, "{sync:?}");
     }
+}
+
+/// Schema 8 drops the events' unique id index and AUTOINCREMENT. A store of schema 7 keeps its
+/// events, and a seq it gave out never comes back, not even one whose event retention deleted.
+#[tokio::test]
+async fn a_schema_7_store_keeps_its_events_and_their_high_water_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let (env_id, job_id) = store_with_one_job(dir.path()).await;
+    let high_water = {
+        // Back to schema 7's events table, with its newest events deleted since (as retention
+        // could): AUTOINCREMENT remembers their seqs.
+        let conn = rusqlite::Connection::open(SqliteBackend::db_path(dir.path())).unwrap();
+        conn.execute_batch(
+            "ALTER TABLE events RENAME TO events_8; DROP INDEX events_env; DROP INDEX events_job; \
+             CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, \
+                 environment_id TEXT NOT NULL, topic TEXT NOT NULL, job_id TEXT, context TEXT NOT NULL, \
+                 payload TEXT NOT NULL, created_at INTEGER NOT NULL); \
+             CREATE INDEX events_env ON events (environment_id, seq); \
+             CREATE INDEX events_job ON events (job_id) WHERE job_id IS NOT NULL; \
+             INSERT INTO events SELECT * FROM events_8; DROP TABLE events_8; \
+             INSERT INTO events (id, environment_id, topic, context, payload, created_at) \
+                 VALUES ('evt_gone_1', 'x', 't', '{}', '{}', 1), ('evt_gone_2', 'x', 't', '{}', '{}', 1); \
+             DELETE FROM events WHERE environment_id = 'x'; \
+             PRAGMA user_version = 7;",
+        )
+        .unwrap();
+        conn.query_row("SELECT seq FROM sqlite_sequence WHERE name = 'events'", [], |r| r.get::<_, i64>(0)).unwrap()
+    };
+    let engine = open_engine(dir.path(), test_config()).unwrap();
+    let env = engine.env(&env_id);
+    let events = env.events(0, 100).await.unwrap();
+    assert_eq!(events.iter().filter(|e| e.job_id() == Some(job_id.as_str())).count(), 2, "{events:?}");
+    let next = env.create_job(NewJob::new(JobType::File, "after")).await.unwrap();
+    let seqs: Vec<i64> = env
+        .events(0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.job_id() == Some(next.id.as_str()))
+        .map(|e| e.seq)
+        .collect();
+    assert!(!seqs.is_empty() && seqs.iter().all(|s| *s > high_water), "{seqs:?} after {high_water}");
+    drop((env, engine));
+    let conn = rusqlite::Connection::open(SqliteBackend::db_path(dir.path())).unwrap();
+    let sql: String = conn.query_row("SELECT sql FROM sqlite_master WHERE name = 'events'", [], |r| r.get(0)).unwrap();
+    assert!(!sql.contains("AUTOINCREMENT") && !sql.contains("UNIQUE"), "{sql}");
+    let autoindexes: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE tbl_name = 'events' AND name LIKE 'sqlite_autoindex%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(autoindexes, 0);
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+    assert!(version >= 8, "{version}");
+}
+
+/// An event's seq is its row key, one past the largest: retention keeps the newest event even
+/// when everything is old, so a seq a client has seen is never given to a later event.
+#[tokio::test]
+async fn retention_keeps_the_newest_event_so_no_seq_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open_engine(dir.path(), test_config()).unwrap();
+    let env = engine.env(engine.create_environment("seqs").await.unwrap().id);
+    for _ in 0..3 {
+        env.create_job(NewJob::new(JobType::File, "work")).await.unwrap();
+    }
+    let before = env.events(0, 100).await.unwrap();
+    let newest = before.iter().map(|e| e.seq).max().unwrap();
+    let pruned = jobhost_engine::retention::prune(&engine, i64::MAX).await.unwrap();
+    assert_eq!(pruned.events as usize, before.len() - 1, "{pruned:?}");
+    let left = env.events(0, 100).await.unwrap();
+    assert_eq!(left.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![newest]);
+    env.create_job(NewJob::new(JobType::File, "after")).await.unwrap();
+    let after = env.events(0, 100).await.unwrap();
+    assert!(after.iter().filter(|e| e.seq != newest).all(|e| e.seq > newest), "{after:?}");
 }
