@@ -489,9 +489,10 @@ CREATE INDEX jobs_live ON jobs (status) WHERE status = 'scheduled' OR status = '
 -- Events lose what every insert paid for and nothing read: the unique index on `id` (this store
 -- never looks an event up by id; ids are a millisecond time and 50 random bits) and
 -- AUTOINCREMENT, which updated `sqlite_sequence` on every insert. A seq still never comes back:
--- a new row's key is one past the largest, and retention keeps the newest event. If retention
--- had deleted the newest events, a placeholder in no environment (no tenant sees it) keeps the
--- high-water mark AUTOINCREMENT kept, until a newer event lets retention delete it.
+-- a new row's key is one past the largest, and retention turns the newest event into a
+-- placeholder in no environment (no tenant sees it) rather than delete it. If retention had
+-- deleted the newest events, such a placeholder keeps the high-water mark AUTOINCREMENT kept,
+-- until a newer event lets retention delete it.
 CREATE TABLE events_v8 (
     seq INTEGER PRIMARY KEY,
     id TEXT NOT NULL,
@@ -1524,7 +1525,7 @@ impl Tx for Conn<'_> {
         // The newest row of a table is never deleted: SQLite would give its rowid to the next
         // row (ids that an operator may have seen must not come back).
         let sql = match table {
-            History::Events => "DELETE FROM events WHERE seq = ?1 AND seq < (SELECT MAX(seq) FROM events)",
+            History::Events => return self.delete_events(keys),
             History::Deliveries => {
                 "DELETE FROM deliveries WHERE id = ?1 AND status = 'done' AND id < (SELECT MAX(id) FROM deliveries)"
             }
@@ -2108,6 +2109,37 @@ impl Tx for Conn<'_> {
 }
 
 impl Conn<'_> {
+    /// Deletes old events. The newest event's seq is the table's high-water mark (a new row's
+    /// key is one past the largest), so when it is due it becomes a placeholder in no
+    /// environment instead: gone for its tenant, and its seq never comes back. A placeholder is
+    /// deleted, uncounted, once a newer event holds the mark.
+    fn delete_events(&mut self, keys: &[i64]) -> Result<u64> {
+        let mut n = 0;
+        for &seq in keys {
+            let found = self
+                .conn
+                .prepare_cached(
+                    "SELECT environment_id <> '', seq = (SELECT MAX(seq) FROM events) FROM events WHERE seq = ?1",
+                )
+                .db()?
+                .query_row([seq], |r| Ok((r.get::<_, bool>(0)?, r.get::<_, bool>(1)?)))
+                .optional()
+                .db()?;
+            let Some((real, newest)) = found else { continue };
+            let sql = if newest {
+                "UPDATE events SET id = 'evt_high_water', environment_id = '', topic = 'jobhost:high-water', \
+                 job_id = NULL, context = '{}', payload = '{}', created_at = 0 WHERE seq = ?1"
+            } else {
+                "DELETE FROM events WHERE seq = ?1"
+            };
+            if real || !newest {
+                self.conn.prepare_cached(sql).db()?.execute([seq]).db()?;
+            }
+            n += real as u64;
+        }
+        Ok(n)
+    }
+
     /// Changes the subscriptions' version, which every host's routing cache checks.
     fn bump_subscriptions(&mut self) -> Result<()> {
         // Forgotten before the write: if this write is rolled back, the next read asks again.
