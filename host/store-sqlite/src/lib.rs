@@ -2114,28 +2114,34 @@ impl Conn<'_> {
     /// environment instead: gone for its tenant, and its seq never comes back. A placeholder is
     /// deleted, uncounted, once a newer event holds the mark.
     fn delete_events(&mut self, keys: &[i64]) -> Result<u64> {
+        // Retention's transaction adds no event: the largest seq is the same for every key.
+        let max: i64 = self
+            .conn
+            .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM events")
+            .db()?
+            .query_row([], |r| r.get(0))
+            .db()?;
         let mut n = 0;
         for &seq in keys {
-            let found = self
+            let real = self
                 .conn
-                .prepare_cached(
-                    "SELECT environment_id <> '', seq = (SELECT MAX(seq) FROM events) FROM events WHERE seq = ?1",
-                )
+                .prepare_cached("SELECT environment_id <> '' FROM events WHERE seq = ?1")
                 .db()?
-                .query_row([seq], |r| Ok((r.get::<_, bool>(0)?, r.get::<_, bool>(1)?)))
+                .query_row([seq], |r| r.get::<_, bool>(0))
                 .optional()
                 .db()?;
-            let Some((real, newest)) = found else { continue };
-            let sql = if newest {
-                "UPDATE events SET id = 'evt_high_water', environment_id = '', topic = 'jobhost:high-water', \
-                 job_id = NULL, context = '{}', payload = '{}', created_at = 0 WHERE seq = ?1"
-            } else {
-                "DELETE FROM events WHERE seq = ?1"
+            let sql = match real {
+                // Gone already, or the placeholder that holds the mark.
+                None => continue,
+                Some(false) if seq == max => continue,
+                Some(true) if seq == max => {
+                    "UPDATE events SET id = 'evt_high_water', environment_id = '', topic = 'jobhost:high-water', \
+                     job_id = NULL, context = '{}', payload = '{}', created_at = 0 WHERE seq = ?1"
+                }
+                Some(_) => "DELETE FROM events WHERE seq = ?1",
             };
-            if real || !newest {
-                self.conn.prepare_cached(sql).db()?.execute([seq]).db()?;
-            }
-            n += real as u64;
+            self.conn.prepare_cached(sql).db()?.execute([seq]).db()?;
+            n += u64::from(real == Some(true));
         }
         Ok(n)
     }

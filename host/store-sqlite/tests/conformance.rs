@@ -270,8 +270,8 @@ async fn a_schema_7_store_keeps_its_events_and_their_high_water_mark() {
     assert!(version >= 8, "{version}");
 }
 
-/// An event's seq is its row key, one past the largest: retention keeps the newest event even
-/// when everything is old, so a seq a client has seen is never given to a later event.
+/// An event's seq is its row key, one past the largest: retention turns the newest event into a
+/// placeholder no tenant sees, so a seq a client has seen is never given to a later event.
 #[tokio::test]
 async fn retention_deletes_every_old_event_and_no_seq_comes_back_even_after_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
