@@ -13,8 +13,9 @@
 //!   last sync and only then replies. The writer runs the next batch while the disk syncs. A
 //!   reader may see a commit before the sync that answers its writer; after a power loss such a
 //!   commit may be gone, but never one that was answered.
-//! * **Readers** are a small pool of read-only connections used from `spawn_blocking`; WAL lets
-//!   them read committed data while the writer works.
+//! * **Readers** are a fixed number of threads ([`SqliteOptions::readers`]), each with a
+//!   read-only connection of its own, taking reads from one queue; WAL lets them read committed
+//!   data while the writer works.
 //! * A **lock file** in the data directory keeps a second process from opening the same store:
 //!   the backend is [`exclusive`](Backend::exclusive), so every other host registered in it is
 //!   gone and the engine reclaims their leases at start.
@@ -99,13 +100,21 @@ pub struct SqliteOptions {
     pub synchronous: Synchronous,
     /// Most write closures committed together. Bounds how long one commit holds the writer.
     pub max_batch: usize,
+    /// Read connections, each on a thread of its own; reads beyond them wait their turn.
+    pub readers: usize,
 }
 
 impl SqliteOptions {
     /// Defaults for a data directory.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), synchronous: Synchronous::Full, max_batch: 512 }
+        Self { dir: dir.into(), synchronous: Synchronous::Full, max_batch: 512, readers: default_readers() }
     }
+}
+
+/// Two read connections per core, 4 to 16: reads are mostly CPU on cached pages, and a few
+/// spare ones keep a read that waits for the disk from holding up the rest.
+fn default_readers() -> usize {
+    std::thread::available_parallelism().map_or(4, |n| n.get() * 2).clamp(4, 16)
 }
 
 /// `open_deliveries`' query (public for the test that reads its plan). Deliveries are read
@@ -122,10 +131,10 @@ pub const OPEN_DELIVERIES_SQL: &str = "SELECT d.id, d.subscription_id, e.id, e.t
      WHERE d.status = 'dead' AND e.job_id = ?2 AND e.environment_id = ?1 \
      ORDER BY 1";
 
-/// The SQLite backend. Dropping it finishes queued writes and joins the writer thread.
+/// The SQLite backend. Dropping it finishes queued writes and reads and joins its threads.
 pub struct SqliteBackend {
     writes: Mutex<Option<Sender<ToWriter>>>,
-    readers: Arc<ReadPool>,
+    readers: ReadPool,
     signal: Arc<Notify>,
     commits: tokio::sync::watch::Receiver<u64>,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -199,9 +208,10 @@ impl SqliteBackend {
             })
             .map_err(|e| StoreError::caused_by("cannot start the store writer thread", e))?;
 
+        let readers = ReadPool::start(path, options.readers.max(1))?;
         Ok(Self {
             writes: Mutex::new(Some(tx)),
-            readers: Arc::new(ReadPool { path, idle: Mutex::new(Vec::new()) }),
+            readers,
             signal,
             commits,
             writer: Mutex::new(Some(writer)),
@@ -228,6 +238,7 @@ impl Drop for SqliteBackend {
         if let Some(handle) = self.writer.lock().ok().and_then(|mut h| h.take()) {
             let _ = handle.join();
         }
+        self.readers.stop();
     }
 }
 
@@ -242,22 +253,12 @@ impl Backend for SqliteBackend {
     }
 
     fn submit_read(&self, op: ReadOp) {
-        let pool = self.readers.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = match pool.take() {
-                Ok(c) => c,
-                // Dropping `op` tells the caller the read failed.
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot open a read connection");
-                    return;
-                }
-            };
-            {
-                let mut r = Conn::reader(&conn);
-                op(&mut r);
-            }
-            pool.put(conn);
-        });
+        // If the readers are gone the op is dropped, and its caller sees "the store's reader stopped".
+        if let Ok(queue) = self.readers.queue.lock()
+            && let Some(tx) = queue.as_ref()
+        {
+            let _ = tx.send(op);
+        }
     }
 
     fn notifications(&self) -> Notifications {
@@ -273,31 +274,76 @@ impl Backend for SqliteBackend {
     }
 }
 
+/// The read connections: a fixed number of threads, each owning one connection, taking reads
+/// from one queue. Reads used to take a blocking-pool thread and a connection each: a thousand
+/// parts reading their first page at once then ran ~150 threads and connections (each with its
+/// own page cache and file handles), and the host's peak memory followed them.
 struct ReadPool {
     path: PathBuf,
-    idle: Mutex<Vec<Connection>>,
+    queue: Mutex<Option<Sender<ReadOp>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl ReadPool {
-    fn take(&self) -> Result<Connection> {
-        if let Some(c) = self.idle.lock().map_err(|_| Error::store("reader pool poisoned"))?.pop() {
-            return Ok(c);
-        }
-        let conn =
-            Connection::open_with_flags(&self.path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-                .db()?;
-        conn.busy_timeout(std::time::Duration::from_secs(10)).db()?;
-        conn.set_prepared_statement_cache_capacity(64);
-        Ok(conn)
+    fn start(path: PathBuf, n: usize) -> Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<ReadOp>();
+        let rx = Arc::new(Mutex::new(rx));
+        let threads = (0..n)
+            .map(|i| {
+                let (path, rx) = (path.clone(), rx.clone());
+                std::thread::Builder::new()
+                    .name(format!("jobhost-store-read-{i}"))
+                    .spawn(move || read_loop(&path, &rx))
+                    .map_err(|e| StoreError::caused_by("cannot start the store's read threads", e))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(Self { path, queue: Mutex::new(Some(tx)), threads: Mutex::new(threads) })
     }
 
-    fn put(&self, conn: Connection) {
-        if let Ok(mut idle) = self.idle.lock()
-            && idle.len() < 16
-        {
-            idle.push(conn);
+    /// Closes the queue and waits for the reads already in it. A read that drops the last
+    /// handle to the store runs this on a read thread, which cannot wait for itself: its
+    /// siblings then finish on their own.
+    fn stop(&self) {
+        drop(self.queue.lock().ok().and_then(|mut q| q.take()));
+        let threads = self.threads.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+        let me = std::thread::current().id();
+        if threads.iter().all(|t| t.thread().id() != me) {
+            for t in threads {
+                let _ = t.join();
+            }
         }
     }
+}
+
+/// One read thread: opens its connection at its first read and keeps it. A read that panics
+/// may have left a statement half-stepped, so the connection goes with it (the next read
+/// opens another); the panic itself reaches the caller as a failed read.
+fn read_loop(path: &Path, queue: &Mutex<Receiver<ReadOp>>) {
+    let mut conn: Option<Connection> = None;
+    loop {
+        // The lock is held while waiting, so idle threads queue on the mutex, one on `recv`.
+        let Ok(op) = queue.lock().map_err(drop).and_then(|rx| rx.recv().map_err(drop)) else { return };
+        let c = match conn.take().map_or_else(|| open_reader(path), Ok) {
+            Ok(c) => c,
+            // Dropping `op` tells the caller the read failed.
+            Err(e) => {
+                tracing::error!(error = %e, "cannot open a read connection");
+                continue;
+            }
+        };
+        let ran = std::panic::catch_unwind(AssertUnwindSafe(|| op(&mut Conn::reader(&c))));
+        if ran.is_ok() {
+            conn = Some(c);
+        }
+    }
+}
+
+fn open_reader(path: &Path) -> Result<Connection> {
+    let conn =
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX).db()?;
+    conn.busy_timeout(std::time::Duration::from_secs(10)).db()?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
 }
 
 /// The write connection. SQLite never waits for the disk at commit (`NORMAL`: it still syncs

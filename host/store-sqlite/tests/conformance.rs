@@ -300,3 +300,83 @@ async fn retention_deletes_every_old_event_and_no_seq_comes_back_even_after_a_re
     assert_eq!(pruned.events as usize, after.len(), "the placeholder goes uncounted: {pruned:?}");
     assert_eq!(env.events(0, 100).await.unwrap(), vec![]);
 }
+
+/// Reads run on the backend's own read threads, never more at once than `readers` however
+/// many are submitted together (they used to take a blocking-pool thread and a connection
+/// each); a read that panics fails only its own caller and its thread goes on; reads still
+/// queued when the store closes are answered.
+#[test]
+fn reads_share_a_fixed_set_of_read_threads_and_closing_answers_queued_reads() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::sync::{Condvar, Mutex};
+    const READERS: usize = 3;
+    const READS: usize = 60;
+    let dir = tempfile::tempdir().unwrap();
+    let options = SqliteOptions { readers: READERS, ..SqliteOptions::new(dir.path()) };
+    let backend = SqliteBackend::open(options.clone()).unwrap();
+    answer(&submit_sheets(&backend, 0..1)).unwrap();
+
+    // A panicking read: its caller sees the read fail (its answer is dropped), and its thread
+    // goes on (the gate below needs every thread).
+    let (failed, failure) = std::sync::mpsc::channel::<()>();
+    backend.submit_read(Box::new(move |_| {
+        let _keep = failed;
+        panic!("a read that panics");
+    }));
+    assert!(
+        failure.recv_timeout(std::time::Duration::from_secs(60))
+            == Err(std::sync::mpsc::RecvTimeoutError::Disconnected),
+        "the panicking read's caller is told"
+    );
+
+    // Each read waits at a gate that opens once READERS reads are inside at the same time: the
+    // pool really runs that many side by side, and (counted) never more.
+    let gate = Arc::new((Mutex::new(false), Condvar::new()));
+    let inside = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let (answers, rx) = std::sync::mpsc::channel();
+    for _ in 0..READS {
+        let (gate, inside, most, answers) = (gate.clone(), inside.clone(), most.clone(), answers.clone());
+        backend.submit_read(Box::new(move |r| {
+            let now = inside.fetch_add(1, SeqCst) + 1;
+            most.fetch_max(now, SeqCst);
+            let (open, opened) = &*gate;
+            let mut is_open = open.lock().unwrap();
+            if now >= READERS {
+                *is_open = true;
+                opened.notify_all();
+            }
+            let deadline = std::time::Duration::from_secs(60);
+            let (is_open, waited) = opened.wait_timeout_while(is_open, deadline, |o| !*o).unwrap();
+            assert!(!waited.timed_out() && *is_open, "{READERS} reads were never inside at once");
+            drop(is_open);
+            let sheet = r.sheet("env_sync", "sh_0").map(|s| s.is_some());
+            inside.fetch_sub(1, SeqCst);
+            let _ = answers.send((std::thread::current().name().map(str::to_owned), sheet));
+        }));
+    }
+    let mut threads = std::collections::BTreeSet::new();
+    for _ in 0..READS {
+        let (name, found) = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("every read is answered");
+        assert!(found.unwrap(), "a read sees the committed sheet");
+        threads.insert(name.expect("read threads are named"));
+    }
+    assert_eq!(most.load(SeqCst), READERS, "reads inside at once");
+    assert!(threads.len() <= READERS && threads.iter().all(|n| n.starts_with("jobhost-store-read-")), "{threads:?}");
+
+    let (answers, rx) = std::sync::mpsc::channel();
+    for _ in 0..READS {
+        let answers = answers.clone();
+        backend.submit_read(Box::new(move |r| {
+            let _ = answers.send(r.sheet("env_sync", "sh_0").map(|s| s.is_some()));
+        }));
+    }
+    // Closing drops nothing queued: every read is still answered.
+    drop(backend);
+    drop(answers);
+    for _ in 0..READS {
+        let found =
+            rx.recv_timeout(std::time::Duration::from_secs(60)).expect("a read queued at the close is answered");
+        assert!(found.unwrap(), "a read queued at the close sees the sheet");
+    }
+}
