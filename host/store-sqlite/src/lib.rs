@@ -172,6 +172,9 @@ impl SqliteBackend {
         let conn = open_writer(&path)?;
         migrate(&conn)?;
 
+        // Started before the writer: if a thread cannot start, the ones started so far see their
+        // queue close and end, and no writer is left waiting for writes that never come.
+        let readers = ReadPool::start(path.clone(), options.readers.max(1))?;
         let (tx, rx) = std::sync::mpsc::channel();
         let signal = Arc::new(Notify::new());
         let writer_signal = signal.clone();
@@ -208,7 +211,6 @@ impl SqliteBackend {
             })
             .map_err(|e| StoreError::caused_by("cannot start the store writer thread", e))?;
 
-        let readers = ReadPool::start(path, options.readers.max(1))?;
         Ok(Self {
             writes: Mutex::new(Some(tx)),
             readers,
@@ -276,8 +278,8 @@ impl Backend for SqliteBackend {
 
 /// The read connections: a fixed number of threads, each owning one connection, taking reads
 /// from one queue. Reads used to take a blocking-pool thread and a connection each: a thousand
-/// parts reading their first page at once then ran ~150 threads and connections (each with its
-/// own page cache and file handles), and the host's peak memory followed them.
+/// parts reading their first page at once then ran up to ~280 threads and connections (each
+/// with its own page cache and file handles), and the host's peak memory followed them.
 struct ReadPool {
     path: PathBuf,
     queue: Mutex<Option<Sender<ReadOp>>>,
