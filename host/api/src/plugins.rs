@@ -166,11 +166,18 @@ impl Plugins {
     }
 
     /// Brings this host's copy of one plugin in line with the fleet's latest deployment of it.
-    /// One plugin change at a time on this host: a deploy made here and the follower never
-    /// interleave, and each reads the latest deployment under the lock, so what runs here
-    /// ends as what the store says last.
+    /// One plugin change at a time on this host: each reads the latest deployment under the
+    /// lock, so what runs here ends as what the store says last.
     async fn converge(&self, engine: &Engine, env: &str, name: &str) -> Result<ReloadEvent, PluginError> {
         let _one_at_a_time = self.converging.lock().await;
+        self.converge_held(engine, env, name).await
+    }
+
+    /// [`converge`](Self::converge) for a caller that holds the lock. A deploy, rollback or
+    /// delete made here holds it from before it records the deployment until it has applied
+    /// it: otherwise the follower, woken by that record's commit, could apply it first, and
+    /// the caller would report "already current" instead of the change it made.
+    async fn converge_held(&self, engine: &Engine, env: &str, name: &str) -> Result<ReloadEvent, PluginError> {
         let latest = deployed(engine, env, name).await?.pop().and_then(|d| d.version);
         let host = self.host(env, true).await?.ok_or_else(|| PluginError::Io("no plugin host".into()))?;
         let current = host.plugins().await.into_iter().find(|p| p.name == name).map(|p| p.version);
@@ -319,8 +326,9 @@ impl Plugins {
         self.runtime.load_bytes(&path, bytes.clone()).await.map_err(|e| PluginError::Invalid(e.to_string()))?;
         if let Some(engine) = self.fleet.get() {
             let digest = jobhost_core::model::sha256_hex(&bytes, 32);
+            let _one_at_a_time = self.converging.lock().await;
             self.record(engine, environment_id, name, Some(digest), Some(bytes.into())).await?;
-            return self.converge(engine, environment_id, name).await;
+            return self.converge_held(engine, environment_id, name).await;
         }
         self.apply(&host, name, Some(&bytes)).await
     }
@@ -335,6 +343,7 @@ impl Plugins {
         check_name(name)?;
         if let Some(engine) = self.fleet.get() {
             // The fleet's history is the store's: every host rolls back to the same version.
+            let _one_at_a_time = self.converging.lock().await;
             let history = deployed(engine, environment_id, name).await?;
             let current = history.last().and_then(|d| d.version.clone());
             let mut versions: Vec<&String> = history.iter().filter_map(|d| d.version.as_ref()).collect();
@@ -351,7 +360,7 @@ impl Plugins {
             };
             // The component is stored already: the deployment names it; converging fetches it.
             self.record(engine, environment_id, name, Some(target), None).await?;
-            return self.converge(engine, environment_id, name).await;
+            return self.converge_held(engine, environment_id, name).await;
         }
         let host = self.existing(environment_id, name).await?;
         crate::reload::rollback(host.dir(), name, to).map_err(|e| PluginError::NotFound(format!("{e:#}")))?;
@@ -362,12 +371,13 @@ impl Plugins {
     pub async fn delete(&self, environment_id: &str, name: &str) -> Result<ReloadEvent, PluginError> {
         check_name(name)?;
         if let Some(engine) = self.fleet.get() {
+            let _one_at_a_time = self.converging.lock().await;
             let history = deployed(engine, environment_id, name).await?;
             if history.last().is_none_or(|d| d.version.is_none()) {
                 return Err(PluginError::NotFound(format!("no plugin {name} in this environment")));
             }
             self.record(engine, environment_id, name, None, None).await?;
-            return self.converge(engine, environment_id, name).await;
+            return self.converge_held(engine, environment_id, name).await;
         }
         let host = self.existing(environment_id, name).await?;
         let path = host.dir().join(format!("{name}.wasm"));
