@@ -28,6 +28,9 @@ use jobhost_engine::{Engine, Running};
 /// An environment's plugin host, and the watch on its directory when this registry started it.
 type Hosted = (Arc<PluginHost>, Option<Watch>);
 
+/// Proof that the caller holds [`Plugins`]' one-plugin-change-at-a-time lock.
+type OneAtATime<'a> = tokio::sync::MutexGuard<'a, ()>;
+
 /// The plugin hosts of every environment that has plugins.
 pub struct Plugins {
     runtime: Arc<Runtime>,
@@ -169,15 +172,18 @@ impl Plugins {
     /// One plugin change at a time on this host: each reads the latest deployment under the
     /// lock, so what runs here ends as what the store says last.
     async fn converge(&self, engine: &Engine, env: &str, name: &str) -> Result<ReloadEvent, PluginError> {
-        let _one_at_a_time = self.converging.lock().await;
-        self.converge_held(engine, env, name).await
+        let held = self.converging.lock().await;
+        self.converge_held(&held, engine, env, name).await
     }
 
-    /// [`converge`](Self::converge) for a caller that holds the lock. A deploy, rollback or
-    /// delete made here holds it from before it records the deployment until it has applied
-    /// it: otherwise the follower, woken by that record's commit, could apply it first, and
-    /// the caller would report "already current" instead of the change it made.
-    async fn converge_held(&self, engine: &Engine, env: &str, name: &str) -> Result<ReloadEvent, PluginError> {
+    /// [`converge`](Self::converge) for a caller that holds the lock (`_held` proves it).
+    async fn converge_held(
+        &self,
+        _held: &OneAtATime<'_>,
+        engine: &Engine,
+        env: &str,
+        name: &str,
+    ) -> Result<ReloadEvent, PluginError> {
         let latest = deployed(engine, env, name).await?.pop().and_then(|d| d.version);
         let host = self.host(env, true).await?.ok_or_else(|| PluginError::Io("no plugin host".into()))?;
         let current = host.plugins().await.into_iter().find(|p| p.name == name).map(|p| p.version);
@@ -213,28 +219,31 @@ impl Plugins {
         }
     }
 
-    /// Records a deployment in the fleet's store: plugin `name` is the component `digest` from
-    /// now on (`None`: deleted), storing `new_blob` under it first when given.
+    /// Records a deployment in the fleet's store — plugin `name` is the component `digest` from
+    /// now on (`None`: deleted), storing `new_blob` under it first when given — and applies it
+    /// here. The caller holds the plugin lock from before it decided on the deployment until
+    /// this returns: otherwise the follower, woken by the record's commit, could apply it
+    /// first, and the caller would report "already current" instead of the change it made.
     async fn record(
         &self,
+        held: &OneAtATime<'_>,
         engine: &Engine,
-        env: &str,
-        name: &str,
+        (env, name): (&str, &str),
         digest: Option<String>,
         new_blob: Option<Arc<[u8]>>,
-    ) -> Result<(), PluginError> {
-        let (env, name, now) = (env.to_owned(), name.to_owned(), engine.now());
+    ) -> Result<ReloadEvent, PluginError> {
+        let (e, n, now) = (env.to_owned(), name.to_owned(), engine.now());
         engine
             .store()
             .write(move |tx| {
                 if let (Some(digest), Some(bytes)) = (&digest, &new_blob) {
                     tx.put_plugin_blob(digest, bytes, now)?;
                 }
-                tx.insert_deployment(&env, &name, digest.as_deref(), now)
+                tx.insert_deployment(&e, &n, digest.as_deref(), now)
             })
             .await
-            .map(drop)
-            .map_err(|e| PluginError::Io(format!("cannot record the deployment in the store: {e}")))
+            .map_err(|e| PluginError::Io(format!("cannot record the deployment in the store: {e}")))?;
+        self.converge_held(held, engine, env, name).await
     }
 
     /// The runtime the plugins run on.
@@ -326,9 +335,8 @@ impl Plugins {
         self.runtime.load_bytes(&path, bytes.clone()).await.map_err(|e| PluginError::Invalid(e.to_string()))?;
         if let Some(engine) = self.fleet.get() {
             let digest = jobhost_core::model::sha256_hex(&bytes, 32);
-            let _one_at_a_time = self.converging.lock().await;
-            self.record(engine, environment_id, name, Some(digest), Some(bytes.into())).await?;
-            return self.converge_held(engine, environment_id, name).await;
+            let held = self.converging.lock().await;
+            return self.record(&held, engine, (environment_id, name), Some(digest), Some(bytes.into())).await;
         }
         self.apply(&host, name, Some(&bytes)).await
     }
@@ -343,7 +351,7 @@ impl Plugins {
         check_name(name)?;
         if let Some(engine) = self.fleet.get() {
             // The fleet's history is the store's: every host rolls back to the same version.
-            let _one_at_a_time = self.converging.lock().await;
+            let held = self.converging.lock().await;
             let history = deployed(engine, environment_id, name).await?;
             let current = history.last().and_then(|d| d.version.clone());
             let mut versions: Vec<&String> = history.iter().filter_map(|d| d.version.as_ref()).collect();
@@ -359,8 +367,7 @@ impl Plugins {
                 }));
             };
             // The component is stored already: the deployment names it; converging fetches it.
-            self.record(engine, environment_id, name, Some(target), None).await?;
-            return self.converge_held(engine, environment_id, name).await;
+            return self.record(&held, engine, (environment_id, name), Some(target), None).await;
         }
         let host = self.existing(environment_id, name).await?;
         crate::reload::rollback(host.dir(), name, to).map_err(|e| PluginError::NotFound(format!("{e:#}")))?;
@@ -371,13 +378,12 @@ impl Plugins {
     pub async fn delete(&self, environment_id: &str, name: &str) -> Result<ReloadEvent, PluginError> {
         check_name(name)?;
         if let Some(engine) = self.fleet.get() {
-            let _one_at_a_time = self.converging.lock().await;
+            let held = self.converging.lock().await;
             let history = deployed(engine, environment_id, name).await?;
             if history.last().is_none_or(|d| d.version.is_none()) {
                 return Err(PluginError::NotFound(format!("no plugin {name} in this environment")));
             }
-            self.record(engine, environment_id, name, None, None).await?;
-            return self.converge_held(engine, environment_id, name).await;
+            return self.record(&held, engine, (environment_id, name), None, None).await;
         }
         let host = self.existing(environment_id, name).await?;
         let path = host.dir().join(format!("{name}.wasm"));
