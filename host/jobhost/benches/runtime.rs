@@ -44,7 +44,7 @@ use jobhost_test_plugins as artifacts;
 
 #[path = "support/inprocess.rs"]
 mod inprocess;
-use inprocess::{host, run_scenario_job, runtime, scenario_with, wait_terminal};
+use inprocess::{host, run_scenario_job, runtime, scenario_with, thread_cpu, wait_terminal};
 use serde_json::json;
 
 // The same allocator as the `jobhost` binary, so the rows measure what users run.
@@ -548,6 +548,7 @@ async fn lifecycle(n: usize) {
         };
         let running = engine.run(vec![listener]).await.unwrap();
         let before = engine.store().backend().write_stats();
+        let (writer_before, all_before) = (thread_cpu(WRITER_THREAD), process_cpu());
         let t = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         for c in 0..64 {
@@ -572,9 +573,15 @@ async fn lifecycle(n: usize) {
             .await
             .unwrap();
         rates.push(n as f64 / t.elapsed().as_secs_f64());
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+        let cpu = format!(
+            "{:.1} µs CPU in the store's writer thread, {:.1} µs in the whole process",
+            per(thread_cpu(WRITER_THREAD).saturating_sub(writer_before)),
+            per(process_cpu().saturating_sub(all_before))
+        );
         running.shutdown().await;
         let after = engine.store().backend().write_stats();
-        writes.push(after.since(&before, n));
+        writes.push(format!("{}; {cpu}", after.since(&before, n)));
         let done = env.jobs(0, u32::MAX).await.unwrap().iter().filter(|j| j.status == JobStatus::Complete).count();
         assert_eq!(done, n);
         assert_eq!(engine.delivery_stats().await.unwrap().done as usize, n);
@@ -589,6 +596,20 @@ async fn lifecycle(n: usize) {
     for (who, w) in ["WASM", "native"].iter().zip(&writes) {
         println!("  per lifecycle, {who:<6}: {w}");
     }
+}
+
+/// The SQLite store's writer thread (`jobhost-store-writer`, cut to 15 bytes by Linux).
+const WRITER_THREAD: &str = "jobhost-store-w";
+
+/// CPU time of the whole process so far, exited threads included (`/proc/self/stat`).
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command's closing parenthesis; utime and stime are the 14th and 15th
+    // fields of the line, in clock ticks (100 a second on Linux).
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
 fn rss_mib(key: &str) -> f64 {

@@ -65,3 +65,26 @@ pub async fn run_scenario_job(engine: &Engine, env: &Env, sheet: &str, n: u64, i
     assert_eq!(job.outcome["parts"]["completed"], Value::from(n.div_ceil(1000)));
     took
 }
+
+/// CPU time spent so far by this process's threads whose name starts with `prefix` (all
+/// threads for `""`), from the scheduler's own per-thread accounting
+/// (`/proc/self/task/*/schedstat`, nanoseconds). A thread that exits takes its time with it:
+/// measure across a window in which the threads of interest live.
+#[allow(dead_code)] // not every bench that includes this file reports CPU
+pub fn thread_cpu(prefix: &str) -> Duration {
+    let mut total = Duration::ZERO;
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return total };
+    for task in tasks.flatten() {
+        let path = task.path();
+        let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if !name.starts_with(prefix) {
+            continue;
+        }
+        let ns = std::fs::read_to_string(path.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        total += Duration::from_nanos(ns);
+    }
+    total
+}
