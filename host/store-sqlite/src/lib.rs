@@ -23,6 +23,7 @@
 //!   database (another connection's lock) is reported as a retryable [`StoreError`].
 //! * Migrations are numbered SQL scripts applied at open (`PRAGMA user_version`).
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -620,7 +621,8 @@ fn writer_loop(
     stats: Arc<WriteCounters>,
 ) {
     let mut batch: Vec<WriteOp> = Vec::with_capacity(max_batch);
-    let mut writer = Writer { conn: &conn, version: None, careful: 0, stats, changes_at_begin: 0, open: None };
+    let mut writer =
+        Writer { conn: &conn, memory: Memory::default(), careful: 0, stats, changes_at_begin: 0, open: None };
     let sync_busy = || match &answer {
         Answer::AfterSync(s) => !s.idle.load(std::sync::atomic::Ordering::Acquire),
         Answer::AtCommit(_) => false,
@@ -740,13 +742,43 @@ fn sync_loop(
 /// the start, so a stream of failing writes does not make every batch run twice.
 const CAREFUL_BATCHES: u32 = 16;
 
+/// What the writer remembers of the store instead of reading it again. Only this process
+/// writes the store, so a remembered value stays true until a write changes it (which updates
+/// or forgets it) or a transaction, or a write's savepoint, is rolled back (which forgets all).
+#[derive(Default)]
+struct Memory {
+    /// The subscriptions' version as the writer last read it: every event written reads it.
+    version: Option<u64>,
+    /// Loop-guard totals of recent chains (see [`Tx::charge_chain`]): each listener call that
+    /// writes events adds to its chain and reads the total; remembered, that is one statement
+    /// instead of two, and a chain's first charge (nearly every chain is new) is one insert.
+    chains: HashMap<String, u64>,
+    /// Recently written or read jobs, as stored: a job is read again by the next call on it (a
+    /// listener's ack, then its complete), and a remembered job saves the query and the parse.
+    /// Only [`Tx::insert_job`] and [`Tx::update_job`] write the jobs table, and both keep this
+    /// true.
+    jobs: HashMap<String, Job>,
+}
+
+/// Chains remembered at most: a chain lives for the few calls of one burst of listener work,
+/// so forgetting them all now and then costs a read per chain that is still charging.
+const REMEMBERED_CHAINS: usize = 4096;
+
+/// Jobs remembered at most (a few MiB); as with chains, forgetting costs only reads.
+const REMEMBERED_JOBS: usize = 4096;
+
+impl Memory {
+    fn forget(&mut self) {
+        self.version = None;
+        self.chains.clear();
+        self.jobs.clear();
+    }
+}
+
 /// The writer thread's connection and what it remembers between batches.
 struct Writer<'c> {
     conn: &'c Connection,
-    /// The subscriptions' version as the writer last read it. Only this process writes the
-    /// store, so it stays true until a write changes a subscription (which forgets it) or a
-    /// transaction is rolled back; every event written reads it, and this saves a query each time.
-    version: Option<u64>,
+    memory: Memory,
     /// Batches still to run with a savepoint per write (see [`CAREFUL_BATCHES`]).
     careful: u32,
     stats: Arc<WriteCounters>,
@@ -817,8 +849,8 @@ impl Writer<'_> {
             }
             run(self.conn, "RELEASE op")
         } else {
-            // It may have read a version it wrote itself, which the rollback undoes.
-            self.version = None;
+            // It may have remembered what it wrote itself, which the rollback undoes.
+            self.memory.forget();
             run(self.conn, "ROLLBACK TO op").and_then(|_| run(self.conn, "RELEASE op"))
         };
         if let Err(e) = end {
@@ -832,7 +864,7 @@ impl Writer<'_> {
     /// Runs one write; returns whether it keeps its changes (a panic counts as discarding them)
     /// and how many deliveries it made.
     fn run_op(&mut self, op: &mut WriteOp) -> (bool, usize) {
-        let mut tx = Conn::writer(self.conn, &mut self.version);
+        let mut tx = Conn::writer(self.conn, &mut self.memory);
         let kept = std::panic::catch_unwind(AssertUnwindSafe(|| (op.run)(&mut tx))).unwrap_or_else(|_| {
             tracing::error!("a write panicked; its changes are rolled back");
             false
@@ -872,8 +904,8 @@ impl Writer<'_> {
     fn rollback(&mut self) {
         let _ = self.conn.execute_batch("ROLLBACK");
         self.open = None;
-        // It may have read a version it wrote itself, which the rollback undoes.
-        self.version = None;
+        // It may have remembered what it wrote itself, which the rollback undoes.
+        self.memory.forget();
     }
 }
 
@@ -886,8 +918,8 @@ fn run(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
 struct Conn<'a> {
     conn: &'a Connection,
     new_deliveries: usize,
-    /// The writer's memory of the subscriptions' version (`None` for readers: they query).
-    version: Option<&'a mut Option<u64>>,
+    /// The writer's memory of the store (`None` for readers: they query).
+    memory: Option<&'a mut Memory>,
     /// The last sheet id → key looked up: a record write-back touches one sheet a thousand
     /// times in one call. Keys never change, so this can outlive nothing but this closure.
     sheet: std::cell::RefCell<Option<(String, i64)>>,
@@ -895,11 +927,11 @@ struct Conn<'a> {
 
 impl<'a> Conn<'a> {
     fn reader(conn: &'a Connection) -> Self {
-        Self { conn, new_deliveries: 0, version: None, sheet: Default::default() }
+        Self { conn, new_deliveries: 0, memory: None, sheet: Default::default() }
     }
 
-    fn writer(conn: &'a Connection, version: &'a mut Option<u64>) -> Self {
-        Self { version: Some(version), ..Self::reader(conn) }
+    fn writer(conn: &'a Connection, memory: &'a mut Memory) -> Self {
+        Self { memory: Some(memory), ..Self::reader(conn) }
     }
 
     fn sheet_key(&self, sheet_id: &str) -> Result<i64> {
@@ -922,7 +954,15 @@ impl<'a> Conn<'a> {
 }
 
 fn json_text(v: &Value) -> Option<String> {
-    (!v.is_null()).then(|| v.to_string())
+    (!v.is_null()).then(|| json_string(v))
+}
+
+/// `v` as JSON text. Straight into a buffer: `Value`'s `Display` (what `to_string` uses)
+/// writes through the formatting machinery a fragment at a time, several times slower, and
+/// every event written pays it twice.
+fn json_string(v: &Value) -> String {
+    // Cannot fail: a `Value`'s map keys are strings and the sink is a `Vec`.
+    serde_json::to_string(v).unwrap_or_default()
 }
 
 fn json_value(text: Option<String>) -> Result<Value> {
@@ -938,10 +978,17 @@ fn parse_enum<T: std::str::FromStr<Err = UnknownValue>>(text: &str) -> rusqlite:
     })
 }
 
-const JOB_COLUMNS: &str = "id, environment_id, kind, operation, source, status, trigger_, mode, input, info, progress, \
-    estimated_completion_at, outcome, parent_id, part_index, part_data, part_execution, predecessor_ids, run_at, \
-    stale_timeout_ms, attempt, created_at, updated_at, started_at, finished_at, outcome_acknowledged_at, ready_at, \
-    last_activity_at, split_at, parts_completed_at";
+/// The jobs table's columns in [`job_from_row`]'s order; a macro so that the statements run on
+/// every lifecycle are `concat!`ed at compile time instead of formatted on every call.
+macro_rules! job_columns {
+    () => {
+        "id, environment_id, kind, operation, source, status, trigger_, mode, input, info, progress, \
+         estimated_completion_at, outcome, parent_id, part_index, part_data, part_execution, predecessor_ids, run_at, \
+         stale_timeout_ms, attempt, created_at, updated_at, started_at, finished_at, outcome_acknowledged_at, ready_at, \
+         last_activity_at, split_at, parts_completed_at"
+    };
+}
+const JOB_COLUMNS: &str = job_columns!();
 
 fn sql_value(value: &QueryValue) -> &dyn rusqlite::ToSql {
     match value {
@@ -996,7 +1043,12 @@ fn job_from_row(r: &Row<'_>) -> rusqlite::Result<Job> {
     })
 }
 
-const EVENT_COLUMNS: &str = "e.seq, e.id, e.topic, e.context, e.payload, e.created_at";
+macro_rules! event_columns {
+    () => {
+        "e.seq, e.id, e.topic, e.context, e.payload, e.created_at"
+    };
+}
+const EVENT_COLUMNS: &str = event_columns!();
 
 fn event_from_row(r: &Row<'_>, at: usize) -> rusqlite::Result<Event> {
     let parse = |i: usize| -> rusqlite::Result<Value> {
@@ -1117,12 +1169,21 @@ impl ReadTx for Conn<'_> {
     }
 
     fn job(&mut self, env: &str, id: &str) -> Result<Option<Job>> {
-        self.conn
-            .prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1 AND environment_id = ?2"))
+        if let Some(job) = self.memory.as_deref().and_then(|m| m.jobs.get(id)) {
+            // Ids are the table's key: a job remembered in another environment is none of this one's.
+            return Ok((job.environment_id == env).then(|| job.clone()));
+        }
+        let job = self
+            .conn
+            .prepare_cached(concat!("SELECT ", job_columns!(), " FROM jobs WHERE id = ?1 AND environment_id = ?2"))
             .db()?
             .query_row([id, env], job_from_row)
             .optional()
-            .db()
+            .db()?;
+        if let Some(job) = &job {
+            self.remember_job(job);
+        }
+        Ok(job)
     }
 
     fn jobs(&mut self, env: &str, parent: Option<&str>, offset: u64, limit: u32) -> Result<Vec<Job>> {
@@ -1429,8 +1490,8 @@ impl ReadTx for Conn<'_> {
     }
 
     fn subscriptions_version(&mut self) -> Result<u64> {
-        if let Some(Some(v)) = self.version.as_deref() {
-            return Ok(*v);
+        if let Some(v) = self.memory.as_deref().and_then(|m| m.version) {
+            return Ok(v);
         }
         let v: Option<String> = self
             .conn
@@ -1440,8 +1501,8 @@ impl ReadTx for Conn<'_> {
             .optional()
             .db()?;
         let v = v.and_then(|v| v.parse().ok()).unwrap_or(0);
-        if let Some(memory) = self.version.as_deref_mut() {
-            *memory = Some(v);
+        if let Some(memory) = self.memory.as_deref_mut() {
+            memory.version = Some(v);
         }
         Ok(v)
     }
@@ -1507,8 +1568,21 @@ impl Tx for Conn<'_> {
     }
 
     fn charge_chain(&mut self, chain: &str, events: u64, now: Millis) -> Result<u64> {
+        let conn = self.conn;
+        let charge = |sql: &str| conn.prepare_cached(sql).db()?.execute(params![chain, events as i64, now]).db();
+        let remembered = self.memory.as_deref().and_then(|m| m.chains.get(chain).copied());
+        if let Some(total) = remembered {
+            // Always 1 row while remembered (whatever deletes chains forgets them); if not, ask.
+            if charge("UPDATE chains SET events = events + ?2, updated_at = ?3 WHERE id = ?1")? == 1 {
+                return Ok(self.remember_chain(chain, total + events));
+            }
+        } else if self.memory.is_some()
+            && charge("INSERT OR IGNORE INTO chains (id, events, updated_at) VALUES (?1, ?2, ?3)")? == 1
+        {
+            return Ok(self.remember_chain(chain, events));
+        }
         // Two statements, not one with RETURNING: SQLite buffers RETURNING rows in a temporary
-        // b-tree that it builds and frees on every run, and this runs for every event.
+        // b-tree that it builds and frees on every run.
         self.conn
             .prepare_cached(
                 "INSERT INTO chains (id, events, updated_at) VALUES (?1, ?2, ?3) \
@@ -1523,6 +1597,7 @@ impl Tx for Conn<'_> {
             .db()?
             .query_row([chain], |r| r.get::<_, i64>(0))
             .db()? as u64)
+        .map(|total| self.remember_chain(chain, total))
     }
 
     fn history(&mut self, table: History, after: i64, before: Millis, limit: u32) -> Result<Vec<HistoryRow>> {
@@ -1588,6 +1663,9 @@ impl Tx for Conn<'_> {
     }
 
     fn prune_chains(&mut self, after: &str, before: Millis, limit: u32) -> Result<(u64, Option<String>)> {
+        if let Some(memory) = self.memory.as_deref_mut() {
+            memory.chains.clear();
+        }
         let seen: Vec<(String, Millis)> = self
             .conn
             .prepare_cached("SELECT id, updated_at FROM chains WHERE id > ?1 ORDER BY id LIMIT ?2")
@@ -1788,10 +1866,13 @@ impl Tx for Conn<'_> {
 
     fn insert_job(&mut self, j: &Job) -> Result<()> {
         self.conn
-            .prepare_cached(&format!(
-                "INSERT INTO jobs ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
+            .prepare_cached(concat!(
+                "INSERT INTO jobs (",
+                job_columns!(),
+                ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
                  ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30)"
-            )).db()?
+            ))
+            .db()?
             .execute(params![
                 j.id,
                 j.environment_id,
@@ -1823,7 +1904,8 @@ impl Tx for Conn<'_> {
                 j.last_activity_at,
                 j.split_at,
                 j.parts_completed_at,
-            ]).db()?;
+            ])
+            .db()?;
         if !j.predecessor_ids.is_empty() {
             let mut stmt = self
                 .conn
@@ -1833,6 +1915,7 @@ impl Tx for Conn<'_> {
                 stmt.execute([&j.id, p]).db()?;
             }
         }
+        self.remember_job(j);
         Ok(())
     }
 
@@ -1870,6 +1953,24 @@ impl Tx for Conn<'_> {
             ]).db()?;
         if changed != 1 {
             return Err(Error::not_found("job", &j.id));
+        }
+        // What the statement above wrote, and only that: the other columns never change.
+        if let Some(m) = self.memory.as_deref_mut().and_then(|m| m.jobs.get_mut(&j.id)) {
+            m.status = j.status;
+            m.info.clone_from(&j.info);
+            m.progress = j.progress;
+            m.estimated_completion_at = j.estimated_completion_at;
+            m.outcome.clone_from(&j.outcome);
+            m.part_execution = j.part_execution;
+            m.attempt = j.attempt;
+            m.updated_at = j.updated_at;
+            m.started_at = j.started_at;
+            m.finished_at = j.finished_at;
+            m.outcome_acknowledged_at = j.outcome_acknowledged_at;
+            m.ready_at = j.ready_at;
+            m.last_activity_at = j.last_activity_at;
+            m.split_at = j.split_at;
+            m.parts_completed_at = j.parts_completed_at;
         }
         Ok(())
     }
@@ -1963,8 +2064,8 @@ impl Tx for Conn<'_> {
                 event.environment_id(),
                 event.topic,
                 event.job_id(),
-                event.context.to_string(),
-                event.payload.to_string(),
+                json_string(&event.context),
+                json_string(&event.payload),
                 event.created_at
             ])
             .db()?;
@@ -2011,8 +2112,10 @@ impl Tx for Conn<'_> {
         let subs = serde_json::to_string(subscriptions)?;
         let mut stmt = self
             .conn
-            .prepare_cached(&format!(
-                "SELECT d.id, d.subscription_id, d.attempts, d.last_error, {EVENT_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq \
+            .prepare_cached(concat!(
+                "SELECT d.id, d.subscription_id, d.attempts, d.last_error, ",
+                event_columns!(),
+                " FROM deliveries d JOIN events e ON e.seq = d.event_seq \
                  WHERE d.status IN ('pending', 'leased') AND d.due_at <= ?1 \
                    AND d.subscription_id IN (SELECT value FROM json_each(?2)) \
                  ORDER BY d.due_at, d.id LIMIT ?3"
@@ -2044,49 +2147,48 @@ impl Tx for Conn<'_> {
     }
 
     fn finish_delivery(&mut self, id: i64, fence: Option<&Fence>, end: &DeliveryEnd, now: Millis) -> Result<bool> {
-        if let Some(fence) = fence {
-            let current = self
+        // The fence is part of the update's condition (`?2 IS NULL`: no fence to check), so a
+        // lease that is no longer current matches no row, in one statement.
+        let (attempt, owner) = fence.map(|f| (f.attempt, f.owner.as_str())).unzip();
+        macro_rules! fenced {
+            () => {
+                " WHERE id = ?1 AND (?2 IS NULL OR (status = 'leased' AND attempts = ?2 AND lease_owner = ?3))"
+            };
+        }
+        let changed = match end {
+            DeliveryEnd::Done => self
                 .conn
-                .prepare_cached("SELECT status, attempts, lease_owner FROM deliveries WHERE id = ?1")
+                .prepare_cached(concat!(
+                    "UPDATE deliveries SET status = 'done', due_at = NULL, finished_at = ?4",
+                    fenced!()
+                ))
                 .db()?
-                .query_row([id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?, r.get::<_, Option<String>>(2)?)))
-                .optional()
-                .db()?;
-            if current != Some(("leased".to_owned(), fence.attempt, Some(fence.owner.clone()))) {
-                return Ok(false);
-            }
-        }
-        match end {
-            DeliveryEnd::Done => {
-                self.conn
-                    .prepare_cached(
-                        "UPDATE deliveries SET status = 'done', due_at = NULL, finished_at = ?2 WHERE id = ?1",
-                    )
-                    .db()?
-                    .execute(params![id, now])
-                    .db()?;
-            }
-            DeliveryEnd::Dead { error } => {
-                self.conn
-                    .prepare_cached(
-                        "UPDATE deliveries SET status = 'dead', due_at = NULL, finished_at = ?2, last_error = ?3 WHERE id = ?1",
-                    )
-                    .db()?
-                    .execute(params![id, now, error])
-                    .db()?;
-            }
+                .execute(params![id, attempt, owner, now])
+                .db()?,
+            DeliveryEnd::Dead { error } => self
+                .conn
+                .prepare_cached(concat!(
+                    "UPDATE deliveries SET status = 'dead', due_at = NULL, finished_at = ?4, last_error = ?5",
+                    fenced!()
+                ))
+                .db()?
+                .execute(params![id, attempt, owner, now, error])
+                .db()?,
             DeliveryEnd::Retry { due_at, error } => {
-                self.conn
-                    .prepare_cached(
-                        "UPDATE deliveries SET status = 'pending', due_at = ?2, lease_owner = NULL, last_error = ?3 WHERE id = ?1",
-                    )
+                let changed = self
+                    .conn
+                    .prepare_cached(concat!(
+                        "UPDATE deliveries SET status = 'pending', due_at = ?4, lease_owner = NULL, last_error = ?5",
+                        fenced!()
+                    ))
                     .db()?
-                    .execute(params![id, due_at, error])
+                    .execute(params![id, attempt, owner, due_at, error])
                     .db()?;
-                self.new_deliveries += 1;
+                self.new_deliveries += changed;
+                changed
             }
-        }
-        Ok(true)
+        };
+        Ok(fence.is_none() || changed == 1)
     }
 
     fn release_delivery(&mut self, id: i64, fence: &Fence, now: Millis) -> Result<bool> {
@@ -2194,11 +2296,32 @@ impl Conn<'_> {
         Ok(n)
     }
 
+    /// Remembers a job as stored, on the writer (readers remember nothing).
+    fn remember_job(&mut self, job: &Job) {
+        if let Some(memory) = self.memory.as_deref_mut() {
+            if memory.jobs.len() >= REMEMBERED_JOBS {
+                memory.jobs.clear();
+            }
+            memory.jobs.insert(job.id.clone(), job.clone());
+        }
+    }
+
+    /// Remembers a chain's total on the writer (readers remember nothing); returns it.
+    fn remember_chain(&mut self, chain: &str, total: u64) -> u64 {
+        if let Some(memory) = self.memory.as_deref_mut() {
+            if memory.chains.len() >= REMEMBERED_CHAINS {
+                memory.chains.clear();
+            }
+            memory.chains.insert(chain.to_owned(), total);
+        }
+        total
+    }
+
     /// Changes the subscriptions' version, which every host's routing cache checks.
     fn bump_subscriptions(&mut self) -> Result<()> {
         // Forgotten before the write: if this write is rolled back, the next read asks again.
-        if let Some(memory) = self.version.as_deref_mut() {
-            *memory = None;
+        if let Some(memory) = self.memory.as_deref_mut() {
+            memory.version = None;
         }
         self.conn
             .prepare_cached(

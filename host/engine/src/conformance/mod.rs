@@ -388,6 +388,18 @@ macro_rules! conformance_suite {
         $crate::__conformance_case!(
             $open, $again,
             primitives,
+            a_chain_counts_only_the_charges_that_were_kept,
+            [tokio::test]
+        );
+        $crate::__conformance_case!(
+            $open, $again,
+            primitives,
+            a_job_read_in_a_write_is_the_stored_job_after_updates_and_refusals,
+            [tokio::test]
+        );
+        $crate::__conformance_case!(
+            $open, $again,
+            primitives,
             a_retryable_failure_runs_the_write_again_and_applies_it_once,
             [tokio::test]
         );

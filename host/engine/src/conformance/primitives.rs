@@ -192,6 +192,52 @@ pub async fn a_refused_write_among_many_leaves_each_other_applied_once() {
     }
 }
 
+/// The loop guard's totals count only charges whose writes were kept — whether a refused
+/// write ran alone or in a group with others, and whatever a backend remembers between writes.
+pub async fn a_chain_counts_only_the_charges_that_were_kept() {
+    let host = TestHost::new();
+    let store = host.engine.store().clone();
+    let charge = |chain: &'static str, events: u64, refuse: bool| {
+        let store = store.clone();
+        async move {
+            store
+                .write(move |tx| {
+                    let total = tx.charge_chain(chain, events, 1)?;
+                    if refuse {
+                        return Err(Error::invalid(format!("refused at {total}")));
+                    }
+                    Ok(total)
+                })
+                .await
+        }
+    };
+    assert_eq!(charge("chain-a", 2, false).await.unwrap(), 2, "a new chain starts at its first charge");
+    let refused = charge("chain-a", 3, true).await.unwrap_err();
+    assert_eq!(refused.to_string(), Error::invalid("refused at 5").to_string(), "it saw its own charge");
+    assert_eq!(charge("chain-a", 1, false).await.unwrap(), 3, "the refused charge is not counted");
+    assert_eq!(charge("chain-a", 4, false).await.unwrap(), 7);
+
+    // Many at once, every third refused after charging: a backend that groups writes must undo
+    // exactly the refused ones, and each kept write sees a total of its own.
+    let mut writes = tokio::task::JoinSet::new();
+    for i in 0..24usize {
+        let c = charge("chain-b", 1, i % 3 == 2);
+        writes.spawn(async move { (i, c.await) });
+    }
+    let mut totals = Vec::new();
+    for (i, r) in writes.join_all().await {
+        match r {
+            Ok(total) if i % 3 != 2 => totals.push(total),
+            Err(Error::Invalid(_)) if i % 3 == 2 => {}
+            other => panic!("write {i}: {other:?}"),
+        }
+    }
+    totals.sort_unstable();
+    assert_eq!(totals, (1..=16).collect::<Vec<u64>>(), "16 kept charges, each seeing one more");
+    assert_eq!(charge("chain-b", 1, false).await.unwrap(), 17);
+    assert_eq!(charge("chain-a", 1, false).await.unwrap(), 8, "chains count apart");
+}
+
 pub async fn a_retryable_failure_runs_the_write_again_and_applies_it_once() {
     let host = TestHost::new();
     let env = host.env().await;
@@ -448,6 +494,71 @@ pub async fn a_job_read_for_update_is_the_stored_job_and_parts_come_by_index() {
     assert_eq!(indexes, (0..5).map(Some).collect::<Vec<_>>());
     let missing = host.engine.store().write(|tx| tx.job_for_update("env_nope", "job_nope")).await.unwrap();
     assert!(missing.is_none());
+}
+
+/// A job read in a write transaction is the stored job, whatever the backend remembers of the
+/// writes before: a refused update is not seen, a field the update does not store keeps its
+/// stored value, and a job of another environment is not found.
+pub async fn a_job_read_in_a_write_is_the_stored_job_after_updates_and_refusals() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let store = host.engine.store().clone();
+    let mut new = NewJob::new(JobType::Space, "remembered");
+    new.input = json!({"rows": [1, 2.5, "x"], "nested": {"b": true, "a": null}, "big": u64::MAX});
+    let job = env.create_job(new).await.unwrap();
+    let (e, id) = (env.id().to_owned(), job.id.clone());
+    let update = |refuse: bool, change: fn(&mut crate::model::Job)| {
+        let (store, e, id) = (store.clone(), e.clone(), id.clone());
+        async move {
+            store
+                .write(move |tx| {
+                    let mut j = tx.job_for_update(&e, &id)?.expect("the job");
+                    change(&mut j);
+                    tx.update_job(&j)?;
+                    if refuse {
+                        return Err(Error::invalid("refused after updating"));
+                    }
+                    Ok(())
+                })
+                .await
+        }
+    };
+    let in_write = || {
+        let (store, e, id) = (store.clone(), e.clone(), id.clone());
+        async move { store.write(move |tx| tx.job_for_update(&e, &id)).await.unwrap().expect("the job") }
+    };
+    let stored = || {
+        let (store, e, id) = (store.clone(), e.clone(), id.clone());
+        async move { store.read(move |r| r.job(&e, &id)).await.unwrap().expect("the job") }
+    };
+    assert_eq!(in_write().await, job, "as created");
+    update(false, |j| {
+        j.status = JobStatus::Executing;
+        j.info = Some("working".into());
+        j.progress = 40;
+        j.started_at = Some(7);
+    })
+    .await
+    .unwrap();
+    let executing = stored().await;
+    assert_eq!((executing.status, executing.progress), (JobStatus::Executing, 40));
+    assert_eq!(in_write().await, executing, "after an update");
+    update(true, |j| j.status = JobStatus::Complete).await.unwrap_err();
+    assert_eq!(in_write().await, executing, "a refused update is not seen");
+    // `operation` and `input` are not columns an update writes.
+    update(false, |j| {
+        j.operation = "renamed".into();
+        j.input = json!("replaced");
+        j.progress = 60;
+    })
+    .await
+    .unwrap();
+    let after = stored().await;
+    assert_eq!((after.operation.as_str(), &after.input, after.progress), ("remembered", &job.input, 60));
+    assert_eq!(in_write().await, after, "what was stored, not what the update was given");
+    let (store2, id2) = (store.clone(), id.clone());
+    let elsewhere = store2.write(move |tx| tx.job_for_update("env_other", &id2)).await.unwrap();
+    assert!(elsewhere.is_none(), "a job is found only in its own environment");
 }
 
 /// A write that subscribes, routes with the new subscription and is then refused leaves no
