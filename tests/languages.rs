@@ -109,7 +109,10 @@ async fn the_c_plugin_runs_the_seeds_scenario_like_the_rust_one() {
 /// The first failed delivery of each job, by job id.
 async fn first_failures(dir: &str, jobs: &[&str]) -> Vec<jobhost::model::Execution> {
     let plugin = load(&built(dir)).await;
-    let host = TestHost::new();
+    // No retry while the test looks: a second attempt's `ack` would set the job's info again
+    // before the test reads the note the first attempt's failure left there.
+    let config = jobhost::EngineConfig { retry_backoff: Duration::from_secs(3600), ..crate::support::test_config() };
+    let host = TestHost::with_config(config);
     let env = host.env().await;
     let running = host.engine.run(vec![runtime().listener(plugin, env.id())]).await.unwrap();
     let mut out = Vec::new();
