@@ -767,12 +767,18 @@ struct Memory {
     jobs: HashMap<String, Job>,
 }
 
-/// Chains remembered at most: a chain lives for the few calls of one burst of listener work,
-/// so forgetting them all now and then costs a read per chain that is still charging.
-const REMEMBERED_CHAINS: usize = 4096;
+/// Chains, and jobs, remembered at most (a few MiB of jobs): a chain lives for the few calls of
+/// one burst of listener work, a job for the calls of one delivery, so forgetting them all now
+/// and then costs only a read per chain or job still in use.
+const REMEMBERED: usize = 4096;
 
-/// Jobs remembered at most (a few MiB); as with chains, forgetting costs only reads.
-const REMEMBERED_JOBS: usize = 4096;
+/// Remembers `value` under `key` in a memory bounded by [`REMEMBERED`].
+fn remember<V>(memory: &mut HashMap<String, V>, key: &str, value: V) {
+    if memory.len() >= REMEMBERED {
+        memory.clear();
+    }
+    memory.insert(key.to_owned(), value);
+}
 
 impl Memory {
     fn forget(&mut self) {
@@ -2332,20 +2338,14 @@ impl Conn<'_, '_> {
     /// Remembers a job as stored, on the writer (readers remember nothing).
     fn remember_job(&mut self, job: &Job) {
         if let Some(memory) = self.memory.as_deref_mut() {
-            if memory.jobs.len() >= REMEMBERED_JOBS {
-                memory.jobs.clear();
-            }
-            memory.jobs.insert(job.id.clone(), job.clone());
+            remember(&mut memory.jobs, &job.id, job.clone());
         }
     }
 
     /// Remembers a chain's total on the writer (readers remember nothing); returns it.
     fn remember_chain(&mut self, chain: &str, total: u64) -> u64 {
         if let Some(memory) = self.memory.as_deref_mut() {
-            if memory.chains.len() >= REMEMBERED_CHAINS {
-                memory.chains.clear();
-            }
-            memory.chains.insert(chain.to_owned(), total);
+            remember(&mut memory.chains, chain, total);
         }
         total
     }
