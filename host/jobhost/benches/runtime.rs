@@ -44,7 +44,9 @@ use jobhost_test_plugins as artifacts;
 
 #[path = "support/inprocess.rs"]
 mod inprocess;
-use inprocess::{host, run_scenario_job, runtime, scenario_with, thread_cpu, wait_terminal};
+use inprocess::{
+    ScenarioRun, WRITER_THREAD, host, run_scenario_job, runtime, scenario_with, thread_cpu, wait_terminal,
+};
 use serde_json::json;
 
 // The same allocator as the `jobhost` binary, so the rows measure what users run.
@@ -209,7 +211,7 @@ async fn paging(n: u64) {
     );
 }
 
-async fn scenario_once(n: u64, wasm: bool) -> Duration {
+async fn scenario_once(n: u64, wasm: bool) -> ScenarioRun {
     let plugin = wasm.then(|| (runtime(), std::path::PathBuf::from(artifacts::SUBMIT_LARGE_SHEET)));
     scenario_with(n, plugin).await
 }
@@ -220,10 +222,19 @@ async fn scenario_wasm_vs_native(n: u64) {
     println!(
         "{:<50} {:>11.2} s {:>11.2} s {:>7.2}x",
         format!("scenario {n} records / {} parts (time)", n.div_ceil(1000)),
-        wasm.as_secs_f64(),
-        native.as_secs_f64(),
-        wasm.as_secs_f64() / native.as_secs_f64()
+        wasm.took.as_secs_f64(),
+        native.took.as_secs_f64(),
+        wasm.took.as_secs_f64() / native.took.as_secs_f64()
     );
+    // CPU beside the time: on a shared machine it moves less than the time does.
+    let per_record = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+    for (who, run) in [("WASM", wasm), ("native", native)] {
+        println!(
+            "  per record, {who:<6}: {:.2} µs CPU in the store's writer thread, {:.2} µs in the whole process",
+            per_record(run.writer_cpu),
+            per_record(run.all_cpu)
+        );
+    }
 }
 
 /// A host start with a large component: mapped from the compilation cache vs compiled.
@@ -304,7 +315,7 @@ async fn languages(events: usize, n: Option<u64>) {
     let route = |p: &jobhost::runtime::Plugin| p.routes.iter().position(|r| r.topic == "bench:noop").unwrap() as u32;
     let rust_route = route(&rust);
     let rust_time = match n {
-        Some(n) => scenario_with(n, Some((rt.clone(), artifacts::SUBMIT_LARGE_SHEET.into()))).await,
+        Some(n) => scenario_with(n, Some((rt.clone(), artifacts::SUBMIT_LARGE_SHEET.into()))).await.took,
         None => Duration::ZERO,
     };
     // The native runs' copy of the sample, written once for both interpreters.
@@ -339,7 +350,7 @@ async fn languages(events: usize, n: Option<u64>) {
             per(theirs) / per(ours)
         );
         let Some(n) = n else { continue };
-        let time = scenario_with(n, Some((rt.clone(), build(&format!("{dir}/submit-large-sheet"))))).await;
+        let time = scenario_with(n, Some((rt.clone(), build(&format!("{dir}/submit-large-sheet"))))).await.took;
         println!(
             "{:<50} {:>11.2} s {:>11.2} s {:>7.2}x",
             format!("scenario {n} records, {language} vs Rust (time)"),
@@ -598,9 +609,6 @@ async fn lifecycle(n: usize) {
     }
 }
 
-/// The SQLite store's writer thread (`jobhost-store-writer`, cut to 15 bytes by Linux).
-const WRITER_THREAD: &str = "jobhost-store-w";
-
 /// CPU time of the whole process so far, exited threads included (`/proc/self/stat`).
 fn process_cpu() -> Duration {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
@@ -655,7 +663,7 @@ async fn parts_in_flight(n: u64, config: EngineConfig, runtime: RuntimeConfig, l
     // Peak RSS from here on is the run's (writing 5 to clear_refs resets VmHWM).
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let before = rss_mib("VmRSS:");
-    let took = run_scenario_job(&engine, &env, &sheet.id, n, invalid).await;
+    let took = run_scenario_job(&engine, &env, &sheet.id, n, invalid).await.took;
     running.shutdown().await;
     let peak = rss_mib("VmHWM:");
     println!(

@@ -60,7 +60,7 @@ async fn against_in_process(n: u64, rounds: usize) {
     let (mut served, mut wide, mut inproc) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
         served.push(through_serve(n, &[], Listening::Plugin).await);
-        inproc.push(inprocess::scenario_with(n, Some(wasm())).await);
+        inproc.push(inprocess::scenario_with(n, Some(wasm())).await.took);
         wide.push(through_serve(n, &["--concurrency", "256"], Listening::Plugin).await);
     }
     let base = median(&mut inproc);

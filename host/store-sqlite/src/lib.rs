@@ -346,7 +346,24 @@ fn open_reader(path: &Path) -> Result<Connection> {
         Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX).db()?;
     conn.busy_timeout(std::time::Duration::from_secs(10)).db()?;
     conn.set_prepared_statement_cache_capacity(64);
+    plan_once(&conn)?;
     Ok(conn)
+}
+
+/// A read connection as the store's readers open it, for tests of what SQLite does with it.
+#[doc(hidden)]
+pub fn reader_connection(dir: &Path) -> Result<Connection> {
+    open_reader(&SqliteBackend::db_path(dir))
+}
+
+/// Plans each statement once, at prepare, not again for the values bound to it. Without this
+/// (SQLite's query planner stability guarantee), a statement whose plan could depend on a bound
+/// value — `ORDER BY … LIMIT ?`, as a page of records or a lease is read — is parsed and planned
+/// anew at every execution after a new bind: every page a guest read, every lease. The store's
+/// statements are written for one plan whatever the values (tests check the plans).
+fn plan_once(conn: &Connection) -> Result<()> {
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).db()?;
+    Ok(())
 }
 
 /// The write connection. SQLite never waits for the disk at commit (`NORMAL`: it still syncs
@@ -360,6 +377,7 @@ fn open_writer(path: &Path) -> Result<Connection> {
     .db()?;
     conn.busy_timeout(std::time::Duration::from_secs(10)).db()?;
     conn.set_prepared_statement_cache_capacity(128);
+    plan_once(&conn)?;
     Ok(conn)
 }
 
@@ -561,6 +579,27 @@ DROP TABLE events;
 ALTER TABLE events_v8 RENAME TO events;
 CREATE INDEX events_env ON events (environment_id, seq);
 CREATE INDEX events_job ON events (job_id) WHERE job_id IS NOT NULL;
+"#,
+    r#"
+-- Messages leave the record's row for a table of their own. A validator writes messages on a
+-- share of a sheet's records, spread over all of it: kept in the row, each write rewrote a page
+-- of values that had not changed (and grew the row, splitting pages), so marking a tenth of a
+-- sheet rewrote nearly every page of it. Here the messages a part writes sit together in a few
+-- pages, and the values' pages are written once, at import. `updated_at` stays on the record
+-- for its values; the messages carry their own.
+CREATE TABLE record_messages (
+    record_id INTEGER PRIMARY KEY,
+    sheet_key INTEGER NOT NULL,
+    messages TEXT NOT NULL,
+    has_error INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+INSERT INTO record_messages (record_id, sheet_key, messages, has_error, updated_at)
+    SELECT id, sheet_key, messages, has_error, updated_at FROM records WHERE messages IS NOT NULL;
+CREATE INDEX record_messages_errors ON record_messages (sheet_key) WHERE has_error = 1;
+DROP INDEX records_errors;
+ALTER TABLE records DROP COLUMN messages;
+ALTER TABLE records DROP COLUMN has_error;
 "#,
 ];
 
@@ -765,6 +804,12 @@ struct Memory {
     /// Only [`Tx::insert_job`] and [`Tx::update_job`] write the jobs table, and both keep this
     /// true.
     jobs: HashMap<String, Job>,
+    /// Part counts of parents, by status: every part that ends reads its parent's, and counting
+    /// them in the table reads every part — a split of N parts read N² rows as its parts ended.
+    /// Kept true by the same two writes: a new part adds to its parent's counts, an update moves
+    /// a part between them (its old status from `jobs`; a part not remembered there makes its
+    /// parent's counts forgotten).
+    parts: HashMap<String, PartStatusCounts>,
 }
 
 /// Chains, and jobs, remembered at most (a few MiB of jobs): a chain lives for the few calls of
@@ -785,6 +830,20 @@ impl Memory {
         self.version = None;
         self.chains.clear();
         self.jobs.clear();
+        self.parts.clear();
+    }
+}
+
+/// Adds `n` parts of `status` to `counts` (`n` is 1 or -1).
+fn count_part(counts: &mut PartStatusCounts, status: JobStatus, n: i64) {
+    let add = |c: &mut u64| *c = c.saturating_add_signed(n);
+    add(&mut counts.total);
+    match status {
+        JobStatus::Complete => add(&mut counts.completed),
+        JobStatus::Failed => add(&mut counts.failed),
+        JobStatus::Canceled => add(&mut counts.canceled),
+        JobStatus::Ready | JobStatus::Executing => add(&mut counts.active),
+        _ => {}
     }
 }
 
@@ -1000,7 +1059,52 @@ impl<'a, 'c> Conn<'a, 'c> {
         *self.sheet.borrow_mut() = Some((sheet_id.to_owned(), key));
         Ok(key)
     }
+
+    /// Replaces a record's messages (none: removes them). False when the sheet has no such
+    /// record; then nothing is written.
+    fn put_messages(
+        &mut self,
+        rowid: i64,
+        key: i64,
+        messages: Option<&str>,
+        has_error: bool,
+        now: Millis,
+    ) -> Result<bool> {
+        match messages {
+            // The record is read (for its sheet) but not written: its values' page stays clean.
+            Some(text) => {
+                Ok(self.hot(PUT_RECORD_MESSAGES, |s| s.execute(params![rowid, key, text, has_error, now]))? == 1)
+            }
+            None => {
+                let exists = self.hot("SELECT 1 FROM records WHERE id = ?1 AND sheet_key = ?2", |s| {
+                    s.query_row([rowid, key], |_| Ok(())).optional()
+                })?;
+                if exists.is_some() {
+                    self.hot("DELETE FROM record_messages WHERE record_id = ?1", |s| s.execute([rowid]))?;
+                }
+                Ok(exists.is_some())
+            }
+        }
+    }
 }
+
+/// A page of a sheet's records: a range of the order index, each record's messages found by its
+/// key (most records have none).
+#[doc(hidden)]
+pub const RECORD_PAGE_SQL: &str = "SELECT r.id, r.vals, m.messages, r.metadata FROM records r \
+     LEFT JOIN record_messages m ON m.record_id = r.id WHERE r.sheet_key = ?1 AND r.ord >= ?2 ORDER BY r.ord LIMIT ?3";
+
+/// Stores the messages of a record known to exist (`?1` its rowid, `?2` its sheet's key).
+const PUT_MESSAGES: &str = "INSERT INTO record_messages (record_id, sheet_key, messages, has_error, updated_at) \
+     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (record_id) DO UPDATE SET messages = excluded.messages, \
+     has_error = excluded.has_error, updated_at = excluded.updated_at";
+
+/// Stores the messages of record `?1` if sheet `?2` has it: one row changed, or none.
+#[doc(hidden)]
+pub const PUT_RECORD_MESSAGES: &str = "INSERT INTO record_messages (record_id, sheet_key, messages, has_error, updated_at) \
+     SELECT id, sheet_key, ?3, ?4, ?5 FROM records WHERE id = ?1 AND sheet_key = ?2 \
+     ON CONFLICT (record_id) DO UPDATE SET messages = excluded.messages, has_error = excluded.has_error, \
+     updated_at = excluded.updated_at";
 
 fn json_text(v: &Value) -> Option<String> {
     (!v.is_null()).then(|| json_string(v))
@@ -1202,7 +1306,7 @@ impl ReadTx for Conn<'_, '_> {
             .db()? as u64;
         let error = self
             .conn
-            .prepare_cached("SELECT COUNT(*) FROM records WHERE sheet_key = ?1 AND has_error = 1")
+            .prepare_cached("SELECT COUNT(*) FROM record_messages WHERE sheet_key = ?1 AND has_error = 1")
             .db()?
             .query_row([key], |r| r.get::<_, i64>(0))
             .db()? as u64;
@@ -1211,9 +1315,7 @@ impl ReadTx for Conn<'_, '_> {
 
     fn record_rows(&mut self, sheet_id: &str, offset: u64, limit: u32) -> Result<Vec<RawRecord>> {
         let key = self.sheet_key(sheet_id)?;
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT id, vals, messages, metadata FROM records WHERE sheet_key = ?1 AND ord >= ?2 ORDER BY ord LIMIT ?3",
-        ).db()?;
+        let mut stmt = self.conn.prepare_cached(RECORD_PAGE_SQL).db()?;
         let rows = stmt
             .query_map(params![key, offset as i64, limit], |r| {
                 Ok(RawRecord { rowid: r.get(0)?, values: r.get(1)?, messages: r.get(2)?, metadata: r.get(3)? })
@@ -1826,12 +1928,23 @@ impl Tx for Conn<'_, '_> {
             .db()?
             .query_row([key], |r| r.get(0))
             .db()?;
-        let mut stmt = self.conn.prepare_cached(
-            "INSERT INTO records (sheet_key, ord, vals, messages, metadata, has_error, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        ).db()?;
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO records (sheet_key, ord, vals, metadata, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .db()?;
         let mut n = 0;
         for (ord, r) in (first..).zip(records) {
-            stmt.execute(params![key, ord, r.values, r.messages, r.metadata, r.has_error, now]).db()?;
+            stmt.execute(params![key, ord, r.values, r.metadata, now]).db()?;
+            if let Some(messages) = &r.messages {
+                let rowid = self.conn.last_insert_rowid();
+                self.conn
+                    .prepare_cached(PUT_MESSAGES)
+                    .db()?
+                    .execute(params![rowid, key, messages, r.has_error, now])
+                    .db()?;
+            }
             n += 1;
         }
         Ok(n)
@@ -1841,7 +1954,10 @@ impl Tx for Conn<'_, '_> {
         let key = self.sheet_key(sheet_id)?;
         let row = self
             .conn
-            .prepare_cached("SELECT vals, messages FROM records WHERE id = ?1 AND sheet_key = ?2")
+            .prepare_cached(
+                "SELECT r.vals, m.messages FROM records r LEFT JOIN record_messages m ON m.record_id = r.id \
+                 WHERE r.id = ?1 AND r.sheet_key = ?2",
+            )
             .db()?
             .query_row(params![rowid, key], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)))
             .optional()
@@ -1862,25 +1978,17 @@ impl Tx for Conn<'_, '_> {
         now: Millis,
     ) -> Result<bool> {
         let key = self.sheet_key(sheet_id)?;
-        let n = self
-            .conn
-            .prepare_cached(
-                "UPDATE records SET messages = ?3, has_error = ?4, updated_at = ?5 WHERE id = ?1 AND sheet_key = ?2",
-            )
-            .db()?
-            .execute(params![rowid, key, messages, has_error, now])
-            .db()?;
-        Ok(n == 1)
+        self.put_messages(rowid, key, messages, has_error, now)
     }
 
     fn write_record(&mut self, rowid: i64, record: &EncodedRecord, now: Millis) -> Result<()> {
-        self.conn
-            .prepare_cached(
-                "UPDATE records SET vals = ?2, messages = ?3, has_error = ?4, updated_at = ?5 WHERE id = ?1",
-            )
+        let key = self
+            .conn
+            .prepare_cached("UPDATE records SET vals = ?2, updated_at = ?3 WHERE id = ?1 RETURNING sheet_key")
             .db()?
-            .execute(params![rowid, record.values, record.messages, record.has_error, now])
+            .query_row(params![rowid, record.values, now], |r| r.get::<_, i64>(0))
             .db()?;
+        self.put_messages(rowid, key, record.messages.as_deref(), record.has_error, now)?;
         Ok(())
     }
 
@@ -1901,6 +2009,10 @@ impl Tx for Conn<'_, '_> {
         let mut delete = self.conn.prepare_cached("DELETE FROM records WHERE sheet_key = ?1 AND ord = ?2").db()?;
         for ord in &ords {
             delete.execute(params![key, ord]).db()?;
+        }
+        let mut delete = self.conn.prepare_cached("DELETE FROM record_messages WHERE record_id = ?1").db()?;
+        for rowid in rowids {
+            delete.execute([rowid]).db()?;
         }
         // Each run of survivors between two deleted positions moves down by the number of
         // deletions before it. SQLite checks UNIQUE(sheet_key, ord) row by row, so a run moved
@@ -1973,6 +2085,11 @@ impl Tx for Conn<'_, '_> {
                 stmt.execute([&j.id, p]).db()?;
             }
         }
+        if let (Some(memory), Some(parent)) = (self.memory.as_deref_mut(), &j.parent_id)
+            && let Some(counts) = memory.parts.get_mut(parent)
+        {
+            count_part(counts, j.status, 1);
+        }
         self.remember_job(j);
         Ok(())
     }
@@ -2010,6 +2127,22 @@ impl Tx for Conn<'_, '_> {
         if changed != 1 {
             return Err(Error::not_found("job", &j.id));
         }
+        if let (Some(memory), Some(parent)) = (self.memory.as_deref_mut(), &j.parent_id)
+            && memory.parts.contains_key(parent)
+        {
+            match memory.jobs.get(&j.id).map(|m| m.status) {
+                Some(old) if old == j.status => {}
+                Some(old) => {
+                    let counts = memory.parts.get_mut(parent).expect("checked above");
+                    count_part(counts, old, -1);
+                    count_part(counts, j.status, 1);
+                }
+                // Its status before this update is not known here: count the parent's parts again.
+                None => {
+                    memory.parts.remove(parent);
+                }
+            }
+        }
         // What the statement above wrote, and only that: the other columns never change.
         if let Some(m) = self.memory.as_deref_mut().and_then(|m| m.jobs.get_mut(&j.id)) {
             m.status = j.status;
@@ -2032,6 +2165,9 @@ impl Tx for Conn<'_, '_> {
     }
 
     fn part_counts(&mut self, parent_id: &str) -> Result<PartStatusCounts> {
+        if let Some(counts) = self.memory.as_deref().and_then(|m| m.parts.get(parent_id)) {
+            return Ok(*counts);
+        }
         let mut counts = PartStatusCounts::default();
         let mut stmt =
             self.conn.prepare_cached("SELECT status, COUNT(*) FROM jobs WHERE parent_id = ?1 GROUP BY status").db()?;
@@ -2046,6 +2182,9 @@ impl Tx for Conn<'_, '_> {
                 JobStatus::Ready | JobStatus::Executing => counts.active += n,
                 _ => {}
             }
+        }
+        if let Some(memory) = self.memory.as_deref_mut() {
+            remember(&mut memory.parts, parent_id, counts);
         }
         Ok(counts)
     }

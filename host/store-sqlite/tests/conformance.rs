@@ -5,10 +5,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use jobhost_engine::conformance::{TestHost, test_config};
-use jobhost_engine::model::{Ack, JobStatus, JobType, NewJob};
+use jobhost_engine::model::{
+    Ack, JobStatus, JobType, Message, MessageType, NewJob, NewRecord, RecordCounts, RecordUpdate,
+};
 use jobhost_engine::{Engine, EngineConfig};
 use jobhost_store::Backend;
 use jobhost_store_sqlite::{SqliteBackend, SqliteOptions};
+use serde_json::json;
 
 fn open(scratch: &Path) -> Arc<dyn Backend> {
     Arc::new(SqliteBackend::open(SqliteOptions::new(scratch.join("store"))).expect("open the SQLite store"))
@@ -80,7 +83,7 @@ fn job_writes_build_no_temporary_btree() {
 fn open_deliveries_are_read_through_the_partial_indexes() {
     let dir = tempfile::tempdir().unwrap();
     drop(SqliteBackend::open(SqliteOptions::new(dir.path())).unwrap());
-    let conn = rusqlite::Connection::open(SqliteBackend::db_path(dir.path())).unwrap();
+    let conn = jobhost_store_sqlite::reader_connection(dir.path()).unwrap();
     let plan: Vec<String> = conn
         .prepare(&format!("EXPLAIN QUERY PLAN {}", jobhost_store_sqlite::OPEN_DELIVERIES_SQL))
         .unwrap()
@@ -93,6 +96,58 @@ fn open_deliveries_are_read_through_the_partial_indexes() {
     assert!(deliveries[0].contains("USING INDEX deliveries_due"), "{plan:?}");
     assert!(deliveries[1].contains("USING INDEX deliveries_dead"), "{plan:?}");
     assert!(plan.iter().any(|l| l.contains("SEARCH e USING INTEGER PRIMARY KEY")), "{plan:?}");
+}
+
+/// SQL that takes a store of today's schema back to schema 8: messages in the record's row.
+const BACK_TO_SCHEMA_8: &str = "ALTER TABLE records ADD COLUMN messages TEXT; \
+     ALTER TABLE records ADD COLUMN has_error INTEGER NOT NULL DEFAULT 0; \
+     UPDATE records SET messages = m.messages, has_error = m.has_error FROM record_messages m WHERE m.record_id = records.id; \
+     DROP TABLE record_messages; \
+     CREATE INDEX records_errors ON records (sheet_key) WHERE has_error = 1; \
+     PRAGMA user_version = 8;";
+
+/// A page of records walks the order index and finds each record's messages by key; writing
+/// a record's messages finds the record by key and writes only the messages' table.
+#[test]
+fn records_and_their_messages_are_found_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(SqliteBackend::open(SqliteOptions::new(dir.path())).unwrap());
+    let conn = jobhost_store_sqlite::reader_connection(dir.path()).unwrap();
+    let plan = |sql: &str, params: &[&dyn rusqlite::ToSql]| -> Vec<String> {
+        conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap()
+            .query_map(params, |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    let page = plan(jobhost_store_sqlite::RECORD_PAGE_SQL, &[&1, &0, &1000]);
+    assert_eq!(page.len(), 2, "{page:?}");
+    assert!(page[0].contains("SEARCH r USING INDEX records_order"), "{page:?}");
+    assert!(page[1].contains("SEARCH m USING INTEGER PRIMARY KEY"), "{page:?}");
+    let put = plan(jobhost_store_sqlite::PUT_RECORD_MESSAGES, &[&1, &1, &"[]", &true, &0]);
+    assert!(put.iter().all(|l| l.contains("USING INTEGER PRIMARY KEY")), "{put:?}");
+}
+
+/// A statement is planned once: binding new values to it (a page of records, a lease, each
+/// with `ORDER BY … LIMIT ?`) does not make SQLite parse and plan it again.
+#[test]
+fn a_statement_is_not_planned_again_for_new_values() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(SqliteBackend::open(SqliteOptions::new(dir.path())).unwrap());
+    let conn = jobhost_store_sqlite::reader_connection(dir.path()).unwrap();
+    for sql in [
+        jobhost_store_sqlite::RECORD_PAGE_SQL,
+        "SELECT d.id FROM deliveries d WHERE d.status IN ('pending', 'leased') AND d.due_at <= ?1 \
+         AND d.subscription_id IN (SELECT value FROM json_each(?2)) ORDER BY d.due_at, d.id LIMIT ?3",
+    ] {
+        let mut stmt = conn.prepare(sql).unwrap();
+        for i in 0..3 {
+            let rows = stmt.query_map(rusqlite::params![i, format!("[\"sub_{i}\"]"), 10 + i], |r| r.get::<_, i64>(0));
+            assert_eq!(rows.unwrap().count(), 0);
+        }
+        assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0, "{sql}");
+    }
 }
 
 /// A closed store in `dir` with an environment and one job in it: their ids.
@@ -115,6 +170,7 @@ async fn a_schema_6_store_migrates_its_live_jobs_index() {
     {
         // Back to schema 6 as it was shipped.
         let conn = rusqlite::Connection::open(SqliteBackend::db_path(dir.path())).unwrap();
+        conn.execute_batch(BACK_TO_SCHEMA_8).unwrap();
         conn.execute_batch(
             "DROP INDEX jobs_live; \
              CREATE INDEX jobs_live ON jobs (status) WHERE status IN ('scheduled', 'ready', 'executing'); \
@@ -224,6 +280,7 @@ async fn a_schema_7_store_keeps_its_events_and_their_high_water_mark() {
         // Back to schema 7's events table, with its newest events deleted since (as retention
         // could): AUTOINCREMENT remembers their seqs.
         let conn = rusqlite::Connection::open(SqliteBackend::db_path(dir.path())).unwrap();
+        conn.execute_batch(BACK_TO_SCHEMA_8).unwrap();
         conn.execute_batch(
             "ALTER TABLE events RENAME TO events_8; DROP INDEX events_env; DROP INDEX events_job; \
              CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, \
@@ -268,6 +325,58 @@ async fn a_schema_7_store_keeps_its_events_and_their_high_water_mark() {
     assert_eq!(autoindexes, 0);
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
     assert!(version >= 8, "{version}");
+}
+
+/// Schema 9 moves records' messages out of their rows. A store of schema 8 keeps every
+/// record's values and messages and its counts; a message written after the migration
+/// replaces the migrated one, and clearing it makes the record valid.
+#[tokio::test]
+async fn a_schema_8_store_keeps_its_records_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let (env_id, sheet_id, before) = {
+        let engine = open_engine(dir.path(), test_config()).unwrap();
+        let env = engine.env(engine.create_environment("old").await.unwrap().id);
+        let sheet = env.create_sheet("people").await.unwrap();
+        let records = (0..6)
+            .map(|i| NewRecord {
+                values: [("n".to_owned(), json!(i))].into_iter().collect(),
+                messages: match i % 3 {
+                    0 => vec![],
+                    1 => vec![Message::error("n", format!("{i} is odd"))],
+                    _ => vec![Message { kind: MessageType::Warn, message: "look again".into(), field: None }],
+                },
+                ..Default::default()
+            })
+            .collect();
+        env.insert_records(&sheet.id, records).await.unwrap();
+        let before = env.records(&sheet.id, 10, 1).await.unwrap().records;
+        (env.id().to_owned(), sheet.id, before)
+    };
+    {
+        let conn = rusqlite::Connection::open(SqliteBackend::db_path(dir.path())).unwrap();
+        conn.execute_batch(BACK_TO_SCHEMA_8).unwrap();
+        let in_rows: i64 =
+            conn.query_row("SELECT COUNT(*) FROM records WHERE messages IS NOT NULL", [], |r| r.get(0)).unwrap();
+        assert_eq!(in_rows, 4, "schema 8 keeps messages in the record's row");
+    }
+    let engine = open_engine(dir.path(), test_config()).unwrap();
+    let env = engine.env(&env_id);
+    assert_eq!(env.records(&sheet_id, 10, 1).await.unwrap().records, before);
+    assert_eq!(env.record_counts(&sheet_id).await.unwrap(), RecordCounts { total: 6, valid: 4, error: 2 });
+    let fixed = before.iter().find(|r| !r.valid).unwrap();
+    let update = |messages| RecordUpdate { id: fixed.id.clone(), values: Default::default(), messages: Some(messages) };
+    env.update_records(&sheet_id, vec![update(vec![Message::error("n", "still odd")])]).await.unwrap();
+    let page = env.records(&sheet_id, 10, 1).await.unwrap().records;
+    let again = page.iter().find(|r| r.id == fixed.id).unwrap();
+    assert_eq!(again.values["n"].messages, vec![Message::error("n", "still odd")], "{again:?}");
+    env.update_records(&sheet_id, vec![update(vec![])]).await.unwrap();
+    assert_eq!(env.record_counts(&sheet_id).await.unwrap(), RecordCounts { total: 6, valid: 5, error: 1 });
+    drop((env, engine));
+    let conn = rusqlite::Connection::open(SqliteBackend::db_path(dir.path())).unwrap();
+    let sql: String = conn.query_row("SELECT sql FROM sqlite_master WHERE name = 'records'", [], |r| r.get(0)).unwrap();
+    assert!(!sql.contains("messages") && !sql.contains("has_error"), "{sql}");
+    let kept: i64 = conn.query_row("SELECT COUNT(*) FROM record_messages", [], |r| r.get(0)).unwrap();
+    assert_eq!(kept, 3, "two warnings and one error are left");
 }
 
 /// An event's seq is its row key, one past the largest: retention turns the newest event into a

@@ -400,6 +400,12 @@ macro_rules! conformance_suite {
         $crate::__conformance_case!(
             $open, $again,
             primitives,
+            part_counts_read_in_a_write_follow_every_kept_change,
+            [tokio::test]
+        );
+        $crate::__conformance_case!(
+            $open, $again,
+            primitives,
             a_retryable_failure_runs_the_write_again_and_applies_it_once,
             [tokio::test]
         );

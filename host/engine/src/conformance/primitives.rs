@@ -10,7 +10,9 @@ use serde_json::{Value, json};
 use super::TestHost;
 use crate::error::{Error, StoreError};
 use crate::model::{Environment, Event, JobStatus, JobType, Millis, NewJob, Sheet, new_id};
-use crate::store::{Backend, DeliveryEnd, Fence, HostRecord, Notifications, ReadOp, Store, Subscription, Tx, WriteOp};
+use crate::store::{
+    Backend, DeliveryEnd, Fence, HostRecord, Notifications, PartStatusCounts, ReadOp, Store, Subscription, Tx, WriteOp,
+};
 
 /// An environment, a subscription to every event of it, and one event with a pending delivery:
 /// the delivery's id.
@@ -559,6 +561,82 @@ pub async fn a_job_read_in_a_write_is_the_stored_job_after_updates_and_refusals(
     let (store2, id2) = (store.clone(), id.clone());
     let elsewhere = store2.write(move |tx| tx.job_for_update("env_other", &id2)).await.unwrap();
     assert!(elsewhere.is_none(), "a job is found only in its own environment");
+}
+
+/// A parent's part counts read in a write are the stored counts, whatever the backend remembers
+/// of the writes before: as parts are created, as they move (one of them twice in a write), and
+/// not after a refused move.
+pub async fn part_counts_read_in_a_write_follow_every_kept_change() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let store = host.engine.store().clone();
+    let parent = env.create_job(NewJob::new(JobType::Sheet, "counted")).await.unwrap();
+    env.ack(&parent.id, Default::default()).await.unwrap();
+    let (e, p) = (env.id().to_owned(), parent.id.clone());
+    let in_write = || {
+        let (store, p) = (store.clone(), p.clone());
+        async move { store.write(move |tx| tx.part_counts(&p)).await.unwrap() }
+    };
+    let stored = || {
+        let (env, p) = (env.clone(), p.clone());
+        async move {
+            let parts = env.parts(&p).await.unwrap();
+            let mut counts = PartStatusCounts { total: parts.len() as u64, ..Default::default() };
+            for part in &parts {
+                match part.status {
+                    JobStatus::Complete => counts.completed += 1,
+                    JobStatus::Failed => counts.failed += 1,
+                    JobStatus::Canceled => counts.canceled += 1,
+                    JobStatus::Ready | JobStatus::Executing => counts.active += 1,
+                    _ => {}
+                }
+            }
+            counts
+        }
+    };
+    assert_eq!(in_write().await, PartStatusCounts::default(), "no parts yet");
+    env.split(&parent.id, crate::model::Split { parts: crate::model::SplitParts::Count(6), run_in_parallel: None })
+        .await
+        .unwrap();
+    let six = in_write().await;
+    assert_eq!((six.total, six.open()), (6, 6));
+    assert_eq!(six, stored().await, "after the split");
+    let parts = env.parts(&parent.id).await.unwrap();
+    // Moves parts in one write: `changes` lists (part, statuses it goes through); refused
+    // after its moves when `refuse`.
+    let moves = |changes: Vec<(usize, Vec<JobStatus>)>, refuse: bool| {
+        let (store, e) = (store.clone(), e.clone());
+        let ids: Vec<(String, Vec<JobStatus>)> = changes.into_iter().map(|(i, s)| (parts[i].id.clone(), s)).collect();
+        async move {
+            store
+                .write(move |tx| {
+                    for (id, statuses) in &ids {
+                        for status in statuses {
+                            let mut job = tx.job_for_update(&e, id)?.expect("the part");
+                            job.status = *status;
+                            tx.update_job(&job)?;
+                        }
+                    }
+                    if refuse {
+                        return Err(Error::invalid("refused after moving parts"));
+                    }
+                    Ok(())
+                })
+                .await
+        }
+    };
+    moves(vec![(0, vec![JobStatus::Executing, JobStatus::Complete]), (1, vec![JobStatus::Failed])], false)
+        .await
+        .unwrap();
+    let moved = in_write().await;
+    assert_eq!((moved.completed, moved.failed, moved.active, moved.total), (1, 1, 4, 6));
+    assert_eq!(moved, stored().await, "after two parts moved");
+    moves(vec![(2, vec![JobStatus::Canceled]), (3, vec![JobStatus::Complete])], true).await.unwrap_err();
+    assert_eq!(in_write().await, moved, "refused moves are not counted");
+    moves(vec![(2, vec![JobStatus::Canceled]), (3, vec![JobStatus::Executing])], false).await.unwrap();
+    let last = in_write().await;
+    assert_eq!((last.canceled, last.active, last.open()), (1, 3, 3));
+    assert_eq!(last, stored().await, "after a cancel and a move that stays open");
 }
 
 /// A write that subscribes, routes with the new subscription and is then refused leaves no

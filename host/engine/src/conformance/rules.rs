@@ -852,6 +852,17 @@ pub async fn record_deletion_is_all_or_none_and_keeps_pages_dense() {
     };
     env.insert_records(&sheet.id, numbered(50)).await.unwrap();
     env.insert_records(&other.id, numbered(3)).await.unwrap();
+    // Errors on two records that go (the last record among them) and on one that stays.
+    let first = env.records(&sheet.id, 50, 1).await.unwrap().records;
+    let marked = [7usize, 10, 49]
+        .iter()
+        .map(|&i| RecordUpdate {
+            id: first[i].id.clone(),
+            messages: Some(vec![Message::error("n", "marked")]),
+            ..Default::default()
+        })
+        .collect();
+    env.update_records(&sheet.id, marked).await.unwrap();
     let all = env.records(&sheet.id, 50, 1).await.unwrap().records;
     let n_of = |r: &crate::model::Record| r.value("n").and_then(Value::as_u64).unwrap();
     let foreign = env.records(&other.id, 3, 1).await.unwrap().records[0].id.clone();
@@ -878,7 +889,8 @@ pub async fn record_deletion_is_all_or_none_and_keeps_pages_dense() {
         paged.extend(records.iter().map(n_of));
     }
     assert_eq!(paged, expect, "the survivors, in their order");
-    assert_eq!(env.record_counts(&sheet.id).await.unwrap().total, 44);
+    let counts = env.record_counts(&sheet.id).await.unwrap();
+    assert_eq!((counts.total, counts.error), (44, 1), "a deleted record's errors go with it");
     assert_eq!(env.record_counts(&other.id).await.unwrap().total, 3, "the other sheet is untouched");
     let deleted = all_events(&env).await.into_iter().filter(|e| e.topic == "records:deleted").collect::<Vec<_>>();
     assert_eq!(deleted.len(), 1);
@@ -888,9 +900,12 @@ pub async fn record_deletion_is_all_or_none_and_keeps_pages_dense() {
     env.insert_records(&sheet.id, numbered(1)).await.unwrap();
     let last = env.records(&sheet.id, 5, 9).await.unwrap().records;
     assert_eq!(last.len(), 5, "45 records: page 9 of 5 holds 41..45");
+    let appended = &last[4];
+    assert!(appended.valid && appended.values["n"].messages.is_empty(), "a new record has no messages: {appended:?}");
+    assert_eq!(env.record_counts(&sheet.id).await.unwrap().error, 1);
     let every: Vec<String> = env.records(&sheet.id, 100, 1).await.unwrap().records.into_iter().map(|r| r.id).collect();
     assert_eq!(env.delete_records(&sheet.id, every).await.unwrap(), 45);
-    assert_eq!(env.record_counts(&sheet.id).await.unwrap().total, 0);
+    assert_eq!(env.record_counts(&sheet.id).await.unwrap(), crate::model::RecordCounts::default());
     assert_eq!(env.delete_records(&sheet.id, vec![]).await.unwrap(), 0);
 }
 

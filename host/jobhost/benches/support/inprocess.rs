@@ -36,7 +36,7 @@ pub async fn wait_terminal(engine: &Engine, env: &Env, id: &str) -> jobhost::mod
 }
 
 /// The seeds' scenario through the plugin at `plugin` (on that runtime), or natively.
-pub async fn scenario_with(n: u64, plugin: Option<(std::sync::Arc<Runtime>, std::path::PathBuf)>) -> Duration {
+pub async fn scenario_with(n: u64, plugin: Option<(std::sync::Arc<Runtime>, std::path::PathBuf)>) -> ScenarioRun {
     let (_dir, engine, env) = host().await;
     let listeners = match plugin {
         Some((rt, path)) => {
@@ -53,24 +53,38 @@ pub async fn scenario_with(n: u64, plugin: Option<(std::sync::Arc<Runtime>, std:
     took
 }
 
+/// One run of the seeds' job: its time from creation to its end, and the CPU spent meanwhile
+/// by the store's writer thread and by every thread of the process that lived through it.
+#[derive(Debug, Clone, Copy)]
+#[allow(dead_code)] // the serve bench reads only the time
+pub struct ScenarioRun {
+    pub took: Duration,
+    pub writer_cpu: Duration,
+    pub all_cpu: Duration,
+}
+
 /// Creates the seeds' job on `sheet` (of `n` records, `invalid` of them breaking a rule),
-/// waits for it to end and checks its answer: the time from creation to its end.
-pub async fn run_scenario_job(engine: &Engine, env: &Env, sheet: &str, n: u64, invalid: u64) -> Duration {
+/// waits for it to end and checks its answer.
+pub async fn run_scenario_job(engine: &Engine, env: &Env, sheet: &str, n: u64, invalid: u64) -> ScenarioRun {
+    let (writer, all) = (thread_cpu(WRITER_THREAD), thread_cpu(""));
     let t = Instant::now();
     let job = env.create_job(NewJob::sheet(scenario::OPERATION, sheet)).await.unwrap();
     let job = wait_terminal(engine, env, &job.id).await;
     let took = t.elapsed();
+    let (writer_cpu, all_cpu) = (thread_cpu(WRITER_THREAD).saturating_sub(writer), thread_cpu("").saturating_sub(all));
     assert_eq!(job.status, JobStatus::Complete, "{}", job.outcome);
     assert_eq!(env.record_counts(sheet).await.unwrap().error, invalid);
     assert_eq!(job.outcome["parts"]["completed"], Value::from(n.div_ceil(1000)));
-    took
+    ScenarioRun { took, writer_cpu, all_cpu }
 }
+
+/// The store writer thread's name as the kernel shows it (15 bytes).
+pub const WRITER_THREAD: &str = "jobhost-store-w";
 
 /// CPU time spent so far by this process's threads whose name starts with `prefix` (all
 /// threads for `""`), from the scheduler's own per-thread accounting
 /// (`/proc/self/task/*/schedstat`, nanoseconds). A thread that exits takes its time with it:
 /// measure across a window in which the threads of interest live.
-#[allow(dead_code)] // not every bench that includes this file reports CPU
 pub fn thread_cpu(prefix: &str) -> Duration {
     let mut total = Duration::ZERO;
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return total };
