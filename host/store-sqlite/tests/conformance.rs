@@ -130,6 +130,7 @@ fn records_and_their_messages_are_found_by_key() {
         messages[0].contains("SEARCH record_messages USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)"),
         "{messages:?}"
     );
+    assert!(!messages.iter().any(|l| l.contains("TEMP B-TREE")), "in key order as stored: {messages:?}");
     let record = plan(jobhost_store_sqlite::RECORD_IN_SHEET_SQL, &[&1, &1]);
     assert_eq!(record.len(), 1, "{record:?}");
     assert!(record[0].contains("SEARCH records USING INTEGER PRIMARY KEY (rowid=?)"), "{record:?}");
@@ -188,7 +189,7 @@ async fn a_schema_6_store_migrates_its_live_jobs_index() {
     let engine = open_engine(dir.path(), test_config()).unwrap();
     assert_eq!(engine.env(&env_id).job(&job_id).await.unwrap().status, JobStatus::Ready);
     drop(engine);
-    let conn = rusqlite::Connection::open(SqliteBackend::db_path(dir.path())).unwrap();
+    let conn = jobhost_store_sqlite::reader_connection(dir.path()).unwrap();
     let sql = index_sql(&conn);
     assert!(!sql.contains("IN (") && sql.contains("status = 'executing'"), "{sql}");
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
