@@ -496,3 +496,40 @@ fn reads_share_a_fixed_set_of_read_threads_and_closing_answers_queued_reads() {
         assert!(found.unwrap(), "a read queued at the close sees the sheet");
     }
 }
+
+/// One writer runs every write in turn: charges made at once, every third refused after
+/// charging, each see a total of their own (the conformance case checks what racing writers
+/// of any backend see).
+#[tokio::test]
+async fn charges_made_at_once_each_see_one_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open_engine(dir.path(), test_config()).unwrap();
+    let store = engine.store().clone();
+    let mut writes = tokio::task::JoinSet::new();
+    for i in 0..24usize {
+        let store = store.clone();
+        writes.spawn(async move {
+            let refuse = i % 3 == 2;
+            let r = store
+                .write(move |tx| {
+                    let total = tx.charge_chain("chain", 1, 1)?;
+                    if refuse {
+                        return Err(jobhost_engine::Error::invalid(format!("refused at {total}")));
+                    }
+                    Ok(total)
+                })
+                .await;
+            (refuse, r)
+        });
+    }
+    let mut totals = Vec::new();
+    for (refuse, r) in writes.join_all().await {
+        match r {
+            Ok(total) if !refuse => totals.push(total),
+            Err(_) if refuse => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    totals.sort_unstable();
+    assert_eq!(totals, (1..=16).collect::<Vec<u64>>(), "16 kept charges, each seeing one more");
+}
