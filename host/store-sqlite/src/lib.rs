@@ -834,7 +834,8 @@ impl Memory {
     }
 }
 
-/// Adds `n` parts of `status` to `counts` (`n` is 1 or -1).
+/// Adds `n` parts of `status` to `counts` (negative: takes them away). The one place a status
+/// is mapped to its bucket, for counts read from the table and counts kept by the writer.
 fn count_part(counts: &mut PartStatusCounts, status: JobStatus, n: i64) {
     let add = |c: &mut u64| *c = c.saturating_add_signed(n);
     add(&mut counts.total);
@@ -2188,17 +2189,10 @@ impl Tx for Conn<'_, '_> {
         let mut counts = PartStatusCounts::default();
         let mut stmt =
             self.conn.prepare_cached("SELECT status, COUNT(*) FROM jobs WHERE parent_id = ?1 GROUP BY status").db()?;
-        let rows = stmt.query_map([parent_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))).db()?;
+        let rows = stmt.query_map([parent_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))).db()?;
         for row in rows {
             let (status, n) = row.db()?;
-            counts.total += n;
-            match parse_enum::<JobStatus>(&status).db()? {
-                JobStatus::Complete => counts.completed += n,
-                JobStatus::Failed => counts.failed += n,
-                JobStatus::Canceled => counts.canceled += n,
-                JobStatus::Ready | JobStatus::Executing => counts.active += n,
-                _ => {}
-            }
+            count_part(&mut counts, parse_enum::<JobStatus>(&status).db()?, n);
         }
         if let Some(memory) = self.memory.as_deref_mut() {
             remember(&mut memory.parts, parent_id, counts);
