@@ -12,6 +12,8 @@
 //!   (`pg_stat_database.xact_commit`, `pg_stat_statements.calls`), which do not depend on the
 //!   machine.
 //! - **scenario**: the seeds' scenario (N records, N/1000 parts) through the WASM plugin.
+//! - **parts**: one parent's parts ended one at a time on PostgreSQL, 10,000 parts against
+//!   1,000: the time per end, which reading the parent's part counts must not grow with N.
 //! - **insert**: N records into a sheet in calls of 100,000 (PostgreSQL: binary `COPY`).
 //! - **deploy**: two `jobhost serve` processes on one database; a plugin version deployed
 //!   through A, and the time until B lists it, against the time A took to answer the deploy.
@@ -55,6 +57,9 @@ fn main() {
         }
         if only("scenario") {
             scenario_rows(&server, records).await;
+        }
+        if only("parts") {
+            part_ends(&server, if full { 10_000 } else { 100 }).await;
         }
         if only("insert") {
             insert(&server, records).await;
@@ -339,6 +344,40 @@ async fn scenario_rows(server: &jobhost_test_postgres::Server, n: u64) {
         let took = scenario_once(server, store, n).await.as_secs_f64();
         let base = *baseline.get_or_insert(took);
         println!("{:<44} {:>10.2} s {:>11.2}x", store.name(), took, took / base);
+    }
+}
+
+/// One parent's parts ended one at a time on PostgreSQL (one host), each end a write of its
+/// own: the time per end with `n` parts against with `n / 10`, same run. Every end reads its
+/// parent's part counts; were they counted from the parts, the larger parent's ends would each
+/// read ten times the rows.
+async fn part_ends(server: &jobhost_test_postgres::Server, n: u32) {
+    use jobhost::model::{Ack, Outcome, Split};
+    println!("{:<44} {:>12} {:>12}", "part ends, one parent, one at a time", "per end", "vs n / 10");
+    let mut baseline = None;
+    for parts in [n / 10, n] {
+        let f = fleet(server, Store::Postgres(1)).await;
+        let env = &f.envs[0];
+        let parent = env.create_job(NewJob::new(JobType::Sheet, "parts")).await.unwrap();
+        env.ack(&parent.id, Ack::default()).await.unwrap();
+        env.split(&parent.id, Split::count(parts)).await.unwrap();
+        let ids: Vec<String> = env.parts(&parent.id).await.unwrap().into_iter().map(|p| p.id).collect();
+        let t = Instant::now();
+        for id in &ids {
+            env.complete(id, Outcome::default()).await.unwrap();
+        }
+        let per = t.elapsed().as_secs_f64() * 1e6 / f64::from(parts);
+        let fired: Vec<_> = env
+            .job_events(&parent.id)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.topic == "job:parts-completed")
+            .collect();
+        assert_eq!(fired.len(), 1, "one job:parts-completed");
+        assert_eq!(fired[0].payload["parts"]["completed"], serde_json::Value::from(parts));
+        let base = *baseline.get_or_insert(per);
+        println!("{:<44} {:>9.0} µs {:>11.2}x", format!("{parts} parts"), per, per / base);
     }
 }
 

@@ -1093,19 +1093,26 @@ impl<C: GenericClient> Tx for Conn<'_, C> {
     }
 
     fn part_counts(&mut self, parent_id: &str) -> Result<PartStatusCounts> {
-        let mut counts = PartStatusCounts::default();
-        for r in self.query("SELECT status, COUNT(*) FROM jobs WHERE parent_id = $1 GROUP BY status", &[&parent_id])? {
-            let n = get::<i64>(&r, 1)? as u64;
-            counts.total += n;
-            match parse_enum::<JobStatus>(get(&r, 0)?)? {
-                JobStatus::Complete => counts.completed += n,
-                JobStatus::Failed => counts.failed += n,
-                JobStatus::Canceled => counts.canceled += n,
-                JobStatus::Ready | JobStatus::Executing => counts.active += n,
-                _ => {}
-            }
-        }
-        Ok(counts)
+        // The parent's row plus the differences its parts' triggers appended since the last
+        // fold, folded into the row here (schema version 5). A difference a transaction has
+        // not committed yet is not deleted, so it is folded by a later call, never twice or
+        // never; the transactions that end parts hold the parent's lock, so they fold in turn.
+        let r = self.query_one(
+            "WITH folded AS (DELETE FROM part_count_deltas WHERE parent_id = $1 \
+                 RETURNING total, active, complete, failed, canceled), \
+             sums AS (SELECT COALESCE(SUM(total), 0) AS total, COALESCE(SUM(active), 0) AS active, \
+                 COALESCE(SUM(complete), 0) AS complete, COALESCE(SUM(failed), 0) AS failed, \
+                 COALESCE(SUM(canceled), 0) AS canceled FROM folded) \
+             INSERT INTO part_counts AS c (parent_id, total, active, complete, failed, canceled) \
+                 SELECT $1, total, active, complete, failed, canceled FROM sums \
+             ON CONFLICT (parent_id) DO UPDATE SET total = c.total + excluded.total, \
+                 active = c.active + excluded.active, complete = c.complete + excluded.complete, \
+                 failed = c.failed + excluded.failed, canceled = c.canceled + excluded.canceled \
+             RETURNING total, complete, failed, canceled, active",
+            &[&parent_id],
+        )?;
+        let n = |i: usize| get::<i64>(&r, i).map(|n| n.max(0) as u64);
+        Ok(PartStatusCounts { total: n(0)?, completed: n(1)?, failed: n(2)?, canceled: n(3)?, active: n(4)? })
     }
 
     fn parts_in(&mut self, parent_id: &str, statuses: &[JobStatus]) -> Result<Vec<Job>> {

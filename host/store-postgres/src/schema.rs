@@ -230,6 +230,75 @@ INSERT INTO record_counts (sheet_key, shard, total, errors)
 -- A delivery's outbound HTTP requests (JSON), beside its logs.
 ALTER TABLE executions ADD COLUMN http TEXT;
 "#,
+    r#"
+-- Each parent's part counts, kept by triggers on its parts: the end of every part reads them,
+-- and counting the parts themselves there read all N of them for each of N parts. The
+-- buckets are `PartStatusCounts`'s. A part's insert or move appends its difference to
+-- `part_count_deltas` (a plain insert: nothing waits, and a split's thousands of inserts do
+-- not update one row thousands of times in a transaction, which walks a chain of versions
+-- that grows with each); the transaction that ends a part, which holds the parent's lock,
+-- folds the parent's committed deltas into its row of `part_counts` (see `part_counts`).
+-- A move within one bucket (an ack: `ready` → `executing`) writes nothing.
+CREATE TABLE part_counts (
+    parent_id TEXT PRIMARY KEY,
+    total BIGINT NOT NULL,
+    active BIGINT NOT NULL,
+    complete BIGINT NOT NULL,
+    failed BIGINT NOT NULL,
+    canceled BIGINT NOT NULL
+);
+CREATE TABLE part_count_deltas (
+    parent_id TEXT NOT NULL,
+    total BIGINT NOT NULL,
+    active BIGINT NOT NULL,
+    complete BIGINT NOT NULL,
+    failed BIGINT NOT NULL,
+    canceled BIGINT NOT NULL
+);
+CREATE INDEX part_count_deltas_parent ON part_count_deltas (parent_id);
+CREATE FUNCTION jobhost_part_bucket(status TEXT) RETURNS TEXT LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN status IN ('ready', 'executing') THEN 'active'
+                WHEN status IN ('complete', 'failed', 'canceled') THEN status
+                ELSE 'other' END
+$$;
+CREATE FUNCTION jobhost_count_part() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    parent TEXT;
+    added TEXT;
+    removed TEXT;
+    added_parts BIGINT := 0;
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        parent := NEW.parent_id; added := jobhost_part_bucket(NEW.status); added_parts := 1;
+    ELSIF TG_OP = 'DELETE' THEN
+        parent := OLD.parent_id; removed := jobhost_part_bucket(OLD.status); added_parts := -1;
+    ELSE
+        parent := NEW.parent_id; added := jobhost_part_bucket(NEW.status); removed := jobhost_part_bucket(OLD.status);
+    END IF;
+    INSERT INTO part_count_deltas (parent_id, total, active, complete, failed, canceled) VALUES (
+        parent,
+        added_parts,
+        (added IS NOT DISTINCT FROM 'active')::int - (removed IS NOT DISTINCT FROM 'active')::int,
+        (added IS NOT DISTINCT FROM 'complete')::int - (removed IS NOT DISTINCT FROM 'complete')::int,
+        (added IS NOT DISTINCT FROM 'failed')::int - (removed IS NOT DISTINCT FROM 'failed')::int,
+        (added IS NOT DISTINCT FROM 'canceled')::int - (removed IS NOT DISTINCT FROM 'canceled')::int
+    );
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER jobs_part_added AFTER INSERT ON jobs FOR EACH ROW
+    WHEN (NEW.parent_id IS NOT NULL) EXECUTE FUNCTION jobhost_count_part();
+CREATE TRIGGER jobs_part_moved AFTER UPDATE OF status ON jobs FOR EACH ROW
+    WHEN (NEW.parent_id IS NOT NULL AND jobhost_part_bucket(OLD.status) <> jobhost_part_bucket(NEW.status))
+    EXECUTE FUNCTION jobhost_count_part();
+CREATE TRIGGER jobs_part_removed AFTER DELETE ON jobs FOR EACH ROW
+    WHEN (OLD.parent_id IS NOT NULL) EXECUTE FUNCTION jobhost_count_part();
+INSERT INTO part_counts (parent_id, total, active, complete, failed, canceled)
+    SELECT parent_id, COUNT(*), COUNT(*) FILTER (WHERE status IN ('ready', 'executing')),
+           COUNT(*) FILTER (WHERE status = 'complete'), COUNT(*) FILTER (WHERE status = 'failed'),
+           COUNT(*) FILTER (WHERE status = 'canceled')
+    FROM jobs WHERE parent_id IS NOT NULL GROUP BY parent_id;
+"#,
 ];
 
 /// The schema version this build knows.

@@ -180,6 +180,49 @@ async fn two_hosts_racing_three_parents_of_200_parts_fire_parts_completed_once_e
     }
 }
 
+/// Schema version 5 keeps each parent's part counts in a table of its own: a database migrated
+/// to it with parts already there counts them from the parts, and the triggers count on from
+/// there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_made_before_the_counts_table_are_counted_by_its_migration() {
+    use jobhost_engine::model::{Outcome, Split};
+    let url = jobhost_test_postgres::server().fresh_database();
+    let host = || engine(&Arc::new(PgBackend::open(PgOptions::new(url.clone())).unwrap()), test_config());
+    let before = host();
+    let e = before.create_environment("counted").await.unwrap();
+    let env = before.env(&e.id);
+    let parent = env.create_job(NewJob::new(JobType::Sheet, "counted")).await.unwrap();
+    env.ack(&parent.id, Ack::default()).await.unwrap();
+    env.split(&parent.id, Split::count(5)).await.unwrap();
+    let parts = env.parts(&parent.id).await.unwrap();
+    env.complete(&parts[0].id, Outcome::default()).await.unwrap();
+    env.fail(&parts[1].id, Outcome::default()).await.unwrap();
+    env.ack(&parts[2].id, Ack::default()).await.unwrap();
+    drop((env, before));
+    // The database as version 4 left it: no table, no triggers.
+    sql(
+        &url,
+        "DROP TRIGGER jobs_part_added ON jobs; DROP TRIGGER jobs_part_moved ON jobs; \
+         DROP TRIGGER jobs_part_removed ON jobs; DROP FUNCTION jobhost_count_part(); \
+         DROP FUNCTION jobhost_part_bucket(TEXT); DROP TABLE part_counts, part_count_deltas; \
+         UPDATE jobhost_schema SET version = 4",
+    );
+    let after = host();
+    let counts = || {
+        let (store, p) = (after.store().clone(), parent.id.clone());
+        async move { store.write(move |tx| tx.part_counts(&p)).await.unwrap() }
+    };
+    let migrated = counts().await;
+    assert_eq!(
+        (migrated.total, migrated.completed, migrated.failed, migrated.canceled, migrated.active),
+        (5, 1, 1, 0, 3)
+    );
+    let env = after.env(&e.id);
+    env.complete(&parts[2].id, Outcome::default()).await.unwrap();
+    let moved = counts().await;
+    assert_eq!((moved.completed, moved.active, moved.open()), (2, 2, 2));
+}
+
 /// Sequence numbers follow commit order: an event whose transaction began first but commits
 /// last comes after the events a reader has already passed, never behind its cursor.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

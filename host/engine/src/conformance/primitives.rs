@@ -567,8 +567,8 @@ pub async fn a_job_read_in_a_write_is_the_stored_job_after_updates_and_refusals(
 }
 
 /// A parent's part counts read in a write are the stored counts, whatever the backend remembers
-/// of the writes before: as parts are created, as they move (one of them twice in a write), and
-/// not after a refused move.
+/// of the writes before: as parts are created, as they move (one of them twice in a write; out
+/// of an end, into no counted status, within the active ones), and not after a refused move.
 pub async fn part_counts_read_in_a_write_follow_every_kept_change() {
     let host = TestHost::new();
     let env = host.env().await;
@@ -640,6 +640,14 @@ pub async fn part_counts_read_in_a_write_follow_every_kept_change() {
     let last = in_write().await;
     assert_eq!((last.canceled, last.active, last.open()), (1, 3, 3));
     assert_eq!(last, stored().await, "after a cancel and a move that stays open");
+    // Out of an end (a retry's `failed` → `ready`), into no counted bucket (`waiting`), and
+    // within one (`ready` → `executing`, which counts nothing new).
+    moves(vec![(1, vec![JobStatus::Ready]), (4, vec![JobStatus::Waiting]), (5, vec![JobStatus::Executing])], false)
+        .await
+        .unwrap();
+    let back = in_write().await;
+    assert_eq!((back.failed, back.active, back.open()), (0, 3, 4));
+    assert_eq!(back, stored().await, "after a part left an end and another left the active ones");
 }
 
 /// A write that subscribes, routes with the new subscription and is then refused leaves no
