@@ -368,11 +368,16 @@ fn plan_once(conn: &Connection) -> Result<()> {
 
 /// The write connection. SQLite never waits for the disk at commit (`NORMAL`: it still syncs
 /// around checkpoints); [`Synchronous::Full`] is the sync thread's job.
+///
+/// Its page cache is 8 MiB. A commit that grew a file smaller than 1 GiB leaves the page at
+/// 1 GiB (SQLite's lock page) as the highest the cache has seen, so the commit's drop of pages
+/// past the end walks the cache's whole hash table: with 64 MiB cached, ~170 µs a commit for
+/// nothing (BENCHMARKS.md, "the writer's page cache").
 fn open_writer(path: &Path) -> Result<Connection> {
     let conn =
         Connection::open(path).map_err(|e| StoreError::caused_by(format!("cannot open {}", path.display()), e))?;
     conn.execute_batch(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -65536;",
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -8192;",
     )
     .db()?;
     conn.busy_timeout(std::time::Duration::from_secs(10)).db()?;
