@@ -1094,9 +1094,9 @@ impl<C: GenericClient> Tx for Conn<'_, C> {
 
     fn part_counts(&mut self, parent_id: &str) -> Result<PartStatusCounts> {
         // The parent's row plus the differences its parts' triggers appended since the last
-        // fold, folded into the row here (schema version 5). A difference a transaction has
-        // not committed yet is not deleted, so it is folded by a later call, never twice or
-        // never; the transactions that end parts hold the parent's lock, so they fold in turn.
+        // fold, folded into the row here (schema version 5). A difference whose transaction
+        // has not committed is not deleted, so a later call folds it: none is lost or counted
+        // twice. The transactions that end parts hold the parent's lock, so they fold in turn.
         let r = self.query_one(
             "WITH folded AS (DELETE FROM part_count_deltas WHERE parent_id = $1 \
                  RETURNING total, active, complete, failed, canceled), \

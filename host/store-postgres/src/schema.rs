@@ -294,10 +294,10 @@ CREATE TRIGGER jobs_part_moved AFTER UPDATE OF status ON jobs FOR EACH ROW
 CREATE TRIGGER jobs_part_removed AFTER DELETE ON jobs FOR EACH ROW
     WHEN (OLD.parent_id IS NOT NULL) EXECUTE FUNCTION jobhost_count_part();
 INSERT INTO part_counts (parent_id, total, active, complete, failed, canceled)
-    SELECT parent_id, COUNT(*), COUNT(*) FILTER (WHERE status IN ('ready', 'executing')),
-           COUNT(*) FILTER (WHERE status = 'complete'), COUNT(*) FILTER (WHERE status = 'failed'),
-           COUNT(*) FILTER (WHERE status = 'canceled')
-    FROM jobs WHERE parent_id IS NOT NULL GROUP BY parent_id;
+    SELECT parent_id, COUNT(*), COUNT(*) FILTER (WHERE b = 'active'), COUNT(*) FILTER (WHERE b = 'complete'),
+           COUNT(*) FILTER (WHERE b = 'failed'), COUNT(*) FILTER (WHERE b = 'canceled')
+    FROM (SELECT parent_id, jobhost_part_bucket(status) AS b FROM jobs WHERE parent_id IS NOT NULL) parts
+    GROUP BY parent_id;
 "#,
 ];
 
