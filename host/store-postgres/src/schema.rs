@@ -275,6 +275,11 @@ BEGIN
     ELSE
         parent := NEW.parent_id; added := jobhost_part_bucket(NEW.status); removed := jobhost_part_bucket(OLD.status);
     END IF;
+    -- Nothing reads an ended parent's counts (they were dropped when it ended): the parts a
+    -- cancel ends after their parent are not counted.
+    IF EXISTS (SELECT 1 FROM jobs WHERE id = parent AND status IN ('complete', 'failed', 'canceled')) THEN
+        RETURN NULL;
+    END IF;
     INSERT INTO part_count_deltas (parent_id, total, active, complete, failed, canceled) VALUES (
         parent,
         added_parts,
@@ -293,10 +298,23 @@ CREATE TRIGGER jobs_part_moved AFTER UPDATE OF status ON jobs FOR EACH ROW
     EXECUTE FUNCTION jobhost_count_part();
 CREATE TRIGGER jobs_part_removed AFTER DELETE ON jobs FOR EACH ROW
     WHEN (OLD.parent_id IS NOT NULL) EXECUTE FUNCTION jobhost_count_part();
+-- A split job that ends drops its counts: once a parent has ended, no rule reads them.
+CREATE FUNCTION jobhost_drop_part_counts() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM part_count_deltas WHERE parent_id = NEW.id;
+    DELETE FROM part_counts WHERE parent_id = NEW.id;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER jobs_parent_ended AFTER UPDATE OF status ON jobs FOR EACH ROW
+    WHEN (NEW.split_at IS NOT NULL AND NEW.status IN ('complete', 'failed', 'canceled')
+          AND OLD.status NOT IN ('complete', 'failed', 'canceled'))
+    EXECUTE FUNCTION jobhost_drop_part_counts();
 INSERT INTO part_counts (parent_id, total, active, complete, failed, canceled)
     SELECT parent_id, COUNT(*), COUNT(*) FILTER (WHERE b = 'active'), COUNT(*) FILTER (WHERE b = 'complete'),
            COUNT(*) FILTER (WHERE b = 'failed'), COUNT(*) FILTER (WHERE b = 'canceled')
     FROM (SELECT parent_id, jobhost_part_bucket(status) AS b FROM jobs WHERE parent_id IS NOT NULL) parts
+    WHERE parent_id IN (SELECT id FROM jobs WHERE status NOT IN ('complete', 'failed', 'canceled'))
     GROUP BY parent_id;
 "#,
 ];

@@ -204,6 +204,7 @@ async fn parts_made_before_the_counts_table_are_counted_by_its_migration() {
         &url,
         "DROP TRIGGER jobs_part_added ON jobs; DROP TRIGGER jobs_part_moved ON jobs; \
          DROP TRIGGER jobs_part_removed ON jobs; DROP FUNCTION jobhost_count_part(); \
+         DROP TRIGGER jobs_parent_ended ON jobs; DROP FUNCTION jobhost_drop_part_counts(); \
          DROP FUNCTION jobhost_part_bucket(TEXT); DROP TABLE part_counts, part_count_deltas; \
          UPDATE jobhost_schema SET version = 4",
     );
@@ -221,6 +222,50 @@ async fn parts_made_before_the_counts_table_are_counted_by_its_migration() {
     env.complete(&parts[2].id, Outcome::default()).await.unwrap();
     let moved = counts().await;
     assert_eq!((moved.completed, moved.active, moved.open()), (2, 2, 2));
+}
+
+/// A split job that ends drops its part counts, and the parts a cancel ends after it are not
+/// counted: no rows are left behind for parents no rule will ask about again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_parents_part_counts_leave_no_rows() {
+    use jobhost_engine::model::{Outcome, Split};
+    let (url, host, _) = two_hosts();
+    let e = host.create_environment("tidy").await.unwrap();
+    let env = host.env(&e.id);
+    let split = |parts: u32| {
+        let env = env.clone();
+        async move {
+            let parent = env.create_job(NewJob::new(JobType::Sheet, "tidy")).await.unwrap();
+            env.ack(&parent.id, Ack::default()).await.unwrap();
+            env.split(&parent.id, Split::count(parts)).await.unwrap();
+            let parts = env.parts(&parent.id).await.unwrap();
+            (parent.id, parts)
+        }
+    };
+    let rows = |parent: String| {
+        let url = url.clone();
+        std::thread::spawn(move || {
+            let mut c = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+            let q = "SELECT (SELECT COUNT(*) FROM part_counts WHERE parent_id = $1) \
+                     + (SELECT COUNT(*) FROM part_count_deltas WHERE parent_id = $1)";
+            c.query_one(q, &[&parent]).expect("count").get::<_, i64>(0)
+        })
+        .join()
+        .unwrap()
+    };
+    // Canceled with its parts open: the cascade ends them after the parent.
+    let (canceled, _) = split(3).await;
+    assert!(rows(canceled.clone()) > 0, "a split parent's parts are counted");
+    env.cancel(&canceled, None).await.unwrap();
+    assert_eq!(rows(canceled), 0);
+    // Completed after its parts.
+    let (completed, parts) = split(2).await;
+    for part in &parts {
+        env.complete(&part.id, Outcome::default()).await.unwrap();
+    }
+    assert!(rows(completed.clone()) > 0, "counted while the parent is open");
+    env.complete(&completed, Outcome::default()).await.unwrap();
+    assert_eq!(rows(completed), 0);
 }
 
 /// Sequence numbers follow commit order: an event whose transaction began first but commits
