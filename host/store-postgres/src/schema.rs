@@ -276,8 +276,10 @@ BEGIN
         parent := NEW.parent_id; added := jobhost_part_bucket(NEW.status); removed := jobhost_part_bucket(OLD.status);
     END IF;
     -- Nothing reads an ended parent's counts (they were dropped when it ended): the parts a
-    -- cancel ends after their parent are not counted.
-    IF EXISTS (SELECT 1 FROM jobs WHERE id = parent AND status IN ('complete', 'failed', 'canceled')) THEN
+    -- cancel ends after their parent are not counted. Parts are inserted only under a parent
+    -- that is running (a split), so a split's inserts skip the look-up.
+    IF TG_OP <> 'INSERT'
+       AND EXISTS (SELECT 1 FROM jobs WHERE id = parent AND status IN ('complete', 'failed', 'canceled')) THEN
         RETURN NULL;
     END IF;
     INSERT INTO part_count_deltas (parent_id, total, active, complete, failed, canceled) VALUES (

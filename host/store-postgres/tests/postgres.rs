@@ -21,24 +21,30 @@ fn engine(backend: &Arc<PgBackend>, config: EngineConfig) -> Engine {
     Engine::with_backend(backend.clone(), config)
 }
 
-/// Two hosts on one fresh database, each with a backend (connections) of its own, as two
-/// processes would have; and the database's URL.
+/// A host on the database at `url`, with a backend (connections) of its own, as a process
+/// would have.
+fn host_on(url: &str) -> Engine {
+    engine(&Arc::new(PgBackend::open(PgOptions::new(url.to_owned())).unwrap()), test_config())
+}
+
+/// Two hosts on one fresh database; and the database's URL.
 fn two_hosts() -> (String, Engine, Engine) {
     let url = jobhost_test_postgres::server().fresh_database();
-    let host = || engine(&Arc::new(PgBackend::open(PgOptions::new(url.clone())).unwrap()), test_config());
-    let (a, b) = (host(), host());
+    let (a, b) = (host_on(&url), host_on(&url));
     (url, a, b)
 }
 
-/// Runs blocking client work off the test's runtime.
+/// Runs blocking client work on a connection of its own, off the test's runtime.
+fn with_client<T: Send + 'static>(url: &str, work: impl FnOnce(&mut postgres::Client) -> T + Send + 'static) -> T {
+    let url = url.to_owned();
+    std::thread::spawn(move || work(&mut postgres::Client::connect(&url, postgres::NoTls).expect("connect")))
+        .join()
+        .unwrap()
+}
+
 fn sql(url: &str, statements: &str) {
-    let (url, statements) = (url.to_owned(), statements.to_owned());
-    std::thread::spawn(move || {
-        let mut c = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
-        c.batch_execute(&statements).expect("statements");
-    })
-    .join()
-    .unwrap();
+    let statements = statements.to_owned();
+    with_client(url, move |c| c.batch_execute(&statements).expect("statements"));
 }
 
 #[tokio::test]
@@ -187,8 +193,7 @@ async fn two_hosts_racing_three_parents_of_200_parts_fire_parts_completed_once_e
 async fn parts_made_before_the_counts_table_are_counted_by_its_migration() {
     use jobhost_engine::model::{Outcome, Split};
     let url = jobhost_test_postgres::server().fresh_database();
-    let host = || engine(&Arc::new(PgBackend::open(PgOptions::new(url.clone())).unwrap()), test_config());
-    let before = host();
+    let before = host_on(&url);
     let e = before.create_environment("counted").await.unwrap();
     let env = before.env(&e.id);
     let parent = env.create_job(NewJob::new(JobType::Sheet, "counted")).await.unwrap();
@@ -208,7 +213,7 @@ async fn parts_made_before_the_counts_table_are_counted_by_its_migration() {
          DROP FUNCTION jobhost_part_bucket(TEXT); DROP TABLE part_counts, part_count_deltas; \
          UPDATE jobhost_schema SET version = 4",
     );
-    let after = host();
+    let after = host_on(&url);
     let counts = || {
         let (store, p) = (after.store().clone(), parent.id.clone());
         async move { store.write(move |tx| tx.part_counts(&p)).await.unwrap() }
@@ -229,7 +234,8 @@ async fn parts_made_before_the_counts_table_are_counted_by_its_migration() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ended_parents_part_counts_leave_no_rows() {
     use jobhost_engine::model::{Outcome, Split};
-    let (url, host, _) = two_hosts();
+    let url = jobhost_test_postgres::server().fresh_database();
+    let host = host_on(&url);
     let e = host.create_environment("tidy").await.unwrap();
     let env = host.env(&e.id);
     let split = |parts: u32| {
@@ -243,15 +249,11 @@ async fn an_ended_parents_part_counts_leave_no_rows() {
         }
     };
     let rows = |parent: String| {
-        let url = url.clone();
-        std::thread::spawn(move || {
-            let mut c = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+        with_client(&url, move |c| {
             let q = "SELECT (SELECT COUNT(*) FROM part_counts WHERE parent_id = $1) \
                      + (SELECT COUNT(*) FROM part_count_deltas WHERE parent_id = $1)";
             c.query_one(q, &[&parent]).expect("count").get::<_, i64>(0)
         })
-        .join()
-        .unwrap()
     };
     // Canceled with its parts open: the cascade ends them after the parent.
     let (canceled, _) = split(3).await;
