@@ -264,6 +264,11 @@ pub struct Running {
     engine: Engine,
     stop: watch::Sender<bool>,
     tasks: tokio::sync::Mutex<JoinSet<()>>,
+    /// The heartbeat, stopped apart from the rest and last: while a handler of this host is
+    /// still ending, the host must stay registered, or another host's watchdog takes the
+    /// lease and the handler's answer is thrown away.
+    stop_heartbeat: watch::Sender<bool>,
+    heartbeat: tokio::sync::Mutex<JoinSet<()>>,
     routes: Arc<RouteTable>,
     _here: RunningHere,
 }
@@ -296,11 +301,15 @@ impl Drop for RunningHere {
 }
 
 impl Running {
-    /// Stops taking new deliveries, lets in-flight handlers finish, and returns.
+    /// Stops taking new deliveries, lets in-flight handlers finish and their ends be written,
+    /// then removes this host's registration, and returns.
     pub async fn shutdown(&self) {
         let _ = self.stop.send(true);
         let mut tasks = self.tasks.lock().await;
         while tasks.join_next().await.is_some() {}
+        let _ = self.stop_heartbeat.send(true);
+        let mut heartbeat = self.heartbeat.lock().await;
+        while heartbeat.join_next().await.is_some() {}
     }
 
     /// Subscribes a listener's routes (durably) and starts delivering to them. Returns the
@@ -437,10 +446,20 @@ impl Engine {
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         tasks.spawn(dispatch_loop(self.clone(), routes.clone(), stop_rx.clone()));
-        tasks.spawn(heartbeat_loop(self.clone(), stop_rx.clone()));
         tasks.spawn(watchdog_loop(self.clone(), stop_rx.clone()));
         tasks.spawn(retention_loop(self.clone(), stop_rx));
-        Ok(Running { engine: self.clone(), stop, tasks: tokio::sync::Mutex::new(tasks), routes, _here: running_here })
+        let (stop_heartbeat, heartbeat_rx) = watch::channel(false);
+        let mut heartbeat = JoinSet::new();
+        heartbeat.spawn(heartbeat_loop(self.clone(), heartbeat_rx));
+        Ok(Running {
+            engine: self.clone(),
+            stop,
+            tasks: tokio::sync::Mutex::new(tasks),
+            stop_heartbeat,
+            heartbeat: tokio::sync::Mutex::new(heartbeat),
+            routes,
+            _here: running_here,
+        })
     }
 
     /// Waits until `check` returns `Some`, re-checking after every store commit. No polling
@@ -461,7 +480,8 @@ impl Engine {
     }
 }
 
-/// Writes this host's heartbeat every `heartbeat_interval`; removes its registration on stop.
+/// Writes this host's heartbeat every `heartbeat_interval`; removes its registration on stop
+/// (which [`Running::shutdown`] signals only once every handler's end is written).
 async fn heartbeat_loop(engine: Engine, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(engine.config().heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

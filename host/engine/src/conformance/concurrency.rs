@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::{TestHost, events_of, test_config, until_terminal};
+use super::{Deadline, TestHost, events_of, test_config, until_terminal};
 use crate::delivery::{self, Policy};
 use crate::listener::Listener;
 use crate::model::{Ack, JobStatus, JobType, NewJob, Outcome, Split};
@@ -234,16 +234,13 @@ pub async fn the_leases_of_a_host_that_stopped_heartbeating_are_handed_out_again
     assert_eq!(due.iter().map(|d| d.delivery_id).collect::<Vec<_>>(), [id]);
 }
 
-/// A host that starts on a store others already serve takes none of their leases: host A is
-/// in the middle of a delivery when host B starts; A's lease survives B's start, and A's
-/// answer is applied.
-pub async fn a_starting_host_never_takes_the_leases_of_a_live_host() {
-    let host = TestHost::new();
-    let env = host.env().await;
-    let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel::<()>();
+/// Listener `slow` of `env`, which acks and completes each `job:ready` once let through: the
+/// listener, a receiver told when a handler is entered, and the gate that lets one through.
+fn gated(env: &str) -> (Listener, tokio::sync::mpsc::UnboundedReceiver<()>, Arc<tokio::sync::Notify>) {
+    let (entered_tx, entered) = tokio::sync::mpsc::unbounded_channel::<()>();
     let release = Arc::new(tokio::sync::Notify::new());
     let gate = release.clone();
-    let slow = Listener::new("slow", env.id()).on("job:ready", move |ctx| {
+    let slow = Listener::new("slow", env).on("job:ready", move |ctx| {
         let (entered_tx, gate) = (entered_tx.clone(), gate.clone());
         async move {
             let _ = entered_tx.send(());
@@ -253,9 +250,31 @@ pub async fn a_starting_host_never_takes_the_leases_of_a_live_host() {
             Ok(())
         }
     });
+    (slow, entered, release)
+}
+
+/// Waits, under a [`Deadline`], until a handler of the [`gated`] listener is entered.
+async fn handler_entered(entered: &mut tokio::sync::mpsc::UnboundedReceiver<()>) {
+    let _deadline = Deadline::new("host A entering the gated listener's handler");
+    entered.recv().await.expect("host A took the delivery");
+}
+
+/// Whether host `id` is registered in `engine`'s store.
+async fn registered(engine: &crate::Engine, id: &str) -> bool {
+    let id = id.to_owned();
+    engine.store().write(move |tx| Ok(tx.hosts()?.iter().any(|h| h.id == id))).await.unwrap()
+}
+
+/// A host that starts on a store others already serve takes none of their leases: host A is
+/// in the middle of a delivery when host B starts; A's lease survives B's start, and A's
+/// answer is applied.
+pub async fn a_starting_host_never_takes_the_leases_of_a_live_host() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let (slow, mut entered, release) = gated(env.id());
     let a = host.engine.run(vec![slow]).await.unwrap();
     let job = env.create_job(NewJob::new(JobType::File, "work")).await.unwrap();
-    entered.recv().await.expect("host A took the delivery");
+    handler_entered(&mut entered).await;
     let second = host.second_host(test_config());
     let b = second.run(Vec::new()).await.unwrap();
     let stats = host.engine.delivery_stats().await.unwrap();
@@ -266,6 +285,43 @@ pub async fn a_starting_host_never_takes_the_leases_of_a_live_host() {
     b.shutdown().await;
     let stats = host.engine.delivery_stats().await.unwrap();
     assert_eq!((stats.done, stats.leased, stats.pending), (1, 0, 0), "A's answer was applied");
+}
+
+/// Host A is stopping while a handler of its own is still running, and another host's
+/// watchdog sweeps meanwhile: A stays registered, so its lease is not handed on, until the
+/// handler has answered and the answer is written; only then does A leave.
+pub async fn a_stopping_host_keeps_its_leases_until_its_handlers_have_answered() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let (slow, mut entered, release) = gated(env.id());
+    let a = Arc::new(host.engine.run(vec![slow]).await.unwrap());
+    let job = env.create_job(NewJob::new(JobType::File, "work")).await.unwrap();
+    handler_entered(&mut entered).await;
+    let other = host.second_host(test_config());
+    let stopping = tokio::spawn({
+        let a = a.clone();
+        async move { a.shutdown().await }
+    });
+    let a_id = host.engine.host_id();
+    // Each sweep is a write, queued behind whatever A wrote once told to stop.
+    for round in 0..20 {
+        other.sweep().await.unwrap();
+        assert!(
+            registered(&host.engine, &a_id).await,
+            "round {round}: host A left while its handler was still running"
+        );
+        let stats = host.engine.delivery_stats().await.unwrap();
+        assert_eq!((stats.leased, stats.pending), (1, 0), "round {round}: A's lease was handed on");
+    }
+    release.notify_one();
+    {
+        let _deadline = Deadline::new("host A stopping once its handler answered");
+        stopping.await.expect("A stopped");
+    }
+    assert_eq!(until_terminal(&env, &job.id).await.status, JobStatus::Complete);
+    let stats = host.engine.delivery_stats().await.unwrap();
+    assert_eq!((stats.done, stats.leased, stats.pending), (1, 0, 0), "A's answer was applied");
+    assert!(!registered(&host.engine, &a_id).await, "host A is still registered after it stopped");
 }
 
 /// Hosts that start together on one store and ask for the environment of one name (as

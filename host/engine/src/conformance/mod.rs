@@ -486,6 +486,12 @@ macro_rules! conformance_suite {
             a_starting_host_never_takes_the_leases_of_a_live_host,
             [tokio::test(flavor = "multi_thread", worker_threads = 4)]
         );
+        $crate::__conformance_case!(
+            $open, $again,
+            concurrency,
+            a_stopping_host_keeps_its_leases_until_its_handlers_have_answered,
+            [tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        );
     };
 }
 
