@@ -95,8 +95,8 @@ pub fn load_alone(tx: &mut dyn Tx, ctx: &Ctx, id: &str) -> Result<Job> {
 
 impl Ctx {
     /// Stores `event` and a pending delivery of it for every subscription it matches.
-    pub fn write_event(&self, tx: &mut dyn Tx, event: &crate::model::Event) -> Result<()> {
-        let seq = tx.insert_event(event)?;
+    pub fn write_event(&self, tx: &mut dyn Tx, event: crate::model::Event) -> Result<()> {
+        let seq = tx.insert_event(&event)?;
         let routes = match self.routes.get() {
             Some(r) => r.clone(),
             None => {
@@ -105,9 +105,10 @@ impl Ctx {
                 r
             }
         };
-        let subscriptions = routes.matching(event);
+        let subscriptions = routes.matching(&event);
         if !subscriptions.is_empty() {
-            tx.insert_deliveries(seq, &subscriptions, event.created_at)?;
+            let due_at = event.created_at;
+            tx.insert_deliveries(seq, event, &subscriptions, due_at)?;
         }
         self.emitted.set(self.emitted.get() + 1);
         Ok(())
@@ -174,7 +175,7 @@ fn emit(tx: &mut dyn Tx, ctx: &Ctx, job: &Job, topic: &str, extra: Option<(&str,
         payload: Value::Object(p),
         created_at: ctx.now,
     };
-    ctx.write_event(tx, &event)
+    ctx.write_event(tx, event)
 }
 
 /// Stores a `records:*` event for a write to a sheet.
@@ -196,7 +197,7 @@ pub fn emit_records_event(tx: &mut dyn Tx, ctx: &Ctx, sheet_id: &str, topic: &st
         payload: json!({ "sheetId": sheet_id, "recordCount": count }),
         created_at: ctx.now,
     };
-    ctx.write_event(tx, &event)
+    ctx.write_event(tx, event)
 }
 
 fn save(tx: &mut dyn Tx, ctx: &Ctx, job: &mut Job) -> Result<()> {

@@ -1172,7 +1172,13 @@ impl<C: GenericClient> Tx for Conn<'_, C> {
         get(&row, 0)
     }
 
-    fn insert_deliveries(&mut self, event_key: i64, subscriptions: &[&str], due_at: Millis) -> Result<()> {
+    fn insert_deliveries(
+        &mut self,
+        event_key: i64,
+        _event: Event,
+        subscriptions: &[&str],
+        due_at: Millis,
+    ) -> Result<()> {
         if subscriptions.is_empty() {
             return Ok(());
         }

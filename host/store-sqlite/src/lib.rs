@@ -815,6 +815,13 @@ struct Memory {
     /// a part between them (its old status from `jobs`; a part not remembered there makes its
     /// parent's counts forgotten).
     parts: HashMap<String, PartStatusCounts>,
+    /// Events with deliveries, by seq, as stored, each with how many of its deliveries have not
+    /// yet taken it: leasing hands each delivery its event, and a remembered one is neither
+    /// read back nor parsed from JSON again. Only [`Tx::insert_deliveries`] adds one (an event
+    /// without deliveries is never leased); the last delivery to take it takes it away (a
+    /// retry reads it back), and retention, the only other write to events, forgets what it
+    /// deletes.
+    events: HashMap<i64, (Event, usize)>,
 }
 
 /// Chains, and jobs, remembered at most (a few MiB of jobs): a chain lives for the few calls of
@@ -823,11 +830,11 @@ struct Memory {
 const REMEMBERED: usize = 4096;
 
 /// Remembers `value` under `key` in a memory bounded by [`REMEMBERED`].
-fn remember<V>(memory: &mut HashMap<String, V>, key: &str, value: V) {
+fn remember<K: std::hash::Hash + Eq, V>(memory: &mut HashMap<K, V>, key: K, value: V) {
     if memory.len() >= REMEMBERED {
         memory.clear();
     }
-    memory.insert(key.to_owned(), value);
+    memory.insert(key, value);
 }
 
 impl Memory {
@@ -836,6 +843,7 @@ impl Memory {
         self.chains.clear();
         self.jobs.clear();
         self.parts.clear();
+        self.events.clear();
     }
 }
 
@@ -1009,6 +1017,17 @@ impl Writer<'_> {
         // It may have remembered what it wrote itself, which the rollback undoes.
         self.memory.forget();
     }
+}
+
+/// The remembered event `seq` for one of its deliveries: a copy while others are still to take
+/// it, the event itself for the last.
+fn take_event(events: &mut HashMap<i64, (Event, usize)>, seq: i64) -> Option<Event> {
+    let (event, left) = events.get_mut(&seq)?;
+    if *left > 1 {
+        *left -= 1;
+        return Some(event.clone());
+    }
+    events.remove(&seq).map(|(event, _)| event)
 }
 
 /// Runs a parameterless statement through the statement cache (no re-parse per call).
@@ -2200,7 +2219,7 @@ impl Tx for Conn<'_, '_> {
             count_part(&mut counts, parse_enum::<JobStatus>(&status).db()?, n);
         }
         if let Some(memory) = self.memory.as_deref_mut() {
-            remember(&mut memory.parts, parent_id, counts);
+            remember(&mut memory.parts, parent_id.to_owned(), counts);
         }
         Ok(counts)
     }
@@ -2279,12 +2298,23 @@ impl Tx for Conn<'_, '_> {
         Ok(self.conn.last_insert_rowid())
     }
 
-    fn insert_deliveries(&mut self, event_seq: i64, subscriptions: &[&str], due_at: Millis) -> Result<()> {
+    fn insert_deliveries(
+        &mut self,
+        event_seq: i64,
+        event: Event,
+        subscriptions: &[&str],
+        due_at: Millis,
+    ) -> Result<()> {
         self.hot(
             "INSERT INTO deliveries (event_seq, subscription_id, status, attempts, due_at) VALUES (?1, ?2, 'pending', 0, ?3)",
             |s| subscriptions.iter().try_for_each(|id| s.execute(params![event_seq, id, due_at]).map(drop)),
         )?;
         self.new_deliveries += subscriptions.len();
+        if let Some(memory) = self.memory.as_deref_mut()
+            && !subscriptions.is_empty()
+        {
+            remember(&mut memory.events, event_seq, (Event { seq: event_seq, ..event }, subscriptions.len()));
+        }
         Ok(())
     }
 
@@ -2312,29 +2342,43 @@ impl Tx for Conn<'_, '_> {
     fn due_deliveries(&mut self, subscriptions: &[String], now: Millis, limit: u32) -> Result<Vec<DueDelivery>> {
         // The single writer holds every row of this transaction: nothing to skip.
         let subs = serde_json::to_string(subscriptions)?;
-        let mut stmt = self
-            .conn
-            .prepare_cached(concat!(
-                "SELECT d.id, d.subscription_id, d.attempts, d.last_error, ",
-                event_columns!(),
-                " FROM deliveries d JOIN events e ON e.seq = d.event_seq \
+        // The deliveries first, then each one's event: from the writer's memory when it wrote it
+        // (nearly always: a delivery is leased soon after its event), else read. A delivery
+        // whose event is gone is not due, as a join would have it.
+        let due = self.hot(
+            "SELECT d.id, d.subscription_id, d.attempts, d.last_error, d.event_seq FROM deliveries d \
                  WHERE d.status IN ('pending', 'leased') AND d.due_at <= ?1 \
                    AND d.subscription_id IN (SELECT value FROM json_each(?2)) \
-                 ORDER BY d.due_at, d.id LIMIT ?3"
-            ))
-            .db()?;
-        let rows = stmt
-            .query_map(params![now, subs, limit], |r| {
-                Ok(DueDelivery {
-                    delivery_id: r.get(0)?,
-                    subscription_id: r.get(1)?,
-                    attempts: r.get(2)?,
-                    last_error: r.get(3)?,
-                    event: event_from_row(r, 4)?,
-                })
-            })
-            .db()?;
-        rows.collect::<rusqlite::Result<_>>().db()
+                 ORDER BY d.due_at, d.id LIMIT ?3",
+            |s| {
+                s.query_map(params![now, subs, limit], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, u32>(2)?,
+                        r.get(3)?,
+                        r.get::<_, i64>(4)?,
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<(i64, String, u32, Option<String>, i64)>>>()
+            },
+        )?;
+        let mut out = Vec::with_capacity(due.len());
+        for (delivery_id, subscription_id, attempts, last_error, seq) in due {
+            let event = match self.memory.as_deref_mut().and_then(|m| take_event(&mut m.events, seq)) {
+                Some(event) => event,
+                None => {
+                    let read = self
+                        .hot(concat!("SELECT ", event_columns!(), " FROM events e WHERE e.seq = ?1"), |s| {
+                            s.query_row([seq], |r| event_from_row(r, 0)).optional()
+                        })?;
+                    let Some(event) = read else { continue };
+                    event
+                }
+            };
+            out.push(DueDelivery { delivery_id, subscription_id, attempts, last_error, event });
+        }
+        Ok(out)
     }
 
     fn lease_delivery(&mut self, id: i64, fence: &Fence, until: Millis) -> Result<()> {
@@ -2485,6 +2529,9 @@ impl Conn<'_, '_> {
                 Some(_) => "DELETE FROM events WHERE seq = ?1",
             };
             self.conn.prepare_cached(sql).db()?.execute([seq]).db()?;
+            if let Some(memory) = self.memory.as_deref_mut() {
+                memory.events.remove(&seq);
+            }
             n += u64::from(real == Some(true));
         }
         Ok(n)
@@ -2493,14 +2540,14 @@ impl Conn<'_, '_> {
     /// Remembers a job as stored, on the writer (readers remember nothing).
     fn remember_job(&mut self, job: &Job) {
         if let Some(memory) = self.memory.as_deref_mut() {
-            remember(&mut memory.jobs, &job.id, job.clone());
+            remember(&mut memory.jobs, job.id.clone(), job.clone());
         }
     }
 
     /// Remembers a chain's total on the writer (readers remember nothing); returns it.
     fn remember_chain(&mut self, chain: &str, total: u64) -> u64 {
         if let Some(memory) = self.memory.as_deref_mut() {
-            remember(&mut memory.chains, chain, total);
+            remember(&mut memory.chains, chain.to_owned(), total);
         }
         total
     }

@@ -544,9 +544,12 @@ pub trait Tx: ReadTx {
     /// readers never see an event without one. Fan-out is the engine's.
     fn insert_event(&mut self, event: &Event) -> Result<i64>;
     /// Stores a pending delivery of the event `event_seq` (the key [`Tx::insert_event`]
-    /// returned) to each subscription, due at `due_at`.
+    /// returned) to each subscription, due at `due_at`. `event` is the event as given to
+    /// [`Tx::insert_event`] (its `seq` not yet set), for a backend that keeps what it will
+    /// soon lease instead of reading it back; it is handed over, so keeping it copies nothing.
     /// A backend signals [`Notifications::deliveries`] once the transaction commits.
-    fn insert_deliveries(&mut self, event_seq: i64, subscriptions: &[&str], due_at: Millis) -> Result<()>;
+    fn insert_deliveries(&mut self, event_seq: i64, event: Event, subscriptions: &[&str], due_at: Millis)
+    -> Result<()>;
     /// Adds or replaces a subscription; `active: false` stops new fan-out (pending deliveries
     /// stay). Changes [`ReadTx::subscriptions_version`].
     fn put_subscription(&mut self, sub: &Subscription, active: bool, now: Millis) -> Result<()>;

@@ -480,6 +480,9 @@ macro_rules! conformance_suite {
             routing_forgets_a_subscription_whose_write_was_rolled_back,
             [tokio::test]
         );
+        $crate::__conformance_case!($open, $again, primitives, a_leased_delivery_carries_its_event_as_stored, [tokio::test]);
+        $crate::__conformance_case!($open, $again, primitives, a_delivery_whose_event_was_deleted_is_not_due, [tokio::test]);
+        $crate::__conformance_case!($open, $again, primitives, every_delivery_of_an_event_carries_it_each_time_it_is_due, [tokio::test]);
         $crate::__conformance_case!(
             $open, $again,
             concurrency,

@@ -11,34 +11,51 @@ use super::TestHost;
 use crate::error::{Error, StoreError};
 use crate::model::{Environment, Event, JobStatus, JobType, Millis, NewJob, Sheet, new_id};
 use crate::store::{
-    Backend, DeliveryEnd, Fence, HostRecord, Notifications, PartStatusCounts, ReadOp, Store, Subscription, Tx, WriteOp,
+    Backend, DeliveryEnd, Fence, History, HostRecord, Notifications, PartStatusCounts, ReadOp, Store, Subscription, Tx,
+    WriteOp,
 };
+
+/// An environment and a subscription to every event of it, committed: their ids.
+async fn subscribed(store: &Store, now: Millis) -> (String, String) {
+    store
+        .write(move |tx| {
+            let env = Environment { id: new_id("env"), name: "p".into(), created_at: now };
+            tx.insert_environment(&env)?;
+            let sub = everything(&env.id, "l");
+            tx.put_subscription(&sub, true, now)?;
+            Ok((env.id, sub.id))
+        })
+        .await
+        .expect("an environment and a subscription")
+}
+
+/// Listener `listener`'s subscription to every event of `env`.
+fn everything(env: &str, listener: &str) -> Subscription {
+    Subscription {
+        id: format!("{env}/{listener}#0"),
+        environment_id: env.into(),
+        topic: "**".into(),
+        filter: Value::Null,
+    }
+}
 
 /// An environment, a subscription to every event of it, and one event with a pending delivery:
 /// the delivery's id.
 async fn one_delivery(store: &Store, now: Millis) -> (String, i64) {
-    let sub = store
+    let (env, sub) = subscribed(store, now).await;
+    let s = sub.clone();
+    store
         .write(move |tx| {
-            let env = Environment { id: new_id("env"), name: "p".into(), created_at: now };
-            tx.insert_environment(&env)?;
-            let sub = Subscription {
-                id: format!("{}/l#0", env.id),
-                environment_id: env.id.clone(),
-                topic: "**".into(),
-                filter: Value::Null,
-            };
-            tx.put_subscription(&sub, true, now)?;
             let event = Event {
                 id: new_id("evt"),
                 seq: 0,
                 topic: "job:ready".into(),
-                context: json!({ "environmentId": env.id }),
+                context: json!({ "environmentId": env }),
                 payload: json!({}),
                 created_at: now,
             };
             let seq = tx.insert_event(&event)?;
-            tx.insert_deliveries(seq, &[sub.id.as_str()], now)?;
-            Ok(sub.id)
+            tx.insert_deliveries(seq, event, &[s.as_str()], now)
         })
         .await
         .expect("one delivery");
@@ -648,6 +665,130 @@ pub async fn part_counts_read_in_a_write_follow_every_kept_change() {
     let back = in_write().await;
     assert_eq!((back.failed, back.active, back.open()), (0, 3, 4));
     assert_eq!(back, stored().await, "after a part left an end and another left the active ones");
+}
+
+/// An event of `env` with a payload that JSON must carry exactly (nesting, a fraction, text
+/// to escape).
+fn rich_event(env: &str, topic: &str, now: Millis) -> Event {
+    Event {
+        id: new_id("evt"),
+        seq: 0,
+        topic: topic.into(),
+        context: json!({ "environmentId": env, "jobId": new_id("job"), "actorId": "test" }),
+        payload: json!({ "n": 7, "ratio": 0.1, "nested": { "list": [1, "two", null, true] }, "text": "quote \" and ü" }),
+        created_at: now,
+    }
+}
+
+/// A leased delivery carries its event exactly as stored — the same as the event stream shows
+/// it, sequence number included — and never an event of a write that was rolled back, though
+/// the kept write's event may take the rolled-back one's place.
+pub async fn a_leased_delivery_carries_its_event_as_stored() {
+    let host = TestHost::new();
+    let store = host.engine.store();
+    let now = 1_000;
+    let (env, sub) = subscribed(store, now).await;
+    let (e, s) = (env.clone(), sub.clone());
+    let refused = store
+        .write(move |tx| {
+            let ghost = rich_event(&e, "job:ghost", now);
+            let seq = tx.insert_event(&ghost)?;
+            tx.insert_deliveries(seq, ghost, &[s.as_str()], now)?;
+            Err::<(), _>(Error::invalid("refused"))
+        })
+        .await;
+    assert!(refused.is_err());
+    let (e, s) = (env.clone(), sub.clone());
+    store
+        .write(move |tx| {
+            let kept = rich_event(&e, "job:kept", now);
+            let seq = tx.insert_event(&kept)?;
+            tx.insert_deliveries(seq, kept, &[s.as_str()], now)
+        })
+        .await
+        .unwrap();
+    let s = sub.clone();
+    let due = store.write(move |tx| tx.due_deliveries(std::slice::from_ref(&s), now, 10)).await.unwrap();
+    let e = env.clone();
+    let stored = store.read(move |r| r.events(&e, 0, 10)).await.unwrap();
+    assert_eq!(stored.len(), 1, "only the kept write's event is stored");
+    assert_eq!(due.len(), 1, "only the kept write's delivery is due");
+    assert_eq!(due[0].event.topic, "job:kept");
+    assert_eq!(due[0].event, stored[0], "the leased event is the stored one, field for field");
+}
+
+/// A delivery whose event is no longer stored is not due: it has nothing to deliver.
+pub async fn a_delivery_whose_event_was_deleted_is_not_due() {
+    let host = TestHost::new();
+    let store = host.engine.store();
+    let now = 1_000;
+    let (env, sub) = subscribed(store, now).await;
+    let s = sub.clone();
+    let key = store
+        .write(move |tx| {
+            let gone = rich_event(&env, "job:gone", now);
+            let key = tx.insert_event(&gone)?;
+            tx.insert_deliveries(key, gone, &[s.as_str()], now)?;
+            // A newer event, so the deleted one is not the newest (which SQLite keeps as a mark).
+            tx.insert_event(&rich_event(&env, "job:newer", now))?;
+            Ok(key)
+        })
+        .await
+        .unwrap();
+    let deleted = store.write(move |tx| tx.delete_history(History::Events, &[key])).await.unwrap();
+    assert_eq!(deleted, 1);
+    let due = store.write(move |tx| tx.due_deliveries(std::slice::from_ref(&sub), now, 10)).await.unwrap();
+    assert!(due.is_empty(), "a delivery of a deleted event was due: {due:?}");
+}
+
+/// Each delivery of an event carries it, however many subscriptions share the event and
+/// however often a delivery is due again (a lease that lapses, a retry): the second time is no
+/// different from the first.
+pub async fn every_delivery_of_an_event_carries_it_each_time_it_is_due() {
+    let host = TestHost::new();
+    let store = host.engine.store();
+    let now = 1_000;
+    let (env, first) = subscribed(store, now).await;
+    let (e, f) = (env.clone(), first.clone());
+    let second = store
+        .write(move |tx| {
+            let second = everything(&e, "m");
+            tx.put_subscription(&second, true, now)?;
+            let shared = rich_event(&e, "job:shared", now);
+            let seq = tx.insert_event(&shared)?;
+            tx.insert_deliveries(seq, shared, &[f.as_str(), second.id.as_str()], now)?;
+            Ok(second.id)
+        })
+        .await
+        .unwrap();
+    let stored = store.read(move |r| r.events(&env, 0, 10)).await.unwrap();
+    assert_eq!(stored.len(), 1);
+    let subs = vec![first, second];
+    for round in 1..=3 {
+        let s = subs.clone();
+        // Leased each round, and due again once the lease has lapsed.
+        let due = store
+            .write(move |tx| {
+                let due = tx.due_deliveries(&s, now + (round - 1) * 100_000, 10)?;
+                for d in &due {
+                    tx.lease_delivery(d.delivery_id, &fence("h", round as u32), now + round * 100_000 - 1)?;
+                }
+                Ok(due)
+            })
+            .await
+            .unwrap();
+        assert_eq!(due.len(), 2, "round {round}: both deliveries are due");
+        let mut to: Vec<&str> = due.iter().map(|d| d.subscription_id.as_str()).collect();
+        to.sort_unstable();
+        assert_eq!(to, [subs[0].as_str(), subs[1].as_str()], "round {round}");
+        for d in &due {
+            assert_eq!(
+                d.event, stored[0],
+                "round {round}: the delivery to {} carries the stored event",
+                d.subscription_id
+            );
+        }
+    }
 }
 
 /// A write that subscribes, routes with the new subscription and is then refused leaves no
