@@ -644,12 +644,16 @@ async fn dispatch_loop(engine: Engine, routes: Arc<RouteTable>, mut stop: watch:
 
 async fn handle(engine: &Engine, entry: Option<RouteEntry>, d: Leased) {
     let policy = engine.config().delivery_policy();
+    let Leased { delivery_id: id, subscription_id, fence, event } = d;
+    // The handler takes the event itself (a copy is a dozen allocations); its topic stays for
+    // the log lines below.
+    let topic = event.topic.clone();
     let handled = match entry {
         // The route went away after the lease (a plugin was removed or replaced).
-        None => Handled::new(End::Released(format!("no handler for subscription {} any more", d.subscription_id))),
+        None => Handled::new(End::Released(format!("no handler for subscription {subscription_id} any more"))),
         Some(RouteEntry { listener, handler, .. }) => {
-            let api = engine.env(d.event.environment_id()).as_actor(format!("listener:{listener}")).caused_by(&d.event);
-            let fut = handler(EventCtx::new(d.event.clone(), api, d.attempt()));
+            let api = engine.env(event.environment_id()).as_actor(format!("listener:{listener}")).caused_by(&event);
+            let fut = handler(EventCtx::new(event, api, fence.attempt));
             // A task of its own, so a panicking handler fails its delivery, not the host.
             let task = tokio::spawn(fut);
             let abort = task.abort_handle();
@@ -667,23 +671,23 @@ async fn handle(engine: &Engine, entry: Option<RouteEntry>, d: Leased) {
         }
     };
     let now = engine.now();
-    let (id, fence) = (d.delivery_id, d.fence.clone());
     let Handled { end, execution } = handled;
     let end = match end {
         End::Released(why) => {
-            tracing::info!(delivery = id, subscription = %d.subscription_id, reason = %why, "delivery released");
+            tracing::info!(delivery = id, subscription = %subscription_id, reason = %why, "delivery released");
             None
         }
         End::Done => Some(crate::store::DeliveryEnd::Done),
         End::Failed(e) => {
-            tracing::warn!(delivery = id, subscription = %d.subscription_id, topic = %d.event.topic, attempt = fence.attempt, error = %e, "delivery failed");
+            tracing::warn!(delivery = id, subscription = %subscription_id, topic = %topic, attempt = fence.attempt, error = %e, "delivery failed");
             Some(policy.after_failure(fence.attempt, e, now))
         }
         End::FailedForGood(error) => {
-            tracing::warn!(delivery = id, subscription = %d.subscription_id, topic = %d.event.topic, attempt = fence.attempt, error = %error, "delivery dead-lettered without a retry");
+            tracing::warn!(delivery = id, subscription = %subscription_id, topic = %topic, attempt = fence.attempt, error = %error, "delivery dead-lettered without a retry");
             Some(crate::store::DeliveryEnd::Dead { error })
         }
     };
+    let (owner, attempt) = (fence.owner.clone(), fence.attempt);
     let written = engine
         .store()
         .write(move |tx| {
@@ -701,8 +705,8 @@ async fn handle(engine: &Engine, entry: Option<RouteEntry>, d: Leased) {
         Ok(true) => {}
         Ok(false) => tracing::warn!(
             delivery = id,
-            owner = %d.fence.owner,
-            attempt = d.fence.attempt,
+            owner = %owner,
+            attempt = attempt,
             "the lease of this delivery expired and was handed on; this host's answer was not applied"
         ),
         // The lease will expire and the delivery will be handed out again.
