@@ -46,7 +46,14 @@ fn status_to(s: JobStatus) -> wit::JobStatus {
 }
 
 fn json_text(v: &Value) -> Option<String> {
-    (!v.is_null()).then(|| v.to_string())
+    (!v.is_null()).then(|| json_string(v))
+}
+
+/// `v` as JSON text, serialized straight into a buffer: `Value`'s `Display` (`to_string`)
+/// writes through the formatter a fragment at a time, and every delivery pays this twice.
+fn json_string(v: &Value) -> String {
+    // Cannot fail: a `Value`'s map keys are strings and the sink is a `Vec`.
+    serde_json::to_string(v).unwrap_or_default()
 }
 
 pub fn job(j: Job) -> wit::Job {
@@ -77,8 +84,8 @@ pub fn event(e: &Event, attempt: u32) -> wit::Event {
         environment_id: e.environment_id().to_owned(),
         job_id: e.job_id().map(str::to_owned),
         sheet_id: e.context_str("sheetId").map(str::to_owned),
-        context: e.context.to_string(),
-        payload: e.payload.to_string(),
+        context: json_string(&e.context),
+        payload: json_string(&e.payload),
         created_at: e.created_at,
         attempt,
     }
