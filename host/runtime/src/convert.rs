@@ -561,6 +561,35 @@ mod tests {
     }
 
     #[test]
+    fn a_guest_gets_the_events_context_and_payload_as_compact_json_that_reads_back_the_same() {
+        let context = json!({ "environmentId": "env_1", "jobId": "job_2", "sheetId": "sh_3", "depth": 2 });
+        let payload = json!({
+            "text": "quote \" slash \\ line\n\u{1} é 😀", "big": u64::MAX, "neg": i64::MIN, "ratio": 0.1,
+            "nested": { "list": [null, true, false, [], {}] }
+        });
+        let e = Event {
+            id: "evt_1".into(),
+            seq: 9,
+            topic: "job:ready".into(),
+            context: context.clone(),
+            payload: payload.clone(),
+            created_at: 1_700_000_000_000,
+        };
+        let w = event(&e, 3);
+        assert_eq!((w.id.as_str(), w.topic.as_str(), w.attempt), ("evt_1", "job:ready", 3));
+        assert_eq!(
+            (w.environment_id.as_str(), w.job_id.as_deref(), w.sheet_id.as_deref()),
+            ("env_1", Some("job_2"), Some("sh_3"))
+        );
+        assert_eq!(serde_json::from_str::<Value>(&w.context).unwrap(), context);
+        assert_eq!(serde_json::from_str::<Value>(&w.payload).unwrap(), payload);
+        // Compact: what the stored text and the API's event stream carry, byte for byte.
+        assert_eq!(w.context, serde_json::to_string(&context).unwrap());
+        assert_eq!(w.payload, serde_json::to_string(&payload).unwrap());
+        assert!(!w.payload.contains(": ") && !w.payload.contains('\n'), "{}", w.payload);
+    }
+
+    #[test]
     fn a_stored_row_that_is_not_an_object_is_an_error_not_a_page() {
         for bad in ["[1,2]", "{\"a\":1} trailing", "{\"a\":", "3"] {
             let rows = vec![RawRecord { rowid: 1, values: bad.into(), messages: None, metadata: None }];
