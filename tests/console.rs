@@ -344,8 +344,16 @@ async fn screenshot(b: &Client, name: &str) {
     std::fs::write(shots().join(name), png).unwrap();
 }
 
+/// The text of the element `css`, finding it again if the page's script replaced it between
+/// the find and the read (a live section is re-rendered when its stream connects: the element
+/// found goes stale).
 async fn text(b: &Client, css: &str) -> String {
-    b.find(Locator::Css(css)).await.unwrap_or_else(|e| panic!("no {css}: {e}")).text().await.unwrap()
+    until(&format!("the text of {css}"), Duration::from_secs(30), || async {
+        let el = b.find(Locator::Css(css)).await.map_err(|e| e.to_string())?;
+        Ok(Some(el.text().await.map_err(|e| e.to_string())?))
+    })
+    .await
+    .unwrap()
 }
 
 /// Waits until the element `css` exists and its text contains `needle`.
