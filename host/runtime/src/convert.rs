@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::bindings::jobhost::plugin::types as wit;
 use crate::error::Error;
-use crate::model::{Event, Job, JobStatus, Message, MessageType, RecordUpdate};
+use crate::model::{Event, Job, JobStatus, Message, MessageType, RecordUpdate, json_string, json_text};
 use crate::store::RawRecord;
 use jobhost_engine::FieldKey;
 
@@ -43,17 +43,6 @@ fn status_to(s: JobStatus) -> wit::JobStatus {
         JobStatus::Failed => wit::JobStatus::Failed,
         _ => wit::JobStatus::Canceled,
     }
-}
-
-fn json_text(v: &Value) -> Option<String> {
-    (!v.is_null()).then(|| json_string(v))
-}
-
-/// `v` as JSON text, serialized straight into a buffer: `Value`'s `Display` (`to_string`)
-/// writes through the formatter a fragment at a time, and every delivery pays this twice.
-fn json_string(v: &Value) -> String {
-    // Cannot fail: a `Value`'s map keys are strings and the sink is a `Vec`.
-    serde_json::to_string(v).unwrap_or_default()
 }
 
 pub fn job(j: Job) -> wit::Job {

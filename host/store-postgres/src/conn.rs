@@ -10,7 +10,7 @@ use serde_json::Value;
 use jobhost_core::error::{Error, Result, StoreError};
 use jobhost_core::model::{
     ApiToken, DeadLetter, Environment, Event, Execution, Job, JobStatus, Millis, OpenDelivery, RecordCounts, Sheet,
-    UnknownValue,
+    UnknownValue, json_text,
 };
 use jobhost_store::{
     DeliveryEnd, DeliveryStats, Deployment, DueDelivery, EncodedRecord, Fence, History, HistoryRow, HostRecord,
@@ -177,10 +177,6 @@ fn u32_of(v: i64) -> Result<u32> {
 
 fn parse_enum<T: std::str::FromStr<Err = UnknownValue>>(text: &str) -> Result<T> {
     text.parse().map_err(bad_value)
-}
-
-fn json_text(v: &Value) -> Option<String> {
-    (!v.is_null()).then(|| v.to_string())
 }
 
 fn json_value(text: Option<String>) -> Result<Value> {

@@ -38,7 +38,7 @@ use tokio::sync::Notify;
 use jobhost_core::error::{Error, Result, StoreError};
 use jobhost_core::model::{
     ApiToken, DeadLetter, Environment, Event, Execution, Job, JobStatus, Millis, OpenDelivery, RecordCounts, Sheet,
-    UnknownValue,
+    UnknownValue, json_string, json_text,
 };
 use jobhost_store::{
     Backend, DeliveryEnd, DeliveryStats, DueDelivery, EncodedRecord, Fence, History, HistoryRow, HostRecord, JobQuery,
@@ -1131,18 +1131,6 @@ const PUT_MESSAGES: &str = "INSERT INTO record_messages (record_id, sheet_key, m
 /// Whether record `?1` is in the sheet whose key is `?2`.
 #[doc(hidden)]
 pub const RECORD_IN_SHEET_SQL: &str = "SELECT 1 FROM records WHERE id = ?1 AND sheet_key = ?2";
-
-fn json_text(v: &Value) -> Option<String> {
-    (!v.is_null()).then(|| json_string(v))
-}
-
-/// `v` as JSON text. Straight into a buffer: `Value`'s `Display` (what `to_string` uses)
-/// writes through the formatting machinery a fragment at a time, several times slower, and
-/// every event written pays it twice.
-fn json_string(v: &Value) -> String {
-    // Cannot fail: a `Value`'s map keys are strings and the sink is a `Vec`.
-    serde_json::to_string(v).unwrap_or_default()
-}
 
 fn json_value(text: Option<String>) -> Result<Value> {
     Ok(match text {

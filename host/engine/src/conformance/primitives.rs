@@ -39,6 +39,14 @@ fn everything(env: &str, listener: &str) -> Subscription {
     }
 }
 
+/// Stores `event` with a pending delivery to each of `subscriptions`, due at `due_at`, as the
+/// engine's routing does: its key.
+fn with_deliveries(tx: &mut dyn Tx, event: Event, subscriptions: &[&str], due_at: Millis) -> Result<i64, Error> {
+    let seq = tx.insert_event(&event)?;
+    tx.insert_deliveries(seq, event, subscriptions, due_at)?;
+    Ok(seq)
+}
+
 /// An environment, a subscription to every event of it, and one event with a pending delivery:
 /// the delivery's id.
 async fn one_delivery(store: &Store, now: Millis) -> (String, i64) {
@@ -54,8 +62,7 @@ async fn one_delivery(store: &Store, now: Millis) -> (String, i64) {
                 payload: json!({}),
                 created_at: now,
             };
-            let seq = tx.insert_event(&event)?;
-            tx.insert_deliveries(seq, event, &[s.as_str()], now)
+            with_deliveries(tx, event, &[s.as_str()], now).map(drop)
         })
         .await
         .expect("one delivery");
@@ -691,20 +698,14 @@ pub async fn a_leased_delivery_carries_its_event_as_stored() {
     let (e, s) = (env.clone(), sub.clone());
     let refused = store
         .write(move |tx| {
-            let ghost = rich_event(&e, "job:ghost", now);
-            let seq = tx.insert_event(&ghost)?;
-            tx.insert_deliveries(seq, ghost, &[s.as_str()], now)?;
+            with_deliveries(tx, rich_event(&e, "job:ghost", now), &[s.as_str()], now)?;
             Err::<(), _>(Error::invalid("refused"))
         })
         .await;
     assert!(refused.is_err());
     let (e, s) = (env.clone(), sub.clone());
     store
-        .write(move |tx| {
-            let kept = rich_event(&e, "job:kept", now);
-            let seq = tx.insert_event(&kept)?;
-            tx.insert_deliveries(seq, kept, &[s.as_str()], now)
-        })
+        .write(move |tx| with_deliveries(tx, rich_event(&e, "job:kept", now), &[s.as_str()], now).map(drop))
         .await
         .unwrap();
     let s = sub.clone();
@@ -726,9 +727,7 @@ pub async fn a_delivery_whose_event_was_deleted_is_not_due() {
     let s = sub.clone();
     let key = store
         .write(move |tx| {
-            let gone = rich_event(&env, "job:gone", now);
-            let key = tx.insert_event(&gone)?;
-            tx.insert_deliveries(key, gone, &[s.as_str()], now)?;
+            let key = with_deliveries(tx, rich_event(&env, "job:gone", now), &[s.as_str()], now)?;
             // A newer event, so the deleted one is not the newest (which SQLite keeps as a mark).
             tx.insert_event(&rich_event(&env, "job:newer", now))?;
             Ok(key)
@@ -754,9 +753,7 @@ pub async fn every_delivery_of_an_event_carries_it_each_time_it_is_due() {
         .write(move |tx| {
             let second = everything(&e, "m");
             tx.put_subscription(&second, true, now)?;
-            let shared = rich_event(&e, "job:shared", now);
-            let seq = tx.insert_event(&shared)?;
-            tx.insert_deliveries(seq, shared, &[f.as_str(), second.id.as_str()], now)?;
+            with_deliveries(tx, rich_event(&e, "job:shared", now), &[f.as_str(), second.id.as_str()], now)?;
             Ok(second.id)
         })
         .await
