@@ -143,6 +143,41 @@ async fn pages_are_read_ahead_for_a_reader_and_a_writer_between_pages_sees_its_w
     running.shutdown().await;
 }
 
+/// Both packed shapes of a page reach a guest with the same records and the same messages on
+/// each: `read-page` (the SDK's) and `page-packed`, which guests built before it still call.
+#[tokio::test]
+async fn a_guest_reads_the_same_pages_in_both_packed_shapes() {
+    use jobhost::model::{Message, MessageType};
+    let host = TestHost::new();
+    let env = host.env().await;
+    let rt = test_runtime();
+    let plugin = load(&rt, artifacts::TEST_NOOP).await;
+    let running = host.engine.run(vec![rt.listener(plugin, env.id())]).await.unwrap();
+    let sheet = env.create_sheet("shapes").await.unwrap();
+    let message =
+        |kind, text: &str, field: Option<&str>| Message { kind, message: text.into(), field: field.map(str::to_owned) };
+    // 250 records: every 7th with a warning, every 11th with an error on a field and a note on
+    // the whole record (so records with none, one and two messages sit side by side).
+    let mut records = scenario::sample_records(250).0;
+    let mut messages = 0;
+    for (i, r) in records.iter_mut().enumerate() {
+        if i % 7 == 0 {
+            r.messages.push(message(MessageType::Warn, &format!("check {i}"), Some("email")));
+        }
+        if i % 11 == 0 {
+            r.messages.push(message(MessageType::Error, "bad", Some("age")));
+            r.messages.push(message(MessageType::Info, "note", None));
+        }
+        messages += r.messages.len();
+    }
+    env.insert_records(&sheet.id, records).await.unwrap();
+    let new = NewJob { input: json!({"pageSize": 100}), ..NewJob::sheet("page-shapes", &sheet.id) };
+    let job = until_terminal(&env, &env.create_job(new).await.unwrap().id).await;
+    assert_eq!(job.status, JobStatus::Complete, "{}", job.outcome);
+    assert_eq!(job.outcome, json!({"records": 250, "messages": messages}));
+    running.shutdown().await;
+}
+
 /// A host with the well-behaved and the misbehaving plugin, in two environments.
 async fn hostile_host(max_attempts: u32) -> (TestHost, jobhost::Env, jobhost::Env, jobhost::delivery::Running) {
     let host =

@@ -145,10 +145,10 @@ impl From<Cell<'_>> for CellValue {
 }
 
 /// A page of records, as the host packs it: the field names once, every cell 9 bytes of one
-/// buffer and every text in one string, so a page crosses into the guest in a handful of
-/// allocations and is read in place.
+/// buffer, every text in one string, every id in one list and the page's messages in one
+/// list, so a page crosses into the guest in a handful of allocations and is read in place.
 pub struct Page {
-    raw: wit::PackedPage,
+    raw: wit::PageBuffers,
 }
 
 impl Page {
@@ -159,12 +159,12 @@ impl Page {
 
     /// Records on the page.
     pub fn len(&self) -> usize {
-        self.raw.rows.len()
+        self.raw.ids.len()
     }
 
     /// True when the page is past the last record.
     pub fn is_empty(&self) -> bool {
-        self.raw.rows.is_empty()
+        self.raw.ids.is_empty()
     }
 
     /// Index of `field` in [`Page::fields`]. A linear scan: pages have few fields, and
@@ -176,9 +176,9 @@ impl Page {
     /// The records, in the sheet's stable order.
     pub fn records(&self) -> impl ExactSizeIterator<Item = RecordRef<'_>> {
         let row_bytes = self.raw.fields.len() * CELL;
-        self.raw.rows.iter().enumerate().map(move |(i, row)| RecordRef {
+        (0..self.raw.ids.len()).map(move |i| RecordRef {
             page: self,
-            row,
+            index: i,
             cells: &self.raw.cells[i * row_bytes..(i + 1) * row_bytes],
         })
     }
@@ -209,7 +209,8 @@ const CELL: usize = 9;
 #[derive(Clone, Copy)]
 pub struct RecordRef<'a> {
     page: &'a Page,
-    row: &'a wit::PackedRow,
+    /// The record's place on the page.
+    index: usize,
     /// The record's cells, `CELL` bytes each.
     cells: &'a [u8],
 }
@@ -217,7 +218,7 @@ pub struct RecordRef<'a> {
 impl<'a> RecordRef<'a> {
     /// The record id.
     pub fn id(&self) -> u64 {
-        self.row.id
+        self.page.raw.ids[self.index]
     }
 
     /// The value of `field` (`None` when the sheet has no such field on this page).
@@ -239,12 +240,17 @@ impl<'a> RecordRef<'a> {
 
     /// The record's messages.
     pub fn messages(&self) -> &'a [Message] {
-        &self.row.messages
+        let raw = &self.page.raw;
+        let start = match self.index {
+            0 => 0,
+            i => raw.message_ends[i - 1] as usize,
+        };
+        &raw.messages[start..raw.message_ends[self.index] as usize]
     }
 
     /// False when any message is an error.
     pub fn valid(&self) -> bool {
-        self.row.valid
+        !self.messages().iter().any(|m| m.kind == MessageKind::Error)
     }
 }
 
@@ -262,7 +268,7 @@ pub fn counts(sheet_id: &str) -> Result<Counts> {
 
 /// Page `page_number` (1-based) of `page_size` (1..=10000) records.
 pub fn page(sheet_id: &str, page_size: u32, page_number: u32) -> Result<Page> {
-    Ok(Page { raw: host::page_packed(sheet_id, page_size, page_number)? })
+    Ok(Page { raw: host::read_page(sheet_id, page_size, page_number)? })
 }
 
 /// Updates records (values merged, messages replaced when given); all or none; returns how
@@ -297,15 +303,16 @@ pub fn insert(sheet_id: &str, records: &[NewRecord]) -> Result<u64> {
 mod tests {
     use super::{Cell, Page, wit};
 
-    /// A page as a host packs it: `cells` 9 bytes each, texts in `text`.
+    /// A page as a host packs it: `cells` 9 bytes each, texts in `text`, no messages.
     fn page(fields: &[&str], ids: &[u64], cells: &[[u8; 9]], text: &str) -> Page {
-        let rows = ids.iter().map(|&id| wit::PackedRow { id, messages: Vec::new(), valid: true }).collect();
         Page {
-            raw: wit::PackedPage {
+            raw: wit::PageBuffers {
                 fields: fields.iter().map(|f| f.to_string()).collect(),
-                rows,
+                ids: ids.to_vec(),
                 cells: cells.concat(),
                 text: text.into(),
+                message_ends: vec![0; ids.len()],
+                messages: Vec::new(),
             },
         }
     }
@@ -356,6 +363,23 @@ mod tests {
         assert_eq!(records[1].str("name"), Some("é漢"));
         assert_eq!(records[0].get("score"), Some(Cell::Float(2.5)));
         assert_eq!(records[0].get("missing"), None);
+    }
+
+    #[test]
+    fn each_record_has_its_own_slice_of_the_pages_messages() {
+        let mut p = page(&["a"], &[1, 2, 3, 4], &[cell(0, 0); 4], "");
+        let m = |kind, text: &str| super::Message { field: Some("a".into()), kind, text: text.into() };
+        use super::wit::MessageKind::{Error, Warn};
+        // Record 1 has one warning, record 2 none, record 3 a warning and an error, record 4 none.
+        p.raw.messages = vec![m(Warn, "w1"), m(Warn, "w3"), m(Error, "e3")];
+        p.raw.message_ends = vec![1, 1, 3, 3];
+        let texts = |r: super::RecordRef<'_>| r.messages().iter().map(|m| m.text.clone()).collect::<Vec<_>>();
+        let records: Vec<_> = p.records().collect();
+        assert_eq!(
+            records.iter().map(|r| texts(*r)).collect::<Vec<_>>(),
+            [vec!["w1"], vec![], vec!["w3", "e3"], vec![]]
+        );
+        assert_eq!(records.iter().map(|r| r.valid()).collect::<Vec<_>>(), [true, true, false, true]);
     }
 
     #[test]

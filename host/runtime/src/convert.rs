@@ -145,16 +145,59 @@ type PackedCell = [u8; PACKED_CELL];
 /// appended to the page's one `text`, so neither the host nor the guest allocates per cell,
 /// and both buffers cross into the guest as one copy each.
 pub fn packed_page(rows: Vec<RawRecord>) -> Result<wit::PackedPage, Error> {
+    let mut out = Vec::with_capacity(rows.len());
+    let cells = pack(rows, |id, stored| {
+        let (messages, valid) = messages(stored)?;
+        out.push(wit::PackedRow { id, messages, valid });
+        Ok(())
+    })?;
+    Ok(wit::PackedPage { fields: cells.fields, rows: out, cells: cells.cells, text: cells.text })
+}
+
+/// Stored rows straight to a page in flat buffers (`page-buffers` in the WIT): the cells as
+/// in [`packed_page`], the ids in one list and every message of the page in one list, so
+/// lowering the page calls into the guest a fixed number of times plus two per message, not
+/// once per record (wasmtime allocates even an empty list in the guest).
+pub fn page_buffers(rows: Vec<RawRecord>) -> Result<wit::PageBuffers, Error> {
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut message_ends = Vec::with_capacity(rows.len());
+    let mut messages = Vec::new();
+    let cells = pack(rows, |id, stored| {
+        ids.push(id);
+        if let Some(stored) = stored {
+            let list: Vec<Message> = serde_json::from_str(&stored)?;
+            messages.extend(list.into_iter().map(message_to_wit));
+        }
+        let end = u32::try_from(messages.len())
+            .map_err(|_| Error::Invalid("the page has over 4 billion messages; ask for a smaller page".into()))?;
+        message_ends.push(end);
+        Ok(())
+    })?;
+    Ok(wit::PageBuffers { fields: cells.fields, ids, cells: cells.cells, text: cells.text, message_ends, messages })
+}
+
+/// The cells of a page (see `packed-page` in the WIT).
+struct PackedCells {
+    fields: Vec<String>,
+    cells: Vec<u8>,
+    text: String,
+}
+
+/// Packs stored rows' values into one cell buffer and one text; `row(id, messages)` is
+/// called with each row's id and stored messages, in order.
+fn pack(
+    rows: Vec<RawRecord>,
+    mut row: impl FnMut(u64, Option<String>) -> Result<(), Error>,
+) -> Result<PackedCells, Error> {
     let mut columns = Columns::default();
     // The text is never longer than the rows' JSON: one allocation, no regrowth.
     let mut text = String::with_capacity(rows.iter().map(|r| r.values.len()).sum());
     // Each row's cells, `widths[i]` long: the number of fields known when row `i` was read.
     let mut cells = Vec::new();
     let mut widths = Vec::with_capacity(rows.len());
-    let mut out = Vec::with_capacity(rows.len());
     let count = rows.len();
     for raw in rows {
-        if out.len() == 1 {
+        if widths.len() == 1 {
             // Rows of a sheet are mostly as wide as the first.
             cells.reserve(cells.len() * (count - 1));
         }
@@ -168,8 +211,7 @@ pub fn packed_page(rows: Vec<RawRecord>) -> Result<wit::PackedPage, Error> {
             Ok(())
         })?;
         widths.push(cells.len() - start);
-        let (messages, valid) = messages(raw.messages)?;
-        out.push(wit::PackedRow { id: raw.rowid as u64, messages, valid });
+        row(raw.rowid as u64, raw.messages)?;
     }
     // Rows read before a field was first seen are narrower: spread them to the page's width.
     let n = columns.fields.len();
@@ -183,7 +225,7 @@ pub fn packed_page(rows: Vec<RawRecord>) -> Result<wit::PackedPage, Error> {
         }
         cells = wide;
     }
-    Ok(wit::PackedPage { fields: columns.fields, rows: out, cells: cells.into_flattened(), text })
+    Ok(PackedCells { fields: columns.fields, cells: cells.into_flattened(), text })
 }
 
 /// A stored row's messages as WIT messages, and whether none is an error.
@@ -482,15 +524,46 @@ mod tests {
                 .collect();
             let want = format!("{:?}", page_via_map(rows.clone()));
             assert_eq!(format!("{:?}", page(rows.clone()).unwrap()), want, "case {case}");
-            assert_eq!(format!("{:?}", unpack(packed_page(rows).unwrap())), want, "case {case}, packed");
+            assert_eq!(format!("{:?}", unpack(packed_page(rows.clone()).unwrap())), want, "case {case}, packed");
+            assert_eq!(format!("{:?}", unpack_buffers(page_buffers(rows).unwrap())), want, "case {case}, buffers");
         }
     }
 
     /// A packed page spelled out as rows of values, every cell decoded as the WIT says and
     /// every span checked against the text.
     fn unpack(p: wit::PackedPage) -> wit::RecordPage {
-        let width = p.fields.len();
-        assert_eq!(p.cells.len(), p.rows.len() * width * 9, "9 bytes per row and field");
+        let rows = p.rows.into_iter().map(|r| (r.id, r.messages, r.valid)).collect();
+        spell_out(p.fields, rows, &p.cells, &p.text)
+    }
+
+    /// The same for a page in flat buffers, each record's messages sliced as the WIT says.
+    fn unpack_buffers(p: wit::PageBuffers) -> wit::RecordPage {
+        assert_eq!(p.message_ends.len(), p.ids.len(), "one end per record");
+        assert_eq!(p.message_ends.last().map_or(0, |&e| e as usize), p.messages.len(), "every message is a record's");
+        let mut messages = p.messages.into_iter();
+        let mut start = 0;
+        let rows = p
+            .ids
+            .iter()
+            .zip(&p.message_ends)
+            .map(|(&id, &end)| {
+                let own: Vec<_> = messages.by_ref().take((end - start) as usize).collect();
+                start = end;
+                let valid = !own.iter().any(|m| matches!(m.kind, wit::MessageKind::Error));
+                (id, own, valid)
+            })
+            .collect();
+        spell_out(p.fields, rows, &p.cells, &p.text)
+    }
+
+    fn spell_out(
+        fields: Vec<String>,
+        rows: Vec<(u64, Vec<wit::Message>, bool)>,
+        cells: &[u8],
+        text: &str,
+    ) -> wit::RecordPage {
+        let width = fields.len();
+        assert_eq!(cells.len(), rows.len() * width * 9, "9 bytes per row and field");
         let cell = |c: &[u8]| {
             let word = |at: usize| u32::from_le_bytes(c[at..at + 4].try_into().unwrap());
             let value = u64::from(word(1)) | u64::from(word(5)) << 32;
@@ -499,22 +572,21 @@ mod tests {
                 1 => wit::Value::Boolean(value == 1),
                 2 => wit::Value::Integer(value as i64),
                 3 => wit::Value::Float(f64::from_bits(value)),
-                4 => wit::Value::Text(p.text.get(word(1) as usize..(word(1) + word(5)) as usize).unwrap().to_owned()),
+                4 => wit::Value::Text(text.get(word(1) as usize..(word(1) + word(5)) as usize).unwrap().to_owned()),
                 kind => panic!("cell kind {kind}"),
             }
         };
-        let rows = p
-            .rows
+        let rows = rows
             .into_iter()
             .enumerate()
-            .map(|(i, row)| wit::Row {
-                id: row.id,
-                values: p.cells[i * width * 9..(i + 1) * width * 9].chunks(9).map(cell).collect(),
-                messages: row.messages,
-                valid: row.valid,
+            .map(|(i, (id, messages, valid))| wit::Row {
+                id,
+                values: cells[i * width * 9..(i + 1) * width * 9].chunks(9).map(cell).collect(),
+                messages,
+                valid,
             })
             .collect();
-        wit::RecordPage { fields: p.fields, rows }
+        wit::RecordPage { fields, rows }
     }
 
     #[test]
@@ -532,6 +604,25 @@ mod tests {
         assert_eq!(p.rows[0].messages[0].text, "check");
         assert!(matches!(p.rows[1].messages[0].kind, wit::MessageKind::Error));
         assert_eq!(p.text, "x");
+    }
+
+    #[test]
+    fn a_page_in_buffers_gives_each_record_its_own_messages() {
+        let mut rows: Vec<RawRecord> = (1..=5).map(|i| raw(i, &json!({"a": i}))).collect();
+        rows[0].messages = Some(json!([{"type": "warn", "message": "w1", "field": "a"}]).to_string());
+        rows[2].messages = Some(json!([]).to_string());
+        rows[3].messages = Some(
+            json!([{"type": "info", "message": "i4"}, {"type": "error", "message": "e4", "field": "a"}]).to_string(),
+        );
+        let p = page_buffers(rows.clone()).unwrap();
+        assert_eq!(p.ids, [1, 2, 3, 4, 5]);
+        assert_eq!(p.message_ends, [1, 1, 1, 3, 3]);
+        assert_eq!(p.messages.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(), ["w1", "i4", "e4"]);
+        assert_eq!(p.messages[1].field, None);
+        // The same records, messages and validity as the other two shapes.
+        let want = format!("{:?}", page(rows.clone()).unwrap());
+        assert_eq!(format!("{:?}", unpack_buffers(p)), want);
+        assert_eq!(format!("{:?}", unpack(packed_page(rows).unwrap())), want);
     }
 
     #[test]
@@ -583,7 +674,8 @@ mod tests {
         for bad in ["[1,2]", "{\"a\":1} trailing", "{\"a\":", "3"] {
             let rows = vec![RawRecord { rowid: 1, values: bad.into(), messages: None, metadata: None }];
             assert!(page(rows.clone()).is_err(), "{bad}");
-            assert!(packed_page(rows).is_err(), "{bad}, packed");
+            assert!(packed_page(rows.clone()).is_err(), "{bad}, packed");
+            assert!(page_buffers(rows).is_err(), "{bad}, buffers");
         }
     }
 }

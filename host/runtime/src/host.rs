@@ -326,8 +326,8 @@ struct ReadAhead {
     page_number: u32,
     /// The delivery's effects (`HostState::effects`) when this was started.
     effects: u64,
-    /// The page in the shape the call asked for (`wit::RecordPage` or `wit::PackedPage`); a
-    /// call that asks for the other shape reads its page again.
+    /// The page in the shape the call asked for (`wit::RecordPage`, `wit::PackedPage` or
+    /// `wit::PageBuffers`); a call that asks for another shape reads its page again.
     task: tokio::task::JoinHandle<crate::error::Result<Box<dyn std::any::Any + Send>>>,
     /// Counts the page as discarded when it is dropped unused.
     counts: Arc<PageCounts>,
@@ -792,7 +792,7 @@ impl HostState {
     /// this page and nothing since could have changed it for this guest, else read now. A full
     /// page that follows the one asked for before, with no effect in between, keeps
     /// [`READ_AHEAD_PAGES`] of the next pages being read.
-    async fn read_page<P: Send + 'static>(
+    async fn page_in_shape<P: Send + 'static>(
         &mut self,
         sheet_id: String,
         page_size: u32,
@@ -884,11 +884,15 @@ impl records::Host for HostState {
     }
 
     async fn page(&mut self, sheet_id: String, page_size: u32, page_number: u32) -> R<wit::RecordPage> {
-        self.read_page(sheet_id, page_size, page_number, convert::page, |p| p.rows.len()).await
+        self.page_in_shape(sheet_id, page_size, page_number, convert::page, |p| p.rows.len()).await
     }
 
     async fn page_packed(&mut self, sheet_id: String, page_size: u32, page_number: u32) -> R<wit::PackedPage> {
-        self.read_page(sheet_id, page_size, page_number, convert::packed_page, |p| p.rows.len()).await
+        self.page_in_shape(sheet_id, page_size, page_number, convert::packed_page, |p| p.rows.len()).await
+    }
+
+    async fn read_page(&mut self, sheet_id: String, page_size: u32, page_number: u32) -> R<wit::PageBuffers> {
+        self.page_in_shape(sheet_id, page_size, page_number, convert::page_buffers, |p| p.ids.len()).await
     }
 
     async fn update(&mut self, sheet_id: String, updates: Vec<wit::RecordUpdate>) -> R<u64> {

@@ -5,7 +5,12 @@
 //! `sheet:page-own-writes` jobs page the same way but, before asking for each next page, mark
 //! its first record (`mark` = the page number); they fail if a page does not show the mark —
 //! a guest must see its own writes even when the host reads pages ahead.
+//! `sheet:page-shapes` jobs page through their sheet with both packed shapes of the WIT
+//! (`read-page`, which the SDK uses, and `page-packed`, kept for guests built before it) and
+//! fail the job at the first page on which they disagree; they complete with the number of
+//! records and messages seen.
 
+use jobhost_plugin_sdk::bindings::jobhost::plugin::records as raw;
 use jobhost_plugin_sdk::jobs::{self, Outcome};
 use jobhost_plugin_sdk::{Cell, CellValue, Error, Event, Listener, Result, json, records};
 
@@ -89,6 +94,63 @@ fn listener() -> Listener {
                 Ok(())
             })
         })
+        .filter(json!({ "job": "sheet:page-shapes" }), |l| l.on("job:ready", page_shapes))
+}
+
+/// Reads every page in both packed shapes and checks they carry the same page.
+fn page_shapes(event: &Event) -> Result<()> {
+    let job_id = event.job_id()?;
+    let size = jobs::get(job_id)?.input()?["pageSize"].as_u64().unwrap_or(1000) as u32;
+    match compare_shapes(event.sheet_id()?, size) {
+        Ok((records, messages)) => jobs::complete(
+            job_id,
+            Outcome { outcome: json!({ "records": records, "messages": messages }), info: None },
+        )?,
+        // A failed job, not a failed delivery: a retry would read the same pages.
+        Err(e) => jobs::fail(job_id, Outcome::message(e.message()))?,
+    };
+    Ok(())
+}
+
+/// `(records, messages)` of the sheet when both shapes agree on every page.
+fn compare_shapes(sheet: &str, size: u32) -> Result<(u64, u64)> {
+    let (mut records, mut messages) = (0u64, 0u64);
+    for n in 1.. {
+        let buffers = raw::read_page(sheet, size, n)?;
+        let packed = raw::page_packed(sheet, size, n)?;
+        let differ = |what: &str| Err(Error::msg(format!("page {n}: the two shapes differ in {what}")));
+        if buffers.fields != packed.fields || buffers.cells != packed.cells || buffers.text != packed.text {
+            return differ("fields, cells or text");
+        }
+        if buffers.ids != packed.rows.iter().map(|r| r.id).collect::<Vec<_>>() {
+            return differ("record ids");
+        }
+        if buffers.message_ends.len() != packed.rows.len() {
+            return differ("the number of message ends");
+        }
+        let mut start = 0;
+        for (row, &end) in packed.rows.iter().zip(&buffers.message_ends) {
+            let own = buffers.messages.get(start as usize..end as usize).unwrap_or_default();
+            let valid = !own.iter().any(|m| matches!(m.kind, records::MessageKind::Error));
+            let same = |a: &records::Message, b: &records::Message| {
+                (&a.field, &a.text, a.kind as u8) == (&b.field, &b.text, b.kind as u8)
+            };
+            let agree = own.len() == row.messages.len() && own.iter().zip(&row.messages).all(|(a, b)| same(a, b));
+            if !agree || valid != row.valid {
+                return differ(&format!("the messages of record {}", row.id));
+            }
+            start = end;
+        }
+        if start as usize != buffers.messages.len() {
+            return differ("messages that belong to no record");
+        }
+        if packed.rows.is_empty() {
+            break;
+        }
+        records += packed.rows.len() as u64;
+        messages += buffers.messages.len() as u64;
+    }
+    Ok((records, messages))
 }
 
 jobhost_plugin_sdk::export!(listener);
