@@ -123,7 +123,12 @@ fn part_ready(event: &Event) -> Result<()> {
 }
 
 fn same_messages(current: &[Message], wanted: &[Message]) -> bool {
-    let key = |m: &Message| (m.field.clone(), m.text.clone());
+    if current.len() != wanted.len() {
+        return false;
+    }
+    fn key(m: &Message) -> (Option<&str>, &str) {
+        (m.field.as_deref(), m.text.as_str())
+    }
     let mut a: Vec<_> = current.iter().map(key).collect();
     let mut b: Vec<_> = wanted.iter().map(key).collect();
     a.sort();
