@@ -241,11 +241,11 @@ impl<'a> RecordRef<'a> {
     /// The record's messages.
     pub fn messages(&self) -> &'a [Message] {
         let raw = &self.page.raw;
-        let start = match self.index {
-            0 => 0,
-            i => raw.message_ends[i - 1] as usize,
-        };
-        &raw.messages[start..raw.message_ends[self.index] as usize]
+        let end_of = |i: usize| raw.message_ends.get(i).map_or(0, |&e| e as usize);
+        let start = self.index.checked_sub(1).map_or(0, end_of);
+        // Ends that do not fit the list (never sent by a jobhost host) read as no messages
+        // rather than trapping the guest.
+        raw.messages.get(start..end_of(self.index)).unwrap_or_default()
     }
 
     /// False when any message is an error.
@@ -380,6 +380,10 @@ mod tests {
             [vec!["w1"], vec![], vec!["w3", "e3"], vec![]]
         );
         assert_eq!(records.iter().map(|r| r.valid()).collect::<Vec<_>>(), [true, true, false, true]);
+        // Ends that do not fit the list read as no messages.
+        p.raw.message_ends = vec![1, 9, 0];
+        let records: Vec<_> = p.records().collect();
+        assert_eq!(records.iter().map(|r| texts(*r)).collect::<Vec<_>>(), [vec!["w1"], vec![], vec![], vec![]]);
     }
 
     #[test]
