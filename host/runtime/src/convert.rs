@@ -156,7 +156,7 @@ pub fn packed_page(rows: Vec<RawRecord>) -> Result<wit::PackedPage, Error> {
 
 /// Stored rows straight to a page in flat buffers (`page-buffers` in the WIT): the cells as
 /// in [`packed_page`], the ids in one list and every message of the page in one list, so
-/// lowering the page calls into the guest a fixed number of times plus two per message, not
+/// lowering the page calls into the guest a fixed number of times plus at most two per message, not
 /// once per record (wasmtime allocates even an empty list in the guest).
 pub fn page_buffers(rows: Vec<RawRecord>) -> Result<wit::PageBuffers, Error> {
     let mut ids = Vec::with_capacity(rows.len());
@@ -164,10 +164,7 @@ pub fn page_buffers(rows: Vec<RawRecord>) -> Result<wit::PageBuffers, Error> {
     let mut messages = Vec::new();
     let cells = pack(rows, |id, stored| {
         ids.push(id);
-        if let Some(stored) = stored {
-            let list: Vec<Message> = serde_json::from_str(&stored)?;
-            messages.extend(list.into_iter().map(message_to_wit));
-        }
+        messages.extend(stored_messages(stored)?.into_iter().map(message_to_wit));
         let end = u32::try_from(messages.len())
             .map_err(|_| Error::Invalid("the page has over 4 billion messages; ask for a smaller page".into()))?;
         message_ends.push(end);
@@ -230,9 +227,14 @@ fn pack(
 
 /// A stored row's messages as WIT messages, and whether none is an error.
 fn messages(stored: Option<String>) -> Result<(Vec<wit::Message>, bool), Error> {
-    let messages: Vec<Message> = stored.map(|m| serde_json::from_str(&m)).transpose()?.unwrap_or_default();
+    let messages = stored_messages(stored)?;
     let valid = !messages.iter().any(|m| m.kind == MessageType::Error);
     Ok((messages.into_iter().map(message_to_wit).collect(), valid))
+}
+
+/// A stored row's messages (none when the column is empty).
+fn stored_messages(stored: Option<String>) -> Result<Vec<Message>, Error> {
+    Ok(stored.map(|m| serde_json::from_str(&m)).transpose()?.unwrap_or_default())
 }
 
 /// Reads one stored row (a JSON object) in one pass, calling `put(column, cell)` for each
