@@ -822,6 +822,60 @@ struct Memory {
     /// retry reads it back), and retention, the only other write to events, forgets what it
     /// deletes.
     events: HashMap<i64, (Event, usize)>,
+    /// Rowids of records this writer inserted, by sheet key: a validator marks a share of a
+    /// sheet's records, and each mark must first be shown to be in its sheet. Asked of the table,
+    /// that is a descent to a page of values the writer never otherwise reads (a `pread` each,
+    /// ~40% of a mark's time); remembered, it is a binary search. Only
+    /// [`Tx::insert_records`] adds rowids and [`Tx::delete_records`] (the only other write
+    /// that moves a record out of a sheet) forgets the sheet's.
+    records: RecordRanges,
+}
+
+/// Runs of consecutive rowids known to be records of a sheet, by sheet key, each sorted.
+#[derive(Default)]
+struct RecordRanges {
+    sheets: HashMap<i64, Vec<(i64, i64)>>,
+    /// Runs held, all sheets together (bounded by [`REMEMBERED`]).
+    runs: usize,
+}
+
+impl RecordRanges {
+    /// Notes that record `rowid` was just inserted into sheet `key`. SQLite gives a new row the
+    /// highest rowid yet plus one, so a batch of inserts extends one run; a rowid below a
+    /// sheet's last run (only after the highest rowid was taken) is not remembered.
+    fn inserted(&mut self, key: i64, rowid: i64) {
+        let runs = self.sheets.entry(key).or_default();
+        match runs.last_mut() {
+            Some((_, last)) if rowid == *last + 1 => *last = rowid,
+            Some((_, last)) if rowid <= *last => {}
+            _ => {
+                if self.runs >= REMEMBERED {
+                    self.sheets.clear();
+                    self.runs = 0;
+                }
+                self.sheets.entry(key).or_default().push((rowid, rowid));
+                self.runs += 1;
+            }
+        }
+    }
+
+    /// True when `rowid` is known to be a record of sheet `key`; false when not known either way.
+    fn contains(&self, key: i64, rowid: i64) -> bool {
+        let Some(runs) = self.sheets.get(&key) else { return false };
+        let i = runs.partition_point(|&(_, last)| last < rowid);
+        runs.get(i).is_some_and(|&(first, _)| first <= rowid)
+    }
+
+    fn forget_sheet(&mut self, key: i64) {
+        if let Some(runs) = self.sheets.remove(&key) {
+            self.runs -= runs.len();
+        }
+    }
+
+    fn forget(&mut self) {
+        self.sheets.clear();
+        self.runs = 0;
+    }
 }
 
 /// Chains, and jobs, remembered at most (a few MiB of jobs): a chain lives for the few calls of
@@ -844,6 +898,7 @@ impl Memory {
         self.jobs.clear();
         self.parts.clear();
         self.events.clear();
+        self.records.forget();
     }
 }
 
@@ -1099,7 +1154,8 @@ impl<'a, 'c> Conn<'a, 'c> {
         // Two statements, not one `INSERT … SELECT`: that form is planned as a many-row insert,
         // which opens a statement journal per call (1.34× the writer's instructions on the
         // engine bench's records row, callgrind).
-        let exists = self.hot(RECORD_IN_SHEET_SQL, |s| s.query_row([rowid, key], |_| Ok(())).optional())?.is_some();
+        let exists = self.memory.as_deref().is_some_and(|m| m.records.contains(key, rowid))
+            || self.hot(RECORD_IN_SHEET_SQL, |s| s.query_row([rowid, key], |_| Ok(())).optional())?.is_some();
         if exists {
             match messages {
                 Some(text) => self.hot(PUT_MESSAGES, |s| s.execute(params![rowid, key, text, has_error, now]))?,
@@ -1967,8 +2023,11 @@ impl Tx for Conn<'_, '_> {
         let mut n = 0;
         for (ord, r) in (first..).zip(records) {
             stmt.execute(params![key, ord, r.values, r.metadata, now]).db()?;
+            let rowid = self.conn.last_insert_rowid();
+            if let Some(memory) = self.memory.as_deref_mut() {
+                memory.records.inserted(key, rowid);
+            }
             if let Some(messages) = &r.messages {
-                let rowid = self.conn.last_insert_rowid();
                 self.conn
                     .prepare_cached(PUT_MESSAGES)
                     .db()?
@@ -2024,6 +2083,9 @@ impl Tx for Conn<'_, '_> {
 
     fn delete_records(&mut self, sheet_id: &str, rowids: &[i64]) -> Result<Option<i64>> {
         let key = self.sheet_key(sheet_id)?;
+        if let Some(memory) = self.memory.as_deref_mut() {
+            memory.records.forget_sheet(key);
+        }
         let mut ords = Vec::with_capacity(rowids.len());
         {
             let mut find = self.conn.prepare_cached("SELECT ord FROM records WHERE id = ?1 AND sheet_key = ?2").db()?;
@@ -2557,5 +2619,50 @@ impl Conn<'_, '_> {
             .execute([fastrand::u64(1..).to_string()])
             .db()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{REMEMBERED, RecordRanges};
+
+    #[test]
+    fn record_ranges_know_only_what_was_inserted_into_each_sheet() {
+        let mut r = RecordRanges::default();
+        for rowid in 10..=14 {
+            r.inserted(1, rowid);
+        }
+        r.inserted(2, 15);
+        r.inserted(1, 16);
+        assert_eq!(r.sheets[&1], [(10, 14), (16, 16)], "a batch is one run; a rowid past a gap starts one");
+        assert!([10, 12, 14, 16].iter().all(|&id| r.contains(1, id)));
+        assert!([9, 15, 17].iter().all(|&id| !r.contains(1, id)), "not known is not a record of the sheet");
+        assert!(r.contains(2, 15) && !r.contains(2, 14) && !r.contains(3, 15));
+
+        // A rowid at or below a sheet's last run (SQLite past the highest rowid) is not kept.
+        r.inserted(1, 12);
+        r.inserted(1, 5);
+        assert!(!r.contains(1, 5));
+        assert_eq!(r.runs, 3);
+
+        r.forget_sheet(1);
+        assert!(!r.contains(1, 10) && r.contains(2, 15));
+        assert_eq!(r.runs, 1);
+        r.forget();
+        assert!(!r.contains(2, 15));
+        assert_eq!(r.runs, 0);
+    }
+
+    #[test]
+    fn record_ranges_stay_bounded() {
+        let mut r = RecordRanges::default();
+        // Every other rowid: a run each.
+        for i in 0..REMEMBERED as i64 {
+            r.inserted(i % 7, i * 2);
+        }
+        assert_eq!(r.runs, REMEMBERED);
+        r.inserted(99, 1_000_000);
+        assert_eq!(r.runs, 1, "past the bound, everything is forgotten and the new run kept");
+        assert!(r.contains(99, 1_000_000) && !r.contains(0, 0));
     }
 }

@@ -309,6 +309,12 @@ macro_rules! conformance_suite {
             [tokio::test]
         );
         $crate::__conformance_case!($open, $again, rules, record_deletion_is_all_or_none_and_keeps_pages_dense, [tokio::test]);
+        $crate::__conformance_case!(
+            $open, $again,
+            rules,
+            a_record_id_marks_only_its_own_sheet_even_after_a_delete,
+            [tokio::test]
+        );
         $crate::__conformance_case!($open, $again, rules, nothing_crosses_environments, [tokio::test]);
         $crate::__conformance_case!(
             $open, $again,

@@ -909,6 +909,45 @@ pub async fn record_deletion_is_all_or_none_and_keeps_pages_dense() {
     assert_eq!(env.delete_records(&sheet.id, vec![]).await.unwrap(), 0);
 }
 
+/// A record's id marks only a record of the sheet it names, whatever the store knows or
+/// remembers: an id of another sheet is refused, and so is the id of a deleted record — even
+/// when a new record of another sheet now has the same key (SQLite gives a new row the highest
+/// rowid plus one, so deleting a sheet's last record frees its key for the next insert).
+pub async fn a_record_id_marks_only_its_own_sheet_even_after_a_delete() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let (a, b) = (env.create_sheet("a").await.unwrap(), env.create_sheet("b").await.unwrap());
+    let one = |n: u64| NewRecord { values: [("n".to_owned(), json!(n))].into_iter().collect(), ..Default::default() };
+    let mark = |id: &str| {
+        vec![RecordUpdate {
+            id: id.to_owned(),
+            messages: Some(vec![Message::error("n", "marked")]),
+            ..Default::default()
+        }]
+    };
+    env.insert_records(&a.id, (0..3).map(one).collect()).await.unwrap();
+    let ids: Vec<String> = env.records(&a.id, 10, 1).await.unwrap().records.into_iter().map(|r| r.id).collect();
+    assert_eq!(env.update_records(&a.id, mark(&ids[2])).await.unwrap(), 1);
+
+    // The sheet's last record goes; the next record, of the other sheet, may take its key.
+    env.delete_records(&a.id, vec![ids[2].clone()]).await.unwrap();
+    env.insert_records(&b.id, vec![one(9)]).await.unwrap();
+    let theirs = env.records(&b.id, 10, 1).await.unwrap().records.remove(0).id;
+    for id in [&ids[2], &theirs] {
+        let err = env.update_records(&a.id, mark(id)).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound, "{id} is not a record of sheet a: {err}");
+    }
+    let b_page = env.records(&b.id, 10, 1).await.unwrap().records;
+    assert!(b_page[0].valid && b_page[0].values["n"].messages.is_empty(), "b's record is untouched: {b_page:?}");
+    assert_eq!(env.record_counts(&b.id).await.unwrap().error, 0);
+
+    // The survivors and the new record are marked as before.
+    assert_eq!(env.update_records(&a.id, mark(&ids[1])).await.unwrap(), 1);
+    assert_eq!(env.update_records(&b.id, mark(&theirs)).await.unwrap(), 1);
+    let (ca, cb) = (env.record_counts(&a.id).await.unwrap(), env.record_counts(&b.id).await.unwrap());
+    assert_eq!((ca.total, ca.error, cb.total, cb.error), (2, 1, 1, 1));
+}
+
 pub async fn nothing_crosses_environments() {
     let host = TestHost::new();
     let (a, b) = (host.env().await, host.env().await);
