@@ -136,6 +136,35 @@ fn records_and_their_messages_are_found_by_key() {
     assert!(record[0].contains("SEARCH records USING INTEGER PRIMARY KEY (rowid=?)"), "{record:?}");
 }
 
+/// A sheet's record count is one descent of the order index to its highest `ord`, not a walk
+/// of its entries: the seeds' job reads it twice on its critical path, and `COUNT(*)` over a
+/// million records took ~60 ms each time. Counted here in SQLite's virtual-machine steps,
+/// which a walk makes a few per record.
+#[tokio::test]
+async fn a_sheets_record_count_reads_no_more_for_more_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open_engine(dir.path(), test_config()).unwrap();
+    let env = engine.env(engine.create_environment("count").await.unwrap().id);
+    let sheet = env.create_sheet("s").await.unwrap();
+    let conn = jobhost_store_sqlite::reader_connection(dir.path()).unwrap();
+    let steps = |expected: i64| {
+        let mut stmt = conn.prepare(jobhost_store_sqlite::SHEET_SIZE_SQL).unwrap();
+        let n: i64 = stmt.query_row([1], |r| r.get(0)).unwrap();
+        assert_eq!(n, expected);
+        stmt.get_status(rusqlite::StatementStatus::VmStep)
+    };
+    assert_eq!(steps(0), steps(0), "an empty sheet");
+    let (rows, _) = jobhost_engine::scenario::sample_records(5);
+    env.insert_records(&sheet.id, rows).await.unwrap();
+    let few = steps(5);
+    let (rows, _) = jobhost_engine::scenario::sample_records(3000);
+    env.insert_records(&sheet.id, rows).await.unwrap();
+    let many = steps(3005);
+    assert_eq!(few, many, "the same steps for 5 and 3,005 records");
+    assert!(many < 100, "{many} steps");
+    assert_eq!(env.record_counts(&sheet.id).await.unwrap().total, 3005);
+}
+
 /// A statement is planned once: binding new values to it (a page of records, a lease, each
 /// with `ORDER BY … LIMIT ?`) does not make SQLite parse and plan it again.
 #[test]
