@@ -315,6 +315,12 @@ macro_rules! conformance_suite {
             a_record_id_marks_only_its_own_sheet_even_after_a_delete,
             [tokio::test]
         );
+        $crate::__conformance_case!(
+            $open, $again,
+            rules,
+            many_marks_at_once_reach_only_their_sheets_records,
+            [tokio::test]
+        );
         $crate::__conformance_case!($open, $again, rules, nothing_crosses_environments, [tokio::test]);
         $crate::__conformance_case!(
             $open, $again,

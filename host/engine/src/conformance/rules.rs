@@ -840,16 +840,18 @@ pub async fn record_updates_merge_values_replace_messages_and_derive_validity() 
     assert_eq!(env.record_counts(&sheet.id).await.unwrap().total, 5);
 }
 
+/// `n` records whose one field `n` counts from 0.
+fn numbered(n: u64) -> Vec<NewRecord> {
+    (0..n)
+        .map(|i| NewRecord { values: [("n".to_owned(), json!(i))].into_iter().collect(), ..Default::default() })
+        .collect()
+}
+
 pub async fn record_deletion_is_all_or_none_and_keeps_pages_dense() {
     let host = TestHost::new();
     let env = host.env().await;
     let sheet = env.create_sheet("s").await.unwrap();
     let other = env.create_sheet("other").await.unwrap();
-    let numbered = |n: u64| -> Vec<NewRecord> {
-        (0..n)
-            .map(|i| NewRecord { values: [("n".to_owned(), json!(i))].into_iter().collect(), ..Default::default() })
-            .collect()
-    };
     env.insert_records(&sheet.id, numbered(50)).await.unwrap();
     env.insert_records(&other.id, numbered(3)).await.unwrap();
     // Errors on two records that go (the last record among them) and on one that stays.
@@ -917,7 +919,6 @@ pub async fn a_record_id_marks_only_its_own_sheet_even_after_a_delete() {
     let host = TestHost::new();
     let env = host.env().await;
     let (a, b) = (env.create_sheet("a").await.unwrap(), env.create_sheet("b").await.unwrap());
-    let one = |n: u64| NewRecord { values: [("n".to_owned(), json!(n))].into_iter().collect(), ..Default::default() };
     let mark = |id: &str| {
         vec![RecordUpdate {
             id: id.to_owned(),
@@ -925,13 +926,13 @@ pub async fn a_record_id_marks_only_its_own_sheet_even_after_a_delete() {
             ..Default::default()
         }]
     };
-    env.insert_records(&a.id, (0..3).map(one).collect()).await.unwrap();
+    env.insert_records(&a.id, numbered(3)).await.unwrap();
     let ids: Vec<String> = env.records(&a.id, 10, 1).await.unwrap().records.into_iter().map(|r| r.id).collect();
     assert_eq!(env.update_records(&a.id, mark(&ids[2])).await.unwrap(), 1);
 
     // The sheet's last record goes; the next record, of the other sheet, may take its key.
     env.delete_records(&a.id, vec![ids[2].clone()]).await.unwrap();
-    env.insert_records(&b.id, vec![one(9)]).await.unwrap();
+    env.insert_records(&b.id, numbered(1)).await.unwrap();
     let theirs = env.records(&b.id, 10, 1).await.unwrap().records.remove(0).id;
     for id in [&ids[2], &theirs] {
         let err = env.update_records(&a.id, mark(id)).await.unwrap_err();
@@ -946,6 +947,46 @@ pub async fn a_record_id_marks_only_its_own_sheet_even_after_a_delete() {
     assert_eq!(env.update_records(&b.id, mark(&theirs)).await.unwrap(), 1);
     let (ca, cb) = (env.record_counts(&a.id).await.unwrap(), env.record_counts(&b.id).await.unwrap());
     assert_eq!((ca.total, ca.error, cb.total, cb.error), (2, 1, 1, 1));
+}
+
+/// One update that marks many records, some of them not the sheet's: an id of another
+/// sheet's record between the sheet's own (two imports interleaved), and a deleted record's id
+/// (a delete also makes the SQLite writer forget what it inserted, so the marks are read from
+/// the table). All or nothing, as for one record.
+pub async fn many_marks_at_once_reach_only_their_sheets_records() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let (a, b) = (env.create_sheet("a").await.unwrap(), env.create_sheet("b").await.unwrap());
+    env.insert_records(&a.id, numbered(30)).await.unwrap();
+    env.insert_records(&b.id, numbered(1)).await.unwrap();
+    env.insert_records(&a.id, numbered(30)).await.unwrap();
+    let ids = |page: Vec<crate::model::Record>| page.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    let mine = ids(env.records(&a.id, 100, 1).await.unwrap().records);
+    let theirs = ids(env.records(&b.id, 10, 1).await.unwrap().records).remove(0);
+    let gone = mine[40].clone();
+    env.delete_records(&a.id, vec![gone.clone()]).await.unwrap();
+    let marks = |extra: Option<&String>| -> Vec<RecordUpdate> {
+        mine.iter()
+            .filter(|id| **id != gone)
+            .take(45)
+            .chain(extra)
+            .map(|id| RecordUpdate {
+                id: id.clone(),
+                messages: Some(vec![Message::error("n", "marked")]),
+                ..Default::default()
+            })
+            .collect()
+    };
+    for extra in [&theirs, &gone] {
+        let err = env.update_records(&a.id, marks(Some(extra))).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound, "{extra} is not a record of sheet a: {err}");
+        assert_eq!(env.record_counts(&a.id).await.unwrap().error, 0, "nothing is marked");
+        assert_eq!(env.record_counts(&b.id).await.unwrap().error, 0);
+    }
+    assert_eq!(env.update_records(&a.id, marks(None)).await.unwrap(), 45);
+    let counts = env.record_counts(&a.id).await.unwrap();
+    assert_eq!((counts.total, counts.error), (59, 45));
+    assert_eq!(env.record_counts(&b.id).await.unwrap().error, 0);
 }
 
 pub async fn nothing_crosses_environments() {
