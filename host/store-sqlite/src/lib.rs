@@ -846,7 +846,7 @@ impl RecordRanges {
     fn inserted(&mut self, key: i64, rowid: i64) {
         let runs = self.sheets.entry(key).or_default();
         match runs.last_mut() {
-            Some((_, last)) if rowid == *last + 1 => *last = rowid,
+            Some((_, last)) if last.checked_add(1) == Some(rowid) => *last = rowid,
             Some((_, last)) if rowid <= *last => {}
             _ => {
                 if self.runs >= REMEMBERED {
@@ -2651,6 +2651,11 @@ mod tests {
         r.forget();
         assert!(!r.contains(2, 15));
         assert_eq!(r.runs, 0);
+
+        // Past the highest rowid SQLite can give, the next is chosen at random, below it.
+        r.inserted(3, i64::MAX);
+        r.inserted(3, 7);
+        assert!(r.contains(3, i64::MAX) && !r.contains(3, 7));
     }
 
     #[test]
