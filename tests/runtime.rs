@@ -98,12 +98,7 @@ async fn a_failing_part_fails_the_parent() {
 /// it asks, and so sees its own writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_are_read_ahead_for_a_reader_and_a_writer_between_pages_sees_its_writes() {
-    let host = TestHost::new();
-    let env = host.env().await;
-    let rt = test_runtime();
-    let plugin = load(&rt, artifacts::TEST_NOOP).await;
-    let running = host.engine.run(vec![rt.listener(plugin, env.id())]).await.unwrap();
-    let sheet = env.create_sheet("pages").await.unwrap();
+    let (_host, env, rt, running, sheet) = noop_host_with_sheet("pages").await;
     // Five full pages of 100 and a sixth of 7.
     env.insert_records(&sheet.id, scenario::sample_records(507).0).await.unwrap();
     let run = |operation: &'static str| {
@@ -148,12 +143,7 @@ async fn pages_are_read_ahead_for_a_reader_and_a_writer_between_pages_sees_its_w
 #[tokio::test]
 async fn a_guest_reads_the_same_pages_in_both_packed_shapes() {
     use jobhost::model::{Message, MessageType};
-    let host = TestHost::new();
-    let env = host.env().await;
-    let rt = test_runtime();
-    let plugin = load(&rt, artifacts::TEST_NOOP).await;
-    let running = host.engine.run(vec![rt.listener(plugin, env.id())]).await.unwrap();
-    let sheet = env.create_sheet("shapes").await.unwrap();
+    let (_host, env, _rt, running, sheet) = noop_host_with_sheet("shapes").await;
     let message =
         |kind, text: &str, field: Option<&str>| Message { kind, message: text.into(), field: field.map(str::to_owned) };
     // 250 records: every 7th with a warning, every 11th with an error on a field and a note on
@@ -176,6 +166,26 @@ async fn a_guest_reads_the_same_pages_in_both_packed_shapes() {
     assert_eq!(job.status, JobStatus::Complete, "{}", job.outcome);
     assert_eq!(job.outcome, json!({"records": 250, "messages": messages}));
     running.shutdown().await;
+}
+
+/// A host running the `test-noop` plugin (on the runtime returned) in one environment, and an
+/// empty sheet `name` there.
+async fn noop_host_with_sheet(
+    name: &str,
+) -> (
+    TestHost,
+    jobhost::Env,
+    std::sync::Arc<jobhost::runtime::Runtime>,
+    jobhost::delivery::Running,
+    jobhost::model::Sheet,
+) {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let rt = test_runtime();
+    let plugin = load(&rt, artifacts::TEST_NOOP).await;
+    let running = host.engine.run(vec![rt.listener(plugin, env.id())]).await.unwrap();
+    let sheet = env.create_sheet(name).await.unwrap();
+    (host, env, rt, running, sheet)
 }
 
 /// A host with the well-behaved and the misbehaving plugin, in two environments.

@@ -840,20 +840,20 @@ struct RecordRanges {
 }
 
 impl RecordRanges {
-    /// Notes that record `rowid` was just inserted into sheet `key`. SQLite gives a new row the
-    /// highest rowid yet plus one, so a batch of inserts extends one run; a rowid below a
-    /// sheet's last run (only after the highest rowid was taken) is not remembered.
-    fn inserted(&mut self, key: i64, rowid: i64) {
+    /// Notes that records `first..=last` were just inserted into sheet `key`. SQLite gives a
+    /// new row the highest rowid yet plus one, so a batch of inserts extends one run; a run
+    /// below a sheet's last one (only after the highest rowid was taken) is not remembered.
+    fn inserted(&mut self, key: i64, first: i64, last: i64) {
         let runs = self.sheets.entry(key).or_default();
         match runs.last_mut() {
-            Some((_, last)) if last.checked_add(1) == Some(rowid) => *last = rowid,
-            Some((_, last)) if rowid <= *last => {}
+            Some((_, end)) if end.checked_add(1) == Some(first) => *end = last,
+            Some((_, end)) if first <= *end => {}
             _ => {
                 if self.runs >= REMEMBERED {
                     self.sheets.clear();
                     self.runs = 0;
                 }
-                self.sheets.entry(key).or_default().push((rowid, rowid));
+                self.sheets.entry(key).or_default().push((first, last));
                 self.runs += 1;
             }
         }
@@ -2021,12 +2021,21 @@ impl Tx for Conn<'_, '_> {
             )
             .db()?;
         let mut n = 0;
+        // The rowids inserted, as runs handed to the writer's memory one at a time (a batch is
+        // one run): not a map lookup per record on the import's path.
+        let mut run: Option<(i64, i64)> = None;
         for (ord, r) in (first..).zip(records) {
             stmt.execute(params![key, ord, r.values, r.metadata, now]).db()?;
             let rowid = self.conn.last_insert_rowid();
-            if let Some(memory) = self.memory.as_deref_mut() {
-                memory.records.inserted(key, rowid);
-            }
+            run = match run {
+                Some((from, to)) if to.checked_add(1) == Some(rowid) => Some((from, rowid)),
+                ended => {
+                    if let (Some(memory), Some((from, to))) = (self.memory.as_deref_mut(), ended) {
+                        memory.records.inserted(key, from, to);
+                    }
+                    Some((rowid, rowid))
+                }
+            };
             if let Some(messages) = &r.messages {
                 self.conn
                     .prepare_cached(PUT_MESSAGES)
@@ -2035,6 +2044,9 @@ impl Tx for Conn<'_, '_> {
                     .db()?;
             }
             n += 1;
+        }
+        if let (Some(memory), Some((from, to))) = (self.memory.as_deref_mut(), run) {
+            memory.records.inserted(key, from, to);
         }
         Ok(n)
     }
@@ -2630,18 +2642,18 @@ mod tests {
     fn record_ranges_know_only_what_was_inserted_into_each_sheet() {
         let mut r = RecordRanges::default();
         for rowid in 10..=14 {
-            r.inserted(1, rowid);
+            r.inserted(1, rowid, rowid);
         }
-        r.inserted(2, 15);
-        r.inserted(1, 16);
+        r.inserted(2, 15, 15);
+        r.inserted(1, 16, 16);
         assert_eq!(r.sheets[&1], [(10, 14), (16, 16)], "a batch is one run; a rowid past a gap starts one");
         assert!([10, 12, 14, 16].iter().all(|&id| r.contains(1, id)));
         assert!([9, 15, 17].iter().all(|&id| !r.contains(1, id)), "not known is not a record of the sheet");
         assert!(r.contains(2, 15) && !r.contains(2, 14) && !r.contains(3, 15));
 
         // A rowid at or below a sheet's last run (SQLite past the highest rowid) is not kept.
-        r.inserted(1, 12);
-        r.inserted(1, 5);
+        r.inserted(1, 12, 12);
+        r.inserted(1, 5, 5);
         assert!(!r.contains(1, 5));
         assert_eq!(r.runs, 3);
 
@@ -2653,8 +2665,8 @@ mod tests {
         assert_eq!(r.runs, 0);
 
         // Past the highest rowid SQLite can give, the next is chosen at random, below it.
-        r.inserted(3, i64::MAX);
-        r.inserted(3, 7);
+        r.inserted(3, i64::MAX, i64::MAX);
+        r.inserted(3, 7, 7);
         assert!(r.contains(3, i64::MAX) && !r.contains(3, 7));
     }
 
@@ -2663,10 +2675,10 @@ mod tests {
         let mut r = RecordRanges::default();
         // Every other rowid: a run each.
         for i in 0..REMEMBERED as i64 {
-            r.inserted(i % 7, i * 2);
+            r.inserted(i % 7, i * 2, i * 2);
         }
         assert_eq!(r.runs, REMEMBERED);
-        r.inserted(99, 1_000_000);
+        r.inserted(99, 1_000_000, 1_000_000);
         assert_eq!(r.runs, 1, "past the bound, everything is forgotten and the new run kept");
         assert!(r.contains(99, 1_000_000) && !r.contains(0, 0));
     }

@@ -847,6 +847,11 @@ fn numbered(n: u64) -> Vec<NewRecord> {
         .collect()
 }
 
+/// An update that gives record `id` an error on field `n`.
+fn marked(id: &str) -> RecordUpdate {
+    RecordUpdate { id: id.to_owned(), messages: Some(vec![Message::error("n", "marked")]), ..Default::default() }
+}
+
 pub async fn record_deletion_is_all_or_none_and_keeps_pages_dense() {
     let host = TestHost::new();
     let env = host.env().await;
@@ -919,13 +924,7 @@ pub async fn a_record_id_marks_only_its_own_sheet_even_after_a_delete() {
     let host = TestHost::new();
     let env = host.env().await;
     let (a, b) = (env.create_sheet("a").await.unwrap(), env.create_sheet("b").await.unwrap());
-    let mark = |id: &str| {
-        vec![RecordUpdate {
-            id: id.to_owned(),
-            messages: Some(vec![Message::error("n", "marked")]),
-            ..Default::default()
-        }]
-    };
+    let mark = |id: &str| vec![marked(id)];
     env.insert_records(&a.id, numbered(3)).await.unwrap();
     let ids: Vec<String> = env.records(&a.id, 10, 1).await.unwrap().records.into_iter().map(|r| r.id).collect();
     assert_eq!(env.update_records(&a.id, mark(&ids[2])).await.unwrap(), 1);
@@ -966,16 +965,7 @@ pub async fn many_marks_at_once_reach_only_their_sheets_records() {
     let gone = mine[40].clone();
     env.delete_records(&a.id, vec![gone.clone()]).await.unwrap();
     let marks = |extra: Option<&String>| -> Vec<RecordUpdate> {
-        mine.iter()
-            .filter(|id| **id != gone)
-            .take(45)
-            .chain(extra)
-            .map(|id| RecordUpdate {
-                id: id.clone(),
-                messages: Some(vec![Message::error("n", "marked")]),
-                ..Default::default()
-            })
-            .collect()
+        mine.iter().filter(|id| **id != gone).take(45).chain(extra).map(|id| marked(id)).collect()
     };
     for extra in [&theirs, &gone] {
         let err = env.update_records(&a.id, marks(Some(extra))).await.unwrap_err();
