@@ -949,7 +949,8 @@ pub async fn a_record_id_marks_only_its_own_sheet_even_after_a_delete() {
 }
 
 /// One update that marks many records, some of them not the sheet's: an id of another
-/// sheet's record between the sheet's own (two imports interleaved), and a deleted record's id
+/// sheet's record between the sheet's own (two imports interleaved; marked alone too, before
+/// anything is deleted), and a deleted record's id
 /// (a delete also makes the SQLite writer forget what it inserted, so the marks are read from
 /// the table). All or nothing, as for one record.
 pub async fn many_marks_at_once_reach_only_their_sheets_records() {
@@ -962,6 +963,9 @@ pub async fn many_marks_at_once_reach_only_their_sheets_records() {
     let ids = |page: Vec<crate::model::Record>| page.into_iter().map(|r| r.id).collect::<Vec<_>>();
     let mine = ids(env.records(&a.id, 100, 1).await.unwrap().records);
     let theirs = ids(env.records(&b.id, 10, 1).await.unwrap().records).remove(0);
+    // The other sheet's record, alone, while the SQLite writer still remembers both imports.
+    let err = env.update_records(&a.id, vec![marked(&theirs)]).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{theirs} is not a record of sheet a: {err}");
     let gone = mine[40].clone();
     env.delete_records(&a.id, vec![gone.clone()]).await.unwrap();
     let marks = |extra: Option<&String>| -> Vec<RecordUpdate> {
