@@ -60,7 +60,7 @@ use crate::model::{
     RecordPage, RecordUpdate, Sheet, Split, new_id,
 };
 use crate::routing::Router;
-use crate::store::{Backend, DeliveryStats, HostRecord, RawRecord, Store};
+use crate::store::{Backend, DeliveryStats, HostRecord, RawRecord, RowSink, Store};
 
 pub use rules::SplitResult;
 pub use watchdog::SweepReport;
@@ -773,16 +773,33 @@ impl Env {
     /// One page as stored rows, undecoded — for runtimes that convert rows into their own
     /// shape without building [`Record`](crate::model::Record)s first.
     pub async fn record_rows(&self, sheet_id: &str, page_size: u32, page_number: u32) -> Result<Vec<RawRecord>> {
-        if page_size == 0 || page_size > MAX_PAGE_SIZE {
-            return Err(Error::invalid(format!("pageSize must be 1..={MAX_PAGE_SIZE}, not {page_size}")));
-        }
-        if page_number == 0 {
-            return Err(Error::invalid("pageNumber is 1-based; 0 is not a page"));
-        }
+        let offset = page_offset(page_size, page_number)?;
         let sheet_id = sheet_id.to_owned();
         self.read(move |r, env| {
             r.sheet(env, &sheet_id)?.ok_or_else(|| Error::not_found("sheet", &sheet_id))?;
-            r.record_rows(&sheet_id, u64::from(page_number - 1) * u64::from(page_size), page_size)
+            r.record_rows(&sheet_id, offset, page_size)
+        })
+        .await
+    }
+
+    /// One page handed to `sink` on the store's read thread, its rows borrowed from the
+    /// store's buffers ([`ReadTx::visit_record_rows`](crate::store::ReadTx::visit_record_rows)):
+    /// for runtimes that turn rows into their own shape, with no `String` per row and the work
+    /// done where the rows are read. Returns the sink, filled; the same checks and errors as
+    /// [`record_rows`](Self::record_rows).
+    pub async fn record_page_into<S: RowSink + Send + 'static>(
+        &self,
+        sheet_id: &str,
+        page_size: u32,
+        page_number: u32,
+        mut sink: S,
+    ) -> Result<S> {
+        let offset = page_offset(page_size, page_number)?;
+        let sheet_id = sheet_id.to_owned();
+        self.read(move |r, env| {
+            r.sheet(env, &sheet_id)?.ok_or_else(|| Error::not_found("sheet", &sheet_id))?;
+            r.visit_record_rows(&sheet_id, offset, page_size, &mut sink)?;
+            Ok(sink)
         })
         .await
     }
@@ -1022,12 +1039,22 @@ impl Env {
     }
 }
 
+/// Where page `page_number` (1-based) of `page_size` records starts, or why it is no page.
+fn page_offset(page_size: u32, page_number: u32) -> Result<u64> {
+    if page_size == 0 || page_size > MAX_PAGE_SIZE {
+        return Err(Error::invalid(format!("pageSize must be 1..={MAX_PAGE_SIZE}, not {page_size}")));
+    }
+    if page_number == 0 {
+        return Err(Error::invalid("pageNumber is 1-based; 0 is not a page"));
+    }
+    Ok(u64::from(page_number - 1) * u64::from(page_size))
+}
+
 /// The SHA-256 of a token, hex: what the store keeps.
 pub fn token_hash(token: &str) -> String {
     crate::model::sha256_hex(token.as_bytes(), 32)
 }
 
-/// `n` random bytes from the OS, hex.
 /// `n` bytes from the operating system's random source, in hex: tokens and session ids.
 pub fn random_hex(n: usize) -> std::io::Result<String> {
     use std::io::Read;

@@ -9,7 +9,7 @@ use serde_json::Value;
 use super::bindings::jobhost::plugin::types as wit;
 use crate::error::Error;
 use crate::model::{Event, Job, JobStatus, Message, MessageType, RecordUpdate, json_string, json_text};
-use crate::store::RawRecord;
+use crate::store::{RawRecord, RowSink};
 use jobhost_engine::FieldKey;
 
 pub fn error(e: Error) -> wit::Error {
@@ -154,23 +154,70 @@ pub fn packed_page(rows: Vec<RawRecord>) -> Result<wit::PackedPage, Error> {
     Ok(wit::PackedPage { fields: cells.fields, rows: out, cells: cells.cells, text: cells.text })
 }
 
-/// Stored rows straight to a page in flat buffers (`page-buffers` in the WIT): the cells as
-/// in [`packed_page`], the ids in one list and every message of the page in one list, so
-/// lowering the page calls into the guest a fixed number of times plus at most two per message, not
-/// once per record (wasmtime allocates even an empty list in the guest).
-pub fn page_buffers(rows: Vec<RawRecord>) -> Result<wit::PageBuffers, Error> {
-    let mut ids = Vec::with_capacity(rows.len());
-    let mut message_ends = Vec::with_capacity(rows.len());
-    let mut messages = Vec::new();
-    let cells = pack(rows, |id, stored| {
-        ids.push(id);
-        messages.extend(stored_messages(stored)?.into_iter().map(message_to_wit));
-        let end = u32::try_from(messages.len())
-            .map_err(|_| Error::Invalid("the page has over 4 billion messages; ask for a smaller page".into()))?;
-        message_ends.push(end);
+/// Builds a page in flat buffers (`page-buffers` in the WIT) from rows the store hands over
+/// one at a time, borrowed from its own buffers ([`RowSink`]), on the thread that reads them:
+/// the cells as in [`packed_page`], the ids in one list and every message of the page in one
+/// list, so lowering the page calls into the guest a fixed number of times plus at most two
+/// per message, not once per record (wasmtime allocates even an empty list in the guest).
+pub struct BuffersSink {
+    packer: Packer,
+    ids: Vec<u64>,
+    /// Whether `ids` ascend (a sheet's stable order is its ids' order), asked once.
+    ascending: Option<bool>,
+    /// The messages of the rows that have any, by the row's place on the page.
+    messages: Vec<(usize, Vec<Message>)>,
+}
+
+impl BuffersSink {
+    /// A sink for a page of about `rows` rows.
+    pub fn new(rows: usize) -> Self {
+        Self { packer: Packer::new(rows), ids: Vec::with_capacity(rows), ascending: None, messages: Vec::new() }
+    }
+
+    /// The page.
+    pub fn finish(mut self) -> Result<wit::PageBuffers, Error> {
+        self.messages.sort_by_key(|(at, _)| *at);
+        let mut message_ends = Vec::with_capacity(self.ids.len());
+        let mut messages = Vec::new();
+        let mut own = self.messages.into_iter().peekable();
+        for at in 0..self.ids.len() {
+            if let Some((_, list)) = own.next_if(|(i, _)| *i == at) {
+                messages.extend(list.into_iter().map(message_to_wit));
+            }
+            let end = u32::try_from(messages.len())
+                .map_err(|_| Error::Invalid("the page has over 4 billion messages; ask for a smaller page".into()))?;
+            message_ends.push(end);
+        }
+        let cells = self.packer.finish();
+        Ok(wit::PageBuffers {
+            fields: cells.fields,
+            ids: self.ids,
+            cells: cells.cells,
+            text: cells.text,
+            message_ends,
+            messages,
+        })
+    }
+}
+
+impl RowSink for BuffersSink {
+    fn row(&mut self, rowid: i64, values: &str) -> Result<(), Error> {
+        self.packer.push(values)?;
+        self.ids.push(rowid as u64);
         Ok(())
-    })?;
-    Ok(wit::PageBuffers { fields: cells.fields, ids, cells: cells.cells, text: cells.text, message_ends, messages })
+    }
+
+    fn messages(&mut self, rowid: i64, stored: &str) -> Result<(), Error> {
+        let id = rowid as u64;
+        let ascending = *self.ascending.get_or_insert_with(|| self.ids.is_sorted());
+        let at = if ascending { self.ids.binary_search(&id).ok() } else { self.ids.iter().position(|&i| i == id) };
+        let at = at.ok_or_else(|| Error::Invalid(format!("messages for record {rowid}, which is not on the page")))?;
+        let list: Vec<Message> = serde_json::from_str(stored)?;
+        if !list.is_empty() {
+            self.messages.push((at, list));
+        }
+        Ok(())
+    }
 }
 
 /// The cells of a page (see `packed-page` in the WIT).
@@ -180,49 +227,80 @@ struct PackedCells {
     text: String,
 }
 
+/// Packs stored rows' values, a row at a time, into one cell buffer and one text.
+struct Packer {
+    columns: Columns,
+    text: String,
+    /// Each row's cells, `widths[i]` long: the number of fields known when row `i` was read.
+    cells: Vec<PackedCell>,
+    widths: Vec<usize>,
+    /// Rows expected: room is made for them after the first.
+    rows: usize,
+}
+
+impl Packer {
+    fn new(rows: usize) -> Self {
+        Self {
+            columns: Columns::default(),
+            text: String::new(),
+            cells: Vec::new(),
+            widths: Vec::with_capacity(rows),
+            rows,
+        }
+    }
+
+    fn push(&mut self, values: &str) -> Result<(), Error> {
+        if self.widths.len() == 1 {
+            // Rows of a sheet are mostly as wide and as long as the first; the text is never
+            // longer than the rows' JSON.
+            let more = self.rows.saturating_sub(1);
+            self.cells.reserve(self.cells.len() * more);
+            self.text.reserve(self.text.len().max(values.len()) * more);
+        }
+        let start = self.cells.len();
+        self.cells.resize(start + self.columns.fields.len(), [0; PACKED_CELL]);
+        let (cells, text) = (&mut self.cells, &mut self.text);
+        read_row(values, &mut self.columns, |i, cell| {
+            if start + i >= cells.len() {
+                cells.resize(start + i + 1, [0; PACKED_CELL]);
+            }
+            cells[start + i] = cell.into_packed(text)?;
+            Ok(())
+        })?;
+        self.widths.push(self.cells.len() - start);
+        Ok(())
+    }
+
+    fn finish(self) -> PackedCells {
+        let Self { columns, text, mut cells, widths, .. } = self;
+        // Rows read before a field was first seen are narrower: spread them to the page's width.
+        let n = columns.fields.len();
+        if widths.iter().any(|&w| w != n) {
+            let mut wide = Vec::with_capacity(n * widths.len());
+            let mut at = 0;
+            for w in widths {
+                wide.extend_from_slice(&cells[at..at + w]);
+                wide.resize(wide.len() + n - w, [0; PACKED_CELL]);
+                at += w;
+            }
+            cells = wide;
+        }
+        PackedCells { fields: columns.fields, cells: cells.into_flattened(), text }
+    }
+}
+
 /// Packs stored rows' values into one cell buffer and one text; `row(id, messages)` is
 /// called with each row's id and stored messages, in order.
 fn pack(
     rows: Vec<RawRecord>,
     mut row: impl FnMut(u64, Option<String>) -> Result<(), Error>,
 ) -> Result<PackedCells, Error> {
-    let mut columns = Columns::default();
-    // The text is never longer than the rows' JSON: one allocation, no regrowth.
-    let mut text = String::with_capacity(rows.iter().map(|r| r.values.len()).sum());
-    // Each row's cells, `widths[i]` long: the number of fields known when row `i` was read.
-    let mut cells = Vec::new();
-    let mut widths = Vec::with_capacity(rows.len());
-    let count = rows.len();
+    let mut packer = Packer::new(rows.len());
     for raw in rows {
-        if widths.len() == 1 {
-            // Rows of a sheet are mostly as wide as the first.
-            cells.reserve(cells.len() * (count - 1));
-        }
-        let start = cells.len();
-        cells.resize(start + columns.fields.len(), [0; PACKED_CELL]);
-        read_row(&raw.values, &mut columns, |i, cell| {
-            if start + i >= cells.len() {
-                cells.resize(start + i + 1, [0; PACKED_CELL]);
-            }
-            cells[start + i] = cell.into_packed(&mut text)?;
-            Ok(())
-        })?;
-        widths.push(cells.len() - start);
+        packer.push(&raw.values)?;
         row(raw.rowid as u64, raw.messages)?;
     }
-    // Rows read before a field was first seen are narrower: spread them to the page's width.
-    let n = columns.fields.len();
-    if widths.iter().any(|&w| w != n) {
-        let mut wide = Vec::with_capacity(n * widths.len());
-        let mut at = 0;
-        for w in widths {
-            wide.extend_from_slice(&cells[at..at + w]);
-            wide.resize(wide.len() + n - w, [0; PACKED_CELL]);
-            at += w;
-        }
-        cells = wide;
-    }
-    Ok(PackedCells { fields: columns.fields, cells: cells.into_flattened(), text })
+    Ok(packer.finish())
 }
 
 /// A stored row's messages as WIT messages, and whether none is an error.
@@ -469,6 +547,21 @@ mod tests {
         wit::RecordPage { fields, rows: out }
     }
 
+    /// The page a [`BuffersSink`] builds from `rows`, handed over as the store's default
+    /// `visit_record_rows` does.
+    fn page_buffers(rows: Vec<RawRecord>) -> Result<wit::PageBuffers, Error> {
+        let mut sink = BuffersSink::new(rows.len());
+        for raw in &rows {
+            sink.row(raw.rowid, &raw.values)?;
+        }
+        for raw in &rows {
+            if let Some(m) = &raw.messages {
+                sink.messages(raw.rowid, m)?;
+            }
+        }
+        sink.finish()
+    }
+
     fn raw(rowid: i64, values: &Value) -> RawRecord {
         RawRecord { rowid, values: values.to_string(), messages: None, metadata: None }
     }
@@ -521,13 +614,32 @@ mod tests {
                         };
                         values.insert(key, g.value(0));
                     }
-                    raw(i as i64 + 1, &Value::Object(values))
+                    let mut row = raw(i as i64 + 1, &Value::Object(values));
+                    if g.below(4) == 0 {
+                        let kinds = ["error", "warn", "info"];
+                        let list: Vec<Value> = (0..g.below(3))
+                            .map(|_| json!({"type": kinds[g.below(3) as usize], "message": g.text(), "field": "f1"}))
+                            .collect();
+                        row.messages = Some(Value::Array(list).to_string());
+                    }
+                    row
                 })
                 .collect();
             let want = format!("{:?}", page_via_map(rows.clone()));
             assert_eq!(format!("{:?}", page(rows.clone()).unwrap()), want, "case {case}");
             assert_eq!(format!("{:?}", unpack(packed_page(rows.clone()).unwrap())), want, "case {case}, packed");
-            assert_eq!(format!("{:?}", unpack_buffers(page_buffers(rows).unwrap())), want, "case {case}, buffers");
+            assert_eq!(
+                format!("{:?}", unpack_buffers(page_buffers(rows.clone()).unwrap())),
+                want,
+                "case {case}, buffers"
+            );
+            let mut order: Vec<usize> = (0..rows.len()).collect();
+            order.reverse();
+            assert_eq!(
+                format!("{:?}", unpack_buffers(sink_page(&rows, &order).unwrap())),
+                want,
+                "case {case}, reversed"
+            );
         }
     }
 
@@ -625,6 +737,53 @@ mod tests {
         let want = format!("{:?}", page(rows.clone()).unwrap());
         assert_eq!(format!("{:?}", unpack_buffers(p)), want);
         assert_eq!(format!("{:?}", unpack(packed_page(rows).unwrap())), want);
+    }
+
+    /// Rows fed to a sink in page order, then their messages in the order `order` gives.
+    fn sink_page(rows: &[RawRecord], order: &[usize]) -> Result<wit::PageBuffers, Error> {
+        let mut sink = BuffersSink::new(rows.len());
+        for raw in rows {
+            sink.row(raw.rowid, &raw.values)?;
+        }
+        for &i in order {
+            if let Some(m) = &rows[i].messages {
+                sink.messages(rows[i].rowid, m)?;
+            }
+        }
+        sink.finish()
+    }
+
+    #[test]
+    fn a_sink_gives_each_record_its_messages_whatever_order_they_come_in() {
+        let message = |text: &str| json!([{"type": "error", "message": text, "field": "a"}]).to_string();
+        // Ids ascending (a sheet's usual order) and not (binary search and scan both).
+        for ids in [[1, 2, 5, 9], [9, 2, 5, 1]] {
+            let mut rows: Vec<RawRecord> = ids.iter().map(|&i| raw(i, &json!({"a": i}))).collect();
+            rows[0].messages = Some(message("first"));
+            rows[2].messages = Some(message("third"));
+            rows[3].messages = Some(message("last"));
+            let want = format!("{:?}", page(rows.clone()).unwrap());
+            for order in [[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]] {
+                let p = sink_page(&rows, &order).unwrap();
+                assert_eq!(p.message_ends, [1, 1, 2, 3], "{ids:?}, {order:?}");
+                assert_eq!(format!("{:?}", unpack_buffers(p)), want, "{ids:?}, {order:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_sink_refuses_messages_of_a_record_not_on_its_page_and_stored_messages_that_are_not_a_list() {
+        let rows: Vec<RawRecord> = (1..=3).map(|i| raw(i, &json!({"a": i}))).collect();
+        for ascending in [true, false] {
+            let mut sink = BuffersSink::new(3);
+            for raw in &rows {
+                let id = if ascending { raw.rowid } else { 4 - raw.rowid };
+                sink.row(id, &raw.values).unwrap();
+            }
+            let err = sink.messages(7, "[]").unwrap_err();
+            assert!(err.to_string().contains("record 7, which is not on the page"), "{err}");
+            assert!(sink.messages(2, "{\"type\": \"error\"}").is_err());
+        }
     }
 
     #[test]

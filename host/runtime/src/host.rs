@@ -19,7 +19,6 @@ use super::convert;
 use super::limits::Manifest;
 use crate::Env;
 use crate::model::{Ack, JobType, NewJob, NewRecord, Outcome, Split, SplitParts, Trigger};
-use crate::store::RawRecord;
 
 /// Logs of one delivery, capped; shared by stdout, stderr and the `log` import.
 #[derive(Debug)]
@@ -797,7 +796,7 @@ impl HostState {
         sheet_id: String,
         page_size: u32,
         page_number: u32,
-        shape: fn(Vec<RawRecord>) -> crate::error::Result<P>,
+        read: ReadShape<P>,
         len: fn(&P) -> usize,
     ) -> R<P> {
         let max = self.manifest.limits.max_page_size;
@@ -831,9 +830,9 @@ impl HostState {
                 *page
             }
             None => {
-                let rows = self.env()?.record_rows(&sheet_id, page_size, page_number).await.map_err(convert::error)?;
+                let page = read(self.env()?.clone(), sheet_id.clone(), page_size, page_number).await;
                 self.pages.asked.fetch_add(1, Ordering::Relaxed);
-                shape(rows).map_err(convert::error)?
+                page.map_err(convert::error)?
             }
         };
         // Read ahead only for a guest reading page after page and writing nothing between
@@ -851,7 +850,7 @@ impl HostState {
                 let Some(next) = after.checked_add(1) else { break };
                 let (env, sheet) = (env.clone(), sheet_id.clone());
                 let task = tokio::spawn(async move {
-                    let page = shape(env.record_rows(&sheet, page_size, next).await?)?;
+                    let page = read(env, sheet, page_size, next).await?;
                     Ok(Box::new(page) as Box<dyn std::any::Any + Send>)
                 });
                 let (sheet_id, counts) = (sheet_id.clone(), self.pages.clone());
@@ -870,6 +869,28 @@ impl HostState {
     }
 }
 
+/// Reads one page of a sheet (the environment, the sheet, the page size and number) in the
+/// shape a guest asked for.
+type ReadShape<P> = fn(Env, String, u32, u32) -> PageRead<P>;
+
+fn read_record_page(env: Env, sheet: String, size: u32, number: u32) -> PageRead<wit::RecordPage> {
+    Box::pin(async move { convert::page(env.record_rows(&sheet, size, number).await?) })
+}
+
+fn read_packed_page(env: Env, sheet: String, size: u32, number: u32) -> PageRead<wit::PackedPage> {
+    Box::pin(async move { convert::packed_page(env.record_rows(&sheet, size, number).await?) })
+}
+
+/// The shape the Rust SDK reads: built on the store's read thread from rows borrowed from
+/// SQLite's buffers, no `String` per row (ARCHITECTURE.md, "A page is built where it is read").
+fn read_page_buffers(env: Env, sheet: String, size: u32, number: u32) -> PageRead<wit::PageBuffers> {
+    Box::pin(async move {
+        env.record_page_into(&sheet, size, number, convert::BuffersSink::new(size as usize)).await?.finish()
+    })
+}
+
+type PageRead<P> = Pin<Box<dyn Future<Output = crate::error::Result<P>> + Send>>;
+
 /// Pages a guest reading a sheet through has read ahead of it. Two, so that on two cores two
 /// pages are read and converted at once: the host's half of paging (the store read and the
 /// conversion, ~1 µs a record) is most of a page's time, the guest's half a fifth of it.
@@ -884,15 +905,15 @@ impl records::Host for HostState {
     }
 
     async fn page(&mut self, sheet_id: String, page_size: u32, page_number: u32) -> R<wit::RecordPage> {
-        self.page_in_shape(sheet_id, page_size, page_number, convert::page, |p| p.rows.len()).await
+        self.page_in_shape(sheet_id, page_size, page_number, read_record_page, |p| p.rows.len()).await
     }
 
     async fn page_packed(&mut self, sheet_id: String, page_size: u32, page_number: u32) -> R<wit::PackedPage> {
-        self.page_in_shape(sheet_id, page_size, page_number, convert::packed_page, |p| p.rows.len()).await
+        self.page_in_shape(sheet_id, page_size, page_number, read_packed_page, |p| p.rows.len()).await
     }
 
     async fn read_page(&mut self, sheet_id: String, page_size: u32, page_number: u32) -> R<wit::PageBuffers> {
-        self.page_in_shape(sheet_id, page_size, page_number, convert::page_buffers, |p| p.ids.len()).await
+        self.page_in_shape(sheet_id, page_size, page_number, read_page_buffers, |p| p.ids.len()).await
     }
 
     async fn update(&mut self, sheet_id: String, updates: Vec<wit::RecordUpdate>) -> R<u64> {

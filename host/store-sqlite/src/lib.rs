@@ -42,8 +42,8 @@ use jobhost_core::model::{
 };
 use jobhost_store::{
     Backend, DeliveryEnd, DeliveryStats, DueDelivery, EncodedRecord, Fence, History, HistoryRow, HostRecord, JobQuery,
-    Notifications, Overdue, PartStatusCounts, QueryValue, RawRecord, ReadOp, ReadTx, Reply, StoreSize, StoredRecord,
-    StoredSecret, Subscription, Tx, WriteCounters, WriteOp, WriteStats,
+    Notifications, Overdue, PartStatusCounts, QueryValue, RawRecord, ReadOp, ReadTx, Reply, RowSink, StoreSize,
+    StoredRecord, StoredSecret, Subscription, Tx, WriteCounters, WriteOp, WriteStats,
 };
 
 /// A SQLite failure as the store's error: busy and locked databases may clear on a retry.
@@ -67,6 +67,13 @@ thread_local! {
     /// The data directory of the store whose writer runs on this thread (each store has a
     /// writer thread of its own): what a full-disk error names.
     static WRITER_DIR: std::cell::RefCell<Option<PathBuf>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Column `i` of `row` as text borrowed from SQLite's buffer, not copied.
+fn borrowed_text<'r>(row: &'r rusqlite::Row<'_>, i: usize) -> Result<&'r str> {
+    row.get_ref(i)
+        .and_then(|v| v.as_str().map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, v.data_type(), Box::new(e))))
+        .db()
 }
 
 /// `.db()?` turns a SQLite result into the store's.
@@ -1413,6 +1420,33 @@ impl ReadTx for Conn<'_, '_> {
             }
         }
         Ok(rows)
+    }
+
+    fn visit_record_rows(&mut self, sheet_id: &str, offset: u64, limit: u32, sink: &mut dyn RowSink) -> Result<()> {
+        let key = self.sheet_key(sheet_id)?;
+        let mut ids = Vec::with_capacity(limit.min(jobhost_core::model::MAX_PAGE_SIZE) as usize);
+        let mut stmt = self.conn.prepare_cached(RECORD_PAGE_SQL).db()?;
+        let mut rows = stmt.query(params![key, offset as i64, limit]).db()?;
+        while let Some(r) = rows.next().db()? {
+            let rowid: i64 = r.get(0).db()?;
+            sink.row(rowid, borrowed_text(r, 1)?)?;
+            ids.push(rowid);
+        }
+        drop(rows);
+        if !ids.is_sorted() {
+            ids.sort_unstable();
+        }
+        let (Some(&low), Some(&high)) = (ids.first(), ids.last()) else { return Ok(()) };
+        // As in `record_rows`: the range may hold the sheet's records of other pages.
+        let mut stmt = self.conn.prepare_cached(PAGE_MESSAGES_SQL).db()?;
+        let mut found = stmt.query(params![low, high, key]).db()?;
+        while let Some(r) = found.next().db()? {
+            let rowid: i64 = r.get(0).db()?;
+            if ids.binary_search(&rowid).is_ok() {
+                sink.messages(rowid, borrowed_text(r, 1)?)?;
+            }
+        }
+        Ok(())
     }
 
     fn job(&mut self, env: &str, id: &str) -> Result<Option<Job>> {

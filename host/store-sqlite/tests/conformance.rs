@@ -165,6 +165,61 @@ async fn a_sheets_record_count_reads_no_more_for_more_records() {
     assert_eq!(env.record_counts(&sheet.id).await.unwrap().total, 3005);
 }
 
+/// A page's messages are read as one range of record keys, from its lowest to its highest;
+/// when a sheet's order is not its keys' order (SQLite past the highest key picks a lower one
+/// at random), a record of another page falls in that range, and its messages are not this
+/// page's. Made here by swapping two records' places in the sheet by hand.
+#[tokio::test]
+async fn a_page_gets_only_its_own_records_messages_when_keys_are_out_of_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open_engine(dir.path(), test_config()).unwrap();
+    let env = engine.env(engine.create_environment("order").await.unwrap().id);
+    let sheet = env.create_sheet("s").await.unwrap();
+    let (rows, _) = jobhost_engine::scenario::sample_records(6);
+    env.insert_records(&sheet.id, rows).await.unwrap();
+    let ids: Vec<String> = env.records(&sheet.id, 6, 1).await.unwrap().records.into_iter().map(|r| r.id).collect();
+    let mark = |id: &str| RecordUpdate {
+        id: id.to_owned(),
+        messages: Some(vec![Message::error("email", "marked")]),
+        ..Default::default()
+    };
+    env.update_records(&sheet.id, vec![mark(&ids[1])]).await.unwrap();
+    // Records 1 and 4 trade places: page 1 of 3 is now keys 0, 4, 2 and holds record 1's key
+    // in its range; record 1, with the only messages, is on page 2.
+    let conn = rusqlite::Connection::open(SqliteBackend::db_path(dir.path())).unwrap();
+    let rowid = |id: &str| id.trim_start_matches("rec_").parse::<i64>().unwrap();
+    conn.execute_batch(&format!(
+        "BEGIN; UPDATE records SET ord = -1 WHERE id = {one}; UPDATE records SET ord = 1 WHERE id = {four}; \
+         UPDATE records SET ord = 4 WHERE id = {one}; COMMIT;",
+        one = rowid(&ids[1]),
+        four = rowid(&ids[4])
+    ))
+    .unwrap();
+    let page = env.records(&sheet.id, 3, 1).await.unwrap().records;
+    assert_eq!(page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), [&ids[0], &ids[4], &ids[2]]);
+    assert!(page.iter().all(|r| r.valid), "{page:?}");
+    let buffers = env.record_page_into(&sheet.id, 3, 1, Messages::default()).await.unwrap();
+    assert!(buffers.0.is_empty(), "record 1's messages handed with page 1: {:?}", buffers.0);
+    let second = env.record_page_into(&sheet.id, 3, 2, Messages::default()).await.unwrap();
+    assert_eq!(second.0, [rowid(&ids[1])]);
+    assert!(!env.records(&sheet.id, 3, 2).await.unwrap().records[1].valid);
+}
+
+/// The ids of the rows a page hands messages for.
+#[derive(Default)]
+struct Messages(Vec<i64>);
+
+impl jobhost_store::RowSink for Messages {
+    fn row(&mut self, _: i64, _: &str) -> jobhost_engine::Result<()> {
+        Ok(())
+    }
+
+    fn messages(&mut self, rowid: i64, _: &str) -> jobhost_engine::Result<()> {
+        self.0.push(rowid);
+        Ok(())
+    }
+}
+
 /// A statement is planned once: binding new values to it (a page of records, a lease, each
 /// with `ORDER BY … LIMIT ?`) does not make SQLite parse and plan it again.
 #[test]

@@ -266,6 +266,22 @@ pub trait ReadTx {
     fn record_counts(&mut self, sheet_id: &str) -> Result<RecordCounts>;
     /// Raw rows of one page (`offset` by stable order, at most `limit`): `(rowid, values, messages, metadata)`.
     fn record_rows(&mut self, sheet_id: &str, offset: u64, limit: u32) -> Result<Vec<RawRecord>>;
+    /// The same page as [`record_rows`](Self::record_rows), handed to `sink` as text borrowed
+    /// from the store's own buffers: every row in stable order, then the messages of each row
+    /// that has any. A reader that turns rows into its own shape skips a `String` per row. The
+    /// default reads [`record_rows`](Self::record_rows); a backend may stream instead.
+    fn visit_record_rows(&mut self, sheet_id: &str, offset: u64, limit: u32, sink: &mut dyn RowSink) -> Result<()> {
+        let rows = self.record_rows(sheet_id, offset, limit)?;
+        for row in &rows {
+            sink.row(row.rowid, &row.values)?;
+        }
+        for row in &rows {
+            if let Some(messages) = &row.messages {
+                sink.messages(row.rowid, messages)?;
+            }
+        }
+        Ok(())
+    }
     /// A job of an environment.
     fn job(&mut self, env: &str, id: &str) -> Result<Option<Job>>;
     /// Jobs of an environment, optionally only the parts of `parent`, oldest first.
@@ -445,6 +461,15 @@ pub struct RawRecord {
     pub messages: Option<String>,
     /// JSON metadata.
     pub metadata: Option<String>,
+}
+
+/// Receives one page of stored rows from [`ReadTx::visit_record_rows`].
+pub trait RowSink {
+    /// The page's next row, in stable order: its id and its values' JSON.
+    fn row(&mut self, rowid: i64, values: &str) -> Result<()>;
+    /// The stored messages' JSON of a row handed to [`row`](Self::row) before. Called after the
+    /// last row, at most once per row, in any order, and only for rows that have messages.
+    fn messages(&mut self, rowid: i64, messages: &str) -> Result<()>;
 }
 
 /// Write primitives, always inside a transaction.

@@ -321,6 +321,7 @@ macro_rules! conformance_suite {
             many_marks_at_once_reach_only_their_sheets_records,
             [tokio::test]
         );
+        $crate::__conformance_case!($open, $again, rules, a_page_handed_row_by_row_is_the_page_read_whole, [tokio::test]);
         $crate::__conformance_case!($open, $again, rules, nothing_crosses_environments, [tokio::test]);
         $crate::__conformance_case!(
             $open, $again,

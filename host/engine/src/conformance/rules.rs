@@ -948,6 +948,80 @@ pub async fn a_record_id_marks_only_its_own_sheet_even_after_a_delete() {
     assert_eq!((ca.total, ca.error, cb.total, cb.error), (2, 1, 1, 1));
 }
 
+/// Rows and messages as a [`RowSink`](crate::store::RowSink) is handed them.
+#[derive(Default)]
+struct Handed {
+    rows: Vec<(i64, String)>,
+    messages: Vec<(i64, String)>,
+}
+
+impl crate::store::RowSink for Handed {
+    fn row(&mut self, rowid: i64, values: &str) -> crate::Result<()> {
+        self.rows.push((rowid, values.to_owned()));
+        Ok(())
+    }
+
+    fn messages(&mut self, rowid: i64, messages: &str) -> crate::Result<()> {
+        self.messages.push((rowid, messages.to_owned()));
+        Ok(())
+    }
+}
+
+/// A page handed to a sink row by row is the page read whole: the same rows in the same
+/// order, and the messages of exactly the page's records that have any — not those of another
+/// sheet's records between them, nor of the sheet's records on other pages.
+pub async fn a_page_handed_row_by_row_is_the_page_read_whole() {
+    let host = TestHost::new();
+    let env = host.env().await;
+    let (a, b) = (env.create_sheet("a").await.unwrap(), env.create_sheet("b").await.unwrap());
+    // Imports of the two sheets interleave, so sheet a's keys have b's between them.
+    for _ in 0..3 {
+        env.insert_records(&a.id, numbered(4)).await.unwrap();
+        env.insert_records(&b.id, numbered(2)).await.unwrap();
+    }
+    let ids = |sheet: &str| {
+        let env = env.clone();
+        let sheet = sheet.to_owned();
+        async move { env.records(&sheet, 100, 1).await.unwrap().records.into_iter().map(|r| r.id).collect::<Vec<_>>() }
+    };
+    let (ours, theirs) = (ids(&a.id).await, ids(&b.id).await);
+    env.update_records(&a.id, [0, 3, 4, 7, 11].iter().map(|&i| marked(&ours[i])).collect()).await.unwrap();
+    env.update_records(&b.id, theirs.iter().map(|id| marked(id)).collect()).await.unwrap();
+    // A record in the middle goes, so pages shift over it.
+    env.delete_records(&a.id, vec![ours[5].clone()]).await.unwrap();
+
+    for (size, pages) in [(3, 5), (11, 2), (100, 1)] {
+        for number in 1..=pages {
+            let whole = env.record_rows(&a.id, size, number).await.unwrap();
+            let handed = env.record_page_into(&a.id, size, number, Handed::default()).await.unwrap();
+            let rows: Vec<(i64, String)> = whole.iter().map(|r| (r.rowid, r.values.clone())).collect();
+            assert_eq!(handed.rows, rows, "page {number} of {size}");
+            let mut want: Vec<(i64, String)> =
+                whole.iter().filter_map(|r| Some((r.rowid, r.messages.clone()?))).collect();
+            let mut got = handed.messages;
+            want.sort();
+            got.sort();
+            assert_eq!(got, want, "page {number} of {size}: messages");
+        }
+    }
+    let last = env.record_page_into(&a.id, 3, 4, Handed::default()).await.unwrap();
+    assert_eq!(
+        (last.rows.len(), last.messages.len()),
+        (2, 1),
+        "11 records: the fourth page of 3 holds two, one marked"
+    );
+    let past = env.record_page_into(&a.id, 3, 5, Handed::default()).await.unwrap();
+    assert!(past.rows.is_empty() && past.messages.is_empty());
+
+    // The same refusals as a page read whole.
+    for (size, number) in [(0, 1), (10_001, 1), (10, 0)] {
+        let err = env.record_page_into(&a.id, size, number, Handed::default()).await.err().unwrap();
+        assert_eq!(err.kind(), ErrorKind::Invalid, "page {number} of {size}: {err}");
+    }
+    let err = env.record_page_into("us_sh_nope", 10, 1, Handed::default()).await.err().unwrap();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+}
+
 /// One update that marks many records, some of them not the sheet's: an id of another
 /// sheet's record between the sheet's own (two imports interleaved; marked alone too, before
 /// anything is deleted), and a deleted record's id
