@@ -169,9 +169,10 @@ pub struct BuffersSink {
 }
 
 impl BuffersSink {
-    /// A sink for a page of about `rows` rows.
-    pub fn new(rows: usize) -> Self {
-        Self { packer: Packer::new(rows), ids: Vec::with_capacity(rows), ascending: None, messages: Vec::new() }
+    /// A sink for a page of at most `page_size` rows. How many there are is not known until
+    /// they have come (a sheet's last page is short), so room is made for them as they come.
+    pub fn new(page_size: usize) -> Self {
+        Self { packer: Packer::new(0), ids: Vec::with_capacity(page_size), ascending: None, messages: Vec::new() }
     }
 
     /// The page.
@@ -211,7 +212,12 @@ impl RowSink for BuffersSink {
         let id = rowid as u64;
         let ascending = *self.ascending.get_or_insert_with(|| self.ids.is_sorted());
         let at = if ascending { self.ids.binary_search(&id).ok() } else { self.ids.iter().position(|&i| i == id) };
-        let at = at.ok_or_else(|| Error::Invalid(format!("messages for record {rowid}, which is not on the page")))?;
+        // The store hands messages only for rows it handed: anything else is its fault.
+        let at = at.ok_or_else(|| {
+            Error::Store(jobhost_core::StoreError::new(format!(
+                "messages for record {rowid}, which is not on the page"
+            )))
+        })?;
         let list: Vec<Message> = serde_json::from_str(stored)?;
         if !list.is_empty() {
             self.messages.push((at, list));
@@ -234,7 +240,7 @@ struct Packer {
     /// Each row's cells, `widths[i]` long: the number of fields known when row `i` was read.
     cells: Vec<PackedCell>,
     widths: Vec<usize>,
-    /// Rows expected: room is made for them after the first.
+    /// Rows known to come (0 when not known): room is made for them after the first.
     rows: usize,
 }
 
@@ -741,7 +747,7 @@ mod tests {
 
     /// Rows fed to a sink in page order, then their messages in the order `order` gives.
     fn sink_page(rows: &[RawRecord], order: &[usize]) -> Result<wit::PageBuffers, Error> {
-        let mut sink = BuffersSink::new(rows.len());
+        let mut sink = BuffersSink::new(crate::model::MAX_PAGE_SIZE as usize);
         for raw in rows {
             sink.row(raw.rowid, &raw.values)?;
         }
@@ -782,8 +788,21 @@ mod tests {
             }
             let err = sink.messages(7, "[]").unwrap_err();
             assert!(err.to_string().contains("record 7, which is not on the page"), "{err}");
+            assert_eq!(err.kind(), crate::error::ErrorKind::Internal, "the store's fault, not the caller's");
             assert!(sink.messages(2, "{\"type\": \"error\"}").is_err());
         }
+    }
+
+    /// A sheet's last page is short: a sink made for the largest page holds room for the rows
+    /// that came, not for the page size (a page of 10,000 wide rows would be megabytes).
+    #[test]
+    fn a_short_page_in_a_sink_holds_room_for_its_rows_only() {
+        let wide: Map<String, Value> = (0..100).map(|i| (format!("field{i}"), json!("x".repeat(20)))).collect();
+        let rows: Vec<RawRecord> = (1..=3).map(|i| raw(i, &Value::Object(wide.clone()))).collect();
+        let p = sink_page(&rows, &[]).unwrap();
+        assert_eq!((p.ids.len(), p.fields.len(), p.text.len()), (3, 100, 3 * 100 * 20));
+        assert!(p.cells.capacity() <= 2 * p.cells.len(), "cells: {} bytes of room", p.cells.capacity());
+        assert!(p.text.capacity() <= 2 * p.text.len(), "text: {} bytes of room", p.text.capacity());
     }
 
     #[test]
