@@ -80,7 +80,22 @@ pub(super) fn parse_record_id(id: &str) -> Result<i64> {
         .ok_or_else(|| Error::invalid(format!("`{id}` is not a record id (rec_<number>)")))
 }
 
-pub(super) fn parse_updates(updates: Vec<RecordUpdate>) -> Result<Vec<(i64, RecordUpdate)>> {
+/// An update checked and made ready before it is queued for the store's writer.
+pub(super) struct ParsedUpdate {
+    rowid: i64,
+    change: Change,
+}
+
+enum Change {
+    /// Only the messages replaced (what validators write), already encoded — on the caller's
+    /// thread, not the writer's, which every write queues on: the stored text (`None` for no
+    /// messages) and whether one of them is an error.
+    Messages { text: Option<String>, has_error: bool },
+    /// Values merged into the stored record (and its messages replaced, when given).
+    Record(RecordUpdate),
+}
+
+pub(super) fn parse_updates(updates: Vec<RecordUpdate>) -> Result<Vec<ParsedUpdate>> {
     updates
         .into_iter()
         .map(|u| {
@@ -88,37 +103,44 @@ pub(super) fn parse_updates(updates: Vec<RecordUpdate>) -> Result<Vec<(i64, Reco
             if let Some(m) = &u.messages {
                 check_messages(m)?;
             }
-            Ok((parse_record_id(&u.id)?, u))
+            let rowid = parse_record_id(&u.id)?;
+            let change = match &u.messages {
+                // Validators only replace messages: no need to read and re-encode the values.
+                Some(messages) if u.values.is_empty() => Change::Messages {
+                    text: (!messages.is_empty()).then(|| serde_json::to_string(messages)).transpose()?,
+                    has_error: messages.iter().any(|m| m.kind == MessageType::Error),
+                },
+                _ => Change::Record(u),
+            };
+            Ok(ParsedUpdate { rowid, change })
         })
         .collect()
 }
 
 /// Applies updates; any unknown record refuses the whole call (the caller's savepoint rolls back).
-pub(super) fn apply_updates(tx: &mut dyn Tx, sheet_id: &str, updates: &[(i64, RecordUpdate)], now: i64) -> Result<u64> {
+pub(super) fn apply_updates(tx: &mut dyn Tx, sheet_id: &str, updates: &[ParsedUpdate], now: i64) -> Result<u64> {
     let mut changed = 0;
-    // Messages-only updates (what validators write) go to the store together; any other
-    // update flushes them first, so every update applies in the caller's order.
-    let mut messages_only: Vec<(i64, Option<String>, bool)> = Vec::new();
-    let flush = |tx: &mut dyn Tx, batch: &mut Vec<(i64, Option<String>, bool)>| -> Result<()> {
+    // Messages-only updates go to the store together; any other update flushes them first, so
+    // every update applies in the caller's order.
+    let mut messages_only: Vec<(i64, Option<&str>, bool)> = Vec::new();
+    let flush = |tx: &mut dyn Tx, batch: &mut Vec<(i64, Option<&str>, bool)>| -> Result<()> {
         if let Some(missing) = tx.write_records_messages(sheet_id, batch, now)? {
             return Err(Error::not_found("record", format!("rec_{missing}")));
         }
         batch.clear();
         Ok(())
     };
-    for &(rowid, ref update) in updates {
-        // Validators only replace messages: no need to read and re-encode the values.
-        if update.values.is_empty()
-            && let Some(messages) = &update.messages
-        {
-            let text = (!messages.is_empty()).then(|| serde_json::to_string(messages).unwrap_or_else(|_| "[]".into()));
-            let has_error = messages.iter().any(|m| m.kind == MessageType::Error);
-            messages_only.push((rowid, text, has_error));
-            changed += 1;
-            continue;
-        }
+    for ParsedUpdate { rowid, change } in updates {
+        let update = match change {
+            Change::Messages { text, has_error } => {
+                messages_only.push((*rowid, text.as_deref(), *has_error));
+                changed += 1;
+                continue;
+            }
+            Change::Record(update) => update,
+        };
         flush(tx, &mut messages_only)?;
-        let mut stored = tx.stored_record(sheet_id, rowid)?.ok_or_else(|| Error::not_found("record", &update.id))?;
+        let mut stored = tx.stored_record(sheet_id, *rowid)?.ok_or_else(|| Error::not_found("record", &update.id))?;
         for (k, v) in &update.values {
             if v.is_null() {
                 stored.values.remove(k);
@@ -129,7 +151,7 @@ pub(super) fn apply_updates(tx: &mut dyn Tx, sheet_id: &str, updates: &[(i64, Re
         if let Some(messages) = &update.messages {
             stored.messages = messages.clone();
         }
-        tx.write_record(rowid, &encode(&stored.values, &stored.messages, &Value::Null), now)?;
+        tx.write_record(*rowid, &encode(&stored.values, &stored.messages, &Value::Null), now)?;
         changed += 1;
     }
     flush(tx, &mut messages_only)?;

@@ -890,14 +890,14 @@ impl<C: GenericClient> Tx for Conn<'_, C> {
         has_error: bool,
         now: Millis,
     ) -> Result<bool> {
-        let missing = self.write_records_messages(sheet_id, &[(rowid, messages.map(str::to_owned), has_error)], now)?;
+        let missing = self.write_records_messages(sheet_id, &[(rowid, messages, has_error)], now)?;
         Ok(missing.is_none())
     }
 
     fn write_records_messages(
         &mut self,
         sheet_id: &str,
-        records: &[(i64, Option<String>, bool)],
+        records: &[(i64, Option<&str>, bool)],
         now: Millis,
     ) -> Result<Option<i64>> {
         if records.is_empty() {
@@ -913,7 +913,7 @@ impl<C: GenericClient> Tx for Conn<'_, C> {
         let mut order: Vec<usize> = last.values().copied().collect();
         order.sort_unstable();
         let ids: Vec<i64> = order.iter().map(|&i| records[i].0).collect();
-        let messages: Vec<Option<&str>> = order.iter().map(|&i| records[i].1.as_deref()).collect();
+        let messages: Vec<Option<&str>> = order.iter().map(|&i| records[i].1).collect();
         let errors: Vec<bool> = order.iter().map(|&i| records[i].2).collect();
         // The rows' error count before the update, read with the rows locked: no other writer
         // can change them before this transaction ends, so the count moves by exactly the

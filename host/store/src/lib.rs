@@ -523,12 +523,12 @@ pub trait Tx: ReadTx {
     fn write_records_messages(
         &mut self,
         sheet_id: &str,
-        records: &[(i64, Option<String>, bool)],
+        records: &[(i64, Option<&str>, bool)],
         now: Millis,
     ) -> Result<Option<i64>> {
-        for (rowid, messages, has_error) in records {
-            if !self.write_record_messages(sheet_id, *rowid, messages.as_deref(), *has_error, now)? {
-                return Ok(Some(*rowid));
+        for &(rowid, messages, has_error) in records {
+            if !self.write_record_messages(sheet_id, rowid, messages, has_error, now)? {
+                return Ok(Some(rowid));
             }
         }
         Ok(None)

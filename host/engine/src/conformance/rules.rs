@@ -11,8 +11,8 @@ use super::{TestHost, all_events, events_of, test_config, until_status, until_te
 use crate::error::ErrorKind;
 use crate::listener::Listener;
 use crate::model::{
-    Ack, Job, JobStatus, JobType, MAX_PARTS, Message, NewJob, NewRecord, Outcome, RecordUpdate, Split, SplitParts,
-    Trigger,
+    Ack, Job, JobStatus, JobType, MAX_PARTS, Message, MessageType, NewJob, NewRecord, Outcome, RecordUpdate, Split,
+    SplitParts, Trigger,
 };
 use crate::scenario::{self, Options};
 use crate::{EngineConfig, Env};
@@ -807,6 +807,36 @@ pub async fn record_updates_merge_values_replace_messages_and_derive_validity() 
         .await
         .unwrap();
     assert_eq!(env.record_counts(&sheet.id).await.unwrap().error, 0);
+
+    // One call mixing messages-only updates (what validators write, sent to the store
+    // together) and a change of values applies them in the caller's order: the last wins.
+    let only = |kind: &str| RecordUpdate {
+        id: id.clone(),
+        messages: Some(vec![Message {
+            kind: if kind == "error" { MessageType::Error } else { MessageType::Warn },
+            ..Message::error("email", kind)
+        }]),
+        ..Default::default()
+    };
+    let with_values = |text: &str| RecordUpdate {
+        id: id.clone(),
+        values: [("email".to_owned(), json!(text))].into_iter().collect(),
+        messages: Some(vec![Message::error("email", text)]),
+    };
+    for (updates, last, invalid) in [
+        (vec![only("error"), with_values("v@1"), only("warn")], "warn", false),
+        (vec![only("warn"), only("error"), with_values("v@2")], "v@2", true),
+    ] {
+        assert_eq!(env.update_records(&sheet.id, updates).await.unwrap(), 3);
+        let r = env.records(&sheet.id, 5, 1).await.unwrap().records.remove(1);
+        let messages: Vec<&str> = r.values["email"].messages.iter().map(|m| m.message.as_str()).collect();
+        assert_eq!(messages, [last], "{r:?}");
+        assert_eq!((r.valid, env.record_counts(&sheet.id).await.unwrap().error), (!invalid, u64::from(invalid)));
+    }
+    assert_eq!(env.records(&sheet.id, 5, 1).await.unwrap().records[1].str("email"), Some("v@2"));
+    env.update_records(&sheet.id, vec![RecordUpdate { id: id.clone(), messages: Some(vec![]), ..Default::default() }])
+        .await
+        .unwrap();
 
     // One unknown id refuses the whole call; nothing changes.
     let before = env.records(&sheet.id, 5, 1).await.unwrap();
