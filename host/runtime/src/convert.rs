@@ -172,7 +172,9 @@ impl BuffersSink {
     /// A sink for a page of at most `page_size` rows. How many there are is not known until
     /// they have come (a sheet's last page is short), so room is made for them as they come.
     pub fn new(page_size: usize) -> Self {
-        Self { packer: Packer::new(0), ids: Vec::with_capacity(page_size), ascending: None, messages: Vec::new() }
+        // No page is longer than the largest the store reads, whatever a caller asks for.
+        let ids = Vec::with_capacity(page_size.min(crate::model::MAX_PAGE_SIZE as usize));
+        Self { packer: Packer::new(0), ids, ascending: None, messages: Vec::new() }
     }
 
     /// The page.
@@ -801,6 +803,7 @@ mod tests {
         let rows: Vec<RawRecord> = (1..=3).map(|i| raw(i, &Value::Object(wide.clone()))).collect();
         let p = sink_page(&rows, &[]).unwrap();
         assert_eq!((p.ids.len(), p.fields.len(), p.text.len()), (3, 100, 3 * 100 * 20));
+        assert!(BuffersSink::new(usize::MAX).finish().unwrap().ids.is_empty(), "a page size past any page");
         assert!(p.cells.capacity() <= 2 * p.cells.len(), "cells: {} bytes of room", p.cells.capacity());
         assert!(p.text.capacity() <= 2 * p.text.len(), "text: {} bytes of room", p.text.capacity());
     }
