@@ -162,8 +162,6 @@ pub fn packed_page(rows: Vec<RawRecord>) -> Result<wit::PackedPage, Error> {
 pub struct BuffersSink {
     packer: Packer,
     ids: Vec<u64>,
-    /// Whether `ids` ascend (a sheet's stable order is its ids' order), asked once.
-    ascending: Option<bool>,
     /// The messages of the rows that have any, by the row's place on the page.
     messages: Vec<(usize, Vec<Message>)>,
 }
@@ -174,7 +172,7 @@ impl BuffersSink {
     pub fn new(page_size: usize) -> Self {
         // No page is longer than the largest the store reads, whatever a caller asks for.
         let ids = Vec::with_capacity(page_size.min(crate::model::MAX_PAGE_SIZE as usize));
-        Self { packer: Packer::new(0), ids, ascending: None, messages: Vec::new() }
+        Self { packer: Packer::new(0), ids, messages: Vec::new() }
     }
 
     /// The page.
@@ -204,22 +202,18 @@ impl BuffersSink {
 }
 
 impl RowSink for BuffersSink {
-    fn row(&mut self, rowid: i64, values: &str) -> Result<(), Error> {
+    fn row(&mut self, rowid: i64, values: &str, _metadata: Option<&str>) -> Result<(), Error> {
         self.packer.push(values)?;
         self.ids.push(rowid as u64);
         Ok(())
     }
 
-    fn messages(&mut self, rowid: i64, stored: &str) -> Result<(), Error> {
-        let id = rowid as u64;
-        let ascending = *self.ascending.get_or_insert_with(|| self.ids.is_sorted());
-        let at = if ascending { self.ids.binary_search(&id).ok() } else { self.ids.iter().position(|&i| i == id) };
+    fn messages(&mut self, at: usize, stored: &str) -> Result<(), Error> {
         // The store hands messages only for rows it handed: anything else is its fault.
-        let at = at.ok_or_else(|| {
-            Error::Store(jobhost_core::StoreError::new(format!(
-                "messages for record {rowid}, which is not on the page"
-            )))
-        })?;
+        if at >= self.ids.len() {
+            let message = format!("messages for row {at}, which is not on the page ({} rows)", self.ids.len());
+            return Err(Error::Store(jobhost_core::StoreError::new(message)));
+        }
         let list: Vec<Message> = serde_json::from_str(stored)?;
         if !list.is_empty() {
             self.messages.push((at, list));
@@ -560,11 +554,11 @@ mod tests {
     fn page_buffers(rows: Vec<RawRecord>) -> Result<wit::PageBuffers, Error> {
         let mut sink = BuffersSink::new(rows.len());
         for raw in &rows {
-            sink.row(raw.rowid, &raw.values)?;
+            sink.row(raw.rowid, &raw.values, None)?;
         }
-        for raw in &rows {
+        for (at, raw) in rows.iter().enumerate() {
             if let Some(m) = &raw.messages {
-                sink.messages(raw.rowid, m)?;
+                sink.messages(at, m)?;
             }
         }
         sink.finish()
@@ -751,11 +745,11 @@ mod tests {
     fn sink_page(rows: &[RawRecord], order: &[usize]) -> Result<wit::PageBuffers, Error> {
         let mut sink = BuffersSink::new(crate::model::MAX_PAGE_SIZE as usize);
         for raw in rows {
-            sink.row(raw.rowid, &raw.values)?;
+            sink.row(raw.rowid, &raw.values, None)?;
         }
         for &i in order {
             if let Some(m) = &rows[i].messages {
-                sink.messages(rows[i].rowid, m)?;
+                sink.messages(i, m)?;
             }
         }
         sink.finish()
@@ -764,7 +758,7 @@ mod tests {
     #[test]
     fn a_sink_gives_each_record_its_messages_whatever_order_they_come_in() {
         let message = |text: &str| json!([{"type": "error", "message": text, "field": "a"}]).to_string();
-        // Ids ascending (a sheet's usual order) and not (binary search and scan both).
+        // Ids ascending (a sheet's usual order) and not.
         for ids in [[1, 2, 5, 9], [9, 2, 5, 1]] {
             let mut rows: Vec<RawRecord> = ids.iter().map(|&i| raw(i, &json!({"a": i}))).collect();
             rows[0].messages = Some(message("first"));
@@ -786,10 +780,10 @@ mod tests {
             let mut sink = BuffersSink::new(3);
             for raw in &rows {
                 let id = if ascending { raw.rowid } else { 4 - raw.rowid };
-                sink.row(id, &raw.values).unwrap();
+                sink.row(id, &raw.values, None).unwrap();
             }
             let err = sink.messages(7, "[]").unwrap_err();
-            assert!(err.to_string().contains("record 7, which is not on the page"), "{err}");
+            assert!(err.to_string().contains("row 7, which is not on the page"), "{err}");
             assert_eq!(err.kind(), crate::error::ErrorKind::Internal, "the store's fault, not the caller's");
             assert!(sink.messages(2, "{\"type\": \"error\"}").is_err());
         }

@@ -857,8 +857,7 @@ impl RecordRanges {
             Some((_, end)) if first <= *end => {}
             _ => {
                 if self.runs >= REMEMBERED {
-                    self.sheets.clear();
-                    self.runs = 0;
+                    self.forget();
                 }
                 self.sheets.entry(key).or_default().push((first, last));
                 self.runs += 1;
@@ -1396,54 +1395,51 @@ impl ReadTx for Conn<'_, '_> {
     }
 
     fn record_rows(&mut self, sheet_id: &str, offset: u64, limit: u32) -> Result<Vec<RawRecord>> {
-        let key = self.sheet_key(sheet_id)?;
-        let mut stmt = self.conn.prepare_cached(RECORD_PAGE_SQL).db()?;
-        let rows = stmt
-            .query_map(params![key, offset as i64, limit], |r| {
-                Ok(RawRecord { rowid: r.get(0)?, values: r.get(1)?, messages: None, metadata: r.get(2)? })
-            })
-            .db()?;
-        let mut rows: Vec<RawRecord> = rows.collect::<rusqlite::Result<_>>().db()?;
-        let (Some(low), Some(high)) = (rows.iter().map(|r| r.rowid).min(), rows.iter().map(|r| r.rowid).max()) else {
-            return Ok(rows);
-        };
-        // The page's messages in one range of keys, sorted by key, not a probe per record.
-        let mut stmt = self.conn.prepare_cached(PAGE_MESSAGES_SQL).db()?;
-        let found =
-            stmt.query_map(params![low, high, key], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))).db()?;
-        let mut messages: Vec<(i64, String)> = found.collect::<rusqlite::Result<_>>().db()?;
-        if !messages.is_empty() {
-            for row in &mut rows {
-                if let Ok(i) = messages.binary_search_by_key(&row.rowid, |(id, _)| *id) {
-                    row.messages = Some(std::mem::take(&mut messages[i].1));
-                }
+        /// The page as owned rows.
+        struct Rows(Vec<RawRecord>);
+        impl RowSink for Rows {
+            fn row(&mut self, rowid: i64, values: &str, metadata: Option<&str>) -> Result<()> {
+                let (values, metadata) = (values.to_owned(), metadata.map(str::to_owned));
+                self.0.push(RawRecord { rowid, values, messages: None, metadata });
+                Ok(())
+            }
+            fn messages(&mut self, at: usize, messages: &str) -> Result<()> {
+                self.0[at].messages = Some(messages.to_owned());
+                Ok(())
             }
         }
-        Ok(rows)
+        let mut rows = Rows(Vec::new());
+        self.visit_record_rows(sheet_id, offset, limit, &mut rows)?;
+        Ok(rows.0)
     }
 
     fn visit_record_rows(&mut self, sheet_id: &str, offset: u64, limit: u32, sink: &mut dyn RowSink) -> Result<()> {
         let key = self.sheet_key(sheet_id)?;
-        let mut ids = Vec::with_capacity(limit.min(jobhost_core::model::MAX_PAGE_SIZE) as usize);
+        // Each row's id and its place on the page.
+        let mut ids: Vec<(i64, usize)> = Vec::with_capacity(limit.min(jobhost_core::model::MAX_PAGE_SIZE) as usize);
         let mut stmt = self.conn.prepare_cached(RECORD_PAGE_SQL).db()?;
         let mut rows = stmt.query(params![key, offset as i64, limit]).db()?;
         while let Some(r) = rows.next().db()? {
             let rowid: i64 = r.get(0).db()?;
-            sink.row(rowid, borrowed_text(r, 1)?)?;
-            ids.push(rowid);
+            let metadata = r.get_ref(2).db()?;
+            let metadata = if metadata == rusqlite::types::ValueRef::Null { None } else { Some(borrowed_text(r, 2)?) };
+            sink.row(rowid, borrowed_text(r, 1)?, metadata)?;
+            ids.push((rowid, ids.len()));
         }
         drop(rows);
         if !ids.is_sorted() {
             ids.sort_unstable();
         }
-        let (Some(&low), Some(&high)) = (ids.first(), ids.last()) else { return Ok(()) };
-        // As in `record_rows`: the range may hold the sheet's records of other pages.
+        let (Some(&(low, _)), Some(&(high, _))) = (ids.first(), ids.last()) else { return Ok(()) };
+        // The page's messages in one range of keys, sorted by key, not a probe per record. The
+        // range may hold the sheet's records of other pages (when its order is not its keys'):
+        // only the page's own are handed.
         let mut stmt = self.conn.prepare_cached(PAGE_MESSAGES_SQL).db()?;
         let mut found = stmt.query(params![low, high, key]).db()?;
         while let Some(r) = found.next().db()? {
             let rowid: i64 = r.get(0).db()?;
-            if ids.binary_search(&rowid).is_ok() {
-                sink.messages(rowid, borrowed_text(r, 1)?)?;
+            if let Ok(i) = ids.binary_search_by_key(&rowid, |&(id, _)| id) {
+                sink.messages(ids[i].1, borrowed_text(r, 1)?)?;
             }
         }
         Ok(())

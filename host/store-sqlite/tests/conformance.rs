@@ -136,16 +136,22 @@ fn records_and_their_messages_are_found_by_key() {
     assert!(record[0].contains("SEARCH records USING INTEGER PRIMARY KEY (rowid=?)"), "{record:?}");
 }
 
+/// A store in a fresh directory with an environment and an empty sheet in it.
+async fn store_with_a_sheet() -> (tempfile::TempDir, Engine, jobhost_engine::Env, jobhost_engine::model::Sheet) {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open_engine(dir.path(), test_config()).unwrap();
+    let env = engine.env(engine.create_environment("records").await.unwrap().id);
+    let sheet = env.create_sheet("s").await.unwrap();
+    (dir, engine, env, sheet)
+}
+
 /// A sheet's record count is one descent of the order index to its highest `ord`, not a walk
 /// of its entries: the seeds' job reads it twice on its critical path, and `COUNT(*)` over a
 /// million records took ~60 ms each time. Counted here in SQLite's virtual-machine steps,
 /// which a walk makes a few per record.
 #[tokio::test]
 async fn a_sheets_record_count_reads_no_more_for_more_records() {
-    let dir = tempfile::tempdir().unwrap();
-    let engine = open_engine(dir.path(), test_config()).unwrap();
-    let env = engine.env(engine.create_environment("count").await.unwrap().id);
-    let sheet = env.create_sheet("s").await.unwrap();
+    let (dir, _engine, env, sheet) = store_with_a_sheet().await;
     let conn = jobhost_store_sqlite::reader_connection(dir.path()).unwrap();
     let steps = |expected: i64| {
         let mut stmt = conn.prepare(jobhost_store_sqlite::SHEET_SIZE_SQL).unwrap();
@@ -171,10 +177,7 @@ async fn a_sheets_record_count_reads_no_more_for_more_records() {
 /// page's. Made here by swapping two records' places in the sheet by hand.
 #[tokio::test]
 async fn a_page_gets_only_its_own_records_messages_when_keys_are_out_of_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let engine = open_engine(dir.path(), test_config()).unwrap();
-    let env = engine.env(engine.create_environment("order").await.unwrap().id);
-    let sheet = env.create_sheet("s").await.unwrap();
+    let (dir, _engine, env, sheet) = store_with_a_sheet().await;
     let (rows, _) = jobhost_engine::scenario::sample_records(6);
     env.insert_records(&sheet.id, rows).await.unwrap();
     let ids: Vec<String> = env.records(&sheet.id, 6, 1).await.unwrap().records.into_iter().map(|r| r.id).collect();
@@ -199,23 +202,27 @@ async fn a_page_gets_only_its_own_records_messages_when_keys_are_out_of_order() 
     assert_eq!(page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), [&ids[0], &ids[4], &ids[2]]);
     assert!(page.iter().all(|r| r.valid), "{page:?}");
     let buffers = env.record_page_into(&sheet.id, 3, 1, Messages::default()).await.unwrap();
-    assert!(buffers.0.is_empty(), "record 1's messages handed with page 1: {:?}", buffers.0);
+    assert!(buffers.marked.is_empty(), "record 1's messages handed with page 1: {:?}", buffers.marked);
     let second = env.record_page_into(&sheet.id, 3, 2, Messages::default()).await.unwrap();
-    assert_eq!(second.0, [rowid(&ids[1])]);
+    assert_eq!(second.marked, [rowid(&ids[1])]);
     assert!(!env.records(&sheet.id, 3, 2).await.unwrap().records[1].valid);
 }
 
 /// The ids of the rows a page hands messages for.
 #[derive(Default)]
-struct Messages(Vec<i64>);
+struct Messages {
+    rows: Vec<i64>,
+    marked: Vec<i64>,
+}
 
 impl jobhost_store::RowSink for Messages {
-    fn row(&mut self, _: i64, _: &str) -> jobhost_engine::Result<()> {
+    fn row(&mut self, rowid: i64, _: &str, _: Option<&str>) -> jobhost_engine::Result<()> {
+        self.rows.push(rowid);
         Ok(())
     }
 
-    fn messages(&mut self, rowid: i64, _: &str) -> jobhost_engine::Result<()> {
-        self.0.push(rowid);
+    fn messages(&mut self, at: usize, _: &str) -> jobhost_engine::Result<()> {
+        self.marked.push(self.rows[at]);
         Ok(())
     }
 }

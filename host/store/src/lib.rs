@@ -273,11 +273,11 @@ pub trait ReadTx {
     fn visit_record_rows(&mut self, sheet_id: &str, offset: u64, limit: u32, sink: &mut dyn RowSink) -> Result<()> {
         let rows = self.record_rows(sheet_id, offset, limit)?;
         for row in &rows {
-            sink.row(row.rowid, &row.values)?;
+            sink.row(row.rowid, &row.values, row.metadata.as_deref())?;
         }
-        for row in &rows {
+        for (at, row) in rows.iter().enumerate() {
             if let Some(messages) = &row.messages {
-                sink.messages(row.rowid, messages)?;
+                sink.messages(at, messages)?;
             }
         }
         Ok(())
@@ -465,11 +465,12 @@ pub struct RawRecord {
 
 /// Receives one page of stored rows from [`ReadTx::visit_record_rows`].
 pub trait RowSink {
-    /// The page's next row, in stable order: its id and its values' JSON.
-    fn row(&mut self, rowid: i64, values: &str) -> Result<()>;
-    /// The stored messages' JSON of a row handed to [`row`](Self::row) before. Called after the
-    /// last row, at most once per row, in any order, and only for rows that have messages.
-    fn messages(&mut self, rowid: i64, messages: &str) -> Result<()>;
+    /// The page's next row, in stable order: its id, its values' JSON and its metadata's.
+    fn row(&mut self, rowid: i64, values: &str, metadata: Option<&str>) -> Result<()>;
+    /// The stored messages' JSON of the row handed `at`-th to [`row`](Self::row) (from 0).
+    /// Called after the last row, at most once per row, in any order, and only for rows that
+    /// have messages.
+    fn messages(&mut self, at: usize, messages: &str) -> Result<()>;
 }
 
 /// Write primitives, always inside a transaction.

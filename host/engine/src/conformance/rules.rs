@@ -986,13 +986,13 @@ struct Handed {
 }
 
 impl crate::store::RowSink for Handed {
-    fn row(&mut self, rowid: i64, values: &str) -> crate::Result<()> {
+    fn row(&mut self, rowid: i64, values: &str, _: Option<&str>) -> crate::Result<()> {
         self.rows.push((rowid, values.to_owned()));
         Ok(())
     }
 
-    fn messages(&mut self, rowid: i64, messages: &str) -> crate::Result<()> {
-        self.messages.push((rowid, messages.to_owned()));
+    fn messages(&mut self, at: usize, messages: &str) -> crate::Result<()> {
+        self.messages.push((self.rows[at].0, messages.to_owned()));
         Ok(())
     }
 }
