@@ -362,6 +362,24 @@ async fn routes_are_read_at_load_and_versions_are_content_hashes() {
     assert_ne!(load(&rt, artifacts::TEST_NOOP).await.version, plugin.version);
 }
 
+#[tokio::test]
+async fn a_delivery_finds_its_route_by_key_in_whichever_version_serves_it() {
+    let rt = test_runtime();
+    let noop = load(&rt, artifacts::TEST_NOOP).await;
+    let sheet = load(&rt, artifacts::SUBMIT_LARGE_SHEET).await;
+    // Each route at its own place, in the order the plugin declared them.
+    for (i, route) in noop.routes.iter().enumerate() {
+        assert_eq!(noop.route_index(&route.key()), Some(i as u32), "{route:?}");
+    }
+    // Another program's routes are not this one's; a manifest-only reload keeps them all.
+    assert!(sheet.routes.iter().all(|r| noop.route_index(&r.key()).is_none()));
+    assert_eq!(noop.route_index("not a key"), None);
+    let reloaded = noop.with_manifest(jobhost::runtime::Manifest::default());
+    for (i, route) in noop.routes.iter().enumerate() {
+        assert_eq!(reloaded.route_index(&route.key()), Some(i as u32));
+    }
+}
+
 /// Runs one job through `plugin` on a fresh host and checks it completes.
 async fn completes_a_job(rt: &Arc<jobhost::runtime::Runtime>, plugin: Arc<jobhost::runtime::Plugin>) {
     let host = TestHost::new();

@@ -164,6 +164,9 @@ pub struct Plugin {
     pub path: PathBuf,
     /// Its routes, in the order the plugin declared them.
     pub routes: Vec<Route>,
+    /// Each route's [`Route::key`], in the same order: a delivery looks its route up by key,
+    /// and a key is a hash of the route's text, too dear to compute per delivery.
+    route_keys: Arc<[String]>,
     /// Its limits, capabilities and configuration.
     pub manifest: Arc<Manifest>,
     pre: bindings::PluginPre<HostState>,
@@ -180,6 +183,7 @@ impl Plugin {
             version: self.version.clone(),
             path: self.path.clone(),
             routes: self.routes.clone(),
+            route_keys: self.route_keys.clone(),
             http_slots: Arc::new(tokio::sync::Semaphore::new(manifest.limits.http.max_in_flight)),
             manifest: Arc::new(manifest),
             pre: self.pre.clone(),
@@ -188,7 +192,7 @@ impl Plugin {
 
     /// The index of the route with `key` in this version.
     pub fn route_index(&self, key: &str) -> Option<u32> {
-        self.routes.iter().position(|r| r.key() == key).map(|i| i as u32)
+        self.route_keys.iter().position(|k| k == key).map(|i| i as u32)
     }
 }
 
@@ -570,7 +574,8 @@ impl Runtime {
         let routes =
             self.read_routes(&pre).await.map_err(|reason| LoadError::Subscriptions { path: path.clone(), reason })?;
         let http_slots = Arc::new(tokio::sync::Semaphore::new(manifest.limits.http.max_in_flight));
-        Ok(Plugin { name, version, path, routes, manifest: Arc::new(manifest), pre, http_slots })
+        let route_keys = routes.iter().map(Route::key).collect();
+        Ok(Plugin { name, version, path, routes, route_keys, manifest: Arc::new(manifest), pre, http_slots })
     }
 
     #[allow(clippy::type_complexity)]
@@ -702,15 +707,15 @@ impl Runtime {
         for route in routes {
             let (rt, slot, key) = (self.clone(), slot.clone(), route.key());
             listener = listener.handled_route(&route.topic, route.filter.clone(), &route.key(), move |ctx| {
-                let (rt, plugin, key) = (rt.clone(), slot.get(), key.clone());
+                let (rt, plugin) = (rt.clone(), slot.get());
+                let index = plugin
+                    .route_index(&key)
+                    .ok_or_else(|| format!("plugin {} version {} has no route {key}", plugin.name, plugin.version));
                 async move {
-                    let Some(index) = plugin.route_index(&key) else {
-                        return Handled::new(End::Released(format!(
-                            "plugin {} version {} has no route {key}",
-                            plugin.name, plugin.version
-                        )));
-                    };
-                    rt.invoke(&plugin, index, ctx).await
+                    match index {
+                        Ok(index) => rt.invoke(&plugin, index, ctx).await,
+                        Err(released) => Handled::new(End::Released(released)),
+                    }
                 }
             });
         }
