@@ -440,6 +440,9 @@ fn plain_integer(b: &[u8], at: usize) -> Option<(i64, usize)> {
     Some((if negative { -n } else { n }, digits + len))
 }
 
+/// Pages with at most this many fields find a key's column by scanning the names.
+const SCANNED_FIELDS: usize = 16;
+
 /// The page's field names in first-seen order.
 #[derive(Default)]
 struct Columns {
@@ -449,12 +452,19 @@ struct Columns {
 
 impl Columns {
     /// The column of `key`. Rows of a sheet mostly list the same keys in the same order, so
-    /// the column after the previous key is tried before the hash map.
+    /// the column after the previous key is tried first; then, for a page of a few fields, a
+    /// scan (a row that skips a key — an empty cell — costs a few short compares, not a
+    /// SipHash of the key), and the hash map for wide pages.
     fn column(&mut self, key: &str, guess: usize) -> usize {
         if self.fields.get(guess).is_some_and(|f| f == key) {
             return guess;
         }
-        if let Some(&i) = self.index.get(key) {
+        let found = if self.fields.len() <= SCANNED_FIELDS {
+            self.fields.iter().position(|f| f == key)
+        } else {
+            self.index.get(key).copied()
+        };
+        if let Some(i) = found {
             return i;
         }
         self.index.insert(key.to_owned(), self.fields.len());
