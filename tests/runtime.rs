@@ -71,7 +71,11 @@ async fn seeds_scenario_through_the_wasm_plugin() {
     assert_eq!(route_of("job:ready", false), [0]);
     assert_eq!(route_of("job:parts-completed", false), [1]);
     assert_eq!(route_of("job:ready", true), [2; 10]);
-    assert!(execs.iter().all(|e| e.peak_memory > 0 && e.duration_us > 0));
+    assert!(execs.iter().all(|e| e.duration_us > 0));
+    // The example plugins start with 2 MiB of memory (plugins/.cargo/config.toml), enough for
+    // a page of 1,000 records: no delivery grew its memory.
+    let peaks: Vec<u64> = execs.iter().map(|e| e.peak_memory).collect();
+    assert!(peaks.iter().all(|&p| p == 2 << 20), "{peaks:?}");
     assert!(execs.iter().any(|e| e.logs.contains("INFO split")), "the parent logs through the log interface");
     assert_eq!(env.dead_letters().await.unwrap().len(), 0);
 }

@@ -24,7 +24,14 @@ pub fn build(only: &[&str]) -> Vec<(String, PathBuf)> {
     // profiles and crates, outside plugins/ so building never dirties what we watch.
     let target_dir = out.ancestors().nth(4).map_or_else(|| root.join("target"), Path::to_path_buf).join("wasm-plugins");
 
-    for watched in ["plugins/Cargo.toml", "plugins/Cargo.lock", "plugin-sdk/src", "plugin-sdk/Cargo.toml", "wit"] {
+    for watched in [
+        "plugins/Cargo.toml",
+        "plugins/Cargo.lock",
+        "plugins/.cargo/config.toml",
+        "plugin-sdk/src",
+        "plugin-sdk/Cargo.toml",
+        "wit",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     let members: Vec<PathBuf> = plugin_dirs(&plugins)
@@ -53,6 +60,8 @@ pub fn build(only: &[&str]) -> Vec<(String, PathBuf)> {
     let output = command
         .arg("--target-dir")
         .arg(&target_dir)
+        // In plugins/, so its `.cargo/config.toml` (the plugins' link settings) applies.
+        .current_dir(&plugins)
         // What the outer build set for the host must not leak into the guest build.
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env_remove("RUSTFLAGS")

@@ -90,6 +90,7 @@ pub fn scaffold(language: Language, name: &str, dir: &Path, sdk: &Path) -> anyho
         Language::Rust => vec![
             ("Cargo.toml", RUST_CARGO.replace("{name}", name).replace("{sdk}", &sdk.display().to_string())),
             ("src/lib.rs", fill(RUST_LIB)),
+            (".cargo/config.toml", RUST_CARGO_CONFIG.into()),
             (".gitignore", "/target\n".into()),
         ],
         Language::Python => vec![("app.py", fill(PYTHON_APP))],
@@ -169,6 +170,17 @@ panic = "abort"
 strip = "debuginfo"
 "#;
 
+/// The same link setting as the repository's `plugins/.cargo/config.toml`, and why.
+const RUST_CARGO_CONFIG: &str = r#"# Start with 2 MiB of linear memory instead of the linker's default (the 1 MiB stack plus static
+# data), so a handler reading a page of 1,000 records does not grow its memory: a growth costs
+# the host a protection change, and shrinking the pooled slot back for the next event a TLB
+# shootdown. Raise it if the linker says the initial memory is too small for your static data;
+# keep it under the plugin's `memory_mib` limit. Cargo reads this file when run in this
+# directory, as `jobhost plugin build` does.
+[target.wasm32-wasip2]
+rustflags = ["-C", "link-arg=--initial-memory=2097152"]
+"#;
+
 const JS_CONFIG: &str = r#"{
   "compilerOptions": {
     "checkJs": true,
@@ -190,5 +202,22 @@ mod tests {
         assert_eq!(s.parts.total, 3);
         let invalid: Vec<u64> = s.records.iter().map(|r| r.record).collect();
         assert_eq!(invalid, [3, 6, 9, 15, 20], "the sample's rows without @");
+    }
+
+    /// A scaffolded Rust plugin links as the repository's plugins do: the same flags, so the
+    /// tests' shared target directory builds both without recompiling the dependencies.
+    #[test]
+    fn a_rust_plugin_links_with_the_repository_plugins_settings() {
+        let section = |text: &str| text.lines().skip_while(|l| !l.starts_with('[')).collect::<Vec<_>>().join("\n");
+        let ours = section(include_str!("../../../plugins/.cargo/config.toml"));
+        assert!(ours.contains("--initial-memory=2097152"), "{ours}");
+        assert_eq!(section(RUST_CARGO_CONFIG), ours);
+
+        let dir = tempfile::tempdir().unwrap();
+        let plugin = dir.path().join("p");
+        let written = scaffold(Language::Rust, "p", &plugin, Path::new("sdk")).unwrap();
+        let config = plugin.join(".cargo/config.toml");
+        assert!(written.contains(&config), "{written:?}");
+        assert_eq!(std::fs::read_to_string(config).unwrap(), RUST_CARGO_CONFIG);
     }
 }
