@@ -706,7 +706,7 @@ impl Runtime {
         let mut listener = Listener::new(name, environment_id).max_in_flight(current.manifest.limits.max_instances);
         for route in routes {
             let (rt, slot, key) = (self.clone(), slot.clone(), route.key());
-            listener = listener.handled_route(&route.topic, route.filter.clone(), &route.key(), move |ctx| {
+            listener = listener.handled_route(&route.topic, route.filter.clone(), &key.clone(), move |ctx| {
                 let (rt, plugin) = (rt.clone(), slot.get());
                 let index = plugin
                     .route_index(&key)
